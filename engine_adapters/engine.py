@@ -1,0 +1,71 @@
+"""The engine contract that the adapter loop drives: `sim`, `torch` and `vllm` implement it.
+
+The adapter loop (receive plan -> execute -> report) calls `add_request` for new requests a plan
+carries, `execute` once per plan step, and `abort` / `preempt` when the planner says so. `execute`
+must either run the step exactly as planned or run none of it and return a report with `error`
+set (for example when KV blocks run out); it never raises for a bad plan.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from formulations.perf_model import PerfModel
+from formulations.plan import Step
+from planner_svc.progress import StepReport
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    request_id: str
+    num_prompt_tokens: int
+    max_new_tokens: int
+    prompt_token_ids: tuple[int, ...] | None = None  # None: the engine makes placeholder tokens
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = True  # planner workloads know output lengths; real clients may stop on EOS
+
+    def __post_init__(self) -> None:
+        if self.prompt_token_ids is not None and len(self.prompt_token_ids) != self.num_prompt_tokens:
+            raise ValueError(f"request {self.request_id}: prompt length mismatch")
+        if self.num_prompt_tokens < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"request {self.request_id}: empty prompt or output")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What an engine tells the planner in READY."""
+
+    num_total_blocks: int
+    block_size: int
+    perf_model: PerfModel | None  # None: the planner uses the model its config names
+    max_spec_tokens: int = 0  # 0: no draft model
+    max_model_len: int = 1 << 20
+    name: str = "engine"
+
+
+class Engine(ABC):
+    @abstractmethod
+    def info(self) -> EngineInfo: ...
+
+    @abstractmethod
+    def add_request(self, request: EngineRequest) -> None:
+        """Register a request; it computes nothing until a step names it."""
+
+    @abstractmethod
+    def execute(self, step: Step, replica_id: int, step_id: int) -> StepReport:
+        """Run one plan step; see the module docstring for the all-or-nothing rule."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Forget a request and free its KV blocks (unknown ids are ignored)."""
+
+    @abstractmethod
+    def preempt(self, request_id: str) -> None:
+        """Drop a request's KV cache; its tokens are recomputed when a later step names it."""
+
+    @property
+    @abstractmethod
+    def num_free_blocks(self) -> int: ...
