@@ -59,5 +59,6 @@ class ModelRunner:
         for chunk in chunks:
             end += len(chunk.token_ids)
             rows.extend(range(end - chunk.num_logits, end))
-        logits = self.model(input_ids, batch, self.cache, torch.tensor(rows, device=self.device))
+        rows_tensor = torch.tensor(rows, dtype=torch.long, device=self.device)
+        logits = self.model(input_ids, batch, self.cache, rows_tensor)
         return list(logits.split([c.num_logits for c in chunks]))
