@@ -1,0 +1,255 @@
+"""The simulated engine: executes plan steps under a `TruthModel` instead of a GPU.
+
+What a step costs: `truth.step_time_s(step.num_batched_tokens, step.spec_steps, num_context_tokens)`
+where `num_context_tokens` is the sum, over the step's requests, of the tokens already in their KV
+cache when the step starts (the truth model's attention-context term).
+
+KV memory: a request holds ceil(computed tokens / block_size) blocks out of a fixed pool. A step
+first reserves blocks for every token it may write (its computed tokens plus its draft tokens); if
+the pool cannot cover the whole step, nothing runs and the report carries `error` (all or nothing).
+A finished request frees its blocks at once.
+
+Speculative decoding: a request verifying s draft tokens accepts each one with the true rate alpha,
+independently, and keeps the leading accepted run:
+
+    P(accepted = a) = alpha^a (1 - alpha) for a < s,  P(accepted = s) = alpha^s,
+
+i.e. accepted = min(s, G - 1) with G ~ Geometric(1 - alpha) (trials to the first rejection). It
+then produces accepted + 1 tokens (the verified drafts plus one token of its own), capped by what the
+request still has to generate. Draws come from a seeded generator, so a run is reproducible.
+
+Time: the engine reads a clock it is given (`clock()`, seconds). The simulator passes its virtual
+clock and the report's end time is `start + step time`; a real-time adapter passes a wall clock and
+`sleep=time.sleep`, and the engine then sleeps the step time and stamps the report with the clock.
+The planner learns the truth only through the reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from engine_adapters.engine import Engine, EngineInfo, EngineRequest
+from formulations.perf_model import PerfModel, TruthModel
+from formulations.plan import Step
+from planner_svc.progress import StepReport
+
+
+class VirtualClock:
+    """A settable clock for the simulator: `clock()` returns `clock.now_s`."""
+
+    __slots__ = ("now_s",)
+
+    def __init__(self, now_s: float = 0.0) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+class _Sequence:
+    __slots__ = ("max_new_tokens", "num_blocks", "num_computed", "num_generated", "num_prompt")
+
+    def __init__(self, num_prompt: int, max_new_tokens: int) -> None:
+        self.num_prompt = num_prompt
+        self.max_new_tokens = max_new_tokens
+        self.num_computed = 0
+        self.num_generated = 0
+        self.num_blocks = 0
+
+
+class SimEngine(Engine):
+    def __init__(
+        self,
+        truth: TruthModel | PerfModel,
+        num_total_blocks: int,
+        block_size: int = 16,
+        max_spec_tokens: int = 0,
+        true_acceptance_rate: float = 0.7,
+        seed: int = 0,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], None] | None = None,
+        emit_token_ids: bool = False,
+        advertised_perf_model: PerfModel | None = None,
+        vocab_size: int = 50272,
+    ) -> None:
+        if num_total_blocks < 1 or block_size < 1:
+            raise ValueError("the simulated engine needs at least one KV block of >= 1 token")
+        if not 0.0 <= true_acceptance_rate <= 1.0:
+            raise ValueError("true_acceptance_rate must be in [0, 1]")
+        self.truth = truth if isinstance(truth, TruthModel) else TruthModel(truth)
+        self.num_total_blocks = num_total_blocks
+        self.block_size = block_size
+        self.max_spec_tokens = max_spec_tokens
+        self.true_acceptance_rate = true_acceptance_rate
+        self.clock = clock or VirtualClock()
+        self.sleep = sleep
+        self.emit_token_ids = emit_token_ids
+        self.advertised_perf_model = advertised_perf_model
+        self.vocab_size = vocab_size
+        self._rng = np.random.default_rng(seed)
+        self._seqs: dict[str, _Sequence] = {}
+        self._num_free_blocks = num_total_blocks
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ Engine API
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            num_total_blocks=self.num_total_blocks,
+            block_size=self.block_size,
+            perf_model=self.advertised_perf_model,
+            max_spec_tokens=self.max_spec_tokens,
+            name="sim",
+        )
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._num_free_blocks
+
+    def add_request(self, request: EngineRequest) -> None:
+        if request.request_id in self._seqs:
+            raise ValueError(f"request {request.request_id!r} is already registered")
+        self._seqs[request.request_id] = _Sequence(request.num_prompt_tokens, request.max_new_tokens)
+
+    def has_request(self, request_id: str) -> bool:
+        """True while the request is registered and unfinished (finished ones are forgotten)."""
+        return request_id in self._seqs
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None:
+            self._num_free_blocks += seq.num_blocks
+
+    def preempt(self, request_id: str) -> None:
+        seq = self._seqs.get(request_id)
+        if seq is not None:
+            self._num_free_blocks += seq.num_blocks
+            seq.num_blocks = 0
+            seq.num_computed = 0
+
+    def import_request(self, request: EngineRequest, num_computed_tokens: int, num_generated_tokens: int) -> int:
+        """Register a request whose KV arrives from another engine (disaggregation). Returns the
+        tokens now cached here: all of them, or 0 when the blocks are not free (it recomputes)."""
+        seq = _Sequence(request.num_prompt_tokens, request.max_new_tokens)
+        seq.num_generated = num_generated_tokens
+        num_blocks = -(-num_computed_tokens // self.block_size)
+        if num_blocks <= self._num_free_blocks:
+            seq.num_computed = num_computed_tokens
+            seq.num_blocks = num_blocks
+            self._num_free_blocks -= num_blocks
+        self._seqs[request.request_id] = seq
+        return seq.num_computed
+
+    def execute(self, step: Step, replica_id: int, step_id: int) -> StepReport:
+        start_s = self.clock()
+        problem = self._check(step)
+        if problem:
+            return StepReport(
+                replica_id, step_id, start_s, start_s,
+                num_free_blocks=self._num_free_blocks, error=problem,
+            )
+        num_context_tokens = 0
+        for rid in step.num_tokens:
+            num_context_tokens += self._seqs[rid].num_computed
+        time_s = self.truth.step_time_s(step.num_batched_tokens, step.spec_steps, num_context_tokens)
+        report = self._apply(step, replica_id, step_id, start_s, start_s + time_s)
+        if self.sleep is not None:
+            self.sleep(time_s)
+            report = _restamp(report, self.clock())
+        self.num_steps += 1
+        return report
+
+    # ------------------------------------------------------------------ internals
+
+    def _check(self, step: Step) -> str:
+        """Why the step cannot run as planned ('' when it can), reserving nothing."""
+        seqs = self._seqs
+        block_size = self.block_size
+        spec = step.num_spec_tokens
+        num_needed_blocks = 0
+        for rid, num_tokens in step.num_tokens.items():
+            seq = seqs.get(rid)
+            if seq is None:
+                return f"unknown request {rid!r}"
+            pending = seq.num_prompt + seq.num_generated - seq.num_computed
+            if not 1 <= num_tokens <= pending:
+                return f"request {rid!r}: {num_tokens} tokens planned, {pending} pending"
+            num_spec = spec.get(rid, 0) if spec else 0
+            if num_spec and (num_spec > self.max_spec_tokens or pending != 1 or not seq.num_generated):
+                return f"request {rid!r}: {num_spec} speculative tokens not allowed"
+            blocks = -(-(seq.num_computed + num_tokens + num_spec) // block_size)
+            if blocks > seq.num_blocks:
+                num_needed_blocks += blocks - seq.num_blocks
+        if num_needed_blocks > self._num_free_blocks:
+            return f"out of KV blocks: step needs {num_needed_blocks}, {self._num_free_blocks} free"
+        return ""
+
+    def _apply(self, step: Step, replica_id: int, step_id: int, start_s: float, end_s: float) -> StepReport:
+        seqs = self._seqs
+        block_size = self.block_size
+        spec = step.num_spec_tokens
+        computed: dict[str, int] = {}
+        new_tokens: dict[str, int] = {}
+        accepted: dict[str, int] = {}
+        proposed: dict[str, int] = {}
+        token_ids: dict[str, list[int]] = {}
+        finished: list[str] = []
+        free = self._num_free_blocks
+        for rid, num_tokens in step.num_tokens.items():
+            seq = seqs[rid]
+            seq.num_computed += num_tokens
+            num_done = num_tokens
+            if seq.num_computed == seq.num_prompt + seq.num_generated:  # the next token is sampled
+                num_new = 1
+                num_spec = spec.get(rid, 0) if spec else 0
+                if num_spec:
+                    num_accepted = self._sample_accepted(num_spec, seq.max_new_tokens - seq.num_generated - 1)
+                    proposed[rid] = num_spec
+                    accepted[rid] = num_accepted
+                    seq.num_computed += num_accepted
+                    num_done += num_accepted
+                    num_new += num_accepted
+                if self.emit_token_ids:
+                    base = seq.num_prompt + seq.num_generated
+                    token_ids[rid] = [(base + i) % self.vocab_size for i in range(num_new)]
+                seq.num_generated += num_new
+                new_tokens[rid] = num_new
+            computed[rid] = num_done
+            if seq.num_generated >= seq.max_new_tokens:
+                free += seq.num_blocks
+                del seqs[rid]
+                finished.append(rid)
+            else:
+                blocks = -(-seq.num_computed // block_size)
+                free -= blocks - seq.num_blocks
+                seq.num_blocks = blocks
+        self._num_free_blocks = free
+        return StepReport(
+            replica_id, step_id, start_s, end_s,
+            num_computed_tokens=computed,
+            num_new_tokens=new_tokens,
+            num_accepted_spec_tokens=accepted,
+            num_proposed_spec_tokens=proposed,
+            new_token_ids=token_ids,
+            num_free_blocks=free,
+            finished=tuple(finished),
+        )
+
+    def _sample_accepted(self, num_spec: int, max_accepted: int) -> int:
+        """Leading accepted draft tokens out of `num_spec` (module docstring), capped."""
+        alpha = self.true_acceptance_rate
+        if alpha >= 1.0:
+            num_accepted = num_spec
+        elif alpha <= 0.0:
+            num_accepted = 0
+        else:
+            num_accepted = min(num_spec, int(self._rng.geometric(1.0 - alpha)) - 1)
+        return max(0, min(num_accepted, max_accepted))
+
+
+def _restamp(report: StepReport, end_s: float) -> StepReport:
+    import dataclasses
+
+    return dataclasses.replace(report, end_s=end_s)

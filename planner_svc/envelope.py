@@ -1,0 +1,88 @@
+"""A plan addressed to one replica, and the cursor an engine uses to walk it.
+
+The planner core wraps every `formulations.plan.Plan` it sends in a `PlanEnvelope`: the replica it
+is for, a per-replica sequence number (`plan_id`, so duplicates and stale plans can be dropped), the
+engine step id at which the plan starts, and the requests the engine must register before running it
+(those the plan admitted, or that were moved onto this replica; `resumed` says how many output tokens
+a moved request already has).
+
+Step numbering (shared by the core and every engine through `PlanCursor`, so both agree on when a
+plan is used up):
+- explicit step i of the plan has step id `start_step_id + i`. A step whose every request has
+  finished (or is unknown to the engine) is skipped, and its id is skipped with it;
+- steps of the repeat cycle get ids `start_step_id + len(steps)`, `+1`, ... in the order executed;
+- entries of finished / unknown requests are dropped from a step before it runs.
+A new plan replaces the previous one from its `start_step_id` on. After a step the engine could not
+execute (a report with `error`), the engine stops running the current plan and waits for the next
+one (the core always sends one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from formulations.plan import Plan, Step
+from formulations.request import Request
+
+
+@dataclass(frozen=True, slots=True)
+class PlanEnvelope:
+    replica_id: int
+    plan_id: int  # increases by one per plan sent to this replica
+    start_step_id: int  # step id of the plan's first step
+    plan: Plan
+    new_requests: tuple[Request, ...] = ()  # register these with the engine before running the plan
+    # New requests that already produced output elsewhere (moved off a dead replica): request id ->
+    # output tokens so far. The engine registers them with prompt + those tokens to recompute.
+    resumed: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def end_step_id(self) -> int:
+        """Step id right after the plan's explicit steps (the first repeat step's id)."""
+        return self.start_step_id + len(self.plan.steps)
+
+
+class PlanCursor:
+    """Walks a plan's explicit steps, then cycles its repeat steps, yielding `(step_id, step)`.
+
+    `is_live(request_id)` tells whether a request still needs work on this engine; entries of other
+    requests are dropped. `next_step` returns None when the plan has nothing left to run.
+    """
+
+    __slots__ = ("envelope", "_index", "_next_repeat_id", "_repeat_index")
+
+    def __init__(self, envelope: PlanEnvelope) -> None:
+        self.envelope = envelope
+        self._index = 0
+        self._repeat_index = 0
+        self._next_repeat_id = envelope.end_step_id
+
+    def next_step(self, is_live: Callable[[str], bool]) -> tuple[int, Step] | None:
+        plan = self.envelope.plan
+        while self._index < len(plan.steps):
+            step_id = self.envelope.start_step_id + self._index
+            step = _live_part(plan.steps[self._index], is_live)
+            self._index += 1
+            if step is not None:
+                return step_id, step
+        for _ in range(len(plan.repeat)):
+            step = _live_part(plan.repeat[self._repeat_index], is_live)
+            self._repeat_index = (self._repeat_index + 1) % len(plan.repeat)
+            if step is not None:
+                step_id = self._next_repeat_id
+                self._next_repeat_id += 1
+                return step_id, step
+        return None
+
+
+def _live_part(step: Step, is_live: Callable[[str], bool]) -> Step | None:
+    """The step restricted to live requests (the same object when all are live); None if empty."""
+    dead = [rid for rid in step.num_tokens if not is_live(rid)]
+    if not dead:
+        return step if step.num_tokens else None
+    if len(dead) == len(step.num_tokens):
+        return None
+    num_tokens = {rid: n for rid, n in step.num_tokens.items() if rid not in dead}
+    num_spec = {rid: n for rid, n in step.num_spec_tokens.items() if rid in num_tokens}
+    return Step(num_tokens, num_spec)

@@ -1,0 +1,158 @@
+"""What the planner core knows about one engine replica: its spec, its requests' progress, its free
+memory, the plan it is running, and its speculative-decoding acceptance estimate.
+
+The core owns `ReplicaState` objects and updates them from engine reports; formulations see them
+only through the read-only `ReplicaView` that `view()` builds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from formulations.interface import Formulation
+from formulations.perf_model import PerfModel
+from formulations.plan import Plan
+from formulations.state import ReplicaView, RequestState, num_blocks_for
+from planner_svc.envelope import PlanEnvelope
+
+ROLES = ("mixed", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """One engine replica as the planner sees it."""
+
+    replica_id: int
+    perf_model: PerfModel  # what the planner believes a step costs on this replica
+    num_total_blocks: int
+    block_size: int = 16
+    max_spec_tokens: int = 0  # 0: no draft model
+    role: str = "mixed"  # "prefill" / "decode" replicas for disaggregated (DistServe) policies
+    num_gpus: int = 1  # GPUs this replica occupies (capacity per GPU)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"replica {self.replica_id}: role must be one of {ROLES}, got {self.role!r}")
+        if self.num_total_blocks < 1 or self.block_size < 1:
+            raise ValueError(f"replica {self.replica_id}: needs at least one KV block of >= 1 token")
+        if self.max_spec_tokens < 0:
+            raise ValueError(f"replica {self.replica_id}: max_spec_tokens must be >= 0")
+
+
+class ReplicaState:
+    """Mutable per-replica state kept by the planner core."""
+
+    def __init__(self, spec: ReplicaSpec, formulation: Formulation, spec_prior: float) -> None:
+        self.spec = spec
+        self.formulation = formulation
+        self.running: dict[str, RequestState] = {}  # admitted / best effort, in admission order
+        self.waiting: dict[str, RequestState] = {}  # no verdict yet, in arrival order
+        self.num_free_blocks = spec.num_total_blocks
+        self.next_step_id = 0  # id of the next step the engine will report
+        self.envelope: PlanEnvelope | None = None
+        self.num_plans = 0
+        self.last_plan_s = float("-inf")
+        self.replan_requested = False  # a trigger fired; re-plan at the next step boundary
+        self.num_consecutive_errors = 0
+        self.repeat_ids: frozenset[str] = frozenset()
+        self.num_live_repeat = 0  # running requests the repeat cycle still serves
+        self.uncovered: set[str] = set()  # running requests the plan's repeat does not serve
+        # Online acceptance-rate estimate: a Beta-like prior worth `_PRIOR_WEIGHT` proposals.
+        self._spec_accepted = spec_prior * _PRIOR_WEIGHT
+        self._spec_proposed = float(_PRIOR_WEIGHT)
+
+    # -- derived state ----------------------------------------------------------------------------
+
+    @property
+    def replica_id(self) -> int:
+        return self.spec.replica_id
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self._spec_accepted / self._spec_proposed
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running) or bool(self.waiting)
+
+    @property
+    def has_unplanned_work(self) -> bool:
+        """Waiting requests, or running ones that the current repeat cycle does not serve."""
+        return bool(self.waiting) or bool(self.uncovered)
+
+    def is_busy(self) -> bool:
+        """True while the engine still has plan steps to run (it will send another report)."""
+        if self.num_live_repeat > 0:
+            return True
+        env = self.envelope
+        if env is None or self.next_step_id >= env.end_step_id:
+            return False
+        steps = env.plan.steps
+        for i in range(self.next_step_id - env.start_step_id, len(steps)):
+            if any(rid in self.running for rid in steps[i].num_tokens):
+                return True
+        return False
+
+    def load(self) -> int:
+        """Requests on the replica (a cheap load measure for routing)."""
+        return len(self.running) + len(self.waiting)
+
+    def view(self, now_s: float) -> ReplicaView:
+        spec = self.spec
+        return ReplicaView(
+            replica_id=spec.replica_id,
+            now_s=now_s,
+            perf_model=spec.perf_model,
+            block_size=spec.block_size,
+            num_total_blocks=spec.num_total_blocks,
+            num_free_blocks=self.num_free_blocks,
+            running=tuple(self.running.values()),
+            waiting=tuple(self.waiting.values()),
+            max_spec_tokens=spec.max_spec_tokens,
+            spec_acceptance_rate=self.spec_acceptance_rate if spec.max_spec_tokens else 0.0,
+        )
+
+    # -- updates ------------------------------------------------------------------------------------
+
+    def install(self, envelope: PlanEnvelope, now_s: float) -> None:
+        plan: Plan = envelope.plan
+        self.envelope = envelope
+        self.num_plans += 1
+        self.last_plan_s = now_s
+        self.replan_requested = False
+        ids: set[str] = set()
+        for step in plan.repeat:
+            ids.update(step.num_tokens)
+        self.repeat_ids = frozenset(ids)
+        self.num_live_repeat = sum(1 for rid in self.repeat_ids if rid in self.running)
+        self.uncovered = {rid for rid in self.running if rid not in self.repeat_ids}
+
+    def remove_running(self, request_id: str) -> RequestState | None:
+        state = self.running.pop(request_id, None)
+        if state is None:
+            return None
+        if request_id in self.repeat_ids:
+            self.num_live_repeat -= 1
+        self.uncovered.discard(request_id)
+        return state
+
+    def add_running(self, state: RequestState) -> None:
+        self.running[state.request_id] = state
+        self.uncovered.add(state.request_id)
+
+    def drop_kv(self, state: RequestState) -> None:
+        """Preempt by recompute: the request keeps its output but loses its KV cache."""
+        self.num_free_blocks += state.num_blocks
+        state.num_blocks = 0
+        state.num_computed_tokens = 0
+
+    def observe_spec(self, num_accepted: int, num_proposed: int) -> None:
+        self._spec_accepted += num_accepted
+        self._spec_proposed += num_proposed
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return num_blocks_for(num_tokens, self.spec.block_size)
+
+
+# Weight of the acceptance-rate prior, in proposed tokens.
+_PRIOR_WEIGHT = 20

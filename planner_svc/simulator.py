@@ -1,0 +1,414 @@
+"""The virtual-time simulator: the planner core and simulated engines, driven by events.
+
+`simulate(workload, config)` runs the same `PlannerCore` the daemon runs, with one in-process
+`SimEngine` per replica and a virtual clock instead of sockets and sleeping. Events, in time order
+(ties in the order they were scheduled):
+- arrival: a request, or a tool-chain round, reaches the planner (`core.submit`);
+- step done: a replica's engine finished a step (`core.on_step`); the replica then runs the next
+  step of its current plan, if any;
+- timer: the core's earliest due timer (`core.next_timer_s`, `core.tick`);
+- migration done: a disaggregated request's KV arrived at its decode replica
+  (`core.complete_migration`).
+Engines execute a step when it starts and report at its end. Every output token is stamped with the
+end time of the step that produced it. Tool chains: round k+1 arrives `tool_delay_s` after round k
+finished; a rejected (or unfinished) round ends its chain. The run stops when nothing is left to
+do, or at `max_sim_time_s` (default: last first arrival + `drain_s`); unfinished requests are
+recorded as such. The same seed gives the same result.
+
+KV memory defaults per performance-model preset (`DEFAULT_KV_TOKENS`): 90% of GPU memory, minus the
+fp16 weights, divided by the fp16 KV bytes per token (2 (K and V) * layers * hidden * 2 bytes):
+- OPT-13B (40 layers, hidden 5120: 819,200 B/token, 26 GB weights) on 2 x A100-80GB:
+  (144 - 26) GB / 819,200 B = ~144k tokens;
+- OPT-6.7B (32 layers, hidden 4096: 524,288 B/token, 13.4 GB) on 1 x A100-80GB:
+  (72 - 13.4) GB / 524,288 B = ~112k tokens;
+- OPT-13B on 1 x H100-80GB: (72 - 26) GB / 819,200 B = ~56k tokens.
+
+KV transfer for disaggregated policies: `latency + num_tokens * kv_bytes_per_token / link_bytes_per_s`,
+with the model's KV bytes per token (above) and a 25 GB/s link by default (PCIe 4.0 x16 between GPUs
+of one node; NVLink would be ~10x faster, a cross-node 100 Gb/s NIC 2x slower).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_adapters.engine import EngineRequest
+from engine_adapters.sim_engine import SimEngine, VirtualClock
+from formulations import registry
+from formulations.perf_model import PERF_MODEL_NUM_GPUS, PerfModel, TruthModel, perf_model_preset
+from formulations.plan import Verdict
+from formulations.request import Request, ToolChain
+from planner_svc.core import CoreOutput, PlannerCore, ReplanPolicy
+from planner_svc.envelope import PlanCursor, PlanEnvelope
+from planner_svc.progress import StepReport
+from planner_svc.records import RequestRecord
+from planner_svc.replica import ReplicaSpec
+from planner_svc.router import make_router
+from planner_svc.workloads.workload import Workload
+
+DEFAULT_KV_TOKENS = {"opt-13b-2xa100": 144_000, "opt-6.7b-a100": 112_000, "opt-13b-h100": 56_000}
+KV_BYTES_PER_TOKEN = {"opt-13b-2xa100": 819_200, "opt-6.7b-a100": 524_288, "opt-13b-h100": 819_200}
+_FALLBACK_KV_TOKENS = 100_000
+_FALLBACK_KV_BYTES = 819_200
+
+
+def _default_perf_model() -> PerfModel:
+    return perf_model_preset("opt-13b-2xa100")
+
+
+@dataclass
+class SimConfig:
+    policy: str = "vllm_fcfs"
+    policy_params: dict[str, Any] = field(default_factory=dict)
+    num_replicas: int = 1
+    perf_model: PerfModel = field(default_factory=_default_perf_model)  # what the planner believes
+    truth: TruthModel | None = None  # what the engines run; None: exactly `perf_model`
+    num_blocks_per_replica: int | None = None  # None: DEFAULT_KV_TOKENS of the preset / block_size
+    block_size: int = 16
+    max_spec_tokens: int = 0
+    true_acceptance_rate: float = 0.7
+    spec_acceptance_prior: float = 0.7
+    routing: str = "round_robin"
+    max_forwards: int = 1
+    fallback: str = "reject"
+    replan: ReplanPolicy = field(default_factory=ReplanPolicy)
+    seed: int = 0
+    max_sim_time_s: float | None = None  # None: last first arrival + drain_s
+    drain_s: float = 600.0
+    num_gpus_per_replica: int | None = None  # None: from the preset (PERF_MODEL_NUM_GPUS), else 1
+    # Disaggregated policies only:
+    num_prefill_replicas: int | None = None  # None: half of the replicas (at least one)
+    kv_bytes_per_token: int | None = None  # None: from the preset
+    kv_link_bytes_per_s: float = 25e9
+    kv_link_latency_s: float = 0.0
+    check_plans: bool = True
+    # Faults: (time_s, replica_id) at which a replica's engine dies (`PlannerCore.remove_replica`).
+    replica_failures: tuple[tuple[float, int], ...] = ()
+
+    def num_blocks(self) -> int:
+        if self.num_blocks_per_replica is not None:
+            return self.num_blocks_per_replica
+        tokens = DEFAULT_KV_TOKENS.get(self.perf_model.name, _FALLBACK_KV_TOKENS)
+        return tokens // self.block_size
+
+    def gpus_per_replica(self) -> int:
+        if self.num_gpus_per_replica is not None:
+            return self.num_gpus_per_replica
+        return PERF_MODEL_NUM_GPUS.get(self.perf_model.name, 1)
+
+    def kv_transfer_s(self, num_tokens: int) -> float:
+        per_token = self.kv_bytes_per_token or KV_BYTES_PER_TOKEN.get(self.perf_model.name, _FALLBACK_KV_BYTES)
+        return self.kv_link_latency_s + num_tokens * per_token / self.kv_link_bytes_per_s
+
+
+@dataclass
+class SimResult:
+    records: list[RequestRecord]
+    workload: Workload
+    config: SimConfig
+    sim_duration_s: float  # virtual time from the first arrival to the last event
+    wall_s: float
+    num_steps: int
+    num_replans: int
+    replan_wall_total_s: float
+    replan_wall_max_s: float
+    num_gpus: int
+
+    @property
+    def speedup(self) -> float:
+        """Simulated seconds per wall-clock second."""
+        return self.sim_duration_s / self.wall_s if self.wall_s > 0 else float("inf")
+
+    @property
+    def attainment(self) -> float:
+        """Share of requests (tool rounds counted one by one) that attained every stage SLO."""
+        if not self.records:
+            return 0.0
+        return sum(r.attainment.ok for r in self.records) / len(self.records)
+
+
+_ARRIVAL, _STEP, _TIMER, _MIGRATION, _FAILURE = range(5)
+
+
+class _Runner:
+    """A replica's simulated engine and the plan it is walking."""
+
+    __slots__ = ("busy", "cursor", "detached", "engine", "replica_id")
+
+    def __init__(self, replica_id: int, engine: SimEngine) -> None:
+        self.replica_id = replica_id
+        self.engine = engine
+        self.cursor: PlanCursor | None = None
+        self.busy = False  # a step is in flight
+        self.detached: set[str] = set()  # migrating away: KV still here, no more steps
+
+    def is_live(self, request_id: str) -> bool:
+        return self.engine.has_request(request_id) and request_id not in self.detached
+
+
+class Simulation:
+    """One simulation run; `simulate()` is the short way to use it."""
+
+    def __init__(self, workload: Workload, config: SimConfig) -> None:
+        self.workload = workload
+        self.config = config
+        self.clock = VirtualClock()
+        self.specs = _replica_specs(config)
+        self.core = PlannerCore(
+            self.specs,
+            _formulation_factory(config),
+            router=make_router(config.routing, config.max_forwards),
+            replan=config.replan,
+            fallback=config.fallback,
+            spec_acceptance_prior=config.spec_acceptance_prior,
+            check_plans=config.check_plans,
+        )
+        truth = config.truth or TruthModel(config.perf_model)
+        self.runners = {
+            spec.replica_id: _Runner(
+                spec.replica_id,
+                SimEngine(
+                    truth, spec.num_total_blocks, spec.block_size, spec.max_spec_tokens,
+                    config.true_acceptance_rate, seed=config.seed * 1000 + spec.replica_id,
+                    clock=self.clock,
+                ),
+            )
+            for spec in self.specs
+        }
+        self.records: dict[str, RequestRecord] = {}
+        self.chains = {c.chain_id: c for c in workload.chains}
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._seq = 0
+        self._timer_at: float | None = None
+        self.num_steps = 0
+        self.last_event_s = 0.0
+
+    # ------------------------------------------------------------------ driving
+
+    def run(self) -> SimResult:
+        for request in self.workload.requests:
+            self._push(request.arrival_s, _ARRIVAL, request)
+        for chain in self.workload.chains:
+            self._push(chain.arrival_s, _ARRIVAL, chain.round_request(0, chain.arrival_s, self.config.perf_model))
+        first_s = min((e[0] for e in self._heap), default=0.0)
+        end_s = self._end_time(first_s)
+        for at_s, replica_id in self.config.replica_failures:
+            self._push(at_s, _FAILURE, replica_id)
+        start_wall = time.perf_counter()
+        handlers: dict[int, Callable[[float, Any], None]] = {
+            _ARRIVAL: self._on_arrival, _STEP: self._on_step, _TIMER: self._on_timer,
+            _MIGRATION: self._on_migration, _FAILURE: self._on_failure,
+        }
+        heap = self._heap
+        while heap:
+            now_s, _, kind, payload = heapq.heappop(heap)
+            if now_s > end_s:
+                break
+            self.clock.now_s = now_s
+            self.last_event_s = now_s
+            handlers[kind](now_s, payload)
+            self._schedule_timer(now_s)
+        wall_s = time.perf_counter() - start_wall
+        stats = self.core.stats
+        return SimResult(
+            records=list(self.records.values()),
+            workload=self.workload,
+            config=self.config,
+            sim_duration_s=max(0.0, self.last_event_s - first_s),
+            wall_s=wall_s,
+            num_steps=self.num_steps,
+            num_replans=stats.num_replans,
+            replan_wall_total_s=stats.total_wall_s,
+            replan_wall_max_s=stats.max_wall_s,
+            num_gpus=len(self.specs) * self.config.gpus_per_replica(),
+        )
+
+    def _end_time(self, first_s: float) -> float:
+        if self.config.max_sim_time_s is not None:
+            return first_s + self.config.max_sim_time_s
+        last_s = max((e[0] for e in self._heap), default=0.0)
+        return last_s + self.config.drain_s
+
+    def _push(self, at_s: float, kind: int, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (at_s, self._seq, kind, payload))
+
+    def _schedule_timer(self, now_s: float) -> None:
+        due_s = self.core.next_timer_s()
+        if due_s is None:
+            return
+        due_s = max(due_s, now_s)
+        if self._timer_at is None or due_s < self._timer_at or self._timer_at < now_s:
+            self._timer_at = due_s
+            self._push(due_s, _TIMER, due_s)
+
+    # ------------------------------------------------------------------ events
+
+    def _on_arrival(self, now_s: float, request: Request) -> None:
+        self.records[request.request_id] = RequestRecord(request)
+        self._handle(self.core.submit(request, now_s), now_s)
+
+    def _on_step(self, now_s: float, report: StepReport) -> None:
+        runner = self.runners.get(report.replica_id)
+        if runner is None:
+            return  # the replica died while the step ran: its work is lost
+        runner.busy = False
+        if report.error:
+            runner.cursor = None  # the engine drops its plan after a step it could not run
+        else:
+            self._record_tokens(report)
+        self._handle(self.core.on_step(report, now_s), now_s)
+        self._start_step(runner, now_s)
+
+    def _on_timer(self, now_s: float, due_s: float) -> None:
+        if self._timer_at != due_s:
+            return  # superseded by an earlier timer
+        self._timer_at = None
+        self._handle(self.core.tick(now_s), now_s)
+
+    def _on_failure(self, now_s: float, replica_id: int) -> None:
+        if self.runners.pop(replica_id, None) is None:
+            return
+        self._handle(self.core.remove_replica(replica_id, now_s), now_s)
+
+    def _on_migration(self, now_s: float, migration) -> None:
+        source = self.runners.get(migration.from_replica)
+        if source is not None:
+            source.engine.abort(migration.request_id)
+            source.detached.discard(migration.request_id)
+        request = self.records[migration.request_id].request
+        target = self.runners.get(migration.to_replica)
+        num_cached = 0
+        if target is not None:
+            num_cached = target.engine.import_request(
+                EngineRequest(migration.request_id, request.num_prompt_tokens, request.num_output_tokens),
+                migration.num_computed_tokens,
+                migration.num_generated_tokens,
+            )
+        self._handle(self.core.complete_migration(migration.request_id, num_cached, now_s), now_s)
+        for runner in (source, target):
+            if runner is not None:
+                self._start_step(runner, now_s)
+
+    # ------------------------------------------------------------------ core output
+
+    def _handle(self, out: CoreOutput, now_s: float) -> None:
+        records = self.records
+        for rid, replica_id, decision in out.verdicts:
+            record = records[rid]
+            record.verdict = decision.verdict
+            record.replica_id = replica_id
+            if decision.verdict is Verdict.REJECTED:
+                pass  # a rejected tool round ends its chain
+        for rid, _from, _to in out.forwards:
+            records[rid].num_forwards += 1
+        for rid, _replica in out.preempted:
+            records[rid].num_preemptions += 1
+        for replica_id, rid in out.aborts:
+            runner = self.runners.get(replica_id)
+            if runner is not None:
+                runner.engine.abort(rid)
+        for migration in out.migrations:
+            self.runners[migration.from_replica].detached.add(migration.request_id)
+            self._push(now_s + self.config.kv_transfer_s(migration.num_computed_tokens), _MIGRATION, migration)
+        for envelope in out.plans.values():
+            self._install(envelope, now_s)
+        for rid, _replica in out.finished:
+            self._on_finished(records[rid], now_s)
+
+    def _install(self, envelope: PlanEnvelope, now_s: float) -> None:
+        runner = self.runners[envelope.replica_id]
+        engine = runner.engine
+        for rid in envelope.plan.preempt:
+            engine.preempt(rid)
+        for request in envelope.new_requests:
+            done = envelope.resumed.get(request.request_id, 0)
+            engine.add_request(
+                EngineRequest(
+                    request.request_id,
+                    request.num_prompt_tokens + done,
+                    request.num_output_tokens - done,
+                )
+            )
+        runner.cursor = PlanCursor(envelope)
+        self._start_step(runner, now_s)
+
+    def _start_step(self, runner: _Runner, now_s: float) -> None:
+        if runner.busy or runner.cursor is None:
+            return
+        next_step = runner.cursor.next_step(runner.is_live)
+        if next_step is None:
+            runner.cursor = None
+            return
+        step_id, step = next_step
+        report = runner.engine.execute(step, runner.replica_id, step_id)
+        runner.busy = True
+        self.num_steps += 1
+        self._push(report.end_s, _STEP, report)
+
+    def _record_tokens(self, report: StepReport) -> None:
+        end_s = report.end_s
+        records = self.records
+        for rid, num_new in report.num_new_tokens.items():
+            times = records[rid].token_times_s
+            if num_new == 1:
+                times.append(end_s)
+            else:
+                times.extend([end_s] * num_new)
+
+    def _on_finished(self, record: RequestRecord, now_s: float) -> None:
+        record.finished = True
+        request = record.request
+        if request.chain_id is None:
+            return
+        chain: ToolChain = self.chains[request.chain_id]
+        k = request.round_index + 1
+        if k < chain.num_rounds:
+            arrival_s = now_s + chain.rounds[k].tool_delay_s
+            self._push(arrival_s, _ARRIVAL, chain.round_request(k, arrival_s, self.config.perf_model))
+
+
+def simulate(workload: Workload, config: SimConfig | None = None) -> SimResult:
+    """Run `workload` through the planner core and simulated engines in virtual time."""
+    return Simulation(workload, config or SimConfig()).run()
+
+
+def _replica_specs(config: SimConfig) -> list[ReplicaSpec]:
+    if config.num_replicas < 1:
+        raise ValueError("num_replicas must be at least 1")
+    roles = ["mixed"] * config.num_replicas
+    if registry.formulation_class(config.policy).disaggregated:
+        if config.num_replicas < 2:
+            raise ValueError(f"policy {config.policy!r} is disaggregated: it needs at least 2 replicas")
+        num_prefill = config.num_prefill_replicas or config.num_replicas // 2
+        if not 1 <= num_prefill < config.num_replicas:
+            raise ValueError("num_prefill_replicas must leave at least one decode replica")
+        roles = ["prefill"] * num_prefill + ["decode"] * (config.num_replicas - num_prefill)
+    return [
+        ReplicaSpec(
+            replica_id=i,
+            perf_model=config.perf_model,
+            num_total_blocks=config.num_blocks(),
+            block_size=config.block_size,
+            max_spec_tokens=config.max_spec_tokens,
+            role=role,
+            num_gpus=config.gpus_per_replica(),
+        )
+        for i, role in enumerate(roles)
+    ]
+
+
+def _formulation_factory(config: SimConfig):
+    cls = registry.formulation_class(config.policy)
+
+    def make(spec: ReplicaSpec):
+        params = dict(config.policy_params)
+        if cls.disaggregated:
+            params["role"] = spec.role
+        return registry.create(config.policy, **params)
+
+    return make
