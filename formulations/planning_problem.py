@@ -1,0 +1,127 @@
+"""What the SLOs-Serve formulations (DP, CP-SAT) plan over, extracted from a `ReplicaView`.
+
+- `decoders`: admitted requests that are decoding (fixed load; never dropped);
+- `mandatory`: admitted requests still prefilling or recomputing (never dropped);
+- `candidates`: waiting requests that may be admitted;
+- `best_effort`: running best-effort requests (served from leftovers, preemptible);
+- `too_large`: waiting requests whose KV at full length would not fit the replica at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from formulations.batch_planner import BestEffortWork
+from formulations.budget import Decoder, Job
+from formulations.plan import Verdict
+from formulations.request import Request
+from formulations.state import ReplicaView, RequestState, num_blocks_for
+
+
+def remaining_tpot_s(request: Request, first_gap_token: int) -> float:
+    """Tightest TPOT over the gaps before output tokens first_gap_token..end."""
+    slo = request.slo
+    if slo.thinking_tpot_s is not None and first_gap_token <= request.num_thinking_tokens:
+        return min(slo.thinking_tpot_s, slo.tpot_s)
+    return slo.tpot_s
+
+
+@dataclass(frozen=True)
+class PlanningProblem:
+    now_s: float
+    decoders: tuple[Decoder, ...]
+    mandatory: tuple[Job, ...]
+    candidates: tuple[Job, ...]
+    best_effort: tuple[RequestState, ...]
+    too_large: tuple[str, ...]
+    reserved_blocks: int  # peak KV of the running decoders
+    num_total_blocks: int
+    block_size: int
+
+    @property
+    def tpots_s(self) -> set[float]:
+        jobs = self.mandatory + self.candidates
+        return {d.tpot_s for d in self.decoders} | {j.tpot_s for j in jobs if j.tpot_s is not None}
+
+    @property
+    def memory_cap_blocks(self) -> int:
+        """Blocks the DP may reserve for jobs (mandatory and new)."""
+        return self.num_total_blocks - self.reserved_blocks
+
+
+def _peak_blocks(request: Request, block_size: int) -> int:
+    return num_blocks_for(request.max_num_tokens, block_size)
+
+
+def _job(state: RequestState, block_size: int, mandatory: bool) -> Job:
+    request = state.request
+    num_after = state.num_remaining_output_tokens - 1  # decodes after the next (prefill) token
+    next_token = state.num_generated_tokens + 1
+    return Job(
+        request_id=request.request_id,
+        num_prefill_tokens=state.num_pending_tokens,
+        deadline_s=state.next_token_deadline_s,
+        tpot_s=remaining_tpot_s(request, next_token + 1) if num_after > 0 else None,
+        num_decode_tokens=num_after,
+        peak_blocks=_peak_blocks(request, block_size),
+        value=request.value,
+        mandatory=mandatory,
+        arrival_s=request.arrival_s,
+    )
+
+
+def _decoder(state: RequestState) -> Decoder:
+    return Decoder(
+        request_id=state.request_id,
+        tpot_s=remaining_tpot_s(state.request, state.num_generated_tokens + 1),
+        next_deadline_s=state.next_token_deadline_s,
+        num_remaining_tokens=state.num_remaining_output_tokens,
+    )
+
+
+def extract_problem(view: ReplicaView) -> PlanningProblem:
+    decoders: list[Decoder] = []
+    mandatory: list[Job] = []
+    best_effort: list[RequestState] = []
+    reserved = 0
+    for state in view.running:
+        if state.is_finished:
+            continue
+        if state.verdict is Verdict.BEST_EFFORT:
+            best_effort.append(state)
+        elif state.is_decoding:
+            decoders.append(_decoder(state))
+            reserved += _peak_blocks(state.request, view.block_size)
+        else:
+            mandatory.append(_job(state, view.block_size, mandatory=True))
+    candidates: list[Job] = []
+    too_large: list[str] = []
+    for state in view.waiting:
+        if _peak_blocks(state.request, view.block_size) > view.num_total_blocks:
+            too_large.append(state.request_id)
+        else:
+            candidates.append(_job(state, view.block_size, mandatory=False))
+    return PlanningProblem(
+        now_s=view.now_s,
+        decoders=tuple(decoders),
+        mandatory=tuple(mandatory),
+        candidates=tuple(candidates),
+        best_effort=tuple(best_effort),
+        too_large=tuple(too_large),
+        reserved_blocks=reserved,
+        num_total_blocks=view.num_total_blocks,
+        block_size=view.block_size,
+    )
+
+
+def best_effort_work(state: RequestState, block_size: int, preempted: bool) -> BestEffortWork:
+    computed = 0 if preempted else state.num_computed_tokens
+    return BestEffortWork(
+        request_id=state.request_id,
+        num_pending_tokens=state.num_tokens - computed,
+        num_remaining_outputs=state.num_remaining_output_tokens,
+        num_computed_tokens=computed,
+        num_blocks=0 if preempted else state.num_blocks,
+        has_output=state.num_generated_tokens > 0,
+        peak_blocks=_peak_blocks(state.request, block_size),
+    )

@@ -1,0 +1,189 @@
+"""The SLOs-Serve formulation: multi-SLO admission DP over the token-budget curve, adaptive
+speculation and soft admission (ALGORITHM.md sections 3 to 6), registered as "slos_dp".
+
+Per call: extract the problem (running decoders, admitted jobs still prefilling, new requests);
+for every candidate step time T (each TPOT present, and with a draft model each TPOT stretched by
+E(s)) build the budget curve and run the DP; keep the candidate with the highest admitted value
+(ties: the most prefill budget per second, then the shorter T); lay out the steps; give the rest
+the fallback verdict; preempt best-effort work whose memory admitted work needs.
+
+Re-planning is the core's (ReplanPolicy). This formulation expects to be called when requests
+arrive (they wait for a verdict until then), when the explicit steps run out, on a timer (~100 ms)
+and after an engine reports a step much slower than planned (its residues and deadlines are
+recomputed from the reported progress, so a late admitted request is served first, never dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from formulations.admission import Fallback, best_effort_memory
+from formulations.batch_planner import Layout, build_layout
+from formulations.budget import BudgetCurve, Job, make_budget_curve
+from formulations.dp import Admission, admit, edf_order
+from formulations.interface import Formulation
+from formulations.plan import Decision, Plan, Step, Verdict
+from formulations.planning_problem import PlanningProblem, best_effort_work, extract_problem
+from formulations.registry import register
+from formulations.speculation import candidate_step_times
+from formulations.state import ReplicaView
+
+# Step time used when nothing present has a TPOT (every request outputs a single token).
+PREFILL_ONLY_STEP_S = 0.1
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The admission chosen for one candidate step time."""
+
+    curve: BudgetCurve
+    admission: Admission
+    mandatory: tuple[Job, ...]  # with late ones relaxed
+
+    def score(self) -> tuple[float, float, float]:
+        counts = [0] * self.curve.num_tiers
+        for job in self.admission.admitted:
+            if job.tpot_s is not None:
+                counts[self.curve.tier_index[job.tpot_s]] += 1
+        rate = self.curve.budget(tuple(counts)) / self.curve.step_time_s
+        return (self.admission.value, rate, -self.curve.step_time_s)
+
+
+def relax_late(mandatory: Sequence[Job], curve: BudgetCurve) -> tuple[Job, ...]:
+    """Admitted jobs that can no longer meet their deadline (even alone, in EDF order) lose the
+    deadline check: they are served first, and the others keep their guarantee."""
+    relaxed: list[Job] = []
+    counts = list(curve.zero_counts())
+    slack = 0
+    position = -1
+    for job in edf_order(mandatory, curve):
+        step = curve.deadline_step(job.deadline_s)
+        slack += max(0, step - position) * curve.budget(tuple(counts))
+        position = max(position, step)
+        slack -= job.num_prefill_tokens
+        if job.deadline_s is not None and slack < 0:
+            job = dataclasses.replace(job, deadline_s=None)
+        relaxed.append(job)
+        if job.tpot_s is not None and job.tpot_s in curve.tier_index:
+            counts[curve.tier_index[job.tpot_s]] += 1
+    return tuple(relaxed)
+
+
+def solve_candidates(
+    problem: PlanningProblem, view: ReplicaView, max_spec_tokens: int
+) -> Choice | None:
+    """Run the DP for every candidate step time; the best choice, or None if none is usable."""
+    alpha = view.spec_acceptance_rate
+    tpots = problem.tpots_s
+    times = candidate_step_times(tpots, max_spec_tokens, alpha) if tpots else [PREFILL_ONLY_STEP_S]
+    mandatory_tpots = {j.tpot_s for j in problem.mandatory if j.tpot_s is not None}
+    best: Choice | None = None
+    for step_time_s in times:
+        curve = make_budget_curve(
+            view.perf_model, view.now_s, step_time_s, problem.decoders,
+            {j.tpot_s for j in problem.mandatory + problem.candidates if j.tpot_s is not None},
+            max_spec_tokens, alpha,
+        )
+        if curve is None or not mandatory_tpots <= set(curve.tier_index):
+            continue
+        mandatory = relax_late(problem.mandatory, curve)
+        admission = admit(mandatory + problem.candidates, curve, problem.memory_cap_blocks)
+        if admission is None:
+            continue
+        choice = Choice(curve, admission, mandatory)
+        if best is None or choice.score() > best.score():
+            best = choice
+    return best
+
+
+@register("slos_dp")
+class SlosDP(Formulation):
+    """Multi-SLO DP planner.
+
+    Parameters: `fallback` ("reject" or "best_effort") for requests that cannot be guaranteed;
+    `speculation` (use the engine's draft model adaptively when it has one); `max_new_per_call`
+    (waiting requests considered per call, earliest deadline first; the rest keep waiting);
+    `max_best_effort_steps` (explicit steps planned for best-effort prefill alone).
+    """
+
+    def __init__(
+        self,
+        fallback: str = "reject",
+        speculation: bool = True,
+        max_new_per_call: int = 48,
+        max_best_effort_steps: int = 64,
+    ) -> None:
+        if max_new_per_call < 1 or max_best_effort_steps < 0:
+            raise ValueError("max_new_per_call must be >= 1 and max_best_effort_steps >= 0")
+        self.fallback = Fallback.parse(fallback)
+        self.speculation = bool(speculation)
+        self.max_new_per_call = max_new_per_call
+        self.max_best_effort_steps = max_best_effort_steps
+
+    def plan(self, view: ReplicaView) -> Plan:
+        problem = extract_problem(view)
+        deferred = self._defer(problem)
+        if deferred:
+            kept = tuple(j for j in problem.candidates if j.request_id not in deferred)
+            problem = dataclasses.replace(problem, candidates=kept)
+        max_spec = view.max_spec_tokens if self.speculation else 0
+        choice = solve_candidates(problem, view, max_spec)
+        return self.plan_from_choice(view, problem, choice)
+
+    def _defer(self, problem: PlanningProblem) -> set[str]:
+        """Waiting requests beyond `max_new_per_call` (latest deadlines) wait for the next call."""
+        if len(problem.candidates) <= self.max_new_per_call:
+            return set()
+        by_deadline = sorted(problem.candidates, key=lambda j: (j.deadline_s, j.request_id))
+        return {j.request_id for j in by_deadline[self.max_new_per_call :]}
+
+    def plan_from_choice(
+        self, view: ReplicaView, problem: PlanningProblem, choice: Choice | None
+    ) -> Plan:
+        """Decisions, preemptions and steps for an admission (the DP's or CP-SAT's)."""
+        admitted = choice.admission.admitted if choice is not None else ()
+        admitted_ids = {j.request_id for j in admitted if not j.mandatory}
+        decisions: dict[str, Decision] = {}
+        for rid in problem.too_large:
+            decisions[rid] = Decision(Verdict.REJECTED, "KV cache of the full request exceeds the replica")
+        for job in problem.candidates:
+            if job.request_id in admitted_ids:
+                decisions[job.request_id] = Decision(Verdict.ADMITTED)
+            else:
+                decisions[job.request_id] = Decision(self.fallback.verdict, "cannot guarantee the SLOs")
+        if choice is None:
+            return self._fallback_plan(view, problem, decisions)
+        layout = self._layout(view, problem, choice, decisions)
+        return Plan(layout[0].steps, layout[0].repeat, decisions, layout[1])
+
+    def _layout(
+        self, view: ReplicaView, problem: PlanningProblem, choice: Choice, decisions: dict[str, Decision]
+    ) -> tuple[Layout, tuple[str, ...]]:
+        admitted_peak = problem.reserved_blocks + sum(j.peak_blocks for j in choice.admission.admitted)
+        memory = best_effort_memory(problem.best_effort, admitted_peak, problem.num_total_blocks)
+        preempted = set(memory.preempt)
+        work = [best_effort_work(s, view.block_size, s.request_id in preempted) for s in problem.best_effort
+                if s.request_id not in preempted]
+        waiting = {s.request_id: s for s in view.waiting}
+        for rid, decision in decisions.items():
+            if decision.verdict is Verdict.BEST_EFFORT:
+                work.append(best_effort_work(waiting[rid], view.block_size, False))
+        layout = build_layout(
+            choice.curve, choice.admission.admitted, problem.decoders, work,
+            memory.headroom_blocks, view.block_size, self.max_best_effort_steps,
+        )
+        return layout, memory.preempt
+
+    def _fallback_plan(
+        self, view: ReplicaView, problem: PlanningProblem, decisions: dict[str, Decision]
+    ) -> Plan:
+        """No candidate step time can serve the running requests (they fell behind after model
+        error): serve everything admitted as a one-step-per-call catch-up at the tightest TPOT,
+        with every pending request in one step, and re-plan after it."""
+        tokens: dict[str, int] = {d.request_id: 1 for d in problem.decoders}
+        for job in problem.mandatory:
+            tokens[job.request_id] = job.num_prefill_tokens
+        steps = (Step(tokens),) if tokens else ()
+        return Plan(steps, (), decisions, ())
