@@ -1,0 +1,291 @@
+"""The generic engine adapter loop: `receive -> execute -> report`, shared by every engine.
+
+It connects a DEALER socket (a fresh identity per connection) to the planner's engine ROUTER,
+sends READY (protocol version, KV blocks, block size, performance model, draft model), and then
+runs engine steps as the streamed plans say (see `PlanCursor`), sending PROGRESS after each one.
+While no newer plan has come it keeps running the plan's repeat tail, so a planner that is a little
+late never stalls the engine.
+
+Liveness (the ZeroMQ guide's reliable request-reply pattern): any message from the planner counts as
+a heartbeat; the adapter sends HEARTBEAT when it has sent nothing for `heartbeat_interval_s`; when
+the planner has been silent for `liveness` intervals the adapter drops every request (the planner
+re-plans them elsewhere when it declares this engine dead), closes the socket, waits a backoff that
+doubles up to `reconnect_max_s`, and connects again on a fresh socket with a fresh READY.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import zmq
+
+from engine_adapters.engine import Engine, EngineRequest
+from engine_adapters.plan_queue import PlanQueue
+from formulations.plan import Step
+from planner_svc.envelope import PlanEnvelope
+from planner_svc import protocol as P
+from planner_svc.security import CurveKeys
+
+log = logging.getLogger("slos_serve.adapter")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    connect: str  # the planner's engine endpoint, e.g. tcp://127.0.0.1:5557
+    engine_id: str
+    heartbeat_interval_s: float = 0.5
+    liveness: int = 6  # planner declared gone after this many silent intervals
+    reconnect_min_s: float = 0.1
+    reconnect_max_s: float = 4.0
+    max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES
+    curve: CurveKeys | None = None
+
+
+@dataclass
+class AdapterStats:
+    """Where the engine's time went. `plan_wait_s` is time with live requests but no step to run:
+    the planner's lateness."""
+
+    num_steps: int = 0
+    num_step_errors: int = 0
+    num_connects: int = 0
+    num_rejected_frames: int = 0
+    busy_s: float = 0.0
+    plan_wait_s: float = 0.0
+    idle_s: float = 0.0
+    rejected_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def plan_wait_fraction(self) -> float:
+        active_s = self.busy_s + self.plan_wait_s
+        return self.plan_wait_s / active_s if active_s > 0 else 0.0
+
+
+@dataclass(slots=True)
+class _Tally:
+    """A registered request's tokens as this adapter has seen them executed."""
+
+    num_prompt_tokens: int
+    num_computed: int = 0
+    num_generated: int = 0
+
+    @property
+    def num_pending(self) -> int:
+        return self.num_prompt_tokens + self.num_generated - self.num_computed
+
+
+class _Connection:
+    """One connected DEALER socket and what was exchanged on it."""
+
+    def __init__(self, context: zmq.Context, config: AdapterConfig) -> None:
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, f"{config.engine_id}/{uuid.uuid4().hex[:8]}".encode())
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if config.curve is not None:
+            config.curve.apply_client(self.socket)
+        self.socket.connect(config.connect)
+        self.last_heard_s = time.monotonic()
+        self.last_sent_s = 0.0
+
+    def send(self, message: P._Msg) -> None:
+        self.socket.send_multipart(P.encode(message), copy=False)
+        self.last_sent_s = time.monotonic()
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class EngineAdapter:
+    def __init__(self, engine: Engine, config: AdapterConfig, context: zmq.Context | None = None):
+        self.engine = engine
+        self.config = config
+        self.context = context or zmq.Context.instance()
+        self.stats = AdapterStats()
+        self.stop_event = threading.Event()
+        self._reset_session()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> None:
+        """Serve until `stop_event` is set, reconnecting with backoff whenever the planner goes
+        silent."""
+        backoff_s = self.config.reconnect_min_s
+        while not self.stop_event.is_set():
+            connection = _Connection(self.context, self.config)
+            self.stats.num_connects += 1
+            try:
+                heard = self._serve(connection)
+            finally:
+                connection.close()
+            self._drop_all_requests()
+            if heard:
+                backoff_s = self.config.reconnect_min_s
+            log.warning("planner silent; reconnecting in %.2fs", backoff_s)
+            self.stop_event.wait(backoff_s)
+            backoff_s = min(2 * backoff_s, self.config.reconnect_max_s)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _reset_session(self) -> None:
+        self.queue = PlanQueue()
+        self.live: dict[str, _Tally] = {}  # requests registered with the engine, unfinished
+
+    def _drop_all_requests(self) -> None:
+        for request_id in list(self.live):
+            self.engine.abort(request_id)
+        self._reset_session()
+
+    # ------------------------------------------------------------------ one connection
+
+    def _serve(self, connection: _Connection) -> bool:
+        """Run on one connection until the planner is silent too long (or stop). Returns whether
+        the planner was ever heard on it."""
+        connection.send(self._ready())
+        heard = False
+        silence_limit_s = self.config.liveness * self.config.heartbeat_interval_s
+        while not self.stop_event.is_set():
+            step = self.queue.next_step(self.live.__contains__, self._adopt)
+            wait_ms = 0 if step is not None else int(1000 * self.config.heartbeat_interval_s / 2)
+            heard |= self._receive(connection, wait_ms, waiting_for_plan=step is None)
+            if time.monotonic() - connection.last_heard_s > silence_limit_s:
+                return heard
+            if step is None:  # re-read: the messages just received may have brought a plan
+                step = self.queue.next_step(self.live.__contains__, self._adopt)
+            if step is not None:
+                self._execute(connection, *step)
+            if time.monotonic() - connection.last_sent_s >= self.config.heartbeat_interval_s:
+                connection.send(P.Heartbeat(sender_id=self.config.engine_id, sent_s=time.time()))
+        return heard
+
+    def _ready(self) -> P.Ready:
+        info = self.engine.info()
+        return P.Ready(
+            protocol_version=P.PROTOCOL_VERSION,
+            engine_id=self.config.engine_id,
+            num_total_blocks=info.num_total_blocks,
+            block_size=info.block_size,
+            perf_model=P.perf_model_to_wire(info.perf_model) if info.perf_model else None,
+            max_spec_tokens=info.max_spec_tokens,
+            max_model_len=info.max_model_len,
+            engine_name=info.name,
+            next_step_id=self.queue.last_step_id + 1,
+        )
+
+    def _receive(self, connection: _Connection, wait_ms: int, waiting_for_plan: bool) -> bool:
+        """Wait up to `wait_ms` for a message, then drain the socket without blocking."""
+        start_s = time.monotonic()
+        heard = False
+        if connection.socket.poll(wait_ms, zmq.POLLIN):
+            while True:
+                try:
+                    frames = connection.socket.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                heard = True
+                connection.last_heard_s = time.monotonic()
+                self._handle(frames)
+        waited_s = time.monotonic() - start_s
+        if waiting_for_plan and self.live:
+            self.stats.plan_wait_s += waited_s
+        elif waiting_for_plan:
+            self.stats.idle_s += waited_s
+        return heard
+
+    def _handle(self, frames: list[bytes]) -> None:
+        try:
+            message = P.decode(frames, P.PLANNER_TO_ENGINE, self.config.max_frame_bytes)
+        except P.ProtocolError as exc:
+            self.stats.num_rejected_frames += 1
+            self.stats.rejected_reasons.append(str(exc))
+            log.warning("rejected frame from planner: %s", exc)
+            return
+        if isinstance(message, P.PlanMsg):
+            self._on_plan(message)
+        elif isinstance(message, P.Abort):
+            self._abort(message.request_id)
+        elif isinstance(message, P.ErrorMsg):
+            log.error("planner says: %s", message.reason)
+
+    # ------------------------------------------------------------------ plans and steps
+
+    def _on_plan(self, plan: P.PlanMsg) -> None:
+        for new in plan.new_requests:
+            self._add_request(new)
+        for request_id in plan.aborts:
+            self._abort(request_id)
+        self.queue.offer(P.envelope_from_wire(plan))
+
+    def _adopt(self, envelope: PlanEnvelope) -> None:
+        for request_id in envelope.plan.preempt:
+            tally = self.live.get(request_id)
+            if tally is not None:
+                self.engine.preempt(request_id)
+                tally.num_computed = 0
+
+    def _add_request(self, new: P.NewRequest) -> None:
+        if new.request_id in self.live:
+            return  # a duplicate payload (the planner resends after a stale plan)
+        try:
+            self.engine.add_request(
+                EngineRequest(
+                    request_id=new.request_id,
+                    num_prompt_tokens=new.num_prompt_tokens,
+                    max_new_tokens=new.max_new_tokens,
+                    prompt_token_ids=tuple(new.prompt_token_ids)
+                    if new.prompt_token_ids is not None else None,
+                    temperature=new.temperature,
+                    top_p=new.top_p,
+                    seed=new.seed,
+                    ignore_eos=new.ignore_eos,
+                )
+            )
+        except ValueError as exc:
+            self.stats.num_rejected_frames += 1
+            log.warning("bad request payload %s: %s", new.request_id, exc)
+            return
+        self.live[new.request_id] = _Tally(new.num_prompt_tokens)
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self.live.pop(request_id, None)
+
+    def _execute(self, connection: _Connection, step_id: int, step: Step) -> None:
+        step = self._clamp(step)
+        start_s = time.monotonic()
+        report = self.engine.execute(step, 0, step_id)
+        self.stats.busy_s += time.monotonic() - start_s
+        self.stats.num_steps += 1
+        if report.ok:
+            for request_id, num_computed in report.num_computed_tokens.items():
+                if request_id in self.live:
+                    self.live[request_id].num_computed += num_computed
+            for request_id, num_new in report.num_new_tokens.items():
+                if request_id in self.live:
+                    self.live[request_id].num_generated += num_new
+            for request_id in report.finished:
+                self.engine.abort(request_id)  # frees its KV blocks; the engine forgets it
+                self.live.pop(request_id, None)
+        else:
+            self.stats.num_step_errors += 1
+            self.queue.abandon()
+        connection.send(
+            P.report_to_progress(
+                report, self.config.engine_id, self.queue.current_plan_id, self.queue.num_late_plans
+            )
+        )
+
+    def _clamp(self, step: Step) -> Step:
+        """Each entry cut to the tokens its request still needs before its next output token. A
+        no-op for a plan that arrived in time; after a late plan (planned before the in-flight
+        step ran) it keeps the plan's prefill chunks from overshooting the prompt."""
+        num_tokens = {rid: min(n, self.live[rid].num_pending) for rid, n in step.num_tokens.items()}
+        if num_tokens == step.num_tokens:
+            return step
+        num_spec = {rid: s for rid, s in step.num_spec_tokens.items()
+                    if self.live[rid].num_pending == 1}
+        return Step(num_tokens=num_tokens, num_spec_tokens=num_spec)

@@ -1,0 +1,372 @@
+"""The Python client of the planner daemon: submit requests, stream their tokens, get verdicts.
+
+    with PlannerClient("tcp://127.0.0.1:5558") as client:
+        handle = client.submit(num_prompt_tokens=512, max_tokens=64, slo_class="chatbot")
+        print(handle.verdict().verdict)          # admitted / rejected / best_effort
+        for event in handle.tokens():            # Tokens messages as they arrive
+            ...
+        record = handle.record()                 # RequestRecord on the client's clock
+
+Thread-safe: one background I/O thread owns the DEALER socket (ZeroMQ sockets are not thread-safe);
+callers hand it messages through a queue and wake it through a pipe, so `submit` from any thread
+(or from an asyncio loop, see `RequestHandle.events_async`) never blocks on the network. The HTTP
+front door builds on this.
+
+Times: the client stamps a request's arrival when it is handed to the I/O thread and each token
+when its message is received, on its own monotonic clock (`client.now_s()`), so a client-side report
+measures what a user would see, network included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import zmq
+
+from formulations.plan import Verdict
+from formulations.request import Request, ToolChain
+from formulations.slo import SLO
+from planner_svc import protocol as P
+from planner_svc.records import RequestRecord
+from planner_svc.security import CurveKeys
+
+
+class ClientError(RuntimeError):
+    """The planner refused a request or did not answer in time."""
+
+
+@dataclass
+class RequestHandle:
+    """One submitted request. Events (VerdictMsg, Tokens, ErrorMsg) arrive in order."""
+
+    submit: P.Submit
+    arrival_s: float  # client clock
+    verdict_msg: P.VerdictMsg | None = None
+    error: str = ""
+    token_times_s: list[float] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    _events: queue.Queue = field(default_factory=queue.Queue, repr=False)
+    _decided: threading.Event = field(default_factory=threading.Event, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _callbacks: list[Callable[[P._Msg], None]] = field(default_factory=list, repr=False)
+
+    @property
+    def request_id(self) -> str:
+        return self.submit.request_id
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def finished(self) -> bool:
+        """All tokens arrived (as opposed to rejected, failed or aborted)."""
+        return self.done and len(self.token_times_s) >= self.submit.max_tokens
+
+    def verdict(self, timeout_s: float | None = 30.0) -> P.VerdictMsg:
+        """Block until the verdict arrives."""
+        if not self._decided.wait(timeout_s):
+            raise ClientError(f"no verdict for {self.request_id} within {timeout_s}s")
+        if self.verdict_msg is None:
+            raise ClientError(f"request {self.request_id} failed: {self.error}")
+        return self.verdict_msg
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until the request is finished, rejected or failed; False on timeout."""
+        return self._done.wait(timeout_s)
+
+    def tokens(self, timeout_s: float | None = 60.0) -> Iterator[P.Tokens]:
+        """Yield Tokens messages until the request is done (blocking)."""
+        while True:
+            try:
+                event = self._events.get(timeout=timeout_s)
+            except queue.Empty:
+                raise ClientError(f"no event for {self.request_id} within {timeout_s}s") from None
+            if isinstance(event, P.Tokens):
+                yield event
+            if event is _END:
+                return
+
+    async def events_async(self) -> AsyncIterator[P._Msg]:
+        """Every event (verdict, tokens, error) as an async iterator, for asyncio servers."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        self.add_callback(lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        while True:
+            event = await events.get()
+            if event is _END:
+                return
+            yield event
+
+    def add_callback(self, callback: Callable[[P._Msg], None]) -> None:
+        """Call `callback(event)` from the I/O thread for every later event (and `_END`). Events
+        delivered before the call are replayed first."""
+        with _CALLBACK_LOCK:
+            replay = list(self._events.queue)
+            self._callbacks.append(callback)
+        for event in replay:
+            callback(event)
+
+    def record(self) -> RequestRecord:
+        """The request's outcome on the client's clock, for reports (planner_svc.report)."""
+        verdict = Verdict(self.verdict_msg.verdict) if self.verdict_msg else None
+        return RequestRecord(
+            request=self._request(),
+            verdict=verdict,
+            replica_id=self.verdict_msg.replica_id if self.verdict_msg else None,
+            token_times_s=list(self.token_times_s),
+            finished=self.finished,
+        )
+
+    def _request(self) -> Request:
+        msg = self.verdict_msg
+        submit = self.submit
+        if msg is not None and msg.ttft_slo_s > 0 and msg.tpot_s > 0:
+            slo = SLO(tpot_s=msg.tpot_s, ttft_s=msg.ttft_slo_s, thinking_tpot_s=msg.thinking_tpot_s)
+            ttft_slo_s = msg.ttft_slo_s
+        else:  # never decided: keep a placeholder SLO; the record attains nothing anyway
+            slo = SLO(tpot_s=1.0, ttft_s=1.0)
+            ttft_slo_s = 1.0
+        return Request(
+            request_id=submit.request_id,
+            arrival_s=self.arrival_s,
+            num_prompt_tokens=submit.prompt_length,
+            num_output_tokens=submit.max_tokens,
+            slo=slo,
+            ttft_slo_s=ttft_slo_s,
+            slo_class=submit.slo_class,
+            num_thinking_tokens=msg.num_thinking_tokens if msg else submit.thinking_tokens,
+            value=submit.value,
+            chain_id=submit.chain_id,
+            round_index=submit.round_index,
+        )
+
+    def _deliver(self, event: P._Msg | object, now_s: float) -> None:
+        """Called by the I/O thread."""
+        if isinstance(event, P.VerdictMsg):
+            self.verdict_msg = event
+            self._decided.set()
+        elif isinstance(event, P.Tokens):
+            self.token_times_s.extend([now_s] * event.num_tokens)
+            self.token_ids.extend(event.token_ids)
+        elif isinstance(event, P.ErrorMsg):
+            self.error = event.reason
+            self._decided.set()
+        with _CALLBACK_LOCK:
+            self._events.put(event)
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback(event)
+        ends = (
+            (isinstance(event, P.Tokens) and event.finished)
+            or (isinstance(event, P.VerdictMsg) and event.verdict == Verdict.REJECTED.value)
+            or isinstance(event, P.ErrorMsg)
+        )
+        if ends:
+            self._end(now_s)
+
+    def _end(self, now_s: float) -> None:
+        if self._done.is_set():
+            return
+        self._done.set()
+        self._decided.set()
+        with _CALLBACK_LOCK:
+            self._events.put(_END)
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback(_END)
+
+
+_END = object()  # marks the end of a handle's event stream
+_CALLBACK_LOCK = threading.Lock()
+
+
+class PlannerClient:
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:5558",
+        client_id: str | None = None,
+        curve: CurveKeys | None = None,
+        context: zmq.Context | None = None,
+        max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        self.endpoint = endpoint
+        self.client_id = client_id or f"client-{uuid.uuid4().hex[:8]}"
+        self.max_frame_bytes = max_frame_bytes
+        self._context = context or zmq.Context.instance()
+        self._curve = curve
+        self._t0 = time.monotonic()
+        self._outbox: queue.Queue = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()
+        self._handles: dict[str, RequestHandle] = {}
+        self._stats_waiters: queue.Queue = queue.Queue()
+        self._errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._io_loop, name="planner-client-io", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+
+    def now_s(self) -> float:
+        return time.monotonic() - self._t0
+
+    def submit(self, request: P.Submit | None = None, **fields) -> RequestHandle:
+        """Submit a `Submit` message, or build one from keyword fields (see protocol.Submit;
+        `request_id` defaults to a fresh unique id)."""
+        if request is None:
+            fields.setdefault("request_id", f"{self.client_id}-{uuid.uuid4().hex[:12]}")
+            request = P.Submit(**fields)
+        request.prompt_length  # a prompt is required: fail here, not at the planner
+        handle = RequestHandle(request, arrival_s=self.now_s())
+        self._handles[request.request_id] = handle
+        self._send(request)
+        return handle
+
+    def run_tool_chain(
+        self,
+        chain: ToolChain,
+        tool: Callable[[int, RequestHandle], None] | None = None,
+        timeout_s: float = 120.0,
+        **fields,
+    ) -> list[RequestHandle]:
+        """Run an agent's rounds one after another (blocking; run it in a thread or executor).
+
+        Round k is submitted with the chain's prompt so far (`chain.round_prompt_tokens(k)`), the
+        intermediate SLO for all but the last round and the final SLO for the last. Between rounds
+        `tool(k, handle)` runs the tool (default: sleep the next round's `tool_delay_s`). The chain
+        stops at a round that is not served to the end (rejected, failed or timed out).
+        """
+        handles: list[RequestHandle] = []
+        for k, round_ in enumerate(chain.rounds):
+            if k > 0:
+                if tool is not None:
+                    tool(k, handles[-1])
+                else:
+                    time.sleep(round_.tool_delay_s)
+            last = k == chain.num_rounds - 1
+            handle = self.submit(
+                request_id=f"{chain.chain_id}#r{k}",
+                num_prompt_tokens=chain.round_prompt_tokens(k),
+                max_tokens=round_.num_output_tokens,
+                slo_class=chain.slo_class,
+                slo_targets=chain.final_slo if last else chain.intermediate_slo,
+                chain_id=chain.chain_id,
+                round_index=k,
+                **fields,
+            )
+            handles.append(handle)
+            if not handle.wait(timeout_s) or not handle.finished:
+                break
+        return handles
+
+    def abort(self, request_id: str, reason: str = "") -> None:
+        self._send(P.Abort(request_id, reason))
+        handle = self._handles.get(request_id)
+        if handle is not None:
+            handle.error = handle.error or "aborted"
+            handle._end(self.now_s())
+
+    def stats(self, timeout_s: float = 10.0) -> P.Stats:
+        waiter: queue.Queue = queue.Queue()
+        self._stats_waiters.put(waiter)
+        self._send(P.StatsRequest())
+        try:
+            return waiter.get(timeout=timeout_s)
+        except queue.Empty:
+            raise ClientError(f"no STATS answer within {timeout_s}s") from None
+
+    def send_raw(self, frames: list[bytes]) -> None:
+        """Send arbitrary frames (tests of the daemon's input checking)."""
+        self._outbox.put(frames)
+        os.write(self._wake_w, b"x")
+
+    @property
+    def errors(self) -> list[str]:
+        """ERROR messages not tied to a request (e.g. a rejected frame)."""
+        return list(self._errors)
+
+    def handles(self) -> list[RequestHandle]:
+        return list(self._handles.values())
+
+    def close(self) -> None:
+        self._stop.set()
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __enter__(self) -> PlannerClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ I/O thread
+
+    def _send(self, message: P._Msg) -> None:
+        self._outbox.put(P.encode(message))
+        os.write(self._wake_w, b"x")
+
+    def _io_loop(self) -> None:
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.IDENTITY, self.client_id.encode())
+        socket.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            self._curve.apply_client(socket)
+        socket.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(500))
+                if self._wake_r in events:
+                    os.read(self._wake_r, 4096)
+                self._flush(socket)
+                if socket in events:
+                    self._drain(socket)
+        finally:
+            socket.close(linger=0)
+
+    def _flush(self, socket: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            socket.send_multipart(frames)
+
+    def _drain(self, socket: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            now_s = self.now_s()
+            try:
+                message = P.decode(frames, P.PLANNER_TO_CLIENT, self.max_frame_bytes)
+            except P.ProtocolError as exc:
+                self._errors.append(f"bad frame from planner: {exc}")
+                continue
+            self._route(message, now_s)
+
+    def _route(self, message: P._Msg, now_s: float) -> None:
+        if isinstance(message, P.Stats):
+            try:
+                self._stats_waiters.get_nowait().put(message)
+            except queue.Empty:
+                pass
+            return
+        request_id = getattr(message, "request_id", "")
+        handle = self._handles.get(request_id) if request_id else None
+        if handle is not None:
+            handle._deliver(message, now_s)
+        elif isinstance(message, P.ErrorMsg):
+            self._errors.append(message.reason)

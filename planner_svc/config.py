@@ -1,0 +1,174 @@
+"""The planner daemon's configuration: one TOML file per deployment (ARCHITECTURE.md).
+
+    formulation = "sarathi"            # any registered name; swapping it changes nothing else
+    router = "round_robin"
+    max_forwards = 1
+
+    [formulation_params]               # keyword arguments of the formulation's constructor
+
+    [planner]
+    engine_endpoint = "tcp://127.0.0.1:5557"   # engines connect here (ROUTER)
+    client_endpoint = "tcp://127.0.0.1:5558"   # clients connect here (ROUTER)
+    metrics_port = 0                           # Prometheus /metrics; 0 = off
+    heartbeat_interval_s = 0.5
+    liveness = 6                               # an engine silent this many intervals is dead
+    tick_interval_s = 0.01                     # planner timer resolution
+    max_frame_bytes = 8388608
+    default_perf_model = "opt-13b-h100"        # for engines that send none and for TTFT slowdowns
+
+    [slo_classes.chatbot]                      # overrides / additions to the published presets
+    ttft_slowdown = 5.0                        # or ttft_ms = 800
+    tpot_ms = 100                              # thinking_tpot_ms = 50 for reasoning classes
+
+    [[replicas]]                               # optional: per-engine settings, by engine id
+    engine_id = "engine-0"
+    perf_model = "opt-13b-h100"                # a preset name, or
+    # perf_model_lines = [[4.18e-5, 0.0, 0.0274]]
+
+    [curve]                                    # optional CURVE encryption beyond loopback
+    public_key = "..."
+    secret_key = "..."
+    allowed_client_keys = []                   # empty: any client that knows the server key
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from formulations.perf_model import PerfModel, perf_model_preset
+from formulations.slo import SLO, SLO_PRESETS
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    public_key: str
+    secret_key: str
+    allowed_client_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    formulation: str = "sarathi"
+    formulation_params: dict[str, Any] = field(default_factory=dict)
+    router: str = "round_robin"
+    max_forwards: int = 1
+    engine_endpoint: str = "tcp://127.0.0.1:5557"
+    client_endpoint: str = "tcp://127.0.0.1:5558"
+    metrics_port: int = 0
+    heartbeat_interval_s: float = 0.5
+    liveness: int = 6
+    tick_interval_s: float = 0.01
+    max_frame_bytes: int = 8 << 20
+    default_perf_model: str = "opt-13b-h100"
+    slo_classes: dict[str, SLO] = field(default_factory=lambda: dict(SLO_PRESETS))
+    replica_perf_models: dict[str, PerfModel] = field(default_factory=dict)  # by engine id
+    curve: CurveConfig | None = None
+    core_params: dict[str, Any] = field(default_factory=dict)  # passed to the planner core
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s <= 0 or self.liveness < 1 or self.tick_interval_s <= 0:
+            raise ValueError("heartbeat_interval_s and tick_interval_s must be > 0, liveness >= 1")
+        if self.max_frame_bytes < 1024:
+            raise ValueError("max_frame_bytes must be at least 1024")
+        perf_model_preset(self.default_perf_model)  # fails early on a bad name
+
+    @property
+    def perf_model(self) -> PerfModel:
+        return perf_model_preset(self.default_perf_model)
+
+    def perf_model_for(self, engine_id: str) -> PerfModel | None:
+        return self.replica_perf_models.get(engine_id)
+
+
+_TOP_KEYS = {"formulation", "formulation_params", "router", "max_forwards", "planner",
+             "slo_classes", "replicas", "curve", "core"}
+_PLANNER_KEYS = {"engine_endpoint", "client_endpoint", "metrics_port", "heartbeat_interval_s",
+                 "liveness", "tick_interval_s", "max_frame_bytes", "default_perf_model"}
+
+
+def load_config(path: str | Path) -> PlannerConfig:
+    """Read and validate a planner TOML file; errors name the offending key."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_dict(data, source=str(path))
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> PlannerConfig:
+    _check_keys(data, _TOP_KEYS, source)
+    planner = data.get("planner", {})
+    _check_keys(planner, _PLANNER_KEYS, f"{source} [planner]")
+    try:
+        return PlannerConfig(
+            formulation=str(data.get("formulation", "sarathi")),
+            formulation_params=dict(data.get("formulation_params", {})),
+            router=str(data.get("router", "round_robin")),
+            max_forwards=int(data.get("max_forwards", 1)),
+            slo_classes=_slo_classes(data.get("slo_classes", {}), source),
+            replica_perf_models=_replica_perf_models(data.get("replicas", []), source),
+            curve=_curve(data.get("curve"), source),
+            core_params=dict(data.get("core", {})),
+            **planner,
+        )
+    except TypeError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+
+
+def _check_keys(table: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
+def _slo_classes(table: dict[str, Any], source: str) -> dict[str, SLO]:
+    classes = dict(SLO_PRESETS)
+    for name, spec in table.items():
+        where = f"{source} [slo_classes.{name}]"
+        _check_keys(spec, {"ttft_slowdown", "ttft_ms", "tpot_ms", "thinking_tpot_ms"}, where)
+        if "tpot_ms" not in spec:
+            raise ValueError(f"{where}: tpot_ms is required")
+        try:
+            classes[name] = SLO(
+                tpot_s=spec["tpot_ms"] / 1000,
+                ttft_slowdown=spec.get("ttft_slowdown"),
+                ttft_s=spec["ttft_ms"] / 1000 if "ttft_ms" in spec else None,
+                thinking_tpot_s=spec["thinking_tpot_ms"] / 1000 if "thinking_tpot_ms" in spec else None,
+            )
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return classes
+
+
+def _replica_perf_models(rows: list[dict[str, Any]], source: str) -> dict[str, PerfModel]:
+    models: dict[str, PerfModel] = {}
+    for i, row in enumerate(rows):
+        where = f"{source} [[replicas]] #{i}"
+        _check_keys(row, {"engine_id", "perf_model", "perf_model_lines"}, where)
+        if "engine_id" not in row:
+            raise ValueError(f"{where}: engine_id is required")
+        if "perf_model_lines" in row:
+            models[row["engine_id"]] = PerfModel.from_dict(
+                {"name": row.get("perf_model", "custom"), "lines": row["perf_model_lines"]}
+            )
+        elif "perf_model" in row:
+            models[row["engine_id"]] = perf_model_preset(row["perf_model"])
+    return models
+
+
+def _curve(table: dict[str, Any] | None, source: str) -> CurveConfig | None:
+    if table is None:
+        return None
+    _check_keys(table, {"public_key", "secret_key", "allowed_client_keys"}, f"{source} [curve]")
+    try:
+        return CurveConfig(
+            public_key=table["public_key"],
+            secret_key=table["secret_key"],
+            allowed_client_keys=tuple(table.get("allowed_client_keys", ())),
+        )
+    except KeyError as exc:
+        raise ValueError(f"{source} [curve]: missing {exc}") from None

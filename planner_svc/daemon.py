@@ -1,0 +1,539 @@
+"""The planner daemon: the planner core on the wall clock, behind two ZeroMQ ROUTER sockets.
+
+    engines  --DEALER-->  [ROUTER engine_endpoint]  \
+                                                      planner loop: observe -> plan -> send
+    clients  --DEALER-->  [ROUTER client_endpoint]  /
+
+The loop is one thread with a bounded poll (never an infinite wait): it drains both sockets,
+feeds every event to the core with the daemon's clock (`now_s`, seconds since start), and sends the
+core's plans to engines and verdicts / tokens to clients at once. The core runs between polls; a
+plan for step k+2 goes out while the engine runs step k+1, so engines do not wait on it.
+
+Every frame is decoded against the types expected on its socket (`protocol.decode`); a frame that
+fails is counted (metrics `slos_rejected_frames`), answered with ERROR, and dropped: the daemon
+stays up. An engine that has been silent for `liveness` heartbeat intervals is declared dead and
+the core re-plans its requests on the remaining replicas (recompute): every request either
+finishes or gets an explicit verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from formulations import registry
+from formulations.plan import Decision, Verdict
+from formulations.request import Request
+from formulations.slo import SLO
+from planner_svc import protocol as P
+from planner_svc.config import PlannerConfig
+from planner_svc.envelope import PlanEnvelope
+from planner_svc.metrics import PlannerMetrics
+from planner_svc.records import RequestRecord
+from planner_svc.core import CoreOutput, PlannerCore, ReplanPolicy
+from planner_svc.replica import ReplicaSpec
+from planner_svc.router import make_router
+
+log = logging.getLogger("slos_serve.daemon")
+
+
+@dataclass
+class EngineLink:
+    """One connected engine (one DEALER identity)."""
+
+    identity: bytes
+    engine_id: str
+    replica_id: int
+    perf_model_name: str
+    last_heard_s: float
+    last_sent_s: float = 0.0
+    sent_request_ids: set[str] = field(default_factory=set)
+    pending_aborts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Tracked:
+    """A request the daemon is serving: who asked, what the engine needs, what happened."""
+
+    submit: P.Submit
+    client: bytes
+    record: RequestRecord
+    generated_token_ids: list[int] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def request(self) -> Request:
+        return self.record.request
+
+
+class PlannerDaemon:
+    def __init__(self, config: PlannerConfig, context: zmq.Context | None = None):
+        self.config = config
+        registry.formulation_class(config.formulation)  # an unknown name fails at startup
+        make_router(config.router, config.max_forwards)
+        self.core: PlannerCore | None = None  # made when the first engine connects
+        self.context = context or zmq.Context.instance()
+        self.metrics = PlannerMetrics()
+        self.stop_event = threading.Event()
+        self.engines: dict[bytes, EngineLink] = {}  # by identity
+        self.requests: dict[str, Tracked] = {}
+        self.num_rejected_frames = 0
+        self._next_replica_id = 0
+        self._t0 = time.monotonic()
+        self._last_tick_s = 0.0
+        self._authenticator = None
+        self.engine_socket, self.client_socket = self._bind()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def now_s(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _bind(self) -> tuple[zmq.Socket, zmq.Socket]:
+        sockets = []
+        if self.config.curve is not None:
+            self._start_authenticator()
+        for endpoint in (self.config.engine_endpoint, self.config.client_endpoint):
+            socket = self.context.socket(zmq.ROUTER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            if self.config.curve is not None:
+                socket.curve_secretkey = self.config.curve.secret_key.encode()
+                socket.curve_publickey = self.config.curve.public_key.encode()
+                socket.curve_server = True
+            socket.bind(endpoint)
+            sockets.append(socket)
+        return sockets[0], sockets[1]
+
+    def _start_authenticator(self) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        allowed = self.config.curve.allowed_client_keys
+        self._authenticator = ThreadAuthenticator(self.context)
+        self._authenticator.start()
+
+        class _Keys:  # CURVE callback: which client public keys may connect
+            def callback(self, domain: str, key: bytes) -> bool:
+                return not allowed or zmq.utils.z85.encode(key).decode() in allowed
+
+        self._authenticator.configure_curve_callback("*", credentials_provider=_Keys())
+
+    @property
+    def engine_endpoint(self) -> str:
+        return self.engine_socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def client_endpoint(self) -> str:
+        return self.client_socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def serve_metrics(self) -> None:
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_port)
+
+    def run(self) -> None:
+        """Serve until `stop_event` is set."""
+        poller = zmq.Poller()
+        poller.register(self.engine_socket, zmq.POLLIN)
+        poller.register(self.client_socket, zmq.POLLIN)
+        try:
+            while not self.stop_event.is_set():
+                events = dict(poller.poll(self._poll_timeout_ms()))
+                if self.engine_socket in events:
+                    self._drain(self.engine_socket, self._on_engine_frames)
+                if self.client_socket in events:
+                    self._drain(self.client_socket, self._on_client_frames)
+                self._housekeeping()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        self.engine_socket.close(linger=0)
+        self.client_socket.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+
+    def _poll_timeout_ms(self) -> int:
+        until_tick_s = self._last_tick_s + self.config.tick_interval_s - self.now_s()
+        return max(0, min(int(until_tick_s * 1000) + 1, int(self.config.heartbeat_interval_s * 1000)))
+
+    def _drain(self, socket: zmq.Socket, handle, max_messages: int = 1000) -> None:
+        """Receive what is queued (bounded, so that one flooding peer cannot starve the loop)."""
+        for _ in range(max_messages):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def _housekeeping(self) -> None:
+        now_s = self.now_s()
+        self._check_engines(now_s)
+        if self.core is not None and now_s - self._last_tick_s >= self.config.tick_interval_s:
+            self._last_tick_s = now_s
+            due_s = self.core.next_timer_s()
+            if due_s is not None and due_s <= now_s:
+                self._apply("tick", self.core.tick, now_s)
+        self.metrics.queue_length.set(sum(1 for t in self.requests.values() if not t.done))
+
+    # ------------------------------------------------------------------ engines
+
+    def _on_engine_frames(self, frames: list[bytes]) -> None:
+        identity, body = frames[0], frames[1:]
+        try:
+            message = P.decode(body, P.ENGINE_TO_PLANNER, self.config.max_frame_bytes)
+        except P.ProtocolError as exc:
+            self._reject_frame(self.engine_socket, "engine", identity, exc)
+            return
+        now_s = self.now_s()
+        link = self.engines.get(identity)
+        if isinstance(message, P.Ready):
+            self._on_ready(identity, message, now_s)
+            return
+        if link is None:  # a dead or unknown engine: it must READY again
+            self._reject_frame(self.engine_socket, "engine", identity,
+                               P.ProtocolError("unknown engine: send READY first"))
+            return
+        link.last_heard_s = now_s
+        if isinstance(message, P.Progress):
+            self._on_progress(link, message, now_s)
+
+    def _on_ready(self, identity: bytes, ready: P.Ready, now_s: float) -> None:
+        if ready.protocol_version != P.PROTOCOL_VERSION:
+            self._reject_frame(self.engine_socket, "engine", identity, P.ProtocolError(
+                f"protocol version {ready.protocol_version} != {P.PROTOCOL_VERSION}"))
+            return
+        for old in [lk for lk in self.engines.values()
+                    if lk.identity == identity or lk.engine_id == ready.engine_id]:
+            self._declare_dead(old, now_s, "reconnected")
+        perf_model = self.config.perf_model_for(ready.engine_id)
+        if perf_model is None and ready.perf_model is not None:
+            try:
+                perf_model = P.perf_model_from_wire(ready.perf_model)
+            except ValueError as exc:
+                self._reject_frame(self.engine_socket, "engine", identity, P.ProtocolError(str(exc)))
+                return
+        perf_model = perf_model or self.config.perf_model
+        try:
+            spec = ReplicaSpec(
+                replica_id=self._next_replica_id,
+                perf_model=perf_model,
+                num_total_blocks=ready.num_total_blocks,
+                block_size=ready.block_size,
+                max_spec_tokens=ready.max_spec_tokens,
+            )
+        except ValueError as exc:
+            self._reject_frame(self.engine_socket, "engine", identity, P.ProtocolError(str(exc)))
+            return
+        self._next_replica_id += 1
+        link = EngineLink(identity, ready.engine_id, spec.replica_id, perf_model.name, now_s)
+        self.engines[identity] = link
+        self.metrics.engines.set(len(self.engines))
+        log.info("engine %s ready as replica %d (%s)", ready.engine_id, spec.replica_id,
+                 perf_model.name)
+        self._send_engine(link, P.Heartbeat(sender_id="planner", sent_s=now_s))
+        if self.core is None:
+            self.core = build_core(self.config, spec)
+        else:
+            self._apply("add_replica", self.core.add_replica, spec, now_s)
+
+    def _on_progress(self, link: EngineLink, progress: P.Progress, now_s: float) -> None:
+        report = P.progress_to_report(progress, link.replica_id, now_s)
+        self.metrics.step_time_measured.labels(link.engine_id).observe(progress.step_time_s)
+        self._stream_tokens(report, now_s)
+        self._apply("on_step", self.core.on_step, report, now_s)
+
+    def _check_engines(self, now_s: float) -> None:
+        silence_limit_s = self.config.liveness * self.config.heartbeat_interval_s
+        for link in list(self.engines.values()):
+            if now_s - link.last_heard_s > silence_limit_s:
+                self._declare_dead(link, now_s, "silent")
+            elif now_s - link.last_sent_s >= self.config.heartbeat_interval_s:
+                self._send_engine(link, P.Heartbeat(sender_id="planner", sent_s=now_s))
+
+    def _declare_dead(self, link: EngineLink, now_s: float, why: str) -> None:
+        """Forget the engine; the core moves its requests to the other replicas (recompute)."""
+        log.warning("engine %s (replica %d) is gone (%s); re-planning its requests",
+                    link.engine_id, link.replica_id, why)
+        self.engines.pop(link.identity, None)
+        self.metrics.engine_deaths.inc()
+        self.metrics.engines.set(len(self.engines))
+        self._apply("remove_replica", self.core.remove_replica, link.replica_id, now_s)
+
+    def _send_engine(self, link: EngineLink, message: P._Msg) -> None:
+        self.engine_socket.send_multipart([link.identity, *P.encode(message)])
+        link.last_sent_s = self.now_s()
+
+    def _link_of(self, replica_id: int) -> EngineLink | None:
+        return next((lk for lk in self.engines.values() if lk.replica_id == replica_id), None)
+
+    # ------------------------------------------------------------------ clients
+
+    def _on_client_frames(self, frames: list[bytes]) -> None:
+        identity, body = frames[0], frames[1:]
+        try:
+            message = P.decode(body, P.CLIENT_TO_PLANNER, self.config.max_frame_bytes)
+        except P.ProtocolError as exc:
+            self._reject_frame(self.client_socket, "client", identity, exc)
+            return
+        now_s = self.now_s()
+        if isinstance(message, P.Submit):
+            self._on_submit(identity, message, now_s)
+        elif isinstance(message, P.Abort):
+            self._on_abort(message, now_s)
+        elif isinstance(message, P.StatsRequest):
+            self._send_client(identity, self.stats())
+        elif isinstance(message, P.Heartbeat):
+            self._send_client(identity, P.Heartbeat(sender_id="planner", sent_s=now_s))
+
+    def _on_submit(self, client: bytes, submit: P.Submit, now_s: float) -> None:
+        if submit.request_id in self.requests:
+            self._send_client(client, P.ErrorMsg(f"duplicate request id {submit.request_id!r}",
+                                                 submit.request_id))
+            return
+        try:
+            request = self._make_request(submit, now_s)
+        except ValueError as exc:
+            self._reject_frame(self.client_socket, "client", client, P.ProtocolError(str(exc)),
+                               submit.request_id)
+            return
+        tracked = Tracked(submit, client, RequestRecord(request))
+        self.requests[request.request_id] = tracked
+        if not self.engines or self.core is None:
+            self._decide(tracked, Decision(Verdict.REJECTED, "no engine is connected"), None)
+            return
+        self._apply("submit", self.core.submit, request, now_s)
+
+    def _make_request(self, submit: P.Submit, now_s: float) -> Request:
+        slo = self._slo_of(submit)
+        perf_model = self.config.perf_model
+        num_prompt_tokens = submit.prompt_length
+        return Request(
+            request_id=submit.request_id,
+            arrival_s=now_s,
+            num_prompt_tokens=num_prompt_tokens,
+            num_output_tokens=submit.max_tokens,
+            slo=slo,
+            ttft_slo_s=slo.ttft_budget_s(perf_model, num_prompt_tokens),
+            slo_class=submit.slo_class,
+            num_thinking_tokens=min(submit.thinking_tokens, submit.max_tokens),
+            value=submit.value,
+            chain_id=submit.chain_id,
+            round_index=submit.round_index,
+        )
+
+    def _slo_of(self, submit: P.Submit) -> SLO:
+        targets = submit.slo_targets or submit.slo_class
+        base = self.config.slo_classes.get(targets)
+        explicit = (submit.ttft_ms, submit.ttft_slowdown, submit.tpot_ms, submit.thinking_tpot_ms)
+        if base is None and submit.tpot_ms is None:
+            known = ", ".join(sorted(self.config.slo_classes))
+            raise ValueError(f"unknown SLO class {targets!r} and no explicit tpot_ms "
+                             f"(known classes: {known})")
+        if all(v is None for v in explicit):
+            return base
+        has_ttft = submit.ttft_ms is not None or submit.ttft_slowdown is not None
+        return SLO(
+            tpot_s=submit.tpot_ms / 1000 if submit.tpot_ms is not None else base.tpot_s,
+            ttft_slowdown=submit.ttft_slowdown if has_ttft else base.ttft_slowdown,
+            ttft_s=submit.ttft_ms / 1000 if submit.ttft_ms is not None else (
+                None if has_ttft else base.ttft_s),
+            thinking_tpot_s=submit.thinking_tpot_ms / 1000 if submit.thinking_tpot_ms is not None
+            else (base.thinking_tpot_s if base is not None else None),
+        )
+
+    def _on_abort(self, abort: P.Abort, now_s: float) -> None:
+        tracked = self.requests.get(abort.request_id)
+        if tracked is None or tracked.done:
+            return
+        tracked.done = True
+        if self.core is not None:
+            self._apply("abort", self.core.abort, abort.request_id, now_s)
+
+    def _send_client(self, client: bytes, message: P._Msg) -> None:
+        self.client_socket.send_multipart([client, *P.encode(message)])
+
+    # ------------------------------------------------------------------ core output
+
+    def _apply(self, event: str, call, *args) -> None:
+        """Run one core call, time it, and send what it decided."""
+        start_s = time.perf_counter()
+        try:
+            output = call(*args)
+        except Exception:  # a planner bug must not take the service down; it is logged loudly
+            log.exception("planner core failed on %s", event)
+            self.metrics.core_errors.inc()
+            return
+        self.metrics.replan_time.labels(event).observe(time.perf_counter() - start_s)
+        self._dispatch(output, args[-1])
+
+    def _dispatch(self, output: CoreOutput, now_s: float) -> None:
+        for request_id, replica_id, decision in output.verdicts:
+            tracked = self.requests.get(request_id)
+            if tracked is not None:
+                self._decide(tracked, decision, replica_id)
+        for request_id, reason in output.failed:  # nowhere left to run it: an explicit verdict
+            tracked = self.requests.get(request_id)
+            if tracked is not None and not tracked.done:
+                self._decide(tracked, Decision(Verdict.REJECTED, f"lost: {reason}"), None)
+        for replica_id, request_id in output.aborts:
+            link = self._link_of(replica_id)
+            if link is not None and request_id in link.sent_request_ids:
+                self._send_engine(link, P.Abort(request_id, "planner abort"))
+        for migration in output.migrations:  # simplified stand-in: no KV transfer, recompute
+            self._migrate_by_recompute(migration, now_s)
+        for envelope in output.plans.values():
+            self._send_plan(envelope)
+
+    def _migrate_by_recompute(self, migration, now_s: float) -> None:
+        link = self._link_of(migration.from_replica)
+        if link is not None:
+            self._send_engine(link, P.Abort(migration.request_id, "migrated"))
+        self._apply("complete_migration", self.core.complete_migration,
+                    migration.request_id, 0, now_s)
+
+    def _decide(self, tracked: Tracked, decision: Decision, replica_id: int | None) -> None:
+        record = tracked.record
+        record.verdict = decision.verdict
+        record.replica_id = replica_id if replica_id is not None else record.replica_id
+        request = tracked.request
+        self.metrics.verdicts.labels(decision.verdict.value, request.slo_class).inc()
+        self._send_client(tracked.client, P.VerdictMsg(
+            request_id=request.request_id, verdict=decision.verdict.value, reason=decision.reason,
+            replica_id=replica_id, arrival_s=request.arrival_s, ttft_slo_s=request.ttft_slo_s,
+            tpot_s=request.slo.tpot_s, thinking_tpot_s=request.slo.thinking_tpot_s,
+            num_thinking_tokens=request.num_thinking_tokens))
+        if decision.verdict is Verdict.REJECTED:
+            self._finish(tracked)
+
+    def _send_plan(self, envelope: PlanEnvelope) -> None:
+        link = self._link_of(envelope.replica_id)
+        if link is None:
+            return  # the replica died after the core planned for it; its removal re-plans
+        new_requests = [self._payload(r.request_id, envelope.resumed.get(r.request_id))
+                        for r in envelope.new_requests]
+        named = {rid for step in (*envelope.plan.steps, *envelope.plan.repeat)
+                 for rid in step.num_tokens}
+        for request_id in sorted(named - link.sent_request_ids - {r.request_id for r in new_requests}):
+            if request_id in self.requests:  # defensive: a plan naming a request not yet sent
+                new_requests.append(self._payload(request_id))
+        for payload in new_requests:
+            link.sent_request_ids.add(payload.request_id)
+            self.requests[payload.request_id].record.replica_id = envelope.replica_id
+        aborts, link.pending_aborts = link.pending_aborts, []
+        self._send_engine(link, P.envelope_to_wire(envelope, link.engine_id, new_requests, aborts))
+        self.metrics.plans_sent.inc()
+        perf_model = self.config.perf_model_for(link.engine_id) or None
+        if perf_model is not None:
+            for step in envelope.plan.steps:
+                self.metrics.step_time_predicted.labels(link.engine_id).observe(
+                    perf_model.step_time_s(step.num_batched_tokens, step.spec_steps))
+
+    def _payload(self, request_id: str, num_generated: int | None = None) -> P.NewRequest:
+        """What an engine needs; after a move, the prompt includes the tokens generated so far."""
+        tracked = self.requests[request_id]
+        submit = tracked.submit
+        if num_generated is None:
+            num_generated = len(tracked.record.token_times_s)
+        prompt_ids = None
+        if submit.prompt_token_ids is not None and len(tracked.generated_token_ids) == num_generated:
+            prompt_ids = list(submit.prompt_token_ids) + tracked.generated_token_ids
+        return P.NewRequest(
+            request_id=request_id,
+            num_prompt_tokens=tracked.request.num_prompt_tokens + num_generated,
+            max_new_tokens=max(1, tracked.request.num_output_tokens - num_generated),
+            prompt_token_ids=prompt_ids,
+            temperature=submit.temperature,
+            top_p=submit.top_p,
+            seed=submit.seed,
+            ignore_eos=submit.ignore_eos,
+        )
+
+    def _stream_tokens(self, report, now_s: float) -> None:
+        finished = set(report.finished) if report.ok else set()
+        for request_id, num_new in report.num_new_tokens.items():
+            tracked = self.requests.get(request_id)
+            if tracked is None or tracked.done or (num_new == 0 and request_id not in finished):
+                continue
+            token_ids = list(report.new_token_ids.get(request_id, ()))
+            tracked.generated_token_ids.extend(token_ids)
+            tracked.record.token_times_s.extend([now_s] * num_new)
+            done = request_id in finished
+            self._send_client(tracked.client, P.Tokens(
+                request_id=request_id, num_tokens=num_new, token_ids=token_ids,
+                num_generated_tokens=len(tracked.record.token_times_s), finished=done,
+                planner_time_s=now_s))
+            if done:
+                tracked.record.finished = True
+                self._finish(tracked)
+
+    def _finish(self, tracked: Tracked) -> None:
+        tracked.done = True
+        slo_class = tracked.request.slo_class
+        if tracked.record.finished:
+            self.metrics.finished.labels(slo_class).inc()
+            if tracked.record.attainment.ok:
+                self.metrics.attained.labels(slo_class).inc()
+        decided = [t for t in self.requests.values() if t.done and t.request.slo_class == slo_class]
+        self.metrics.record_attainment(
+            slo_class, len(decided), sum(1 for t in decided if t.record.attainment.ok))
+
+    def _reject_frame(self, socket: zmq.Socket, side: str, identity: bytes, exc: Exception,
+                      request_id: str = "") -> None:
+        self.num_rejected_frames += 1
+        reason = str(exc).split(":")[0][:60]
+        self.metrics.rejected_frames.labels(side, reason).inc()
+        log.warning("rejected %s frame: %s", side, exc)
+        try:
+            socket.send_multipart([identity, *P.encode(P.ErrorMsg(str(exc)[:500], request_id))],
+                                  zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # ------------------------------------------------------------------ stats
+
+    def records(self) -> list[RequestRecord]:
+        return [t.record for t in self.requests.values()]
+
+    def stats(self) -> P.Stats:
+        by_class: dict[str, list[RequestRecord]] = {}
+        for record in self.records():
+            by_class.setdefault(record.request.slo_class, []).append(record)
+        verdicts = [r.verdict for r in self.records()]
+        counters = {
+            "num_requests": float(len(self.requests)),
+            "num_admitted": float(sum(v is Verdict.ADMITTED for v in verdicts)),
+            "num_rejected": float(sum(v is Verdict.REJECTED for v in verdicts)),
+            "num_best_effort": float(sum(v is Verdict.BEST_EFFORT for v in verdicts)),
+            "num_finished": float(sum(r.finished for r in self.records())),
+            "num_in_flight": float(sum(not t.done for t in self.requests.values())),
+            "num_rejected_frames": float(self.num_rejected_frames),
+            "num_engine_deaths": float(self.metrics.engine_deaths._value.get()),
+        }
+        return P.Stats(
+            counters=counters,
+            attainment_by_class={c: sum(r.attainment.ok for r in rs) / len(rs)
+                                 for c, rs in by_class.items()},
+            num_requests_by_class={c: len(rs) for c, rs in by_class.items()},
+            num_engines=len(self.engines),
+        )
+
+
+def build_core(config: PlannerConfig, first_replica: ReplicaSpec) -> PlannerCore:
+    """The planner core the config names (formulation, router, core parameters), starting with
+    the first engine that connected (the core needs at least one replica)."""
+    params = dict(config.core_params)
+    replan = ReplanPolicy(**params.pop("replan", {}))
+    router = make_router(config.router, config.max_forwards)
+
+    def formulation_factory(spec: ReplicaSpec):
+        return registry.create(config.formulation, **config.formulation_params)
+
+    registry.formulation_class(config.formulation)  # fail early on an unknown name
+    return PlannerCore([first_replica], formulation_factory, router=router, replan=replan, **params)

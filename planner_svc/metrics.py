@@ -1,0 +1,48 @@
+"""Prometheus metrics of the planner daemon (served by prometheus_client's HTTP server).
+
+Each daemon owns its own `CollectorRegistry`, so several daemons (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_TIME_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+class PlannerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.verdicts = Counter("slos_verdicts", "Verdicts given, by verdict and SLO class",
+                                ["verdict", "slo_class"], registry=r)
+        self.finished = Counter("slos_requests_finished", "Requests that produced all tokens",
+                                ["slo_class"], registry=r)
+        self.attained = Counter("slos_requests_attained", "Finished requests that met every SLO",
+                                ["slo_class"], registry=r)
+        self.attainment = Gauge("slos_attainment_ratio",
+                                "Attained / decided requests, by SLO class", ["slo_class"], registry=r)
+        self.replan_time = Histogram("slos_replan_seconds", "Planner core time per call",
+                                     ["event"], buckets=_TIME_BUCKETS_S, registry=r)
+        self.step_time_measured = Histogram("slos_step_seconds_measured",
+                                            "Engine step time as reported", ["engine_id"],
+                                            buckets=_TIME_BUCKETS_S, registry=r)
+        self.step_time_predicted = Histogram("slos_step_seconds_predicted",
+                                             "Engine step time per the planner's model",
+                                             ["engine_id"], buckets=_TIME_BUCKETS_S, registry=r)
+        self.queue_length = Gauge("slos_requests_in_flight", "Requests not yet finished or rejected",
+                                  registry=r)
+        self.engines = Gauge("slos_engines_alive", "Engines connected and alive", registry=r)
+        self.engine_deaths = Counter("slos_engine_deaths", "Engines declared dead", registry=r)
+        self.rejected_frames = Counter("slos_rejected_frames", "Frames rejected at the socket",
+                                       ["socket", "reason"], registry=r)
+        self.core_errors = Counter("slos_core_errors", "Planner core calls that raised",
+                                   registry=r)
+        self.plans_sent = Counter("slos_plans_sent", "PLAN messages sent", registry=r)
+
+    def serve(self, port: int) -> None:
+        """Start the /metrics HTTP server on `port` (loopback)."""
+        start_http_server(port, addr="127.0.0.1", registry=self.registry)
+
+    def record_attainment(self, slo_class: str, num_decided: int, num_attained: int) -> None:
+        self.attainment.labels(slo_class).set(num_attained / num_decided if num_decided else 0.0)

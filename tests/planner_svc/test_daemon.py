@@ -1,0 +1,205 @@
+"""The planner daemon in-process (threads, loopback): requests flow, bad input is counted and
+answered while the daemon keeps serving, a silent engine is declared dead and its requests finish
+elsewhere, and metrics are served."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import urllib.request
+
+import msgpack
+import pytest
+import zmq
+
+from planner_svc import protocol as P
+from planner_svc.client import PlannerClient
+from planner_svc.config import config_from_dict, load_config
+from tests.planner_svc.service_helpers import Service, make_config
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+
+
+@pytest.fixture
+def service():
+    svc = Service()
+    svc.wait_for_engines(2)
+    yield svc
+    svc.close()
+
+
+def submit_all(client, num, **fields):
+    fields.setdefault("num_prompt_tokens", 200)
+    fields.setdefault("max_tokens", 12)
+    return [client.submit(**fields) for _ in range(num)]
+
+
+def test_requests_are_admitted_stream_tokens_and_finish(service):
+    with PlannerClient(service.daemon.client_endpoint) as client:
+        handles = submit_all(client, 6)
+        for handle in handles:
+            assert handle.wait(10), handle.request_id
+            assert handle.verdict().verdict == "admitted"
+            assert handle.finished and len(handle.token_ids) == 12
+        stats = client.stats()
+    assert stats.counters["num_finished"] == 6 and stats.num_engines == 2
+    assert {r.replica_id for r in service.daemon.records()} == {0, 1}  # both engines used
+    assert all(len(r.token_times_s) == 12 and r.finished for r in service.daemon.records())
+
+
+def test_no_engine_means_an_explicit_rejection():
+    svc = Service(num_engines=0)
+    try:
+        with PlannerClient(svc.daemon.client_endpoint) as client:
+            handle = client.submit(num_prompt_tokens=10, max_tokens=2)
+            verdict = handle.verdict(5)
+            assert verdict.verdict == "rejected" and "no engine" in verdict.reason
+            assert handle.wait(1)
+    finally:
+        svc.close()
+
+
+def test_bad_client_frames_are_counted_answered_and_survived(service):
+    daemon = service.daemon
+    with PlannerClient(daemon.client_endpoint) as client:
+        bad = [
+            [os.urandom(1), os.urandom(64)],
+            [b"S", os.urandom(64)],
+            [b"S", msgpack.packb({"request_id": "x", "max_tokens": "lots"})],
+            [b"P", P.encode(P.PlanMsg(engine_id="e", plan_id=0, start_step_id=0))[1]],  # wrong side
+            [b"S"],
+            [b"S", b"\x80" * (daemon.config.max_frame_bytes + 1)],  # oversized
+        ]
+        for frames in bad:
+            client.send_raw(frames)
+        deadline = time.monotonic() + 5
+        while daemon.num_rejected_frames < len(bad) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert daemon.num_rejected_frames == len(bad)
+        while len(client.errors) < len(bad) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(client.errors) == len(bad)
+        handle = client.submit(num_prompt_tokens=50, max_tokens=3)
+        assert handle.wait(10) and handle.finished  # still serving
+
+
+def test_bad_engine_frames_are_counted_and_survived(service):
+    daemon = service.daemon
+    context = zmq.Context()
+    rogue = context.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(daemon.engine_endpoint)
+    try:
+        rogue.send_multipart([b"G", os.urandom(40)])
+        rogue.send_multipart(P.encode(P.Progress(engine_id="x", step_id=0, plan_id=0,
+                                                 step_time_s=0.1)))  # before READY
+        rogue.send_multipart(P.encode(P.Ready(protocol_version=99, engine_id="x",
+                                              num_total_blocks=10, block_size=16)))
+        replies = []
+        while len(replies) < 3 and rogue.poll(3000):
+            replies.append(P.decode(rogue.recv_multipart(), P.PLANNER_TO_ENGINE))
+        assert [type(r) for r in replies] == [P.ErrorMsg] * 3
+        assert "version" in replies[2].reason
+        assert daemon.num_rejected_frames == 3 and len(daemon.engines) == 2
+    finally:
+        rogue.close()
+        context.term()
+    with PlannerClient(daemon.client_endpoint) as client:
+        assert client.submit(num_prompt_tokens=20, max_tokens=2).wait(10)
+
+
+def test_silent_engine_is_declared_dead_and_its_requests_finish_elsewhere():
+    svc = Service(num_engines=1)
+    context = zmq.Context()
+    mute = context.socket(zmq.DEALER)  # READY, then never runs a step nor answers
+    mute.setsockopt(zmq.LINGER, 0)
+    mute.connect(svc.daemon.engine_endpoint)
+    try:
+        svc.wait_for_engines(1)
+        mute.send_multipart(P.encode(P.Ready(protocol_version=P.PROTOCOL_VERSION,
+                                             engine_id="mute", num_total_blocks=4096,
+                                             block_size=16)))
+        svc.wait_for_engines(2)
+        with PlannerClient(svc.daemon.client_endpoint) as client:
+            handles = submit_all(client, 6, max_tokens=8)
+            for handle in handles:
+                assert handle.wait(15), handle.request_id
+                assert handle.finished and handle.verdict().verdict == "admitted"
+        records = svc.daemon.records()
+        assert svc.daemon.metrics.engine_deaths._value.get() == 1
+        assert len(svc.daemon.engines) == 1
+        assert all(r.finished for r in records)
+    finally:
+        mute.close()
+        svc.close()
+        context.term()
+
+
+def test_duplicate_ids_and_unknown_classes_get_an_error(service):
+    with PlannerClient(service.daemon.client_endpoint) as client:
+        first = client.submit(request_id="same", num_prompt_tokens=20, max_tokens=2)
+        assert first.wait(10) and first.finished
+        again = client.submit(request_id="same", num_prompt_tokens=20, max_tokens=2)
+        assert again.wait(5) and "duplicate" in again.error
+        odd = client.submit(num_prompt_tokens=20, max_tokens=2, slo_class="no-such-class")
+        assert odd.wait(5) and "unknown SLO class" in odd.error
+        explicit = client.submit(num_prompt_tokens=20, max_tokens=2, slo_class="mine",
+                                 tpot_ms=80.0, ttft_ms=900.0)
+        verdict = explicit.verdict(5)
+        assert verdict.tpot_s == pytest.approx(0.08) and verdict.ttft_slo_s == pytest.approx(0.9)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_endpoint_serves_counts():
+    port = free_port()
+    svc = Service(make_config(metrics_port=port), num_engines=1)
+    try:
+        svc.daemon.serve_metrics()
+        svc.wait_for_engines(1)
+        with PlannerClient(svc.daemon.client_endpoint) as client:
+            assert client.submit(num_prompt_tokens=20, max_tokens=3).wait(10)
+            client.send_raw([b"?", b""])
+            time.sleep(0.2)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'slos_verdicts_total{slo_class="chatbot",verdict="admitted"} 1.0' in text
+        assert 'slos_requests_finished_total{slo_class="chatbot"} 1.0' in text
+        assert "slos_rejected_frames_total" in text and "slos_step_seconds_measured" in text
+        assert 'slos_attainment_ratio{slo_class="chatbot"}' in text
+    finally:
+        svc.close()
+
+
+def test_example_configs_differ_only_in_formulation():
+    dp = load_config(os.path.join(EXAMPLES, "planner_slos_dp.toml"))
+    other = load_config(os.path.join(EXAMPLES, "planner_sarathi.toml"))
+    assert dp.formulation == "slos_dp" and other.formulation == "sarathi"
+    assert {**vars(dp), "formulation": None} == {**vars(other), "formulation": None}
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"formulaton": "x"}, "unknown key"),
+        ({"planner": {"port": 1}}, "unknown key"),
+        ({"planner": {"liveness": 0}}, "liveness"),
+        ({"slo_classes": {"x": {"ttft_ms": 100}}}, "tpot_ms is required"),
+        ({"replicas": [{"perf_model": "opt-13b-h100"}]}, "engine_id"),
+        ({"planner": {"default_perf_model": "gpt-9"}}, "unknown performance model"),
+    ],
+)
+def test_bad_configs_fail_with_a_clear_message(data, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_dict(data)
+
+
+def test_unknown_formulation_fails_at_startup():
+    from planner_svc.daemon import PlannerDaemon
+
+    with pytest.raises(ValueError, match="unknown formulation"):
+        PlannerDaemon(make_config(formulation="no_such_policy"))
