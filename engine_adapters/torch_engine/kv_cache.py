@@ -92,9 +92,13 @@ class PagedKVCache:
         self.key[layer].index_copy_(0, slots, key)
         self.value[layer].index_copy_(0, slots, value)
 
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V at flat slots of any shape S -> [*S, num_kv_heads, head_dim]."""
-        return self.key[layer][slots], self.value[layer][slots]
+    def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of whole blocks [B, n] -> [B, n * block_size, num_kv_heads, head_dim]."""
+        return self._gather(self.key[layer], blocks), self._gather(self.value[layer], blocks)
+
+    def _gather(self, flat: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        paged = flat.view(-1, self.block_size, *flat.shape[1:])  # [num_blocks, block_size, H, D]
+        return paged[blocks].flatten(1, 2)
 
 
 def num_blocks_for_budget(kv_memory_bytes: int, bytes_per_token: int, block_size: int) -> int:

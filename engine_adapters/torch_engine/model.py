@@ -93,7 +93,7 @@ class LlamaAttention(nn.Module):
         cache.write(self.layer_index, batch.slots, k.to(cache.key.dtype), v.to(cache.value.dtype))
         out = torch.empty_like(q)  # [T, H, D]
         for group in batch.groups:
-            keys, values = cache.gather(self.layer_index, group.key_slots)  # [B, L, KVH, D]
+            keys, values = cache.gather(self.layer_index, group.key_blocks)  # [B, L, KVH, D]
             attn = F.scaled_dot_product_attention(
                 q[group.query_rows].transpose(1, 2),  # [B, H, Q, D]
                 keys.transpose(1, 2).to(q.dtype),  # [B, KVH, L, D]

@@ -1,0 +1,56 @@
+"""`slos-serve profile`: time a sweep of step compositions on an engine, fit the max-of-lines
+performance model, print R^2 / under-prediction / median error, and write the model as JSON
+(PerfModel.to_dict) that a planner config can name. By default it lands in MODEL/perf_model.json,
+where `TorchEngine.from_pretrained` picks it up for READY."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ENGINES = ("torch",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", default="torch", help=f"engine to profile ({', '.join(ENGINES)})")
+    parser.add_argument("--model", required=True, help="local HF-layout model directory")
+    parser.add_argument("--draft", default=None, help="draft model directory (profiles speculation)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: model's)")
+    parser.add_argument("--kv-memory-gb", type=float, default=0.25)
+    parser.add_argument("--out", default=None, help="output JSON (default: MODEL/perf_model.json)")
+    parser.add_argument("--max-num-lines", type=int, default=2,
+                        help="most lines in the max-of-lines model (the best R^2 of 1..N is kept)")
+    parser.add_argument("--quick", action="store_true", help="a short sweep (smoke test)")
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 gives steadier times on a busy host")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.engine not in ENGINES:
+        raise ValueError(f"profile supports --engine {', '.join(ENGINES)}, not {args.engine!r}")
+    from engine_adapters.profiler import Profiler, SweepConfig
+    from engine_adapters.torch_engine.engine import PERF_MODEL_FILE, TorchEngine
+
+    if args.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    engine = TorchEngine.from_pretrained(
+        args.model, args.draft, device=args.device, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype
+    )
+    sweep = SweepConfig.quick() if args.quick else SweepConfig()
+    name = f"{Path(args.model).resolve().name}-{args.device}"
+    result = Profiler(engine, sweep).run(max_num_lines=args.max_num_lines, name=name)
+    for m in result.measurements:
+        s = m.sample
+        predicted_ms = 1e3 * result.model.step_time_s(s.num_tokens, s.spec_steps)
+        print(f"{m.label:>22}: tokens={s.num_tokens:5d} s={s.spec_steps} "
+              f"measured={1e3 * s.step_time_s:8.2f} ms  model={predicted_ms:8.2f} ms")
+    print(f"{len(result.model.lines)} line(s): R^2 = {result.fit.r2:.3f}; under-predicted {100 * result.fit.under_prediction_fraction:.0f}% "
+          f"of {result.fit.num_samples} samples; median |error| = {result.median_abs_pct_error:.1f}%")
+    out = Path(args.out) if args.out else Path(args.model) / PERF_MODEL_FILE
+    out.write_text(json.dumps(result.model.to_dict(), indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,90 @@
+"""The profiler sweep and fit (against an engine whose step time is a known max-of-lines model),
+and the make-model / profile commands end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine_adapters.engine import Engine, EngineInfo, EngineRequest
+from engine_adapters.profiler import Profiler, SweepConfig, median_abs_pct_error
+from engine_adapters.torch_engine.engine import PERF_MODEL_FILE, TorchEngine
+from formulations.perf_model import Line, PerfModel, StepSample
+from formulations.plan import Step
+from planner_svc.cli import main as cli_main
+from planner_svc.progress import StepReport
+
+TRUE_MODEL = PerfModel((Line(2e-4, 1e-3, 0.010), Line(4e-4, 0.0, -0.05)))
+
+
+class ModelTimedEngine(Engine):
+    """A bookkeeping-only engine whose steps take exactly TRUE_MODEL's time."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, int] = {}
+        self.steps: list[Step] = []
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(num_total_blocks=10_000, block_size=16, perf_model=None, max_spec_tokens=4)
+
+    def add_request(self, request: EngineRequest) -> None:
+        self.pending[request.request_id] = request.num_prompt_tokens
+
+    def execute(self, step: Step, replica_id: int, step_id: int) -> StepReport:
+        assert all(0 < n <= self.pending[rid] for rid, n in step.num_tokens.items())
+        self.steps.append(step)
+        for rid in step.num_tokens:
+            self.pending[rid] = 1
+        time_s = TRUE_MODEL.step_time_s(step.num_batched_tokens, step.spec_steps)
+        return StepReport(replica_id, step_id, 0.0, time_s)
+
+    def abort(self, request_id: str) -> None:
+        self.pending.pop(request_id, None)
+
+    def preempt(self, request_id: str) -> None:
+        pass
+
+    @property
+    def num_free_blocks(self) -> int:
+        return 10_000
+
+
+def test_profiler_recovers_a_known_model():
+    engine = ModelTimedEngine()
+    result = Profiler(engine, SweepConfig()).run(max_num_lines=2)
+    assert result.fit.r2 > 0.999
+    assert result.median_abs_pct_error < 1.0
+    labels = [m.label for m in result.measurements]
+    assert "prefill P=1024" in labels and "decode B=64" in labels and "spec B=32 s=4" in labels
+    spec = next(m.sample for m in result.measurements if m.label == "spec B=8 s=2")
+    assert (spec.num_tokens, spec.spec_steps) == (8 * 3, 2)
+    assert not engine.pending  # every profiling request was aborted
+
+
+def test_median_abs_pct_error_is_exact_on_hand_cases():
+    model = PerfModel((Line(0.0, 0.0, 1.0),))
+    samples = [StepSample(1, 0, 1.0), StepSample(1, 0, 2.0), StepSample(1, 0, 0.5)]
+    assert median_abs_pct_error(model, samples) == pytest.approx(50.0)  # errors 0%, 50%, 100%
+
+
+def test_make_model_and_profile_commands(tmp_path, capsys):
+    model_dir = tmp_path / "m"
+    assert cli_main(["make-model", "--preset", "tiny", "--out", str(model_dir), "--draft"]) == 0
+    assert (model_dir / "tokenizer.json").is_file() and (model_dir / "draft" / "config.json").is_file()
+    assert cli_main(["profile", "--engine", "torch", "--model", str(model_dir),
+                     "--draft", str(model_dir / "draft"), "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "R^2 =" in out and "spec B=4 s=2" in out
+    model = PerfModel.from_dict(json.loads((model_dir / PERF_MODEL_FILE).read_text()))
+    engine = TorchEngine.from_pretrained(model_dir, model_dir / "draft", kv_memory_gb=0.01)
+    assert engine.info().perf_model == model
+    assert engine.info().max_spec_tokens > 0 and engine.info().num_total_blocks > 0
+
+
+def test_commands_refuse_bad_input(tmp_path, capsys):
+    assert cli_main(["make-model", "--preset", "huge", "--out", str(tmp_path / "x")]) == 2
+    assert cli_main(["profile", "--engine", "sim", "--model", str(tmp_path)]) == 2
+    assert cli_main(["profile", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model preset 'huge'" in err and "not 'sim'" in err and "config.json" in err
