@@ -44,13 +44,19 @@ def _started(state: RequestState) -> bool:
 
 
 def schedule_started(
-    started: list[RequestState], ledger: BlockLedger, budget: int, max_num_seqs: int
+    started: list[RequestState],
+    ledger: BlockLedger,
+    budget: int,
+    max_num_seqs: int,
+    victims: list[RequestState] | None = None,
 ) -> tuple[dict[str, int], list[str]]:
     """Started requests in order, each min(pending, budget left) tokens; when one cannot grow, the
-    newest started request still holding KV is preempted (recompute), possibly itself."""
+    last of `victims` (default: `started`; the newest, or lowest priority, last) still holding KV is
+    preempted by recompute, possibly the request itself. `started` must be a subsequence of
+    `victims` in the same order, so no request already in the step is ever preempted."""
     num_tokens: dict[str, int] = {}
     preempted: list[str] = []
-    victims = list(started)  # the newest is preempted first
+    victims = list(started if victims is None else victims)  # popped from the end
     for state in started:
         if budget <= 0 or len(num_tokens) >= max_num_seqs:
             break

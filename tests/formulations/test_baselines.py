@@ -130,3 +130,89 @@ def test_block_ledger_release_and_regrow():
 @pytest.mark.parametrize("name", ["vllm_fcfs", "vllm_prefill_first"])
 def test_baselines_are_registered(name):
     assert name in registry.available()
+
+
+# ---------------------------------------------------------------- sarathi
+
+
+def test_sarathi_chunk_is_the_budget_at_the_tightest_tpot():
+    f = registry.create("sarathi")
+    tight = decoding("d", tpot_s=0.05)
+    v = view(running=[tight], waiting_=[waiting("w", prompt=1000, tpot_s=0.1)])
+    budget = SIMPLE_MODEL.max_tokens(0.05)  # floor((0.05 - 0.010) / 1e-3) = 40
+    assert budget == 40
+    step = only_step(f.plan(v))
+    assert step == {"d": 1, "w": budget - 1}
+    assert SIMPLE_MODEL.step_time_s(sum(step.values())) <= 0.05
+    # a looser TPOT alone gives a bigger chunk
+    step = only_step(f.plan(view(waiting_=[waiting("w", prompt=1000, tpot_s=0.1)])))
+    assert step == {"w": SIMPLE_MODEL.max_tokens(0.1)}
+
+
+def test_sarathi_decodes_first_then_fcfs_chunks():
+    f = registry.create("sarathi")
+    older_partial = state("p", prompt=500, computed=100, tpot_s=0.05)
+    running = [older_partial, decoding("d1", tpot_s=0.05), decoding("d2", tpot_s=0.05)]
+    plan = f.plan(view(running=running, waiting_=[waiting("w", prompt=100, tpot_s=0.05)]))
+    assert only_step(plan) == {"d1": 1, "d2": 1, "p": 38}
+
+
+def test_sarathi_admits_by_memory_only():
+    f = registry.create("sarathi")
+    plan = f.plan(view(waiting_=[waiting("x", prompt=5000, ttft_s=1e-6, tpot_s=0.02)]))
+    assert plan.decisions["x"].verdict is Verdict.ADMITTED
+
+
+# ---------------------------------------------------------------- edf
+
+
+def test_edf_serves_earliest_deadline_first():
+    f = registry.create("edf")
+    late = waiting("late", prompt=30, arrival_s=0.0, ttft_s=5.0, tpot_s=0.05)
+    early = waiting("early", prompt=30, arrival_s=0.1, ttft_s=0.5, tpot_s=0.05)
+    step = only_step(f.plan(view(waiting_=[late, early], now_s=0.1)))
+    assert step == {"early": 30, "late": 10}  # 40-token budget at 50 ms TPOT, early deadline first
+
+
+def test_edf_orders_decodes_and_prefills_by_deadline():
+    f = registry.create("edf")
+    # a decode due late (its TTFT deadline was far off) vs a prefill due soon
+    relaxed = decoding("relaxed", ttft_s=10.0, tpot_s=0.05)
+    urgent = waiting("urgent", prompt=500, ttft_s=0.2, tpot_s=0.05)
+    step = only_step(f.plan(view(running=[relaxed], waiting_=[urgent])))
+    assert step == {"urgent": 40}  # the earlier deadline takes the whole 40-token budget
+    short = waiting("urgent", prompt=30, ttft_s=0.2, tpot_s=0.05)
+    step = only_step(f.plan(view(running=[relaxed], waiting_=[short])))
+    assert list(step.items()) == [("urgent", 30), ("relaxed", 1)]
+
+
+def test_edf_has_no_admission_control():
+    f = registry.create("edf")
+    hopeless = [waiting(f"h{i}", prompt=2000, ttft_s=1e-3, tpot_s=1e-3) for i in range(5)]
+    plan = f.plan(view(waiting_=hopeless))
+    assert all(d.verdict is Verdict.ADMITTED for d in plan.decisions.values())
+
+
+# ---------------------------------------------------------------- distserve
+
+
+def test_distserve_prefill_replica_runs_whole_prompts_fcfs():
+    f = registry.create("distserve", role="prefill", max_num_batched_tokens=1000)
+    plan = f.plan(view(waiting_=[waiting("a", prompt=700), waiting("b", prompt=400), waiting("c", prompt=200)]))
+    assert only_step(plan) == {"a": 700}  # b does not fit the budget beside a; c may not overtake
+
+
+def test_distserve_decode_replica_decodes_all_and_recomputes_missing_kv():
+    f = registry.create("distserve", role="decode", max_num_batched_tokens=100)
+    moved_without_kv = state("m", prompt=300, computed=0, generated=1)
+    plan = f.plan(view(running=[decoding("d1"), moved_without_kv, decoding("d2")]))
+    assert only_step(plan) == {"d1": 1, "d2": 1, "m": 98}
+    plan = f.plan(view(running=[decoding("d1"), decoding("d2")]))
+    assert plan.repeat and dict(plan.repeat[0].num_tokens) == {"d1": 1, "d2": 1}
+
+
+def test_distserve_is_disaggregated_and_checks_its_role():
+    cls = registry.formulation_class("distserve")
+    assert cls.disaggregated
+    with pytest.raises(ValueError, match="role"):
+        registry.create("distserve", role="both")

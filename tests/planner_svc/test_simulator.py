@@ -96,3 +96,22 @@ def test_result_accounting():
     assert {r.replica_id for r in result.records} == {0, 1}  # round robin
     assert result.num_steps > 0 and result.num_replans > 0 and result.sim_duration_s > 0.9
     assert result.attainment == 1.0
+
+
+def test_distserve_hands_requests_from_prefill_to_decode_replicas():
+    from planner_svc.simulator import Simulation
+
+    requests = tuple(make_req(f"r{i}", 0.05 * i, prompt=400, output=20) for i in range(10))
+    cfg = config(policy="distserve", num_replicas=2, kv_bytes_per_token=1_000_000, kv_link_bytes_per_s=1e9)
+    sim = Simulation(Workload("disagg", requests), cfg)
+    result = sim.run()
+    transfer_s = cfg.kv_transfer_s(400)  # 400 tokens * 1 MB / 1 GB/s = 0.4 s
+    assert transfer_s == pytest.approx(0.4)
+    for record in result.records:
+        assert record.finished and record.replica_id == 0  # verdict from the prefill replica
+        first, second = record.token_times_s[:2]
+        assert second - first >= transfer_s + SIMPLE_MODEL.step_time_s(1) - 1e-9
+    assert sim.runners[0].engine.num_free_blocks == cfg.num_blocks()  # all KV sent away
+    assert sim.runners[0].engine.num_steps <= 10  # prefill steps only
+    assert sim.runners[1].engine.num_steps >= 19  # the decode replica did the decoding
+    assert result.num_gpus == 2

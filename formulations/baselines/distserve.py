@@ -1,0 +1,71 @@
+"""DistServe-style disaggregation (ALGORITHM.md section 8): separate prefill and decode replicas.
+
+One instance runs per replica, with the replica's role:
+- `prefill`: FCFS batches of whole prompts (no chunking) up to `max_num_batched_tokens` (one longer
+  prompt runs alone) while their KV fits in memory. When a request gets its first token the planner
+  core hands it to a decode replica (`PlannerCore` migrations); the shell moves its KV with a
+  transfer delay (see `planner_svc/simulator.py` for the bandwidth model).
+- `decode`: FCFS continuous decoding of every request handed over, preempting the newest by
+  recompute when memory runs out; a request whose KV did not arrive (no room) or was preempted is
+  recomputed with chunked prefill in the budget left.
+- `mixed` (no disaggregation): prefill first, then decode, as vLLM v0.
+Admission is by memory only. The prefill:decode split is the simulator's `num_prefill_replicas`
+(default 1:1); capacity is normalised by all GPUs of both pools.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from formulations.baselines.batching import (
+    BlockLedger,
+    admit_by_memory,
+    one_step_plan,
+    queue_order,
+    steady_decode_plan,
+)
+from formulations.baselines.sarathi import fill_prefills
+from formulations.baselines.vllm import VllmPrefillFirst, schedule_started
+from formulations.interface import Formulation
+from formulations.plan import Plan
+from formulations.registry import register
+from formulations.state import ReplicaView
+
+ROLES = ("prefill", "decode", "mixed")
+
+
+@register("distserve")
+class DistServe(Formulation):
+    disaggregated: ClassVar[bool] = True
+
+    def __init__(self, role: str = "prefill", max_num_batched_tokens: int = 8192, max_num_seqs: int = 256) -> None:
+        if role not in ROLES:
+            raise ValueError(f"distserve role must be one of {ROLES}, got {role!r}")
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        self.role = role
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self._prefill_first = VllmPrefillFirst(max_num_batched_tokens, max_num_seqs)
+
+    def plan(self, view: ReplicaView) -> Plan:
+        if self.role == "decode":
+            return self._decode_plan(view)
+        return self._prefill_first.plan(view)  # a prefill replica hands requests off at once
+
+    def _decode_plan(self, view: ReplicaView) -> Plan:
+        decisions = admit_by_memory(view)
+        queue = queue_order(view, decisions)
+        ledger = BlockLedger(view)
+        started = [s for s in queue if s.num_computed_tokens > 0]
+        decodes = [s for s in started if s.is_decoding]
+        num_tokens, preempted = schedule_started(
+            decodes, ledger, self.max_num_batched_tokens, self.max_num_seqs, started
+        )
+        if not preempted and len(num_tokens) == len(queue):
+            steady = steady_decode_plan(view, decodes, decisions)
+            if steady is not None:
+                return steady
+        left = self.max_num_batched_tokens - len(num_tokens)
+        fill_prefills(queue, ledger, num_tokens, set(preempted), left, self.max_num_seqs)
+        return one_step_plan(num_tokens, decisions, preempted)

@@ -1,0 +1,78 @@
+"""EDF with chunked prefill and no admission control (ALGORITHM.md section 8).
+
+Every request on the replica is served in order of its next deadline (the TTFT deadline before the
+first token, the cumulative deadline of the next token after), earliest first: a decoding request
+takes one token, a prefilling one the largest chunk left in the budget. The step budget follows the
+same rule as Sarathi (`perf_model.max_tokens` of the tightest TPOT present). Everything is admitted
+if it fits memory at all (`batching.admit_by_memory`), so the baseline isolates the value of
+admission control. When a started request cannot grow, the started request with the latest
+deadline is preempted by recompute (possibly itself); a not-started request that does not fit is
+skipped, and later-deadline ones may still run.
+"""
+
+from __future__ import annotations
+
+from formulations.baselines.batching import (
+    BlockLedger,
+    admit_by_memory,
+    one_step_plan,
+    queue_order,
+    steady_decode_plan,
+)
+from formulations.baselines.sarathi import tpot_budget
+from formulations.interface import Formulation
+from formulations.plan import Plan
+from formulations.registry import register
+from formulations.state import ReplicaView, RequestState
+
+
+def deadline_order(queue: list[RequestState]) -> list[RequestState]:
+    return sorted(queue, key=lambda s: (s.next_token_deadline_s, s.request.arrival_s, s.request_id))
+
+
+@register("edf")
+class Edf(Formulation):
+    def __init__(self, max_num_seqs: int = 256) -> None:
+        if max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be positive")
+        self.max_num_seqs = max_num_seqs
+
+    def plan(self, view: ReplicaView) -> Plan:
+        decisions = admit_by_memory(view)
+        queue = queue_order(view, decisions)
+        if not queue:
+            return Plan(decisions=decisions)
+        if all(s.is_decoding for s in queue) and len(queue) <= tpot_budget(view, queue):
+            steady = steady_decode_plan(view, queue, decisions)
+            if steady is not None:
+                return steady
+        return self._one_step(view, decisions, deadline_order(queue))
+
+    def _one_step(self, view: ReplicaView, decisions, order: list[RequestState]) -> Plan:
+        budget = tpot_budget(view, order)
+        ledger = BlockLedger(view)
+        victims = [s for s in order if s.num_computed_tokens > 0]  # latest deadline last
+        num_tokens: dict[str, int] = {}
+        preempted: list[str] = []
+        for state in order:
+            if budget <= 0 or len(num_tokens) >= self.max_num_seqs:
+                break
+            rid = state.request_id
+            if rid in preempted:
+                continue
+            n = 1 if state.is_decoding else min(state.num_pending_tokens, budget)
+            if state.num_computed_tokens == 0:
+                if ledger.try_grow(state, n):
+                    num_tokens[rid] = n
+                    budget -= n
+                continue
+            while not ledger.try_grow(state, n):
+                victim = victims.pop()
+                ledger.release(victim)
+                preempted.append(victim.request_id)
+                if victim is state:
+                    break
+            else:
+                num_tokens[rid] = n
+                budget -= n
+        return one_step_plan(num_tokens, decisions, preempted)
