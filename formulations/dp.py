@@ -86,7 +86,7 @@ def admit(jobs: Sequence[Job], curve: BudgetCurve, memory_cap_blocks: int) -> Ad
                 new_slack = slack - job.num_prefill_tokens
                 if (
                     steady_ok
-                    and new_memory <= memory_cap_blocks
+                    and (job.mandatory or new_memory <= memory_cap_blocks)
                     and (job.deadline_s is None or new_slack >= 0)
                 ):
                     nodes.append((node, index))
