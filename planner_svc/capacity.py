@@ -9,7 +9,8 @@ Search (paper: 1..32 req/s, stop when the interval is under 0.3 req/s):
    upper bound doubles (up to `max_rate_cap_rps`);
 2. otherwise evaluate the lower bound; while it fails, halve it (down to `min_rate_floor_rps`;
    below that the capacity is 0);
-3. bisect [passing, failing] until it is narrower than `tolerance_rps`.
+3. bisect [passing, failing] until it is narrower than `tolerance_rps` (and, if set, than
+   `relative_tolerance` times its upper end).
 The capacity is the highest rate that passed and whose failing neighbour is within the tolerance.
 Attainment need not be monotone in the rate (a simulated run is one sample); bisection keeps the
 bracket consistent whatever it sees, and `CapacityResult.monotone` says whether the evaluated
@@ -37,6 +38,9 @@ class SearchParams:
     tolerance_rps: float = 0.3
     max_rate_cap_rps: float = 1024.0  # the upper bound doubles at most up to here
     min_rate_floor_rps: float = 0.05  # the lower bound halves at most down to here
+    # Optional: also stop once the bracket is narrower than this fraction of its upper end, so
+    # that small capacities (well under 1 req/s) are still found to a few percent.
+    relative_tolerance: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.target <= 1:
@@ -50,6 +54,14 @@ class SearchParams:
             raise ValueError("max_rate_cap_rps must be at least max_rate_rps")
         if not self.tolerance_rps > 0:
             raise ValueError(f"the tolerance must be positive, got {self.tolerance_rps!r}")
+        if self.relative_tolerance is not None and not 0 < self.relative_tolerance < 1:
+            raise ValueError(f"relative_tolerance must be in (0, 1), got {self.relative_tolerance!r}")
+
+    def tolerance_at(self, high_rps: float) -> float:
+        """Bracket width at which the bisection below `high_rps` stops."""
+        if self.relative_tolerance is None:
+            return self.tolerance_rps
+        return min(self.tolerance_rps, self.relative_tolerance * high_rps)
 
     @property
     def expected_num_evaluations(self) -> int:
@@ -154,7 +166,7 @@ def search_capacity(
     try:
         low, high = _bracket(probe, params)
         if low is not None and high is not None:
-            while high - low >= params.tolerance_rps:
+            while high - low >= params.tolerance_at(high):
                 mid = (low + high) / 2
                 if probe.passes(mid):
                     low = mid
@@ -191,3 +203,80 @@ def _bracket(probe: _Probe, params: SearchParams) -> tuple[float | None, float |
         if low_try < params.min_rate_floor_rps:
             return None, high
     return low_try, high
+
+
+# ---- capacity of a policy in the simulator ---------------------------------------------------
+
+
+def policy_capacity(
+    experiment,
+    policy: str,
+    params: SearchParams = SearchParams(),
+    *,
+    show_progress: bool | None = None,
+    progress_file: TextIO | None = None,
+) -> CapacityResult:
+    """Capacity of `policy` on `experiment` (a `planner_svc.experiment.Experiment`): every rate
+    the search tries is one simulated run of the experiment's workload rescaled to that rate."""
+    from planner_svc.experiment import check_policy
+
+    check_policy(policy)
+    extra = {
+        "policy": policy,
+        "scenario": experiment.label,
+        "perf_model": experiment.perf_model,
+        "num_replicas": experiment.replicas_for(policy),
+        "num_requests": experiment.num_requests,
+        "seed": experiment.seed,
+    }
+    return search_capacity(
+        lambda rate_rps: experiment.attainment(policy, rate_rps),
+        params,
+        label=policy,
+        num_gpus=experiment.num_gpus(policy),
+        show_progress=show_progress,
+        progress_file=progress_file,
+        extra=extra,
+    )
+
+
+def format_capacity_table(results: list[CapacityResult]) -> str:
+    """One row per policy: capacity in req/s and req/s per GPU."""
+    lines = [f"{'policy':<22}{'GPUs':>6}{'req/s':>10}{'req/s/GPU':>12}{'runs':>6}  note"]
+    for r in results:
+        note = "" if r.monotone else "attainment not monotone in the rate"
+        if r.failing_rate_rps is None:
+            note = "still attains at the search cap"
+        elif r.capacity_rps == 0.0:
+            note = "fails even at the lowest rate tried"
+        lines.append(
+            f"{r.label:<22}{r.num_gpus:>6}{r.capacity_rps:>10.2f}{r.capacity_per_gpu_rps:>12.2f}"
+            f"{len(r.points):>6}  {note}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+def demo_comparison(
+    scenario: str = "chatbot",
+    policies: tuple[str, ...] = ("vllm_fcfs", "sarathi", "slos_dp"),
+    num_requests: int = 150,
+) -> int:
+    """A small simulated capacity comparison on one scenario (the interim `make demo`): the
+    capacity of each policy, then the full report of each at the lowest capacity found."""
+    from formulations import registry
+    from planner_svc.experiment import Experiment
+
+    known = set(registry.available())
+    policies = tuple(p for p in policies if p in known)
+    experiment = Experiment(scenario=scenario, num_requests=num_requests)
+    params = SearchParams(tolerance_rps=0.5)
+    results = [policy_capacity(experiment, p, params, show_progress=True) for p in policies]
+    print(f"Capacity on {scenario} ({num_requests} requests, {experiment.perf_model}):")
+    print(format_capacity_table(results))
+    rate = min((r.capacity_rps for r in results if r.capacity_rps > 0), default=1.0)
+    for policy in policies:
+        report, _ = experiment.run(policy, rate)
+        print()
+        print(f"{policy} at {rate:.2f} req/s")
+        print(report.format_text())
+    return 0

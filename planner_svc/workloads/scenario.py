@@ -81,9 +81,13 @@ class WorkloadOptions:
 class _Candidates:
     items: list[TraceItem]
     num_dropped_before: list[int]  # items dropped by the context filter before each kept item
+    num_dropped_total: int  # dropped in the whole scan, also after the last kept item
     timestamps_s: list[float] | None = None
 
     def num_dropped(self, num_kept: int) -> int:
+        """Drops among the items scanned up to the `num_kept`-th kept one (all when all kept)."""
+        if num_kept == len(self.items):
+            return self.num_dropped_total
         return self.num_dropped_before[num_kept - 1] if num_kept else 0
 
 
@@ -101,7 +105,7 @@ class Scenario:
 def _trace_candidates(trace: str, slo_class: str) -> Callable[..., _Candidates]:
     def candidates(options: WorkloadOptions, rng: np.random.Generator) -> _Candidates:
         window = TraceWindow(options.start_index, options.num_candidates())
-        rows, dropped_before = select_window(
+        rows, dropped_before, num_dropped = select_window(
             load_trace(trace), window, options.max_total_tokens, lambda row: row.num_total_tokens
         )
         items: list[TraceItem] = [
@@ -110,7 +114,7 @@ def _trace_candidates(trace: str, slo_class: str) -> Callable[..., _Candidates]:
         ]
         has_times = bool(rows) and rows[0].arrival_s is not None
         times_s = [row.arrival_s for row in rows] if has_times else None
-        return _Candidates(items, dropped_before, times_s)
+        return _Candidates(items, dropped_before, num_dropped, times_s)
 
     return candidates
 
@@ -136,7 +140,7 @@ def _synthetic_candidates(
                 continue
             items.append(item)
             dropped_before.append(num_dropped)
-        return _Candidates(items, dropped_before)
+        return _Candidates(items, dropped_before, num_dropped)
 
     return candidates
 
@@ -309,10 +313,12 @@ def trace_workload(
     `rate_rps` when given."""
     items = read_user_trace(path)
     max_total_tokens = max_sequence_tokens(max_model_len, max_spec_tokens)
-    kept, dropped_before = select_window(items, window, max_total_tokens, _item_total_tokens)
+    kept, dropped_before, num_dropped = select_window(
+        items, window, max_total_tokens, _item_total_tokens
+    )
     if not kept:
         raise ValueError(f"{path}: no request of the window fits the context ({max_total_tokens} tokens)")
-    candidates = _Candidates(kept, dropped_before, [item.arrival_s for item in kept])
+    candidates = _Candidates(kept, dropped_before, num_dropped, [item.arrival_s for item in kept])
     if rate_rps is None:
         arrivals_s = [item.arrival_s - kept[0].arrival_s for item in kept]
     else:

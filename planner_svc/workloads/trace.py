@@ -82,9 +82,10 @@ def max_sequence_tokens(max_model_len: int, max_spec_tokens: int) -> int:
 
 def select_window(
     rows: Sequence[T], window: TraceWindow, max_total_tokens: int, total_tokens: Callable[[T], int]
-) -> tuple[list[T], list[int]]:
-    """Rows of the window whose `total_tokens` fit in `max_total_tokens`, and for each kept row the
-    number of rows dropped before it (so a prefix of k kept rows dropped `dropped_before[k-1]`).
+) -> tuple[list[T], list[int], int]:
+    """Rows of the window whose `total_tokens` fit in `max_total_tokens`; for each kept row the
+    number of rows dropped before it (so a prefix of k kept rows dropped `dropped_before[k-1]`);
+    and the number of rows dropped in the whole scan.
 
     Rows are scanned from `start_index`; the ones too long are dropped and counted; the scan stops
     once `num_requests` rows were kept.
@@ -102,4 +103,4 @@ def select_window(
         else:
             kept.append(row)
             dropped_before.append(num_dropped)
-    return kept, dropped_before
+    return kept, dropped_before, num_dropped

@@ -54,6 +54,15 @@ def test_lower_bound_shrinks_and_zero_capacity():
     assert min(p.rate_rps for p in nothing.points) < SearchParams().min_rate_floor_rps * 2
 
 
+def test_relative_tolerance_refines_small_capacities():
+    params = SearchParams(relative_tolerance=0.05)
+    result = search_capacity(logistic_curve(0.37), params, show_progress=False)
+    assert result.capacity_rps <= 0.37 < result.failing_rate_rps
+    assert result.failing_rate_rps - result.capacity_rps < 0.05 * result.failing_rate_rps
+    coarse = search_capacity(logistic_curve(0.37), SearchParams(), show_progress=False)
+    assert coarse.failing_rate_rps - coarse.capacity_rps > 0.05  # the absolute 0.3 stops early
+
+
 def test_non_monotone_curve_still_returns_a_consistent_bracket():
     # A dip around 16.5 req/s (one unlucky simulated run) below a true threshold of 20 req/s;
     # above 20 the attainment (0.85) is higher than in the dip.
@@ -105,7 +114,8 @@ def test_progress_bar_writes_to_a_non_tty_stream():
 @pytest.mark.parametrize(
     "kwargs",
     [dict(target=0.0), dict(target=1.5), dict(min_rate_rps=5.0, max_rate_rps=2.0),
-     dict(tolerance_rps=0.0), dict(max_rate_cap_rps=10.0), dict(min_rate_rps=-1.0)],
+     dict(tolerance_rps=0.0), dict(max_rate_cap_rps=10.0), dict(min_rate_rps=-1.0),
+     dict(relative_tolerance=0.0), dict(relative_tolerance=1.0)],
 )
 def test_bad_search_params(kwargs):
     with pytest.raises(ValueError):

@@ -1,0 +1,103 @@
+"""`slos-serve simulate` and `slos-serve capacity` through planner_svc.cli.main: reports, files, and
+one-line errors (exit 2, no traceback) for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from planner_svc.cli import main
+
+SMALL = ["--num-requests", "20", "--seed", "1"]
+
+
+def test_simulate_prints_the_report(capsys):
+    assert main(["simulate", "--scenario", "chatbot", "--policy", "vllm_fcfs", "--rate", "0.5",
+                 *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "============ Serving Benchmark Result ============" in out
+    assert "Successful requests:                     20" in out
+    assert "chatbot / vllm_fcfs @ 0.5 req/s" in out
+    class_row = next(line.split() for line in out.splitlines()
+                     if line.startswith("chatbot ") and len(line.split()) == 6)
+    assert class_row[1] == "20"
+
+
+def test_simulate_json_counts_tool_chains_once(capsys):
+    assert main(["simulate", "--scenario", "tool_agent", "--policy", "edf", "--rate", "0.2",
+                 "--json", *SMALL]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_items"] == 20
+    assert data["num_calls"] >= 40  # every chain has at least two rounds
+    assert data["simulation"]["policy"] == "edf" and data["simulation"]["num_gpus"] == 2
+    assert 0.0 <= data["attainment"] <= 1.0
+
+
+def test_simulate_replays_a_user_trace(tmp_path, capsys):
+    trace = tmp_path / "mine.csv"
+    trace.write_text(
+        "arrival_s,prompt_tokens,output_tokens,slo_class\n"
+        "0.0,500,30,chatbot\n0.5,800,20,coder\n1.0,100000,5,chatbot\n"
+    )
+    assert main(["simulate", "--trace", str(trace), "--policy", "sarathi", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_items"] == 2 and data["num_dropped"] == 1
+    # An idle server meets both SLOs.
+    assert data["attainment"] == 1.0
+
+
+def test_capacity_writes_json_and_plot(tmp_path, capsys):
+    out_dir = tmp_path / "cap"
+    code = main(["capacity", "--scenario", "summarizer", "--policy", "vllm_fcfs",
+                 "--policy", "edf", "--min-rate", "0.5", "--max-rate", "2", "--tolerance", "0.5",
+                 "--out", str(out_dir), "--no-progress", *SMALL])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "vllm_fcfs" in out and "edf" in out and "req/s/GPU" in out
+    data = json.loads((out_dir / "capacity_summarizer.json").read_text())
+    assert [d["policy"] for d in data] == ["vllm_fcfs", "edf"]
+    for entry in data:
+        assert entry["capacity_per_gpu_rps"] == pytest.approx(entry["capacity_rps"] / 2)
+        for point in entry["points"]:
+            passed = point["attainment"] >= 0.9
+            if entry["capacity_rps"] > 0 and point["rate_rps"] <= entry["capacity_rps"]:
+                assert passed or point["rate_rps"] < entry["capacity_rps"]
+    assert (out_dir / "capacity_summarizer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["simulate", "--scenario", "nope", "--rate", "1"], "unknown scenario 'nope'"),
+        (["simulate", "--policy", "nope", "--rate", "1"], "unknown formulation 'nope'"),
+        (["simulate", "--rate", "-2"], "--rate must be a positive"),
+        (["simulate"], "--rate is required"),
+        (["simulate", "--rate", "1", "--num-requests", "0"], "--num-requests must be at least 1"),
+        (["simulate", "--rate", "1", "--perf-model", "gpt-9"], "unknown performance model"),
+        (["simulate", "--rate", "1", "--perf-model", "/nonexistent/model.json"], "does not exist"),
+        (["simulate", "--trace", "/nonexistent/trace.csv"], "does not exist"),
+        (["simulate", "--rate", "1", "--replicas", "0"], "replicas must be at least 1"),
+        (["simulate", "--rate", "1", "--spec", "-1"], "--spec must be non-negative"),
+        (["simulate", "--rate", "1", "--max-model-len", "1"], "max_model_len"),
+        (["capacity", "--policy", "nope"], "unknown formulation 'nope'"),
+        (["capacity", "--target", "1.5"], "target"),
+        (["capacity", "--min-rate", "-1"], "rates must satisfy"),
+        (["capacity", "--scenario", "nope"], "unknown scenario"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_malformed_trace_row_names_file_and_line(tmp_path, capsys):
+    trace = tmp_path / "bad.jsonl"
+    trace.write_text('{"arrival_s": 0, "prompt_tokens": 10, "output_tokens": 2, "slo_class": "coder"}\n'
+                     '{"arrival_s": 1, "prompt_tokens": -3, "output_tokens": 2, "slo_class": "coder"}\n')
+    assert main(["simulate", "--trace", str(trace)]) == 2
+    err = capsys.readouterr().err
+    assert f"{trace}:2: prompt_tokens must be an integer >= 1" in err
+    assert err.count("\n") == 1
