@@ -7,8 +7,8 @@ the adapter (Python overhead, sampling, speculation) and works for any engine:
   - decode steps: B requests with a context of C tokens each, one token each;
   - mixed steps: B decodes plus one prefill chunk of P tokens;
   - speculative steps (engines with a draft): B decodes each verifying s draft tokens.
-Each composition is timed `num_repeats` times after one untimed warm-up; the sample keeps the
-median. A sample's x is (Step.num_batched_tokens, Step.spec_steps), as the planner charges it.
+Each composition is timed in `num_repeats` interleaved rounds, each after an untimed warm-up
+step; the sample keeps the median. A sample's x is (Step.num_batched_tokens, Step.spec_steps), as the planner charges it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class SweepConfig:
     spec_lengths: tuple[int, ...] = (1, 2, 4)
     spec_batch_sizes: tuple[int, ...] = (1, 8, 32)
     context_tokens: int = 64
-    num_repeats: int = 3
+    num_repeats: int = 5
 
     @classmethod
     def quick(cls) -> SweepConfig:
@@ -87,38 +87,49 @@ class Profiler:
         measurements = tuple(self.measure())
         return ProfileResult(measurements, best_fit([m.sample for m in measurements], max_num_lines, name))
 
-    def measure(self) -> Iterator[Measurement]:
+    def measure(self) -> list[Measurement]:
+        """Time every composition in `num_repeats` interleaved rounds (so that a burst of load on
+        a shared host hits all compositions alike, not a few) and keep each one's median."""
+        compositions = list(self.compositions())
+        times: dict[str, list[float]] = {label: [] for label, *_ in compositions}
+        shapes: dict[str, tuple[int, int]] = {}
+        for _ in range(self.sweep.num_repeats):
+            for label, num_decodes, prefill_size, spec in compositions:
+                step, time_s = self._timed(num_decodes, prefill_size, spec)
+                times[label].append(time_s)
+                shapes[label] = (step.num_batched_tokens, step.spec_steps)
+        return [Measurement(label, StepSample(*shapes[label], statistics.median(times[label])))
+                for label in times]
+
+    def compositions(self) -> Iterator[tuple[str, int, int, int]]:
+        """(label, decodes, prefill chunk size, speculation length) of each step to time."""
         sweep = self.sweep
         for size in sweep.prefill_sizes:
-            yield self._timed(f"prefill P={size}", 0, size, 0)
+            yield f"prefill P={size}", 0, size, 0
         for batch in sweep.decode_batch_sizes:
-            yield self._timed(f"decode B={batch}", batch, 0, 0)
+            yield f"decode B={batch}", batch, 0, 0
         for batch, size in sweep.mixed:
-            yield self._timed(f"mixed B={batch} P={size}", batch, size, 0)
+            yield f"mixed B={batch} P={size}", batch, size, 0
         for spec in (s for s in sweep.spec_lengths if s <= self.max_spec_tokens):
             for batch in sweep.spec_batch_sizes:
-                yield self._timed(f"spec B={batch} s={spec}", batch, 0, spec)
+                yield f"spec B={batch} s={spec}", batch, 0, spec
 
-    def _timed(self, label: str, num_decodes: int, prefill_size: int, spec: int) -> Measurement:
-        """Median time of a step with `num_decodes` decodes (each verifying `spec` draft tokens)
-        and, if prefill_size > 0, one prefill chunk of that size."""
-        num_steps = self.sweep.num_repeats + 1  # the first one warms up
-        decoders = [self._add(self.sweep.context_tokens, num_steps * (spec + 1) + 1)
-                    for _ in range(num_decodes)]
+    def _timed(self, num_decodes: int, prefill_size: int, spec: int) -> tuple[Step, float]:
+        """Time one step with `num_decodes` decodes (each verifying `spec` draft tokens) and, if
+        prefill_size > 0, one prefill chunk of that size, after an identical untimed warm-up."""
+        decoders = [self._add(self.sweep.context_tokens, 2 * (spec + 1) + 1) for _ in range(num_decodes)]
         if decoders:
             self._execute(Step({rid: self.sweep.context_tokens for rid in decoders}))
-        times = []
-        for _ in range(num_steps):
+        for _ in range(2):  # warm-up, then the timed step
             prefill = [self._add(prefill_size, 1)] if prefill_size else []
             step = Step({**{rid: 1 for rid in decoders}, **{rid: prefill_size for rid in prefill}},
                         {rid: spec for rid in decoders if spec})
-            times.append(self._execute(step))
+            time_s = self._execute(step)
             for rid in prefill:
                 self.engine.abort(rid)
         for rid in decoders:
             self.engine.abort(rid)
-        sample = StepSample(step.num_batched_tokens, step.spec_steps, statistics.median(times[1:]))
-        return Measurement(label, sample)
+        return step, time_s
 
     def _add(self, num_prompt_tokens: int, max_new_tokens: int) -> str:
         rid = f"profile-{next(self._ids)}"

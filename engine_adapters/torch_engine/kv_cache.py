@@ -98,7 +98,9 @@ class PagedKVCache:
 
     def _gather(self, flat: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         paged = flat.view(-1, self.block_size, *flat.shape[1:])  # [num_blocks, block_size, H, D]
-        return paged[blocks].flatten(1, 2)
+        # index_select on whole blocks: several times faster on CPU than per-slot fancy indexing
+        gathered = paged.index_select(0, blocks.flatten())  # [B * n, block_size, H, D]
+        return gathered.view(blocks.shape[0], -1, *flat.shape[1:])
 
 
 def num_blocks_for_budget(kv_memory_bytes: int, bytes_per_token: int, block_size: int) -> int:
