@@ -39,6 +39,9 @@ class AdapterConfig:
     engine_id: str
     heartbeat_interval_s: float = 0.5
     liveness: int = 6  # planner declared gone after this many silent intervals
+    # After reporting step k, wait up to this long for the planner's answer to that report (a plan
+    # or an acknowledgement) before running step k+1 from the current plan; 0 never waits.
+    plan_grace_s: float = 0.01
     reconnect_min_s: float = 0.1
     reconnect_max_s: float = 4.0
     max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES
@@ -54,6 +57,7 @@ class AdapterStats:
     num_step_errors: int = 0
     num_connects: int = 0
     num_rejected_frames: int = 0
+    num_ack_timeouts: int = 0  # reports the planner did not answer within plan_grace_s
     busy_s: float = 0.0
     plan_wait_s: float = 0.0
     idle_s: float = 0.0
@@ -122,6 +126,8 @@ class EngineAdapter:
             finally:
                 connection.close()
             self._drop_all_requests()
+            if self.stop_event.is_set():
+                return
             if heard:
                 backoff_s = self.config.reconnect_min_s
             log.warning("planner silent; reconnecting in %.2fs", backoff_s)
@@ -134,6 +140,8 @@ class EngineAdapter:
     def _reset_session(self) -> None:
         self.queue = PlanQueue()
         self.live: dict[str, _Tally] = {}  # requests registered with the engine, unfinished
+        self._awaiting_ack: int | None = None  # step id whose report the planner has not answered
+        self._ack_deadline_s = 0.0
 
     def _drop_all_requests(self) -> None:
         for request_id in list(self.live):
@@ -149,6 +157,8 @@ class EngineAdapter:
         heard = False
         silence_limit_s = self.config.liveness * self.config.heartbeat_interval_s
         while not self.stop_event.is_set():
+            if self._awaiting_ack is not None:
+                heard |= self._await_ack(connection)
             step = self.queue.next_step(self.live.__contains__, self._adopt)
             wait_ms = 0 if step is not None else int(1000 * self.config.heartbeat_interval_s / 2)
             heard |= self._receive(connection, wait_ms, waiting_for_plan=step is None)
@@ -175,6 +185,20 @@ class EngineAdapter:
             engine_name=info.name,
             next_step_id=self.queue.last_step_id + 1,
         )
+
+    def _await_ack(self, connection: _Connection) -> bool:
+        """Wait (at most `plan_grace_s`) for the planner's answer to the last report, so that a
+        plan made from that report starts at the very next step instead of one step late."""
+        deadline_s = self._ack_deadline_s
+        heard = False
+        while self._awaiting_ack is not None:
+            wait_s = deadline_s - time.monotonic()
+            if wait_s <= 0:
+                self._awaiting_ack = None
+                self.stats.num_ack_timeouts += 1
+                break
+            heard |= self._receive(connection, max(1, int(wait_s * 1000)), waiting_for_plan=True)
+        return heard
 
     def _receive(self, connection: _Connection, wait_ms: int, waiting_for_plan: bool) -> bool:
         """Wait up to `wait_ms` for a message, then drain the socket without blocking."""
@@ -204,6 +228,9 @@ class EngineAdapter:
             self.stats.rejected_reasons.append(str(exc))
             log.warning("rejected frame from planner: %s", exc)
             return
+        ack = getattr(message, "ack_step_id", None)
+        if ack is not None and self._awaiting_ack is not None and ack >= self._awaiting_ack:
+            self._awaiting_ack = None
         if isinstance(message, P.PlanMsg):
             self._on_plan(message)
         elif isinstance(message, P.Abort):
@@ -278,6 +305,9 @@ class EngineAdapter:
                 report, self.config.engine_id, self.queue.current_plan_id, self.queue.num_late_plans
             )
         )
+        if self.config.plan_grace_s > 0:
+            self._awaiting_ack = step_id
+            self._ack_deadline_s = time.monotonic() + self.config.plan_grace_s
 
     def _clamp(self, step: Step) -> Step:
         """Each entry cut to the tokens its request still needs before its next output token. A

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from formulations import registry
+from formulations.perf_model import PerfModel
 from formulations.plan import Decision, Verdict
 from formulations.request import Request
 from formulations.slo import SLO
@@ -48,11 +49,10 @@ class EngineLink:
     identity: bytes
     engine_id: str
     replica_id: int
-    perf_model_name: str
+    perf_model: PerfModel
     last_heard_s: float
     last_sent_s: float = 0.0
     sent_request_ids: set[str] = field(default_factory=set)
-    pending_aborts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -82,6 +82,8 @@ class PlannerDaemon:
         self.engines: dict[bytes, EngineLink] = {}  # by identity
         self.requests: dict[str, Tracked] = {}
         self.num_rejected_frames = 0
+        self.num_moved_requests = 0  # registered on another engine after theirs died
+        self._unanswered: tuple[int, int] | None = None  # (replica, step) report being handled
         self._next_replica_id = 0
         self._t0 = time.monotonic()
         self._last_tick_s = 0.0
@@ -232,7 +234,7 @@ class PlannerDaemon:
             self._reject_frame(self.engine_socket, "engine", identity, P.ProtocolError(str(exc)))
             return
         self._next_replica_id += 1
-        link = EngineLink(identity, ready.engine_id, spec.replica_id, perf_model.name, now_s)
+        link = EngineLink(identity, ready.engine_id, spec.replica_id, perf_model, now_s)
         self.engines[identity] = link
         self.metrics.engines.set(len(self.engines))
         log.info("engine %s ready as replica %d (%s)", ready.engine_id, spec.replica_id,
@@ -244,10 +246,16 @@ class PlannerDaemon:
             self._apply("add_replica", self.core.add_replica, spec, now_s)
 
     def _on_progress(self, link: EngineLink, progress: P.Progress, now_s: float) -> None:
+        """Feed the report to the core and answer it at once: with the new plan it caused, or
+        with an acknowledgement, so that the engine need not wait out its grace period."""
         report = P.progress_to_report(progress, link.replica_id, now_s)
         self.metrics.step_time_measured.labels(link.engine_id).observe(progress.step_time_s)
         self._stream_tokens(report, now_s)
+        self._unanswered = (link.replica_id, progress.step_id)
         self._apply("on_step", self.core.on_step, report, now_s)
+        if self._unanswered is not None and link.identity in self.engines:
+            self._send_engine(link, P.Heartbeat("planner", now_s, ack_step_id=progress.step_id))
+        self._unanswered = None
 
     def _check_engines(self, now_s: float) -> None:
         silence_limit_s = self.config.liveness * self.config.heartbeat_interval_s
@@ -425,15 +433,19 @@ class PlannerDaemon:
                 new_requests.append(self._payload(request_id))
         for payload in new_requests:
             link.sent_request_ids.add(payload.request_id)
-            self.requests[payload.request_id].record.replica_id = envelope.replica_id
-        aborts, link.pending_aborts = link.pending_aborts, []
-        self._send_engine(link, P.envelope_to_wire(envelope, link.engine_id, new_requests, aborts))
+            record = self.requests[payload.request_id].record
+            if record.replica_id is not None and record.replica_id != envelope.replica_id:
+                self.num_moved_requests += 1
+            record.replica_id = envelope.replica_id
+        ack_step_id = None
+        if self._unanswered is not None and self._unanswered[0] == envelope.replica_id:
+            ack_step_id, self._unanswered = self._unanswered[1], None
+        self._send_engine(link, P.envelope_to_wire(envelope, link.engine_id, new_requests, [],
+                                                   ack_step_id))
         self.metrics.plans_sent.inc()
-        perf_model = self.config.perf_model_for(link.engine_id) or None
-        if perf_model is not None:
-            for step in envelope.plan.steps:
-                self.metrics.step_time_predicted.labels(link.engine_id).observe(
-                    perf_model.step_time_s(step.num_batched_tokens, step.spec_steps))
+        for step in envelope.plan.steps:
+            self.metrics.step_time_predicted.labels(link.engine_id).observe(
+                link.perf_model.step_time_s(step.num_batched_tokens, step.spec_steps))
 
     def _payload(self, request_id: str, num_generated: int | None = None) -> P.NewRequest:
         """What an engine needs; after a move, the prompt includes the tokens generated so far."""
@@ -515,6 +527,7 @@ class PlannerDaemon:
             "num_in_flight": float(sum(not t.done for t in self.requests.values())),
             "num_rejected_frames": float(self.num_rejected_frames),
             "num_engine_deaths": float(self.metrics.engine_deaths._value.get()),
+            "num_moved_requests": float(self.num_moved_requests),
         }
         return P.Stats(
             counters=counters,

@@ -107,6 +107,7 @@ class PlanMsg(_Msg):
     new_requests: list[NewRequest] = []
     aborts: list[str] = []
     preemptions: list[str] = []
+    ack_step_id: int | None = None  # the engine report this plan answers, if any
 
 
 class Progress(_Msg):
@@ -129,8 +130,12 @@ class Progress(_Msg):
 
 
 class Heartbeat(_Msg):
+    """Liveness. From the planner to an engine it may also acknowledge the engine's report of step
+    `ack_step_id` when that report brought no new plan (see PlanMsg.ack_step_id)."""
+
     sender_id: str = ""
     sent_s: float = 0.0
+    ack_step_id: int | None = None
 
 
 # --------------------------------------------------------------------------- client <-> planner
@@ -358,7 +363,11 @@ def report_to_progress(report: StepReport, engine_id: str, plan_id: int, num_sta
 
 
 def envelope_to_wire(
-    envelope: PlanEnvelope, engine_id: str, new_requests: list[NewRequest], aborts: list[str]
+    envelope: PlanEnvelope,
+    engine_id: str,
+    new_requests: list[NewRequest],
+    aborts: list[str],
+    ack_step_id: int | None = None,
 ) -> PlanMsg:
     plan = envelope.plan
     return PlanMsg(
@@ -370,6 +379,7 @@ def envelope_to_wire(
         new_requests=new_requests,
         aborts=aborts,
         preemptions=list(plan.preempt),
+        ack_step_id=ack_step_id,
     )
 
 
