@@ -306,15 +306,17 @@ class TorchEngine(Engine):
             return
         if work.num_spec_tokens:
             new, accepted = verify(work.draft_tokens, work.draft_probs, logits, seq.params, seq.generator)
+        else:
+            new, accepted = sample(logits, seq.params, seq.generator).tolist(), 0
+        new = self._cut_at_stop(seq, new)
+        accepted = min(accepted, len(new) - 1)  # drafts kept past a stop count as not accepted
+        if work.num_spec_tokens:
             self.draft.rollback(seq, num_known + accepted)
             outcome.num_accepted_spec_tokens[rid] = accepted
             outcome.num_proposed_spec_tokens[rid] = work.num_spec_tokens
-        else:
-            new, accepted = sample(logits, seq.params, seq.generator).tolist(), 0
         # The target cache now validly holds the known tokens and the accepted draft tokens.
         seq.num_computed_tokens = num_known + accepted
         self.target.blocks.truncate(rid, seq.num_computed_tokens)
-        new = self._cut_at_stop(seq, new)
         seq.token_ids.extend(new)
         outcome.num_computed_tokens[rid] = work.num_tokens + accepted
         outcome.num_new_tokens[rid] = len(new)
