@@ -1,0 +1,46 @@
+"""The example scripts run against a live (in-process) planner and two simulated engines."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tests.planner_svc.service_helpers import Service
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    service = Service()
+    service.wait_for_engines(2)
+    yield service.daemon.client_endpoint
+    service.close()
+
+
+def test_single_request(endpoint, capsys):
+    assert load("single_request").main(["--planner", endpoint, "--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "admitted" in out and "attained: True" in out
+
+
+def test_tool_agent(endpoint, capsys):
+    assert load("tool_agent").main(["--planner", endpoint, "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "#r0: admitted" in out and "#r1: admitted" in out and "tool call" in out
+
+
+def test_replay_scenario(endpoint, capsys):
+    argv = ["--planner", endpoint, "--scenario", "coder", "--rate", "4", "--duration-s", "1.5"]
+    assert load("replay_scenario").main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Serving Benchmark Result" in out and "submitted" in out
