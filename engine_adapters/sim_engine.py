@@ -26,7 +26,8 @@ The planner learns the truth only through the reports.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import numpy as np
 
@@ -90,6 +91,7 @@ class SimEngine(Engine):
         self.vocab_size = vocab_size
         self._rng = np.random.default_rng(seed)
         self._seqs: dict[str, _Sequence] = {}
+        self._live_view = MappingProxyType(self._seqs)
         self._num_free_blocks = num_total_blocks
         self.num_steps = 0
 
@@ -112,6 +114,11 @@ class SimEngine(Engine):
         if request.request_id in self._seqs:
             raise ValueError(f"request {request.request_id!r} is already registered")
         self._seqs[request.request_id] = _Sequence(request.num_prompt_tokens, request.max_new_tokens)
+
+    @property
+    def live_requests(self) -> Mapping[str, object]:
+        """The registered, unfinished requests (a read-only view keyed by id)."""
+        return self._live_view
 
     def has_request(self, request_id: str) -> bool:
         """True while the request is registered and unfinished (finished ones are forgotten)."""
@@ -160,6 +167,82 @@ class SimEngine(Engine):
             report = _restamp(report, self.clock())
         self.num_steps += 1
         return report
+
+    # ------------------------------------------------------------------ fast-forward (simulator)
+
+    def repeatable_steps(self, step: Step) -> int:
+        """How many times `step` can run back to back with every run identical: 0 unless the truth
+        model is exact (constant step time), the step is plain decodes (one token each, no
+        drafts), and the blocks for all those runs are free; else the runs until the first of its
+        requests finishes."""
+        if not self.truth.is_exact or step.num_spec_tokens:
+            return 0
+        seqs = self._seqs
+        num_runs = 1 << 30
+        members = []
+        for rid, num_tokens in step.num_tokens.items():
+            seq = seqs.get(rid)
+            if seq is None or num_tokens != 1 or seq.num_computed != seq.num_prompt + seq.num_generated - 1:
+                return 0
+            members.append(seq)
+            remaining = seq.max_new_tokens - seq.num_generated
+            if remaining < num_runs:
+                num_runs = remaining
+        block_size = self.block_size
+        num_needed_blocks = 0
+        for seq in members:
+            extra = -(-(seq.num_computed + num_runs) // block_size) - seq.num_blocks
+            if extra > 0:
+                num_needed_blocks += extra
+        return num_runs if num_needed_blocks <= self._num_free_blocks else 0
+
+    def reserve_repeat(self, step: Step, num_steps: int) -> None:
+        """Take now the blocks `num_steps` runs of a repeatable step will need (so that KV arriving
+        meanwhile cannot take them); `execute_repeated` returns what the runs did not use."""
+        seqs = self._seqs
+        for rid in step.num_tokens:
+            seq = seqs[rid]
+            blocks = -(-(seq.num_computed + num_steps) // self.block_size)
+            if blocks > seq.num_blocks:
+                self._num_free_blocks -= blocks - seq.num_blocks
+                seq.num_blocks = blocks
+
+    def execute_repeated(
+        self, step: Step, replica_id: int, last_step_id: int, num_steps: int, start_s: float
+    ) -> StepReport:
+        """Run a decode step `num_steps` times from `start_s` (at most `repeatable_steps(step)`,
+        checked by the caller before any other change to these requests); one summed report whose
+        `end_s` is the end of the last run, accumulated run by run exactly as single steps are."""
+        step_time_s = self.truth.step_time_s(step.num_batched_tokens, 0, 0)
+        end_s = start_s
+        for _ in range(num_steps):
+            end_s += step_time_s
+        seqs = self._seqs
+        block_size = self.block_size
+        free = self._num_free_blocks
+        finished: list[str] = []
+        for rid in step.num_tokens:
+            seq = seqs[rid]
+            seq.num_computed += num_steps
+            seq.num_generated += num_steps
+            if seq.num_generated >= seq.max_new_tokens:
+                free += seq.num_blocks
+                del seqs[rid]
+                finished.append(rid)
+            else:
+                blocks = -(-seq.num_computed // block_size)
+                free -= blocks - seq.num_blocks
+                seq.num_blocks = blocks
+        self._num_free_blocks = free
+        self.num_steps += num_steps
+        counts = dict.fromkeys(step.num_tokens, num_steps)
+        return StepReport(
+            replica_id, last_step_id, start_s, end_s,
+            num_computed_tokens=counts,
+            num_new_tokens=dict(counts),
+            num_free_blocks=free,
+            finished=tuple(finished),
+        )
 
     # ------------------------------------------------------------------ internals
 

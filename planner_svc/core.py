@@ -174,8 +174,11 @@ class PlannerCore:
         self._settle(now_s, out, boundary=None)
         return out
 
-    def on_step(self, report: StepReport, now_s: float) -> CoreOutput:
-        """An engine finished (or refused) a step. Stale and duplicate reports are ignored."""
+    def on_step(self, report: StepReport, now_s: float, num_steps: int = 1) -> CoreOutput:
+        """An engine finished (or refused) a step. Stale and duplicate reports are ignored.
+
+        `num_steps > 1`: the report sums that many identical steps run back to back (the simulator
+        fast-forwarding a steady decode cycle); `report.step_id` is the last one's id."""
         out = CoreOutput()
         rep = self._replicas.get(report.replica_id)
         if rep is None or report.step_id < rep.next_step_id:
@@ -186,7 +189,7 @@ class PlannerCore:
             self._on_error(rep, out)
         else:
             rep.num_consecutive_errors = 0
-            self._apply_progress(rep, report, out)
+            self._apply_progress(rep, report, out, num_steps)
         self._dirty.add(rep.replica_id)
         self._settle(now_s, out, boundary=rep.replica_id)
         return out
@@ -298,6 +301,18 @@ class PlannerCore:
         rep = self._replicas[replica_id]
         return rep.running.get(request_id) or rep.waiting.get(request_id)
 
+    def replan_pending(self, replica_id: int) -> bool:
+        """True when a trigger fired and the replica re-plans at its next step boundary."""
+        return self._replicas[replica_id].replan_requested
+
+    def timer_due_s(self, replica_id: int) -> float | None:
+        """When the timer will make a busy replica re-plan at a step boundary (None: never, while
+        its plan covers all its work)."""
+        rep = self._replicas[replica_id]
+        if not rep.has_unplanned_work:
+            return None
+        return rep.last_plan_s + self.replan_policy.timer_s
+
     def replica_of(self, request_id: str) -> int | None:
         return self._where.get(request_id)
 
@@ -370,26 +385,32 @@ class PlannerCore:
 
     # ------------------------------------------------------------------ internals: reports
 
-    def _apply_progress(self, rep: ReplicaState, report: StepReport, out: CoreOutput) -> None:
+    def _apply_progress(
+        self, rep: ReplicaState, report: StepReport, out: CoreOutput, num_steps: int
+    ) -> None:
         running = rep.running
         block_size = rep.spec.block_size
-        for rid, num_computed in report.num_computed_tokens.items():
-            state = running.get(rid)
-            if state is not None:
-                state.num_computed_tokens += num_computed
-                state.num_blocks = -(-state.num_computed_tokens // block_size)
+        new_tokens = report.num_new_tokens
+        is_prefill_role = rep.spec.role == "prefill"
         done: list[RequestState] = []
         to_migrate: list[RequestState] = []
-        for rid, num_new in report.num_new_tokens.items():
+        # A request produces output tokens only in a step that computed some of its tokens.
+        for rid, num_computed in report.num_computed_tokens.items():
             state = running.get(rid)
-            if state is None or num_new <= 0:
+            if state is None:
+                continue
+            computed = state.num_computed_tokens + num_computed
+            state.num_computed_tokens = computed
+            state.num_blocks = -(-computed // block_size)
+            num_new = new_tokens.get(rid)
+            if not num_new:
                 continue
             if state.first_token_s is None:
                 state.first_token_s = report.end_s
             state.num_generated_tokens += num_new
-            if state.is_finished:
+            if state.num_generated_tokens >= state.request.num_output_tokens:
                 done.append(state)
-            elif rep.spec.role == "prefill":
+            elif is_prefill_role:
                 to_migrate.append(state)
         for rid in report.finished:
             state = running.get(rid)
@@ -404,7 +425,7 @@ class PlannerCore:
                 sum(report.num_accepted_spec_tokens.values()),
                 sum(report.num_proposed_spec_tokens.values()),
             )
-        self._check_slow(rep, report)
+        self._check_slow(rep, report, num_steps)
 
     def _finish(self, rep: ReplicaState, state: RequestState, out: CoreOutput) -> None:
         rid = state.request_id
@@ -414,12 +435,16 @@ class PlannerCore:
         if self.replan_policy.on_completion and rep.has_unplanned_work:
             rep.replan_requested = True
 
-    def _check_slow(self, rep: ReplicaState, report: StepReport) -> None:
+    def _check_slow(self, rep: ReplicaState, report: StepReport, num_steps: int) -> None:
+        """Compare the measured time with the model's: the step computed
+        sum(computed) + sum(proposed) - sum(accepted) tokens (verified drafts count whether or not
+        they were accepted), with the longest speculation as its draft steps."""
         proposed = report.num_proposed_spec_tokens
         num_batched = sum(report.num_computed_tokens.values())
         if proposed:
             num_batched += sum(proposed.values()) - sum(report.num_accepted_spec_tokens.values())
-        predicted_s = rep.spec.perf_model.step_time_s(num_batched, max(proposed.values(), default=0))
+        spec_steps = max(proposed.values(), default=0)
+        predicted_s = rep.spec.perf_model.step_time_s(num_batched // num_steps, spec_steps) * num_steps
         if report.step_time_s > self.replan_policy.slow_step_ratio * predicted_s:
             rep.replan_requested = True
 
@@ -490,7 +515,8 @@ class PlannerCore:
         self.stats.total_wall_s += elapsed_s
         self.stats.max_wall_s = max(self.stats.max_wall_s, elapsed_s)
         if self.check_plans:
-            check_plan(plan, view, rep.formulation.name or type(rep.formulation).__name__)
+            name = rep.formulation.name or type(rep.formulation).__name__
+            check_plan(plan, view, name, rep.running, rep.waiting)
         new_requests: list[Request] = []
         for rid, decision in plan.decisions.items():
             state = rep.waiting.pop(rid)

@@ -19,7 +19,7 @@ one (the core always sends one).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 
 from formulations.plan import Plan, Step
@@ -58,7 +58,23 @@ class PlanCursor:
         self._repeat_index = 0
         self._next_repeat_id = envelope.end_step_id
 
-    def next_step(self, is_live: Callable[[str], bool]) -> tuple[int, Step] | None:
+    @property
+    def in_repeat(self) -> bool:
+        """True once the explicit steps are used up."""
+        return self._index >= len(self.envelope.plan.steps)
+
+    def repeat_more(self, num_steps: int) -> int:
+        """After `next_step` returned a step of a one-step repeat cycle, account for `num_steps`
+        more runs of it (a fast-forward); returns the last step id used."""
+        if len(self.envelope.plan.repeat) != 1 or not self.in_repeat:
+            raise ValueError("repeat_more needs a plan whose one-step repeat cycle is running")
+        self._next_repeat_id += num_steps
+        return self._next_repeat_id - 1
+
+    def next_step(self, is_live: Callable[[str], bool] | Container[str]) -> tuple[int, Step] | None:
+        """`is_live`: a predicate, or a container of the live request ids (faster)."""
+        if not callable(is_live):
+            is_live = is_live.__contains__
         plan = self.envelope.plan
         while self._index < len(plan.steps):
             step_id = self.envelope.start_step_id + self._index
@@ -78,11 +94,10 @@ class PlanCursor:
 
 def _live_part(step: Step, is_live: Callable[[str], bool]) -> Step | None:
     """The step restricted to live requests (the same object when all are live); None if empty."""
-    dead = [rid for rid in step.num_tokens if not is_live(rid)]
-    if not dead:
+    if all(map(is_live, step.num_tokens)):
         return step if step.num_tokens else None
-    if len(dead) == len(step.num_tokens):
+    num_tokens = {rid: n for rid, n in step.num_tokens.items() if is_live(rid)}
+    if not num_tokens:
         return None
-    num_tokens = {rid: n for rid, n in step.num_tokens.items() if rid not in dead}
     num_spec = {rid: n for rid, n in step.num_spec_tokens.items() if rid in num_tokens}
     return Step(num_tokens, num_spec)

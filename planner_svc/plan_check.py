@@ -10,6 +10,8 @@ early).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from formulations.plan import Plan, Step, Verdict
 from formulations.state import ReplicaView, RequestState
 
@@ -21,70 +23,100 @@ class PlanError(Exception):
 _SERVED = (Verdict.ADMITTED, Verdict.BEST_EFFORT)
 
 
-def check_plan(plan: Plan, view: ReplicaView, formulation_name: str) -> None:
-    """Raise `PlanError` naming the formulation when `plan` breaks a rule for `view`."""
+def check_plan(
+    plan: Plan,
+    view: ReplicaView,
+    formulation_name: str,
+    running: Mapping[str, RequestState] | None = None,
+    waiting: Mapping[str, RequestState] | None = None,
+) -> None:
+    """Raise `PlanError` naming the formulation when `plan` breaks a rule for `view`.
+    `running` / `waiting`: the view's requests by id, when the caller has them at hand."""
 
     def fail(message: str) -> PlanError:
         return PlanError(f"formulation {formulation_name!r} on replica {view.replica_id}: {message}")
 
-    running = {s.request_id: s for s in view.running}
-    waiting = {s.request_id: s for s in view.waiting}
+    if running is None:
+        running = {s.request.request_id: s for s in view.running}
+    if waiting is None:
+        waiting = {s.request.request_id: s for s in view.waiting}
     for rid in plan.decisions:
         if rid not in waiting:
             raise fail(f"decision for {rid!r}, which is not a waiting request")
     for rid in plan.preempt:
         if rid not in running:
             raise fail(f"preempts {rid!r}, which is not running")
-    preempted = set(plan.preempt)
-    progress: dict[str, list[int]] = {}  # rid -> [pending tokens, remaining outputs, generated > 0]
-    for rid, state in running.items():
-        progress[rid] = _progress(state, rid in preempted)
-    for rid, decision in plan.decisions.items():
-        if decision.verdict in _SERVED:
-            progress[rid] = _progress(waiting[rid], False)
+    known = running
+    served = [rid for rid, d in plan.decisions.items() if d.verdict in _SERVED]
+    if served:
+        known = {**running, **{rid: waiting[rid] for rid in served}}
+    walk = _Walk(known, set(plan.preempt), view.max_spec_tokens)
     for i, step in enumerate(plan.steps):
         if step.is_empty:
             raise fail(f"step {i} is empty")
-        _walk(step, progress, view.max_spec_tokens, lambda m, i=i: fail(f"step {i}: {m}"), True)
+        problem = walk.step(step, strict=True)
+        if problem:
+            raise fail(f"step {i}: {problem}")
     for i, step in enumerate(plan.repeat):
-        _walk(step, progress, view.max_spec_tokens, lambda m, i=i: fail(f"repeat step {i}: {m}"), False)
+        problem = walk.step(step, strict=False)
+        if problem:
+            raise fail(f"repeat step {i}: {problem}")
+
+
+class _Walk:
+    """Pending tokens of the requests a plan names, built lazily (plans name few of them)."""
+
+    __slots__ = ("known", "max_spec", "preempted", "progress")
+
+    def __init__(self, known: Mapping[str, RequestState], preempted: set[str], max_spec: int) -> None:
+        self.known = known
+        self.preempted = preempted
+        self.max_spec = max_spec
+        self.progress: dict[str, list[int]] = {}  # rid -> [pending, remaining outputs, has output]
+
+    def step(self, step: Step, strict: bool) -> str:
+        """Advance through one step; the problem found ('' if none)."""
+        for rid in step.num_spec_tokens:
+            if rid not in step.num_tokens:
+                return f"speculative tokens for {rid!r}, which computes nothing in the step"
+        progress = self.progress
+        for rid, num_tokens in step.num_tokens.items():
+            entry = progress.get(rid)
+            if entry is None:
+                state = self.known.get(rid)
+                if state is None:
+                    return f"unknown request {rid!r} (not running and not admitted by this plan)"
+                entry = progress[rid] = _progress(state, rid in self.preempted)
+            pending, remaining, has_output = entry
+            if remaining <= 0:
+                if strict:
+                    return f"request {rid!r} has already produced all its output tokens"
+                continue  # engines skip finished requests in the repeat cycle
+            if not 1 <= num_tokens <= pending:
+                return f"request {rid!r} gets {num_tokens} tokens but has {pending} pending"
+            num_spec = step.num_spec_tokens.get(rid, 0) if step.num_spec_tokens else 0
+            if num_spec:
+                decoding = pending == 1 and has_output == 1
+                if num_spec < 0 or num_spec > self.max_spec or not decoding:
+                    return (
+                        f"request {rid!r} gets {num_spec} speculative tokens "
+                        f"(max {self.max_spec}, decoding={decoding})"
+                    )
+            pending -= num_tokens
+            if pending == 0:  # the step samples the next output token
+                remaining -= 1
+                pending = 1
+                has_output = 1
+            entry[0], entry[1], entry[2] = pending, remaining, has_output
+        return ""
 
 
 def _progress(state: RequestState, preempted: bool) -> list[int]:
     computed = 0 if preempted else state.num_computed_tokens
+    generated = state.num_generated_tokens
+    request = state.request
     return [
-        state.num_tokens - computed,
-        state.num_remaining_output_tokens,
-        int(state.num_generated_tokens > 0),
+        request.num_prompt_tokens + generated - computed,
+        request.num_output_tokens - generated,
+        1 if generated else 0,
     ]
-
-
-def _walk(step: Step, progress: dict[str, list[int]], max_spec: int, fail, strict: bool) -> None:
-    for rid in step.num_spec_tokens:
-        if rid not in step.num_tokens:
-            raise fail(f"speculative tokens for {rid!r}, which computes nothing in the step")
-    for rid, num_tokens in step.num_tokens.items():
-        entry = progress.get(rid)
-        if entry is None:
-            raise fail(f"unknown request {rid!r} (not running and not admitted by this plan)")
-        pending, remaining, has_output = entry
-        if remaining <= 0:
-            if strict:
-                raise fail(f"request {rid!r} has already produced all its output tokens")
-            continue  # engines skip finished requests in the repeat cycle
-        if not 1 <= num_tokens <= pending:
-            raise fail(f"request {rid!r} gets {num_tokens} tokens but has {pending} pending")
-        num_spec = step.num_spec_tokens.get(rid, 0)
-        if num_spec:
-            decoding = pending == 1 and has_output == 1
-            if num_spec < 0 or num_spec > max_spec or not decoding:
-                raise fail(
-                    f"request {rid!r} gets {num_spec} speculative tokens "
-                    f"(max {max_spec}, decoding={decoding})"
-                )
-        pending -= num_tokens
-        if pending == 0:  # the step samples the next output token
-            remaining -= 1
-            pending = 1
-            has_output = 1
-        entry[0], entry[1], entry[2] = pending, remaining, has_output

@@ -31,6 +31,7 @@ of one node; NVLink would be ~10x faster, a cross-node 100 Gb/s NIC 2x slower).
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from engine_adapters.engine import EngineRequest
 from engine_adapters.sim_engine import SimEngine, VirtualClock
 from formulations import registry
 from formulations.perf_model import PERF_MODEL_NUM_GPUS, PerfModel, TruthModel, perf_model_preset
-from formulations.plan import Verdict
+from formulations.plan import Step, Verdict
 from formulations.request import Request, ToolChain
 from planner_svc.core import CoreOutput, PlannerCore, ReplanPolicy
 from planner_svc.envelope import PlanCursor, PlanEnvelope
@@ -86,6 +87,9 @@ class SimConfig:
     kv_link_bytes_per_s: float = 25e9
     kv_link_latency_s: float = 0.0
     check_plans: bool = True
+    # Fast-forward runs of a steady plain-decode repeat step in one event when the truth model is
+    # exact (same results as stepping one by one; see `Simulation`).
+    fast_forward: bool = True
     # Faults: (time_s, replica_id) at which a replica's engine dies (`PlannerCore.remove_replica`).
     replica_failures: tuple[tuple[float, int], ...] = ()
 
@@ -117,6 +121,7 @@ class SimResult:
     replan_wall_total_s: float
     replan_wall_max_s: float
     num_gpus: int
+    num_fast_forward_steps: int = 0  # steps applied in fast-forwarded cruises (in num_steps too)
 
     @property
     def speedup(self) -> float:
@@ -131,23 +136,67 @@ class SimResult:
         return sum(r.attainment.ok for r in self.records) / len(self.records)
 
 
-_ARRIVAL, _STEP, _TIMER, _MIGRATION, _FAILURE = range(5)
+_ARRIVAL, _STEP, _TIMER, _MIGRATION, _FAILURE, _CRUISE = range(6)
+
+
+class _Cruise:
+    """A fast-forward: `num_steps` runs of one plain-decode repeat step from `start_s`, each taking
+    `step_time_s`; engine, core and records see them at once when the cruise ends."""
+
+    __slots__ = ("end_s", "first_step_id", "num_steps", "start_s", "step", "step_time_s")
+
+    def __init__(self, step: Step, first_step_id: int, start_s: float, step_time_s: float, num_steps: int) -> None:
+        self.step = step
+        self.first_step_id = first_step_id
+        self.start_s = start_s
+        self.step_time_s = step_time_s
+        self.num_steps = num_steps
+        self.end_s = self.boundary_s(num_steps)
+
+    def boundary_s(self, j: int) -> float:
+        """End of run j, accumulated run by run exactly as the engine stamps single steps."""
+        t = self.start_s
+        for _ in range(j):
+            t += self.step_time_s
+        return t
+
+    def run_ends_s(self) -> list[float]:
+        ends = []
+        t = self.start_s
+        for _ in range(self.num_steps):
+            t += self.step_time_s
+            ends.append(t)
+        return ends
+
+    def first_boundary_at_or_after(self, at_s: float) -> int:
+        """Smallest run count j >= 1 whose end is at or after `at_s`."""
+        j = max(1, math.ceil((at_s - self.start_s) / self.step_time_s) - 1)
+        while j > 1 and self.boundary_s(j - 1) >= at_s:
+            j -= 1
+        while self.boundary_s(j) < at_s:
+            j += 1
+        return j
 
 
 class _Runner:
     """A replica's simulated engine and the plan it is walking."""
 
-    __slots__ = ("busy", "cursor", "detached", "engine", "replica_id")
+    __slots__ = ("busy", "cruise", "cursor", "detached", "engine", "replica_id")
 
     def __init__(self, replica_id: int, engine: SimEngine) -> None:
         self.replica_id = replica_id
         self.engine = engine
         self.cursor: PlanCursor | None = None
-        self.busy = False  # a step is in flight
+        self.busy = False  # a step (or a cruise) is in flight
+        self.cruise: _Cruise | None = None
         self.detached: set[str] = set()  # migrating away: KV still here, no more steps
 
     def is_live(self, request_id: str) -> bool:
         return self.engine.has_request(request_id) and request_id not in self.detached
+
+    def live(self):
+        """What the plan cursor checks liveness against (a container is the fast path)."""
+        return self.is_live if self.detached else self.engine.live_requests
 
 
 class Simulation:
@@ -184,7 +233,10 @@ class Simulation:
         self._heap: list[tuple[float, int, int, Any]] = []
         self._seq = 0
         self._timer_at: float | None = None
+        self._cruising: dict[int, _Runner] = {}
+        self._can_cruise = config.fast_forward and truth.is_exact
         self.num_steps = 0
+        self.num_fast_forward_steps = 0
         self.last_event_s = 0.0
 
     # ------------------------------------------------------------------ driving
@@ -201,7 +253,7 @@ class Simulation:
         start_wall = time.perf_counter()
         handlers: dict[int, Callable[[float, Any], None]] = {
             _ARRIVAL: self._on_arrival, _STEP: self._on_step, _TIMER: self._on_timer,
-            _MIGRATION: self._on_migration, _FAILURE: self._on_failure,
+            _MIGRATION: self._on_migration, _FAILURE: self._on_failure, _CRUISE: self._on_cruise_end,
         }
         heap = self._heap
         while heap:
@@ -211,6 +263,8 @@ class Simulation:
             self.clock.now_s = now_s
             self.last_event_s = now_s
             handlers[kind](now_s, payload)
+            if self._cruising:
+                self._cut_cruises(now_s)
             self._schedule_timer(now_s)
         wall_s = time.perf_counter() - start_wall
         stats = self.core.stats
@@ -225,6 +279,7 @@ class Simulation:
             replan_wall_total_s=stats.total_wall_s,
             replan_wall_max_s=stats.max_wall_s,
             num_gpus=len(self.specs) * self.config.gpus_per_replica(),
+            num_fast_forward_steps=self.num_fast_forward_steps,
         )
 
     def _end_time(self, first_s: float) -> float:
@@ -252,7 +307,7 @@ class Simulation:
         self.records[request.request_id] = RequestRecord(request)
         self._handle(self.core.submit(request, now_s), now_s)
 
-    def _on_step(self, now_s: float, report: StepReport) -> None:
+    def _on_step(self, now_s: float, report: StepReport, run_ends_s: list[float] | None = None) -> None:
         runner = self.runners.get(report.replica_id)
         if runner is None:
             return  # the replica died while the step ran: its work is lost
@@ -260,9 +315,81 @@ class Simulation:
         if report.error:
             runner.cursor = None  # the engine drops its plan after a step it could not run
         else:
-            self._record_tokens(report)
-        self._handle(self.core.on_step(report, now_s), now_s)
+            self._record_tokens(report, run_ends_s)
+        num_steps = len(run_ends_s) if run_ends_s else 1
+        self._handle(self.core.on_step(report, now_s, num_steps), now_s)
         self._start_step(runner, now_s)
+
+    # ------------------------------------------------------------------ fast-forward
+    #
+    # A replica whose plan is in a one-step repeat cycle of plain decodes, under an exact truth
+    # model, runs identical steps of constant time until one of its requests finishes. Instead of
+    # one event per step, the simulator schedules one "cruise" event at the end of those runs and
+    # applies them at once (engine, core, per-token times). This gives the same result as single
+    # steps because nothing in between can change what the replica does: the core re-plans a busy
+    # replica only at a step boundary after a trigger, so after every event the simulator asks the
+    # core whether a trigger fired for a cruising replica (`replan_pending`, `timer_due_s`) and, if
+    # so, cuts the cruise at the first boundary where single steps would have re-planned.
+
+    def _try_cruise(self, runner: _Runner, step_id: int, step: Step, now_s: float) -> bool:
+        cursor = runner.cursor
+        if not cursor.in_repeat or len(cursor.envelope.plan.repeat) != 1:
+            return False
+        if self.core.replan_pending(runner.replica_id):
+            return False
+        num_steps = runner.engine.repeatable_steps(step)
+        if num_steps < 2:
+            return False
+        step_time_s = runner.engine.truth.step_time_s(step.num_batched_tokens, 0, 0)
+        cruise = _Cruise(step, step_id, now_s, step_time_s, num_steps)
+        due_s = self.core.timer_due_s(runner.replica_id)
+        if due_s is not None and due_s < cruise.end_s:
+            cruise = _Cruise(step, step_id, now_s, step_time_s, cruise.first_boundary_at_or_after(due_s))
+            if cruise.num_steps < 2:
+                return False
+        runner.engine.reserve_repeat(step, cruise.num_steps)
+        runner.cruise = cruise
+        runner.busy = True
+        self._cruising[runner.replica_id] = runner
+        self._push(cruise.end_s, _CRUISE, (runner.replica_id, cruise))
+        return True
+
+    def _cut_cruises(self, now_s: float) -> None:
+        for runner in list(self._cruising.values()):
+            cruise = runner.cruise
+            replica_id = runner.replica_id
+            if self.core.replan_pending(replica_id):
+                at_s = now_s
+            else:
+                due_s = self.core.timer_due_s(replica_id)
+                if due_s is None or due_s >= cruise.end_s:
+                    continue
+                at_s = max(due_s, now_s)
+            num_steps = cruise.first_boundary_at_or_after(at_s)
+            if num_steps < cruise.num_steps:
+                cut = _Cruise(cruise.step, cruise.first_step_id, cruise.start_s, cruise.step_time_s, num_steps)
+                runner.cruise = cut
+                self._push(cut.end_s, _CRUISE, (replica_id, cut))
+
+    def _on_cruise_end(self, now_s: float, payload: tuple[int, _Cruise]) -> None:
+        replica_id, cruise = payload
+        runner = self.runners.get(replica_id)
+        if runner is None or runner.cruise is not cruise:
+            return  # superseded by a cut, or the replica died
+        self._finish_cruise(runner, cruise.num_steps, now_s)
+
+    def _finish_cruise(self, runner: _Runner, num_steps: int, now_s: float) -> None:
+        cruise = runner.cruise
+        runner.cruise = None
+        del self._cruising[runner.replica_id]
+        last_id = runner.cursor.repeat_more(num_steps - 1)
+        report = runner.engine.execute_repeated(
+            cruise.step, runner.replica_id, last_id, num_steps, cruise.start_s
+        )
+        self.num_steps += num_steps - 1
+        self.num_fast_forward_steps += num_steps
+        cruise.num_steps = num_steps
+        self._on_step(report.end_s, report, cruise.run_ends_s())
 
     def _on_timer(self, now_s: float, due_s: float) -> None:
         if self._timer_at != due_s:
@@ -271,8 +398,20 @@ class Simulation:
         self._handle(self.core.tick(now_s), now_s)
 
     def _on_failure(self, now_s: float, replica_id: int) -> None:
-        if self.runners.pop(replica_id, None) is None:
+        runner = self.runners.get(replica_id)
+        if runner is None:
             return
+        if runner.cruise is not None:  # the runs completed before the failure did happen
+            cruise = runner.cruise
+            num_done = cruise.first_boundary_at_or_after(now_s)
+            if cruise.boundary_s(num_done) > now_s:
+                num_done -= 1
+            if num_done >= 1:
+                self._finish_cruise(runner, num_done, now_s)
+            else:
+                runner.cruise = None
+                del self._cruising[replica_id]
+        del self.runners[replica_id]
         self._handle(self.core.remove_replica(replica_id, now_s), now_s)
 
     def _on_migration(self, now_s: float, migration) -> None:
@@ -340,19 +479,26 @@ class Simulation:
     def _start_step(self, runner: _Runner, now_s: float) -> None:
         if runner.busy or runner.cursor is None:
             return
-        next_step = runner.cursor.next_step(runner.is_live)
+        next_step = runner.cursor.next_step(runner.live())
         if next_step is None:
             runner.cursor = None
             return
         step_id, step = next_step
+        if self._can_cruise and self._try_cruise(runner, step_id, step, now_s):
+            self.num_steps += 1
+            return
         report = runner.engine.execute(step, runner.replica_id, step_id)
         runner.busy = True
         self.num_steps += 1
         self._push(report.end_s, _STEP, report)
 
-    def _record_tokens(self, report: StepReport) -> None:
-        end_s = report.end_s
+    def _record_tokens(self, report: StepReport, run_ends_s: list[float] | None) -> None:
         records = self.records
+        if run_ends_s:  # a cruise: one token per run
+            for rid in report.num_new_tokens:
+                records[rid].token_times_s.extend(run_ends_s)
+            return
+        end_s = report.end_s
         for rid, num_new in report.num_new_tokens.items():
             times = records[rid].token_times_s
             if num_new == 1:

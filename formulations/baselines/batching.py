@@ -5,16 +5,16 @@ Memory-only admission: every waiting request whose whole context (prompt plus ou
 in the replica's KV pool is ADMITTED at once (for these baselines "admitted" means "queued"; no SLO
 check); one that could never fit is REJECTED.
 
-Steady decode: when every running request is decoding, every one of them gets its token in the step,
-and the free blocks cover every request's growth to its last token, the one-step decision of these
-baselines is the same at every later step until something arrives or finishes; the plan then
-returns it as a repeat cycle with no explicit steps (the engine skips finished requests), so the
-core is not called every step.
+Steady decode (`plan_step`): when after the step every request is decoding, all of them fit one
+step, and the free blocks cover every request's growth to its last token, the one-step decision of
+these baselines is "decode everyone" at every later step until something arrives or finishes; the
+plan then carries that decode step as its repeat cycle (the engine skips finished requests), so
+the core is not called every step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from formulations.plan import Decision, Plan, Step, Verdict
 from formulations.state import ReplicaView, RequestState, num_blocks_for
@@ -46,53 +46,90 @@ class BlockLedger:
     """Free KV blocks while a step is being built: `grow` reserves the blocks a request needs to
     compute `num_tokens` more tokens (plus `num_spec` draft tokens); `release` frees a victim."""
 
-    __slots__ = ("block_size", "num_free_blocks", "_held")
+    __slots__ = ("block_size", "num_free_blocks", "touched", "_released")
 
     def __init__(self, view: ReplicaView) -> None:
         self.block_size = view.block_size
         self.num_free_blocks = view.num_free_blocks
-        self._held: dict[str, int] = {}
+        self.touched: dict[str, int] = {}  # rid -> blocks held now, for requests changed here
+        self._released: set[str] = set()
 
     def held(self, state: RequestState) -> int:
-        return self._held.get(state.request_id, state.num_blocks)
+        return self.touched.get(state.request_id, state.num_blocks)
 
     def extra_blocks(self, state: RequestState, num_tokens: int, num_spec: int = 0) -> int:
-        computed = 0 if self._held.get(state.request_id, -1) == 0 else state.num_computed_tokens
-        return max(0, num_blocks_for(computed + num_tokens + num_spec, self.block_size) - self.held(state))
+        """Blocks to add so that the request can hold `num_tokens + num_spec` more tokens (counted
+        from zero once released: its KV is recomputed)."""
+        rid = state.request_id
+        computed = 0 if rid in self._released else state.num_computed_tokens
+        need = num_blocks_for(computed + num_tokens + num_spec, self.block_size) - self.held(state)
+        return max(0, need)
 
     def try_grow(self, state: RequestState, num_tokens: int, num_spec: int = 0) -> bool:
         extra = self.extra_blocks(state, num_tokens, num_spec)
         if extra > self.num_free_blocks:
             return False
         self.num_free_blocks -= extra
-        self._held[state.request_id] = self.held(state) + extra
+        self.touched[state.request_id] = self.held(state) + extra
         return True
 
     def release(self, state: RequestState) -> None:
         self.num_free_blocks += self.held(state)
-        self._held[state.request_id] = 0
+        self.touched[state.request_id] = 0
+        self._released.add(state.request_id)
 
 
-def steady_decode_plan(
-    view: ReplicaView, decodes: Sequence[RequestState], decisions: dict[str, Decision]
-) -> Plan | None:
-    """A decode-only repeat cycle when it is exactly the one-step decision until the next event
-    (module docstring), else None. `decodes` are the requests the step decodes."""
-    if len(decodes) != len(view.running) or any(d.verdict is Verdict.ADMITTED for d in decisions.values()):
-        return None
-    if not all(s.is_decoding for s in decodes):
-        return None
-    growth = sum(
-        num_blocks_for(s.request.max_num_tokens - 1, view.block_size) - s.num_blocks for s in decodes
-    )
-    if growth > view.num_free_blocks:
-        return None
-    step = Step({s.request_id: 1 for s in decodes})
-    return Plan(steps=(), repeat=(step,), decisions=decisions)
-
-
-def one_step_plan(
-    num_tokens: dict[str, int], decisions: dict[str, Decision], preempt: Iterable[str] = ()
+def plan_step(
+    queue: Sequence[RequestState],
+    num_tokens: dict[str, int],
+    ledger: BlockLedger,
+    decisions: dict[str, Decision],
+    preempted: Sequence[str],
+    max_num_decodes: int,
 ) -> Plan:
-    steps = (Step(num_tokens),) if num_tokens else ()
-    return Plan(steps=steps, decisions=decisions, preempt=tuple(preempt))
+    """The plan for one scheduled step, with a decode-only repeat cycle after it when that cycle is
+    exactly what the baseline would decide at every later step until the next event:
+
+    after the step every request in `queue` is decoding (or done): no prompt or recompute is left
+    partial or unstarted; nothing was preempted; all of them fit one step (`max_num_decodes`: the
+    token budget and the sequence cap); and the free blocks left after the step cover every
+    request's growth to its last cached token (max_num_tokens - 1), so no later step can run out
+    of memory. Then every later step decodes everyone, whatever the policy's order. When the step
+    itself is that decode step, the plan is just the cycle (no explicit step).
+    """
+    if not num_tokens:
+        return Plan(decisions=decisions, preempt=tuple(preempted))
+    step = Step(num_tokens)
+    tail = None if preempted else _decode_tail(queue, num_tokens, ledger, max_num_decodes)
+    if tail is None:
+        return Plan(steps=(step,), decisions=decisions, preempt=tuple(preempted))
+    if len(tail) == len(num_tokens) and all(n == 1 for n in num_tokens.values()) and all(
+        s.is_decoding for s in queue
+    ):
+        return Plan(repeat=(step,), decisions=decisions)
+    return Plan(steps=(step,), repeat=(Step(tail),), decisions=decisions)
+
+
+def _decode_tail(
+    queue: Sequence[RequestState], num_tokens: dict[str, int], ledger: BlockLedger, max_num_decodes: int
+) -> dict[str, int] | None:
+    block_size = ledger.block_size
+    touched = ledger.touched
+    tail: dict[str, int] = {}
+    growth = 0
+    for s in queue:
+        request = s.request
+        rid = request.request_id
+        pending = request.num_prompt_tokens + s.num_generated_tokens - s.num_computed_tokens
+        n = num_tokens.get(rid, 0)
+        if n == pending:  # the step samples its next token
+            if s.num_generated_tokens + 1 >= request.num_output_tokens:
+                continue  # done after the step
+        elif n != 0 or pending != 1 or not s.num_generated_tokens:
+            return None  # a prompt (or recompute) stays unfinished
+        tail[rid] = 1
+        peak = -(-(request.num_prompt_tokens + request.num_output_tokens - 1) // block_size)
+        growth += peak - touched.get(rid, s.num_blocks)
+    if len(tail) > max_num_decodes or growth > ledger.num_free_blocks:
+        return None
+    return tail

@@ -20,9 +20,8 @@ from typing import ClassVar
 from formulations.baselines.batching import (
     BlockLedger,
     admit_by_memory,
-    one_step_plan,
+    plan_step,
     queue_order,
-    steady_decode_plan,
 )
 from formulations.baselines.sarathi import fill_prefills
 from formulations.baselines.vllm import VllmPrefillFirst, schedule_started
@@ -62,10 +61,7 @@ class DistServe(Formulation):
         num_tokens, preempted = schedule_started(
             decodes, ledger, self.max_num_batched_tokens, self.max_num_seqs, started
         )
-        if not preempted and len(num_tokens) == len(queue):
-            steady = steady_decode_plan(view, decodes, decisions)
-            if steady is not None:
-                return steady
         left = self.max_num_batched_tokens - len(num_tokens)
         fill_prefills(queue, ledger, num_tokens, set(preempted), left, self.max_num_seqs)
-        return one_step_plan(num_tokens, decisions, preempted)
+        max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
+        return plan_step(queue, num_tokens, ledger, decisions, preempted, max_num_decodes)

@@ -15,9 +15,8 @@ from __future__ import annotations
 from formulations.baselines.batching import (
     BlockLedger,
     admit_by_memory,
-    one_step_plan,
+    plan_step,
     queue_order,
-    steady_decode_plan,
 )
 from formulations.baselines.sarathi import tpot_budget
 from formulations.interface import Formulation
@@ -42,14 +41,10 @@ class Edf(Formulation):
         queue = queue_order(view, decisions)
         if not queue:
             return Plan(decisions=decisions)
-        if all(s.is_decoding for s in queue) and len(queue) <= tpot_budget(view, queue):
-            steady = steady_decode_plan(view, queue, decisions)
-            if steady is not None:
-                return steady
         return self._one_step(view, decisions, deadline_order(queue))
 
     def _one_step(self, view: ReplicaView, decisions, order: list[RequestState]) -> Plan:
-        budget = tpot_budget(view, order)
+        step_budget = budget = tpot_budget(view, order)
         ledger = BlockLedger(view)
         victims = [s for s in order if s.num_computed_tokens > 0]  # latest deadline last
         num_tokens: dict[str, int] = {}
@@ -75,4 +70,4 @@ class Edf(Formulation):
             else:
                 num_tokens[rid] = n
                 budget -= n
-        return one_step_plan(num_tokens, decisions, preempted)
+        return plan_step(order, num_tokens, ledger, decisions, preempted, min(step_budget, self.max_num_seqs))

@@ -17,9 +17,8 @@ from __future__ import annotations
 from formulations.baselines.batching import (
     BlockLedger,
     admit_by_memory,
-    one_step_plan,
+    plan_step,
     queue_order,
-    steady_decode_plan,
 )
 from formulations.baselines.vllm import schedule_started
 from formulations.interface import Formulation
@@ -74,10 +73,6 @@ class Sarathi(Formulation):
         started = [s for s in queue if s.num_computed_tokens > 0]
         decodes = [s for s in started if s.is_decoding]
         num_tokens, preempted = schedule_started(decodes, ledger, budget, self.max_num_seqs, started)
-        if not preempted and len(num_tokens) == len(queue):
-            steady = steady_decode_plan(view, decodes, decisions)
-            if steady is not None:
-                return steady
         left = budget - len(num_tokens)
         fill_prefills(queue, ledger, num_tokens, set(preempted), left, self.max_num_seqs)
-        return one_step_plan(num_tokens, decisions, preempted)
+        return plan_step(queue, num_tokens, ledger, decisions, preempted, min(budget, self.max_num_seqs))

@@ -24,9 +24,8 @@ from __future__ import annotations
 from formulations.baselines.batching import (
     BlockLedger,
     admit_by_memory,
-    one_step_plan,
+    plan_step,
     queue_order,
-    steady_decode_plan,
 )
 from formulations.interface import Formulation
 from formulations.plan import Plan
@@ -57,12 +56,22 @@ def schedule_started(
     num_tokens: dict[str, int] = {}
     preempted: list[str] = []
     victims = list(started if victims is None else victims)  # popped from the end
+    block_size = ledger.block_size
+    touched = ledger.touched  # requests whose blocks the ledger changed: take the slow path
     for state in started:
         if budget <= 0 or len(num_tokens) >= max_num_seqs:
             break
-        if state.request_id in preempted:
+        request = state.request
+        rid = request.request_id
+        if preempted and rid in preempted:
             continue
-        n = min(state.num_pending_tokens, budget)
+        computed = state.num_computed_tokens
+        n = min(request.num_prompt_tokens + state.num_generated_tokens - computed, budget)
+        # Fast path (most decodes): the blocks it holds already have room for n more tokens.
+        if rid not in touched and -(-(computed + n) // block_size) <= state.num_blocks:
+            num_tokens[rid] = n
+            budget -= n
+            continue
         while not ledger.try_grow(state, n):
             victim = victims.pop()
             ledger.release(victim)
@@ -70,7 +79,7 @@ def schedule_started(
             if victim is state:
                 break
         else:
-            num_tokens[state.request_id] = n
+            num_tokens[rid] = n
             budget -= n
     return num_tokens, preempted
 
@@ -91,9 +100,6 @@ class VllmFcfs(Formulation):
             started, ledger, self.max_num_batched_tokens, self.max_num_seqs
         )
         if not preempted:
-            steady = steady_decode_plan(view, started, decisions) if len(num_tokens) == len(queue) else None
-            if steady is not None:
-                return steady
             budget = self.max_num_batched_tokens - sum(num_tokens.values())
             for state in queue:
                 if budget <= 0 or len(num_tokens) >= self.max_num_seqs:
@@ -105,7 +111,8 @@ class VllmFcfs(Formulation):
                     break  # FCFS: the head of the queue waits for memory, nobody overtakes it
                 num_tokens[state.request_id] = n
                 budget -= n
-        return one_step_plan(num_tokens, decisions, preempted)
+        max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
+        return plan_step(queue, num_tokens, ledger, decisions, preempted, max_num_decodes)
 
 
 @register("vllm_prefill_first")
@@ -120,17 +127,14 @@ class VllmPrefillFirst(Formulation):
         queue = queue_order(view, decisions)
         ledger = BlockLedger(view)
         started = [s for s in queue if _started(s)]
+        max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
         prefills = self._prefills(queue, ledger, len(started))
         if prefills:
-            return one_step_plan(prefills, decisions)
+            return plan_step(queue, prefills, ledger, decisions, (), max_num_decodes)
         num_tokens, preempted = schedule_started(
             started, ledger, self.max_num_batched_tokens, self.max_num_seqs
         )
-        if not preempted and len(num_tokens) == len(queue):
-            steady = steady_decode_plan(view, started, decisions)
-            if steady is not None:
-                return steady
-        return one_step_plan(num_tokens, decisions, preempted)
+        return plan_step(queue, num_tokens, ledger, decisions, preempted, max_num_decodes)
 
     def _prefills(self, queue: list[RequestState], ledger: BlockLedger, num_running: int) -> dict[str, int]:
         """Whole prompts of not-started requests, FCFS, within the budget and free memory."""

@@ -178,8 +178,8 @@ def test_verdicts_are_final_and_given_once_in_a_busy_multi_replica_run():
         def submit(self, request, now_s):
             return self._count(original(self, request, now_s))
 
-        def on_step(self, report, now_s):
-            return self._count(super().on_step(report, now_s))
+        def on_step(self, report, now_s, num_steps=1):
+            return self._count(super().on_step(report, now_s, num_steps))
 
         def tick(self, now_s):
             return self._count(super().tick(now_s))

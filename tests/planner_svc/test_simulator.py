@@ -115,3 +115,32 @@ def test_distserve_hands_requests_from_prefill_to_decode_replicas():
     assert sim.runners[0].engine.num_steps <= 10  # prefill steps only
     assert sim.runners[1].engine.num_steps >= 19  # the decode replica did the decoding
     assert result.num_gpus == 2
+
+
+@pytest.mark.parametrize("policy, num_replicas", [("vllm_fcfs", 1), ("sarathi", 2), ("edf", 1), ("distserve", 3)])
+def test_fast_forward_gives_the_same_run_as_single_steps(policy, num_replicas):
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    arrivals = np.cumsum(rng.exponential(0.08, size=120))
+    requests = tuple(
+        make_req(f"r{i}", float(t), prompt=int(rng.integers(20, 600)), output=int(rng.integers(2, 150)), ttft_s=0.5)
+        for i, t in enumerate(arrivals)
+    )
+    workload = Workload("ff", requests)
+
+    def run(fast_forward):
+        cfg = config(
+            policy=policy, num_replicas=num_replicas, num_blocks_per_replica=400,
+            fast_forward=fast_forward, replica_failures=((3.0, 0),) if num_replicas == 2 else (),
+        )
+        result = simulate(workload, cfg)
+        return result, {r.request.request_id: (r.token_times_s, r.num_preemptions, r.replica_id) for r in result.records}
+
+    slow, slow_records = run(False)
+    fast, fast_records = run(True)
+    assert fast_records == slow_records
+    assert fast.num_steps == slow.num_steps
+    assert fast.num_replans == slow.num_replans
+    assert all(r.finished for r in fast.records)
+    assert slow.num_fast_forward_steps == 0 and fast.num_fast_forward_steps > 0
