@@ -295,6 +295,11 @@ class PlannerClient:
     def handles(self) -> list[RequestHandle]:
         return list(self._handles.values())
 
+    def forget(self, request_id: str) -> None:
+        """Drop the client's handle of a request (long-running servers call this when a request
+        is over, so that handles do not accumulate). Later messages for it are ignored."""
+        self._handles.pop(request_id, None)
+
     def close(self) -> None:
         self._stop.set()
         os.write(self._wake_w, b"x")

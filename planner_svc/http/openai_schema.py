@@ -1,0 +1,326 @@
+"""Parsing and validation of OpenAI request bodies into one `GenerationJob`, with OpenAI-style
+errors (`{"error": {"message", "type", "param", "code"}}`) for anything we cannot serve.
+
+Standard fields honoured: model, prompt (text, token ids, or a one-element list of either) /
+messages, max_tokens (max_completion_tokens for chat), stream, stream_options.include_usage,
+temperature, top_p, seed, stop. Refused with a 400 rather than silently ignored: n > 1, best_of,
+logprobs, echo, suffix, tools / functions. Other unknown fields are ignored, as vLLM does.
+
+Extension fields (the openai client sends them with `extra_body={...}`):
+    slo_class      "coder"                  an application class of the planner's config
+    slo            {"ttft_ms": 800, "tpot_ms": 50, "ttft_slowdown": 3,
+                    "thinking_tokens": 256, "thinking_tpot_ms": 30, "value": 2.0}
+    slo_targets    "tool_final"             take the targets of this class (tool-calling rounds)
+    chain_id, round_index                   a tool-calling agent's round
+    ignore_eos     true                     run to max_tokens (vLLM's field)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from planner_svc.http.api_config import ApiConfig, SloDefaults
+from planner_svc.http.tokenizer import TextTokenizer
+
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+class ApiError(Exception):
+    """An error answered as an OpenAI error body with HTTP status `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, error_type: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.error_type = error_type
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type,
+                          "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+@dataclass(frozen=True)
+class SloRequest:
+    """The SLO fields sent to the planner (protocol.Submit), after defaults."""
+
+    slo_class: str
+    slo_targets: str | None = None
+    ttft_ms: float | None = None
+    ttft_slowdown: float | None = None
+    tpot_ms: float | None = None
+    thinking_tokens: int = 0
+    thinking_tpot_ms: float | None = None
+    value: float = 1.0
+    chain_id: str | None = None
+    round_index: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One validated request for either endpoint."""
+
+    chat: bool
+    model: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    slo: SloRequest
+    stream: bool = False
+    include_usage: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+
+
+_REFUSED = {
+    "n": lambda v: v not in (None, 1),
+    "best_of": lambda v: v not in (None, 1),
+    "logprobs": lambda v: v not in (None, False, 0),
+    "top_logprobs": lambda v: v not in (None, 0),
+    "echo": lambda v: v not in (None, False),
+    "suffix": lambda v: v not in (None, ""),
+    "tools": lambda v: bool(v),
+    "functions": lambda v: bool(v),
+}
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    return body
+
+
+def parse_job(body: dict[str, Any], chat: bool, config: ApiConfig,
+              tokenizer: TextTokenizer | None, api_key: str | None) -> GenerationJob:
+    """Validate a /v1/completions (`chat` False) or /v1/chat/completions body."""
+    model = _model(body, config)
+    for name, refused in _REFUSED.items():
+        if refused(body.get(name)):
+            raise bad_request(f"'{name}' is not supported by this server", name, "unsupported")
+    prompt_ids = _chat_prompt(body, tokenizer) if chat else _completion_prompt(body, tokenizer)
+    max_model_len = _max_model_len(config, tokenizer)
+    max_tokens = _max_tokens(body, chat, config)
+    if len(prompt_ids) + max_tokens > max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, "
+            f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+            "messages" if chat else "prompt", "context_length_exceeded")
+    stream_options = _optional(body, "stream_options", dict) or {}
+    return GenerationJob(
+        chat=chat,
+        model=model,
+        prompt_token_ids=prompt_ids,
+        max_tokens=max_tokens,
+        slo=_slo(body, config.slo_defaults(model, api_key)),
+        stream=bool(_optional(body, "stream", bool)),
+        include_usage=bool(stream_options.get("include_usage", False)),
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        seed=_optional(body, "seed", int),
+        ignore_eos=bool(_optional(body, "ignore_eos", bool)),
+        stop=_stop(body),
+    )
+
+
+# ---- fields ---------------------------------------------------------------------------------
+
+
+def _model(body: dict[str, Any], config: ApiConfig) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("you must provide a model parameter", "model")
+    if model not in config.model_defaults:
+        raise ApiError(404, f"The model `{model}` does not exist. Served models: "
+                       f"{', '.join(config.model_names)}", "model", "model_not_found")
+    return model
+
+
+def _completion_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return _encode(prompt, tokenizer, "prompt")
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        return _check_token_ids(prompt, tokenizer)
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise bad_request("batched prompts are not supported: send one prompt per request",
+                          "prompt", "unsupported")
+    raise bad_request("'prompt' must be a non-empty string or a non-empty list of token ids",
+                      "prompt")
+
+
+def _chat_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list", "messages")
+    rendered = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise bad_request(f"{where} must be an object with a 'role'", where)
+        rendered.append((message["role"], _content_text(message.get("content"), where)))
+    if tokenizer is None:
+        raise bad_request("this server has no tokenizer (start it with --model-dir): chat "
+                          "messages cannot be tokenized; use /v1/completions with token ids",
+                          "messages", "no_tokenizer")
+    return _encode(tokenizer.render_chat(rendered), tokenizer, "messages")
+
+
+def _content_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                raise bad_request(f"{where}.content: only text parts are supported", where)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad_request(f"{where}.content must be a string or a list of text parts", where)
+
+
+def _encode(text: str, tokenizer: TextTokenizer | None, param: str) -> list[int]:
+    if tokenizer is None:
+        raise bad_request("this server has no tokenizer (start it with --model-dir): send the "
+                          "prompt as a list of token ids", param, "no_tokenizer")
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise bad_request(f"'{param}' is empty after tokenization", param)
+    return ids
+
+
+def _check_token_ids(ids: list[int], tokenizer: TextTokenizer | None) -> list[int]:
+    upper = tokenizer.vocab_size if tokenizer is not None else None
+    for t in ids:
+        if t < 0 or (upper is not None and t >= upper):
+            bound = f"[0, {upper})" if upper is not None else "non-negative"
+            raise bad_request(f"token id {t} in 'prompt' is out of range (must be {bound})",
+                              "prompt")
+    return [int(t) for t in ids]
+
+
+def _max_model_len(config: ApiConfig, tokenizer: TextTokenizer | None) -> int:
+    if config.max_model_len is not None:
+        return config.max_model_len
+    if tokenizer is not None and tokenizer.max_model_len is not None:
+        return tokenizer.max_model_len
+    return DEFAULT_MAX_MODEL_LEN
+
+
+def _max_tokens(body: dict[str, Any], chat: bool, config: ApiConfig) -> int:
+    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    value = body.get(name)
+    if value is None:
+        return config.default_max_tokens if chat else config.default_completion_max_tokens
+    if not _is_int(value) or value < 1:
+        raise bad_request(f"'{name}' must be a positive integer, got {value!r}", name)
+    return int(value)
+
+
+def _slo(body: dict[str, Any], defaults: SloDefaults) -> SloRequest:
+    slo = _optional(body, "slo", dict) or {}
+    known = {"ttft_ms", "ttft_slowdown", "tpot_ms", "thinking_tokens", "thinking_tpot_ms", "value"}
+    unknown = sorted(set(slo) - known)
+    if unknown:
+        raise bad_request(f"unknown field(s) in 'slo': {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(known))})", "slo")
+    requested_class = _optional(body, "slo_class", str)
+    if requested_class:  # a class named in the request brings its own targets, not the defaults'
+        defaults = SloDefaults(slo_class=requested_class)
+    slo_class = defaults.slo_class
+    explicit = {k: _positive(slo, k) for k in ("ttft_ms", "ttft_slowdown", "tpot_ms",
+                                                "thinking_tpot_ms")}
+    if explicit["ttft_ms"] is not None and explicit["ttft_slowdown"] is not None:
+        raise bad_request("give at most one of slo.ttft_ms and slo.ttft_slowdown", "slo")
+    if explicit["ttft_ms"] is None and explicit["ttft_slowdown"] is None:  # TTFT from defaults
+        explicit["ttft_ms"], explicit["ttft_slowdown"] = defaults.ttft_ms, defaults.ttft_slowdown
+    for key in ("tpot_ms", "thinking_tpot_ms"):
+        if explicit[key] is None:
+            explicit[key] = getattr(defaults, key)
+    thinking_tokens = slo.get("thinking_tokens", 0)
+    if not _is_int(thinking_tokens) or thinking_tokens < 0:
+        raise bad_request("slo.thinking_tokens must be a non-negative integer", "slo")
+    round_index = body.get("round_index", 0)
+    if not _is_int(round_index) or round_index < 0:
+        raise bad_request("'round_index' must be a non-negative integer", "round_index")
+    return SloRequest(
+        slo_class=slo_class,
+        slo_targets=_optional(body, "slo_targets", str),
+        thinking_tokens=int(thinking_tokens),
+        value=_positive(slo, "value") or 1.0,
+        chain_id=_optional(body, "chain_id", str),
+        round_index=int(round_index),
+        **explicit,
+    )
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(
+            isinstance(s, str) and s for s in stop):
+        raise bad_request("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    return tuple(stop)
+
+
+def _optional(body: dict[str, Any], name: str, kind: type) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = _is_int(value) if kind is int else isinstance(value, kind)
+    if not ok:
+        raise bad_request(f"'{name}' must be of type {kind.__name__}, got {value!r}", name)
+    return value
+
+
+def _number(body: dict[str, Any], name: str, default: float, low: float, high: float,
+            low_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_number(value) or value > high or value < low or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise bad_request(f"'{name}' must be a number in {interval}, got {value!r}", name)
+    return float(value)
+
+
+def _positive(table: dict[str, Any], name: str) -> float | None:
+    value = table.get(name)
+    if value is None:
+        return None
+    if not _is_number(value) or value <= 0:
+        raise bad_request(f"slo.{name} must be a positive number, got {value!r}", "slo")
+    return float(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
