@@ -50,3 +50,39 @@ def plot_attainment_curves(
     finally:
         plt.close(fig)
     return path
+
+
+def plot_capacity_bars(
+    capacities: dict[str, dict[str, float]], path: str | Path, ylabel: str = "capacity (req/s per GPU)",
+    title: str = "",
+) -> Path:
+    """Grouped bars: `capacities[scenario][policy]`, one group per scenario, one bar per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    scenarios = list(capacities)
+    policies = list(dict.fromkeys(p for row in capacities.values() for p in row))
+    if not scenarios or not policies:
+        raise ValueError("nothing to plot: no capacities")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width = 0.8 / len(policies)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.3 * len(scenarios) + 2), 4.0))
+    try:
+        for j, policy in enumerate(policies):
+            xs = [i - 0.4 + (j + 0.5) * width for i in range(len(scenarios))]
+            ys = [capacities[s].get(policy, 0.0) for s in scenarios]
+            ax.bar(xs, ys, width=width, label=policy)
+        ax.set_xticks(range(len(scenarios)), scenarios)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+        if title:
+            ax.set_title(title)
+        ax.legend(fontsize=8, ncol=min(3, len(policies)))
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path

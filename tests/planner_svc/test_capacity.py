@@ -143,3 +143,13 @@ def test_monotone_property_uses_rate_order():
     assert CapacityResult("p", 1.0, 1, 0.9, points, 2.0).monotone
     bumpy = points + (CapacityPoint(3.0, 0.8), CapacityPoint(3.5, 0.9))
     assert not CapacityResult("p", 1.0, 1, 0.9, bumpy, 2.0).monotone
+
+
+def test_capacity_bars_png(tmp_path):
+    from planner_svc.plots import plot_capacity_bars
+
+    path = plot_capacity_bars({"chatbot": {"a": 1.0, "b": 2.0}, "coder": {"a": 0.5}},
+                              tmp_path / "bars.png", title="t")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError):
+        plot_capacity_bars({}, tmp_path / "none.png")
