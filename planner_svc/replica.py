@@ -123,9 +123,10 @@ class ReplicaState:
         ids: set[str] = set()
         for step in plan.repeat:
             ids.update(step.num_tokens)
+        running_ids = self.running.keys()
         self.repeat_ids = frozenset(ids)
-        self.num_live_repeat = sum(1 for rid in self.repeat_ids if rid in self.running)
-        self.uncovered = {rid for rid in self.running if rid not in self.repeat_ids}
+        self.num_live_repeat = len(running_ids & ids)
+        self.uncovered = running_ids - ids
 
     def remove_running(self, request_id: str) -> RequestState | None:
         state = self.running.pop(request_id, None)

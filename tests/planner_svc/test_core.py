@@ -295,3 +295,58 @@ def test_real_baseline_factory_from_the_registry():
     core = PlannerCore([spec(0)], lambda s: registry.create("vllm_fcfs"))
     out = core.submit(make_req("a", prompt=100), 0.0)
     assert out.plans[0].plan.steps[0].num_tokens == {"a": 100}
+
+
+# ---------------------------------------------------------------- accessors, spec estimate, abort
+
+
+def test_acceptance_rate_estimate_moves_from_the_prior_to_the_reports():
+    seen = []
+
+    def fn(view):
+        seen.append(view.spec_acceptance_rate)
+        if view.waiting:
+            return Plan(steps=(Step({"a": 10}),), decisions={"a": Decision(Verdict.ADMITTED)})
+        return Plan(steps=(Step({"a": 1}, {"a": 4}),))
+
+    core = PlannerCore([spec(0, max_spec=4)], lambda s: Scripted(fn), spec_acceptance_prior=0.5)
+    core.submit(make_req("a", prompt=10, output=1000), 0.0)
+    assert seen == [0.5]
+    core.on_step(StepReport(0, 0, 0.0, 0.02, {"a": 10}, {"a": 1}, num_free_blocks=999), 0.02)
+    t = 0.02
+    for i in range(1, 200):  # every draft accepted
+        report = StepReport(0, i, t, t + 0.011, {"a": 5}, {"a": 5}, {"a": 4}, {"a": 4}, num_free_blocks=999)
+        t += 0.011
+        core.on_step(report, t)
+    # prior worth 20 proposals at 0.5, then 199 * 4 proposals all accepted
+    expected = (0.5 * 20 + 199 * 4) / (20 + 199 * 4)
+    assert core.replica(0).spec_acceptance_rate == pytest.approx(expected)
+    assert seen[-1] == pytest.approx(expected)  # the formulation sees it in its view
+
+
+def test_abort_frees_the_request_and_tells_the_engine():
+    core = core_with(admit_and_prefill)
+    core.submit(make_req("a", prompt=50, output=5), 0.0)
+    out = core.abort("a", 0.01)
+    assert out.aborts == [(0, "a")] and core.num_unfinished == 0
+    assert core.abort("unknown", 0.02).aborts == []
+
+
+def test_least_loaded_routing_and_added_replicas():
+    from planner_svc.router import LeastLoadedRouter
+
+    core = PlannerCore([spec(0)], lambda s: Scripted(admit_and_prefill), router=LeastLoadedRouter())
+    core.submit(make_req("a", prompt=50, output=50), 0.0)
+    core.add_replica(spec(1), 0.0)
+    out = core.submit(make_req("b", prompt=50, output=50), 0.0)
+    assert out.verdicts[0][1] == 1  # the new, empty replica
+    assert core.queue_lengths() == {0: (1, 0), 1: (1, 0)}
+    with pytest.raises(ValueError, match="already exists"):
+        core.add_replica(spec(1), 0.0)
+
+
+def test_duplicate_request_ids_are_refused():
+    core = core_with(admit_and_prefill)
+    core.submit(make_req("a"), 0.0)
+    with pytest.raises(ValueError, match="already being served"):
+        core.submit(make_req("a"), 0.1)
