@@ -8,13 +8,19 @@ the adapter (Python overhead, sampling, speculation) and works for any engine:
   - mixed steps: B decodes plus one prefill chunk of P tokens;
   - speculative steps (engines with a draft): B decodes each verifying s draft tokens.
 Each composition is timed in `num_repeats` interleaved rounds, each after an untimed warm-up
-step; the sample keeps the median. A sample's x is (Step.num_batched_tokens, Step.spec_steps), as the planner charges it.
+step; the sample keeps the median.
+
+Timers: "wall" takes the step time the engine reports (what the planner sees). "cpu" takes the
+process CPU time spent in `execute`: on a shared host other jobs stretch wall times by whole
+scheduler slices, while the CPU time of a single-threaded CPU engine is its step time on an idle
+host. Use "cpu" only for an engine that computes in this process with one thread. A sample's x is (Step.num_batched_tokens, Step.spec_steps), as the planner charges it.
 """
 
 from __future__ import annotations
 
 import itertools
 import statistics
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +29,8 @@ import numpy as np
 from engine_adapters.engine import Engine, EngineRequest
 from formulations.perf_model import FitResult, PerfModel, StepSample, fit_perf_model
 from formulations.plan import Step
+
+TIMERS = ("wall", "cpu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +85,12 @@ def best_fit(samples: Sequence[StepSample], max_num_lines: int, name: str) -> Fi
 
 
 class Profiler:
-    def __init__(self, engine: Engine, sweep: SweepConfig = SweepConfig()) -> None:
+    def __init__(self, engine: Engine, sweep: SweepConfig = SweepConfig(), timer: str = "wall") -> None:
+        if timer not in TIMERS:
+            raise ValueError(f"unknown timer {timer!r} (known: {', '.join(TIMERS)})")
         self.engine = engine
         self.sweep = sweep
+        self.timer = timer
         self.max_spec_tokens = engine.info().max_spec_tokens
         self._ids = itertools.count()
 
@@ -137,7 +148,9 @@ class Profiler:
         return rid
 
     def _execute(self, step: Step) -> float:
+        cpu_start_s = time.process_time()
         report = self.engine.execute(step, 0, 0)
+        cpu_s = time.process_time() - cpu_start_s
         if not report.ok:
             raise ValueError(f"profiling step failed: {report.error}")
-        return report.step_time_s
+        return cpu_s if self.timer == "cpu" else report.step_time_s

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a short sweep (smoke test)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 gives steadier times on a busy host")
+    parser.add_argument("--timer", default="wall", choices=("wall", "cpu"),
+                        help="wall: the reported step time; cpu: process CPU time per step "
+                             "(needs --device cpu --num-threads 1; immune to other jobs' load)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from engine_adapters.profiler import Profiler, SweepConfig
     from engine_adapters.torch_engine.engine import PERF_MODEL_FILE, TorchEngine
 
+    if args.timer == "cpu" and (args.device != "cpu" or args.num_threads != 1):
+        raise ValueError("--timer cpu needs --device cpu --num-threads 1")
     if args.num_threads is not None:
         import torch
 
@@ -42,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     )
     sweep = SweepConfig.quick() if args.quick else SweepConfig()
     name = f"{Path(args.model).resolve().name}-{args.device}"
-    result = Profiler(engine, sweep).run(max_num_lines=args.max_num_lines, name=name)
+    result = Profiler(engine, sweep, timer=args.timer).run(max_num_lines=args.max_num_lines, name=name)
     for m in result.measurements:
         s = m.sample
         predicted_ms = 1e3 * result.model.step_time_s(s.num_tokens, s.spec_steps)

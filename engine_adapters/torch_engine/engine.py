@@ -24,9 +24,9 @@ from engine_adapters.torch_engine.checkpoint import load_model, parse_dtype
 from engine_adapters.torch_engine.kv_cache import BLOCK_SIZE, OutOfBlocksError, num_blocks_for_budget
 from engine_adapters.torch_engine.model import LlamaForCausalLM
 from engine_adapters.torch_engine.model_runner import Chunk, ModelRunner
-from engine_adapters.torch_engine.sampling import SamplingParams, sample
+from engine_adapters.torch_engine.sampling import SamplingParams, probabilities, sample
 from engine_adapters.torch_engine.sequence import Sequence
-from engine_adapters.torch_engine.speculative import DraftProposer, verify
+from engine_adapters.torch_engine.speculative import DraftProposer, accept_greedy, accept_sampled
 from formulations.perf_model import PerfModel
 from formulations.plan import Step
 from planner_svc.progress import StepReport
@@ -274,8 +274,9 @@ class TorchEngine(Engine):
         try:
             self._propose(works)
             logits = self.target.run([self._chunk(w) for w in works])
-            for work, rows in zip(works, logits):
-                self._advance(work, rows, outcome)
+            argmax = _split(torch.cat(logits).argmax(-1).tolist(), [len(rows) for rows in logits])
+            for work, rows, best in zip(works, logits, argmax):
+                self._advance(work, rows, best, outcome)
         except (RuntimeError, OutOfBlocksError) as exc:  # e.g. device out of memory
             self._roll_back(saved)
             raise StepRefused(f"step failed and was rolled back: {exc}") from exc
@@ -296,16 +297,20 @@ class TorchEngine(Engine):
         num_logits = work.num_spec_tokens + 1 if work.samples else 0
         return Chunk(seq.request_id, new + work.draft_tokens, seq.num_computed_tokens, num_logits)
 
-    def _advance(self, work: _Work, logits: torch.Tensor, outcome: _Outcome) -> None:
-        """Apply the step's outcome to one request. logits: [num_spec + 1, V] when it samples."""
+    def _advance(self, work: _Work, logits: torch.Tensor, argmax: list[int], outcome: _Outcome) -> None:
+        """Apply the step's outcome to one request. logits: [num_spec + 1, V] when it samples,
+        argmax: their argmax tokens (computed for the whole batch at once)."""
         seq, rid = work.seq, work.seq.request_id
         num_known = seq.num_tokens
         if not work.samples:
             seq.num_computed_tokens += work.num_tokens
             outcome.num_computed_tokens[rid] = work.num_tokens
             return
-        if work.num_spec_tokens:
-            new, accepted = verify(work.draft_tokens, work.draft_probs, logits, seq.params, seq.generator)
+        if seq.params.is_greedy:
+            new, accepted = accept_greedy(work.draft_tokens, argmax)
+        elif work.num_spec_tokens:
+            target_probs = probabilities(logits, seq.params)
+            new, accepted = accept_sampled(work.draft_tokens, work.draft_probs, target_probs, seq.generator)
         else:
             new, accepted = sample(logits, seq.params, seq.generator).tolist(), 0
         new = self._cut_at_stop(seq, new)
@@ -372,3 +377,10 @@ class TorchEngine(Engine):
         low = max(self.config.bos_token_id, self.config.eos_token_id) + 1
         return [rng.randrange(low, self.config.vocab_size) for _ in range(request.num_prompt_tokens)]
 
+
+def _split(items: list[int], sizes: list[int]) -> list[list[int]]:
+    out, begin = [], 0
+    for size in sizes:
+        out.append(items[begin : begin + size])
+        begin += size
+    return out

@@ -28,21 +28,22 @@ def verify(
     draft_probs: [s, V] (None under greedy); target_logits: [s + 1, V].
     """
     if params.is_greedy:
-        return _verify_greedy(draft_tokens, target_logits)
-    return _verify_sampled(draft_tokens, draft_probs, probabilities(target_logits, params), generator)
+        return accept_greedy(draft_tokens, target_logits.argmax(-1).tolist())
+    return accept_sampled(draft_tokens, draft_probs, probabilities(target_logits, params), generator)
 
 
-def _verify_greedy(draft_tokens: list[int], target_logits: torch.Tensor) -> tuple[list[int], int]:
-    target_tokens = target_logits.argmax(-1).tolist()  # [s + 1]
+def accept_greedy(draft_tokens: list[int], target_tokens: list[int]) -> tuple[list[int], int]:
+    """Accept while d_i == the target's argmax t_i; then emit t_{accepted+1} (s = 0: just t_1)."""
     accepted = 0
     while accepted < len(draft_tokens) and draft_tokens[accepted] == target_tokens[accepted]:
         accepted += 1
     return target_tokens[: accepted + 1], accepted
 
 
-def _verify_sampled(
+def accept_sampled(
     draft_tokens: list[int], q: torch.Tensor, p: torch.Tensor, generator: torch.Generator
 ) -> tuple[list[int], int]:
+    """The rejection rule of the module docstring; q: [s, V] draft, p: [s + 1, V] target."""
     s = len(draft_tokens)
     idx = torch.arange(s, device=p.device)
     tokens = torch.tensor(draft_tokens, device=p.device)
@@ -85,12 +86,16 @@ class DraftProposer:
         probs: dict[str, list[torch.Tensor]] = {seq.request_id: [] for seq, _ in seqs_and_lengths}
         for j in range(max((s for _, s in seqs_and_lengths), default=0)):
             active = [seq for seq, s in seqs_and_lengths if s > j]
-            chunks = [self._chunk(seq, tokens[seq.request_id]) for seq in active]
-            for seq, logits in zip(active, self.runner.run(chunks)):
-                q = probabilities(logits, seq.params)  # [1, V]
-                token = logits.argmax(-1) if seq.params.is_greedy else draw(q, seq.generator)
-                tokens[seq.request_id].append(int(token))
-                probs[seq.request_id].append(q)
+            logits = self.runner.run([self._chunk(seq, tokens[seq.request_id]) for seq in active])
+            argmax = torch.cat(logits).argmax(-1).tolist()  # one batched op for greedy requests
+            for seq, rows, best in zip(active, logits, argmax):
+                if seq.params.is_greedy:
+                    token = best
+                else:
+                    q = probabilities(rows, seq.params)  # [1, V]
+                    token = int(draw(q, seq.generator))
+                    probs[seq.request_id].append(q)
+                tokens[seq.request_id].append(token)
                 seq.num_draft_computed_tokens = seq.num_tokens + j
         greedy = {seq.request_id: seq.params.is_greedy for seq, _ in seqs_and_lengths}
         return {
