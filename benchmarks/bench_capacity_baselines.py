@@ -37,7 +37,8 @@ def default_policies() -> list[str]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", default=None, help="comma-separated (default: baselines + slos_dp)")
+    parser.add_argument("--policies", default=None,
+                        help="comma-separated (default: the baselines + slos_dp)")
     parser.add_argument("--scenarios", default=",".join(SCENARIO_NAMES))
     parser.add_argument("--num-requests", type=int, default=200, help="trace window per run")
     parser.add_argument("--seed", type=int, default=0)
@@ -106,13 +107,14 @@ def section_markdown(table: str, args: argparse.Namespace, wall_s: float, result
     notes = ", ".join(non_monotone) if non_monotone else "none"
     return f"""## Serving capacity of the baselines (simulated, {PERF_MODEL})
 
-Capacity = the highest arrival rate at which at least 90% of the requests (a tool chain counts once)
-attain every stage SLO, in **req/s per GPU** (a replica of this model uses 2 GPUs; DistServe runs one
-prefill and one decode replica, 4 GPUs). Found by binary search over the rate in the virtual-time
-simulator (search from {args.min_rate}..{args.max_rate} req/s, expanded when a bound still attains
-or fails, stopped when the bracket is under {args.tolerance} req/s or {100 * args.relative_tolerance:.0f}%
-of its upper end). Every point is one simulated run of a **{args.num_requests}-request window** of the
-scenario (trace rows from the start of the trace; seed {args.seed}), rescaled to the rate.
+Capacity = the highest arrival rate at which at least 90% of the requests (a tool chain counts
+once) attain every stage SLO, in **req/s per GPU** (a replica of this model uses 2 GPUs; DistServe
+runs one prefill and one decode replica, 4 GPUs). Found by binary search over the rate in the
+virtual-time simulator (search from {args.min_rate}..{args.max_rate} req/s, expanded when a bound
+still attains or fails, stopped when the bracket is under {args.tolerance} req/s or
+{100 * args.relative_tolerance:.0f}% of its upper end). Every point is one simulated run of a
+**{args.num_requests}-request window** of the scenario (trace rows from the start of the trace;
+seed {args.seed}), rescaled to the rate.
 
 {table}
 

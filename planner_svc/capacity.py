@@ -55,7 +55,9 @@ class SearchParams:
         if not self.tolerance_rps > 0:
             raise ValueError(f"the tolerance must be positive, got {self.tolerance_rps!r}")
         if self.relative_tolerance is not None and not 0 < self.relative_tolerance < 1:
-            raise ValueError(f"relative_tolerance must be in (0, 1), got {self.relative_tolerance!r}")
+            raise ValueError(
+                f"relative_tolerance must be in (0, 1), got {self.relative_tolerance!r}"
+            )
 
     def tolerance_at(self, high_rps: float) -> float:
         """Bracket width at which the bisection below `high_rps` stops."""
@@ -92,7 +94,7 @@ class CapacityResult:
 
     @property
     def monotone(self) -> bool:
-        """Whether attainment never rose with the rate (beyond MONOTONE_SLACK) at the points seen."""
+        """Whether attainment never rose with the rate (beyond MONOTONE_SLACK) at the points."""
         ordered = sorted(self.points, key=lambda p: p.rate_rps)
         return all(
             later.attainment <= earlier.attainment + MONOTONE_SLACK

@@ -13,7 +13,13 @@ from typing import Any
 from formulations import registry
 from formulations.perf_model import PerfModel, perf_model_preset
 from planner_svc.report import RunReport, build_report
-from planner_svc.workloads import TraceWindow, WorkloadOptions, build_workload, trace_workload
+from planner_svc.workloads import (
+    BurstParams,
+    TraceWindow,
+    WorkloadOptions,
+    build_workload,
+    trace_workload,
+)
 from planner_svc.workloads.workload import Workload
 
 
@@ -55,6 +61,7 @@ class Experiment:
     start_index: int = 0
     seed: int = 0
     arrivals: str | None = None
+    mean_burst_size: float = 4.0  # for bursty arrivals
     max_model_len: int = 8192
     sim_params: dict[str, Any] = field(default_factory=dict)  # extra SimConfig fields
 
@@ -92,6 +99,7 @@ class Experiment:
             start_index=self.start_index,
             seed=self.seed,
             arrivals=self.arrivals,
+            burst=BurstParams(self.mean_burst_size),
             max_model_len=self.max_model_len,
             max_spec_tokens=self.max_spec_tokens,
         )

@@ -53,7 +53,9 @@ def plot_attainment_curves(
 
 
 def plot_capacity_bars(
-    capacities: dict[str, dict[str, float]], path: str | Path, ylabel: str = "capacity (req/s per GPU)",
+    capacities: dict[str, dict[str, float]],
+    path: str | Path,
+    ylabel: str = "capacity (req/s per GPU)",
     title: str = "",
 ) -> Path:
     """Grouped bars: `capacities[scenario][policy]`, one group per scenario, one bar per policy."""

@@ -24,8 +24,12 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spec", type=int, default=0, metavar="K",
                         help="largest speculation length (0: no draft model)")
+    parser.add_argument("--duration", type=float, default=None, metavar="S",
+                        help="keep only requests arriving in the first S seconds")
     parser.add_argument("--arrivals", choices=("trace", "poisson", "bursty"), default=None,
                         help="override the scenario's arrival process")
+    parser.add_argument("--burst-size", type=float, default=4.0,
+                        help="mean burst size of --arrivals bursty (geometric)")
     parser.add_argument("--max-model-len", type=int, default=8192,
                         help="context length: longer sequences are dropped and counted")
 
@@ -50,6 +54,8 @@ def experiment_from_args(args: argparse.Namespace):
         start_index=args.start,
         seed=args.seed,
         arrivals=args.arrivals,
+        mean_burst_size=args.burst_size,
+        duration_s=args.duration,
         max_model_len=args.max_model_len,
     )
 
@@ -70,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rate is not None and not args.rate > 0:
         raise CliError(f"--rate must be a positive number of req/s, got {args.rate}")
     if args.rate is None and args.trace is None:
-        raise CliError("--rate is required for a scenario (only a --trace replays its own timestamps)")
+        raise CliError("--rate is required for a scenario (a --trace may replay its own timestamps)")
     report, result = experiment.run(args.policy, args.rate)
     if args.json:
         data = report.to_dict()

@@ -109,7 +109,9 @@ def _trace_candidates(trace: str, slo_class: str) -> Callable[..., _Candidates]:
             load_trace(trace), window, options.max_total_tokens, lambda row: row.num_total_tokens
         )
         items: list[TraceItem] = [
-            TraceRequest(row.arrival_s or 0.0, row.num_prompt_tokens, row.num_output_tokens, slo_class)
+            TraceRequest(
+                row.arrival_s or 0.0, row.num_prompt_tokens, row.num_output_tokens, slo_class
+            )
             for row in rows
         ]
         has_times = bool(rows) and rows[0].arrival_s is not None
@@ -148,7 +150,11 @@ def _synthetic_candidates(
 def _reasoning_sample(options: WorkloadOptions, rng: np.random.Generator) -> tuple[TraceItem, int]:
     (s,) = sample_reasoning(1, rng, options.reasoning)
     item = TraceRequest(
-        0.0, s.num_prompt_tokens, s.num_output_tokens, options.reasoning.slo_class, s.num_thinking_tokens
+        arrival_s=0.0,
+        num_prompt_tokens=s.num_prompt_tokens,
+        num_output_tokens=s.num_output_tokens,
+        slo_class=options.reasoning.slo_class,
+        num_thinking_tokens=s.num_thinking_tokens,
     )
     return item, s.num_total_tokens
 
@@ -187,7 +193,7 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "tool_agent",
-            "synthetic, ToolBench-shaped agents of 2-5 rounds with tool delays; Poisson first rounds",
+            "synthetic, ToolBench-shaped agents of 2-5 rounds with tool delays; Poisson starts",
             "poisson",
             _synthetic_candidates(_tool_agent_sample),
         ),
@@ -223,7 +229,8 @@ def _build_mixed(perf_model: PerfModel, options: WorkloadOptions) -> Workload:
     for i, name in enumerate(SCENARIOS):
         num_part = None
         if options.num_requests is not None:
-            num_part = options.num_requests // num_scenarios + (i < options.num_requests % num_scenarios)
+            num_part, remainder = divmod(options.num_requests, num_scenarios)
+            num_part += i < remainder
             if num_part == 0:
                 continue
         seed = int(np.random.SeedSequence([options.seed, i]).generate_state(1)[0])
@@ -285,7 +292,9 @@ def _assemble(
     )
 
 
-def _request(item: TraceRequest, request_id: str, arrival_s: float, perf_model: PerfModel) -> Request:
+def _request(
+    item: TraceRequest, request_id: str, arrival_s: float, perf_model: PerfModel
+) -> Request:
     return make_request(
         request_id,
         arrival_s,
@@ -317,7 +326,9 @@ def trace_workload(
         items, window, max_total_tokens, _item_total_tokens
     )
     if not kept:
-        raise ValueError(f"{path}: no request of the window fits the context ({max_total_tokens} tokens)")
+        raise ValueError(
+            f"{path}: no request of the window fits the context ({max_total_tokens} tokens)"
+        )
     candidates = _Candidates(kept, dropped_before, num_dropped, [item.arrival_s for item in kept])
     if rate_rps is None:
         arrivals_s = [item.arrival_s - kept[0].arrival_s for item in kept]

@@ -48,11 +48,12 @@ def sample_tool_chain(
     rounds = []
     for k in range(num_rounds):
         if k == 0:
-            new_prompt = rng.integers(params.min_first_prompt_tokens, params.max_first_prompt_tokens + 1)
+            low, high = params.min_first_prompt_tokens, params.max_first_prompt_tokens
             delay_s = 0.0
         else:
-            new_prompt = rng.integers(params.min_tool_result_tokens, params.max_tool_result_tokens + 1)
+            low, high = params.min_tool_result_tokens, params.max_tool_result_tokens
             delay_s = float(rng.uniform(params.min_tool_delay_s, params.max_tool_delay_s))
+        new_prompt = rng.integers(low, high + 1)
         output = rng.integers(params.min_output_tokens, params.max_output_tokens + 1)
         rounds.append(ToolRound(int(new_prompt), int(output), delay_s))
     return ToolChain(chain_id=chain_id, arrival_s=float(arrival_s), rounds=tuple(rounds))

@@ -47,6 +47,17 @@ def test_simulate_replays_a_user_trace(tmp_path, capsys):
     assert data["attainment"] == 1.0
 
 
+def test_simulate_with_a_profiled_perf_model_and_bursty_window(tmp_path, capsys):
+    model = tmp_path / "perf_model.json"
+    model.write_text(json.dumps({"name": "fitted", "lines": [[5e-5, 0.0, 0.02]]}))
+    assert main(["simulate", "--scenario", "summarizer", "--policy", "edf", "--rate", "1",
+                 "--perf-model", str(model), "--arrivals", "bursty", "--burst-size", "3",
+                 "--duration", "10", "--num-requests", "100", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["simulation"]["num_gpus"] == 1  # an unknown model runs on one GPU per replica
+    assert 0 < data["num_items"] < 100  # the 10 s window holds about 10 requests
+
+
 def test_capacity_writes_json_and_plot(tmp_path, capsys):
     out_dir = tmp_path / "cap"
     code = main(["capacity", "--scenario", "summarizer", "--policy", "vllm_fcfs",
@@ -84,6 +95,8 @@ def test_capacity_writes_json_and_plot(tmp_path, capsys):
         (["capacity", "--target", "1.5"], "target"),
         (["capacity", "--min-rate", "-1"], "rates must satisfy"),
         (["capacity", "--scenario", "nope"], "unknown scenario"),
+        (["simulate", "--rate", "1", "--burst-size", "0.5"], "mean_burst_size"),
+        (["simulate", "--rate", "1", "--duration", "-1"], "duration must be positive"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
@@ -95,8 +108,9 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 
 def test_malformed_trace_row_names_file_and_line(tmp_path, capsys):
     trace = tmp_path / "bad.jsonl"
-    trace.write_text('{"arrival_s": 0, "prompt_tokens": 10, "output_tokens": 2, "slo_class": "coder"}\n'
-                     '{"arrival_s": 1, "prompt_tokens": -3, "output_tokens": 2, "slo_class": "coder"}\n')
+    good = '{"arrival_s": 0, "prompt_tokens": 10, "output_tokens": 2, "slo_class": "coder"}'
+    bad = '{"arrival_s": 1, "prompt_tokens": -3, "output_tokens": 2, "slo_class": "coder"}'
+    trace.write_text(good + "\n" + bad + "\n")
     assert main(["simulate", "--trace", str(trace)]) == 2
     err = capsys.readouterr().err
     assert f"{trace}:2: prompt_tokens must be an integer >= 1" in err

@@ -72,7 +72,8 @@ def test_tool_chain_counts_once_and_needs_every_round():
     partial = chain("partial", 3)
     one_miss = chain("miss", 2)
     records = [
-        record(make_request("full#r0", 0.0, slo_class="tool_agent", chain_id="full"), [0.1, 0.2, 0.3]),
+        record(make_request("full#r0", 0.0, slo_class="tool_agent", chain_id="full"),
+               [0.1, 0.2, 0.3]),
         record(make_request("full#r1", 1.0, slo_class="tool_agent", chain_id="full", k=1),
                [1.1, 1.2, 1.3]),
         # partial: only 2 of its 3 rounds ran (both fine)
@@ -81,7 +82,8 @@ def test_tool_chain_counts_once_and_needs_every_round():
         record(make_request("partial#r1", 1.0, slo_class="tool_agent", chain_id="partial", k=1),
                [1.1, 1.2, 1.3]),
         # miss: round 1 was rejected
-        record(make_request("miss#r0", 0.0, slo_class="tool_agent", chain_id="miss"), [0.1, 0.2, 0.3]),
+        record(make_request("miss#r0", 0.0, slo_class="tool_agent", chain_id="miss"),
+               [0.1, 0.2, 0.3]),
         record(make_request("miss#r1", 1.0, slo_class="tool_agent", chain_id="miss", k=1), [],
                Verdict.REJECTED),
     ]

@@ -273,7 +273,8 @@ def test_malformed_csv_names_file_and_line(tmp_path, text, problem):
         ("{not json", ":2: not valid JSON"),
         ("[1, 2]", ":2: expected a JSON object"),
         ('{"arrival_s": 0, "rounds": []}', ":2: rounds must be a non-empty list"),
-        ('{"arrival_s": 0, "rounds": [{"prompt_tokens": 5}]}', ":2: round 1: missing output_tokens"),
+        ('{"arrival_s": 0, "rounds": [{"prompt_tokens": 5}]}',
+         ":2: round 1: missing output_tokens"),
     ],
 )
 def test_malformed_jsonl_names_file_and_line(tmp_path, line, problem):
