@@ -34,8 +34,8 @@ TARGET_SPEEDUP = 1000.0
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", default=",".join(BASELINES))
-    parser.add_argument("--num-requests", type=int, default=2000, help="requests in the timed run")
-    parser.add_argument("--search-requests", type=int, default=300, help="requests per search run")
+    parser.add_argument("--num-requests", type=int, default=1000, help="requests in the timed run")
+    parser.add_argument("--search-requests", type=int, default=1000, help="requests per search run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     return parser.parse_args(argv)

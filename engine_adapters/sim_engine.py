@@ -151,15 +151,12 @@ class SimEngine(Engine):
 
     def execute(self, step: Step, replica_id: int, step_id: int) -> StepReport:
         start_s = self.clock()
-        problem = self._check(step)
+        problem, num_context_tokens = self._check(step)
         if problem:
             return StepReport(
                 replica_id, step_id, start_s, start_s,
                 num_free_blocks=self._num_free_blocks, error=problem,
             )
-        num_context_tokens = 0
-        for rid in step.num_tokens:
-            num_context_tokens += self._seqs[rid].num_computed
         time_s = self.truth.step_time_s(step.num_batched_tokens, step.spec_steps, num_context_tokens)
         report = self._apply(step, replica_id, step_id, start_s, start_s + time_s)
         if self.sleep is not None:
@@ -246,28 +243,33 @@ class SimEngine(Engine):
 
     # ------------------------------------------------------------------ internals
 
-    def _check(self, step: Step) -> str:
-        """Why the step cannot run as planned ('' when it can), reserving nothing."""
+    def _check(self, step: Step) -> tuple[str, int]:
+        """Why the step cannot run as planned ('' when it can), reserving nothing; and the step's
+        context tokens (cached tokens of its requests before it runs)."""
         seqs = self._seqs
         block_size = self.block_size
         spec = step.num_spec_tokens
         num_needed_blocks = 0
+        num_context_tokens = 0
         for rid, num_tokens in step.num_tokens.items():
             seq = seqs.get(rid)
             if seq is None:
-                return f"unknown request {rid!r}"
-            pending = seq.num_prompt + seq.num_generated - seq.num_computed
+                return f"unknown request {rid!r}", 0
+            computed = seq.num_computed
+            pending = seq.num_prompt + seq.num_generated - computed
             if not 1 <= num_tokens <= pending:
-                return f"request {rid!r}: {num_tokens} tokens planned, {pending} pending"
+                return f"request {rid!r}: {num_tokens} tokens planned, {pending} pending", 0
             num_spec = spec.get(rid, 0) if spec else 0
             if num_spec and (num_spec > self.max_spec_tokens or pending != 1 or not seq.num_generated):
-                return f"request {rid!r}: {num_spec} speculative tokens not allowed"
-            blocks = -(-(seq.num_computed + num_tokens + num_spec) // block_size)
+                return f"request {rid!r}: {num_spec} speculative tokens not allowed", 0
+            blocks = -(-(computed + num_tokens + num_spec) // block_size)
             if blocks > seq.num_blocks:
                 num_needed_blocks += blocks - seq.num_blocks
+            num_context_tokens += computed
         if num_needed_blocks > self._num_free_blocks:
-            return f"out of KV blocks: step needs {num_needed_blocks}, {self._num_free_blocks} free"
-        return ""
+            problem = f"out of KV blocks: step needs {num_needed_blocks}, {self._num_free_blocks} free"
+            return problem, 0
+        return "", num_context_tokens
 
     def _apply(self, step: Step, replica_id: int, step_id: int, start_s: float, end_s: float) -> StepReport:
         seqs = self._seqs

@@ -260,6 +260,8 @@ class Simulation:
             now_s, _, kind, payload = heapq.heappop(heap)
             if now_s > end_s:
                 break
+            if self._is_stale(kind, payload):
+                continue  # a superseded timer or cruise end: nothing happens then
             self.clock.now_s = now_s
             self.last_event_s = now_s
             handlers[kind](now_s, payload)
@@ -281,6 +283,14 @@ class Simulation:
             num_gpus=len(self.specs) * self.config.gpus_per_replica(),
             num_fast_forward_steps=self.num_fast_forward_steps,
         )
+
+    def _is_stale(self, kind: int, payload: Any) -> bool:
+        if kind == _TIMER:
+            return self._timer_at != payload
+        if kind == _CRUISE:
+            runner = self.runners.get(payload[0])
+            return runner is None or runner.cruise is not payload[1]
+        return False
 
     def _end_time(self, first_s: float) -> float:
         if self.config.max_sim_time_s is not None:

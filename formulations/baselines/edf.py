@@ -25,8 +25,26 @@ from formulations.registry import register
 from formulations.state import ReplicaView, RequestState
 
 
-def deadline_order(queue: list[RequestState]) -> list[RequestState]:
-    return sorted(queue, key=lambda s: (s.next_token_deadline_s, s.request.arrival_s, s.request_id))
+def deadline_order(queue: list[RequestState], cache: dict[str, tuple[int, float]]) -> list[RequestState]:
+    """Earliest next deadline first (ties: arrival, then id). `cache` maps a request id to
+    (output tokens so far, next deadline) from the previous call: a deadline changes only when a
+    token is produced. It is rebuilt with the current requests only."""
+    keyed = []
+    fresh: dict[str, tuple[int, float]] = {}
+    for s in queue:
+        request = s.request
+        rid = request.request_id
+        cached = cache.get(rid)
+        if cached is not None and cached[0] == s.num_generated_tokens:
+            deadline_s = cached[1]
+        else:
+            deadline_s = s.next_token_deadline_s
+        fresh[rid] = (s.num_generated_tokens, deadline_s)
+        keyed.append((deadline_s, request.arrival_s, rid, s))
+    cache.clear()
+    cache.update(fresh)
+    keyed.sort(key=lambda k: k[:3])
+    return [k[3] for k in keyed]
 
 
 @register("edf")
@@ -35,13 +53,14 @@ class Edf(Formulation):
         if max_num_seqs < 1:
             raise ValueError("max_num_seqs must be positive")
         self.max_num_seqs = max_num_seqs
+        self._deadline_cache: dict[str, tuple[int, float]] = {}  # see deadline_order
 
     def plan(self, view: ReplicaView) -> Plan:
         decisions = admit_by_memory(view)
         queue = queue_order(view, decisions)
         if not queue:
             return Plan(decisions=decisions)
-        return self._one_step(view, decisions, deadline_order(queue))
+        return self._one_step(view, decisions, deadline_order(queue, self._deadline_cache))
 
     def _one_step(self, view: ReplicaView, decisions, order: list[RequestState]) -> Plan:
         step_budget = budget = tpot_budget(view, order)
@@ -55,8 +74,15 @@ class Edf(Formulation):
             rid = state.request_id
             if rid in preempted:
                 continue
-            n = 1 if state.is_decoding else min(state.num_pending_tokens, budget)
-            if state.num_computed_tokens == 0:
+            request = state.request
+            computed = state.num_computed_tokens
+            n = min(request.num_prompt_tokens + state.num_generated_tokens - computed, budget)
+            # Fast path (most decodes): the blocks it holds have room for n more tokens.
+            if rid not in ledger.touched and -(-(computed + n) // ledger.block_size) <= state.num_blocks:
+                num_tokens[rid] = n
+                budget -= n
+                continue
+            if computed == 0:
                 if ledger.try_grow(state, n):
                     num_tokens[rid] = n
                     budget -= n

@@ -142,5 +142,6 @@ def test_fast_forward_gives_the_same_run_as_single_steps(policy, num_replicas):
     assert fast_records == slow_records
     assert fast.num_steps == slow.num_steps
     assert fast.num_replans == slow.num_replans
+    assert fast.sim_duration_s == slow.sim_duration_s
     assert all(r.finished for r in fast.records)
     assert slow.num_fast_forward_steps == 0 and fast.num_fast_forward_steps > 0
