@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
@@ -57,11 +58,15 @@ class AdapterStats:
     num_step_errors: int = 0
     num_connects: int = 0
     num_rejected_frames: int = 0
+    num_late_plans: int = 0  # of finished connections (see PlanQueue for the current one)
+    num_duplicate_plans: int = 0
     num_ack_timeouts: int = 0  # reports the planner did not answer within plan_grace_s
     busy_s: float = 0.0
     plan_wait_s: float = 0.0
     idle_s: float = 0.0
     rejected_reasons: list[str] = field(default_factory=list)
+    # Report -> answer (plan or acknowledgement) round trips, engine clock; the last 100k kept.
+    answer_latencies_s: deque = field(default_factory=lambda: deque(maxlen=100_000))
 
     @property
     def plan_wait_fraction(self) -> float:
@@ -138,9 +143,13 @@ class EngineAdapter:
         self.stop_event.set()
 
     def _reset_session(self) -> None:
+        if hasattr(self, "queue"):  # keep the counts of the previous connection
+            self.stats.num_late_plans += self.queue.num_late_plans
+            self.stats.num_duplicate_plans += self.queue.num_duplicate_plans
         self.queue = PlanQueue()
         self.live: dict[str, _Tally] = {}  # requests registered with the engine, unfinished
         self._awaiting_ack: int | None = None  # step id whose report the planner has not answered
+        self._last_report: tuple[int, float] = (-1, 0.0)  # (step id, time sent)
         self._ack_deadline_s = 0.0
 
     def _drop_all_requests(self) -> None:
@@ -229,6 +238,8 @@ class EngineAdapter:
             log.warning("rejected frame from planner: %s", exc)
             return
         ack = getattr(message, "ack_step_id", None)
+        if ack is not None and ack == self._last_report[0]:
+            self.stats.answer_latencies_s.append(time.monotonic() - self._last_report[1])
         if ack is not None and self._awaiting_ack is not None and ack >= self._awaiting_ack:
             self._awaiting_ack = None
         if isinstance(message, P.PlanMsg):
@@ -305,6 +316,7 @@ class EngineAdapter:
                 report, self.config.engine_id, self.queue.current_plan_id, self.queue.num_late_plans
             )
         )
+        self._last_report = (step_id, time.monotonic())
         if self.config.plan_grace_s > 0:
             self._awaiting_ack = step_id
             self._ack_deadline_s = time.monotonic() + self.config.plan_grace_s

@@ -249,13 +249,13 @@ class PlannerDaemon:
         """Feed the report to the core and answer it at once: with the new plan it caused, or
         with an acknowledgement, so that the engine need not wait out its grace period."""
         report = P.progress_to_report(progress, link.replica_id, now_s)
-        self.metrics.step_time_measured.labels(link.engine_id).observe(progress.step_time_s)
-        self._stream_tokens(report, now_s)
         self._unanswered = (link.replica_id, progress.step_id)
         self._apply("on_step", self.core.on_step, report, now_s)
         if self._unanswered is not None and link.identity in self.engines:
             self._send_engine(link, P.Heartbeat("planner", now_s, ack_step_id=progress.step_id))
         self._unanswered = None
+        self._stream_tokens(report, now_s)  # after the engine's answer: it is the one waiting
+        self.metrics.step_time_measured.labels(link.engine_id).observe(progress.step_time_s)
 
     def _check_engines(self, now_s: float) -> None:
         silence_limit_s = self.config.liveness * self.config.heartbeat_interval_s

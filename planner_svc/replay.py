@@ -34,11 +34,14 @@ def replay(
     workload: Workload,
     drain_timeout_s: float = 30.0,
     summary_every_s: float = 1.0,
-    out: TextIO | None = sys.stdout,
+    show_summary: bool = True,
+    out: TextIO | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> ReplayResult:
     """Submit `workload` in real time, wait up to `drain_timeout_s` after the last arrival for
-    requests to finish, and return their records."""
+    requests to finish, and return their records. The live summary goes to `out` (default: the
+    current sys.stdout) unless `show_summary` is False."""
+    out = (out or sys.stdout) if show_summary else None
     start_s = time.monotonic()
     first_s = min([r.arrival_s for r in workload.requests] + [c.arrival_s for c in workload.chains],
                   default=0.0)

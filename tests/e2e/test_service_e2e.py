@@ -108,7 +108,7 @@ def attainment(records) -> float:
 def test_service_attainment_matches_the_simulator(service_factory, formulation):
     workload = short_workload()
     service = service_factory(formulation=formulation)
-    result = replay(service.client, workload, drain_timeout_s=20, out=None)
+    result = replay(service.client, workload, drain_timeout_s=20, show_summary=False)
     assert result.num_unfinished == 0
     assert all(r.verdict is not None for r in result.records)
     assert all(r.finished for r in result.records if r.verdict.value != "rejected")
