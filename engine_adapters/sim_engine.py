@@ -169,9 +169,10 @@ class SimEngine(Engine):
 
     def repeatable_steps(self, step: Step) -> int:
         """How many times `step` can run back to back with every run identical: 0 unless the truth
-        model is exact (constant step time), the step is plain decodes (one token each, no
-        drafts), and the blocks for all those runs are free; else the runs until the first of its
-        requests finishes."""
+        model is exact (constant step time) and the step is plain decodes (one token each, no
+        drafts); else the runs until the first of its requests finishes or until the free blocks
+        would not cover the next run (the most runs r with sum_i max(0, ceil((c_i + r) / B) - b_i)
+        <= free, found by bisection: the sum grows with r)."""
         if not self.truth.is_exact or step.num_spec_tokens:
             return 0
         seqs = self._seqs
@@ -185,13 +186,25 @@ class SimEngine(Engine):
             remaining = seq.max_new_tokens - seq.num_generated
             if remaining < num_runs:
                 num_runs = remaining
+        if self._blocks_for_runs(members, num_runs) <= self._num_free_blocks:
+            return num_runs
+        low, high = 0, num_runs  # low runs fit, high runs do not
+        while high - low > 1:
+            mid = (low + high) // 2
+            if self._blocks_for_runs(members, mid) <= self._num_free_blocks:
+                low = mid
+            else:
+                high = mid
+        return low
+
+    def _blocks_for_runs(self, members: list[_Sequence], num_runs: int) -> int:
         block_size = self.block_size
         num_needed_blocks = 0
         for seq in members:
             extra = -(-(seq.num_computed + num_runs) // block_size) - seq.num_blocks
             if extra > 0:
                 num_needed_blocks += extra
-        return num_runs if num_needed_blocks <= self._num_free_blocks else 0
+        return num_needed_blocks
 
     def reserve_repeat(self, step: Step, num_steps: int) -> None:
         """Take now the blocks `num_steps` runs of a repeatable step will need (so that KV arriving

@@ -5,11 +5,10 @@ Memory-only admission: every waiting request whose whole context (prompt plus ou
 in the replica's KV pool is ADMITTED at once (for these baselines "admitted" means "queued"; no SLO
 check); one that could never fit is REJECTED.
 
-Steady decode (`plan_step`): when after the step every request is decoding, all of them fit one
-step, and the free blocks cover every request's growth to its last token, the one-step decision of
-these baselines is "decode everyone" at every later step until something arrives or finishes; the
-plan then carries that decode step as its repeat cycle (the engine skips finished requests), so
-the core is not called every step.
+Steady decode (`plan_step`): when after the step every request is decoding and all of them fit one
+step, the one-step decision of these baselines is "decode everyone" at every later step until
+something arrives or finishes or the KV blocks run out; the plan then carries that decode step as
+its repeat cycle (the engine skips finished requests), so the core is not called every step.
 """
 
 from __future__ import annotations
@@ -91,11 +90,12 @@ def plan_step(
     exactly what the baseline would decide at every later step until the next event:
 
     after the step every request in `queue` is decoding (or done): no prompt or recompute is left
-    partial or unstarted; nothing was preempted; all of them fit one step (`max_num_decodes`: the
-    token budget and the sequence cap); and the free blocks left after the step cover every
-    request's growth to its last cached token (max_num_tokens - 1), so no later step can run out
-    of memory. Then every later step decodes everyone, whatever the policy's order. When the step
-    itself is that decode step, the plan is just the cycle (no explicit step).
+    partial or unstarted; nothing was preempted; and all of them fit one step (`max_num_decodes`:
+    the token budget and the sequence cap). Then every later step decodes everyone, whatever the
+    policy's order, for as long as the KV blocks last. Running out of blocks is itself an event:
+    the engine refuses that step (all or nothing, no time passes), the core re-plans at once, and
+    the baseline then preempts exactly as it would have in that step. When the step itself is the
+    decode step, the plan is just the cycle (no explicit step).
     """
     if not num_tokens:
         return Plan(decisions=decisions, preempt=tuple(preempted))
@@ -113,10 +113,7 @@ def plan_step(
 def _decode_tail(
     queue: Sequence[RequestState], num_tokens: dict[str, int], ledger: BlockLedger, max_num_decodes: int
 ) -> dict[str, int] | None:
-    block_size = ledger.block_size
-    touched = ledger.touched
     tail: dict[str, int] = {}
-    growth = 0
     for s in queue:
         request = s.request
         rid = request.request_id
@@ -128,8 +125,6 @@ def _decode_tail(
         elif n != 0 or pending != 1 or not s.num_generated_tokens:
             return None  # a prompt (or recompute) stays unfinished
         tail[rid] = 1
-        peak = -(-(request.num_prompt_tokens + request.num_output_tokens - 1) // block_size)
-        growth += peak - touched.get(rid, s.num_blocks)
-    if len(tail) > max_num_decodes or growth > ledger.num_free_blocks:
+    if len(tail) > max_num_decodes:
         return None
     return tail

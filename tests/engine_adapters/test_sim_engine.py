@@ -138,3 +138,18 @@ def test_sleeping_engine_uses_the_wall_clock_hook():
     report = engine.execute(Step({"a": 4}), 0, 0)
     assert slept == [0.25] and report.end_s == 0.25
     assert len(report.new_token_ids["a"]) == 1
+
+
+def test_repeatable_steps_stop_before_the_blocks_run_out():
+    engine = make_engine(num_blocks=6, block_size=4)
+    for rid in ("a", "b"):
+        engine.add_request(EngineRequest(rid, 4, 100))
+        engine.execute(Step({rid: 4}), 0, 0)  # 4 cached tokens: 1 full block each, 4 free
+    step = Step({"a": 1, "b": 1})
+    # each run caches one more token per request; blocks needed after r runs: 2 * ceil(r / 4)
+    runs = engine.repeatable_steps(step)
+    assert runs == 8  # 2 * ceil(8 / 4) = 4 <= 4 free, 9 runs would need 6
+    report = engine.execute_repeated(step, 0, 8, runs, start_s=0.0)
+    assert report.num_new_tokens == {"a": 8, "b": 8} and report.num_free_blocks == 0
+    assert "out of KV blocks" in engine.execute(step, 0, 9).error
+    assert report.end_s == pytest.approx(8 * SIMPLE_MODEL.step_time_s(2))

@@ -92,9 +92,19 @@ def test_vllm_fcfs_steady_decode_is_a_repeat_cycle():
     plan = f.plan(view(running=[decoding("a"), decoding("b")]))
     assert plan.steps == () and len(plan.repeat) == 1
     assert dict(plan.repeat[0].num_tokens) == {"a": 1, "b": 1}
-    # not steady when memory cannot hold every request to its end: one step only
+    # still the cycle when memory will run out: the engine refuses the step that does not fit
     plan = f.plan(view(running=[decoding("a", output=500), decoding("b", output=500)], free=2))
-    assert plan.repeat == () and only_step(plan) == {"a": 1, "b": 1}
+    assert plan.steps == () and dict(plan.repeat[0].num_tokens) == {"a": 1, "b": 1}
+    # not steady while a prompt is unfinished: one step, then a re-plan
+    plan = f.plan(view(running=[decoding("a"), state("p", prompt=3000, computed=100)]))
+    assert plan.repeat == () and only_step(plan) == {"a": 1, "p": 2047}
+
+
+def test_decode_tail_after_a_finishing_prefill():
+    f = registry.create("vllm_fcfs")
+    plan = f.plan(view(running=[decoding("a")], waiting_=[waiting("w", prompt=300)]))
+    assert only_step(plan) == {"a": 1, "w": 300}
+    assert dict(plan.repeat[0].num_tokens) == {"a": 1, "w": 1}  # both decode from then on
 
 
 # ---------------------------------------------------------------- vllm_prefill_first
