@@ -58,7 +58,7 @@ class Experiment:
     max_spec_tokens: int = 0
     num_requests: int | None = 300
     duration_s: float | None = None
-    start_index: int = 0
+    start_index: int | None = None  # None: the scenario's default window start
     seed: int = 0
     arrivals: str | None = None
     mean_burst_size: float = 4.0  # for bursty arrivals
@@ -86,7 +86,7 @@ class Experiment:
                 self.trace_path,
                 perf_model,
                 rate_rps=rate_rps,
-                window=TraceWindow(self.start_index, self.num_requests),
+                window=TraceWindow(self.start_index or 0, self.num_requests),
                 max_model_len=self.max_model_len,
                 max_spec_tokens=self.max_spec_tokens,
             )

@@ -20,7 +20,8 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engine replicas (default: 1, or 2 for a disaggregated policy)")
     parser.add_argument("--num-requests", type=int, default=300,
                         help="requests to take from the scenario (a tool chain counts once)")
-    parser.add_argument("--start", type=int, default=0, help="trace rows to skip")
+    parser.add_argument("--start", type=int, default=None,
+                        help="trace rows to skip (default: the scenario's own window start)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spec", type=int, default=0, metavar="K",
                         help="largest speculation length (0: no draft model)")
@@ -42,7 +43,7 @@ def experiment_from_args(args: argparse.Namespace):
         raise CliError(f"unknown scenario {args.scenario!r} (known: {', '.join(SCENARIO_NAMES)})")
     if args.num_requests is not None and args.num_requests < 1:
         raise CliError(f"--num-requests must be at least 1, got {args.num_requests}")
-    if args.start < 0:
+    if args.start is not None and args.start < 0:
         raise CliError(f"--start must be non-negative, got {args.start}")
     return Experiment(
         scenario=args.scenario,

@@ -122,6 +122,19 @@ def test_trace_window_and_timestamps_follow_the_trace():
     assert np.allclose([r.arrival_s for r in workload.requests], expected)
 
 
+def test_coder_window_skips_the_opening_silence():
+    rows = load_trace("azure_code_2023")
+    assert rows[63].arrival_s - rows[62].arrival_s > 100  # the idle gap the default skips
+    default = build_workload("coder", PERF, WorkloadOptions(rate_rps=1.0, num_requests=5,
+                                                           max_model_len=1 << 20))
+    assert [r.num_prompt_tokens for r in default.requests] == [
+        r.num_prompt_tokens for r in rows[63:68]
+    ]
+    from_zero = build_workload("coder", PERF, WorkloadOptions(rate_rps=1.0, num_requests=5,
+                                                             start_index=0, max_model_len=1 << 20))
+    assert from_zero.requests[0].num_prompt_tokens == rows[0].num_prompt_tokens
+
+
 def test_context_filter_drops_and_counts_long_sequences():
     max_model_len, spec = 2048, 4
     options = WorkloadOptions(
@@ -130,9 +143,9 @@ def test_context_filter_drops_and_counts_long_sequences():
     workload = build_workload("coder", PERF, options)
     assert workload.num_items == 300
     assert all(r.max_num_tokens <= max_model_len - spec for r in workload.requests)
-    # Independent count: scan the trace until 300 rows fit.
+    # Independent count: scan the trace from the default start until 300 rows fit.
     kept = dropped = 0
-    for row in load_trace("azure_code_2023"):
+    for row in load_trace("azure_code_2023")[63:]:
         if kept == 300:
             break
         if row.num_prompt_tokens + row.num_output_tokens > max_model_len - spec:
