@@ -118,9 +118,9 @@ class PlannerDaemon:
         self._authenticator = ThreadAuthenticator(self.context)
         self._authenticator.start()
 
-        class _Keys:  # CURVE callback: which client public keys may connect
-            def callback(self, domain: str, key: bytes) -> bool:
-                return not allowed or zmq.utils.z85.encode(key).decode() in allowed
+        class _Keys:  # CURVE callback: which peer public keys (Z85) may connect
+            def callback(self, domain: str, z85_key: bytes) -> bool:
+                return not allowed or z85_key.decode() in allowed
 
         self._authenticator.configure_curve_callback("*", credentials_provider=_Keys())
 

@@ -140,6 +140,7 @@ class ProcessGroup:
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
         process = subprocess.Popen(argv, start_new_session=True)
         self.processes[name] = process
+        print(f"demo: started {name} (pid {process.pid})", flush=True)
         return process
 
     def died(self) -> list[str]:

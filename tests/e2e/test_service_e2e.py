@@ -104,7 +104,7 @@ def attainment(records) -> float:
     return sum(r.attainment.ok for r in records) / len(records)
 
 
-@pytest.mark.parametrize("formulation", ["slos_dp", "vllm_fcfs"])
+@pytest.mark.parametrize("formulation", ["slos_dp", "sarathi"])
 def test_service_attainment_matches_the_simulator(service_factory, formulation):
     workload = short_workload()
     service = service_factory(formulation=formulation)

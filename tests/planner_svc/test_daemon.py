@@ -203,3 +203,47 @@ def test_unknown_formulation_fails_at_startup():
 
     with pytest.raises(ValueError, match="unknown formulation"):
         PlannerDaemon(make_config(formulation="no_such_policy"))
+
+
+def test_curve_encrypted_loopback_serves_only_known_keys():
+    import dataclasses
+    import threading
+
+    from engine_adapters.adapter import AdapterConfig, EngineAdapter
+    from engine_adapters.sim_engine import SimEngine
+    from planner_svc.config import CurveConfig
+    from planner_svc.security import CurveKeys, make_keypair
+    from tests.planner_svc.service_helpers import FAST_MODEL
+
+    server_public, server_secret = make_keypair()
+    engine_keys = CurveKeys(*make_keypair(), server_public_key=server_public)
+    client_keys = CurveKeys(*make_keypair(), server_public_key=server_public)
+    stranger_keys = CurveKeys(*make_keypair(), server_public_key=server_public)
+    curve = CurveConfig(server_public, server_secret,
+                        allowed_client_keys=(engine_keys.public_key, client_keys.public_key))
+    svc = Service(make_config(curve=curve), num_engines=0)
+    engine = SimEngine(FAST_MODEL, 1024, clock=time.monotonic, sleep=time.sleep,
+                       advertised_perf_model=FAST_MODEL)
+    config = AdapterConfig(svc.daemon.engine_endpoint, "secure-engine", curve=engine_keys,
+                           heartbeat_interval_s=0.1)
+    adapter = EngineAdapter(engine, config, svc.context)
+    thread = threading.Thread(target=adapter.run, daemon=True)
+    thread.start()
+    try:
+        svc.wait_for_engines(1)
+        with PlannerClient(svc.daemon.client_endpoint, curve=client_keys,
+                           context=svc.context) as client:
+            handle = client.submit(num_prompt_tokens=30, max_tokens=4)
+            assert handle.wait(10) and handle.finished
+        with PlannerClient(svc.daemon.client_endpoint, curve=stranger_keys,
+                           context=svc.context) as stranger:
+            refused = stranger.submit(num_prompt_tokens=30, max_tokens=4)
+            assert not refused.wait(1.0)  # not authenticated: nothing comes back
+        with PlannerClient(svc.daemon.client_endpoint, context=svc.context) as plain:
+            refused = plain.submit(num_prompt_tokens=30, max_tokens=4)
+            assert not refused.wait(1.0)
+        assert len(svc.daemon.requests) == 1
+    finally:
+        adapter.stop()
+        thread.join(5)
+        svc.close()

@@ -1,0 +1,50 @@
+"""`slos-serve demo` stops every process it started, also when interrupted with Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purpose; read its state.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_ctrl_c_stops_the_planner_and_the_engines():
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "planner_svc.cli", "demo", "--duration-s", "60", "--rate", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids, lines = [], []
+    deadline = time.monotonic() + 60
+    try:
+        for line in demo.stdout:
+            lines.append(line)
+            match = re.search(r"started (\S+) \(pid (\d+)\)", line)
+            if match:
+                pids.append(int(match.group(2)))
+            if "submitted" in line or time.monotonic() > deadline:  # the replay is running
+                break
+        assert len(pids) == 3, "".join(lines)
+        assert all(alive(pid) for pid in pids)
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=30)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 130, "".join(lines) + rest
+    time.sleep(0.5)
+    assert not any(alive(pid) for pid in pids)
