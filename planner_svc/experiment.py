@@ -73,7 +73,7 @@ class Experiment:
 
     @property
     def label(self) -> str:
-        return Path(self.trace_path).name if self.trace_path else self.scenario
+        return Path(self.trace_path).stem if self.trace_path else self.scenario
 
     def perf_model_obj(self) -> PerfModel:
         return load_perf_model(self.perf_model)
