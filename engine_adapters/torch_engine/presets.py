@@ -14,12 +14,12 @@ from engine_adapters.torch_engine.config import LlamaConfig
 _COMMON = dict(bos_token_id=0, eos_token_id=1, rope_theta=10000.0, rms_norm_eps=1e-5)
 
 PRESETS: dict[str, LlamaConfig] = {
-    # ~0.2 M parameters: unit tests.
+    # ~0.16 M parameters: unit tests.
     "tiny": LlamaConfig(
         vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048, **_COMMON,
     ),
-    # ~6 M parameters: CPU demos and benchmarks.
+    # ~4 M parameters: CPU demos and benchmarks.
     "small": LlamaConfig(
         vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, **_COMMON,
@@ -66,7 +66,11 @@ def random_model(config: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.
     from engine_adapters.torch_engine.model import LlamaForCausalLM
 
     generator = torch.Generator().manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.device("meta"):  # no default init: a 1b model would spend most of its time there
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    if config.tie_word_embeddings:  # to_empty materialises a shared parameter twice
+        model.lm_head.weight = model.model.embed_tokens.weight
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -77,4 +81,4 @@ def random_model(config: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.
                 param.normal_(0.0, 1.0, generator=generator)
             else:
                 param.normal_(0.0, param.shape[1] ** -0.5, generator=generator)
-    return model.to(dtype).eval()
+    return model.eval()
