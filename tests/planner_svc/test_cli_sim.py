@@ -116,3 +116,25 @@ def test_malformed_trace_row_names_file_and_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{trace}:2: prompt_tokens must be an integer >= 1" in err
     assert err.count("\n") == 1
+
+
+def test_capacity_of_a_user_trace(tmp_path, capsys):
+    trace = tmp_path / "mine.csv"
+    rows = [f"{0.5 * i},{300 + 37 * i},{10 + i},{'chatbot' if i % 2 else 'summarizer'}"
+            for i in range(16)]
+    trace.write_text("arrival_s,prompt_tokens,output_tokens,slo_class\n" + "\n".join(rows) + "\n")
+    out_dir = tmp_path / "cap"
+    assert main(["capacity", "--trace", str(trace), "--policy", "edf", "--max-rate", "4",
+                 "--tolerance", "1", "--out", str(out_dir), "--no-progress"]) == 0
+    data = json.loads((out_dir / "capacity_mine.json").read_text())
+    assert data[0]["scenario"] == "mine" and data[0]["points"]
+    assert "edf" in capsys.readouterr().out
+
+
+def test_demo_comparison_prints_table_and_reports(capsys):
+    from planner_svc.capacity import demo_comparison
+
+    assert demo_comparison("summarizer", ("vllm_fcfs", "edf"), num_requests=30) == 0
+    out = capsys.readouterr().out
+    assert "req/s/GPU" in out
+    assert out.count("============ Serving Benchmark Result ============") == 2
