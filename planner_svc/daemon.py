@@ -18,6 +18,7 @@ finishes or gets an explicit verdict.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -75,6 +76,7 @@ class PlannerDaemon:
         self.config = config
         registry.formulation_class(config.formulation)  # an unknown name fails at startup
         make_router(config.router, config.max_forwards)
+        _check_core_params(config.core_params)
         self.core: PlannerCore | None = None  # made when the first engine connects
         self.context = context or zmq.Context.instance()
         self.metrics = PlannerMetrics()
@@ -550,3 +552,15 @@ def build_core(config: PlannerConfig, first_replica: ReplicaSpec) -> PlannerCore
 
     registry.formulation_class(config.formulation)  # fail early on an unknown name
     return PlannerCore([first_replica], formulation_factory, router=router, replan=replan, **params)
+
+
+def _check_core_params(params: dict) -> None:
+    """Fail at startup (not at the first READY) on a bad [core] table."""
+    params = dict(params)
+    try:
+        ReplanPolicy(**params.pop("replan", {}))
+        inspect.signature(PlannerCore).bind_partial(**params)
+    except TypeError as exc:
+        raise ValueError(f"bad [core] parameter: {exc}") from None
+    if "replicas" in params or "formulation_factory" in params or "router" in params:
+        raise ValueError("[core] cannot set replicas, formulation_factory or router")

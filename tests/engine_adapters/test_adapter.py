@@ -153,3 +153,28 @@ def test_step_error_abandons_the_plan_and_reports_it(planner):
         assert adapter.stats.num_step_errors == 1
     finally:
         stop(adapter, thread)
+
+
+def test_engine_waits_for_the_answer_to_its_report_so_the_plan_is_on_time(planner):
+    adapter, thread = start_adapter(planner.endpoint, plan_grace_s=2.0)
+    try:
+        identity, _ = planner.recv()
+        new = P.NewRequest("a", num_prompt_tokens=10, max_new_tokens=50)
+        planner.send(identity, plan(0, 0, [{"a": 10}], [{"a": 1}], [new]))
+        first = planner.recv()[1]
+        time.sleep(0.3)  # a slow planner: the engine must still be waiting for its answer
+        b = P.NewRequest("b", num_prompt_tokens=20, max_new_tokens=50)
+        answer = plan(1, first.step_id + 1, [{"a": 1, "b": 20}], [{"a": 1, "b": 1}], [b])
+        planner.send(identity, P.PlanMsg(**{**{f: getattr(answer, f) for f in answer.__struct_fields__},
+                                            "ack_step_id": first.step_id}))
+        second = planner.recv()[1]
+        assert second.step_id == 1 and second.plan_id == 1  # the new plan, on time
+        assert second.num_computed_tokens == {"a": 1, "b": 20}
+        assert adapter.queue.num_late_plans == 0 and adapter.stats.num_ack_timeouts == 0
+        # Acknowledgements without a plan release the engine too.
+        planner.send(identity, P.Heartbeat("planner", ack_step_id=second.step_id))
+        third = planner.recv()[1]
+        assert third.step_id == 2 and len(adapter.stats.answer_latencies_s) >= 2
+        assert adapter.stats.plan_wait_s >= 0.25
+    finally:
+        stop(adapter, thread)

@@ -247,3 +247,12 @@ def test_curve_encrypted_loopback_serves_only_known_keys():
         adapter.stop()
         thread.join(5)
         svc.close()
+
+
+def test_bad_core_parameters_fail_at_startup():
+    from planner_svc.daemon import PlannerDaemon
+
+    with pytest.raises(ValueError, match=r"\[core\]"):
+        PlannerDaemon(make_config(core_params={"no_such_knob": 1}))
+    with pytest.raises(ValueError, match=r"\[core\]"):
+        PlannerDaemon(make_config(core_params={"replan": {"timer": 1}}))
