@@ -141,3 +141,38 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path, tiny_dir):
 
 def _fields(config) -> dict:
     return {f: getattr(config, f) for f in config.__dataclass_fields__}
+
+
+def test_hf_config_variants_load(tmp_path, tiny_dir):
+    """Llama 3 style config.json: EOS list, llama3 rope scaling, no head_dim, extra keys, and an
+    exporter's stray rotary buffer in the weights."""
+    from safetensors.torch import save_file
+
+    from engine_adapters.torch_engine.model import rope_inv_freq
+
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    del cfg["head_dim"]
+    cfg.update(eos_token_id=[1, 7], transformers_version="4.45.0", rope_theta=500000.0,
+               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(tiny_dir / "model.safetensors"))
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    model = load_model(tmp_path)
+    assert model.config.eos_token_id == 1 and model.config.head_dim == 32
+    assert model.config.to_hf_dict()["transformers_version"] == "4.45.0"
+    # Llama 3.1 scaling, computed independently per frequency
+    expected = []
+    for i in range(16):
+        freq = 500000.0 ** (-2 * i / 32)
+        wavelen = 2 * math.pi / freq
+        if wavelen < 64 / 4.0:
+            expected.append(freq)
+        elif wavelen > 64 / 1.0:
+            expected.append(freq / 8.0)
+        else:
+            smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+            expected.append((1 - smooth) * freq / 8.0 + smooth * freq)
+    torch.testing.assert_close(rope_inv_freq(model.config), torch.tensor(expected), rtol=1e-6, atol=0)
+    assert torch.isfinite(paged_logits(model, [[2, 3, 4]])).all()
