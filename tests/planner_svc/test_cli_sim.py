@@ -138,3 +138,18 @@ def test_demo_comparison_prints_table_and_reports(capsys):
     out = capsys.readouterr().out
     assert "req/s/GPU" in out
     assert out.count("============ Serving Benchmark Result ============") == 2
+
+
+def test_simulate_is_deterministic_for_a_seed(capsys):
+    argv = ["simulate", "--scenario", "mixed", "--policy", "sarathi", "--rate", "1", "--json",
+            "--num-requests", "25", "--seed", "3"]
+    reports = []
+    for _ in range(2):
+        assert main(argv) == 0
+        data = json.loads(capsys.readouterr().out)
+        data["simulation"].pop("wall_s")
+        reports.append(data)
+    assert reports[0] == reports[1]
+    assert reports[0]["num_items"] == 25
+    assert {c["slo_class"] for c in reports[0]["per_class"]} == {
+        "chatbot", "coder", "summarizer", "reasoning", "tool_agent"}
