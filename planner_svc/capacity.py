@@ -217,22 +217,38 @@ def policy_capacity(
     *,
     show_progress: bool | None = None,
     progress_file: TextIO | None = None,
+    num_seeds: int = 1,
 ) -> CapacityResult:
     """Capacity of `policy` on `experiment` (a `planner_svc.experiment.Experiment`): every rate
-    the search tries is one simulated run of the experiment's workload rescaled to that rate."""
+    the search tries is simulated with the experiment's workload rescaled to that rate, once per
+    seed (seed, seed + 1, ...); the attainment of a rate pools the items of all its runs, which
+    smooths the noise of a single run."""
+    import dataclasses
+
     from planner_svc.experiment import check_policy
 
     check_policy(policy)
+    if num_seeds < 1:
+        raise ValueError(f"the number of seeds must be at least 1, got {num_seeds}")
+    experiments = [
+        dataclasses.replace(experiment, seed=experiment.seed + k) for k in range(num_seeds)
+    ]
+
+    def evaluate(rate_rps: float) -> float:
+        reports = [e.run(policy, rate_rps)[0] for e in experiments]
+        num_items = sum(r.num_items for r in reports)
+        return sum(r.num_attained for r in reports) / num_items if num_items else 0.0
+
     extra = {
         "policy": policy,
         "scenario": experiment.label,
         "perf_model": experiment.perf_model,
         "num_replicas": experiment.replicas_for(policy),
         "num_requests": experiment.num_requests,
-        "seed": experiment.seed,
+        "seeds": [e.seed for e in experiments],
     }
     return search_capacity(
-        lambda rate_rps: experiment.attainment(policy, rate_rps),
+        evaluate,
         params,
         label=policy,
         num_gpus=experiment.num_gpus(policy),

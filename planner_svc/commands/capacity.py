@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=0.3,
                         help="stop when the bracket is narrower than this, req/s")
     parser.add_argument("--out", default="out/capacity", help="directory for the JSON and plot")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="runs per rate (seeds seed, seed+1, ...), attainment pooled")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_experiment_arguments(parser)
 
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise CliError(f"--out {out_dir} exists and is not a directory")
     results = [
-        policy_capacity(experiment, policy, params, show_progress=not args.no_progress and None)
+        policy_capacity(experiment, policy, params, num_seeds=args.seeds,
+                        show_progress=not args.no_progress and None)
         for policy in policies
     ]
     print(f"Serving capacity on {experiment.label} ({experiment.perf_model}, "

@@ -96,6 +96,7 @@ def test_capacity_writes_json_and_plot(tmp_path, capsys):
         (["capacity", "--target", "1.5"], "target"),
         (["capacity", "--min-rate", "-1"], "rates must satisfy"),
         (["capacity", "--scenario", "nope"], "unknown scenario"),
+        (["capacity", "--seeds", "0"], "number of seeds"),
         (["simulate", "--rate", "1", "--burst-size", "0.5"], "mean_burst_size"),
         (["simulate", "--rate", "1", "--duration", "-1"], "duration must be positive"),
     ],
@@ -125,9 +126,10 @@ def test_capacity_of_a_user_trace(tmp_path, capsys):
     trace.write_text("arrival_s,prompt_tokens,output_tokens,slo_class\n" + "\n".join(rows) + "\n")
     out_dir = tmp_path / "cap"
     assert main(["capacity", "--trace", str(trace), "--policy", "edf", "--max-rate", "4",
-                 "--tolerance", "1", "--out", str(out_dir), "--no-progress"]) == 0
+                 "--tolerance", "1", "--out", str(out_dir), "--no-progress", "--seeds", "2"]) == 0
     data = json.loads((out_dir / "capacity_mine.json").read_text())
     assert data[0]["scenario"] == "mine" and data[0]["points"]
+    assert data[0]["seeds"] == [0, 1]
     assert "edf" in capsys.readouterr().out
 
 
