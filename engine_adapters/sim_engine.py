@@ -180,7 +180,12 @@ class SimEngine(Engine):
         members = []
         for rid, num_tokens in step.num_tokens.items():
             seq = seqs.get(rid)
-            if seq is None or num_tokens != 1 or seq.num_computed != seq.num_prompt + seq.num_generated - 1:
+            if (
+                seq is None
+                or num_tokens != 1
+                or not seq.num_generated  # its first token would be stamped at the cruise's end
+                or seq.num_computed != seq.num_prompt + seq.num_generated - 1
+            ):
                 return 0
             members.append(seq)
             remaining = seq.max_new_tokens - seq.num_generated

@@ -37,8 +37,18 @@ def admit_by_memory(view: ReplicaView) -> dict[str, Decision]:
 
 def queue_order(view: ReplicaView, decisions: dict[str, Decision]) -> list[RequestState]:
     """Running requests in admission order, then the waiting requests admitted now."""
+    if not view.waiting:
+        return list(view.running)
     admitted = [s for s in view.waiting if decisions[s.request_id].verdict is Verdict.ADMITTED]
     return [*view.running, *admitted]
+
+
+def is_decoding(state: RequestState) -> bool:
+    """`state.is_decoding` without the property chain (hot loops): output started, one pending."""
+    generated = state.num_generated_tokens
+    return bool(generated) and (
+        state.request.num_prompt_tokens + generated - state.num_computed_tokens == 1
+    )
 
 
 class BlockLedger:
@@ -100,29 +110,30 @@ def plan_step(
     if not num_tokens:
         return Plan(decisions=decisions, preempt=tuple(preempted))
     step = Step(num_tokens)
-    tail = None if preempted else _decode_tail(queue, num_tokens, ledger, max_num_decodes)
+    tail = None if preempted else _decode_tail(queue, num_tokens, max_num_decodes)
     if tail is None:
         return Plan(steps=(step,), decisions=decisions, preempt=tuple(preempted))
-    if len(tail) == len(num_tokens) and all(n == 1 for n in num_tokens.values()) and all(
-        s.is_decoding for s in queue
-    ):
+    if tail == num_tokens and len(tail) == len(queue):  # the step already decodes everyone
         return Plan(repeat=(step,), decisions=decisions)
     return Plan(steps=(step,), repeat=(Step(tail),), decisions=decisions)
 
 
 def _decode_tail(
-    queue: Sequence[RequestState], num_tokens: dict[str, int], ledger: BlockLedger, max_num_decodes: int
+    queue: Sequence[RequestState], num_tokens: dict[str, int], max_num_decodes: int
 ) -> dict[str, int] | None:
+    """{rid: 1} for every request of `queue` still unfinished after the step, or None when one of
+    them would not be decoding then (or they would not fit one step)."""
     tail: dict[str, int] = {}
     for s in queue:
         request = s.request
         rid = request.request_id
-        pending = request.num_prompt_tokens + s.num_generated_tokens - s.num_computed_tokens
+        generated = s.num_generated_tokens
+        pending = request.num_prompt_tokens + generated - s.num_computed_tokens
         n = num_tokens.get(rid, 0)
         if n == pending:  # the step samples its next token
-            if s.num_generated_tokens + 1 >= request.num_output_tokens:
+            if generated + 1 >= request.num_output_tokens:
                 continue  # done after the step
-        elif n != 0 or pending != 1 or not s.num_generated_tokens:
+        elif n != 0 or pending != 1 or not generated:
             return None  # a prompt (or recompute) stays unfinished
         tail[rid] = 1
     if len(tail) > max_num_decodes:

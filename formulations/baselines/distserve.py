@@ -20,6 +20,7 @@ from typing import ClassVar
 from formulations.baselines.batching import (
     BlockLedger,
     admit_by_memory,
+    is_decoding,
     plan_step,
     queue_order,
 )
@@ -57,7 +58,7 @@ class DistServe(Formulation):
         queue = queue_order(view, decisions)
         ledger = BlockLedger(view)
         started = [s for s in queue if s.num_computed_tokens > 0]
-        decodes = [s for s in started if s.is_decoding]
+        decodes = [s for s in started if is_decoding(s)]
         num_tokens, preempted = schedule_started(
             decodes, ledger, self.max_num_batched_tokens, self.max_num_seqs, started
         )

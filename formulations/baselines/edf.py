@@ -12,39 +12,47 @@ skipped, and later-deadline ones may still run.
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 from formulations.baselines.batching import (
     BlockLedger,
     admit_by_memory,
     plan_step,
     queue_order,
 )
-from formulations.baselines.sarathi import tpot_budget
 from formulations.interface import Formulation
 from formulations.plan import Plan
 from formulations.registry import register
 from formulations.state import ReplicaView, RequestState
 
 
-def deadline_order(queue: list[RequestState], cache: dict[str, tuple[int, float]]) -> list[RequestState]:
-    """Earliest next deadline first (ties: arrival, then id). `cache` maps a request id to
-    (output tokens so far, next deadline) from the previous call: a deadline changes only when a
-    token is produced. It is rebuilt with the current requests only."""
+def deadline_order(
+    queue: list[RequestState], cache: dict[str, tuple[int, float, float]]
+) -> tuple[list[RequestState], float]:
+    """Earliest next deadline first (ties: arrival, then id), and the tightest TPOT among them.
+    `cache` maps a request id to (output tokens so far, next deadline, tightest TPOT) from the
+    previous call: a deadline changes only when a token is produced. It is rebuilt with the
+    current requests only."""
     keyed = []
-    fresh: dict[str, tuple[int, float]] = {}
+    fresh: dict[str, tuple[int, float, float]] = {}
+    tightest_tpot_s = float("inf")
     for s in queue:
         request = s.request
         rid = request.request_id
         cached = cache.get(rid)
-        if cached is not None and cached[0] == s.num_generated_tokens:
-            deadline_s = cached[1]
-        else:
-            deadline_s = s.next_token_deadline_s
-        fresh[rid] = (s.num_generated_tokens, deadline_s)
-        keyed.append((deadline_s, request.arrival_s, rid, s))
+        if cached is None or cached[0] != s.num_generated_tokens:
+            cached = (s.num_generated_tokens, s.next_token_deadline_s, request.slo.min_tpot_s)
+        fresh[rid] = cached
+        if cached[2] < tightest_tpot_s:
+            tightest_tpot_s = cached[2]
+        keyed.append((cached[1], request.arrival_s, rid, s))
     cache.clear()
     cache.update(fresh)
-    keyed.sort(key=lambda k: k[:3])
-    return [k[3] for k in keyed]
+    keyed.sort(key=_SORT_KEY)
+    return [k[3] for k in keyed], tightest_tpot_s
+
+
+_SORT_KEY = itemgetter(0, 1, 2)
 
 
 @register("edf")
@@ -53,28 +61,30 @@ class Edf(Formulation):
         if max_num_seqs < 1:
             raise ValueError("max_num_seqs must be positive")
         self.max_num_seqs = max_num_seqs
-        self._deadline_cache: dict[str, tuple[int, float]] = {}  # see deadline_order
+        self._deadline_cache: dict[str, tuple[int, float, float]] = {}  # see deadline_order
 
     def plan(self, view: ReplicaView) -> Plan:
         decisions = admit_by_memory(view)
         queue = queue_order(view, decisions)
         if not queue:
             return Plan(decisions=decisions)
-        return self._one_step(view, decisions, deadline_order(queue, self._deadline_cache))
+        order, tightest_tpot_s = deadline_order(queue, self._deadline_cache)
+        budget = max(1, view.perf_model.max_tokens(tightest_tpot_s))  # as Sarathi's
+        return self._one_step(view, decisions, order, budget)
 
-    def _one_step(self, view: ReplicaView, decisions, order: list[RequestState]) -> Plan:
-        step_budget = budget = tpot_budget(view, order)
+    def _one_step(self, view: ReplicaView, decisions, order: list[RequestState], step_budget: int) -> Plan:
+        budget = step_budget
         ledger = BlockLedger(view)
-        victims = [s for s in order if s.num_computed_tokens > 0]  # latest deadline last
+        victims: list[RequestState] | None = None  # started requests, latest deadline last
         num_tokens: dict[str, int] = {}
         preempted: list[str] = []
         for state in order:
             if budget <= 0 or len(num_tokens) >= self.max_num_seqs:
                 break
-            rid = state.request_id
-            if rid in preempted:
-                continue
             request = state.request
+            rid = request.request_id
+            if preempted and rid in preempted:
+                continue
             computed = state.num_computed_tokens
             n = min(request.num_prompt_tokens + state.num_generated_tokens - computed, budget)
             # Fast path (most decodes): the blocks it holds have room for n more tokens.
@@ -87,6 +97,8 @@ class Edf(Formulation):
                     num_tokens[rid] = n
                     budget -= n
                 continue
+            if victims is None:
+                victims = [s for s in order if s.num_computed_tokens > 0]
             while not ledger.try_grow(state, n):
                 victim = victims.pop()
                 ledger.release(victim)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from formulations.baselines.batching import (
     BlockLedger,
     admit_by_memory,
+    is_decoding,
     plan_step,
     queue_order,
 )
@@ -47,7 +48,7 @@ def fill_prefills(
         if budget <= 0 or len(num_tokens) >= max_num_seqs:
             return
         rid = state.request_id
-        if rid in num_tokens or rid in skip or state.is_decoding:
+        if rid in num_tokens or rid in skip or is_decoding(state):
             continue
         n = min(state.num_pending_tokens, budget)
         if not ledger.try_grow(state, n):
@@ -71,7 +72,7 @@ class Sarathi(Formulation):
         budget = tpot_budget(view, queue)
         ledger = BlockLedger(view)
         started = [s for s in queue if s.num_computed_tokens > 0]
-        decodes = [s for s in started if s.is_decoding]
+        decodes = [s for s in started if is_decoding(s)]
         num_tokens, preempted = schedule_started(decodes, ledger, budget, self.max_num_seqs, started)
         left = budget - len(num_tokens)
         fill_prefills(queue, ledger, num_tokens, set(preempted), left, self.max_num_seqs)

@@ -60,6 +60,8 @@ def core_with(fn, n=1, **kwargs):
         (lambda v: Plan(decisions={"zz": Decision(Verdict.ADMITTED)}), "not a waiting request"),
         (lambda v: Plan(preempt=("a",)), "not running"),
         (lambda v: Plan(steps=(Step({}),)), "empty"),
+        (lambda v: Plan(repeat=(Step({"a": 1, "nobody": 1}),), decisions={"a": Decision(Verdict.ADMITTED)}), "unknown request"),
+        (lambda v: Plan(repeat=(Step({"a": 101}),), decisions={"a": Decision(Verdict.ADMITTED)}), "101 tokens"),
     ],
 )
 def test_bad_plans_raise_naming_the_formulation(bad_plan, message):
