@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,6 +104,23 @@ def format_table(per_gpu: dict[str, dict[str, float]], policies: list[str]) -> s
     return "\n".join(lines)
 
 
+def code_version() -> str:
+    """The commit measured: $SLOS_SERVE_COMMIT (set when running from an exported tree), else the
+    checkout's HEAD, marked when the working tree has uncommitted changes."""
+    if os.environ.get("SLOS_SERVE_COMMIT"):
+        return f"commit {os.environ['SLOS_SERVE_COMMIT']}"
+    try:
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit (not a git checkout)"
+    return f"commit {sha}" + (" plus uncommitted changes" if dirty else "")
+
+
 def section_markdown(table: str, args: argparse.Namespace, wall_s: float, results: list) -> str:
     non_monotone = sorted({f"{r['scenario']}/{r['policy']}" for r in results if not r["monotone"]})
     notes = ", ".join(non_monotone) if non_monotone else "none"
@@ -113,14 +132,18 @@ runs one prefill and one decode replica, 4 GPUs). Found by binary search over th
 virtual-time simulator (search from {args.min_rate}..{args.max_rate} req/s, expanded when a bound
 still attains or fails, stopped when the bracket is under {args.tolerance} req/s or
 {100 * args.relative_tolerance:.0f}% of its upper end). Every point is one simulated run of a
-**{args.num_requests}-request window** of the scenario (trace rows from the start of the trace;
-seed {args.seed}), rescaled to the rate.
+**{args.num_requests}-request window** of the scenario (each scenario's default window: trace row 0,
+or row 63 for coder, after the trace's opening silence; seed {args.seed}), rescaled to the rate.
+Coder capacities are low for every policy: about 40% of the code trace's gaps are under 5% of its
+mean gap, so requests with 2k-token prompts arrive nearly together at any rate, and a 5x TTFT
+slowdown leaves no room to queue them (docs/WORKLOADS.md).
 
 {table}
 
 Curves where attainment rose with the rate between evaluated points (one noisy run per rate):
 {notes}. Bar chart: `docs/img/capacity_baselines.png`; every evaluated (rate, attainment) point:
-`out/bench_capacity_baselines.json` (not committed). Whole benchmark: {wall_s:.0f} s wall.
+`out/bench_capacity_baselines.json` (not committed). Whole benchmark: {wall_s:.0f} s wall, code at
+{code_version()}.
 """
 
 
