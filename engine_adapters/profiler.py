@@ -46,7 +46,7 @@ class SweepConfig:
     @classmethod
     def quick(cls) -> SweepConfig:
         """A few seconds on a tiny model: for tests and smoke runs."""
-        return cls((16, 64, 128), (1, 4, 16), ((4, 64),), (1, 2), (1, 4), 16, 1)
+        return cls((16, 64, 128), (1, 4, 16), ((4, 64),), (1, 2), (1, 4), 16, 3)
 
 
 @dataclass(frozen=True)
