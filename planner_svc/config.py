@@ -15,6 +15,7 @@
     tick_interval_s = 0.01                     # planner timer resolution
     max_frame_bytes = 8388608
     default_perf_model = "opt-13b-h100"        # for engines that send none and for TTFT slowdowns
+                                               # (a preset name or a profile's perf_model.json)
 
     [slo_classes.chatbot]                      # overrides / additions to the published presets
     ttft_slowdown = 5.0                        # or ttft_ms = 800
@@ -33,6 +34,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,10 +75,17 @@ class PlannerConfig:
             raise ValueError("heartbeat_interval_s and tick_interval_s must be > 0, liveness >= 1")
         if self.max_frame_bytes < 1024:
             raise ValueError("max_frame_bytes must be at least 1024")
-        perf_model_preset(self.default_perf_model)  # fails early on a bad name
+        self.perf_model  # fails early on a bad name or file
 
     @property
     def perf_model(self) -> PerfModel:
+        """`default_perf_model`: a preset name, or a JSON file written by `slos-serve profile`."""
+        if self.default_perf_model.endswith(".json"):
+            path = Path(self.default_perf_model)
+            try:
+                return PerfModel.from_dict(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ValueError(f"cannot read performance model {path}: {exc}") from None
         return perf_model_preset(self.default_perf_model)
 
     def perf_model_for(self, engine_id: str) -> PerfModel | None:

@@ -22,6 +22,7 @@ import inspect
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import zmq
@@ -86,6 +87,9 @@ class PlannerDaemon:
         self.num_rejected_frames = 0
         self.num_moved_requests = 0  # registered on another engine after theirs died
         self._unanswered: tuple[int, int] | None = None  # (replica, step) report being handled
+        self._num_done = 0  # requests finished, rejected or aborted
+        self._num_done_by_class: Counter[str] = Counter()
+        self._num_attained_by_class: Counter[str] = Counter()
         self._next_replica_id = 0
         self._t0 = time.monotonic()
         self._last_tick_s = 0.0
@@ -184,7 +188,7 @@ class PlannerDaemon:
             due_s = self.core.next_timer_s()
             if due_s is not None and due_s <= now_s:
                 self._apply("tick", self.core.tick, now_s)
-        self.metrics.queue_length.set(sum(1 for t in self.requests.values() if not t.done))
+        self.metrics.queue_length.set(len(self.requests) - self._num_done)
 
     # ------------------------------------------------------------------ engines
 
@@ -362,7 +366,7 @@ class PlannerDaemon:
         tracked = self.requests.get(abort.request_id)
         if tracked is None or tracked.done:
             return
-        tracked.done = True
+        self._finish(tracked)
         if self.core is not None:
             self._apply("abort", self.core.abort, abort.request_id, now_s)
 
@@ -488,15 +492,20 @@ class PlannerDaemon:
                 self._finish(tracked)
 
     def _finish(self, tracked: Tracked) -> None:
+        """The request is over (finished, rejected or aborted): count it once."""
+        if tracked.done:
+            return
         tracked.done = True
         slo_class = tracked.request.slo_class
         if tracked.record.finished:
             self.metrics.finished.labels(slo_class).inc()
             if tracked.record.attainment.ok:
                 self.metrics.attained.labels(slo_class).inc()
-        decided = [t for t in self.requests.values() if t.done and t.request.slo_class == slo_class]
+        self._num_done += 1
+        self._num_done_by_class[slo_class] += 1
+        self._num_attained_by_class[slo_class] += tracked.record.attainment.ok
         self.metrics.record_attainment(
-            slo_class, len(decided), sum(1 for t in decided if t.record.attainment.ok))
+            slo_class, self._num_done_by_class[slo_class], self._num_attained_by_class[slo_class])
 
     def _reject_frame(self, socket: zmq.Socket, side: str, identity: bytes, exc: Exception,
                       request_id: str = "") -> None:
@@ -526,7 +535,7 @@ class PlannerDaemon:
             "num_rejected": float(sum(v is Verdict.REJECTED for v in verdicts)),
             "num_best_effort": float(sum(v is Verdict.BEST_EFFORT for v in verdicts)),
             "num_finished": float(sum(r.finished for r in self.records())),
-            "num_in_flight": float(sum(not t.done for t in self.requests.values())),
+            "num_in_flight": float(len(self.requests) - self._num_done),
             "num_rejected_frames": float(self.num_rejected_frames),
             "num_engine_deaths": float(self.metrics.engine_deaths._value.get()),
             "num_moved_requests": float(self.num_moved_requests),

@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from formulations.perf_model import perf_model_preset
 from planner_svc.cli import CliError
+from planner_svc.config import load_config
 
 PLANNER_TOML = """\
 formulation = "{formulation}"
@@ -78,18 +78,21 @@ def _run_demo(args: argparse.Namespace, rate: float, group: ProcessGroup) -> int
 
     engine_port, client_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="slos-demo-") as tmp:
+        engine_args = _engine_args(args)  # may make a model first: before anything runs
+        planner_perf_model = args.perf_model
+        if args.engine == "torch":  # SLOs and plans from the engine's own profile
+            planner_perf_model = str(Path(args.model_dir).resolve() / "perf_model.json")
         config_path = Path(tmp) / "planner.toml"
         config_path.write_text(PLANNER_TOML.format(
             formulation=args.formulation, engine_port=engine_port, client_port=client_port,
-            metrics_port=args.metrics_port, perf_model=args.perf_model))
+            metrics_port=args.metrics_port, perf_model=planner_perf_model))
         group.start("planner", [*_cli(), "planner", "--config", str(config_path),
                                 "--log-level", "WARNING"])
-        engine_args = _engine_args(args)
         for i in range(args.num_engines):
             group.start(f"engine-{i}", [*_cli(), "engine", "--engine", args.engine,
                                         "--connect", f"tcp://127.0.0.1:{engine_port}",
                                         "--engine-id", f"engine-{i}", *engine_args])
-        perf_model = perf_model_preset(args.perf_model)
+        perf_model = load_config(config_path).perf_model
         workload = build_workload(args.scenario, perf_model, WorkloadOptions(
             rate_rps=rate, num_requests=None, duration_s=args.duration_s, seed=args.seed))
         print(f"demo: {args.formulation} on {args.num_engines} {args.engine} engine(s), "
