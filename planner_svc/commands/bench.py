@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from planner_svc.cli import CliError
 
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drain-s", type=float, default=60.0, help="wait after the last arrival")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--calls-out", help="also write every call's raw times to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
               f"against {options.url}", file=sys.stderr, flush=True)
     result = run_bench(workload, options)
     report = build_report(result.records, workload)
+    if args.calls_out:
+        Path(args.calls_out).write_text(json.dumps(result.calls_json()))
     errors = sorted({c.error for c in result.calls if c.error and c.status != 429})
     if args.json:
         print(json.dumps({**report.to_dict(), "url": options.url, "num_errors": result.num_errors,

@@ -85,6 +85,7 @@ class BenchResult:
     calls: list[CallResult]
     workload: Workload
     wall_s: float
+    start_monotonic_s: float  # time.monotonic() at the client clock's zero
 
     @property
     def records(self) -> list[RequestRecord]:
@@ -93,6 +94,18 @@ class BenchResult:
     @property
     def num_errors(self) -> int:
         return sum(1 for c in self.calls if c.error and c.verdict is not Verdict.REJECTED)
+
+    def calls_json(self) -> dict:
+        """Per-call raw measurements (times on this client's clock; `start_monotonic_s` is its
+        zero on the machine's monotonic clock, to line them up with another process's)."""
+        return {
+            "start_monotonic_s": self.start_monotonic_s,
+            "wall_s": self.wall_s,
+            "calls": [{"request_id": c.request.request_id, "response_id": c.response_id,
+                       "status": c.status, "verdict": c.verdict.value if c.verdict else None,
+                       "arrival_s": c.request.arrival_s, "token_times_s": c.token_times_s,
+                       "slo": c.slo, "error": c.error} for c in self.calls],
+        }
 
 
 def run_bench(workload: Workload, options: BenchOptions) -> BenchResult:
@@ -121,7 +134,7 @@ async def _run(workload: Workload, options: BenchOptions) -> BenchResult:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    return BenchResult(calls, workload, time.monotonic() - start_s)
+    return BenchResult(calls, workload, time.monotonic() - start_s, start_s)
 
 
 async def _at(due_s: float, clock: Callable[[], float], coroutine) -> None:
@@ -158,11 +171,11 @@ class _Sender:
 
     async def call(self, request: Request, calls: list[CallResult],
                    extra: dict | None = None) -> CallResult:
-        body = self._body(request, extra or {})
+        body = json.dumps(self._body(request, extra or {})).encode()  # before the clock starts
         result = CallResult(replace(request, arrival_s=self.clock()))
         calls.append(result)
         try:
-            async with self.session.post(f"{self.options.url}/v1/completions", json=body,
+            async with self.session.post(f"{self.options.url}/v1/completions", data=body,
                                          headers=self.headers) as response:
                 result.status = response.status
                 if response.status != 200:

@@ -7,6 +7,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                       10.0, 30.0)
+_OVERHEAD_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 _ITL_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -37,6 +38,13 @@ class HttpMetrics:
                              buckets=_ITL_BUCKETS_S, registry=r)
         self.e2e = Histogram("slos_http_e2e_seconds", "HTTP arrival to last token",
                              ["slo_class"], buckets=_LATENCY_BUCKETS_S, registry=r)
+
+        self.ingress = Histogram("slos_http_ingress_seconds", "Request handler start (headers "
+                                 "parsed) to SUBMIT handed to the planner client",
+                                 buckets=_OVERHEAD_BUCKETS_S, registry=r)
+        self.delivery = Histogram("slos_http_token_delivery_seconds", "TOKENS message received "
+                                  "by the planner client to its SSE chunk written",
+                                  buckets=_OVERHEAD_BUCKETS_S, registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

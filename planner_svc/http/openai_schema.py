@@ -17,15 +17,17 @@ Extension fields (the openai client sends them with `extra_body={...}`):
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from planner_svc.http.api_config import ApiConfig, SloDefaults
 from planner_svc.http.tokenizer import TextTokenizer
 
 DEFAULT_MAX_MODEL_LEN = 8192
+_JSON_DECODER = msgspec.json.Decoder()  # several times faster than json.loads on token lists
 
 
 class ApiError(Exception):
@@ -99,8 +101,8 @@ _REFUSED = {
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = _JSON_DECODER.decode(raw)
+    except msgspec.DecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
@@ -159,7 +161,7 @@ def _completion_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) ->
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         return _encode(prompt, tokenizer, "prompt")
-    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    if isinstance(prompt, list) and prompt and set(map(type, prompt)) == {int}:  # C-speed check
         return _check_token_ids(prompt, tokenizer)
     if isinstance(prompt, list) and len(prompt) > 1:
         raise bad_request("batched prompts are not supported: send one prompt per request",
@@ -210,13 +212,15 @@ def _encode(text: str, tokenizer: TextTokenizer | None, param: str) -> list[int]
 
 
 def _check_token_ids(ids: list[int], tokenizer: TextTokenizer | None) -> list[int]:
+    """`ids` (all of type int) if every id is within the vocabulary."""
     upper = tokenizer.vocab_size if tokenizer is not None else None
-    for t in ids:
-        if t < 0 or (upper is not None and t >= upper):
-            bound = f"[0, {upper})" if upper is not None else "non-negative"
-            raise bad_request(f"token id {t} in 'prompt' is out of range (must be {bound})",
-                              "prompt")
-    return [int(t) for t in ids]
+    lowest, highest = min(ids), max(ids)
+    if lowest < 0 or (upper is not None and highest >= upper):
+        bad = lowest if lowest < 0 else highest
+        bound = f"[0, {upper})" if upper is not None else "non-negative"
+        raise bad_request(f"token id {bad} in 'prompt' is out of range (must be {bound})",
+                          "prompt")
+    return ids
 
 
 def _max_model_len(config: ApiConfig, tokenizer: TextTokenizer | None) -> int:

@@ -119,6 +119,7 @@ class ApiServer:
         head = ResponseHead(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                             int(time.time()), job.model, chat)
         handle = self.client.submit(_submit_message(head.response_id, job))
+        self.metrics.ingress.observe(time.monotonic() - arrival_s)
         events = handle.events_async()
         self.metrics.in_flight.inc()
         abort_reason = "client disconnected"
@@ -126,7 +127,7 @@ class ApiServer:
             verdict = await self._verdict(handle, events, job)
             progress = _Progress(arrival_s, [])
             if job.stream:
-                return await self._stream(request, job, head, events, verdict, progress)
+                return await self._stream(request, job, head, handle, events, verdict, progress)
             return await self._collect(job, head, events, verdict, progress)
         except ApiError as exc:
             abort_reason = exc.message
@@ -171,7 +172,7 @@ class ApiServer:
         return event
 
     async def _stream(self, request: web.Request, job: GenerationJob, head: ResponseHead,
-                      events: AsyncIterator[P._Msg], verdict: P.VerdictMsg,
+                      handle: RequestHandle, events: AsyncIterator[P._Msg], verdict: P.VerdictMsg,
                       progress: _Progress) -> web.StreamResponse:
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -193,6 +194,8 @@ class ApiServer:
             if progress.first_token_s is None:
                 chunk["slo"] = slo
             await response.write(_sse(chunk))
+            if handle.token_times_s:
+                self.metrics.delivery.observe(self.client.now_s() - handle.token_times_s[-1])
             self._observe_token(progress, job)
             if finish_reason is not None:
                 break

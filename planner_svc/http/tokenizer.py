@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer
+if TYPE_CHECKING:  # the `tokenizers` library is needed only when a model directory is given
+    from tokenizers import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for an incomplete UTF-8 sequence
@@ -31,6 +33,11 @@ class TextTokenizer:
     def from_model_dir(cls, model_dir: str | Path) -> TextTokenizer:
         """Load `DIR/tokenizer.json`; the context length comes from `DIR/config.json`
         (max_position_embeddings) or `DIR/tokenizer_config.json` (model_max_length) if present."""
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError("--model-dir needs the `tokenizers` library: "
+                             "pip install 'slos-serve[torch]' (or just tokenizers)") from None
         model_dir = Path(model_dir)
         path = model_dir / TOKENIZER_FILE
         if not path.is_file():
