@@ -290,6 +290,8 @@ class SimEngine(Engine):
         return "", num_context_tokens
 
     def _apply(self, step: Step, replica_id: int, step_id: int, start_s: float, end_s: float) -> StepReport:
+        if not step.num_spec_tokens and not self.emit_token_ids:
+            return self._apply_plain(step, replica_id, step_id, start_s, end_s)
         seqs = self._seqs
         block_size = self.block_size
         spec = step.num_spec_tokens
@@ -336,6 +338,39 @@ class SimEngine(Engine):
             num_accepted_spec_tokens=accepted,
             num_proposed_spec_tokens=proposed,
             new_token_ids=token_ids,
+            num_free_blocks=free,
+            finished=tuple(finished),
+        )
+
+    def _apply_plain(self, step: Step, replica_id: int, step_id: int, start_s: float, end_s: float) -> StepReport:
+        """`_apply` for the common step: no draft tokens, no token ids to make."""
+        seqs = self._seqs
+        block_size = self.block_size
+        new_tokens: dict[str, int] = {}
+        finished: list[str] = []
+        free = self._num_free_blocks
+        for rid, num_tokens in step.num_tokens.items():
+            seq = seqs[rid]
+            computed = seq.num_computed + num_tokens
+            seq.num_computed = computed
+            generated = seq.num_generated
+            if computed == seq.num_prompt + generated:  # the next token is sampled
+                generated += 1
+                seq.num_generated = generated
+                new_tokens[rid] = 1
+                if generated >= seq.max_new_tokens:
+                    free += seq.num_blocks
+                    del seqs[rid]
+                    finished.append(rid)
+                    continue
+            blocks = -(-computed // block_size)
+            free -= blocks - seq.num_blocks
+            seq.num_blocks = blocks
+        self._num_free_blocks = free
+        return StepReport(
+            replica_id, step_id, start_s, end_s,
+            num_computed_tokens=dict(step.num_tokens),
+            num_new_tokens=new_tokens,
             num_free_blocks=free,
             finished=tuple(finished),
         )

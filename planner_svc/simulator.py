@@ -510,11 +510,10 @@ class Simulation:
             return
         end_s = report.end_s
         for rid, num_new in report.num_new_tokens.items():
-            times = records[rid].token_times_s
             if num_new == 1:
-                times.append(end_s)
+                records[rid].token_times_s.append(end_s)
             else:
-                times.extend([end_s] * num_new)
+                records[rid].token_times_s.extend([end_s] * num_new)
 
     def _on_finished(self, record: RequestRecord, now_s: float) -> None:
         record.finished = True
