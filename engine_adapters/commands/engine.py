@@ -18,7 +18,6 @@ import time
 from engine_adapters.adapter import AdapterConfig, EngineAdapter
 from engine_adapters.engine import Engine
 from formulations.perf_model import TruthModel, perf_model_preset
-from planner_svc.cli import CliError
 from planner_svc.security import CurveKeys
 
 
@@ -89,7 +88,7 @@ def _sim_engine(args: argparse.Namespace) -> Engine:
     from engine_adapters.sim_engine import SimEngine
 
     if args.time_scale <= 0:
-        raise CliError("--time-scale must be positive")
+        raise ValueError("--time-scale must be positive")
     base = perf_model_preset(args.perf_model)
     scale = args.time_scale
     return SimEngine(
@@ -108,27 +107,29 @@ def _sim_engine(args: argparse.Namespace) -> Engine:
 
 def _torch_engine(args: argparse.Namespace) -> Engine:
     if importlib.util.find_spec("torch") is None:
-        raise CliError("the torch engine needs torch: pip install 'slos-serve[torch]'")
+        raise ValueError("the torch engine needs torch: pip install 'slos-serve[torch]'")
     try:
         from engine_adapters.torch_engine.engine import TorchEngine
     except ImportError as exc:
-        raise CliError(f"the torch engine is not available: {exc}") from None
+        raise ValueError(f"the torch engine is not available: {exc}") from None
     if not args.model_dir:
-        raise CliError("--engine torch needs --model-dir (make one with `slos-serve make-model`)")
+        raise ValueError("--engine torch needs --model-dir (make one with `slos-serve make-model`)")
     return TorchEngine.from_pretrained(
         args.model_dir, draft_dir=args.draft_dir, kv_memory_gb=args.kv_memory_gb
     )
 
 
 def _vllm_engine(args: argparse.Namespace) -> Engine:
+    """vLLM engine arguments beyond the model come from SLOS_SERVE_VLLM_ARGS (JSON)."""
+    if not args.model_dir:
+        raise ValueError("--engine vllm needs --model-dir")
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("the vLLM engine needs vLLM: pip install 'slos-serve[vllm]'")
     try:
         module = importlib.import_module("engine_adapters.vllm.engine")
     except ImportError as exc:
-        raise CliError(f"the vLLM engine is not available ({exc}); "
-                       "install it with: pip install 'slos-serve[vllm]'") from None
-    engine_class = getattr(module, "VllmEngine", None)
+        raise ValueError(f"the vLLM engine is not available: {exc}") from None
+    engine_class = getattr(module, "VLLMEngine", None)
     if engine_class is None or not hasattr(engine_class, "from_pretrained"):
-        raise CliError("engine_adapters.vllm.engine has no VllmEngine.from_pretrained yet")
-    if not args.model_dir:
-        raise CliError("--engine vllm needs --model-dir")
+        raise ValueError("engine_adapters.vllm.engine has no VLLMEngine.from_pretrained")
     return engine_class.from_pretrained(args.model_dir)

@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from planner_svc.cli import CliError
 from planner_svc.config import load_config
 
 PLANNER_TOML = """\
@@ -48,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-s", type=float, default=20.0,
                         help="time allowed after the last arrival")
     parser.add_argument("--perf-model", default="opt-13b-h100", help="sim engines' model")
-    parser.add_argument("--model-dir", default=".cache/demo-model",
+    parser.add_argument("--model-dir", default="out/demo-model",
                         help="torch: model directory (made if missing)")
     parser.add_argument("--metrics-port", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -56,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.num_engines < 1 or args.duration_s <= 0:
-        raise CliError("--num-engines must be >= 1 and --duration-s > 0")
+        raise ValueError("--num-engines must be >= 1 and --duration-s > 0")
     rate = args.rate or (4.0 if args.engine == "sim" else 0.5)
     group = ProcessGroup()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -103,7 +102,7 @@ def _run_demo(args: argparse.Namespace, rate: float, group: ProcessGroup) -> int
             result = replay(client, workload, drain_timeout_s=args.drain_s,
                             should_stop=group.any_died)
         if group.any_died():
-            raise CliError(f"a service process exited early: {group.died()}")
+            raise ValueError(f"a service process exited early: {group.died()}")
         print(build_report(result.records, workload).format_text())
     return 0
 
@@ -124,14 +123,14 @@ def wait_for_engines(client, count: int, group: ProcessGroup, timeout_s: float =
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if group.any_died():
-            raise CliError(f"a service process exited early: {group.died()}")
+            raise ValueError(f"a service process exited early: {group.died()}")
         try:
             if client.stats(timeout_s=1.0).num_engines >= count:
                 return
         except Exception:  # the planner is still starting
             pass
         time.sleep(0.2)
-    raise CliError(f"{count} engine(s) did not connect within {timeout_s:g}s")
+    raise ValueError(f"{count} engine(s) did not connect within {timeout_s:g}s")
 
 
 class ProcessGroup:

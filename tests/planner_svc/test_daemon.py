@@ -256,3 +256,15 @@ def test_bad_core_parameters_fail_at_startup():
         PlannerDaemon(make_config(core_params={"no_such_knob": 1}))
     with pytest.raises(ValueError, match=r"\[core\]"):
         PlannerDaemon(make_config(core_params={"replan": {"timer": 1}}))
+
+
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    from planner_svc.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('formulation = "slos_dp"\n[planner]\nliveness = 0\n')
+    assert main(["planner", "--config", str(bad)]) == 2
+    assert main(["engine", "--engine", "torch"]) == 2
+    assert main(["engine", "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "liveness" in err[0] and "--model-dir" in err[1]
