@@ -337,3 +337,48 @@ def test_required_api_keys(model_dir):
         assert len(ok.choices[0].token_ids) == 1
     finally:
         s.close()
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+
+def test_api_command_serves_and_stops_on_sigterm(stack, model_dir, tmp_path):
+    """`slos-serve api` as its own process, in front of the test's planner daemon."""
+    import signal
+    import subprocess
+    import sys
+
+    from planner_svc.commands.demo import free_port
+
+    port = free_port()
+    config = tmp_path / "api.toml"
+    config.write_text('[models.tiny-chat]\n[models.tiny-coder]\nslo_class = "coder"\n')
+    process = subprocess.Popen(
+        [sys.executable, "-m", "planner_svc.cli", "api", "--planner",
+         stack.service.daemon.client_endpoint, "--port", str(port), "--model-dir", str(model_dir),
+         "--config", str(config), "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith(f"api ready http://127.0.0.1:{port}")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-chat", "tiny-coder"]
+        response = client.chat.completions.create(
+            model="tiny-coder", messages=[{"role": "user", "content": "hello"}], max_tokens=5)
+        assert response.choices[0].message.content == stack.tokenizer.decode(
+            response.choices[0].token_ids)
+        assert stack.tracked(response.id).request.slo_class == "coder"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_api_command_errors(tmp_path):
+    from planner_svc.cli import main
+
+    assert main(["api", "--model-dir", str(tmp_path / "missing")]) == 2
+    bad = tmp_path / "api.toml"
+    bad.write_text("nonsense = 1\n")
+    assert main(["api", "--config", str(bad)]) == 2
