@@ -191,6 +191,9 @@ class SimEngine(Engine):
             remaining = seq.max_new_tokens - seq.num_generated
             if remaining < num_runs:
                 num_runs = remaining
+        # Each member needs at most num_runs // block_size + 1 new blocks: often plainly enough.
+        if len(members) * (num_runs // self.block_size + 1) <= self._num_free_blocks:
+            return num_runs
         if self._blocks_for_runs(members, num_runs) <= self._num_free_blocks:
             return num_runs
         low, high = 0, num_runs  # low runs fit, high runs do not

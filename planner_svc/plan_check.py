@@ -77,14 +77,14 @@ class _Walk:
         self.progress: dict[str, list[int]] = {}  # rid -> [pending, remaining outputs, has output]
 
     def plain_decodes_ok(self, step: Step) -> bool:
-        """Fast check of a last step made of plain decodes (1 token each, no drafts) of requests
-        no earlier step named: each such request is running unfinished (or just admitted), so it
-        has >= 1 pending token and >= 1 output token to go, and the entry is valid iff the request
+        """Fast check of the last step of the walk (a one-step repeat cycle) when it is made of
+        plain decodes (1 token each, no drafts): every known request has >= 1 pending token at
+        any point of a walk (pending is reset to 1 when a token is sampled), and one with no
+        output left is skipped in the repeat cycle, so the step is valid iff every request in it
         is known. False: take the full walk (it also finds the error, if any)."""
         if step.num_spec_tokens or set(step.num_tokens.values()) != {1}:
             return False
-        ids = step.num_tokens.keys()
-        return not (ids & self.progress.keys()) and ids <= self.known.keys()
+        return step.num_tokens.keys() <= self.known.keys()
 
     def step(self, step: Step, strict: bool) -> str:
         """Advance through one step; the problem found ('' if none)."""
