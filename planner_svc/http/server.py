@@ -46,6 +46,7 @@ from planner_svc.http.tokenizer import TextTokenizer
 log = logging.getLogger("slos_serve.http")
 
 VERDICT_HEADER = "X-SLO-Verdict"
+_DISCONNECTED = "client disconnected"
 _JSON = msgspec.json.Encoder()
 
 
@@ -122,20 +123,24 @@ class ApiServer:
         self.metrics.ingress.observe(time.monotonic() - arrival_s)
         events = handle.events_async()
         self.metrics.in_flight.inc()
-        abort_reason = "client disconnected"
+        abort_reason = _DISCONNECTED  # unless the request ends another way below
         try:
             verdict = await self._verdict(handle, events, job)
             progress = _Progress(arrival_s, [])
             if job.stream:
-                return await self._stream(request, job, head, handle, events, verdict, progress)
-            return await self._collect(job, head, events, verdict, progress)
+                response = await self._stream(request, job, head, handle, events, verdict,
+                                              progress)
+            else:
+                response = await self._collect(job, head, events, verdict, progress)
+            abort_reason = "answered (stop string or lost request)"
+            return response
         except ApiError as exc:
             abort_reason = exc.message
             raise
         finally:
             self.metrics.in_flight.dec()
-            if not handle.done:
-                if abort_reason == "client disconnected":
+            if not handle.done:  # the planner would keep generating for nobody
+                if abort_reason is _DISCONNECTED:
                     self.metrics.disconnects.inc()
                 self.client.abort(handle.request_id, abort_reason[:200])
             self.client.forget(handle.request_id)

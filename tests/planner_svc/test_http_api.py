@@ -118,6 +118,7 @@ def test_chat_non_streaming_and_streaming(stack):
 
 
 def test_stop_string_cuts_the_text_and_aborts(stack):
+    disconnects = stack.api.metrics.disconnects._value.get()
     client = stack.openai()
     full = client.completions.create(model=MODEL, prompt=list(range(2, 12)), max_tokens=60)
     text = full.choices[0].text
@@ -137,6 +138,7 @@ def test_stop_string_cuts_the_text_and_aborts(stack):
         assert got == text[:cut]
         assert finish_reason == "stop"
         assert_request_ends(stack, request_id, finished=False)
+    assert stack.api.metrics.disconnects._value.get() == disconnects  # not counted as one
 
 
 # ---- SLOs -----------------------------------------------------------------------------------
@@ -246,6 +248,18 @@ def test_client_disconnect_aborts_at_the_planner(stack):
     while stack.api.metrics.disconnects._value.get() == before:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+def test_non_streaming_client_that_times_out_is_aborted(stack):
+    before = {rid for rid in stack.service.daemon.requests}
+    body = json.dumps({"model": MODEL, "prompt": [4] * 10, "max_tokens": 240}).encode()
+    request = urllib.request.Request(f"{stack.url}/v1/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(TimeoutError):  # the client gives up and closes the connection
+        urllib.request.urlopen(request, timeout=0.5)
+    (request_id,) = set(stack.service.daemon.requests) - before
+    assert_request_ends(stack, request_id, finished=False)
+    assert len(stack.tracked(request_id).record.token_times_s) < 240
 
 
 # ---- bad input ------------------------------------------------------------------------------
