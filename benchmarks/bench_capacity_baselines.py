@@ -59,22 +59,24 @@ def main(argv: list[str] | None = None) -> int:
     params = SearchParams(min_rate_rps=args.min_rate, max_rate_rps=args.max_rate,
                           tolerance_rps=args.tolerance, relative_tolerance=args.relative_tolerance)
     per_gpu: dict[str, dict[str, float]] = {}
+    cells: dict[str, dict[str, str]] = {}
     results = []
     start = time.perf_counter()
     for scenario in scenarios:
         experiment = Experiment(scenario=scenario, perf_model=PERF_MODEL,
                                 num_requests=args.num_requests, seed=args.seed)
-        per_gpu[scenario] = {}
+        per_gpu[scenario], cells[scenario] = {}, {}
         for policy in policies:
             t0 = time.perf_counter()
             result = policy_capacity(experiment, policy, params, show_progress=None)
             per_gpu[scenario][policy] = result.capacity_per_gpu_rps
+            cells[scenario][policy] = capacity_cell(result)
             results.append({**result.to_dict(), "wall_s": time.perf_counter() - t0})
             print(f"{scenario:<11} {policy:<20} {result.capacity_rps:6.2f} req/s "
                   f"{result.capacity_per_gpu_rps:6.2f} req/s/GPU  ({len(result.points)} runs, "
                   f"{time.perf_counter() - t0:.1f}s)", flush=True)
     wall_s = time.perf_counter() - start
-    table = format_table(per_gpu, policies)
+    table = format_table(per_gpu, cells, policies)
     print(table)
     print(f"total wall time {wall_s:.0f}s")
     if not args.no_write:
@@ -88,18 +90,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def format_table(per_gpu: dict[str, dict[str, float]], policies: list[str]) -> str:
+def capacity_cell(result) -> str:
+    """Per-GPU capacity; below the lowest rate tried it is shown as an upper bound."""
+    if result.capacity_rps > 0:
+        return f"{result.capacity_per_gpu_rps:.2f}"
+    lowest_rps = min(p.rate_rps for p in result.points)
+    return f"< {lowest_rps / result.num_gpus:.2f}"
+
+
+def format_table(
+    per_gpu: dict[str, dict[str, float]], cells: dict[str, dict[str, str]], policies: list[str]
+) -> str:
     header = "| scenario | " + " | ".join(policies) + " |"
     if OURS in policies and len(policies) > 1:
         header += f" {OURS} / best other |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for scenario, row in per_gpu.items():
-        cells = [f"{row[p]:.2f}" for p in policies]
-        line = f"| {scenario} | " + " | ".join(cells) + " |"
+        line = f"| {scenario} | " + " | ".join(cells[scenario][p] for p in policies) + " |"
         if OURS in policies and len(policies) > 1:
             best_other = max(row[p] for p in policies if p != OURS)
-            ratio = f"{row[OURS] / best_other:.2f}x" if best_other > 0 else "n/a (others 0)"
-            line += f" {ratio} |"
+            ok = best_other > 0 and row[OURS] > 0
+            line += f" {row[OURS] / best_other:.2f}x |" if ok else " n/a |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -139,6 +150,9 @@ mean gap, so requests with 2k-token prompts arrive nearly together at any rate, 
 slowdown leaves no room to queue them (docs/WORKLOADS.md).
 
 {table}
+
+A cell `< x` means even the lowest rate tried (x req/s per GPU) missed the target. The last column
+is `n/a` when either side is below the lowest rate tried.
 
 Curves where attainment rose with the rate between evaluated points (one noisy run per rate):
 {notes}. Bar chart: `docs/img/capacity_baselines.png`; every evaluated (rate, attainment) point:
