@@ -11,6 +11,8 @@ vLLM is imported only when an engine is built, so this module imports without vL
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -24,6 +26,8 @@ from planner_svc.progress import StepReport
 if TYPE_CHECKING:
     from engine_adapters.vllm.scheduler import StepOutcome
 
+log = logging.getLogger("slos_serve.vllm")
+
 SCHEDULER_CLS = "engine_adapters.vllm.scheduler.PlanScheduler"
 
 # Engine arguments the planner-driven scheduler needs; a caller may not override them.
@@ -34,6 +38,37 @@ REQUIRED_ENGINE_ARGS: dict[str, Any] = {
 }
 # Defaults a caller may override.
 DEFAULT_ENGINE_ARGS: dict[str, Any] = {"enforce_eager": True}
+# vLLM engine args for `slos-serve engine --engine vllm`, as one JSON object (the command passes
+# only the model directory).
+ENGINE_ARGS_ENV = "SLOS_SERVE_VLLM_ARGS"
+
+
+def parse_engine_args(items: list[str]) -> dict[str, Any]:
+    """['max_model_len=512', 'speculative_config={"method": "ngram", ...}'] -> dict; each value is
+    read as JSON when it parses, else kept as a string."""
+    engine_args = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"vllm engine argument {item!r} is not NAME=VALUE")
+        try:
+            engine_args[name.replace("-", "_")] = json.loads(text)
+        except json.JSONDecodeError:
+            engine_args[name.replace("-", "_")] = text
+    return engine_args
+
+
+def engine_args_from_env() -> dict[str, Any]:
+    text = os.environ.get(ENGINE_ARGS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        engine_args = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{ENGINE_ARGS_ENV} is not JSON: {exc}") from None
+    if not isinstance(engine_args, dict):
+        raise ValueError(f"{ENGINE_ARGS_ENV} must be a JSON object of vLLM engine arguments")
+    return engine_args
 
 
 def engine_args_for(engine_args: Mapping[str, Any]) -> dict[str, Any]:
@@ -66,8 +101,9 @@ class VLLMEngine(Engine):
 
     @classmethod
     def from_pretrained(cls, model_dir: str, engine_args: Mapping[str, Any] | None = None) -> VLLMEngine:
-        """The constructor under the name `slos-serve engine` uses for every engine."""
-        return cls(model_dir, engine_args)
+        """The constructor under the name `slos-serve engine` uses; without `engine_args` they are
+        read from the SLOS_SERVE_VLLM_ARGS environment variable (JSON)."""
+        return cls(model_dir, engine_args_from_env() if engine_args is None else engine_args)
 
     # ----- Engine interface ---------------------------------------------------------------------
 
@@ -106,6 +142,8 @@ class VLLMEngine(Engine):
     def execute(self, step: Step, replica_id: int, step_id: int) -> StepReport:
         vllm_step, error = self._to_vllm_step(step)
         error = error or self._scheduler.submit(vllm_step)
+        if error:
+            log.warning("step %d refused: %s", step_id, error)
         if error or vllm_step.is_empty:
             now_s = time.monotonic()
             return StepReport(replica_id, step_id, now_s, now_s, num_free_blocks=self.num_free_blocks, error=error)

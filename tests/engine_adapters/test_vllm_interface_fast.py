@@ -103,3 +103,19 @@ def test_engine_args_keep_the_scheduler_requirements():
         engine_args_for({"enable_prefix_caching": True})
     with pytest.raises(ValueError, match="scheduler_cls"):
         engine_args_for({"scheduler_cls": "vllm.v1.core.sched.scheduler.Scheduler"})
+
+
+def test_engine_args_from_the_command_line_and_the_environment(monkeypatch):
+    from engine_adapters.vllm.engine import ENGINE_ARGS_ENV, engine_args_from_env, parse_engine_args
+
+    parsed = parse_engine_args(["max-model-len=512", "dtype=float32",
+                                'speculative_config={"method": "ngram", "num_speculative_tokens": 3}'])
+    assert parsed == {"max_model_len": 512, "dtype": "float32",
+                      "speculative_config": {"method": "ngram", "num_speculative_tokens": 3}}
+    with pytest.raises(ValueError, match="not NAME=VALUE"):
+        parse_engine_args(["max_model_len"])
+    monkeypatch.setenv(ENGINE_ARGS_ENV, '{"max_model_len": 256}')
+    assert engine_args_from_env() == {"max_model_len": 256}
+    monkeypatch.setenv(ENGINE_ARGS_ENV, "[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        engine_args_from_env()
