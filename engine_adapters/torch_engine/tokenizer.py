@@ -40,8 +40,10 @@ def generated_corpus(num_lines: int, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tokenizer(vocab_size: int, seed: int = 0, num_lines: int = 20000) -> Tokenizer:
-    """Byte-level BPE with BOS = id 0, EOS = id 1, exactly `vocab_size` entries."""
+def train_tokenizer(vocab_size: int, seed: int = 0, num_lines: int | None = None) -> Tokenizer:
+    """Byte-level BPE with BOS = id 0, EOS = id 1, exactly `vocab_size` entries, trained on
+    `num_lines` generated sentences (default: 3 per vocabulary entry, at least 2000)."""
+    num_lines = num_lines or max(2000, 3 * vocab_size)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
