@@ -9,6 +9,7 @@ anything changes, and a failure inside the forward pass rolls the requests back.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -33,6 +34,7 @@ from planner_svc.progress import StepReport
 
 PERF_MODEL_FILE = "perf_model.json"  # written by `slos-serve profile`, read by from_pretrained
 DEFAULT_MAX_SPEC_TOKENS = 8
+MAX_REMEMBERED_FINISHED = 10_000
 
 
 class StepRefused(Exception):
@@ -104,7 +106,8 @@ class TorchEngine(Engine):
         self.clock = clock
         self.device = self.target.device
         self._seqs: dict[str, Sequence] = {}
-        self._finished_ids: set[str] = set()
+        # Recently finished ids (insertion-ordered, bounded), to word refusals of late steps.
+        self._finished_ids: dict[str, None] = {}
 
     # ------------------------------------------------------------------ construction
 
@@ -138,8 +141,6 @@ class TorchEngine(Engine):
             if num_blocks < 1:
                 raise ValueError(f"kv_memory_gb={kv_memory_gb} holds no KV block")
         if perf_model is None and (Path(model_dir) / PERF_MODEL_FILE).is_file():
-            import json
-
             perf_model = PerfModel.from_dict(json.loads((Path(model_dir) / PERF_MODEL_FILE).read_text()))
         return cls(model, num_blocks, draft, max_spec_tokens=max_spec_tokens,
                    perf_model=perf_model, name=f"torch:{Path(model_dir).name}")
@@ -180,7 +181,7 @@ class TorchEngine(Engine):
             generator=torch.Generator(self.device).manual_seed(seed),
             ignore_eos=request.ignore_eos,
         )
-        self._finished_ids.discard(rid)
+        self._finished_ids.pop(rid, None)
 
     def abort(self, request_id: str) -> None:
         if self._seqs.pop(request_id, None) is not None:
@@ -342,7 +343,9 @@ class TorchEngine(Engine):
     def _finish(self, seq: Sequence, outcome: _Outcome) -> None:
         del self._seqs[seq.request_id]
         self._free(seq.request_id)
-        self._finished_ids.add(seq.request_id)
+        self._finished_ids[seq.request_id] = None
+        if len(self._finished_ids) > MAX_REMEMBERED_FINISHED:
+            del self._finished_ids[next(iter(self._finished_ids))]
         outcome.finished.append(seq.request_id)
 
     def _free(self, request_id: str) -> None:
@@ -355,7 +358,7 @@ class TorchEngine(Engine):
             del seq.token_ids[num_tokens:]
             seq.is_finished = False
             self._seqs[seq.request_id] = seq
-            self._finished_ids.discard(seq.request_id)
+            self._finished_ids.pop(seq.request_id, None)
             seq.num_computed_tokens = num_computed
             self.target.blocks.truncate(seq.request_id, num_computed)
             if self.draft is not None:
