@@ -396,3 +396,42 @@ def test_api_command_errors(tmp_path):
     bad = tmp_path / "api.toml"
     bad.write_text("nonsense = 1\n")
     assert main(["api", "--config", str(bad)]) == 2
+
+
+# ---- load and planner trouble ---------------------------------------------------------------
+
+
+def test_many_concurrent_streams(stack):
+    import asyncio
+
+    async def one(client, i):
+        stream = await client.completions.create(model=MODEL, prompt=[3 + i] * (5 + i),
+                                                 max_tokens=10 + i, stream=True)
+        return [t async for c in stream for t in c.choices[0].token_ids]
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
+        return await asyncio.gather(*(one(client, i) for i in range(24)))
+
+    outputs = asyncio.run(run())
+    assert outputs == [expected_ids(5 + i, 10 + i) for i in range(24)]
+
+
+def test_no_planner_gives_503_not_a_hang():
+    from planner_svc.client import PlannerClient
+    from planner_svc.commands.demo import free_port
+    from planner_svc.http.server import ApiServer, ServerThread
+
+    client = PlannerClient(f"tcp://127.0.0.1:{free_port()}")  # nothing listens there
+    server = ServerThread(ApiServer(client, ApiConfig(verdict_timeout_s=0.3)))
+    try:
+        start_s = time.monotonic()
+        code, headers, error = post(f"{server.url}/v1/completions",
+                                    json.dumps({"model": MODEL, "prompt": [1, 2]}).encode())
+        assert code == 503 and error["error"]["code"] == "planner_timeout"
+        assert headers["Retry-After"] == "1" and time.monotonic() - start_s < 3
+        status, _, body = get(f"{server.url}/health")
+        assert status == 503 and json.loads(body)["status"] == "unavailable"
+    finally:
+        server.close()
+        client.close()
