@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from benchmarks.report_section import write_section  # noqa: E402
 from engine_adapters.commands.make_model import make_model  # noqa: E402
 from engine_adapters.engine import EngineRequest  # noqa: E402
-from engine_adapters.profiler import Profiler, SweepConfig, median_abs_pct_error  # noqa: E402
+from engine_adapters.profiler import Profiler, median_abs_pct_error  # noqa: E402
 from engine_adapters.torch_engine.engine import TorchEngine  # noqa: E402
 from formulations.plan import Step  # noqa: E402
 
@@ -81,8 +81,11 @@ def context_rows(engine: TorchEngine, preset: str) -> list[str]:
     rows = []
     for batch in CONTEXT_SWEEP_BATCHES:
         cells = [f"{decode_cpu_ms(engine, batch, ctx):.1f}" for ctx in CONTEXT_SWEEP_TOKENS]
-        rows.append(f"| {preset} | {batch} | " + " | ".join(cells)
-                    + f" | {prefill_cpu_ms(engine, batch):.1f} |")
+        rows.append(
+            f"| {preset} | {batch} | "
+            + " | ".join(cells)
+            + f" | {prefill_cpu_ms(engine, batch):.1f} |"
+        )
     return rows
 
 
@@ -114,11 +117,16 @@ def _fit_row(preset: str, engine: TorchEngine, timer: str) -> str:
     """Fit on one sweep, then score the fitted model on a second (held-out) sweep."""
     fit = Profiler(engine, timer=timer).run(max_num_lines=2, name=f"{preset}-cpu")
     held_out = [m.sample for m in Profiler(engine, timer=timer).measure()]
-    lines = " , ".join(f"{ln.k_token_s * 1e6:.1f} us/tok + {ln.k_spec_s * 1e3:.2f} ms*s + "
-                       f"{ln.intercept_s * 1e3:.2f} ms" for ln in fit.model.lines)
-    return (f"| {preset} | {timer} | {fit.fit.num_samples} | {fit.fit.r2:.3f} | "
-            f"{100 * fit.fit.under_prediction_fraction:.0f}% | {fit.median_abs_pct_error:.1f}% | "
-            f"{median_abs_pct_error(fit.model, held_out):.1f}% | max({lines}) |")
+    lines = " , ".join(
+        f"{ln.k_token_s * 1e6:.1f} us/tok + {ln.k_spec_s * 1e3:.2f} ms*s + "
+        f"{ln.intercept_s * 1e3:.2f} ms"
+        for ln in fit.model.lines
+    )
+    return (
+        f"| {preset} | {timer} | {fit.fit.num_samples} | {fit.fit.r2:.3f} | "
+        f"{100 * fit.fit.under_prediction_fraction:.0f}% | {fit.median_abs_pct_error:.1f}% | "
+        f"{median_abs_pct_error(fit.model, held_out):.1f}% | max({lines}) |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,39 +147,43 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()[0]
     decode_cols = " | ".join(f"decode B={b}" for b in DECODE_BATCH_SIZES)
     prefill_cols = " | ".join(f"prefill P={p}" for p in PREFILL_SIZES)
-    body = "\n".join([
-        "## Torch engine (CPU)",
-        "",
-        f"Random-weight presets, float32, {args.num_threads} torch thread(s), block size 16. "
-        f"Tokens per second through `TorchEngine.execute` (sampling and bookkeeping included); "
-        f"decodes run with {CONTEXT_TOKENS} context tokens per request. Host load average "
-        f"{load_before:.1f} before, {load_after:.1f} after (a shared host: other jobs inflate and "
-        f"scatter these times).",
-        "",
-        f"| preset | {decode_cols} | {prefill_cols} |",
-        "|---|" + "---|" * (len(DECODE_BATCH_SIZES) + len(PREFILL_SIZES)),
-        *throughput,
-        "",
-        "Performance model fitted by the profiler sweep (prefill chunks 16..1024, decode batches "
-        "1..64, mixed steps, speculation s = 1, 2, 4 with the preset's draft); the median absolute "
-        "error is measured in-sample and on a second, held-out sweep (target: < 10%). Timer `cpu`: "
-        "process CPU time per step (one thread, so the step's own cost, immune to other jobs); "
-        "`wall`: the step time the engine reports, as the planner sees it on this shared host.",
-        "",
-        "| preset | timer | samples | R^2 | under-predicted | median abs err (fit) | median abs err "
-        "(held out) | model |",
-        "|---|---|---|---|---|---|---|---|",
-        *fits,
-        "",
-        "Why the fit misses: the model charges a step by its token count, but a decode token also "
-        "attends over its cached context. Process CPU time (ms) of one step of B tokens, as B "
-        "decodes at a given context length or as one prefill chunk of B tokens:",
-        "",
-        "| preset | B | " + " | ".join(f"decode, context {c}" for c in CONTEXT_SWEEP_TOKENS)
-        + " | prefill chunk |",
-        "|---|---|" + "---|" * (len(CONTEXT_SWEEP_TOKENS) + 1),
-        *contexts,
-    ])
+    body = "\n".join(
+        [
+            "## Torch engine (CPU)",
+            "",
+            f"Random-weight presets, float32, {args.num_threads} torch thread(s), block size 16. "
+            "Tokens per second through `TorchEngine.execute` (sampling and bookkeeping "
+            f"included); decodes run with {CONTEXT_TOKENS} context tokens per request. Host load "
+            f"average {load_before:.1f} before, {load_after:.1f} after (a shared host: other jobs "
+            "inflate and scatter these times).",
+            "",
+            f"| preset | {decode_cols} | {prefill_cols} |",
+            "|---|" + "---|" * (len(DECODE_BATCH_SIZES) + len(PREFILL_SIZES)),
+            *throughput,
+            "",
+            "Performance model fitted by the profiler sweep (prefill chunks 16..1024, decode "
+            "batches 1..64, mixed steps, speculation s = 1, 2, 4 with the preset's draft); the "
+            "median absolute error is measured in-sample and on a second, held-out sweep (target: "
+            "< 10%). Timer `cpu`: process CPU time per step (one thread, so the step's own cost, "
+            "immune to other jobs); `wall`: the step time the engine reports, as the planner sees "
+            "it on this shared host.",
+            "",
+            "| preset | timer | samples | R^2 | under-predicted | median abs err (fit) "
+            "| median abs err (held out) | model |",
+            "|---|---|---|---|---|---|---|---|",
+            *fits,
+            "",
+            "Why the fit misses: the model charges a step by its token count, but a decode token "
+            "also attends over its cached context. Process CPU time (ms) of one step of B tokens, "
+            "as B decodes at a given context length or as one prefill chunk of B tokens:",
+            "",
+            "| preset | B | "
+            + " | ".join(f"decode, context {c}" for c in CONTEXT_SWEEP_TOKENS)
+            + " | prefill chunk |",
+            "|---|---|" + "---|" * (len(CONTEXT_SWEEP_TOKENS) + 1),
+            *contexts,
+        ]
+    )
     command = "python benchmarks/bench_torch_engine.py " + " ".join(argv or [])
     write_section("torch_engine", body, command.strip())
     return 0

@@ -8,12 +8,13 @@ the adapter (Python overhead, sampling, speculation) and works for any engine:
   - mixed steps: B decodes plus one prefill chunk of P tokens;
   - speculative steps (engines with a draft): B decodes each verifying s draft tokens.
 Each composition is timed in `num_repeats` interleaved rounds, each after an untimed warm-up
-step; the sample keeps the median.
+step; the sample keeps the median. A sample's x is (Step.num_batched_tokens, Step.spec_steps),
+as the planner charges it.
 
 Timers: "wall" takes the step time the engine reports (what the planner sees). "cpu" takes the
 process CPU time spent in `execute`: on a shared host other jobs stretch wall times by whole
 scheduler slices, while the CPU time of a single-threaded CPU engine is its step time on an idle
-host. Use "cpu" only for an engine that computes in this process with one thread. A sample's x is (Step.num_batched_tokens, Step.spec_steps), as the planner charges it.
+host. Use "cpu" only for an engine that computes in this process with one thread.
 """
 
 from __future__ import annotations
@@ -71,21 +72,28 @@ class ProfileResult:
 
 def median_abs_pct_error(model: PerfModel, samples: Sequence[StepSample]) -> float:
     """median over samples of |T_model - T_measured| / T_measured, in percent."""
-    errors = [abs(model.step_time_s(s.num_tokens, s.spec_steps) - s.step_time_s) / s.step_time_s
-              for s in samples]
+    errors = [
+        abs(model.step_time_s(s.num_tokens, s.spec_steps) - s.step_time_s) / s.step_time_s
+        for s in samples
+    ]
     return 100.0 * float(np.median(errors))
 
 
 def best_fit(samples: Sequence[StepSample], max_num_lines: int, name: str) -> FitResult:
     """The fit with the highest R^2 among 1..max_num_lines lines (the alternating max-of-lines fit
     can settle in a worse local optimum than fewer lines; more lines never help then)."""
-    fits = [fit_perf_model(samples, num_lines=k, name=name)
-            for k in range(1, max_num_lines + 1) if len(samples) >= 3 * k]
+    fits = [
+        fit_perf_model(samples, num_lines=k, name=name)
+        for k in range(1, max_num_lines + 1)
+        if len(samples) >= 3 * k
+    ]
     return max(fits, key=lambda fit: fit.r2)
 
 
 class Profiler:
-    def __init__(self, engine: Engine, sweep: SweepConfig = SweepConfig(), timer: str = "wall") -> None:
+    def __init__(
+        self, engine: Engine, sweep: SweepConfig = SweepConfig(), timer: str = "wall"
+    ) -> None:
         if timer not in TIMERS:
             raise ValueError(f"unknown timer {timer!r} (known: {', '.join(TIMERS)})")
         self.engine = engine
@@ -96,7 +104,9 @@ class Profiler:
 
     def run(self, max_num_lines: int = 2, name: str = "profiled") -> ProfileResult:
         measurements = tuple(self.measure())
-        return ProfileResult(measurements, best_fit([m.sample for m in measurements], max_num_lines, name))
+        return ProfileResult(
+            measurements, best_fit([m.sample for m in measurements], max_num_lines, name)
+        )
 
     def measure(self) -> list[Measurement]:
         """Time every composition in `num_repeats` interleaved rounds (so that a burst of load on
@@ -109,8 +119,10 @@ class Profiler:
                 step, time_s = self._timed(num_decodes, prefill_size, spec)
                 times[label].append(time_s)
                 shapes[label] = (step.num_batched_tokens, step.spec_steps)
-        return [Measurement(label, StepSample(*shapes[label], statistics.median(times[label])))
-                for label in times]
+        return [
+            Measurement(label, StepSample(*shapes[label], statistics.median(times[label])))
+            for label in times
+        ]
 
     def compositions(self) -> Iterator[tuple[str, int, int, int]]:
         """(label, decodes, prefill chunk size, speculation length) of each step to time."""
@@ -128,13 +140,17 @@ class Profiler:
     def _timed(self, num_decodes: int, prefill_size: int, spec: int) -> tuple[Step, float]:
         """Time one step with `num_decodes` decodes (each verifying `spec` draft tokens) and, if
         prefill_size > 0, one prefill chunk of that size, after an identical untimed warm-up."""
-        decoders = [self._add(self.sweep.context_tokens, 2 * (spec + 1) + 1) for _ in range(num_decodes)]
+        decoders = [
+            self._add(self.sweep.context_tokens, 2 * (spec + 1) + 1) for _ in range(num_decodes)
+        ]
         if decoders:
             self._execute(Step({rid: self.sweep.context_tokens for rid in decoders}))
         for _ in range(2):  # warm-up, then the timed step
             prefill = [self._add(prefill_size, 1)] if prefill_size else []
-            step = Step({**{rid: 1 for rid in decoders}, **{rid: prefill_size for rid in prefill}},
-                        {rid: spec for rid in decoders if spec})
+            step = Step(
+                {**{rid: 1 for rid in decoders}, **{rid: prefill_size for rid in prefill}},
+                {rid: spec for rid in decoders if spec},
+            )
             time_s = self._execute(step)
             for rid in prefill:
                 self.engine.abort(rid)

@@ -15,9 +15,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--draft", action="store_true", help=f"also write OUT/{DRAFT_SUBDIR}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: preset's)")
-    parser.add_argument("--max-shard-mb", type=float, default=None,
-                        help="split weights into shards of at most this size (with an index file)")
+    parser.add_argument(
+        "--dtype", default=None, help="float32, float16 or bfloat16 (default: preset's)"
+    )
+    parser.add_argument(
+        "--max-shard-mb",
+        type=float,
+        default=None,
+        help="split weights into shards of at most this size (with an index file)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

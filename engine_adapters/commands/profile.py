@@ -13,21 +13,39 @@ ENGINES = ("torch",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", default="torch", help=f"engine to profile ({', '.join(ENGINES)})")
+    parser.add_argument(
+        "--engine", default="torch", help=f"engine to profile ({', '.join(ENGINES)})"
+    )
     parser.add_argument("--model", required=True, help="local HF-layout model directory")
-    parser.add_argument("--draft", default=None, help="draft model directory (profiles speculation)")
+    parser.add_argument(
+        "--draft", default=None, help="draft model directory (profiles speculation)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: model's)")
+    parser.add_argument(
+        "--dtype", default=None, help="float32, float16, bfloat16 (default: model's)"
+    )
     parser.add_argument("--kv-memory-gb", type=float, default=0.25)
     parser.add_argument("--out", default=None, help="output JSON (default: MODEL/perf_model.json)")
-    parser.add_argument("--max-num-lines", type=int, default=2,
-                        help="most lines in the max-of-lines model (the best R^2 of 1..N is kept)")
+    parser.add_argument(
+        "--max-num-lines",
+        type=int,
+        default=2,
+        help="most lines in the max-of-lines model (the best R^2 of 1..N is kept)",
+    )
     parser.add_argument("--quick", action="store_true", help="a short sweep (smoke test)")
-    parser.add_argument("--num-threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 gives steadier times on a busy host")
-    parser.add_argument("--timer", default="wall", choices=("wall", "cpu"),
-                        help="wall: the reported step time; cpu: process CPU time per step "
-                             "(needs --device cpu --num-threads 1; immune to other jobs' load)")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's); 1 gives steadier times on a busy host",
+    )
+    parser.add_argument(
+        "--timer",
+        default="wall",
+        choices=("wall", "cpu"),
+        help="wall: the reported step time; cpu: process CPU time per step "
+        "(needs --device cpu --num-threads 1; immune to other jobs' load)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,14 +65,21 @@ def run(args: argparse.Namespace) -> int:
     )
     sweep = SweepConfig.quick() if args.quick else SweepConfig()
     name = f"{Path(args.model).resolve().name}-{args.device}"
-    result = Profiler(engine, sweep, timer=args.timer).run(max_num_lines=args.max_num_lines, name=name)
+    result = Profiler(engine, sweep, timer=args.timer).run(
+        max_num_lines=args.max_num_lines, name=name
+    )
     for m in result.measurements:
         s = m.sample
         predicted_ms = 1e3 * result.model.step_time_s(s.num_tokens, s.spec_steps)
-        print(f"{m.label:>22}: tokens={s.num_tokens:5d} s={s.spec_steps} "
-              f"measured={1e3 * s.step_time_s:8.2f} ms  model={predicted_ms:8.2f} ms")
-    print(f"{len(result.model.lines)} line(s): R^2 = {result.fit.r2:.3f}; under-predicted {100 * result.fit.under_prediction_fraction:.0f}% "
-          f"of {result.fit.num_samples} samples; median |error| = {result.median_abs_pct_error:.1f}%")
+        print(
+            f"{m.label:>22}: tokens={s.num_tokens:5d} s={s.spec_steps} "
+            f"measured={1e3 * s.step_time_s:8.2f} ms  model={predicted_ms:8.2f} ms"
+        )
+    print(
+        f"{len(result.model.lines)} line(s): R^2 = {result.fit.r2:.3f}; under-predicted "
+        f"{100 * result.fit.under_prediction_fraction:.0f}% of {result.fit.num_samples} samples; "
+        f"median |error| = {result.median_abs_pct_error:.1f}%"
+    )
     out = Path(args.out) if args.out else Path(args.model) / PERF_MODEL_FILE
     out.write_text(json.dumps(result.model.to_dict(), indent=2) + "\n")
     print(f"wrote {out}")

@@ -76,7 +76,9 @@ def load_model(
         raise ValueError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
     for name, param in expected.items():
         if tuple(state[name].shape) != tuple(param.shape):
-            raise ValueError(f"{name}: shape {tuple(state[name].shape)} != config's {tuple(param.shape)}")
+            raise ValueError(
+                f"{name}: shape {tuple(state[name].shape)} != config's {tuple(param.shape)}"
+            )
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -55,8 +55,17 @@ class LlamaConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r}: only Llama decoders load")
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
-                               "num_hidden_layers", "num_attention_heads") if k not in data]
+        missing = [
+            k
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+            )
+            if k not in data
+        ]
         if missing:
             raise ValueError(f"config.json lacks {', '.join(missing)}")
         kwargs = {k: v for k, v in data.items() if k in known and v is not None}

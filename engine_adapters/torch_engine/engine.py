@@ -22,7 +22,11 @@ import torch
 
 from engine_adapters.engine import Engine, EngineInfo, EngineRequest
 from engine_adapters.torch_engine.checkpoint import load_model, parse_dtype
-from engine_adapters.torch_engine.kv_cache import BLOCK_SIZE, OutOfBlocksError, num_blocks_for_budget
+from engine_adapters.torch_engine.kv_cache import (
+    BLOCK_SIZE,
+    OutOfBlocksError,
+    num_blocks_for_budget,
+)
 from engine_adapters.torch_engine.model import LlamaForCausalLM
 from engine_adapters.torch_engine.model_runner import Chunk, ModelRunner
 from engine_adapters.torch_engine.sampling import SamplingParams, probabilities, sample
@@ -68,10 +72,14 @@ class _Outcome:
     new_token_ids: dict[str, list[int]] = field(default_factory=dict)
     finished: list[str] = field(default_factory=list)
 
-    def report(self, replica_id: int, step_id: int, start_s: float, end_s: float,
-               num_free_blocks: int) -> StepReport:
+    def report(
+        self, replica_id: int, step_id: int, start_s: float, end_s: float, num_free_blocks: int
+    ) -> StepReport:
         return StepReport(
-            replica_id, step_id, start_s, end_s,
+            replica_id,
+            step_id,
+            start_s,
+            end_s,
             num_computed_tokens=self.num_computed_tokens,
             num_new_tokens=self.num_new_tokens,
             num_accepted_spec_tokens=self.num_accepted_spec_tokens,
@@ -99,7 +107,9 @@ class TorchEngine(Engine):
         self.model = model
         self.config = model.config
         self.target = ModelRunner(model, num_blocks, block_size)
-        self.draft = DraftProposer(ModelRunner(draft_model, num_blocks, block_size)) if draft_model else None
+        self.draft = (
+            DraftProposer(ModelRunner(draft_model, num_blocks, block_size)) if draft_model else None
+        )
         self.max_spec_tokens = max_spec_tokens if draft_model is not None else 0
         self.perf_model = perf_model
         self.name = name
@@ -135,15 +145,26 @@ class TorchEngine(Engine):
         if num_blocks is None:
             bytes_per_token = sum(
                 m.config.kv_bytes_per_token(m.lm_head.weight.element_size())
-                for m in (model, draft) if m is not None
+                for m in (model, draft)
+                if m is not None
             )
-            num_blocks = num_blocks_for_budget(int(kv_memory_gb * 2**30), bytes_per_token, BLOCK_SIZE)
+            num_blocks = num_blocks_for_budget(
+                int(kv_memory_gb * 2**30), bytes_per_token, BLOCK_SIZE
+            )
             if num_blocks < 1:
                 raise ValueError(f"kv_memory_gb={kv_memory_gb} holds no KV block")
         if perf_model is None and (Path(model_dir) / PERF_MODEL_FILE).is_file():
-            perf_model = PerfModel.from_dict(json.loads((Path(model_dir) / PERF_MODEL_FILE).read_text()))
-        return cls(model, num_blocks, draft, max_spec_tokens=max_spec_tokens,
-                   perf_model=perf_model, name=f"torch:{Path(model_dir).name}")
+            perf_model = PerfModel.from_dict(
+                json.loads((Path(model_dir) / PERF_MODEL_FILE).read_text())
+            )
+        return cls(
+            model,
+            num_blocks,
+            draft,
+            max_spec_tokens=max_spec_tokens,
+            perf_model=perf_model,
+            name=f"torch:{Path(model_dir).name}",
+        )
 
     # ------------------------------------------------------------------ Engine interface
 
@@ -170,7 +191,9 @@ class TorchEngine(Engine):
         if bad:
             raise ValueError(f"request {rid!r}: token id {bad[0]} outside the vocabulary")
         if len(prompt) >= self.config.max_position_embeddings:
-            raise ValueError(f"request {rid!r}: prompt of {len(prompt)} tokens exceeds max_model_len")
+            raise ValueError(
+                f"request {rid!r}: prompt of {len(prompt)} tokens exceeds max_model_len"
+            )
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(7), "little")
         self._seqs[rid] = Sequence(
             request_id=rid,
@@ -214,9 +237,13 @@ class TorchEngine(Engine):
     def _check(self, step: Step) -> list[_Work]:
         unknown_spec = set(step.num_spec_tokens) - set(step.num_tokens)
         if unknown_spec:
-            raise StepRefused(f"speculation for requests the step computes nothing for: {sorted(unknown_spec)}")
-        return [self._check_one(rid, n, step.num_spec_tokens.get(rid, 0))
-                for rid, n in step.num_tokens.items()]
+            raise StepRefused(
+                f"speculation for requests the step computes nothing for: {sorted(unknown_spec)}"
+            )
+        return [
+            self._check_one(rid, n, step.num_spec_tokens.get(rid, 0))
+            for rid, n in step.num_tokens.items()
+        ]
 
     def _check_one(self, rid: str, num_tokens: int, num_spec: int) -> _Work:
         seq = self._seqs.get(rid)
@@ -224,7 +251,9 @@ class TorchEngine(Engine):
             state = "finished" if rid in self._finished_ids else "unknown"
             raise StepRefused(f"step names {state} request {rid!r}")
         if num_tokens < 1:
-            raise StepRefused(f"request {rid!r}: a step computes at least 1 token, not {num_tokens}")
+            raise StepRefused(
+                f"request {rid!r}: a step computes at least 1 token, not {num_tokens}"
+            )
         if num_tokens > seq.num_pending_tokens:
             raise StepRefused(
                 f"request {rid!r}: step asks for {num_tokens} tokens but only "
@@ -240,18 +269,23 @@ class TorchEngine(Engine):
     def _check_spec(self, work: _Work) -> None:
         rid, s = work.seq.request_id, work.num_spec_tokens
         if self.draft is None:
-            raise StepRefused(f"request {rid!r}: speculation asked of an engine without a draft model")
+            raise StepRefused(
+                f"request {rid!r}: speculation asked of an engine without a draft model"
+            )
         if not 0 <= s <= self.max_spec_tokens:
-            raise StepRefused(f"request {rid!r}: {s} speculative tokens (0..{self.max_spec_tokens})")
+            raise StepRefused(
+                f"request {rid!r}: {s} speculative tokens (0..{self.max_spec_tokens})"
+            )
         if not work.samples:
-            raise StepRefused(f"request {rid!r}: speculation needs a step that finishes its pending tokens")
+            raise StepRefused(
+                f"request {rid!r}: speculation needs a step that finishes its pending tokens"
+            )
 
     def _check_blocks(self, works: list[_Work]) -> None:
         needed = self.target.num_blocks_needed([self._chunk_shape(w) for w in works])
-        if needed > self.target.blocks.num_free_blocks:
-            raise StepRefused(
-                f"out of KV blocks: step needs {needed} more, {self.target.blocks.num_free_blocks} free"
-            )
+        free = self.target.blocks.num_free_blocks
+        if needed > free:
+            raise StepRefused(f"out of KV blocks: step needs {needed} more, {free} free")
         spec = [(w.seq, w.num_spec_tokens) for w in works if w.num_spec_tokens]
         if self.draft is not None and spec:
             needed = self.draft.num_blocks_needed(spec)
@@ -269,8 +303,10 @@ class TorchEngine(Engine):
     # ------------------------------------------------------------------ execution
 
     def _run(self, works: list[_Work], replica_id: int, step_id: int, start_s: float) -> StepReport:
-        saved = [(w.seq, w.seq.num_tokens, w.seq.num_computed_tokens, w.seq.num_draft_computed_tokens)
-                 for w in works]
+        saved = [
+            (w.seq, w.seq.num_tokens, w.seq.num_computed_tokens, w.seq.num_draft_computed_tokens)
+            for w in works
+        ]
         outcome = _Outcome()
         try:
             self._propose(works)
@@ -298,7 +334,9 @@ class TorchEngine(Engine):
         num_logits = work.num_spec_tokens + 1 if work.samples else 0
         return Chunk(seq.request_id, new + work.draft_tokens, seq.num_computed_tokens, num_logits)
 
-    def _advance(self, work: _Work, logits: torch.Tensor, argmax: list[int], outcome: _Outcome) -> None:
+    def _advance(
+        self, work: _Work, logits: torch.Tensor, argmax: list[int], outcome: _Outcome
+    ) -> None:
         """Apply the step's outcome to one request. logits: [num_spec + 1, V] when it samples,
         argmax: their argmax tokens (computed for the whole batch at once)."""
         seq, rid = work.seq, work.seq.request_id
@@ -311,7 +349,9 @@ class TorchEngine(Engine):
             new, accepted = accept_greedy(work.draft_tokens, argmax)
         elif work.num_spec_tokens:
             target_probs = probabilities(logits, seq.params)
-            new, accepted = accept_sampled(work.draft_tokens, work.draft_probs, target_probs, seq.generator)
+            new, accepted = accept_sampled(
+                work.draft_tokens, work.draft_probs, target_probs, seq.generator
+            )
         else:
             new, accepted = sample(logits, seq.params, seq.generator).tolist(), 0
         new = self._cut_at_stop(seq, new)
@@ -371,14 +411,23 @@ class TorchEngine(Engine):
     # ------------------------------------------------------------------ reports
 
     def _refusal(self, replica_id: int, step_id: int, start_s: float, error: str) -> StepReport:
-        return StepReport(replica_id, step_id, start_s, self.clock(),
-                          num_free_blocks=self.num_free_blocks, error=error)
+        return StepReport(
+            replica_id,
+            step_id,
+            start_s,
+            self.clock(),
+            num_free_blocks=self.num_free_blocks,
+            error=error,
+        )
 
     def _placeholder_prompt(self, request: EngineRequest) -> list[int]:
-        """Deterministic pseudo-random prompt tokens (avoiding BOS/EOS) for token-count-only requests."""
+        """Deterministic pseudo-random prompt tokens (avoiding BOS and EOS) for requests that
+        come with a token count only."""
         rng = random.Random(zlib.crc32(request.request_id.encode()))
         low = max(self.config.bos_token_id, self.config.eos_token_id) + 1
-        return [rng.randrange(low, self.config.vocab_size) for _ in range(request.num_prompt_tokens)]
+        return [
+            rng.randrange(low, self.config.vocab_size) for _ in range(request.num_prompt_tokens)
+        ]
 
 
 def _split(items: list[int], sizes: list[int]) -> list[list[int]]:

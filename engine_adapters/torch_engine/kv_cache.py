@@ -39,7 +39,9 @@ class BlockManager:
 
     def num_blocks_needed(self, request_id: str, num_slots: int) -> int:
         """Blocks to add so that the request's table covers `num_slots` token slots."""
-        return max(0, num_blocks_for(num_slots, self.block_size) - len(self.block_table(request_id)))
+        return max(
+            0, num_blocks_for(num_slots, self.block_size) - len(self.block_table(request_id))
+        )
 
     def allocate(self, request_id: str, num_slots: int) -> None:
         needed = self.num_blocks_needed(request_id, num_slots)
@@ -87,7 +89,9 @@ class PagedKVCache:
         self.value = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
 
-    def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    def write(
+        self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> None:
         """Store new K/V ([T, num_kv_heads, head_dim]) into flat slots ([T])."""
         self.key[layer].index_copy_(0, slots, key)
         self.value[layer].index_copy_(0, slots, value)

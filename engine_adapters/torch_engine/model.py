@@ -51,7 +51,10 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     """Llama 3.1 scaling: long wavelengths divided by `factor`, short ones kept, a smooth blend
     between low_freq_factor and high_freq_factor wavelengths."""
     factor = float(scaling["factor"])
-    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    low, high = (
+        float(scaling.get("low_freq_factor", 1.0)),
+        float(scaling.get("high_freq_factor", 4.0)),
+    )
     old_len = float(scaling.get("original_max_position_embeddings", 8192))
     wavelen = 2 * math.pi / inv_freq
     smooth = (old_len / wavelen - low) / (high - low)
@@ -74,7 +77,10 @@ class LlamaAttention(nn.Module):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, d)
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            d,
+        )
         self.layer_index = layer_index
         bias = config.attention_bias
         self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
@@ -83,8 +89,12 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        batch: RaggedBatch, cache: PagedKVCache,
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: RaggedBatch,
+        cache: PagedKVCache,
     ) -> torch.Tensor:
         tokens = x.shape[0]
         q = apply_rope(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
@@ -137,7 +147,9 @@ class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -159,11 +171,17 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, batch: RaggedBatch, cache: PagedKVCache,
+        self,
+        input_ids: torch.Tensor,
+        batch: RaggedBatch,
+        cache: PagedKVCache,
         logits_rows: torch.Tensor,
     ) -> torch.Tensor:
-        """input_ids: [T]; logits_rows: [R] rows of the flat batch to project -> [R, vocab] float32."""
-        angles = batch.positions.float()[:, None] * self.inv_freq(input_ids.device)[None, :]  # [T, D/2]
+        """input_ids: [T]; logits_rows: [R] rows of the flat batch to project.
+        -> logits [R, vocab] float32."""
+        angles = (
+            batch.positions.float()[:, None] * self.inv_freq(input_ids.device)[None, :]
+        )  # [T, D/2]
         angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # [T, 1, D]
         x = self.model.embed_tokens(input_ids)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
@@ -174,6 +192,11 @@ class LlamaForCausalLM(nn.Module):
     def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
         param = self.lm_head.weight
         return PagedKVCache(
-            self.config.num_hidden_layers, num_blocks, self.config.num_key_value_heads,
-            self.config.head_dim, block_size, param.dtype, param.device,
+            self.config.num_hidden_layers,
+            num_blocks,
+            self.config.num_key_value_heads,
+            self.config.head_dim,
+            block_size,
+            param.dtype,
+            param.device,
         )

@@ -29,7 +29,9 @@ class Chunk:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int = BLOCK_SIZE) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, num_blocks: int, block_size: int = BLOCK_SIZE
+    ) -> None:
         self.model = model
         self.blocks = BlockManager(num_blocks, block_size)
         self.cache = model.new_cache(num_blocks, block_size)

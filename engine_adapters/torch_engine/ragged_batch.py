@@ -68,9 +68,11 @@ class RaggedBatch:
         positions = cached[seg_of_row] + np.arange(int(new.sum())) - starts[seg_of_row]
         slots = tables[seg_of_row, positions // block_size] * block_size + positions % block_size
         short = np.flatnonzero(new <= MAX_SHORT_SEGMENT_TOKENS)
-        groups = [_group(idx, cached, new, starts, tables, block_size, device)
-                  for idx in ([short] if len(short) else [])
-                  + [np.array([i]) for i in np.flatnonzero(new > MAX_SHORT_SEGMENT_TOKENS)]]
+        groups = [
+            _group(idx, cached, new, starts, tables, block_size, device)
+            for idx in ([short] if len(short) else [])
+            + [np.array([i]) for i in np.flatnonzero(new > MAX_SHORT_SEGMENT_TOKENS)]
+        ]
         return cls(
             torch.from_numpy(positions).to(device),
             torch.from_numpy(slots).to(device),
@@ -84,16 +86,20 @@ def _padded_tables(segments: Sequence[Segment], block_size: int) -> np.ndarray:
     tables = np.zeros((len(segments), max(width, 1)), dtype=np.int64)
     for i, seg in enumerate(segments):
         if len(seg.block_table) * block_size < seg.num_total:
-            raise ValueError(
-                f"block table covers {len(seg.block_table) * block_size} slots, {seg.num_total} needed"
-            )
+            num_slots = len(seg.block_table) * block_size
+            raise ValueError(f"block table covers {num_slots} slots, {seg.num_total} needed")
         tables[i, : len(seg.block_table)] = seg.block_table
     return tables
 
 
 def _group(
-    idx: np.ndarray, cached: np.ndarray, new: np.ndarray, starts: np.ndarray,
-    tables: np.ndarray, block_size: int, device: torch.device | str,
+    idx: np.ndarray,
+    cached: np.ndarray,
+    new: np.ndarray,
+    starts: np.ndarray,
+    tables: np.ndarray,
+    block_size: int,
+    device: torch.device | str,
 ) -> AttentionGroup:
     cached, new, starts = cached[idx], new[idx], starts[idx]
     num_q = int(new.max())

@@ -29,7 +29,9 @@ def verify(
     """
     if params.is_greedy:
         return accept_greedy(draft_tokens, target_logits.argmax(-1).tolist())
-    return accept_sampled(draft_tokens, draft_probs, probabilities(target_logits, params), generator)
+    return accept_sampled(
+        draft_tokens, draft_probs, probabilities(target_logits, params), generator
+    )
 
 
 def accept_greedy(draft_tokens: list[int], target_tokens: list[int]) -> tuple[list[int], int]:

@@ -17,8 +17,38 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
 TOKENIZER_FILE = "tokenizer.json"
-_ONSETS = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w",
-           "z", "br", "ch", "cl", "dr", "fl", "gr", "pl", "pr", "sh", "st", "th", "tr"]
+_ONSETS = [
+    "",
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "w",
+    "z",
+    "br",
+    "ch",
+    "cl",
+    "dr",
+    "fl",
+    "gr",
+    "pl",
+    "pr",
+    "sh",
+    "st",
+    "th",
+    "tr",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ie", "oo", "ou"]
 _CODAS = ["", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ng", "ck"]
 _PUNCT = [".", ",", "?", "!", ";", ":"]
@@ -27,8 +57,13 @@ _PUNCT = [".", ",", "?", "!", ";", ":"]
 def generated_corpus(num_lines: int, seed: int = 0) -> list[str]:
     """Sentences of pseudo-words, numbers and punctuation; deterministic for a seed."""
     rng = random.Random(seed)
-    lexicon = ["".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                       for _ in range(rng.randint(1, 3))) for _ in range(4000)]
+    lexicon = [
+        "".join(
+            rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+            for _ in range(rng.randint(1, 3))
+        )
+        for _ in range(4000)
+    ]
     weights = [1.0 / (rank + 1) for rank in range(len(lexicon))]  # Zipf-like word frequencies
     lines = []
     for _ in range(num_lines):

@@ -66,7 +66,9 @@ def greedy_reference(model_dir, prompt: tuple[int, ...], num_out: int) -> list[i
 def test_torch_engine_behind_the_adapter(model_dir):
     prompt = tuple(range(40, 80))
     expected = greedy_reference(model_dir, prompt, 12)
-    engine = TorchEngine.from_pretrained(model_dir, model_dir / "draft", num_blocks=32, max_spec_tokens=3)
+    engine = TorchEngine.from_pretrained(
+        model_dir, model_dir / "draft", num_blocks=32, max_spec_tokens=3
+    )
     planner = PlannerSocket()
     adapter = EngineAdapter(engine, AdapterConfig(planner.endpoint, "eng"), zmq.Context())
     thread = threading.Thread(target=adapter.run, daemon=True)
@@ -75,11 +77,22 @@ def test_torch_engine_behind_the_adapter(model_dir):
         identity, ready = planner.recv()
         assert isinstance(ready, P.Ready)
         assert (ready.num_total_blocks, ready.block_size, ready.max_spec_tokens) == (32, 16, 3)
-        new = P.NewRequest("a", num_prompt_tokens=40, max_new_tokens=12, prompt_token_ids=list(prompt))
+        new = P.NewRequest(
+            "a", num_prompt_tokens=40, max_new_tokens=12, prompt_token_ids=list(prompt)
+        )
         steps = [P.WireStep({"a": 25}), P.WireStep({"a": 15})]
         repeat = [P.WireStep({"a": 1}, {"a": 3})]
-        planner.send(identity, P.PlanMsg(engine_id="eng", plan_id=0, start_step_id=0, steps=steps,
-                                         repeat=repeat, new_requests=[new]))
+        planner.send(
+            identity,
+            P.PlanMsg(
+                engine_id="eng",
+                plan_id=0,
+                start_step_id=0,
+                steps=steps,
+                repeat=repeat,
+                new_requests=[new],
+            ),
+        )
         tokens: list[int] = []
         while True:
             _, progress = planner.recv()

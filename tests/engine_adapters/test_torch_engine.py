@@ -97,7 +97,12 @@ def test_chunked_prefill_gives_same_greedy_tokens(model):
 
 def test_mixed_step_logits_equal_separate_runs(model):
     """Decodes, a prefill chunk and a multi-token continuation in one ragged pass."""
-    contexts = {"d1": list(prompt(1, 33)), "d2": list(prompt(2, 5)), "p": [], "c": list(prompt(3, 20))}
+    contexts = {
+        "d1": list(prompt(1, 33)),
+        "d2": list(prompt(2, 5)),
+        "p": [],
+        "c": list(prompt(3, 20)),
+    }
     new = {"d1": [11], "d2": [12], "p": list(prompt(4, 40)), "c": list(prompt(5, 4))}
     mixed = ModelRunner(model, 64)
     warm = [Chunk(r, ctx, 0) for r, ctx in contexts.items() if ctx]
@@ -255,7 +260,10 @@ def test_bad_steps_are_refused_with_nothing_executed(model, step, message):
     assert message in report.error and not report.ok
     assert (report.replica_id, report.step_id) == (3, 7)
     assert report.num_computed_tokens == {} and engine.num_free_blocks == 16
-    assert engine.execute(Step({"a": 10}), 3, 8).new_token_ids["a"] == run_alone(model, request("a", 1, 10, 3))[:1]
+    assert (
+        engine.execute(Step({"a": 10}), 3, 8).new_token_ids["a"]
+        == run_alone(model, request("a", 1, 10, 3))[:1]
+    )
 
 
 def test_finished_requests_are_refused_and_bad_requests_rejected(model):

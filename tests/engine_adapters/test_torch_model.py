@@ -101,7 +101,7 @@ def test_greedy_generation_matches_reference_and_varies(tiny_dir):
         ours.append(int(logits[-1].argmax()))
         (logits,) = runner.run([Chunk("r", ours[-1:], len(ours) - 1, 1)])
     assert ours == tokens
-    assert len(set(tokens[len(prompt):])) >= 8, "random weights should give non-degenerate output"
+    assert len(set(tokens[len(prompt) :])) >= 8, "random weights should give non-degenerate output"
 
 
 def test_sharded_and_tied_checkpoints_load(tmp_path):
@@ -152,9 +152,18 @@ def test_hf_config_variants_load(tmp_path, tiny_dir):
 
     cfg = json.loads((tiny_dir / "config.json").read_text())
     del cfg["head_dim"]
-    cfg.update(eos_token_id=[1, 7], transformers_version="4.45.0", rope_theta=500000.0,
-               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    cfg.update(
+        eos_token_id=[1, 7],
+        transformers_version="4.45.0",
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     tensors = load_file(str(tiny_dir / "model.safetensors"))
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)
@@ -174,5 +183,7 @@ def test_hf_config_variants_load(tmp_path, tiny_dir):
         else:
             smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
             expected.append((1 - smooth) * freq / 8.0 + smooth * freq)
-    torch.testing.assert_close(rope_inv_freq(model.config), torch.tensor(expected), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        rope_inv_freq(model.config), torch.tensor(expected), rtol=1e-6, atol=0
+    )
     assert torch.isfinite(paged_logits(model, [[2, 3, 4]])).all()

@@ -26,7 +26,9 @@ class ModelTimedEngine(Engine):
         self.steps: list[Step] = []
 
     def info(self) -> EngineInfo:
-        return EngineInfo(num_total_blocks=10_000, block_size=16, perf_model=None, max_spec_tokens=4)
+        return EngineInfo(
+            num_total_blocks=10_000, block_size=16, perf_model=None, max_spec_tokens=4
+        )
 
     def add_request(self, request: EngineRequest) -> None:
         self.pending[request.request_id] = request.num_prompt_tokens
@@ -71,9 +73,24 @@ def test_median_abs_pct_error_is_exact_on_hand_cases():
 def test_make_model_and_profile_commands(tmp_path, capsys):
     model_dir = tmp_path / "m"
     assert cli_main(["make-model", "--preset", "tiny", "--out", str(model_dir), "--draft"]) == 0
-    assert (model_dir / "tokenizer.json").is_file() and (model_dir / "draft" / "config.json").is_file()
-    assert cli_main(["profile", "--engine", "torch", "--model", str(model_dir),
-                     "--draft", str(model_dir / "draft"), "--quick"]) == 0
+    assert (model_dir / "tokenizer.json").is_file() and (
+        model_dir / "draft" / "config.json"
+    ).is_file()
+    assert (
+        cli_main(
+            [
+                "profile",
+                "--engine",
+                "torch",
+                "--model",
+                str(model_dir),
+                "--draft",
+                str(model_dir / "draft"),
+                "--quick",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "R^2 =" in out and "spec B=4 s=2" in out
     model = PerfModel.from_dict(json.loads((model_dir / PERF_MODEL_FILE).read_text()))

@@ -32,12 +32,21 @@ def models(tmp_path_factory):
     perturbed = copy.deepcopy(target)
     with torch.no_grad():
         for param in perturbed.parameters():
-            param.add_(0.5 * param.std() * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+            param.add_(
+                0.5
+                * param.std()
+                * torch.randn(param.shape, generator=torch.Generator().manual_seed(1))
+            )
     bos_only = copy.deepcopy(unrelated)
     with torch.no_grad():
         bos_only.model.norm.weight.zero_()  # all logits 0: argmax is token 0 (BOS) every time
-    return {"target": target, "same": target, "unrelated": unrelated,
-            "perturbed": perturbed, "bos_only": bos_only}
+    return {
+        "target": target,
+        "same": target,
+        "unrelated": unrelated,
+        "perturbed": perturbed,
+        "bos_only": bos_only,
+    }
 
 
 def requests() -> list[EngineRequest]:
@@ -68,7 +77,10 @@ def run(engine: TorchEngine, reqs, spec: int, max_chunk: int = 16):
             if rid in num_spec:
                 assert len(new) == 1 + report.num_accepted_spec_tokens[rid]
                 assert report.num_proposed_spec_tokens[rid] == spec
-                assert report.num_computed_tokens[rid] == num_tokens[rid] + report.num_accepted_spec_tokens[rid]
+                assert (
+                    report.num_computed_tokens[rid]
+                    == num_tokens[rid] + report.num_accepted_spec_tokens[rid]
+                )
             out[rid] += new
             pending[rid] = 1 if new else pending[rid] - num_tokens[rid]
             if rid in report.finished:
@@ -125,7 +137,9 @@ def test_speculation_survives_preemption_and_mixed_steps(models, plain_output):
 
 
 def test_speculation_refusals(models):
-    engine = TorchEngine(models["target"], NUM_BLOCKS, draft_model=models["same"], max_spec_tokens=4)
+    engine = TorchEngine(
+        models["target"], NUM_BLOCKS, draft_model=models["same"], max_spec_tokens=4
+    )
     engine.add_request(requests()[0])
     assert "0..4" in engine.execute(Step({"r0": 12}, {"r0": 5}), 0, 0).error
     assert "finishes its pending tokens" in engine.execute(Step({"r0": 6}, {"r0": 2}), 0, 0).error
@@ -162,8 +176,18 @@ def test_top_p_keeps_the_smallest_nucleus():
 
 
 def test_sampled_speculation_is_seeded_and_completes(models):
-    reqs = [EngineRequest(r.request_id, r.num_prompt_tokens, r.max_new_tokens, r.prompt_token_ids,
-                          temperature=0.8, top_p=0.95, seed=i) for i, r in enumerate(requests())]
+    reqs = [
+        EngineRequest(
+            r.request_id,
+            r.num_prompt_tokens,
+            r.max_new_tokens,
+            r.prompt_token_ids,
+            temperature=0.8,
+            top_p=0.95,
+            seed=i,
+        )
+        for i, r in enumerate(requests())
+    ]
     outputs = []
     for _ in range(2):
         engine = TorchEngine(models["target"], NUM_BLOCKS, draft_model=models["perturbed"])
@@ -172,4 +196,6 @@ def test_sampled_speculation_is_seeded_and_completes(models):
         assert 0 < accepted < proposed
         assert engine.num_free_blocks == NUM_BLOCKS
     assert outputs[0] == outputs[1]
-    assert {rid: len(toks) for rid, toks in outputs[0].items()} == {r.request_id: r.max_new_tokens for r in reqs}
+    assert {rid: len(toks) for rid, toks in outputs[0].items()} == {
+        r.request_id: r.max_new_tokens for r in reqs
+    }
