@@ -199,3 +199,39 @@ def test_sampled_speculation_is_seeded_and_completes(models):
     assert {rid: len(toks) for rid, toks in outputs[0].items()} == {
         r.request_id: r.max_new_tokens for r in reqs
     }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_schedules_match_plain_greedy(models, plain_output, seed):
+    """Random chunk sizes, speculation lengths, preemptions and batch mixes never change a greedy
+    request's output."""
+    rng = random.Random(seed)
+    engine = TorchEngine(models["target"], NUM_BLOCKS, draft_model=models["perturbed"])
+    reqs = requests()
+    for r in reqs:
+        engine.add_request(r)
+    out = {r.request_id: [] for r in reqs}
+    live = {r.request_id for r in reqs}
+    for step_id in range(400):
+        if not live:
+            break
+        chosen = rng.sample(sorted(live), rng.randint(1, len(live)))
+        if rng.random() < 0.08:
+            engine.preempt(chosen[0])
+            continue
+        num_tokens, num_spec = {}, {}
+        for rid in chosen:
+            seq = engine._seqs[rid]
+            pending = seq.num_pending_tokens
+            num_tokens[rid] = rng.randint(1, pending) if rng.random() < 0.5 else pending
+            if num_tokens[rid] == pending and rng.random() < 0.6:
+                num_spec[rid] = rng.randint(1, 6)
+        report = engine.execute(Step(num_tokens, num_spec), 0, step_id)
+        assert report.ok, report.error
+        for rid, new in report.new_token_ids.items():
+            out[rid] += new
+        live -= set(report.finished)
+    assert not live
+    assert out == plain_output
+    assert engine.num_free_blocks == NUM_BLOCKS
+    assert engine.draft.runner.blocks.num_free_blocks == NUM_BLOCKS
