@@ -187,3 +187,19 @@ def test_hf_config_variants_load(tmp_path, tiny_dir):
         rope_inv_freq(model.config), torch.tensor(expected), rtol=1e-6, atol=0
     )
     assert torch.isfinite(paged_logits(model, [[2, 3, 4]])).all()
+
+
+def test_offline_tokenizer_matches_the_model(tiny_dir):
+    from engine_adapters.torch_engine.tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_dir)
+    config = load_model(tiny_dir).config
+    assert tokenizer.get_vocab_size() == config.vocab_size
+    assert tokenizer.token_to_id(BOS_TOKEN) == config.bos_token_id
+    assert tokenizer.token_to_id(EOS_TOKEN) == config.eos_token_id
+    text = "Plain words, 1234 numbers and ünïcödé ✓ round-trip byte-level."
+    ids = tokenizer.encode(text).ids
+    assert tokenizer.decode(ids) == text
+    assert max(ids) < config.vocab_size and len(ids) < len(text.encode())  # merges were learned
+    tokenizer_config = json.loads((tiny_dir / "tokenizer_config.json").read_text())
+    assert tokenizer_config["eos_token"] == EOS_TOKEN
