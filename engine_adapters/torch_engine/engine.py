@@ -24,7 +24,6 @@ from engine_adapters.engine import Engine, EngineInfo, EngineRequest
 from engine_adapters.torch_engine.checkpoint import load_model, parse_dtype
 from engine_adapters.torch_engine.kv_cache import (
     BLOCK_SIZE,
-    OutOfBlocksError,
     num_blocks_for_budget,
 )
 from engine_adapters.torch_engine.model import LlamaForCausalLM
@@ -314,9 +313,11 @@ class TorchEngine(Engine):
             argmax = _split(torch.cat(logits).argmax(-1).tolist(), [len(rows) for rows in logits])
             for work, rows, best in zip(works, logits, argmax):
                 self._advance(work, rows, best, outcome)
-        except (RuntimeError, OutOfBlocksError) as exc:  # e.g. device out of memory
+        except Exception as exc:  # e.g. device out of memory: report it, keep serving
             self._roll_back(saved)
-            raise StepRefused(f"step failed and was rolled back: {exc}") from exc
+            raise StepRefused(
+                f"step failed and was rolled back: {type(exc).__name__}: {exc}"
+            ) from exc
         self._sync()
         return outcome.report(replica_id, step_id, start_s, self.clock(), self.num_free_blocks)
 

@@ -285,3 +285,25 @@ def test_placeholder_prompts_are_deterministic(model):
         engine.add_request(EngineRequest("p", 25, 4))
         outs.append((engine.token_ids("p"), engine.execute(Step({"p": 25}), 0, 0).new_token_ids))
     assert outs[0] == outs[1] and len(outs[0][0]) == 25
+
+
+def test_a_failing_forward_pass_is_rolled_back_and_reported(model, monkeypatch):
+    req = request("a", 2, 20, 4)
+    reference = run_alone(model, req)
+    engine = TorchEngine(model, num_blocks=16)
+    engine.add_request(req)
+    assert engine.execute(Step({"a": 8}), 0, 0).ok
+
+    def broken_run(chunks):
+        engine.target.blocks.allocate("a", 20)  # it got as far as taking blocks
+        raise RuntimeError("simulated device out of memory")
+
+    monkeypatch.setattr(engine.target, "run", broken_run)
+    report = engine.execute(Step({"a": 12}), 0, 1)
+    assert "simulated device out of memory" in report.error
+    assert engine.num_free_blocks == 15 and _computed(engine, "a") == 8
+    monkeypatch.undo()
+    out = engine.execute(Step({"a": 12}), 0, 2).new_token_ids["a"]
+    for i in range(3):
+        out += engine.execute(Step({"a": 1}), 0, 3 + i).new_token_ids["a"]
+    assert out == reference
