@@ -77,7 +77,15 @@ def cpu_seconds(pid: int) -> float:
 # ---- parts 1-2 ---------------------------------------------------------------------------------
 
 
-def plan_wait(tmp: Path, plan_grace_s: float, duration_s: float, rate_rps: float) -> dict:
+WAIT_MODES = {  # name -> (plan_grace_s, wait_only_when_expected)
+    "wait for every answer (default)": (0.01, False),
+    "wait when a re-plan is announced": (0.01, True),
+    "never wait": (0.0, False),
+}
+
+
+def plan_wait(tmp: Path, mode: str, duration_s: float, rate_rps: float) -> dict:
+    plan_grace_s, only_when_expected = WAIT_MODES[mode]
     group = ProcessGroup()
     try:
         _, engine_ep, client_ep = start_planner(group, tmp)
@@ -85,8 +93,9 @@ def plan_wait(tmp: Path, plan_grace_s: float, duration_s: float, rate_rps: float
         for i in range(2):
             engine = SimEngine(STEP_20MS, 4096, clock=time.monotonic, sleep=time.sleep,
                                advertised_perf_model=STEP_20MS, seed=i)
-            adapter = EngineAdapter(engine, AdapterConfig(engine_ep, f"engine-{i}",
-                                                          plan_grace_s=plan_grace_s))
+            adapter = EngineAdapter(engine, AdapterConfig(
+                engine_ep, f"engine-{i}", plan_grace_s=plan_grace_s,
+                wait_only_when_expected=only_when_expected))
             thread = threading.Thread(target=adapter.run, daemon=True)
             thread.start()
             adapters.append(adapter)
@@ -117,7 +126,7 @@ def plan_wait(tmp: Path, plan_grace_s: float, duration_s: float, rate_rps: float
     busy_s = sum(a.stats.busy_s for a in adapters)
     wait_s = sum(a.stats.plan_wait_s for a in adapters)
     return {
-        "grace_ms": plan_grace_s * 1000,
+        "mode": mode,
         "num_requests": len(handles),
         "num_finished": sum(h.finished for h in handles),
         "num_steps": sum(a.stats.num_steps for a in adapters),
@@ -170,6 +179,7 @@ def planner_cpu(tmp: Path, rate_rps: float, duration_s: float) -> dict:
             cpu_start_s, wall_start_s = cpu_seconds(planner.pid), time.monotonic()
             result = replay(client, workload, drain_timeout_s=60, show_summary=False)
             cpu_s, wall_s = cpu_seconds(planner.pid) - cpu_start_s, time.monotonic() - wall_start_s
+            load_average = os.getloadavg()[0]
     finally:
         group.stop_all()
     report = build_report(result.records, workload)
@@ -182,6 +192,7 @@ def planner_cpu(tmp: Path, rate_rps: float, duration_s: float) -> dict:
         "cpu_per_s": cpu_s / wall_s,
         "attainment": report.num_attained / max(1, report.num_items),
         "predicted_attainment": predicted,
+        "load_average": load_average,
     }
 
 
@@ -192,14 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="planner service benchmark")
     parser.add_argument("--duration-s", type=float, default=10.0, help="load per plan-wait run")
     parser.add_argument("--serve-s", type=float, default=20.0, help="chatbot arrival window")
-    parser.add_argument("--grace-s", type=float, nargs="+", default=[0.01, 0.0])
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp_name:
         tmp = Path(tmp_name)
-        waits = [plan_wait(tmp, grace_s, args.duration_s, rate_rps=6.0) for grace_s in args.grace_s]
+        waits = [plan_wait(tmp, mode, args.duration_s, rate_rps=6.0) for mode in WAIT_MODES]
         for row in waits:
             print(row, flush=True)
         if args.skip_cpu:
@@ -222,15 +232,15 @@ def format_section(waits: list[dict], capacity_rps: float, cpu: dict) -> str:
         "",
         f"Planner daemon (`{FORMULATION}`) in its own process; 2 simulated engines. Parts 1-2: "
         "engine steps of ~20 ms (18 ms + 20 us/token, slept), a steady stream of requests for "
-        f"{waits[0]['num_requests']} / {waits[1]['num_requests']} requests.",
+        f"{' / '.join(str(w['num_requests']) for w in waits)} requests.",
         "",
-        "| engine grace for the planner's answer | steps | mean step | plan round trip p50 | p99 "
+        "| engine waits (grace 10 ms) | steps | mean step | plan round trip p50 | p99 "
         "| answers late (grace expired) | late plans | **engine plan-wait fraction** |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for w in waits:
         lines.append(
-            f"| {w['grace_ms']:.0f} ms | {w['num_steps']} | {w['mean_step_ms']:.1f} ms "
+            f"| {w['mode']} | {w['num_steps']} | {w['mean_step_ms']:.1f} ms "
             f"| {w['rtt_p50_ms']:.2f} ms | {w['rtt_p99_ms']:.2f} ms | {w['num_ack_timeouts']} "
             f"| {w['num_late_plans']} | **{100 * w['wait_fraction']:.2f}%** |"
         )
@@ -238,8 +248,11 @@ def format_section(waits: list[dict], capacity_rps: float, cpu: dict) -> str:
         "",
         "Round trip = engine sends PROGRESS for step k -> planner decodes it, runs the core "
         "(re-planning when triggered) -> engine receives the new plan or the acknowledgement. "
-        "With no grace the engine never waits (plan-wait counts only time with live requests and "
-        "nothing to run); a plan made from report k then starts one step late and is clamped.",
+        "Plan-wait counts the waits for answers plus any time with live requests and nothing to "
+        "run. When the engine does not wait, a plan made from report k starts one step late "
+        "(re-based and clamped: *late plans*). Announced re-plans: the planner tells the engine "
+        "ahead when the core is likely to re-plan at its next report (a request was routed to "
+        "it, a request is about to finish while work is uncovered, the re-plan timer is due).",
         "",
         f"Planner CPU at the chatbot capacity rate: capacity of `{FORMULATION}` on 2 x "
         f"`{CAPACITY_MODEL}` replicas in the simulator = **{capacity_rps:.2f} req/s** "
@@ -252,6 +265,12 @@ def format_section(waits: list[dict], capacity_rps: float, cpu: dict) -> str:
         f"| {cpu['rate_rps']:.2f} req/s | {cpu['num_items']} | {cpu['wall_s']:.1f} s "
         f"| {cpu['cpu_s']:.2f} s | **{cpu['cpu_per_s']:.3f} s/s** "
         f"| {100 * cpu['attainment']:.1f}% | {100 * cpu['predicted_attainment']:.1f}% |",
+        "",
+        f"Load average of the machine at the end of the run: {cpu['load_average']:.1f} "
+        f"(on {os.cpu_count()} cores, shared). At the capacity rate the system sits at the 90% edge, "
+        "so the measured attainment is sensitive to CPU contention (slept engine steps overshoot, "
+        "the planner is descheduled): in development runs it was 91.2% vs 90.7% predicted and "
+        "89.7% vs 91.2%, and once 61% vs 91.2% under a load average of ~7.",
     ]
     return "\n".join(lines)
 

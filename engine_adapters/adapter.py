@@ -43,6 +43,9 @@ class AdapterConfig:
     # After reporting step k, wait up to this long for the planner's answer to that report (a plan
     # or an acknowledgement) before running step k+1 from the current plan; 0 never waits.
     plan_grace_s: float = 0.01
+    # True: wait only when the planner said it expects to re-plan at the next report (it says so
+    # in its heartbeats and answers). False: wait after every report (closest to the simulator).
+    wait_only_when_expected: bool = False
     reconnect_min_s: float = 0.1
     reconnect_max_s: float = 4.0
     max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES
@@ -150,6 +153,7 @@ class EngineAdapter:
         self.live: dict[str, _Tally] = {}  # requests registered with the engine, unfinished
         self._awaiting_ack: int | None = None  # step id whose report the planner has not answered
         self._last_report: tuple[int, float] = (-1, 0.0)  # (step id, time sent)
+        self._replan_expected = True  # until the planner says otherwise
         self._ack_deadline_s = 0.0
 
     def _drop_all_requests(self) -> None:
@@ -199,8 +203,11 @@ class EngineAdapter:
         """Wait (at most `plan_grace_s`) for the planner's answer to the last report, so that a
         plan made from that report starts at the very next step instead of one step late."""
         deadline_s = self._ack_deadline_s
-        heard = False
+        heard = self._receive(connection, 0, waiting_for_plan=False)  # news that came meanwhile
         while self._awaiting_ack is not None:
+            if self.config.wait_only_when_expected and not self._replan_expected:
+                self._awaiting_ack = None
+                break
             wait_s = deadline_s - time.monotonic()
             if wait_s <= 0:
                 self._awaiting_ack = None
@@ -237,6 +244,9 @@ class EngineAdapter:
             self.stats.rejected_reasons.append(str(exc))
             log.warning("rejected frame from planner: %s", exc)
             return
+        expected = getattr(message, "replan_expected", None)
+        if expected is not None:
+            self._replan_expected = expected
         ack = getattr(message, "ack_step_id", None)
         if ack is not None and ack == self._last_report[0]:
             self.stats.answer_latencies_s.append(time.monotonic() - self._last_report[1])

@@ -55,6 +55,8 @@ class EngineLink:
     last_heard_s: float
     last_sent_s: float = 0.0
     sent_request_ids: set[str] = field(default_factory=set)
+    last_step_time_s: float = 0.0
+    replan_expected_sent: bool | None = None  # the last `replan_expected` told to the engine
 
 
 @dataclass
@@ -255,10 +257,12 @@ class PlannerDaemon:
         """Feed the report to the core and answer it at once: with the new plan it caused, or
         with an acknowledgement, so that the engine need not wait out its grace period."""
         report = P.progress_to_report(progress, link.replica_id, now_s)
+        link.last_step_time_s = progress.step_time_s
         self._unanswered = (link.replica_id, progress.step_id)
         self._apply("on_step", self.core.on_step, report, now_s)
         if self._unanswered is not None and link.identity in self.engines:
-            self._send_engine(link, P.Heartbeat("planner", now_s, ack_step_id=progress.step_id))
+            self._send_engine(link, P.Heartbeat("planner", now_s, ack_step_id=progress.step_id,
+                                                replan_expected=self._replan_flag(link, now_s)))
         self._unanswered = None
         self._stream_tokens(report, now_s)  # after the engine's answer: it is the one waiting
         self.metrics.step_time_measured.labels(link.engine_id).observe(progress.step_time_s)
@@ -404,6 +408,45 @@ class PlannerDaemon:
             self._migrate_by_recompute(migration, now_s)
         for envelope in output.plans.values():
             self._send_plan(envelope)
+        self._announce_replans(now_s)
+
+    def _announce_replans(self, now_s: float) -> None:
+        """Tell each engine when the core's outlook for its next report changed (a request was
+        routed to it, its plan stopped covering its work, ...)."""
+        for link in list(self.engines.values()):
+            flag = self._expects_replan(link, now_s)
+            if flag != link.replan_expected_sent:
+                self._send_engine(link, P.Heartbeat("planner", now_s, replan_expected=flag))
+                link.replan_expected_sent = flag
+
+    def _replan_flag(self, link: EngineLink, now_s: float) -> bool:
+        flag = self._expects_replan(link, now_s)
+        link.replan_expected_sent = flag
+        return flag
+
+    def _expects_replan(self, link: EngineLink, now_s: float) -> bool:
+        """Whether the core will likely re-plan this replica at its next step boundary: a trigger
+        fired, or work not covered by the plan with the re-plan timer due by then (mirrors
+        `PlannerCore._should_replan` for a busy replica; a wrong guess costs only a wait of at
+        most the engine's grace, or one step of plan lag)."""
+        try:
+            rep = self.core.replica(link.replica_id)
+        except KeyError:
+            return False
+        if not rep.has_work:
+            return False
+        if rep.replan_requested:
+            return True
+        if not rep.has_unplanned_work:
+            return False
+        policy = self.core.replan_policy
+        next_boundary_s = now_s + link.last_step_time_s
+        if next_boundary_s - rep.last_plan_s >= policy.timer_s:
+            return True
+        # A completion re-plans while work is uncovered: is a request about to produce its last
+        # token?
+        return policy.on_completion and any(
+            state.num_remaining_output_tokens <= 1 for state in rep.running.values())
 
     def _migrate_by_recompute(self, migration, now_s: float) -> None:
         link = self._link_of(migration.from_replica)
@@ -447,7 +490,7 @@ class PlannerDaemon:
         if self._unanswered is not None and self._unanswered[0] == envelope.replica_id:
             ack_step_id, self._unanswered = self._unanswered[1], None
         self._send_engine(link, P.envelope_to_wire(envelope, link.engine_id, new_requests, [],
-                                                   ack_step_id))
+                                                   ack_step_id, self._replan_flag(link, self.now_s())))
         self.metrics.plans_sent.inc()
         for step in envelope.plan.steps:
             self.metrics.step_time_predicted.labels(link.engine_id).observe(

@@ -108,6 +108,7 @@ class PlanMsg(_Msg):
     aborts: list[str] = []
     preemptions: list[str] = []
     ack_step_id: int | None = None  # the engine report this plan answers, if any
+    replan_expected: bool | None = None  # see Heartbeat.replan_expected
 
 
 class Progress(_Msg):
@@ -131,11 +132,14 @@ class Progress(_Msg):
 
 class Heartbeat(_Msg):
     """Liveness. From the planner to an engine it may also acknowledge the engine's report of step
-    `ack_step_id` when that report brought no new plan (see PlanMsg.ack_step_id)."""
+    `ack_step_id` when that report brought no new plan (see PlanMsg.ack_step_id), and say whether
+    it expects to re-plan at the engine's next report (`replan_expected`; None: no news), so that
+    the engine waits for the answer to that report only when a plan is likely to come."""
 
     sender_id: str = ""
     sent_s: float = 0.0
     ack_step_id: int | None = None
+    replan_expected: bool | None = None
 
 
 # --------------------------------------------------------------------------- client <-> planner
@@ -368,6 +372,7 @@ def envelope_to_wire(
     new_requests: list[NewRequest],
     aborts: list[str],
     ack_step_id: int | None = None,
+    replan_expected: bool | None = None,
 ) -> PlanMsg:
     plan = envelope.plan
     return PlanMsg(
@@ -380,6 +385,7 @@ def envelope_to_wire(
         aborts=aborts,
         preemptions=list(plan.preempt),
         ack_step_id=ack_step_id,
+        replan_expected=replan_expected,
     )
 
 

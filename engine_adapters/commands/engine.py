@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-id", default="engine-0")
     parser.add_argument("--heartbeat-interval-s", type=float, default=0.5)
     parser.add_argument("--liveness", type=int, default=6)
+    parser.add_argument("--plan-grace-ms", type=float, default=10.0,
+                        help="after each report, wait up to this long for the planner's answer")
+    parser.add_argument("--wait-only-when-expected", action="store_true",
+                        help="wait only when the planner announced a re-plan (less waiting, "
+                             "more plans that start a step late)")
     sim = parser.add_argument_group("sim engine")
     sim.add_argument("--perf-model", default="opt-13b-h100",
                      help="truth model base (a preset name)")
@@ -65,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         engine_id=args.engine_id,
         heartbeat_interval_s=args.heartbeat_interval_s,
         liveness=args.liveness,
+        plan_grace_s=args.plan_grace_ms / 1000,
+        wait_only_when_expected=args.wait_only_when_expected,
         curve=curve,
     )
     adapter = EngineAdapter(engine, config)

@@ -178,3 +178,29 @@ def test_engine_waits_for_the_answer_to_its_report_so_the_plan_is_on_time(planne
         assert adapter.stats.plan_wait_s >= 0.25
     finally:
         stop(adapter, thread)
+
+
+def test_engine_waits_only_when_the_planner_announced_a_replan(planner):
+    adapter, thread = start_adapter(planner.endpoint, plan_grace_s=2.0,
+                                    wait_only_when_expected=True)
+    try:
+        identity, _ = planner.recv()
+        planner.send(identity, P.Heartbeat("planner", replan_expected=False))
+        new = P.NewRequest("a", num_prompt_tokens=10, max_new_tokens=5000)
+        planner.send(identity, plan(0, 0, [{"a": 10}], [{"a": 1}], [new]))
+        start_s = time.monotonic()
+        steps = [planner.recv()[1] for _ in range(3)]  # no answers sent: it must not wait
+        assert [s.step_id for s in steps] == [0, 1, 2] and time.monotonic() - start_s < 1.5
+        planner.send(identity, P.Heartbeat("planner", replan_expected=True))
+        reports = list(steps)  # the news may land before or after the engine's next report
+        while True:
+            try:
+                reports.append(planner.recv(timeout_s=0.5)[1])
+            except TimeoutError:  # it waits for the answer to its last report
+                break
+        last = reports[-1]
+        assert not last.finished and "a" in adapter.live  # waiting, not done
+        planner.send(identity, P.Heartbeat("planner", ack_step_id=last.step_id))
+        assert planner.recv()[1].step_id == last.step_id + 1
+    finally:
+        stop(adapter, thread)
