@@ -219,6 +219,8 @@ class TorchEngine(Engine):
 
     def execute(self, step: Step, replica_id: int, step_id: int) -> StepReport:
         start_s = self.clock()
+        if step.is_empty:
+            return _Outcome().report(replica_id, step_id, start_s, start_s, self.num_free_blocks)
         try:
             works = self._check(step)
             self._check_blocks(works)
@@ -318,6 +320,8 @@ class TorchEngine(Engine):
             raise StepRefused(
                 f"step failed and was rolled back: {type(exc).__name__}: {exc}"
             ) from exc
+        for request_id in outcome.finished:
+            self._release(request_id)
         self._sync()
         return outcome.report(replica_id, step_id, start_s, self.clock(), self.num_free_blocks)
 
@@ -369,7 +373,7 @@ class TorchEngine(Engine):
         outcome.num_new_tokens[rid] = len(new)
         outcome.new_token_ids[rid] = new
         if seq.is_finished:
-            self._finish(seq, outcome)
+            outcome.finished.append(rid)
 
     def _cut_at_stop(self, seq: Sequence, new: list[int]) -> list[int]:
         """Drop tokens past the output limit or past an EOS (when EOS stops the request)."""
@@ -381,13 +385,13 @@ class TorchEngine(Engine):
             seq.is_finished = True
         return new
 
-    def _finish(self, seq: Sequence, outcome: _Outcome) -> None:
-        del self._seqs[seq.request_id]
-        self._free(seq.request_id)
-        self._finished_ids[seq.request_id] = None
+    def _release(self, request_id: str) -> None:
+        """Forget a finished request and free its blocks (after the whole step succeeded)."""
+        del self._seqs[request_id]
+        self._free(request_id)
+        self._finished_ids[request_id] = None
         if len(self._finished_ids) > MAX_REMEMBERED_FINISHED:
             del self._finished_ids[next(iter(self._finished_ids))]
-        outcome.finished.append(seq.request_id)
 
     def _free(self, request_id: str) -> None:
         self.target.blocks.free(request_id)
@@ -398,8 +402,6 @@ class TorchEngine(Engine):
         for seq, num_tokens, num_computed, num_draft_computed in saved:
             del seq.token_ids[num_tokens:]
             seq.is_finished = False
-            self._seqs[seq.request_id] = seq
-            self._finished_ids.pop(seq.request_id, None)
             seq.num_computed_tokens = num_computed
             self.target.blocks.truncate(seq.request_id, num_computed)
             if self.draft is not None:

@@ -307,3 +307,9 @@ def test_a_failing_forward_pass_is_rolled_back_and_reported(model, monkeypatch):
     for i in range(3):
         out += engine.execute(Step({"a": 1}), 0, 3 + i).new_token_ids["a"]
     assert out == reference
+
+
+def test_an_empty_step_does_nothing(model):
+    engine = TorchEngine(model, num_blocks=8)
+    report = engine.execute(Step({}), 2, 5)
+    assert report.ok and report.num_computed_tokens == {} and report.num_free_blocks == 8
