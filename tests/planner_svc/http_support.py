@@ -60,7 +60,10 @@ class Stack:
 
     def __init__(self, model_dir: Path | None, api_config: ApiConfig | None = None,
                  perf_model: PerfModel = FAST_MODEL, num_engines: int = 2, **planner) -> None:
-        config = make_config(**planner) if planner else make_config()
+        # A busy shared test machine can starve engine threads for a while: be patient with them
+        # (3 s of silence) so that a slow moment does not turn into "no engine is connected".
+        planner = {"heartbeat_interval_s": 0.1, "liveness": 30, **planner}
+        config = make_config(**planner)
         self.service = VocabService(config, num_engines, perf_model)
         self.service.wait_for_engines(num_engines)
         self.client = PlannerClient(self.service.daemon.client_endpoint)

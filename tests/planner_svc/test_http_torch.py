@@ -18,7 +18,7 @@ from planner_svc.client import PlannerClient  # noqa: E402
 from planner_svc.http.server import ApiServer, ServerThread  # noqa: E402
 from planner_svc.http.tokenizer import TextTokenizer  # noqa: E402
 from tests.engine_adapters.test_torch_model import reference_logits  # noqa: E402
-from tests.planner_svc.service_helpers import Service  # noqa: E402
+from tests.planner_svc.service_helpers import Service, make_config  # noqa: E402
 
 MAX_TOKENS = 10
 
@@ -28,7 +28,7 @@ def served(tmp_path_factory):
     torch.set_num_threads(1)
     model_dir = tmp_path_factory.mktemp("tiny_http")
     make_model("tiny", model_dir, seed=0)
-    service = Service(num_engines=0)
+    service = Service(make_config(heartbeat_interval_s=0.1, liveness=30), num_engines=0)
     engine = TorchEngine.from_pretrained(model_dir, kv_memory_gb=0.05)
     adapter = EngineAdapter(engine, AdapterConfig(service.daemon.engine_endpoint, "torch-0",
                             heartbeat_interval_s=service.daemon.config.heartbeat_interval_s),
