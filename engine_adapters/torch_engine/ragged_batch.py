@@ -3,9 +3,9 @@ each attending to its own cached context through its block table.
 
 Request i contributes tokens at positions [num_cached_i, num_cached_i + num_new_i). Its query at
 position p may attend to its keys at positions 0..p (causal within the request, nothing across
-requests). Attention runs per group: all short segments (decodes, speculative verification) share
-one padded batch; each long segment (a prefill chunk) runs alone, so one long chunk never pads
-many decodes to its length. Keys are gathered a whole block at a time.
+requests). Attention runs per group: short segments (decodes, speculative verification) share
+padded batches, bucketed by context length; each long segment (a prefill chunk) runs alone, so
+one long chunk never pads many decodes to its length. Keys are gathered a whole block at a time.
 
 Built with numpy (one vectorised pass per group, not a loop over tokens): on CPU this metadata is
 a visible share of a decode step.
@@ -67,11 +67,10 @@ class RaggedBatch:
         seg_of_row = np.repeat(np.arange(len(segments)), new)  # [T]
         positions = cached[seg_of_row] + np.arange(int(new.sum())) - starts[seg_of_row]
         slots = tables[seg_of_row, positions // block_size] * block_size + positions % block_size
-        short = np.flatnonzero(new <= MAX_SHORT_SEGMENT_TOKENS)
+        long = [np.array([i]) for i in np.flatnonzero(new > MAX_SHORT_SEGMENT_TOKENS)]
         groups = [
             _group(idx, cached, new, starts, tables, block_size, device)
-            for idx in ([short] if len(short) else [])
-            + [np.array([i]) for i in np.flatnonzero(new > MAX_SHORT_SEGMENT_TOKENS)]
+            for idx in _short_buckets(cached + new, new) + long
         ]
         return cls(
             torch.from_numpy(positions).to(device),
@@ -79,6 +78,20 @@ class RaggedBatch:
             tuple(groups),
             int(new.sum()),
         )
+
+
+def _short_buckets(num_total: np.ndarray, num_new: np.ndarray) -> list[np.ndarray]:
+    """Short segments sorted by context length and cut into buckets whose longest context is at
+    most twice the shortest (plus a block), so padding at most doubles the keys gathered; one
+    decode with a long context does not pad every other decode to its length."""
+    short = np.flatnonzero(num_new <= MAX_SHORT_SEGMENT_TOKENS)
+    short = short[np.argsort(num_total[short], kind="stable")]
+    buckets: list[list[int]] = []
+    for i in short.tolist():
+        if not buckets or num_total[i] > 2 * num_total[buckets[-1][0]] + 16:
+            buckets.append([])
+        buckets[-1].append(i)
+    return [np.array(bucket) for bucket in buckets]
 
 
 def _padded_tables(segments: Sequence[Segment], block_size: int) -> np.ndarray:

@@ -313,3 +313,14 @@ def test_an_empty_step_does_nothing(model):
     engine = TorchEngine(model, num_blocks=8)
     report = engine.execute(Step({}), 2, 5)
     assert report.ok and report.num_computed_tokens == {} and report.num_free_blocks == 8
+
+
+def test_decodes_with_very_different_contexts_share_a_step(model):
+    """Context lengths 1..300 land in different attention buckets; logits equal separate runs."""
+    contexts = {f"r{n}": list(prompt(n, n)) for n in (1, 2, 17, 40, 90, 300)}
+    mixed = ModelRunner(model, 64)
+    mixed.run([Chunk(rid, ctx, 0) for rid, ctx in contexts.items()])
+    batch = mixed.run([Chunk(rid, [7], len(ctx), 1) for rid, ctx in contexts.items()])
+    for (rid, ctx), logits in zip(contexts.items(), batch):
+        (alone,) = ModelRunner(model, 64).run([Chunk(rid, ctx + [7], 0, 1)])
+        torch.testing.assert_close(logits, alone, atol=1e-4, rtol=1e-4)
