@@ -196,7 +196,16 @@ class PlannerClient:
         curve: CurveKeys | None = None,
         context: zmq.Context | None = None,
         max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES,
+        heartbeat_interval_s: float = 1.0,
+        liveness: int = 5,
     ) -> None:
+        """Requests still open when the planner has been silent for `liveness` heartbeat
+        intervals end with the error "planner unreachable" (the client keeps trying to reach it
+        for later requests)."""
+        if heartbeat_interval_s <= 0 or liveness < 1:
+            raise ValueError("heartbeat_interval_s must be > 0 and liveness >= 1")
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.liveness = liveness
         self.endpoint = endpoint
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:8]}"
         self.max_frame_bytes = max_frame_bytes
@@ -329,16 +338,31 @@ class PlannerClient:
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        self._last_heard_s = self._last_sent_s = time.monotonic()
+        poll_ms = max(1, int(1000 * self.heartbeat_interval_s / 2))
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(500))
+                events = dict(poller.poll(poll_ms))
                 if self._wake_r in events:
                     os.read(self._wake_r, 4096)
                 self._flush(socket)
                 if socket in events:
                     self._drain(socket)
+                self._keep_alive(socket)
         finally:
             socket.close(linger=0)
+
+    def _keep_alive(self, socket: zmq.Socket) -> None:
+        """Heartbeat the planner (it echoes); fail open requests when it has gone silent."""
+        now = time.monotonic()
+        if now - self._last_sent_s >= self.heartbeat_interval_s:
+            socket.send_multipart(P.encode(P.Heartbeat(sender_id=self.client_id)))
+            self._last_sent_s = now
+        if now - self._last_heard_s > self.liveness * self.heartbeat_interval_s:
+            for handle in list(self._handles.values()):
+                if not handle.done:
+                    handle.error = handle.error or "planner unreachable"
+                    handle._end(self.now_s())
 
     def _flush(self, socket: zmq.Socket) -> None:
         while True:
@@ -347,6 +371,7 @@ class PlannerClient:
             except queue.Empty:
                 return
             socket.send_multipart(frames)
+            self._last_sent_s = time.monotonic()
 
     def _drain(self, socket: zmq.Socket) -> None:
         while True:
@@ -355,6 +380,7 @@ class PlannerClient:
             except zmq.Again:
                 return
             now_s = self.now_s()
+            self._last_heard_s = time.monotonic()
             try:
                 message = P.decode(frames, P.PLANNER_TO_CLIENT, self.max_frame_bytes)
             except P.ProtocolError as exc:

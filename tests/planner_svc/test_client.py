@@ -120,3 +120,13 @@ def test_stats_answer(client):
 def test_submit_without_prompt_fails_locally(client):
     with pytest.raises(ValueError, match="prompt"):
         client.submit(max_tokens=3)
+
+
+def test_open_requests_fail_when_the_planner_goes_away():
+    svc = Service(num_engines=1)
+    svc.wait_for_engines(1)
+    with PlannerClient(svc.daemon.client_endpoint, heartbeat_interval_s=0.1, liveness=3) as client:
+        handle = client.submit(num_prompt_tokens=30, max_tokens=5000)
+        assert handle.verdict(5).verdict == "admitted"
+        svc.close()  # the planner and its engine are gone
+        assert handle.wait(3) and handle.error == "planner unreachable" and not handle.finished
