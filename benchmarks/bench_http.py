@@ -273,7 +273,8 @@ def _section(rate, num_requests, direct, via_http, rows, num_errors) -> str:
         "server's own cost.",
         "",
         "Inside the server alone (its Prometheus histograms): ingress = handler start (headers "
-        "parsed) to SUBMIT handed to the planner client (body read, JSON, validation); token "
+        "parsed) to the planner client's arrival stamp of the SUBMIT (body read, JSON, "
+        "validation, message built: the same stamp the direct client's TTFT starts from); token "
         "delivery = TOKENS received by the planner client to its SSE chunk written (thread hop "
         "into the event loop, JSON, write). The rest of the added TTFT is the HTTP stack on both "
         "sides (aiohttp client and server, loopback TCP) and waiting for a CPU.",

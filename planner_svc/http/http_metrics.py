@@ -40,7 +40,7 @@ class HttpMetrics:
                              ["slo_class"], buckets=_LATENCY_BUCKETS_S, registry=r)
 
         self.ingress = Histogram("slos_http_ingress_seconds", "Request handler start (headers "
-                                 "parsed) to SUBMIT handed to the planner client",
+                                 "parsed) to the planner client's arrival stamp of its SUBMIT",
                                  buckets=_OVERHEAD_BUCKETS_S, registry=r)
         self.delivery = Histogram("slos_http_token_delivery_seconds", "TOKENS message received "
                                   "by the planner client to its SSE chunk written",

@@ -114,13 +114,15 @@ class ApiServer:
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         arrival_s = time.monotonic()
+        arrival_client_s = self.client.now_s()  # the same instant on the planner client's clock
         api_key = self._check_api_key(request)
         body = parse_json_body(await request.read())
         job = parse_job(body, chat, self.config, self.tokenizer, api_key)
         head = ResponseHead(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                             int(time.time()), job.model, chat)
         handle = self.client.submit(_submit_message(head.response_id, job))
-        self.metrics.ingress.observe(time.monotonic() - arrival_s)
+        # up to the client's own arrival stamp (the hand-over to its I/O thread is not ours)
+        self.metrics.ingress.observe(handle.arrival_s - arrival_client_s)
         events = handle.events_async()
         self.metrics.in_flight.inc()
         abort_reason = _DISCONNECTED  # unless the request ends another way below
