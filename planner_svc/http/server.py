@@ -5,11 +5,12 @@
 
 One request: validate the body (`openai_schema`), SUBMIT it through the shared `PlannerClient`,
 wait for the planner's verdict, then answer:
-- rejected: 429 with `Retry-After` and an OpenAI error body giving the planner's reason. If the
-  request named an explicit TTFT target and no verdict came within it, that too is a 429 (the first
-  token cannot come before the verdict, so the target is already lost) and the request is aborted;
-  without an explicit target the wait is bounded by `verdict_timeout_s` (then 503). No request is
-  ever queued silently.
+- rejected: 429 with `Retry-After` and an OpenAI error body giving the planner's reason. If no
+  verdict came within the request's TTFT target (known from an explicit `ttft_ms`, or from the
+  planner's config: `ApiConfig.ttft_budget_s`), that too is a 429 (the first token cannot come
+  before the verdict, so the target is already lost) and the request is aborted; when the target
+  is not known here the wait is bounded by `verdict_timeout_s` (then 503). No request is ever
+  queued silently.
 - admitted / best_effort: the tokens, as they arrive; the verdict is in the `X-SLO-Verdict` header
   and the body's `slo` field, so that best-effort answers are marked.
 A client that disconnects (aiohttp cancels its handler) or a stop string ends the request at the
@@ -151,15 +152,17 @@ class ApiServer:
     async def _verdict(self, handle: RequestHandle, events: AsyncIterator[P._Msg],
                        job: GenerationJob) -> P.VerdictMsg:
         """The planner's verdict, or an ApiError (429 rejected, 400 refused, 503 no answer)."""
-        explicit_ttft_s = job.slo.ttft_ms / 1e3 if job.slo.ttft_ms is not None else None
-        wait_s = min(self.config.verdict_timeout_s, explicit_ttft_s or math.inf)
+        slo = job.slo
+        budget_s = self.config.ttft_budget_s(slo.slo_class, slo.slo_targets, slo.ttft_ms,
+                                             slo.ttft_slowdown, len(job.prompt_token_ids))
+        wait_s = min(self.config.verdict_timeout_s, budget_s if budget_s is not None else math.inf)
         try:
             event = await asyncio.wait_for(anext(events, None), wait_s)
         except asyncio.TimeoutError:
-            if explicit_ttft_s is not None and explicit_ttft_s < self.config.verdict_timeout_s:
-                self.metrics.rejected.labels(job.slo.slo_class).inc()
+            if budget_s is not None and budget_s <= self.config.verdict_timeout_s:
+                self.metrics.rejected.labels(slo.slo_class).inc()
                 raise _too_many("the planner did not admit the request within its TTFT target "
-                                f"of {job.slo.ttft_ms:g} ms", retry_after_s=1.0,
+                                f"of {budget_s * 1e3:g} ms", retry_after_s=1.0,
                                 code="ttft_target_passed") from None
             raise ApiError(503, f"the planner gave no verdict within {wait_s:g} s",
                            code="planner_timeout", error_type="server_error",

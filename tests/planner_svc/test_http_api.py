@@ -435,3 +435,43 @@ def test_no_planner_gives_503_not_a_hang():
     finally:
         server.close()
         client.close()
+
+
+def test_known_ttft_budget_bounds_the_verdict_wait():
+    """With the planner's performance model the server knows a class's TTFT budget: no verdict
+    within it is a 429 at once, not a 5 s wait."""
+    from formulations.perf_model import perf_model_preset
+    from planner_svc.client import PlannerClient
+    from planner_svc.commands.demo import free_port
+    from planner_svc.http.server import ApiServer, ServerThread
+
+    config = ApiConfig(verdict_timeout_s=5.0, perf_model=perf_model_preset("opt-13b-h100"))
+    budget_s = config.ttft_budget_s("chatbot", None, None, None, 20)
+    assert 0 < budget_s < 1
+    client = PlannerClient(f"tcp://127.0.0.1:{free_port()}")  # nothing listens there
+    server = ServerThread(ApiServer(client, config))
+    try:
+        start_s = time.monotonic()
+        code, _, error = post(f"{server.url}/v1/completions",
+                              json.dumps({"model": MODEL, "prompt": [1] * 20}).encode())
+        assert code == 429 and error["error"]["code"] == "ttft_target_passed"
+        assert budget_s <= time.monotonic() - start_s < budget_s + 1.0
+    finally:
+        server.close()
+        client.close()
+
+
+def test_server_budgets_equal_the_planners(stack):
+    """The TTFT budget the front door computes from the planner's config is the one the planner
+    resolves (and reports back in `slo.ttft_ms`)."""
+    daemon_config = stack.service.daemon.config
+    config = ApiConfig(slo_classes=dict(daemon_config.slo_classes),
+                       perf_model=daemon_config.perf_model)
+    for slo_class, extra in (("chatbot", {}), ("coder", {}), ("summarizer", {}),
+                             ("chatbot", {"slo": {"ttft_slowdown": 7}})):
+        response = stack.openai().completions.create(
+            model=MODEL, prompt=[5] * 100, max_tokens=2,
+            extra_body={"slo_class": slo_class, **extra})
+        slowdown = extra.get("slo", {}).get("ttft_slowdown")
+        budget_s = config.ttft_budget_s(slo_class, None, None, slowdown, 100)
+        assert budget_s == pytest.approx(response.slo["ttft_ms"] / 1e3)

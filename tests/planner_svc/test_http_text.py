@@ -161,6 +161,24 @@ def test_config_file(tmp_path):
     assert renamed.model_defaults["b"].ttft_ms == 700
 
 
+def test_config_takes_classes_and_perf_model_from_the_planner_config(tmp_path):
+    (tmp_path / "planner.toml").write_text(
+        '[planner]\ndefault_perf_model = "opt-13b-h100"\n'
+        '[slo_classes.fast]\nttft_ms = 250\ntpot_ms = 20\n')
+    path = tmp_path / "api.toml"
+    path.write_text('planner_config = "planner.toml"\n')
+    config = load_api_config(path)
+    assert config.perf_model is not None and config.perf_model.name == "opt-13b-h100"
+    assert config.ttft_budget_s("fast", None, None, None, 1000) == pytest.approx(0.25)
+    chatbot_s = config.ttft_budget_s("chatbot", None, None, None, 1000)
+    assert chatbot_s == pytest.approx(5.0 * config.perf_model.prefill_time_s(1000))
+    assert config.ttft_budget_s("chatbot", "fast", None, None, 1000) == pytest.approx(0.25)
+    assert config.ttft_budget_s("unknown", None, None, None, 10) is None
+    plain = load_api_config(None)
+    assert plain.ttft_budget_s("chatbot", None, None, None, 10) is None  # no perf model
+    assert plain.ttft_budget_s("chatbot", None, 300.0, None, 10) == pytest.approx(0.3)
+
+
 @pytest.mark.parametrize("text, message", [
     ("colour = 1\n", "unknown key"),
     ("[models.a]\ntpot = 1\n", "unknown key"),
