@@ -6,6 +6,7 @@ where `TorchEngine.from_pretrained` picks it up for READY."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -34,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a short sweep (smoke test)")
     parser.add_argument(
+        "--context-tokens",
+        type=int,
+        default=None,
+        help="cached context of each decoding request in the sweep (default: 64; 16 with --quick)",
+    )
+    parser.add_argument(
         "--num-threads",
         type=int,
         default=None,
@@ -60,10 +67,14 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.num_threads)
+    sweep = SweepConfig.quick() if args.quick else SweepConfig()
+    if args.context_tokens is not None:
+        if args.context_tokens < 1:
+            raise ValueError("--context-tokens must be at least 1")
+        sweep = dataclasses.replace(sweep, context_tokens=args.context_tokens)
     engine = TorchEngine.from_pretrained(
         args.model, args.draft, device=args.device, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype
     )
-    sweep = SweepConfig.quick() if args.quick else SweepConfig()
     name = f"{Path(args.model).resolve().name}-{args.device}"
     result = Profiler(engine, sweep, timer=args.timer).run(
         max_num_lines=args.max_num_lines, name=name

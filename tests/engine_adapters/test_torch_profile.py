@@ -87,12 +87,15 @@ def test_make_model_and_profile_commands(tmp_path, capsys):
                 "--draft",
                 str(model_dir / "draft"),
                 "--quick",
+                "--context-tokens",
+                "20",
             ]
         )
         == 0
     )
     out = capsys.readouterr().out
     assert "R^2 =" in out and "spec B=4 s=2" in out
+    assert "decode B=4: tokens=    4" in out
     model = PerfModel.from_dict(json.loads((model_dir / PERF_MODEL_FILE).read_text()))
     engine = TorchEngine.from_pretrained(model_dir, model_dir / "draft", kv_memory_gb=0.01)
     assert engine.info().perf_model == model
@@ -103,5 +106,8 @@ def test_commands_refuse_bad_input(tmp_path, capsys):
     assert cli_main(["make-model", "--preset", "huge", "--out", str(tmp_path / "x")]) == 2
     assert cli_main(["profile", "--engine", "sim", "--model", str(tmp_path)]) == 2
     assert cli_main(["profile", "--model", str(tmp_path / "missing")]) == 2
+    assert cli_main(["profile", "--model", str(tmp_path), "--timer", "cpu"]) == 2
+    assert cli_main(["profile", "--model", str(tmp_path), "--context-tokens", "0"]) == 2
     err = capsys.readouterr().err
     assert "unknown model preset 'huge'" in err and "not 'sim'" in err and "config.json" in err
+    assert "--timer cpu needs" in err and "--context-tokens must be" in err
