@@ -213,6 +213,7 @@ class PlannerClient:
         self._curve = curve
         self._t0 = time.monotonic()
         self._outbox: queue.Queue = queue.Queue()
+        self._unsent: list[bytes] | None = None  # frames the socket could not take yet
         self._wake_r, self._wake_w = os.pipe()
         self._handles: dict[str, RequestHandle] = {}
         self._stats_waiters: queue.Queue = queue.Queue()
@@ -356,7 +357,10 @@ class PlannerClient:
         """Heartbeat the planner (it echoes); fail open requests when it has gone silent."""
         now = time.monotonic()
         if now - self._last_sent_s >= self.heartbeat_interval_s:
-            socket.send_multipart(P.encode(P.Heartbeat(sender_id=self.client_id)))
+            try:
+                socket.send_multipart(P.encode(P.Heartbeat(sender_id=self.client_id)), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # nobody to talk to; liveness below decides
             self._last_sent_s = now
         if now - self._last_heard_s > self.liveness * self.heartbeat_interval_s:
             for handle in list(self._handles.values()):
@@ -365,12 +369,19 @@ class PlannerClient:
                     handle._end(self.now_s())
 
     def _flush(self, socket: zmq.Socket) -> None:
+        """Send what callers queued. Never blocks: while the planner cannot take messages (not
+        connected yet, or refused), they wait here and go out on a later turn."""
         while True:
+            if self._unsent is None:
+                try:
+                    self._unsent = self._outbox.get_nowait()
+                except queue.Empty:
+                    return
             try:
-                frames = self._outbox.get_nowait()
-            except queue.Empty:
+                socket.send_multipart(self._unsent, zmq.NOBLOCK)
+            except zmq.Again:
                 return
-            socket.send_multipart(frames)
+            self._unsent = None
             self._last_sent_s = time.monotonic()
 
     def _drain(self, socket: zmq.Socket) -> None:
