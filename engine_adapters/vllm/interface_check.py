@@ -83,6 +83,12 @@ REQUIRED: dict[str, dict[str, list[str]]] = {
         "attributes": ["engine_core", "model_config"],
     },
     "vllm.v1.engine.core_client.InprocClient": {"attributes": ["engine_core"]},
+    "vllm.entrypoints.llm.LLM": {"attributes": ["llm_engine"]},
+    "vllm.config.model.ModelConfig": {"methods": ["get_vocab_size"]},
+    "vllm.sampling_params.SamplingParams": {
+        "fields": ["max_tokens", "temperature", "top_p", "seed", "ignore_eos", "detokenize", "output_kind"],
+    },
+    "vllm.sampling_params.RequestOutputKind": {"attributes": ["DELTA"]},
     "vllm.v1.engine.core.EngineCore": {"attributes": ["scheduler"]},
 }
 
@@ -112,6 +118,9 @@ SCANNED_RECEIVERS: dict[str, dict[str, str]] = {
         "self._llm_engine": "vllm.v1.engine.llm_engine.LLMEngine",
         "self._llm_engine.engine_core": "vllm.v1.engine.core_client.InprocClient",
         "self._llm_engine.engine_core.engine_core": "vllm.v1.engine.core.EngineCore",
+        "self._llm_engine.model_config": "vllm.config.model.ModelConfig",
+        "self._llm": "vllm.entrypoints.llm.LLM",
+        "RequestOutputKind": "vllm.sampling_params.RequestOutputKind",
     },
 }
 
