@@ -120,3 +120,24 @@ def random_model(config: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.
             else:
                 param.normal_(0.0, param.shape[1] ** -0.5, generator=generator)
     return model.eval()
+
+
+def early_exit_draft(target, num_layers: int):
+    """A draft made of the target's embeddings, its first `num_layers` decoder layers, its final
+    norm and its output head (early exit, as in self-speculative decoding). Unlike an unrelated
+    random draft its proposals correlate with the target's, so some get accepted."""
+    import dataclasses
+
+    from engine_adapters.torch_engine.model import LlamaForCausalLM
+
+    if not 1 <= num_layers <= target.config.num_hidden_layers:
+        raise ValueError(f"an early-exit draft keeps 1..{target.config.num_hidden_layers} layers")
+    config = dataclasses.replace(target.config, num_hidden_layers=num_layers)
+    with torch.device("meta"):
+        draft = LlamaForCausalLM(config)
+    wanted = draft.state_dict().keys()  # a tied head appears under both names here
+    state = {k: v.detach().clone() for k, v in target.state_dict().items() if k in wanted}
+    draft.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        draft.lm_head.weight = draft.model.embed_tokens.weight
+    return draft.eval()

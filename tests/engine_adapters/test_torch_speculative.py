@@ -235,3 +235,14 @@ def test_random_schedules_match_plain_greedy(models, plain_output, seed):
     assert out == plain_output
     assert engine.num_free_blocks == NUM_BLOCKS
     assert engine.draft.runner.blocks.num_free_blocks == NUM_BLOCKS
+
+
+def test_early_exit_draft_accepts_often_and_keeps_output(tmp_path, plain_output):
+    make_model("tiny", tmp_path, draft=True, seed=0, draft_kind="early-exit")
+    target, draft = load_model(tmp_path), load_model(tmp_path / "draft")
+    assert draft.config.num_hidden_layers == 1 and draft.config.hidden_size == 64
+    assert torch.equal(draft.lm_head.weight, target.lm_head.weight)
+    engine = TorchEngine(target, NUM_BLOCKS, draft_model=draft)
+    out, accepted, proposed = run(engine, requests(), spec=2)
+    assert out == plain_output
+    assert 0.1 * proposed < accepted < proposed
