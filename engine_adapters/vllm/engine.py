@@ -88,6 +88,9 @@ class VLLMEngine(Engine):
             raise ValueError("vllm engine: VLLM_ENABLE_V1_MULTIPROCESSING must be 0 (in-process core)")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM  # deferred: vLLM is optional
+        from vllm.exceptions import VLLMClientError
+
+        self._request_errors = (VLLMClientError, ValueError)  # what vLLM raises for a bad request
 
         self._llm = LLM(model=model_dir, **engine_args_for(engine_args or {}))
         self._llm_engine = self._llm.llm_engine
@@ -133,8 +136,14 @@ class VLLMEngine(Engine):
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
         )
-        prompt = {"prompt_token_ids": list(request.prompt_token_ids or self._placeholder_prompt(request))}
-        vllm_id = self._llm_engine.add_request(request.request_id, prompt, params)
+        prompt_token_ids = list(request.prompt_token_ids or self._placeholder_prompt(request))
+        self._check_token_ids(request.request_id, prompt_token_ids)
+        try:
+            vllm_id = self._llm_engine.add_request(
+                request.request_id, {"prompt_token_ids": prompt_token_ids}, params
+            )
+        except self._request_errors as exc:  # e.g. a prompt longer than max_model_len
+            raise ValueError(f"vllm engine: request {request.request_id}: {exc}") from None
         self._vllm_ids[request.request_id] = vllm_id
         self._our_ids[vllm_id] = request.request_id
         self._gone.discard(request.request_id)
@@ -178,6 +187,16 @@ class VLLMEngine(Engine):
 
     def vllm_request_id(self, request_id: str) -> str:
         return self._vllm_ids[request_id]
+
+    def _check_token_ids(self, request_id: str, token_ids: list[int]) -> None:
+        # vLLM accepts out-of-vocabulary ids at add time and fails inside the model later.
+        vocab_size = self._llm_engine.model_config.get_vocab_size()
+        bad = [t for t in token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(
+                f"vllm engine: request {request_id}: token ids {bad[:5]} outside the vocabulary "
+                f"(size {vocab_size})"
+            )
 
     def _placeholder_prompt(self, request: EngineRequest) -> list[int]:
         # Planner workloads carry lengths, not text: any in-vocabulary ids will do.

@@ -237,3 +237,15 @@ def test_engine_info(engine):
     info = engine.info()
     assert (info.num_total_blocks, info.block_size, info.max_model_len) == (NUM_BLOCKS - 1, 32, 512)
     assert info.max_spec_tokens == 0
+
+
+def test_bad_requests_get_a_clear_value_error(engine):
+    with pytest.raises(ValueError, match="maximum context length is 512"):
+        engine.add_request(EngineRequest("too-long", 600, 4))
+    with pytest.raises(ValueError, match=r"token ids \[100000\] outside the vocabulary \(size 512\)"):
+        engine.add_request(EngineRequest("oov", 3, 2, (1, 2, 100000)))
+    with pytest.raises(ValueError, match="duplicate request id"):
+        engine.add_request(EngineRequest("dup", 3, 2, (1, 2, 3)))
+        engine.add_request(EngineRequest("dup", 3, 2, (1, 2, 3)))
+    engine.abort("dup")
+    assert "too-long" not in engine._vllm_ids and "oov" not in engine._vllm_ids
