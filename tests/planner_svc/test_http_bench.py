@@ -96,3 +96,26 @@ def test_bench_command_errors(capsys):
     assert main(["bench", "--url", "http://127.0.0.1:1", "--rate", "50", "--num-requests", "2",
                  "--drain-s", "5"]) == 2  # nothing listens there
     assert "no answer" in capsys.readouterr().err
+
+
+def test_bench_runs_tool_chains_round_by_round(stack):
+    from formulations.request import ToolChain, ToolRound
+    from formulations.slo import SLO_PRESETS
+    from planner_svc.workloads.workload import Workload
+
+    chain = ToolChain("agent-0", 0.0, (ToolRound(40, 6), ToolRound(10, 4, tool_delay_s=0.2),
+                                       ToolRound(10, 5, tool_delay_s=0.1)))
+    workload = Workload("tools", requests=(), chains=(chain,))
+    result = run_bench(workload, BenchOptions(url=stack.url, drain_timeout_s=20.0))
+    assert [c.request.request_id for c in result.calls] == ["agent-0#r0", "agent-0#r1", "agent-0#r2"]
+    for k, call in enumerate(result.calls):
+        planner = stack.tracked(call.response_id).request
+        assert (planner.chain_id, planner.round_index, planner.slo_class) == ("agent-0", k, "tool_agent")
+        assert planner.num_prompt_tokens == chain.round_prompt_tokens(k)
+        targets = "tool_final" if k == 2 else "tool_intermediate"
+        assert planner.slo.tpot_s == SLO_PRESETS[targets].tpot_s
+        if k > 0:  # sent after the previous round ended plus the tool's delay
+            previous = result.calls[k - 1]
+            assert call.request.arrival_s >= previous.token_times_s[-1] + chain.rounds[k].tool_delay_s
+    report = build_report(result.records, workload)
+    assert report.num_items == 1 and report.num_calls == 3 and report.num_completed_items == 1
