@@ -47,7 +47,6 @@ from planner_svc.http.tokenizer import TextTokenizer
 log = logging.getLogger("slos_serve.http")
 
 VERDICT_HEADER = "X-SLO-Verdict"
-_DISCONNECTED = "client disconnected"
 _JSON = msgspec.json.Encoder()
 
 
@@ -126,7 +125,9 @@ class ApiServer:
         self.metrics.ingress.observe(handle.arrival_s - arrival_client_s)
         events = handle.events_async()
         self.metrics.in_flight.inc()
-        abort_reason = _DISCONNECTED  # unless the request ends another way below
+        # Leaving this handler any other way than below (cancelled, a failed write) means the
+        # client went away.
+        abort_reason, client_left = "client disconnected", True
         try:
             verdict = await self._verdict(handle, events, job)
             progress = _Progress(arrival_s, [])
@@ -135,15 +136,15 @@ class ApiServer:
                                               progress)
             else:
                 response = await self._collect(job, head, events, verdict, progress)
-            abort_reason = "answered (stop string or lost request)"
+            abort_reason, client_left = "answered (stop string or lost request)", False
             return response
         except ApiError as exc:
-            abort_reason = exc.message
+            abort_reason, client_left = exc.message, False
             raise
         finally:
             self.metrics.in_flight.dec()
             if not handle.done:  # the planner would keep generating for nobody
-                if abort_reason is _DISCONNECTED:
+                if client_left:
                     self.metrics.disconnects.inc()
                 self.client.abort(handle.request_id, abort_reason[:200])
             self.client.forget(handle.request_id)
