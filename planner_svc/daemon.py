@@ -208,7 +208,7 @@ class PlannerDaemon:
             return
         if link is None:  # a dead or unknown engine: it must READY again
             self._reject_frame(self.engine_socket, "engine", identity,
-                               P.ProtocolError("unknown engine: send READY first"))
+                               P.ProtocolError("unknown engine: send READY first", "no_ready"))
             return
         link.last_heard_s = now_s
         if isinstance(message, P.Progress):
@@ -217,7 +217,7 @@ class PlannerDaemon:
     def _on_ready(self, identity: bytes, ready: P.Ready, now_s: float) -> None:
         if ready.protocol_version != P.PROTOCOL_VERSION:
             self._reject_frame(self.engine_socket, "engine", identity, P.ProtocolError(
-                f"protocol version {ready.protocol_version} != {P.PROTOCOL_VERSION}"))
+                f"protocol version {ready.protocol_version} != {P.PROTOCOL_VERSION}", "version"))
             return
         for old in [lk for lk in self.engines.values()
                     if lk.identity == identity or lk.engine_id == ready.engine_id]:
@@ -227,7 +227,8 @@ class PlannerDaemon:
             try:
                 perf_model = P.perf_model_from_wire(ready.perf_model)
             except ValueError as exc:
-                self._reject_frame(self.engine_socket, "engine", identity, P.ProtocolError(str(exc)))
+                self._reject_frame(self.engine_socket, "engine", identity,
+                                   P.ProtocolError(str(exc), "bad_ready"))
                 return
         perf_model = perf_model or self.config.perf_model
         try:
@@ -239,7 +240,8 @@ class PlannerDaemon:
                 max_spec_tokens=ready.max_spec_tokens,
             )
         except ValueError as exc:
-            self._reject_frame(self.engine_socket, "engine", identity, P.ProtocolError(str(exc)))
+            self._reject_frame(self.engine_socket, "engine", identity,
+                                   P.ProtocolError(str(exc), "bad_ready"))
             return
         self._next_replica_id += 1
         link = EngineLink(identity, ready.engine_id, spec.replica_id, perf_model, now_s)
@@ -318,7 +320,8 @@ class PlannerDaemon:
         try:
             request = self._make_request(submit, now_s)
         except ValueError as exc:
-            self._reject_frame(self.client_socket, "client", client, P.ProtocolError(str(exc)),
+            self._reject_frame(self.client_socket, "client", client,
+                               P.ProtocolError(str(exc), "bad_request"),
                                submit.request_id)
             return
         tracked = Tracked(submit, client, RequestRecord(request))
@@ -550,11 +553,10 @@ class PlannerDaemon:
         self.metrics.record_attainment(
             slo_class, self._num_done_by_class[slo_class], self._num_attained_by_class[slo_class])
 
-    def _reject_frame(self, socket: zmq.Socket, side: str, identity: bytes, exc: Exception,
-                      request_id: str = "") -> None:
+    def _reject_frame(self, socket: zmq.Socket, side: str, identity: bytes,
+                      exc: P.ProtocolError, request_id: str = "") -> None:
         self.num_rejected_frames += 1
-        reason = str(exc).split(":")[0][:60]
-        self.metrics.rejected_frames.labels(side, reason).inc()
+        self.metrics.rejected_frames.labels(side, exc.kind).inc()
         log.warning("rejected %s frame: %s", side, exc)
         try:
             socket.send_multipart([identity, *P.encode(P.ErrorMsg(str(exc)[:500], request_id))],

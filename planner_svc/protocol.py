@@ -44,7 +44,13 @@ Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
 class ProtocolError(ValueError):
-    """A frame that is not a valid message of an expected type."""
+    """A frame that is not a valid message of an expected type. `kind` is one of a fixed set of
+    short names (a metrics label): frames, unknown_type, unexpected_type, oversized, malformed,
+    or a caller's own (e.g. no_ready, version, bad_ready, bad_request)."""
+
+    def __init__(self, message: str, kind: str = "malformed") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class _Msg(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=False):
@@ -290,17 +296,18 @@ def decode(
     payload, or a payload that is not a valid instance of the struct.
     """
     if len(frames) != 2:
-        raise ProtocolError(f"expected 2 frames (type, payload), got {len(frames)}")
+        raise ProtocolError(f"expected 2 frames (type, payload), got {len(frames)}", "frames")
     type_frame, payload = frames
     try:
         message_type = MessageType(bytes(type_frame))
     except ValueError:
-        raise ProtocolError(f"unknown message type {bytes(type_frame)[:8]!r}") from None
+        raise ProtocolError(f"unknown message type {bytes(type_frame)[:8]!r}", "unknown_type") from None
     if message_type not in allowed:
-        raise ProtocolError(f"message type {message_type.name} is not expected here")
+        raise ProtocolError(f"message type {message_type.name} is not expected here",
+                            "unexpected_type")
     if len(payload) > max_frame_bytes:
         raise ProtocolError(f"{message_type.name} payload of {len(payload)} bytes exceeds "
-                            f"the limit of {max_frame_bytes}")
+                            f"the limit of {max_frame_bytes}", "oversized")
     try:
         return _DECODERS[message_type].decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:

@@ -169,7 +169,8 @@ def test_metrics_endpoint_serves_counts():
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert 'slos_verdicts_total{slo_class="chatbot",verdict="admitted"} 1.0' in text
         assert 'slos_requests_finished_total{slo_class="chatbot"} 1.0' in text
-        assert "slos_rejected_frames_total" in text and "slos_step_seconds_measured" in text
+        assert 'slos_rejected_frames_total{reason="unknown_type",socket="client"} 1.0' in text
+        assert "slos_step_seconds_measured" in text
         assert 'slos_attainment_ratio{slo_class="chatbot"}' in text
     finally:
         svc.close()
