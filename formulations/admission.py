@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from formulations.plan import Verdict
-from formulations.state import RequestState
+from formulations.state import RequestState, num_blocks_for
 
 
 class Fallback(enum.Enum):
@@ -43,13 +43,17 @@ class Fallback(enum.Enum):
 class BestEffortMemory:
     preempt: tuple[str, ...]  # best-effort requests whose KV is dropped now
     headroom_blocks: int  # blocks best-effort work may still grow into
+    oldest_id: str | None = None  # the best-effort request whose full growth is kept free
+    oldest_need_blocks: int = 0  # blocks it still needs to finish (others may not take them)
 
 
 def best_effort_memory(
-    best_effort: Sequence[RequestState], admitted_peak_blocks: int, num_total_blocks: int
+    best_effort: Sequence[RequestState], admitted_peak_blocks: int, num_total_blocks: int,
+    block_size: int,
 ) -> BestEffortMemory:
     """Preempt the latest-arrived best-effort requests until admitted peaks plus best-effort
-    holdings fit the replica; the rest of the memory is the best-effort headroom."""
+    holdings fit the replica, and until the oldest best-effort request can grow to its full
+    length; the rest of the memory is the best-effort headroom."""
     held = sum(s.num_blocks for s in best_effort)
     preempt: list[str] = []
     by_recency = sorted(best_effort, key=lambda s: (-s.request.arrival_s, s.request_id))
@@ -60,4 +64,22 @@ def best_effort_memory(
             preempt.append(state.request_id)
             held -= state.num_blocks
     headroom = max(0, num_total_blocks - admitted_peak_blocks - held)
-    return BestEffortMemory(tuple(preempt), headroom)
+    # Liveness: the oldest best-effort request must be able to grow to its full length, or best
+    # effort could deadlock with every request holding part of the memory. Newer ones make room.
+    kept = [s for s in best_effort if s.request_id not in preempt]
+    oldest_id, need = None, 0
+    if kept:
+        oldest = min(kept, key=lambda s: (s.request.arrival_s, s.request_id))
+        need = _peak_blocks(oldest, block_size) - oldest.num_blocks
+        for state in sorted(kept, key=lambda s: (-s.request.arrival_s, s.request_id)):
+            if headroom >= need or state is oldest:
+                break
+            if state.num_blocks > 0:
+                preempt.append(state.request_id)
+                headroom += state.num_blocks
+        oldest_id = oldest.request_id
+    return BestEffortMemory(tuple(preempt), headroom, oldest_id, max(0, need))
+
+
+def _peak_blocks(state: RequestState, block_size: int) -> int:
+    return num_blocks_for(state.request.max_num_tokens, block_size)

@@ -66,8 +66,9 @@ def _tracks(curve: BudgetCurve, jobs: Sequence[Job], decoders: Sequence[Decoder]
     loads = [list(base) for base in curve.base_loads]
     tracks: dict[str, _Track] = {}
     for d in decoders:
-        tier = curve.tier_index[d.tpot_s]
-        tracks[d.request_id] = _Track(tier, curve.decoder_residue[d.request_id], 0, 0, d.num_remaining_tokens, -1)
+        if d.request_id in curve.decoder_residue:  # the others are deferred: they come as jobs
+            tier = curve.tier_index[d.tpot_s]
+            tracks[d.request_id] = _Track(tier, curve.decoder_residue[d.request_id], 0, 0, d.num_remaining_tokens, -1)
     for job in jobs:
         tier = curve.tier_index[job.tpot_s] if job.tpot_s is not None else None
         residue = 0
@@ -75,7 +76,8 @@ def _tracks(curve: BudgetCurve, jobs: Sequence[Job], decoders: Sequence[Decoder]
             residue = least_loaded(loads[tier])
             loads[tier][residue] += 1
         start = curve.deadline_step(job.deadline_s) + 1
-        tracks[job.request_id] = _Track(tier, residue, start, job.num_prefill_tokens, job.num_decode_tokens)
+        done_step = -1 if job.num_prefill_tokens == 0 else None  # a deferred decoder: no prefill
+        tracks[job.request_id] = _Track(tier, residue, start, job.num_prefill_tokens, job.num_decode_tokens, done_step)
     return tracks
 
 
@@ -83,13 +85,15 @@ class _Filler:
     """Fills one grid step at a time."""
 
     def __init__(self, curve: BudgetCurve, jobs: Sequence[Job], decoders: Sequence[Decoder],
-                 best_effort: Sequence[BestEffortWork], be_headroom_blocks: int, block_size: int):
+                 best_effort: Sequence[BestEffortWork], be_headroom_blocks: int, block_size: int,
+                 be_reserve: tuple[str | None, int] = (None, 0)):
         self.curve = curve
         self.jobs = list(jobs)
         self.tracks = _tracks(curve, jobs, decoders)
         self.best_effort = list(best_effort)
         self.be_headroom_blocks = be_headroom_blocks
         self.block_size = block_size
+        self.be_reserved_id, self.be_reserved_blocks = be_reserve
 
     def _due(self, track: _Track, m: int) -> bool:
         period = self.curve.tiers[track.tier].period_steps
@@ -165,14 +169,20 @@ class _Filler:
         return used
 
     def _fit_memory(self, be: BestEffortWork, chunk: int) -> int:
-        """Shrink a best-effort chunk to the blocks the headroom still has."""
-        max_tokens = (be.num_blocks + self.be_headroom_blocks) * self.block_size - be.num_computed_tokens
+        """Shrink a best-effort chunk to the blocks the headroom still has (others than the oldest
+        may not take the blocks kept for the oldest to finish)."""
+        headroom = self.be_headroom_blocks
+        if be.request_id != self.be_reserved_id:
+            headroom -= self.be_reserved_blocks
+        max_tokens = (be.num_blocks + max(0, headroom)) * self.block_size - be.num_computed_tokens
         return min(chunk, max_tokens)
 
     def _advance(self, be: BestEffortWork, chunk: int) -> None:
         be.num_computed_tokens += chunk
         new_blocks = num_blocks_for(be.num_computed_tokens, self.block_size)
         self.be_headroom_blocks -= new_blocks - be.num_blocks
+        if be.request_id == self.be_reserved_id:
+            self.be_reserved_blocks -= new_blocks - be.num_blocks
         be.num_blocks = new_blocks
         be.num_pending_tokens -= chunk
         if be.num_pending_tokens == 0:
@@ -183,8 +193,9 @@ class _Filler:
     def admitted_prefill_left(self) -> bool:
         return any(self.tracks[j.request_id].num_prefill_left > 0 for j in self.jobs)
 
-    def best_effort_prefill_left(self) -> bool:
-        return any(be.num_remaining_outputs > 0 and not be.is_decoding for be in self.best_effort)
+    def best_effort_left(self) -> bool:
+        return any(be.num_remaining_outputs > 0 and be.request_id not in self.be_in_repeat
+                   for be in self.best_effort)
 
     def repeat_step(self, m: int, cap: int, spec_cap: int) -> Step:
         num_tokens: dict[str, int] = {}
@@ -215,15 +226,16 @@ def build_layout(
     be_headroom_blocks: int = 0,
     block_size: int = 16,
     max_best_effort_steps: int = 64,
+    be_reserve: tuple[str | None, int] = (None, 0),
 ) -> Layout:
     """Steps and steady cycle for the admitted `jobs` (EDF order) beside the running `decoders`."""
-    filler = _Filler(curve, jobs, decoders, best_effort, be_headroom_blocks, block_size)
+    filler = _Filler(curve, jobs, decoders, best_effort, be_headroom_blocks, block_size, be_reserve)
     steps: list[Step] = []
     grid: list[int] = []
     m = 0
     num_be_steps = 0
     while filler.admitted_prefill_left() or (
-        filler.best_effort_prefill_left() and num_be_steps < max_best_effort_steps
+        filler.best_effort_left() and num_be_steps < max_best_effort_steps
     ):
         if not filler.admitted_prefill_left():
             num_be_steps += 1

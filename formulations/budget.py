@@ -96,21 +96,42 @@ class BudgetCurve:
         self.tier_index = {t: i for i, t in enumerate(self.tier_tpots)}
         self.decoder_residue: dict[str, int] = {}
         self.base_loads: list[list[int]] = [[0] * tier.period_steps for tier in self.tiers]
-        self._assign_decoders(decoders)
+        immediate, self.deferred = self._split_decoders(decoders)
+        self._assign_decoders(immediate)
         self._max_load_tables: list[list[int]] = [[max(loads)] for loads in self.base_loads]
         self._budget_memo: dict[tuple[int, ...], int] = {}
         self._cap_memo: dict[int, int] = {}
+
+    def _latest_step(self, decoder: Decoder) -> int:
+        """Last step whose end still meets the decoder's next deadline."""
+        return steps_before(decoder.next_deadline_s, self.now_s, self.step_time_s) - 1
+
+    def _split_decoders(self, decoders: Sequence[Decoder]) -> tuple[list[Decoder], tuple[Job, ...]]:
+        """A decoder whose next token is due within its period decodes from step 0 (base load).
+        One that is ahead (latest step L >= k, e.g. a request whose first token came early) only
+        needs its slots from step L - k + 1 on: it becomes a zero-prefill job with deadline step
+        L - k, so that it joins the decode load exactly when a new request would."""
+        immediate: list[Decoder] = []
+        deferred: list[Job] = []
+        for d in decoders:
+            period = self.tiers[self.tier_index[d.tpot_s]].period_steps
+            latest = self._latest_step(d)
+            if latest < period:
+                immediate.append(d)
+                continue
+            # deadline_step(x) = floor((x - now) / T) - 1 = latest - period for x = D - period * T
+            deadline_s = d.next_deadline_s - period * self.step_time_s
+            deferred.append(Job(d.request_id, 0, deadline_s, d.tpot_s, d.num_remaining_tokens,
+                                0, 0.0, mandatory=True, arrival_s=float("-inf")))
+        return immediate, tuple(deferred)
 
     def _assign_decoders(self, decoders: Sequence[Decoder]) -> None:
         """Running decoders go to the least-loaded residue whose first step still meets their next
         deadline (step r ends by now + (r + 1) T); late ones decode in step 0."""
 
-        def latest_step(d: Decoder) -> int:
-            return steps_before(d.next_deadline_s, self.now_s, self.step_time_s) - 1
-
-        for d in sorted(decoders, key=lambda d: (latest_step(d), d.request_id)):
+        for d in sorted(decoders, key=lambda d: (self._latest_step(d), d.request_id)):
             i = self.tier_index[d.tpot_s]
-            latest = latest_step(d)
+            latest = self._latest_step(d)
             r = 0 if latest < 0 else least_loaded(self.base_loads[i], latest)
             self.base_loads[i][r] += 1
             self.decoder_residue[d.request_id] = r

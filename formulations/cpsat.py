@@ -204,7 +204,7 @@ class CpSat(Formulation):
                                       job_tpots, max_spec_tokens, alpha)
             if curve is None or not mandatory_tpots <= set(curve.tier_index):
                 continue
-            mandatory = relax_late(problem.mandatory, curve)
+            mandatory = relax_late(problem.mandatory + curve.deferred, curve)
             jobs = mandatory + problem.candidates
             hint = set(self._previous_admitted)
             if self.hint_with_dp:

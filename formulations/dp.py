@@ -61,6 +61,9 @@ def admit(jobs: Sequence[Job], curve: BudgetCurve, memory_cap_blocks: int) -> Ad
     """Most valuable feasible set of jobs that contains every mandatory one; None if the mandatory
     jobs alone are infeasible under this budget curve."""
     order = edf_order(jobs, curve)
+    # Mandatory jobs hold their memory already, wherever they fall in the order: new jobs share
+    # what is left (nothing when the mandatory ones alone exceed the cap).
+    memory_cap_blocks -= sum(j.peak_blocks for j in order if j.mandatory)
     # Backtracking nodes: (parent node, index into `order` of the job admitted there or -1).
     nodes: list[tuple[int, int]] = [(-1, -1)]
     layer: dict[tuple[int, ...], list[_State]] = {curve.zero_counts(): [(0.0, 0, 0, 0)]}
@@ -82,7 +85,7 @@ def admit(jobs: Sequence[Job], curve: BudgetCurve, memory_cap_blocks: int) -> Ad
                 slack += gain
                 if not job.mandatory:
                     next_layer.setdefault(counts, []).append((value, memory, slack, node))
-                new_memory = memory + job.peak_blocks
+                new_memory = memory + (0 if job.mandatory else job.peak_blocks)
                 new_slack = slack - job.num_prefill_tokens
                 if (
                     steady_ok

@@ -52,23 +52,32 @@ class Choice:
 
 
 def relax_late(mandatory: Sequence[Job], curve: BudgetCurve) -> tuple[Job, ...]:
-    """Admitted jobs that can no longer meet their deadline (even alone, in EDF order) lose the
-    deadline check: they are served first, and the others keep their guarantee."""
-    relaxed: list[Job] = []
+    """Admitted jobs that can no longer meet their deadline lose the deadline check: they are
+    served first (EDF puts late jobs first), and the others keep their guarantee. Repeated until
+    the mandatory set alone is feasible, since serving a late job first can make another late."""
+    jobs = tuple(mandatory)
+    while True:
+        failing = _first_failing(jobs, curve)
+        if failing is None:
+            return jobs
+        jobs = tuple(dataclasses.replace(j, deadline_s=None) if j.request_id == failing else j for j in jobs)
+
+
+def _first_failing(jobs: Sequence[Job], curve: BudgetCurve) -> str | None:
+    """The first job (EDF order) whose deadline the mandatory set alone misses, if any."""
     counts = list(curve.zero_counts())
     slack = 0
     position = -1
-    for job in edf_order(mandatory, curve):
+    for job in edf_order(jobs, curve):
         step = curve.deadline_step(job.deadline_s)
         slack += max(0, step - position) * curve.budget(tuple(counts))
         position = max(position, step)
         slack -= job.num_prefill_tokens
         if job.deadline_s is not None and slack < 0:
-            job = dataclasses.replace(job, deadline_s=None)
-        relaxed.append(job)
+            return job.request_id
         if job.tpot_s is not None and job.tpot_s in curve.tier_index:
             counts[curve.tier_index[job.tpot_s]] += 1
-    return tuple(relaxed)
+    return None
 
 
 def solve_candidates(
@@ -88,7 +97,7 @@ def solve_candidates(
         )
         if curve is None or not mandatory_tpots <= set(curve.tier_index):
             continue
-        mandatory = relax_late(problem.mandatory, curve)
+        mandatory = relax_late(problem.mandatory + curve.deferred, curve)
         admission = admit(mandatory + problem.candidates, curve, problem.memory_cap_blocks)
         if admission is None:
             continue
@@ -113,7 +122,7 @@ class SlosDP(Formulation):
         fallback: str = "reject",
         speculation: bool = True,
         max_new_per_call: int = 48,
-        max_best_effort_steps: int = 64,
+        max_best_effort_steps: int = 16,
     ) -> None:
         if max_new_per_call < 1 or max_best_effort_steps < 0:
             raise ValueError("max_new_per_call must be >= 1 and max_best_effort_steps >= 0")
@@ -162,10 +171,10 @@ class SlosDP(Formulation):
         self, view: ReplicaView, problem: PlanningProblem, choice: Choice, decisions: dict[str, Decision]
     ) -> tuple[Layout, tuple[str, ...]]:
         admitted_peak = problem.reserved_blocks + sum(j.peak_blocks for j in choice.admission.admitted)
-        memory = best_effort_memory(problem.best_effort, admitted_peak, problem.num_total_blocks)
+        memory = best_effort_memory(problem.best_effort, admitted_peak, problem.num_total_blocks, view.block_size)
         preempted = set(memory.preempt)
-        work = [best_effort_work(s, view.block_size, s.request_id in preempted) for s in problem.best_effort
-                if s.request_id not in preempted]
+        oldest_first = sorted(problem.best_effort, key=lambda s: (s.request.arrival_s, s.request_id))
+        work = [best_effort_work(s, view.block_size, False) for s in oldest_first if s.request_id not in preempted]
         waiting = {s.request_id: s for s in view.waiting}
         for rid, decision in decisions.items():
             if decision.verdict is Verdict.BEST_EFFORT:
@@ -173,6 +182,7 @@ class SlosDP(Formulation):
         layout = build_layout(
             choice.curve, choice.admission.admitted, problem.decoders, work,
             memory.headroom_blocks, view.block_size, self.max_best_effort_steps,
+            (memory.oldest_id, memory.oldest_need_blocks),
         )
         return layout, memory.preempt
 

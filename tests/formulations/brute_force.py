@@ -26,6 +26,7 @@ class RunningDecoder:
     tpot_s: float
     next_deadline_s: float
     peak_blocks: int
+    name: str = "d"
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,19 @@ def feasible(perf: PerfModel, now_s: float, step_s: float, running: list[Running
     def last_step(deadline_s: float) -> int:
         return math.floor((deadline_s - now_s) / step_s + 1e-9) - 1
 
-    # Residue loads of the running decoders (fixed from step 0).
+    # Running decoders due within their period decode from step 0; the others are ahead and join
+    # like a new request whose deadline step is k steps before their own latest step.
     base = {t: [0] * period[t] for t in tiers}
-    for d in sorted(running, key=lambda d: last_step(d.next_deadline_s)):
+    ahead = []
+    for d in sorted(running, key=lambda d: (last_step(d.next_deadline_s), d.name)):
         latest = last_step(d.next_deadline_s)
+        if latest >= period[d.tpot_s]:
+            ahead.append(NewRequest(d.name, 0, d.next_deadline_s - period[d.tpot_s] * step_s, d.tpot_s,
+                                    0, 0.0, float("-inf")))
+            continue
         r = 0 if latest < 0 else _pick(base[d.tpot_s], latest)
         base[d.tpot_s][r] += 1
-    edf = sorted(chosen, key=lambda r: (last_step(r.deadline_s), r.deadline_s, r.arrival_s, r.name))
+    edf = sorted(list(chosen) + ahead, key=lambda r: (last_step(r.deadline_s), r.deadline_s, r.arrival_s, r.name))
     if any(last_step(r.deadline_s) < 0 for r in edf):
         return False  # due before even one step can end
     left = {r.name: r.prompt_tokens for r in edf}

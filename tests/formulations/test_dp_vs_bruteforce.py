@@ -32,10 +32,11 @@ def instances(draw):
     num_waiting = draw(st.integers(1, 7))
     running = []
     for i in range(num_decoders):
+        # TTFT targets up to 1.6 s: some decoders are ahead of their deadlines (deferred slots)
         req = request(f"d{i}", 0.0, draw(st.integers(10, 400)), draw(st.integers(5, 300)),
-                      0.5, draw(st.sampled_from(TPOTS)))
+                      draw(st.floats(0.5, 1.6)), draw(st.sampled_from(TPOTS)))
         generated = draw(st.integers(1, 4))
-        first_s = draw(st.floats(0.2, 0.5))
+        first_s = draw(st.floats(0.2, 1.0))
         running.append(decoding_state(req, generated, first_s, BLOCK))
     waiting = []
     for i in range(num_waiting):
@@ -50,7 +51,7 @@ def instances(draw):
 def reference_value(perf, now_s, running, waiting, total_blocks) -> float:
     decoders = [bf.RunningDecoder(s.request.slo.tpot_s,
                                   token_deadline_s(s.request, s.num_generated_tokens + 1, s.first_token_s),
-                                  num_blocks_for(s.request.max_num_tokens, BLOCK))
+                                  num_blocks_for(s.request.max_num_tokens, BLOCK), s.request_id)
                 for s in sorted(running, key=lambda s: s.request_id)]
     new = [bf.NewRequest(r.request_id, r.num_prompt_tokens, r.arrival_s + r.ttft_slo_s,
                          r.slo.tpot_s if r.num_output_tokens > 1 else None,
