@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -116,6 +117,43 @@ def http_run(endpoint: str, workload_args: list[str], tmp: Path):
         client.close()
 
 
+class NoopApi:
+    """The floor: an aiohttp server that reads and parses the request body like ours, then at
+    once streams one one-token chunk and [DONE], with no planner behind it. The bench client's
+    TTFT against it is what the bare HTTP stack (client library, loopback TCP, aiohttp, this
+    machine's scheduling) costs per request, before any serving work."""
+
+    def app(self):
+        from aiohttp import web
+
+        async def completions(request: web.Request) -> web.StreamResponse:
+            msgspec.json.decode(await request.read())
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            chunk = {"id": "noop", "object": "text_completion", "choices": [
+                {"index": 0, "text": "", "token_ids": [1], "finish_reason": "length"}]}
+            await response.write(b"data: " + msgspec.json.encode(chunk) + b"\n\ndata: [DONE]\n\n")
+            return response
+
+        app = web.Application(client_max_size=8 << 20)
+        app.router.add_post("/v1/completions", completions)
+        return app
+
+
+def floor_ttft_ms(workload_args: list[str], tmp: Path) -> list[float]:
+    """TTFTs (ms) that the bench client measures against NoopApi."""
+    server = ServerThread(NoopApi())
+    calls_path = tmp / "noop_calls.json"
+    try:
+        subprocess.run([sys.executable, "-m", "planner_svc.cli", "bench", "--url", server.url,
+                        "--scenario", "chatbot", *workload_args, "--json", "--calls-out",
+                        str(calls_path)], check=True, stdout=subprocess.DEVNULL, timeout=600)
+    finally:
+        server.close()
+    calls = json.loads(calls_path.read_text())["calls"]
+    return [(c["token_times_s"][0] - c["arrival_s"]) * 1e3 for c in calls if c["token_times_s"]]
+
+
 def _histogram_summary(api: ApiServer, name: str) -> dict:
     """Mean (ms) and the share of samples <= 1 ms of one of the server's overhead histograms."""
     registry = api.metrics.registry
@@ -187,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             direct = build_report(direct_run(endpoint, workload), workload)
             loaded = http_run(endpoint, ["--rate", repr(rate), "--num-requests",
                                          str(args.num_requests)], Path(tmp))
-            low = http_run(endpoint, ["--rate", repr(args.low_rate), "--num-requests",
-                                      str(num_low), "--seed", "1"], Path(tmp))
+            low_args = ["--rate", repr(args.low_rate), "--num-requests", str(num_low),
+                        "--seed", "1"]
+            low = http_run(endpoint, low_args, Path(tmp))
+            floor_ms = floor_ttft_ms(low_args, Path(tmp))
     finally:
         group.stop_all()
     via_http = build_report(http_records(loaded[0], workload), workload)
@@ -196,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             _overhead_row(f"low load, {args.low_rate:g} req/s", *low)]
     num_errors = sum(1 for run in (loaded, low) for c in run[0]["calls"]
                      if c["error"] and c["status"] != 429)
-    body = _section(rate, args.num_requests, direct, via_http, rows, num_errors)
+    body = _section(rate, args.num_requests, direct, via_http, rows, num_errors, floor_ms)
     print(body)
     command = "python benchmarks/bench_http.py" + (f" {' '.join(argv)}" if argv else "")
     write_section("http", body, command)
@@ -214,7 +254,7 @@ def _overhead_row(label: str, calls: dict, handles, client_t0: float, server_cpu
             "num_tokens": num_tokens, "inside": inside}
 
 
-def _section(rate, num_requests, direct, via_http, rows, num_errors) -> str:
+def _section(rate, num_requests, direct, via_http, rows, num_errors, floor_ms) -> str:
     capacity_p50 = _pct(rows[0]["ttft"], 50)
     low_p50 = _pct(rows[1]["ttft"], 50)
     def verdict(p50):
@@ -280,6 +320,11 @@ def _section(rate, num_requests, direct, via_http, rows, num_errors) -> str:
         "sides (aiohttp client and server, loopback TCP) and waiting for a CPU.",
         "",
         *inside,
+        "",
+        f"The floor: the same low-load requests against a no-op aiohttp server (reads and parses "
+        f"the body, answers one chunk at once, no planner) take {_pct(floor_ms, 50):.2f} ms p50 "
+        f"({_pct(floor_ms, 90):.2f} ms p90) from send to first chunk on this machine: that much "
+        "of any added TTFT is the bare HTTP stack and the load generator, not serving work.",
         "",
         f"Unpaired: the same {num_requests}-request workload at the capacity rate through the "
         "Python client and through HTTP (two runs, scheduling noise included):",
