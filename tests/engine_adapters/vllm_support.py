@@ -7,22 +7,23 @@ import random
 import pytest
 
 from engine_adapters.vllm.engine import VLLMEngine
+from formulations.plan import Step
 
 BLOCK_SIZE = 32  # vLLM's CPU attention needs a multiple of 32
 NUM_BLOCKS = 64  # one of them is vLLM's null block
-ENGINE_ARGS = dict(
-    skip_tokenizer_init=True,
-    max_model_len=512,
-    max_num_batched_tokens=512,
-    max_num_seqs=16,
-    num_gpu_blocks_override=NUM_BLOCKS,
-    block_size=BLOCK_SIZE,
-    gpu_memory_utilization=0.1,  # on CPU: the share of host memory vLLM may claim
-    kv_cache_memory_bytes=1 << 26,  # explicit: several engines share this test process
-    dtype="float32",
-    enforce_eager=True,
-    seed=0,
-)
+ENGINE_ARGS = {
+    "skip_tokenizer_init": True,
+    "max_model_len": 512,
+    "max_num_batched_tokens": 512,
+    "max_num_seqs": 16,
+    "num_gpu_blocks_override": NUM_BLOCKS,
+    "block_size": BLOCK_SIZE,
+    "gpu_memory_utilization": 0.1,  # on CPU: the share of host memory vLLM may claim
+    "kv_cache_memory_bytes": 1 << 26,  # explicit: several engines share this test process
+    "dtype": "float32",
+    "enforce_eager": True,
+    "seed": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,10 @@ def reference(model_dir):
     def generate(prompts: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
         ids = list(prompts)
         inputs = [{"prompt_token_ids": prompts[rid][0]} for rid in ids]
-        params = [SamplingParams(max_tokens=prompts[rid][1], temperature=0.0, ignore_eos=True) for rid in ids]
+        params = [
+            SamplingParams(max_tokens=prompts[rid][1], temperature=0.0, ignore_eos=True)
+            for rid in ids
+        ]
         outputs = llm.generate(inputs, params, use_tqdm=False)
         return {rid: list(out.outputs[0].token_ids) for rid, out in zip(ids, outputs)}
 
@@ -98,5 +102,3 @@ def outputs_of(reports) -> dict[str, list[int]]:
         for rid, ids in report.new_token_ids.items():
             tokens.setdefault(rid, []).extend(ids)
     return tokens
-
-
