@@ -77,7 +77,7 @@ class Tracked:
 class PlannerDaemon:
     def __init__(self, config: PlannerConfig, context: zmq.Context | None = None):
         self.config = config
-        registry.formulation_class(config.formulation)  # an unknown name fails at startup
+        registry.create(config.formulation, **config.formulation_params)  # bad name/params: now
         make_router(config.router, config.max_forwards)
         _check_core_params(config.core_params)
         self.core: PlannerCore | None = None  # made when the first engine connects
@@ -251,7 +251,13 @@ class PlannerDaemon:
                  perf_model.name)
         self._send_engine(link, P.Heartbeat(sender_id="planner", sent_s=now_s))
         if self.core is None:
-            self.core = build_core(self.config, spec)
+            try:
+                self.core = build_core(self.config, spec)
+            except Exception as exc:  # keep serving; the engine is told why
+                log.exception("cannot build the planner core")
+                self.engines.pop(identity, None)
+                self._reject_frame(self.engine_socket, "engine", identity,
+                                   P.ProtocolError(f"planner core: {exc}", "planner_error"))
         else:
             self._apply("add_replica", self.core.add_replica, spec, now_s)
 

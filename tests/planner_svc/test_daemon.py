@@ -269,3 +269,10 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
     assert main(["engine", "--engine", "vllm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "liveness" in err[0] and "--model-dir" in err[1]
+
+
+def test_bad_formulation_parameters_fail_at_startup():
+    from planner_svc.daemon import PlannerDaemon
+
+    with pytest.raises(ValueError, match="bad parameters"):
+        PlannerDaemon(make_config(formulation="sarathi", formulation_params={"no_such": 1}))
