@@ -185,12 +185,19 @@ class PlannerDaemon:
     def _housekeeping(self) -> None:
         now_s = self.now_s()
         self._check_engines(now_s)
-        if self.core is not None and now_s - self._last_tick_s >= self.config.tick_interval_s:
-            self._last_tick_s = now_s
-            due_s = self.core.next_timer_s()
-            if due_s is not None and due_s <= now_s:
-                self._apply("tick", self.core.tick, now_s)
+        if self.core is None or now_s - self._last_tick_s < self.config.tick_interval_s:
+            return
+        self._last_tick_s = now_s
+        due_s = self.core.next_timer_s()
+        if due_s is not None and due_s <= now_s:
+            self._apply("tick", self.core.tick, now_s)
+        self._update_queue_gauges()
+
+    def _update_queue_gauges(self) -> None:
         self.metrics.queue_length.set(len(self.requests) - self._num_done)
+        for replica_id, (num_running, num_waiting) in self.core.queue_lengths().items():
+            self.metrics.replica_requests.labels(str(replica_id), "running").set(num_running)
+            self.metrics.replica_requests.labels(str(replica_id), "waiting").set(num_waiting)
 
     # ------------------------------------------------------------------ engines
 

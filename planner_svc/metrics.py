@@ -32,6 +32,9 @@ class PlannerMetrics:
                                              ["engine_id"], buckets=_TIME_BUCKETS_S, registry=r)
         self.queue_length = Gauge("slos_requests_in_flight", "Requests not yet finished or rejected",
                                   registry=r)
+        self.replica_requests = Gauge("slos_replica_requests",
+                                      "Requests per replica, running or waiting for a verdict",
+                                      ["replica", "state"], registry=r)
         self.engines = Gauge("slos_engines_alive", "Engines connected and alive", registry=r)
         self.engine_deaths = Counter("slos_engine_deaths", "Engines declared dead", registry=r)
         self.rejected_frames = Counter("slos_rejected_frames", "Frames rejected at the socket",

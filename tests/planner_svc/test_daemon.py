@@ -170,7 +170,8 @@ def test_metrics_endpoint_serves_counts():
         assert 'slos_verdicts_total{slo_class="chatbot",verdict="admitted"} 1.0' in text
         assert 'slos_requests_finished_total{slo_class="chatbot"} 1.0' in text
         assert 'slos_rejected_frames_total{reason="unknown_type",socket="client"} 1.0' in text
-        assert "slos_step_seconds_measured" in text
+        assert "slos_step_seconds_measured" in text and "slos_step_seconds_predicted" in text
+        assert 'slos_replica_requests{replica="0",state="running"}' in text
         assert 'slos_attainment_ratio{slo_class="chatbot"}' in text
     finally:
         svc.close()
