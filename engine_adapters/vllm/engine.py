@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("slos_serve.vllm")
 
+# vLLM finish reasons of a request that ran to its end (others: abort, error, repetition).
+NORMAL_FINISH_REASONS = ("stop", "length")
+
 SCHEDULER_CLS = "engine_adapters.vllm.scheduler.PlanScheduler"
 
 # Engine arguments the planner-driven scheduler needs; a caller may not override them.
@@ -241,6 +244,9 @@ class VLLMEngine(Engine):
             to_ours[v]: ids for v, ids in outcome.new_token_ids.items() if v in to_ours
         }
         finished = tuple(to_ours[v] for v in outcome.finished if v in to_ours)
+        for vllm_id, reason in outcome.finished.items():
+            if reason not in NORMAL_FINISH_REASONS:  # StepReport has no field for these
+                log.warning("vLLM ended request %s early: %s", to_ours.get(vllm_id), reason)
         for request_id in finished:
             self._forget(request_id)
         return StepReport(

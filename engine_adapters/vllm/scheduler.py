@@ -43,7 +43,7 @@ class StepOutcome:
     num_scheduled_tokens: dict[str, int]  # what vLLM computed: plan tokens + verified drafts
     num_spec_tokens: dict[str, int]  # draft tokens verified per request
     new_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    finished: set[str] = field(default_factory=set)
+    finished: dict[str, str] = field(default_factory=dict)  # request id -> vLLM finish reason
 
 
 class PlanScheduler(Scheduler):
@@ -275,7 +275,7 @@ class PlanScheduler(Scheduler):
                     request_id = core_output.request_id
                     self._outcome.new_token_ids[request_id] = list(core_output.new_token_ids)
                     if core_output.finish_reason is not None:
-                        self._outcome.finished.add(request_id)
+                        self._outcome.finished[request_id] = str(core_output.finish_reason)
         return engine_core_outputs
 
 

@@ -84,8 +84,23 @@ def planned_run(engine):
     first_record = len(engine.recorder.num_scheduled_tokens)
     computed_after_step = []
     reports = []
+    blocks_predicted, blocks_taken = [], []
     for i, step in enumerate(steps):
+        held_before = {rid: num_blocks_held(engine, vllm_ids[rid]) for rid in step.num_tokens}
+        blocks_predicted.append(
+            {
+                rid: engine.scheduler._num_new_blocks(engine.scheduler.requests[vllm_ids[rid]], n)
+                for rid, n in step.num_tokens.items()
+            }
+        )
         reports.append(engine.execute(step, 0, i))
+        blocks_taken.append(
+            {
+                rid: num_blocks_held(engine, vllm_ids[rid]) - held_before[rid]
+                for rid in step.num_tokens
+                if rid not in reports[-1].finished  # a finished request has freed its blocks
+            }
+        )
         computed_after_step.append(
             {
                 rid: engine.scheduler.requests[v].num_computed_tokens
@@ -101,7 +116,13 @@ def planned_run(engine):
         "executed": engine.recorder.num_scheduled_tokens[first_record:],
         "computed_after_step": computed_after_step,
         "rejected_vllm_id": rejected_vllm_id,
+        "blocks_predicted": blocks_predicted,
+        "blocks_taken": blocks_taken,
     }
+
+
+def num_blocks_held(engine, vllm_id: str) -> int:
+    return len(engine.scheduler.kv_cache_manager.get_block_ids(vllm_id)[0])
 
 
 def test_plan_has_several_partial_chunks_per_step(planned_run):
@@ -132,6 +153,16 @@ def test_vllm_bookkeeping_follows_the_plan(planned_run):
             total[rid] += n
         for rid, num_computed in computed.items():
             assert num_computed == total[rid]
+
+
+def test_block_check_predicts_the_blocks_vllm_allocates(planned_run):
+    # The refusal rule for KV exhaustion rests on this count; vLLM's allocator is the reference.
+    num_compared = 0
+    for predicted, taken in zip(planned_run["blocks_predicted"], planned_run["blocks_taken"]):
+        for rid, num_blocks in taken.items():
+            assert predicted[rid] == num_blocks, (rid, predicted, taken)
+            num_compared += num_blocks > 0
+    assert num_compared >= len(LENGTHS)
 
 
 def test_greedy_outputs_equal_vllm_own_scheduler(planned_run, reference):
