@@ -63,6 +63,8 @@ FALLBACKS = ("reject", "best_effort")
 # gives up on a formulation that keeps planning steps no engine can run.
 _ERRORS_BEFORE_PREEMPT = 2
 _ERRORS_BEFORE_FAIL = 32
+# Re-plans one core call may make per replica before the core calls it a livelock.
+_MAX_REPLANS_PER_CALL = 10_000
 
 
 @dataclass(frozen=True)
@@ -488,7 +490,11 @@ class PlannerCore:
     def _settle(self, now_s: float, out: CoreOutput, boundary: int | None) -> None:
         """Re-plan every dirty replica that should be re-planned now (see the module docstring).
         Forwards may dirty other replicas; each replica re-plans again only on a new trigger."""
+        budget = _MAX_REPLANS_PER_CALL * max(1, len(self._replicas))
         while self._dirty:
+            budget -= 1
+            if budget < 0:  # forwards are bounded, so this is a bug, not a load
+                raise RuntimeError(f"re-planning does not settle (dirty replicas: {sorted(self._dirty)})")
             replica_id = self._dirty.pop()
             rep = self._replicas.get(replica_id)
             if rep is not None and self._should_replan(rep, now_s, replica_id == boundary):
