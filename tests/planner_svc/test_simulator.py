@@ -145,3 +145,26 @@ def test_fast_forward_gives_the_same_run_as_single_steps(policy, num_replicas):
     assert fast.sim_duration_s == slow.sim_duration_s
     assert all(r.finished for r in fast.records)
     assert slow.num_fast_forward_steps == 0 and fast.num_fast_forward_steps > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"policy": "no_such_policy"}, "unknown formulation"),
+        ({"policy": "distserve", "num_replicas": 1}, "at least 2 replicas"),
+        ({"routing": "random"}, "unknown routing"),
+        ({"fallback": "drop"}, "fallback"),
+        ({"num_replicas": 0}, "at least 1"),
+        ({"policy": "vllm_fcfs", "policy_params": {"bogus": 1}}, "bad parameters"),
+    ],
+)
+def test_bad_configs_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        simulate(Workload("one", (make_req("a"),)), config(**kwargs))
+
+
+def test_least_loaded_routing_and_best_effort_fallback_in_the_simulator():
+    requests = tuple(make_req(f"r{i}", 0.01 * i, prompt=100, output=20) for i in range(30))
+    result = simulate(Workload("ll", requests), config(num_replicas=3, routing="least_loaded", fallback="best_effort"))
+    assert {r.replica_id for r in result.records} == {0, 1, 2}
+    assert all(r.finished for r in result.records)
