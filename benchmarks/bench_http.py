@@ -307,7 +307,8 @@ def _section(rate, num_requests, direct, via_http, rows, num_errors, floor_ms) -
         f"Target: under {TARGET_P50_ADDED_TTFT_MS:g} ms p50 added to TTFT. At the capacity rate "
         f"({rate:.2f} req/s, the simulator's capacity of {POLICY} on {NUM_ENGINES} replicas at 90% "
         f"attainment): **{verdict(capacity_p50)}** ({capacity_p50:.2f} ms); at low load: "
-        f"**{verdict(low_p50)}** ({low_p50:.2f} ms). HTTP errors: {num_errors}. The 2-core "
+        f"**{verdict(low_p50)}** ({low_p50:.2f} ms; minus the bare-HTTP floor's p50 below: "
+        f"{low_p50 - _pct(floor_ms, 50):.2f} ms). HTTP errors: {num_errors}. The 2-core "
         "machine is shared by the planner, engines, server and load generator (and other work), "
         "so wall-clock added times include waiting for a CPU; they are upper bounds of the "
         "server's own cost.",
