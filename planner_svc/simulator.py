@@ -268,6 +268,7 @@ class Simulation:
             if self._cruising:
                 self._cut_cruises(now_s)
             self._schedule_timer(now_s)
+        self._stop_cruises(end_s)
         wall_s = time.perf_counter() - start_wall
         stats = self.core.stats
         return SimResult(
@@ -411,18 +412,31 @@ class Simulation:
         runner = self.runners.get(replica_id)
         if runner is None:
             return
-        if runner.cruise is not None:  # the runs completed before the failure did happen
-            cruise = runner.cruise
-            num_done = cruise.first_boundary_at_or_after(now_s)
-            if cruise.boundary_s(num_done) > now_s:
-                num_done -= 1
-            if num_done >= 1:
-                self._finish_cruise(runner, num_done, now_s)
-            else:
-                runner.cruise = None
-                del self._cruising[replica_id]
+        self._stop_cruise(runner, now_s)
         del self.runners[replica_id]
         self._handle(self.core.remove_replica(replica_id, now_s), now_s)
+
+    def _stop_cruise(self, runner: _Runner, at_s: float) -> None:
+        """End a cruise at `at_s`: the runs completed by then did happen (as single steps would
+        have been reported), the one in flight is dropped."""
+        cruise = runner.cruise
+        if cruise is None:
+            return
+        num_done = cruise.first_boundary_at_or_after(at_s)
+        if cruise.boundary_s(num_done) > at_s:
+            num_done -= 1
+        if num_done >= 1:
+            self.last_event_s = max(self.last_event_s, cruise.boundary_s(num_done))
+            self._finish_cruise(runner, num_done, at_s)
+        else:
+            runner.cruise = None
+            del self._cruising[runner.replica_id]
+
+    def _stop_cruises(self, end_s: float) -> None:
+        """At the end of the run, apply the cruise runs that completed by `end_s`."""
+        for runner in list(self._cruising.values()):
+            if runner.cruise.end_s > end_s:
+                self._stop_cruise(runner, end_s)
 
     def _on_migration(self, now_s: float, migration) -> None:
         source = self.runners.get(migration.from_replica)
