@@ -114,7 +114,9 @@ class SlosDP(Formulation):
     Parameters: `fallback` ("reject" or "best_effort") for requests that cannot be guaranteed;
     `speculation` (use the engine's draft model adaptively when it has one); `max_new_per_call`
     (waiting requests considered per call, earliest deadline first; the rest keep waiting);
-    `max_best_effort_steps` (explicit steps planned for best-effort prefill alone).
+    `max_best_effort_steps` (explicit steps planned for best-effort prefill alone);
+    `admit_all` (ablation "no burst handling": every waiting request is admitted and served in EDF
+    order with no guarantee, as if admission control were off).
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class SlosDP(Formulation):
         speculation: bool = True,
         max_new_per_call: int = 48,
         max_best_effort_steps: int = 16,
+        admit_all: bool = False,
     ) -> None:
         if max_new_per_call < 1 or max_best_effort_steps < 0:
             raise ValueError("max_new_per_call must be >= 1 and max_best_effort_steps >= 0")
@@ -130,6 +133,7 @@ class SlosDP(Formulation):
         self.speculation = bool(speculation)
         self.max_new_per_call = max_new_per_call
         self.max_best_effort_steps = max_best_effort_steps
+        self.admit_all = bool(admit_all)
 
     def plan(self, view: ReplicaView) -> Plan:
         problem = extract_problem(view)
@@ -138,6 +142,13 @@ class SlosDP(Formulation):
             kept = tuple(j for j in problem.candidates if j.request_id not in deferred)
             problem = dataclasses.replace(problem, candidates=kept)
         max_spec = view.max_spec_tokens if self.speculation else 0
+        if self.admit_all:  # ablation: everything becomes mandatory (late ones lose the check)
+            forced = tuple(dataclasses.replace(j, mandatory=True) for j in problem.candidates)
+            problem = dataclasses.replace(problem, mandatory=problem.mandatory + forced)
+            choice = solve_candidates(problem, view, max_spec)
+            problem = dataclasses.replace(problem, mandatory=problem.mandatory[: -len(forced) or None],
+                                          candidates=forced)
+            return self.plan_from_choice(view, problem, choice)
         choice = solve_candidates(problem, view, max_spec)
         return self.plan_from_choice(view, problem, choice)
 
@@ -153,7 +164,8 @@ class SlosDP(Formulation):
     ) -> Plan:
         """Decisions, preemptions and steps for an admission (the DP's or CP-SAT's)."""
         admitted = choice.admission.admitted if choice is not None else ()
-        admitted_ids = {j.request_id for j in admitted if not j.mandatory}
+        candidate_ids = {j.request_id for j in problem.candidates}
+        admitted_ids = {j.request_id for j in admitted if j.request_id in candidate_ids}
         decisions: dict[str, Decision] = {}
         for rid in problem.too_large:
             decisions[rid] = Decision(Verdict.REJECTED, "KV cache of the full request exceeds the replica")
