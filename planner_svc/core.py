@@ -423,9 +423,9 @@ class PlannerCore:
         for state in to_migrate:
             self._start_migration(rep, state, out)
         if report.num_proposed_spec_tokens:
+            accepted = report.num_accepted_spec_tokens
             rep.observe_spec(
-                sum(report.num_accepted_spec_tokens.values()),
-                sum(report.num_proposed_spec_tokens.values()),
+                {rid: (accepted.get(rid, 0), n) for rid, n in report.num_proposed_spec_tokens.items()}
             )
         self._check_slow(rep, report, num_steps)
 

@@ -57,7 +57,8 @@ class ReplicaState:
         self.repeat_ids: frozenset[str] = frozenset()
         self.num_live_repeat = 0  # running requests the repeat cycle still serves
         self.uncovered: set[str] = set()  # running requests the plan's repeat does not serve
-        # Online acceptance-rate estimate: a Beta-like prior worth `_PRIOR_WEIGHT` proposals.
+        # Online acceptance-rate estimate (`observe_spec`): successes / trials, with a prior worth
+        # `_PRIOR_WEIGHT` trials.
         self._spec_accepted = spec_prior * _PRIOR_WEIGHT
         self._spec_proposed = float(_PRIOR_WEIGHT)
 
@@ -147,13 +148,21 @@ class ReplicaState:
         state.num_blocks = 0
         state.num_computed_tokens = 0
 
-    def observe_spec(self, num_accepted: int, num_proposed: int) -> None:
-        self._spec_accepted += num_accepted
-        self._spec_proposed += num_proposed
+    def observe_spec(self, outcomes: dict[str, tuple[int, int]]) -> None:
+        """Update the acceptance-rate estimate from one step's (accepted, proposed) per request.
+
+        Under the i.i.d. model a verification is a run of Bernoulli(alpha) trials stopped at the
+        first rejection (or after all drafts): `accepted` successes out of `accepted + 1` trials
+        when accepted < proposed, else `proposed` out of `proposed`. The estimate is successes /
+        trials over all verifications plus the prior (the maximum-likelihood alpha), not accepted /
+        proposed, which is biased low: E[accepted] = alpha + ... + alpha^s < s * alpha."""
+        for num_accepted, num_proposed in outcomes.values():
+            self._spec_accepted += num_accepted
+            self._spec_proposed += num_accepted + (1 if num_accepted < num_proposed else 0)
 
     def blocks_for(self, num_tokens: int) -> int:
         return num_blocks_for(num_tokens, self.spec.block_size)
 
 
-# Weight of the acceptance-rate prior, in proposed tokens.
+# Weight of the acceptance-rate prior, in draft-token trials.
 _PRIOR_WEIGHT = 20

@@ -172,3 +172,56 @@ def test_least_loaded_routing_and_best_effort_fallback_in_the_simulator():
     result = simulate(Workload("ll", requests), config(num_replicas=3, routing="least_loaded", fallback="best_effort"))
     assert {r.replica_id for r in result.records} == {0, 1, 2}
     assert all(r.finished for r in result.records)
+
+
+class SpeculatingFcfs:
+    """A test formulation: vllm_fcfs, with every decode verifying `num_spec` draft tokens.
+    It records the acceptance estimates the core hands it."""
+
+    name = "speculating_fcfs"
+    disaggregated = False
+
+    def __init__(self, num_spec: int = 3):
+        from formulations.registry import create
+
+        self.inner = create("vllm_fcfs")
+        self.num_spec = num_spec
+        self.estimates = []
+
+    def plan(self, view):
+        from formulations.plan import Plan, Step
+
+        self.estimates.append(view.spec_acceptance_rate)
+        plan = self.inner.plan(view)
+        steps = plan.steps or plan.repeat[:1]
+        if not steps:
+            return plan
+        (step,) = steps
+        spec = {rid: self.num_spec for rid in step.num_tokens if _is_decoding(view, rid)}
+        return Plan(steps=(Step(step.num_tokens, spec),), decisions=plan.decisions, preempt=plan.preempt)
+
+
+def _is_decoding(view, rid):
+    return any(s.request_id == rid and s.is_decoding for s in view.running)
+
+
+def test_speculative_decoding_end_to_end_and_the_acceptance_estimate():
+    from formulations.interface import Formulation
+
+    Formulation.register(SpeculatingFcfs)
+    requests = tuple(make_req(f"r{i}", 0.2 * i, prompt=60, output=800) for i in range(6))
+    cfg = config(
+        policy=f"{__name__}:SpeculatingFcfs", max_spec_tokens=3, true_acceptance_rate=0.6,
+        spec_acceptance_prior=0.9,
+    )
+    from planner_svc.simulator import Simulation
+
+    sim = Simulation(Workload("spec", requests), cfg)
+    result = sim.run()
+    assert all(r.finished and len(r.token_times_s) == 800 for r in result.records)
+    # fewer steps than tokens: drafts were accepted; the fast-forward never runs speculative steps
+    assert result.num_steps < 800 and result.num_fast_forward_steps == 0
+    estimates = sim.core.replica(0).formulation.estimates
+    assert estimates[0] == pytest.approx(0.9)
+    # about 3,500 draft-token trials: the estimate's standard deviation is about 0.008
+    assert sim.core.replica(0).spec_acceptance_rate == pytest.approx(0.6, abs=0.03)
