@@ -44,6 +44,8 @@ def fill_prefills(
 ) -> None:
     """FCFS prefill chunks (requests not decoding) into the step until the budget is spent; the
     first request whose chunk does not fit in memory stops the queue (no overtaking)."""
+    if len(num_tokens) == len(queue):
+        return  # everyone is in the step already
     for state in queue:
         if budget <= 0 or len(num_tokens) >= max_num_seqs:
             return
