@@ -78,8 +78,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 WAIT_MODES = {  # name -> (plan_grace_s, wait_only_when_expected)
-    "wait for every answer (default)": (0.01, False),
-    "wait when a re-plan is announced": (0.01, True),
+    "wait for every answer": (0.01, False),
+    "wait when a re-plan is announced (default)": (0.01, True),
     "never wait": (0.0, False),
 }
 

@@ -44,8 +44,9 @@ class AdapterConfig:
     # or an acknowledgement) before running step k+1 from the current plan; 0 never waits.
     plan_grace_s: float = 0.01
     # True: wait only when the planner said it expects to re-plan at the next report (it says so
-    # in its heartbeats and answers). False: wait after every report (closest to the simulator).
-    wait_only_when_expected: bool = False
+    # in its heartbeats and answers). False: wait after every report (the most on-time plans, at
+    # the cost of one round trip per step).
+    wait_only_when_expected: bool = True
     reconnect_min_s: float = 0.1
     reconnect_max_s: float = 4.0
     max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES

@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--liveness", type=int, default=6)
     parser.add_argument("--plan-grace-ms", type=float, default=10.0,
                         help="after each report, wait up to this long for the planner's answer")
-    parser.add_argument("--wait-only-when-expected", action="store_true",
-                        help="wait only when the planner announced a re-plan (less waiting, "
-                             "more plans that start a step late)")
+    parser.add_argument("--wait-for-every-answer", action="store_true",
+                        help="wait for the planner's answer after every report, not only when "
+                             "it announced a re-plan (fewer late plans, more waiting)")
     sim = parser.add_argument_group("sim engine")
     sim.add_argument("--perf-model", default="opt-13b-h100",
                      help="truth model base (a preset name)")
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         heartbeat_interval_s=args.heartbeat_interval_s,
         liveness=args.liveness,
         plan_grace_s=args.plan_grace_ms / 1000,
-        wait_only_when_expected=args.wait_only_when_expected,
+        wait_only_when_expected=not args.wait_for_every_answer,
         curve=curve,
     )
     adapter = EngineAdapter(engine, config)

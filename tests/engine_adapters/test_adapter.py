@@ -156,7 +156,7 @@ def test_step_error_abandons_the_plan_and_reports_it(planner):
 
 
 def test_engine_waits_for_the_answer_to_its_report_so_the_plan_is_on_time(planner):
-    adapter, thread = start_adapter(planner.endpoint, plan_grace_s=2.0)
+    adapter, thread = start_adapter(planner.endpoint, plan_grace_s=2.0, wait_only_when_expected=False)
     try:
         identity, _ = planner.recv()
         new = P.NewRequest("a", num_prompt_tokens=10, max_new_tokens=50)
