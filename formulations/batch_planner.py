@@ -96,8 +96,10 @@ class _Filler:
         self.be_reserved_id, self.be_reserved_blocks = be_reserve
 
     def _due(self, track: _Track, m: int) -> bool:
+        """Decode slot of the track's residue (residues count from the T-grid's first step)."""
+        m -= self.curve.num_burst_steps
         period = self.curve.tiers[track.tier].period_steps
-        return m % period == track.residue
+        return m >= 0 and m % period == track.residue
 
     def _started_counts(self, m: int) -> tuple[int, ...]:
         counts = [0] * self.curve.num_tiers
@@ -108,8 +110,9 @@ class _Filler:
         return tuple(counts)
 
     def fill(self, m: int, counts: tuple[int, ...]) -> Step:
-        spec_cap = self.curve.spec_steps(counts)
-        cap = self.curve.step_cap(spec_cap)
+        in_burst = m < self.curve.num_burst_steps
+        spec_cap = 0 if in_burst else self.curve.spec_steps(counts)
+        cap = self.curve.cap_at(m, spec_cap)
         num_tokens: dict[str, int] = {}
         num_spec: dict[str, int] = {}
         used = 0
@@ -246,7 +249,7 @@ def build_layout(
         elif not filler.admitted_prefill_left():
             break  # best effort cannot progress (memory): wait for the next plan
         m += 1
-    repeat = _repeat_cycle(filler, m)
+    repeat = _repeat_cycle(filler, max(m, curve.num_burst_steps))
     completion = {
         j.request_id: filler.tracks[j.request_id].done_step
         for j in jobs

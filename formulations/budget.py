@@ -37,6 +37,23 @@ _EPS = 1e-9
 
 
 @dataclass(frozen=True, slots=True)
+class Burst:
+    """A prefill burst: the plan opens with `num_steps` long steps of `step_time_s` that carry no
+    decodes, used when every decoder is ahead of schedule (e.g. an idle replica, or decoders that
+    got ahead in short decode steps). The T-grid starts after it."""
+
+    num_steps: int
+    step_time_s: float
+
+    def end_s(self, now_s: float) -> float:
+        return now_s + self.num_steps * self.step_time_s
+
+
+class _NeedsDecodeInBurst(Exception):
+    """A running decoder needs a token before the burst ends: no burst possible."""
+
+
+@dataclass(frozen=True, slots=True)
 class Decoder:
     """A running, admitted request that is decoding (one pending token)."""
 
@@ -87,10 +104,14 @@ class BudgetCurve:
         step_time_s: float,
         tiers: dict[float, TierChoice],
         decoders: Sequence[Decoder],
+        burst: Burst | None = None,
     ) -> None:
         self.perf_model = perf_model
         self.now_s = now_s
         self.step_time_s = step_time_s
+        self.burst = burst
+        self.num_burst_steps = burst.num_steps if burst else 0
+        self.grid_start_s = burst.end_s(now_s) if burst else now_s  # where the T-grid begins
         self.tier_tpots: tuple[float, ...] = tuple(sorted(tiers))
         self.tiers: tuple[TierChoice, ...] = tuple(tiers[t] for t in self.tier_tpots)
         self.tier_index = {t: i for i, t in enumerate(self.tier_tpots)}
@@ -103,8 +124,9 @@ class BudgetCurve:
         self._cap_memo: dict[int, int] = {}
 
     def _latest_step(self, decoder: Decoder) -> int:
-        """Last step whose end still meets the decoder's next deadline."""
-        return steps_before(decoder.next_deadline_s, self.now_s, self.step_time_s) - 1
+        """Last T-grid step (counted from the grid's start, after any burst) whose end still meets
+        the decoder's next deadline."""
+        return self.deadline_step(decoder.next_deadline_s) - self.num_burst_steps
 
     def _split_decoders(self, decoders: Sequence[Decoder]) -> tuple[list[Decoder], tuple[Job, ...]]:
         """A decoder whose next token is due within its period decodes from step 0 (base load).
@@ -116,10 +138,12 @@ class BudgetCurve:
         for d in decoders:
             period = self.tiers[self.tier_index[d.tpot_s]].period_steps
             latest = self._latest_step(d)
+            if latest < 0 and self.burst is not None:
+                raise _NeedsDecodeInBurst(d.request_id)
             if latest < period:
                 immediate.append(d)
                 continue
-            # deadline_step(x) = floor((x - now) / T) - 1 = latest - period for x = D - period * T
+            # deadline_step(x) = deadline_step(D) - period for x = D - period * T (on the T-grid)
             deadline_s = d.next_deadline_s - period * self.step_time_s
             deferred.append(Job(d.request_id, 0, deadline_s, d.tpot_s, d.num_remaining_tokens,
                                 0, 0.0, mandatory=True, arrival_s=float("-inf")))
@@ -127,7 +151,8 @@ class BudgetCurve:
 
     def _assign_decoders(self, decoders: Sequence[Decoder]) -> None:
         """Running decoders go to the least-loaded residue whose first step still meets their next
-        deadline (step r ends by now + (r + 1) T); late ones decode in step 0."""
+        deadline (grid step r ends by grid start + (r + 1) T); late ones decode in grid step 0.
+        Residues count T-grid steps from the grid's start (after any burst)."""
 
         for d in sorted(decoders, key=lambda d: (self._latest_step(d), d.request_id)):
             i = self.tier_index[d.tpot_s]
@@ -141,10 +166,40 @@ class BudgetCurve:
         return len(self.tiers)
 
     def deadline_step(self, deadline_s: float | None) -> int:
-        """M: the last step index that ends by the deadline (-1 for late jobs)."""
+        """M: the last step index that ends by the deadline (-1 for late jobs). With a burst, the
+        first `num_burst_steps` steps are `burst.step_time_s` long, the rest `T`."""
         if deadline_s is None:
             return -1
-        return steps_before(deadline_s, self.now_s, self.step_time_s) - 1
+        if self.burst is not None and deadline_s < self.grid_start_s - _EPS * self.step_time_s:
+            return steps_before(deadline_s, self.now_s, self.burst.step_time_s) - 1
+        return self.num_burst_steps + steps_before(deadline_s, self.grid_start_s, self.step_time_s) - 1
+
+    def supply(self, from_step: int, to_step: int, counts: tuple[int, ...]) -> int:
+        """Prefill tokens of steps from_step + 1 .. to_step when `counts` new requests decode
+        (burst steps carry no decodes: nobody may need a token during the burst)."""
+        if to_step <= from_step:
+            return 0
+        burst_steps = max(0, min(to_step, self.num_burst_steps - 1) - from_step)
+        grid_steps = (to_step - from_step) - burst_steps
+        burst_tokens = burst_steps * self.burst_cap if burst_steps else 0
+        return burst_tokens + grid_steps * self.budget(counts)
+
+    @property
+    def burst_cap(self) -> int:
+        return self.perf_model.max_tokens(self.burst.step_time_s, 0) if self.burst else 0
+
+    def cap_at(self, step: int, spec_steps: int) -> int:
+        """Token cap of grid step `step`."""
+        if step < self.num_burst_steps:
+            return self.burst_cap
+        return self.step_cap(spec_steps)
+
+    def admissible(self, job: Job) -> bool:
+        """With a burst, a job that would decode during it (deadline step before its last step)
+        cannot be admitted."""
+        if job.tpot_s is None or self.burst is None:
+            return True
+        return self.deadline_step(job.deadline_s) >= self.num_burst_steps - 1
 
     def max_residue_load(self, tier: int, num_new: int) -> int:
         """f(n): the busiest residue of `tier` after n new requests join greedily."""
@@ -201,6 +256,7 @@ def make_budget_curve(
     job_tpots_s: Iterable[float],
     max_spec_tokens: int,
     acceptance_rate: float,
+    burst: Burst | None = None,
 ) -> BudgetCurve | None:
     """A budget curve for step time T, or None when a running decoder's tier cannot keep up at T.
     Job tiers that cannot keep up are left out (such jobs are not admissible at this T)."""
@@ -216,7 +272,12 @@ def make_budget_curve(
             tiers[tpot_s] = choice
     if perf_model.max_tokens(step_time_s, 0) < 0:
         return None
-    curve = BudgetCurve(perf_model, now_s, step_time_s, tiers, decoders)
+    try:
+        curve = BudgetCurve(perf_model, now_s, step_time_s, tiers, decoders, burst)
+    except _NeedsDecodeInBurst:
+        return None
+    if burst is not None and curve.burst_cap <= 0:
+        return None
     if curve.budget(curve.zero_counts()) < 0:
         return None  # the running decoders alone do not fit a step of this length
     return curve

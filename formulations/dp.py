@@ -9,7 +9,8 @@ deadlines; running decoders are fixed load inside the `BudgetCurve`. A DP state 
             (the leftover budget carried forward)        (maximise)
 
 keyed by the admitted count per TPOT tier, which is all the future supply depends on. Moving from
-job i to job j adds `(M_j - M_i) * budget(counts)` to the slack; admitting j subtracts its prompt,
+job i to job j adds the supply of steps M_i+1..M_j (`(M_j - M_i) * budget(counts)` on the plain
+grid) to the slack; admitting j subtracts its prompt,
 requires slack >= 0 (EDF meets every deadline iff the demand due by each deadline fits the supply
 before it), memory within the cap, and a steady decode load that still fits a step
 (`budget(counts + tier_j) >= 0`). Per key only the Pareto front over (value, memory, slack) is
@@ -71,12 +72,12 @@ def admit(jobs: Sequence[Job], curve: BudgetCurve, memory_cap_blocks: int) -> Ad
     for index, job in enumerate(order):
         deadline_step = curve.deadline_step(job.deadline_s)
         tier = curve.tier_index.get(job.tpot_s) if job.tpot_s is not None else None
-        can_decode = job.tpot_s is None or tier is not None
-        advance = max(0, deadline_step - position)
+        can_decode = (job.tpot_s is None or tier is not None) and curve.admissible(job)
+        previous = position
         position = max(position, deadline_step)
         next_layer: dict[tuple[int, ...], list[_State]] = {}
         for counts, states in layer.items():
-            gain = advance * curve.budget(counts)
+            gain = curve.supply(previous, position, counts)
             new_counts = counts
             if tier is not None:
                 new_counts = counts[:tier] + (counts[tier] + 1,) + counts[tier + 1 :]

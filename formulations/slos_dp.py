@@ -16,12 +16,14 @@ recomputed from the reported progress, so a late admitted request is served firs
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from formulations.admission import Fallback, best_effort_memory
 from formulations.batch_planner import Layout, build_layout
-from formulations.budget import BudgetCurve, Job, make_budget_curve
+from formulations.budget import Burst, BudgetCurve, Job, make_budget_curve
 from formulations.dp import Admission, admit, edf_order
 from formulations.interface import Formulation
 from formulations.plan import Decision, Plan, Step, Verdict
@@ -32,6 +34,10 @@ from formulations.state import ReplicaView
 
 # Step time used when nothing present has a TPOT (every request outputs a single token).
 PREFILL_ONLY_STEP_S = 0.1
+# Target length of a prefill-burst step (longer steps amortise the step's fixed cost), and how many
+# burst ends (the earliest deadlines of requests that will decode) are tried per step time.
+BURST_STEP_S = 0.25
+MAX_BURST_CANDIDATES = 3
 
 
 @dataclass(frozen=True)
@@ -41,14 +47,16 @@ class Choice:
     curve: BudgetCurve
     admission: Admission
     mandatory: tuple[Job, ...]  # with late ones relaxed
+    num_relaxed: int = 0  # admitted jobs this candidate could not keep on time
 
-    def score(self) -> tuple[float, float, float]:
+    def score(self) -> tuple[int, float, float, int, float]:
         counts = [0] * self.curve.num_tiers
         for job in self.admission.admitted:
             if job.tpot_s is not None:
                 counts[self.curve.tier_index[job.tpot_s]] += 1
         rate = self.curve.budget(tuple(counts)) / self.curve.step_time_s
-        return (self.admission.value, rate, -self.curve.step_time_s)
+        return (-self.num_relaxed, self.admission.value, rate, self.admission.final_slack,
+                -self.curve.step_time_s)
 
 
 def relax_late(mandatory: Sequence[Job], curve: BudgetCurve) -> tuple[Job, ...]:
@@ -70,7 +78,7 @@ def _first_failing(jobs: Sequence[Job], curve: BudgetCurve) -> str | None:
     position = -1
     for job in edf_order(jobs, curve):
         step = curve.deadline_step(job.deadline_s)
-        slack += max(0, step - position) * curve.budget(tuple(counts))
+        slack += curve.supply(position, step, tuple(counts))
         position = max(position, step)
         slack -= job.num_prefill_tokens
         if job.deadline_s is not None and slack < 0:
@@ -80,20 +88,42 @@ def _first_failing(jobs: Sequence[Job], curve: BudgetCurve) -> str | None:
     return None
 
 
+def burst_candidates(
+    problem: PlanningProblem, now_s: float, previous_end_s: float | None = None
+) -> list[Burst | None]:
+    """No burst; the rest of the previous plan's burst (so that a re-plan can always continue
+    what the admitted requests were promised); and bursts ending at the earliest deadlines of jobs
+    that will decode (a job due before the burst ends could not decode, so later ends trade
+    admissions for longer steps)."""
+    jobs = problem.mandatory + problem.candidates
+    ends = sorted({j.deadline_s for j in jobs if j.tpot_s is not None and j.deadline_s is not None
+                   and j.deadline_s - now_s >= BURST_STEP_S / 2})
+    if previous_end_s is not None and previous_end_s - now_s > 1e-6:
+        ends = [previous_end_s] + [e for e in ends if e != previous_end_s]
+    bursts: list[Burst | None] = [None]
+    for end_s in ends[:MAX_BURST_CANDIDATES]:
+        num_steps = max(1, math.ceil((end_s - now_s) / BURST_STEP_S - 1e-9))
+        bursts.append(Burst(num_steps, (end_s - now_s) / num_steps))
+    return bursts
+
+
 def solve_candidates(
-    problem: PlanningProblem, view: ReplicaView, max_spec_tokens: int
+    problem: PlanningProblem, view: ReplicaView, max_spec_tokens: int, use_bursts: bool = True,
+    previous_burst_end_s: float | None = None,
 ) -> Choice | None:
-    """Run the DP for every candidate step time; the best choice, or None if none is usable."""
+    """Run the DP for every candidate step time (and prefill burst); the best choice, or None if
+    none is usable."""
     alpha = view.spec_acceptance_rate
     tpots = problem.tpots_s
     times = candidate_step_times(tpots, max_spec_tokens, alpha) if tpots else [PREFILL_ONLY_STEP_S]
     mandatory_tpots = {j.tpot_s for j in problem.mandatory if j.tpot_s is not None}
+    bursts = burst_candidates(problem, view.now_s, previous_burst_end_s) if use_bursts else [None]
     best: Choice | None = None
-    for step_time_s in times:
+    for step_time_s, burst in itertools.product(times, bursts):
         curve = make_budget_curve(
             view.perf_model, view.now_s, step_time_s, problem.decoders,
             {j.tpot_s for j in problem.mandatory + problem.candidates if j.tpot_s is not None},
-            max_spec_tokens, alpha,
+            max_spec_tokens, alpha, burst,
         )
         if curve is None or not mandatory_tpots <= set(curve.tier_index):
             continue
@@ -101,7 +131,9 @@ def solve_candidates(
         admission = admit(mandatory + problem.candidates, curve, problem.memory_cap_blocks)
         if admission is None:
             continue
-        choice = Choice(curve, admission, mandatory)
+        num_relaxed = sum(j.deadline_s is None for j in mandatory) - sum(
+            j.deadline_s is None for j in problem.mandatory)
+        choice = Choice(curve, admission, mandatory, num_relaxed)
         if best is None or choice.score() > best.score():
             best = choice
     return best
@@ -116,7 +148,8 @@ class SlosDP(Formulation):
     (waiting requests considered per call, earliest deadline first; the rest keep waiting);
     `max_best_effort_steps` (explicit steps planned for best-effort prefill alone);
     `admit_all` (ablation "no burst handling": every waiting request is admitted and served in EDF
-    order with no guarantee, as if admission control were off).
+    order with no guarantee, as if admission control were off); `prefill_bursts` (open a plan with
+    long prefill-only steps when every decoder is ahead of schedule, see budget.Burst).
     """
 
     def __init__(
@@ -124,8 +157,9 @@ class SlosDP(Formulation):
         fallback: str = "reject",
         speculation: bool = True,
         max_new_per_call: int = 48,
-        max_best_effort_steps: int = 16,
+        max_best_effort_steps: int = 4,
         admit_all: bool = False,
+        prefill_bursts: bool = True,
     ) -> None:
         if max_new_per_call < 1 or max_best_effort_steps < 0:
             raise ValueError("max_new_per_call must be >= 1 and max_best_effort_steps >= 0")
@@ -134,6 +168,8 @@ class SlosDP(Formulation):
         self.max_new_per_call = max_new_per_call
         self.max_best_effort_steps = max_best_effort_steps
         self.admit_all = bool(admit_all)
+        self.prefill_bursts = bool(prefill_bursts)
+        self._burst_end_s: float | None = None  # end of the last plan's prefill burst
 
     def plan(self, view: ReplicaView) -> Plan:
         problem = extract_problem(view)
@@ -145,11 +181,13 @@ class SlosDP(Formulation):
         if self.admit_all:  # ablation: everything becomes mandatory (late ones lose the check)
             forced = tuple(dataclasses.replace(j, mandatory=True) for j in problem.candidates)
             problem = dataclasses.replace(problem, mandatory=problem.mandatory + forced)
-            choice = solve_candidates(problem, view, max_spec)
+            choice = solve_candidates(problem, view, max_spec, self.prefill_bursts)
             problem = dataclasses.replace(problem, mandatory=problem.mandatory[: -len(forced) or None],
                                           candidates=forced)
             return self.plan_from_choice(view, problem, choice)
-        choice = solve_candidates(problem, view, max_spec)
+        choice = solve_candidates(problem, view, max_spec, self.prefill_bursts, self._burst_end_s)
+        burst = choice.curve.burst if choice is not None else None
+        self._burst_end_s = burst.end_s(view.now_s) if burst is not None else None
         return self.plan_from_choice(view, problem, choice)
 
     def _defer(self, problem: PlanningProblem) -> set[str]:

@@ -22,7 +22,7 @@ def test_cpsat_value_equals_dp_and_brute_force(instance):
     problem = extract_problem(v)
     solver = CpSat(time_limit_s=5.0, hint_with_dp=False)  # no DP hint: an independent answer
     cp_choice = solver.solve(problem, v, max_spec_tokens=0)
-    dp_choice = solve_candidates(problem, v, max_spec_tokens=0)
+    dp_choice = solve_candidates(problem, v, max_spec_tokens=0, use_bursts=False)
     cp_value = -1.0 if cp_choice is None else cp_choice.admission.value
     dp_value = -1.0 if dp_choice is None else dp_choice.admission.value
     assert "UNKNOWN" not in solver.last_status  # proven within the limit
@@ -36,6 +36,6 @@ def test_cpsat_plan_meets_deadlines_and_is_selectable_by_name():
     admitted = {rid for rid, d in plan.decisions.items() if d.verdict is Verdict.ADMITTED}
     assert 0 < len(admitted) < 8
     assert not deadline_misses(plan, v, admitted)
-    dp_plan = create("slos_dp").plan(v)
+    dp_plan = create("slos_dp", prefill_bursts=False).plan(v)  # the same model as cpsat
     dp_value = sum(d.verdict is Verdict.ADMITTED for d in dp_plan.decisions.values())
     assert len(admitted) == dp_value

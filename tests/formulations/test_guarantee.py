@@ -63,7 +63,7 @@ def test_admitted_requests_attain_on_random_bursts(seed):
 
 @pytest.mark.parametrize("scenario", ["chatbot", "coder", "summarizer", "reasoning", "tool_agent", "mixed"])
 def test_admitted_requests_attain_in_every_scenario(scenario):
-    workload = build_workload(scenario, OPT13B, WorkloadOptions(rate_rps=6.0, num_requests=60, seed=3,
+    workload = build_workload(scenario, OPT13B, WorkloadOptions(rate_rps=6.0, num_requests=40, seed=3,
                                                                 arrivals="bursty"))
     check(simulate(workload, SimConfig(policy="slos_dp", perf_model=OPT13B, fallback="best_effort")))
 
