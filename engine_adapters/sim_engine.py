@@ -93,6 +93,8 @@ class SimEngine(Engine):
         self._seqs: dict[str, _Sequence] = {}
         self._live_view = MappingProxyType(self._seqs)
         self._num_free_blocks = num_total_blocks
+        self._pending_repeat: tuple[Step, int] | None = None  # see reserve_repeat
+        self._num_reserved_blocks: int | None = None
         self.num_steps = 0
 
     # ------------------------------------------------------------------ Engine API
@@ -142,7 +144,7 @@ class SimEngine(Engine):
         seq = _Sequence(request.num_prompt_tokens, request.max_new_tokens)
         seq.num_generated = num_generated_tokens
         num_blocks = -(-num_computed_tokens // self.block_size)
-        if num_blocks <= self._num_free_blocks:
+        if num_blocks <= self._num_free_blocks - self._blocks_reserved():
             seq.num_computed = num_computed_tokens
             seq.num_blocks = num_blocks
             self._num_free_blocks -= num_blocks
@@ -215,15 +217,20 @@ class SimEngine(Engine):
         return num_needed_blocks
 
     def reserve_repeat(self, step: Step, num_steps: int) -> None:
-        """Take now the blocks `num_steps` runs of a repeatable step will need (so that KV arriving
-        meanwhile cannot take them); `execute_repeated` returns what the runs did not use."""
-        seqs = self._seqs
-        for rid in step.num_tokens:
-            seq = seqs[rid]
-            blocks = -(-(seq.num_computed + num_steps) // self.block_size)
-            if blocks > seq.num_blocks:
-                self._num_free_blocks -= blocks - seq.num_blocks
-                seq.num_blocks = blocks
+        """Hold the blocks `num_steps` runs of a repeatable step will need until
+        `execute_repeated` runs them, so that KV arriving meanwhile cannot take them. (The sum is
+        computed only if KV does arrive: usually nothing asks.)"""
+        self._pending_repeat = (step, num_steps)
+        self._num_reserved_blocks = None
+
+    def _blocks_reserved(self) -> int:
+        if self._pending_repeat is None:
+            return 0
+        if self._num_reserved_blocks is None:
+            step, num_steps = self._pending_repeat
+            members = [seq for rid in step.num_tokens if (seq := self._seqs.get(rid)) is not None]
+            self._num_reserved_blocks = self._blocks_for_runs(members, num_steps)
+        return self._num_reserved_blocks
 
     def execute_repeated(
         self, step: Step, replica_id: int, last_step_id: int, num_steps: int, start_s: float
@@ -235,6 +242,7 @@ class SimEngine(Engine):
         end_s = start_s
         for _ in range(num_steps):
             end_s += step_time_s
+        self._pending_repeat = None
         seqs = self._seqs
         block_size = self.block_size
         free = self._num_free_blocks

@@ -113,9 +113,58 @@ def plan_step(
     tail = None if preempted else _decode_tail(queue, num_tokens, max_num_decodes)
     if tail is None:
         return Plan(steps=(step,), decisions=decisions, preempt=tuple(preempted))
-    if tail == num_tokens and len(tail) == len(queue):  # the step already decodes everyone
+    return _with_tail(step, tail, len(queue), decisions)
+
+
+def _with_tail(step: Step, tail: dict[str, int], queue_length: int, decisions: dict[str, Decision]) -> Plan:
+    if tail == step.num_tokens and len(tail) == queue_length:  # the step already decodes everyone
         return Plan(repeat=(step,), decisions=decisions)
-    return Plan(steps=(step,), repeat=(Step(tail),), decisions=decisions)
+    return Plan(steps=(step,), repeat=(Step(tail),) if tail else (), decisions=decisions)
+
+
+def decode_all_plan(
+    view: ReplicaView,
+    queue: Sequence[RequestState],
+    decisions: dict[str, Decision],
+    max_num_decodes: int,
+    tpot_budget: bool = False,
+) -> Plan | None:
+    """One-pass shortcut for the commonest re-plan: everyone in `queue` is decoding, all fit one
+    step (`max_num_decodes`; with `tpot_budget`, also the Sarathi/EDF budget of the tightest TPOT
+    present) and the free blocks cover every new block the step needs. Then every baseline
+    decides "decode everyone" (only their order differs, which changes nothing), and this returns
+    the same plan as its general path, `plan_step` included. None when the shortcut does not
+    apply."""
+    if not queue or len(queue) > max_num_decodes:
+        return None
+    block_size = view.block_size
+    num_free_blocks = view.num_free_blocks
+    tightest_tpot_s = float("inf")
+    step: dict[str, int] = {}
+    tail: dict[str, int] = {}
+    for s in queue:
+        request = s.request
+        generated = s.num_generated_tokens
+        computed = s.num_computed_tokens
+        if not generated or request.num_prompt_tokens + generated - computed != 1:
+            return None
+        need = -(-(computed + 1) // block_size) - s.num_blocks
+        if need > 0:
+            num_free_blocks -= need
+            if num_free_blocks < 0:
+                return None
+        if tpot_budget:
+            tpot_s = request.slo.thinking_tpot_s or request.slo.tpot_s
+            tpot_s = min(tpot_s, request.slo.tpot_s)
+            if tpot_s < tightest_tpot_s:
+                tightest_tpot_s = tpot_s
+        rid = request.request_id
+        step[rid] = 1
+        if generated + 1 < request.num_output_tokens:
+            tail[rid] = 1
+    if tpot_budget and len(queue) > max(1, view.perf_model.max_tokens(tightest_tpot_s)):
+        return None
+    return _with_tail(Step(step), tail, len(queue), decisions)
 
 
 def _decode_tail(

@@ -20,6 +20,7 @@ from typing import ClassVar
 from formulations.baselines.batching import (
     BlockLedger,
     admit_by_memory,
+    decode_all_plan,
     is_decoding,
     plan_step,
     queue_order,
@@ -56,6 +57,10 @@ class DistServe(Formulation):
     def _decode_plan(self, view: ReplicaView) -> Plan:
         decisions = admit_by_memory(view)
         queue = queue_order(view, decisions)
+        max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
+        shortcut = decode_all_plan(view, queue, decisions, max_num_decodes)
+        if shortcut is not None:
+            return shortcut
         ledger = BlockLedger(view)
         started = [s for s in queue if s.num_computed_tokens > 0]
         decodes = [s for s in started if is_decoding(s)]
@@ -64,5 +69,4 @@ class DistServe(Formulation):
         )
         left = self.max_num_batched_tokens - len(num_tokens)
         fill_prefills(queue, ledger, num_tokens, set(preempted), left, self.max_num_seqs)
-        max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
         return plan_step(queue, num_tokens, ledger, decisions, preempted, max_num_decodes)

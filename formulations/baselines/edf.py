@@ -17,6 +17,7 @@ from operator import itemgetter
 from formulations.baselines.batching import (
     BlockLedger,
     admit_by_memory,
+    decode_all_plan,
     plan_step,
     queue_order,
 )
@@ -68,6 +69,9 @@ class Edf(Formulation):
         queue = queue_order(view, decisions)
         if not queue:
             return Plan(decisions=decisions)
+        shortcut = decode_all_plan(view, queue, decisions, self.max_num_seqs, tpot_budget=True)
+        if shortcut is not None:
+            return shortcut
         order, tightest_tpot_s = deadline_order(queue, self._deadline_cache)
         budget = max(1, view.perf_model.max_tokens(tightest_tpot_s))  # as Sarathi's
         return self._one_step(view, decisions, order, budget)

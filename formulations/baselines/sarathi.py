@@ -17,6 +17,7 @@ from __future__ import annotations
 from formulations.baselines.batching import (
     BlockLedger,
     admit_by_memory,
+    decode_all_plan,
     is_decoding,
     plan_step,
     queue_order,
@@ -71,6 +72,9 @@ class Sarathi(Formulation):
         queue = queue_order(view, decisions)
         if not queue:
             return Plan(decisions=decisions)
+        shortcut = decode_all_plan(view, queue, decisions, self.max_num_seqs, tpot_budget=True)
+        if shortcut is not None:
+            return shortcut
         budget = tpot_budget(view, queue)
         ledger = BlockLedger(view)
         started = [s for s in queue if s.num_computed_tokens > 0]

@@ -24,6 +24,7 @@ from __future__ import annotations
 from formulations.baselines.batching import (
     BlockLedger,
     admit_by_memory,
+    decode_all_plan,
     plan_step,
     queue_order,
 )
@@ -94,6 +95,10 @@ class VllmFcfs(Formulation):
     def plan(self, view: ReplicaView) -> Plan:
         decisions = admit_by_memory(view)
         queue = queue_order(view, decisions)
+        max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
+        shortcut = decode_all_plan(view, queue, decisions, max_num_decodes)
+        if shortcut is not None:
+            return shortcut
         started = [s for s in queue if _started(s)]
         ledger = BlockLedger(view)
         num_tokens, preempted = schedule_started(
@@ -111,7 +116,6 @@ class VllmFcfs(Formulation):
                     break  # FCFS: the head of the queue waits for memory, nobody overtakes it
                 num_tokens[state.request_id] = n
                 budget -= n
-        max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
         return plan_step(queue, num_tokens, ledger, decisions, preempted, max_num_decodes)
 
 
@@ -125,9 +129,12 @@ class VllmPrefillFirst(Formulation):
     def plan(self, view: ReplicaView) -> Plan:
         decisions = admit_by_memory(view)
         queue = queue_order(view, decisions)
+        max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
+        shortcut = decode_all_plan(view, queue, decisions, max_num_decodes)
+        if shortcut is not None:
+            return shortcut
         ledger = BlockLedger(view)
         started = [s for s in queue if _started(s)]
-        max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
         prefills = self._prefills(queue, ledger, len(started))
         if prefills:
             return plan_step(queue, prefills, ledger, decisions, (), max_num_decodes)

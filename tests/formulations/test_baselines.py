@@ -226,3 +226,66 @@ def test_distserve_is_disaggregated_and_checks_its_role():
     assert cls.disaggregated
     with pytest.raises(ValueError, match="role"):
         registry.create("distserve", role="both")
+
+
+# ---------------------------------------------------------------- the all-decoding shortcut
+
+
+def _plan_shape(plan):
+    return (
+        [dict(s.num_tokens) for s in plan.steps],
+        [dict(s.num_tokens) for s in plan.repeat],
+        plan.preempt,
+        {rid: d.verdict for rid, d in plan.decisions.items()},
+    )
+
+
+@pytest.mark.parametrize(
+    "name, params, module",
+    [
+        ("vllm_fcfs", {}, "vllm"),
+        ("vllm_prefill_first", {}, "vllm"),
+        ("sarathi", {}, "sarathi"),
+        ("edf", {}, "edf"),
+        ("distserve", {"role": "decode", "max_num_batched_tokens": 40}, "distserve"),
+    ],
+)
+def test_decode_all_shortcut_equals_the_general_path(name, params, module, monkeypatch):
+    import importlib
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    mod = importlib.import_module(f"formulations.baselines.{module}")
+    real_shortcut = mod.decode_all_plan
+    taken = []
+
+    def counting(*args, **kwargs):
+        plan = real_shortcut(*args, **kwargs)
+        taken.append(plan is not None)
+        return plan
+
+    for trial in range(60):
+        n = int(rng.integers(1, 40))
+        running = [
+            decoding(
+                f"d{i}", prompt=int(rng.integers(1, 200)), output=int(rng.integers(2, 40)),
+                generated=1, tpot_s=float(rng.choice([0.03, 0.05, 0.1, 0.1])),
+            )
+            for i in range(n)
+        ]
+        for s in running:  # random progress within the output
+            extra = int(rng.integers(0, s.request.num_output_tokens - 1))
+            s.num_generated_tokens += extra
+            s.num_computed_tokens += extra
+            s.num_blocks = num_blocks_for(s.num_computed_tokens, BLOCK)
+        used = sum(s.num_blocks for s in running)
+        v = view(running=running, total=used + int(rng.integers(0, 8)))
+        with monkeypatch.context() as m:
+            m.setattr(mod, "decode_all_plan", counting)
+            fast = registry.create(name, **params).plan(v)
+        with monkeypatch.context() as m:
+            m.setattr(mod, "decode_all_plan", lambda *a, **k: None)
+            general = registry.create(name, **params).plan(v)
+        assert _plan_shape(fast) == _plan_shape(general), (name, trial)
+    assert 10 <= sum(taken) < len(taken)  # both paths were exercised
