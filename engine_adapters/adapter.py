@@ -139,7 +139,7 @@ class EngineAdapter:
                 return
             if heard:
                 backoff_s = self.config.reconnect_min_s
-            log.warning("planner silent; reconnecting in %.2fs", backoff_s)
+            log.warning("lost the planner; reconnecting in %.2fs", backoff_s)
             self.stop_event.wait(backoff_s)
             backoff_s = min(2 * backoff_s, self.config.reconnect_max_s)
 
@@ -155,6 +155,7 @@ class EngineAdapter:
         self._awaiting_ack: int | None = None  # step id whose report the planner has not answered
         self._last_report: tuple[int, float] = (-1, 0.0)  # (step id, time sent)
         self._replan_expected = True  # until the planner says otherwise
+        self._must_reconnect = False
         self._ack_deadline_s = 0.0
 
     def _drop_all_requests(self) -> None:
@@ -176,7 +177,7 @@ class EngineAdapter:
             step = self.queue.next_step(self.live.__contains__, self._adopt)
             wait_ms = 0 if step is not None else int(1000 * self.config.heartbeat_interval_s / 2)
             heard |= self._receive(connection, wait_ms, waiting_for_plan=step is None)
-            if time.monotonic() - connection.last_heard_s > silence_limit_s:
+            if time.monotonic() - connection.last_heard_s > silence_limit_s or self._must_reconnect:
                 return heard
             if step is None:  # re-read: the messages just received may have brought a plan
                 step = self.queue.next_step(self.live.__contains__, self._adopt)
@@ -259,6 +260,8 @@ class EngineAdapter:
             self._abort(message.request_id)
         elif isinstance(message, P.ErrorMsg):
             log.error("planner says: %s", message.reason)
+            if message.kind == "no_ready":  # the planner forgot us (it restarted): register again
+                self._must_reconnect = True
 
     # ------------------------------------------------------------------ plans and steps
 

@@ -6,8 +6,9 @@
 
 The loop is one thread with a bounded poll (never an infinite wait): it drains both sockets,
 feeds every event to the core with the daemon's clock (`now_s`, seconds since start), and sends the
-core's plans to engines and verdicts / tokens to clients at once. The core runs between polls; a
-plan for step k+2 goes out while the engine runs step k+1, so engines do not wait on it.
+core's plans to engines and verdicts / tokens to clients at once. Every engine report is answered
+at once (with the plan it caused or an acknowledgement), and engines are told ahead when a re-plan
+is likely (`replan_outlook`), so that plans start on time (docs/SERVICE.md, "Plans in time").
 
 Every frame is decoded against the types expected on its socket (`protocol.decode`); a frame that
 fails is counted (metrics `slos_rejected_frames`), answered with ERROR, and dropped: the daemon
@@ -22,7 +23,6 @@ import inspect
 import logging
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import zmq
@@ -30,15 +30,15 @@ import zmq
 from formulations import registry
 from formulations.perf_model import PerfModel
 from formulations.plan import Decision, Verdict
-from formulations.request import Request
-from formulations.slo import SLO
 from planner_svc import protocol as P
 from planner_svc.config import PlannerConfig
 from planner_svc.envelope import PlanEnvelope
 from planner_svc.metrics import PlannerMetrics
 from planner_svc.records import RequestRecord
 from planner_svc.core import CoreOutput, PlannerCore, ReplanPolicy
+from planner_svc.replan_outlook import expects_replan
 from planner_svc.replica import ReplicaSpec
+from planner_svc.request_book import RequestBook, Tracked
 from planner_svc.router import make_router
 
 log = logging.getLogger("slos_serve.daemon")
@@ -59,21 +59,6 @@ class EngineLink:
     replan_expected_sent: bool | None = None  # the last `replan_expected` told to the engine
 
 
-@dataclass
-class Tracked:
-    """A request the daemon is serving: who asked, what the engine needs, what happened."""
-
-    submit: P.Submit
-    client: bytes
-    record: RequestRecord
-    generated_token_ids: list[int] = field(default_factory=list)
-    done: bool = False
-
-    @property
-    def request(self) -> Request:
-        return self.record.request
-
-
 class PlannerDaemon:
     def __init__(self, config: PlannerConfig, context: zmq.Context | None = None):
         self.config = config
@@ -85,13 +70,10 @@ class PlannerDaemon:
         self.metrics = PlannerMetrics()
         self.stop_event = threading.Event()
         self.engines: dict[bytes, EngineLink] = {}  # by identity
-        self.requests: dict[str, Tracked] = {}
+        self.book = RequestBook(config.slo_classes, config.perf_model)
         self.num_rejected_frames = 0
         self.num_moved_requests = 0  # registered on another engine after theirs died
         self._unanswered: tuple[int, int] | None = None  # (replica, step) report being handled
-        self._num_done = 0  # requests finished, rejected or aborted
-        self._num_done_by_class: Counter[str] = Counter()
-        self._num_attained_by_class: Counter[str] = Counter()
         self._next_replica_id = 0
         self._t0 = time.monotonic()
         self._last_tick_s = 0.0
@@ -194,7 +176,7 @@ class PlannerDaemon:
         self._update_queue_gauges()
 
     def _update_queue_gauges(self) -> None:
-        self.metrics.queue_length.set(len(self.requests) - self._num_done)
+        self.metrics.queue_length.set(self.book.num_in_flight)
         for replica_id, (num_running, num_waiting) in self.core.queue_lengths().items():
             self.metrics.replica_requests.labels(str(replica_id), "running").set(num_running)
             self.metrics.replica_requests.labels(str(replica_id), "waiting").set(num_waiting)
@@ -326,64 +308,23 @@ class PlannerDaemon:
             self._send_client(identity, P.Heartbeat(sender_id="planner", sent_s=now_s))
 
     def _on_submit(self, client: bytes, submit: P.Submit, now_s: float) -> None:
-        if submit.request_id in self.requests:
+        if submit.request_id in self.book:
             self._send_client(client, P.ErrorMsg(f"duplicate request id {submit.request_id!r}",
                                                  submit.request_id))
             return
         try:
-            request = self._make_request(submit, now_s)
+            tracked = self.book.add(submit, client, now_s)
         except ValueError as exc:
             self._reject_frame(self.client_socket, "client", client,
-                               P.ProtocolError(str(exc), "bad_request"),
-                               submit.request_id)
+                               P.ProtocolError(str(exc), "bad_request"), submit.request_id)
             return
-        tracked = Tracked(submit, client, RequestRecord(request))
-        self.requests[request.request_id] = tracked
         if not self.engines or self.core is None:
             self._decide(tracked, Decision(Verdict.REJECTED, "no engine is connected"), None)
             return
-        self._apply("submit", self.core.submit, request, now_s)
-
-    def _make_request(self, submit: P.Submit, now_s: float) -> Request:
-        slo = self._slo_of(submit)
-        perf_model = self.config.perf_model
-        num_prompt_tokens = submit.prompt_length
-        return Request(
-            request_id=submit.request_id,
-            arrival_s=now_s,
-            num_prompt_tokens=num_prompt_tokens,
-            num_output_tokens=submit.max_tokens,
-            slo=slo,
-            ttft_slo_s=slo.ttft_budget_s(perf_model, num_prompt_tokens),
-            slo_class=submit.slo_class,
-            num_thinking_tokens=min(submit.thinking_tokens, submit.max_tokens),
-            value=submit.value,
-            chain_id=submit.chain_id,
-            round_index=submit.round_index,
-        )
-
-    def _slo_of(self, submit: P.Submit) -> SLO:
-        targets = submit.slo_targets or submit.slo_class
-        base = self.config.slo_classes.get(targets)
-        explicit = (submit.ttft_ms, submit.ttft_slowdown, submit.tpot_ms, submit.thinking_tpot_ms)
-        if base is None and submit.tpot_ms is None:
-            known = ", ".join(sorted(self.config.slo_classes))
-            raise ValueError(f"unknown SLO class {targets!r} and no explicit tpot_ms "
-                             f"(known classes: {known})")
-        if all(v is None for v in explicit):
-            return base
-        has_ttft = submit.ttft_ms is not None or submit.ttft_slowdown is not None
-        return SLO(
-            tpot_s=submit.tpot_ms / 1000 if submit.tpot_ms is not None else base.tpot_s,
-            ttft_slowdown=submit.ttft_slowdown if has_ttft else base.ttft_slowdown,
-            ttft_s=submit.ttft_ms / 1000 if submit.ttft_ms is not None else (
-                None if has_ttft else base.ttft_s),
-            thinking_tpot_s=submit.thinking_tpot_ms / 1000 if submit.thinking_tpot_ms is not None
-            else (base.thinking_tpot_s if base is not None else None),
-        )
+        self._apply("submit", self.core.submit, tracked.request, now_s)
 
     def _on_abort(self, abort: P.Abort, now_s: float) -> None:
-        tracked = self.requests.get(abort.request_id)
+        tracked = self.book.get(abort.request_id)
         if tracked is None or tracked.done:
             return
         self._finish(tracked)
@@ -409,11 +350,11 @@ class PlannerDaemon:
 
     def _dispatch(self, output: CoreOutput, now_s: float) -> None:
         for request_id, replica_id, decision in output.verdicts:
-            tracked = self.requests.get(request_id)
+            tracked = self.book.get(request_id)
             if tracked is not None:
                 self._decide(tracked, decision, replica_id)
         for request_id, reason in output.failed:  # nowhere left to run it: an explicit verdict
-            tracked = self.requests.get(request_id)
+            tracked = self.book.get(request_id)
             if tracked is not None and not tracked.done:
                 self._decide(tracked, Decision(Verdict.REJECTED, f"lost: {reason}"), None)
         for replica_id, request_id in output.aborts:
@@ -441,28 +382,7 @@ class PlannerDaemon:
         return flag
 
     def _expects_replan(self, link: EngineLink, now_s: float) -> bool:
-        """Whether the core will likely re-plan this replica at its next step boundary: a trigger
-        fired, or work not covered by the plan with the re-plan timer due by then (mirrors
-        `PlannerCore._should_replan` for a busy replica; a wrong guess costs only a wait of at
-        most the engine's grace, or one step of plan lag)."""
-        try:
-            rep = self.core.replica(link.replica_id)
-        except KeyError:
-            return False
-        if not rep.has_work:
-            return False
-        if rep.replan_requested:
-            return True
-        if not rep.has_unplanned_work:
-            return False
-        policy = self.core.replan_policy
-        next_boundary_s = now_s + link.last_step_time_s
-        if next_boundary_s - rep.last_plan_s >= policy.timer_s:
-            return True
-        # A completion re-plans while work is uncovered: is a request about to produce its last
-        # token?
-        return policy.on_completion and any(
-            state.num_remaining_output_tokens <= 1 for state in rep.running.values())
+        return expects_replan(self.core, link.replica_id, now_s, link.last_step_time_s)
 
     def _migrate_by_recompute(self, migration, now_s: float) -> None:
         link = self._link_of(migration.from_replica)
@@ -489,16 +409,16 @@ class PlannerDaemon:
         link = self._link_of(envelope.replica_id)
         if link is None:
             return  # the replica died after the core planned for it; its removal re-plans
-        new_requests = [self._payload(r.request_id, envelope.resumed.get(r.request_id))
+        new_requests = [self.book.payload(r.request_id, envelope.resumed.get(r.request_id))
                         for r in envelope.new_requests]
         named = {rid for step in (*envelope.plan.steps, *envelope.plan.repeat)
                  for rid in step.num_tokens}
         for request_id in sorted(named - link.sent_request_ids - {r.request_id for r in new_requests}):
-            if request_id in self.requests:  # defensive: a plan naming a request not yet sent
-                new_requests.append(self._payload(request_id))
+            if request_id in self.book:  # defensive: a plan naming a request not yet sent
+                new_requests.append(self.book.payload(request_id))
         for payload in new_requests:
             link.sent_request_ids.add(payload.request_id)
-            record = self.requests[payload.request_id].record
+            record = self.book.get(payload.request_id).record
             if record.replica_id is not None and record.replica_id != envelope.replica_id:
                 self.num_moved_requests += 1
             record.replica_id = envelope.replica_id
@@ -512,59 +432,23 @@ class PlannerDaemon:
             self.metrics.step_time_predicted.labels(link.engine_id).observe(
                 link.perf_model.step_time_s(step.num_batched_tokens, step.spec_steps))
 
-    def _payload(self, request_id: str, num_generated: int | None = None) -> P.NewRequest:
-        """What an engine needs; after a move, the prompt includes the tokens generated so far."""
-        tracked = self.requests[request_id]
-        submit = tracked.submit
-        if num_generated is None:
-            num_generated = len(tracked.record.token_times_s)
-        prompt_ids = None
-        if submit.prompt_token_ids is not None and len(tracked.generated_token_ids) == num_generated:
-            prompt_ids = list(submit.prompt_token_ids) + tracked.generated_token_ids
-        return P.NewRequest(
-            request_id=request_id,
-            num_prompt_tokens=tracked.request.num_prompt_tokens + num_generated,
-            max_new_tokens=max(1, tracked.request.num_output_tokens - num_generated),
-            prompt_token_ids=prompt_ids,
-            temperature=submit.temperature,
-            top_p=submit.top_p,
-            seed=submit.seed,
-            ignore_eos=submit.ignore_eos,
-        )
-
     def _stream_tokens(self, report, now_s: float) -> None:
-        finished = set(report.finished) if report.ok else set()
-        for request_id, num_new in report.num_new_tokens.items():
-            tracked = self.requests.get(request_id)
-            if tracked is None or tracked.done or (num_new == 0 and request_id not in finished):
-                continue
-            token_ids = list(report.new_token_ids.get(request_id, ()))
-            tracked.generated_token_ids.extend(token_ids)
-            tracked.record.token_times_s.extend([now_s] * num_new)
-            done = request_id in finished
-            self._send_client(tracked.client, P.Tokens(
-                request_id=request_id, num_tokens=num_new, token_ids=token_ids,
-                num_generated_tokens=len(tracked.record.token_times_s), finished=done,
-                planner_time_s=now_s))
-            if done:
-                tracked.record.finished = True
+        for tracked, message in self.book.record_tokens(report, now_s):
+            self._send_client(tracked.client, message)
+            if message.finished:
                 self._finish(tracked)
 
     def _finish(self, tracked: Tracked) -> None:
         """The request is over (finished, rejected or aborted): count it once."""
-        if tracked.done:
+        if not self.book.finish(tracked):
             return
-        tracked.done = True
         slo_class = tracked.request.slo_class
         if tracked.record.finished:
             self.metrics.finished.labels(slo_class).inc()
             if tracked.record.attainment.ok:
                 self.metrics.attained.labels(slo_class).inc()
-        self._num_done += 1
-        self._num_done_by_class[slo_class] += 1
-        self._num_attained_by_class[slo_class] += tracked.record.attainment.ok
-        self.metrics.record_attainment(
-            slo_class, self._num_done_by_class[slo_class], self._num_attained_by_class[slo_class])
+        self.metrics.record_attainment(slo_class, self.book.num_done_by_class[slo_class],
+                                       self.book.num_attained_by_class[slo_class])
 
     def _reject_frame(self, socket: zmq.Socket, side: str, identity: bytes,
                       exc: P.ProtocolError, request_id: str = "") -> None:
@@ -572,37 +456,28 @@ class PlannerDaemon:
         self.metrics.rejected_frames.labels(side, exc.kind).inc()
         log.warning("rejected %s frame: %s", side, exc)
         try:
-            socket.send_multipart([identity, *P.encode(P.ErrorMsg(str(exc)[:500], request_id))],
-                                  zmq.NOBLOCK)
+            socket.send_multipart(
+                [identity, *P.encode(P.ErrorMsg(str(exc)[:500], request_id, exc.kind))],
+                zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 
     # ------------------------------------------------------------------ stats
 
+    @property
+    def requests(self) -> dict:
+        return self.book.requests
+
     def records(self) -> list[RequestRecord]:
-        return [t.record for t in self.requests.values()]
+        return self.book.records()
 
     def stats(self) -> P.Stats:
-        by_class: dict[str, list[RequestRecord]] = {}
-        for record in self.records():
-            by_class.setdefault(record.request.slo_class, []).append(record)
-        verdicts = [r.verdict for r in self.records()]
-        counters = {
-            "num_requests": float(len(self.requests)),
-            "num_admitted": float(sum(v is Verdict.ADMITTED for v in verdicts)),
-            "num_rejected": float(sum(v is Verdict.REJECTED for v in verdicts)),
-            "num_best_effort": float(sum(v is Verdict.BEST_EFFORT for v in verdicts)),
-            "num_finished": float(sum(r.finished for r in self.records())),
-            "num_in_flight": float(len(self.requests) - self._num_done),
-            "num_rejected_frames": float(self.num_rejected_frames),
-            "num_engine_deaths": float(self.metrics.engine_deaths._value.get()),
-            "num_moved_requests": float(self.num_moved_requests),
-        }
-        return P.Stats(
-            counters=counters,
-            attainment_by_class={c: sum(r.attainment.ok for r in rs) / len(rs)
-                                 for c, rs in by_class.items()},
-            num_requests_by_class={c: len(rs) for c, rs in by_class.items()},
+        return self.book.stats(
+            {
+                "num_rejected_frames": float(self.num_rejected_frames),
+                "num_engine_deaths": float(self.metrics.engine_deaths._value.get()),
+                "num_moved_requests": float(self.num_moved_requests),
+            },
             num_engines=len(self.engines),
         )
 
@@ -617,7 +492,6 @@ def build_core(config: PlannerConfig, first_replica: ReplicaSpec) -> PlannerCore
     def formulation_factory(spec: ReplicaSpec):
         return registry.create(config.formulation, **config.formulation_params)
 
-    registry.formulation_class(config.formulation)  # fail early on an unknown name
     return PlannerCore([first_replica], formulation_factory, router=router, replan=replan, **params)
 
 

@@ -231,8 +231,12 @@ class Stats(_Msg):
 
 
 class ErrorMsg(_Msg):
+    """A refusal. `kind` is ProtocolError.kind; an engine told `no_ready` (the planner does not
+    know it, e.g. after a planner restart) registers again with a fresh READY."""
+
     reason: str
     request_id: str = ""
+    kind: str = ""
 
 
 # --------------------------------------------------------------------------- framing

@@ -204,3 +204,14 @@ def test_engine_waits_only_when_the_planner_announced_a_replan(planner):
         assert planner.recv()[1].step_id == last.step_id + 1
     finally:
         stop(adapter, thread)
+
+
+def test_engine_registers_again_when_the_planner_does_not_know_it(planner):
+    adapter, thread = start_adapter(planner.endpoint, reconnect_min_s=0.05)
+    try:
+        first_identity, _ = planner.recv()
+        planner.send(first_identity, P.ErrorMsg("unknown engine: send READY first", kind="no_ready"))
+        second_identity, ready = planner.recv(timeout_s=5)
+        assert isinstance(ready, P.Ready) and second_identity != first_identity
+    finally:
+        stop(adapter, thread)
