@@ -41,6 +41,7 @@ liveness = 25
 default_perf_model = "opt-13b-h100"
 """
 NUM_REQUESTS = 16
+ENGINE_START_TIMEOUT_S = 300
 # The planner does not yet learn an engine's per-step token limit (EngineInfo has no field for
 # it), so vLLM is started with a limit above any step the planner's model allows here.
 E2E_ENGINE_ARGS = {
@@ -91,13 +92,15 @@ def service(tmp_path, model_dir, monkeypatch):
     )
     client = PlannerClient(f"tcp://127.0.0.1:{client_port}")
     try:
-        wait_for_engines(client, 2, group, timeout_s=120)
+        # vLLM's import alone takes ~10 s; minutes when other jobs load the machine.
+        wait_for_engines(client, 2, group, timeout_s=ENGINE_START_TIMEOUT_S)
         yield client, group
     finally:
         client.close()
         group.stop_all()
 
 
+@pytest.mark.timeout(2 * ENGINE_START_TIMEOUT_S)
 def test_planner_vllm_and_sim_engines_finish_every_request(service, reference):
     client, group = service
     prompts = {f"e{i}": make_prompt(100 + i, 40 + 13 * i) for i in range(NUM_REQUESTS)}
