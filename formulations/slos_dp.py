@@ -49,14 +49,19 @@ class Choice:
     mandatory: tuple[Job, ...]  # with late ones relaxed
     num_relaxed: int = 0  # admitted jobs this candidate could not keep on time
 
-    def score(self) -> tuple[int, float, float, int, float]:
+    @property
+    def uses_speculation(self) -> bool:
+        return any(tier.num_spec_tokens for tier in self.curve.tiers)
+
+    def score(self) -> tuple[int, float, bool, float, int, float]:
         counts = [0] * self.curve.num_tiers
         for job in self.admission.admitted:
             if job.tpot_s is not None:
                 counts[self.curve.tier_index[job.tpot_s]] += 1
         rate = self.curve.budget(tuple(counts)) / self.curve.step_time_s
-        return (-self.num_relaxed, self.admission.value, rate, self.admission.final_slack,
-                -self.curve.step_time_s)
+        # Speculation only when it admits more (its TPOT holds in expectation, not for sure).
+        return (-self.num_relaxed, self.admission.value, not self.uses_speculation, rate,
+                self.admission.final_slack, -self.curve.step_time_s)
 
 
 def relax_late(mandatory: Sequence[Job], curve: BudgetCurve) -> tuple[Job, ...]:

@@ -19,6 +19,10 @@ from dataclasses import dataclass
 # Floating slack so that exact fits (tau == k * T) are not lost to rounding.
 _EPS = 1e-9
 
+# Speculation plans with a safety margin on the expected gain: acceptance is random and its rate an
+# online estimate, and a cumulative deadline that is met only on average is missed half the time.
+SPEC_GAIN_MARGIN = 0.85
+
 # Decode periods are rounded down to one of these so that the steady cycle (the lcm of the tiers'
 # periods) stays short. Rounding a period down only makes a tier decode more often (safe).
 ALLOWED_PERIODS = (1, 2, 3, 4, 6, 8, 12, 16, 24)
@@ -33,6 +37,13 @@ def expected_tokens_per_step(num_spec_tokens: int, acceptance_rate: float) -> fl
     if acceptance_rate >= 1.0:
         return float(num_spec_tokens + 1)
     return (1.0 - acceptance_rate ** (num_spec_tokens + 1)) / (1.0 - acceptance_rate)
+
+
+def planned_gain(num_spec_tokens: int, acceptance_rate: float) -> float:
+    """Tokens per decode the planner counts on: 1 without drafts, SPEC_GAIN_MARGIN * E(s) with."""
+    if num_spec_tokens == 0:
+        return 1.0
+    return max(1.0, SPEC_GAIN_MARGIN * expected_tokens_per_step(num_spec_tokens, acceptance_rate))
 
 
 def round_period(num_steps: int) -> int:
@@ -64,12 +75,13 @@ def choose_tier(
 ) -> TierChoice | None:
     """Smallest speculation length that lets a tier with TPOT `tpot_s` keep up at `step_time_s`.
 
-    Period k = floor(E(s) * tau / T) steps between decodes; the smallest s with k >= 1 wins. Without
-    a draft model (max_spec_tokens == 0) only s = 0 is tried, which is a hard guarantee
-    (k * T <= tau); with s > 0 the TPOT is met in expectation. None when no s works.
+    Period k = floor(g(s) * tau / T) steps between decodes, with g(0) = 1 and
+    g(s) = SPEC_GAIN_MARGIN * E(s) for s > 0; the smallest s with k >= 1 wins. Without a draft model
+    (max_spec_tokens == 0) only s = 0 is tried, which is a hard guarantee (k * T <= tau); with s > 0
+    the TPOT is met in expectation (with the margin). None when no s works.
     """
     for num_spec in range(max_spec_tokens + 1):
-        gain = expected_tokens_per_step(num_spec, acceptance_rate) if num_spec else 1.0
+        gain = planned_gain(num_spec, acceptance_rate)
         period = round_period(int(gain * tpot_s / step_time_s + _EPS))
         if period >= 1:
             return TierChoice(tpot_s, num_spec, period)
@@ -79,9 +91,10 @@ def choose_tier(
 def candidate_step_times(
     tpots_s: set[float], max_spec_tokens: int, acceptance_rate: float
 ) -> list[float]:
-    """Step times worth trying: each TPOT, and with speculation each TPOT stretched by E(s)."""
+    """Step times worth trying: each TPOT, and with speculation each TPOT stretched by the planned
+    gain of s draft tokens."""
     candidates = set(tpots_s)
     for tpot_s in tpots_s:
         for num_spec in range(1, max_spec_tokens + 1):
-            candidates.add(tpot_s * expected_tokens_per_step(num_spec, acceptance_rate))
+            candidates.add(tpot_s * planned_gain(num_spec, acceptance_rate))
     return sorted(candidates)

@@ -13,6 +13,7 @@ from formulations.speculation import (
     candidate_step_times,
     choose_tier,
     expected_tokens_per_step,
+    planned_gain,
     round_period,
 )
 from tests.formulations.factories import decoding_state, request, view
@@ -48,13 +49,14 @@ def test_chosen_length_is_smallest_that_meets_the_tpot(alpha, tpot_s, step_time_
     choice = choose_tier(tpot_s, step_time_s, max_spec_tokens=6, acceptance_rate=alpha)
     if choice is None:
         # even the longest speculation cannot keep up
-        assert expected_tokens_per_step(6, alpha) * tpot_s < step_time_s
+        assert planned_gain(6, alpha) * tpot_s < step_time_s
         return
     gain = expected_tokens_per_step(choice.num_spec_tokens, alpha)
-    # expected tokens per second >= 1 / tpot
-    assert gain / (choice.period_steps * step_time_s) >= 1 / tpot_s - 1e-9
+    # expected tokens per second >= 1 / tpot, even after the planning margin
+    assert planned_gain(choice.num_spec_tokens, alpha) <= gain
+    assert planned_gain(choice.num_spec_tokens, alpha) / (choice.period_steps * step_time_s) >= 1 / tpot_s - 1e-9
     if choice.num_spec_tokens > 0:
-        shorter = expected_tokens_per_step(choice.num_spec_tokens - 1, alpha)
+        shorter = planned_gain(choice.num_spec_tokens - 1, alpha)
         assert shorter * tpot_s < step_time_s  # one draft token less would not do
 
 
@@ -70,7 +72,8 @@ def test_periods_round_down_to_allowed_values():
 
 def test_candidates_stretch_each_tpot_by_expected_gain():
     times = candidate_step_times({0.05}, 2, 0.5)
-    assert times == pytest.approx(sorted([0.05, 0.05 * 1.5, 0.05 * 1.75]))
+    margin = planned_gain(1, 0.5) / 1.5
+    assert times == pytest.approx(sorted([0.05, 0.05 * 1.5 * margin, 0.05 * 1.75 * margin]))
 
 
 def test_planner_speculates_for_the_tight_tier_when_it_pays():
