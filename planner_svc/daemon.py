@@ -77,6 +77,7 @@ class PlannerDaemon:
         self._next_replica_id = 0
         self._t0 = time.monotonic()
         self._last_tick_s = 0.0
+        self._last_gauges_s = 0.0
         self._authenticator = None
         self.engine_socket, self.client_socket = self._bind()
 
@@ -152,8 +153,16 @@ class PlannerDaemon:
             self._authenticator.stop()
 
     def _poll_timeout_ms(self) -> int:
-        until_tick_s = self._last_tick_s + self.config.tick_interval_s - self.now_s()
-        return max(0, min(int(until_tick_s * 1000) + 1, int(self.config.heartbeat_interval_s * 1000)))
+        """Sleep until the core's next timer (never sooner than `tick_interval_s` after the last
+        tick, so that a timer the core leaves due cannot spin the loop), at most half a
+        heartbeat interval."""
+        wait_s = self.config.heartbeat_interval_s / 2
+        due_s = self.core.next_timer_s() if self.core is not None else None
+        if due_s is not None:
+            now_s = self.now_s()
+            next_tick_s = max(due_s, self._last_tick_s + self.config.tick_interval_s)
+            wait_s = min(wait_s, max(0.0, next_tick_s - now_s))
+        return int(wait_s * 1000) + 1
 
     def _drain(self, socket: zmq.Socket, handle, max_messages: int = 1000) -> None:
         """Receive what is queued (bounded, so that one flooding peer cannot starve the loop)."""
@@ -167,13 +176,17 @@ class PlannerDaemon:
     def _housekeeping(self) -> None:
         now_s = self.now_s()
         self._check_engines(now_s)
-        if self.core is None or now_s - self._last_tick_s < self.config.tick_interval_s:
+        if self.core is None:
             return
-        self._last_tick_s = now_s
+        if now_s - self._last_gauges_s >= self.config.heartbeat_interval_s / 2:
+            self._last_gauges_s = now_s
+            self._update_queue_gauges()
+        if now_s - self._last_tick_s < self.config.tick_interval_s:
+            return
         due_s = self.core.next_timer_s()
         if due_s is not None and due_s <= now_s:
+            self._last_tick_s = now_s
             self._apply("tick", self.core.tick, now_s)
-        self._update_queue_gauges()
 
     def _update_queue_gauges(self) -> None:
         self.metrics.queue_length.set(self.book.num_in_flight)
