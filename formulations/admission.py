@@ -48,7 +48,9 @@ class BestEffortMemory:
 
 
 def best_effort_memory(
-    best_effort: Sequence[RequestState], admitted_peak_blocks: int, num_total_blocks: int,
+    best_effort: Sequence[RequestState],
+    admitted_peak_blocks: int,
+    num_total_blocks: int,
     block_size: int,
 ) -> BestEffortMemory:
     """Preempt the latest-arrived best-effort requests until admitted peaks plus best-effort

@@ -60,7 +60,9 @@ class Layout:
     completion_step: dict[str, int] = field(default_factory=dict)  # job -> grid step of its token
 
 
-def _tracks(curve: BudgetCurve, jobs: Sequence[Job], decoders: Sequence[Decoder]) -> dict[str, _Track]:
+def _tracks(
+    curve: BudgetCurve, jobs: Sequence[Job], decoders: Sequence[Decoder]
+) -> dict[str, _Track]:
     """Residues: running decoders as the curve placed them, then admitted jobs greedily in EDF
     order (the same greedy that defines f(n) in the curve)."""
     loads = [list(base) for base in curve.base_loads]
@@ -68,7 +70,9 @@ def _tracks(curve: BudgetCurve, jobs: Sequence[Job], decoders: Sequence[Decoder]
     for d in decoders:
         if d.request_id in curve.decoder_residue:  # the others are deferred: they come as jobs
             tier = curve.tier_index[d.tpot_s]
-            tracks[d.request_id] = _Track(tier, curve.decoder_residue[d.request_id], 0, 0, d.num_remaining_tokens, -1)
+            tracks[d.request_id] = _Track(
+                tier, curve.decoder_residue[d.request_id], 0, 0, d.num_remaining_tokens, -1
+            )
     for job in jobs:
         tier = curve.tier_index[job.tpot_s] if job.tpot_s is not None else None
         residue = 0
@@ -77,16 +81,25 @@ def _tracks(curve: BudgetCurve, jobs: Sequence[Job], decoders: Sequence[Decoder]
             loads[tier][residue] += 1
         start = curve.deadline_step(job.deadline_s) + 1
         done_step = -1 if job.num_prefill_tokens == 0 else None  # a deferred decoder: no prefill
-        tracks[job.request_id] = _Track(tier, residue, start, job.num_prefill_tokens, job.num_decode_tokens, done_step)
+        tracks[job.request_id] = _Track(
+            tier, residue, start, job.num_prefill_tokens, job.num_decode_tokens, done_step
+        )
     return tracks
 
 
 class _Filler:
     """Fills one grid step at a time."""
 
-    def __init__(self, curve: BudgetCurve, jobs: Sequence[Job], decoders: Sequence[Decoder],
-                 best_effort: Sequence[BestEffortWork], be_headroom_blocks: int, block_size: int,
-                 be_reserve: tuple[str | None, int] = (None, 0)):
+    def __init__(
+        self,
+        curve: BudgetCurve,
+        jobs: Sequence[Job],
+        decoders: Sequence[Decoder],
+        best_effort: Sequence[BestEffortWork],
+        be_headroom_blocks: int,
+        block_size: int,
+        be_reserve: tuple[str | None, int] = (None, 0),
+    ):
         self.curve = curve
         self.jobs = list(jobs)
         self.tracks = _tracks(curve, jobs, decoders)
@@ -118,8 +131,14 @@ class _Filler:
         used = 0
         # 1. decodes that fall due (decoding before this step: done_step < m)
         for rid, t in self.tracks.items():
-            if (t.tier is not None and t.num_decodes_left > 0 and t.done_step is not None
-                    and t.done_step < m and t.start_step <= m and self._due(t, m)):
+            if (
+                t.tier is not None
+                and t.num_decodes_left > 0
+                and t.done_step is not None
+                and t.done_step < m
+                and t.start_step <= m
+                and self._due(t, m)
+            ):
                 s = self.curve.tiers[t.tier].num_spec_tokens
                 used += self._decode(rid, t, s, num_tokens, num_spec)
         # 2. admitted prefill in EDF order
@@ -135,8 +154,14 @@ class _Filler:
         # 3. early decodes from leftover budget
         for job in self.jobs:
             t = self.tracks[job.request_id]
-            if (t.tier is not None and t.num_decodes_left > 0 and t.done_step is not None
-                    and t.done_step < m and m < t.start_step and self._due(t, m)):
+            if (
+                t.tier is not None
+                and t.num_decodes_left > 0
+                and t.done_step is not None
+                and t.done_step < m
+                and m < t.start_step
+                and self._due(t, m)
+            ):
                 s = self.curve.tiers[t.tier].num_spec_tokens
                 s = s if s <= spec_cap else 0
                 if used + 1 + s <= cap:
@@ -197,15 +222,22 @@ class _Filler:
         return any(self.tracks[j.request_id].num_prefill_left > 0 for j in self.jobs)
 
     def best_effort_left(self) -> bool:
-        return any(be.num_remaining_outputs > 0 and be.request_id not in self.be_in_repeat
-                   for be in self.best_effort)
+        return any(
+            be.num_remaining_outputs > 0 and be.request_id not in self.be_in_repeat
+            for be in self.best_effort
+        )
 
     def repeat_step(self, m: int, cap: int, spec_cap: int) -> Step:
         num_tokens: dict[str, int] = {}
         num_spec: dict[str, int] = {}
         used = 0
         for rid, t in self.tracks.items():
-            if t.tier is not None and t.num_decodes_left > 0 and t.num_prefill_left == 0 and self._due(t, m):
+            if (
+                t.tier is not None
+                and t.num_decodes_left > 0
+                and t.num_prefill_left == 0
+                and self._due(t, m)
+            ):
                 s = self.curve.tiers[t.tier].num_spec_tokens
                 num_tokens[rid] = 1
                 if s:
@@ -263,7 +295,9 @@ def _repeat_cycle(filler: _Filler, first_step: int) -> tuple[Step, ...]:
     counts = filler._started_counts(1 << 30)
     spec_cap = curve.spec_steps(counts)
     cap = curve.step_cap(spec_cap)
-    periods = [curve.tiers[t.tier].period_steps for t in filler.tracks.values() if t.tier is not None]
+    periods = [
+        curve.tiers[t.tier].period_steps for t in filler.tracks.values() if t.tier is not None
+    ]
     length = math.lcm(*periods) if periods else 1
     headroom = filler.be_headroom_blocks
     chosen = []

@@ -145,8 +145,19 @@ class BudgetCurve:
                 continue
             # deadline_step(x) = deadline_step(D) - period for x = D - period * T (on the T-grid)
             deadline_s = d.next_deadline_s - period * self.step_time_s
-            deferred.append(Job(d.request_id, 0, deadline_s, d.tpot_s, d.num_remaining_tokens,
-                                0, 0.0, mandatory=True, arrival_s=float("-inf")))
+            deferred.append(
+                Job(
+                    d.request_id,
+                    0,
+                    deadline_s,
+                    d.tpot_s,
+                    d.num_remaining_tokens,
+                    0,
+                    0.0,
+                    mandatory=True,
+                    arrival_s=float("-inf"),
+                )
+            )
         return immediate, tuple(deferred)
 
     def _assign_decoders(self, decoders: Sequence[Decoder]) -> None:
@@ -172,7 +183,9 @@ class BudgetCurve:
             return -1
         if self.burst is not None and deadline_s < self.grid_start_s - _EPS * self.step_time_s:
             return steps_before(deadline_s, self.now_s, self.burst.step_time_s) - 1
-        return self.num_burst_steps + steps_before(deadline_s, self.grid_start_s, self.step_time_s) - 1
+        return (
+            self.num_burst_steps + steps_before(deadline_s, self.grid_start_s, self.step_time_s) - 1
+        )
 
     def supply(self, from_step: int, to_step: int, counts: tuple[int, ...]) -> int:
         """Prefill tokens of steps from_step + 1 .. to_step when `counts` new requests decode

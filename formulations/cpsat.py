@@ -67,7 +67,9 @@ def solve_admission_cpsat(
     deadline_step = {j.request_id: curve.deadline_step(j.deadline_s) for j in order}
     checked = [j for j in order if j.deadline_s is not None]
     late = [j for j in order if j.deadline_s is None]
-    bounds = sorted({deadline_step[j.request_id] for j in checked if deadline_step[j.request_id] >= 0})
+    bounds = sorted(
+        {deadline_step[j.request_id] for j in checked if deadline_step[j.request_id] >= 0}
+    )
     segments = list(range(len(bounds) + 1))  # the last one is the steady state after every deadline
     first_step = [0] + [b + 1 for b in bounds]
     num_steps = [b - (first_step[k]) + 1 for k, b in enumerate(bounds)]
@@ -90,8 +92,10 @@ def solve_admission_cpsat(
         for k in segments[:-1]
         if j.deadline_s is None or first_step[k] <= deadline_step[j.request_id]
     }
-    budget = {k: _segment_budget(model, curve, order, x, tier_of, deadline_step, first_step[k], k)
-              for k in segments}
+    budget = {
+        k: _segment_budget(model, curve, order, x, tier_of, deadline_step, first_step[k], k)
+        for k in segments
+    }
 
     # -- constraints
     for j in checked:
@@ -106,7 +110,9 @@ def solve_admission_cpsat(
     if late:
         late_total = sum(j.num_prefill_tokens for j in late)
         for j in checked:
-            k_j = bounds.index(deadline_step[j.request_id]) if deadline_step[j.request_id] >= 0 else 0
+            k_j = (
+                bounds.index(deadline_step[j.request_id]) if deadline_step[j.request_id] >= 0 else 0
+            )
             done_late = sum(y[l.request_id, k] for l in late for k in range(k_j + 1))
             model.Add(done_late >= late_total).OnlyEnforceIf(x[j.request_id])
     # Mandatory jobs hold their memory already; new ones must fit what is left (nothing if negative).
@@ -114,7 +120,9 @@ def solve_admission_cpsat(
     model.Add(sum(j.peak_blocks * x[j.request_id] for j in order if not j.mandatory) <= memory_left)
 
     # -- objective
-    model.Maximize(sum(round(j.value * VALUE_SCALE) * x[j.request_id] for j in order if not j.mandatory))
+    model.Maximize(
+        sum(round(j.value * VALUE_SCALE) * x[j.request_id] for j in order if not j.mandatory)
+    )
     for rid in hint_admitted or ():
         if rid in x:
             model.AddHint(x[rid], 1)
@@ -133,13 +141,19 @@ def solve_admission_cpsat(
     return CpSatOutcome(Admission(admitted, value, 0, memory), name)
 
 
-def _segment_budget(model, curve: BudgetCurve, order, x, tier_of, deadline_step, first_step: int, k: int):
+def _segment_budget(
+    model, curve: BudgetCurve, order, x, tier_of, deadline_step, first_step: int, k: int
+):
     """Per-step prefill budget in segment k: cap(s of present tiers) - sum_t (1+s_t) f_t(n_t)."""
     cap_plain = curve.step_cap(0)
     cap = model.NewIntVar(-(1 << 40), cap_plain, f"cap[{k}]")
     decode_terms = []
     for t, tier in enumerate(curve.tiers):
-        members = [j for j in order if tier_of.get(j.request_id) == t and deadline_step[j.request_id] < first_step]
+        members = [
+            j
+            for j in order
+            if tier_of.get(j.request_id) == t and deadline_step[j.request_id] < first_step
+        ]
         n = model.NewIntVar(0, len(members), f"n[{t},{k}]")
         model.Add(n == sum(x[j.request_id] for j in members))
         table = [curve.max_residue_load(t, c) for c in range(len(members) + 1)]
@@ -191,17 +205,30 @@ class CpSat(Formulation):
             self._previous_admitted = {j.request_id for j in choice.admission.admitted}
         return self._layout.plan_from_choice(view, problem, choice)
 
-    def solve(self, problem: PlanningProblem, view: ReplicaView, max_spec_tokens: int) -> Choice | None:
+    def solve(
+        self, problem: PlanningProblem, view: ReplicaView, max_spec_tokens: int
+    ) -> Choice | None:
         alpha = view.spec_acceptance_rate
         tpots = problem.tpots_s
-        times = candidate_step_times(tpots, max_spec_tokens, alpha) if tpots else [PREFILL_ONLY_STEP_S]
-        job_tpots = {j.tpot_s for j in problem.mandatory + problem.candidates if j.tpot_s is not None}
+        times = (
+            candidate_step_times(tpots, max_spec_tokens, alpha) if tpots else [PREFILL_ONLY_STEP_S]
+        )
+        job_tpots = {
+            j.tpot_s for j in problem.mandatory + problem.candidates if j.tpot_s is not None
+        }
         mandatory_tpots = {j.tpot_s for j in problem.mandatory if j.tpot_s is not None}
         best: Choice | None = None
         statuses = []
         for step_time_s in times:
-            curve = make_budget_curve(view.perf_model, view.now_s, step_time_s, problem.decoders,
-                                      job_tpots, max_spec_tokens, alpha)
+            curve = make_budget_curve(
+                view.perf_model,
+                view.now_s,
+                step_time_s,
+                problem.decoders,
+                job_tpots,
+                max_spec_tokens,
+                alpha,
+            )
             if curve is None or not mandatory_tpots <= set(curve.tier_index):
                 continue
             mandatory = relax_late(problem.mandatory + curve.deferred, curve)
@@ -211,8 +238,9 @@ class CpSat(Formulation):
                 dp = admit(jobs, curve, problem.memory_cap_blocks)
                 if dp is not None:
                     hint |= {j.request_id for j in dp.admitted}
-            outcome = solve_admission_cpsat(jobs, curve, problem.memory_cap_blocks, self.time_limit_s,
-                                            hint, self.num_workers)
+            outcome = solve_admission_cpsat(
+                jobs, curve, problem.memory_cap_blocks, self.time_limit_s, hint, self.num_workers
+            )
             statuses.append(outcome.status)
             if outcome.admission is None:
                 continue

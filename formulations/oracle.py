@@ -52,7 +52,9 @@ def request_windows(request: Request) -> tuple[Window, Window]:
     ttft_end_s = request.arrival_s + (1 + TOLERANCE) * request.ttft_slo_s
     last_s = ttft_end_s + (1 + TOLERANCE) * decode_offset_s(request, request.num_output_tokens)
     whole = request.num_prompt_tokens + request.num_output_tokens - 1
-    return Window(request.arrival_s, ttft_end_s, request.num_prompt_tokens), Window(request.arrival_s, last_s, whole)
+    return Window(request.arrival_s, ttft_end_s, request.num_prompt_tokens), Window(
+        request.arrival_s, last_s, whole
+    )
 
 
 def alone_feasible(request: Request, perf_model: PerfModel) -> bool:
@@ -61,12 +63,19 @@ def alone_feasible(request: Request, perf_model: PerfModel) -> bool:
         return False
     decode_window_s = whole.end_s - prefill.end_s
     decode_floor_s = (request.num_output_tokens - 1) * perf_model.step_time_s(1)
-    return decode_floor_s <= decode_window_s + (prefill.end_s - request.arrival_s
-                                                 - perf_model.step_time_s(request.num_prompt_tokens)) + 1e-12
+    return (
+        decode_floor_s
+        <= decode_window_s
+        + (prefill.end_s - request.arrival_s - perf_model.step_time_s(request.num_prompt_tokens))
+        + 1e-12
+    )
 
 
 def attainment_upper_bound(
-    requests: Sequence[Request], perf_model: PerfModel, time_limit_s: float = 30.0, num_workers: int = 1
+    requests: Sequence[Request],
+    perf_model: PerfModel,
+    time_limit_s: float = 30.0,
+    num_workers: int = 1,
 ) -> OracleResult:
     """Upper bound on how many of `requests` can attain every stage SLO on `perf_model`."""
     model = cp_model.CpModel()
@@ -84,8 +93,12 @@ def attainment_upper_bound(
         for v in ends:
             if v <= u:
                 continue
-            inside = [(w.num_tokens, x[rid]) for rid, pair in windows.items() for w in pair
-                      if w.start_s >= u and w.end_s <= v]
+            inside = [
+                (w.num_tokens, x[rid])
+                for rid, pair in windows.items()
+                for w in pair
+                if w.start_s >= u and w.end_s <= v
+            ]
             if not inside:
                 continue
             cap = perf_model.max_tokens(v - u)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from formulations.admission import Fallback, best_effort_memory
 from formulations.batch_planner import Layout, build_layout
-from formulations.budget import Burst, BudgetCurve, Job, make_budget_curve
+from formulations.budget import BudgetCurve, Burst, Job, make_budget_curve
 from formulations.dp import Admission, admit, edf_order
 from formulations.interface import Formulation
 from formulations.plan import Decision, Plan, Step, Verdict
@@ -60,8 +60,14 @@ class Choice:
                 counts[self.curve.tier_index[job.tpot_s]] += 1
         rate = self.curve.budget(tuple(counts)) / self.curve.step_time_s
         # Speculation only when it admits more (its TPOT holds in expectation, not for sure).
-        return (-self.num_relaxed, self.admission.value, not self.uses_speculation, rate,
-                self.admission.final_slack, -self.curve.step_time_s)
+        return (
+            -self.num_relaxed,
+            self.admission.value,
+            not self.uses_speculation,
+            rate,
+            self.admission.final_slack,
+            -self.curve.step_time_s,
+        )
 
 
 def relax_late(mandatory: Sequence[Job], curve: BudgetCurve) -> tuple[Job, ...]:
@@ -73,7 +79,9 @@ def relax_late(mandatory: Sequence[Job], curve: BudgetCurve) -> tuple[Job, ...]:
         failing = _first_failing(jobs, curve)
         if failing is None:
             return jobs
-        jobs = tuple(dataclasses.replace(j, deadline_s=None) if j.request_id == failing else j for j in jobs)
+        jobs = tuple(
+            dataclasses.replace(j, deadline_s=None) if j.request_id == failing else j for j in jobs
+        )
 
 
 def _first_failing(jobs: Sequence[Job], curve: BudgetCurve) -> str | None:
@@ -101,8 +109,15 @@ def burst_candidates(
     that will decode (a job due before the burst ends could not decode, so later ends trade
     admissions for longer steps)."""
     jobs = problem.mandatory + problem.candidates
-    ends = sorted({j.deadline_s for j in jobs if j.tpot_s is not None and j.deadline_s is not None
-                   and j.deadline_s - now_s >= BURST_STEP_S / 2})
+    ends = sorted(
+        {
+            j.deadline_s
+            for j in jobs
+            if j.tpot_s is not None
+            and j.deadline_s is not None
+            and j.deadline_s - now_s >= BURST_STEP_S / 2
+        }
+    )
     if previous_end_s is not None and previous_end_s - now_s > 1e-6:
         ends = [previous_end_s] + [e for e in ends if e != previous_end_s]
     bursts: list[Burst | None] = [None]
@@ -113,7 +128,10 @@ def burst_candidates(
 
 
 def solve_candidates(
-    problem: PlanningProblem, view: ReplicaView, max_spec_tokens: int, use_bursts: bool = True,
+    problem: PlanningProblem,
+    view: ReplicaView,
+    max_spec_tokens: int,
+    use_bursts: bool = True,
     previous_burst_end_s: float | None = None,
 ) -> Choice | None:
     """Run the DP for every candidate step time (and prefill burst); the best choice, or None if
@@ -126,9 +144,14 @@ def solve_candidates(
     best: Choice | None = None
     for step_time_s, burst in itertools.product(times, bursts):
         curve = make_budget_curve(
-            view.perf_model, view.now_s, step_time_s, problem.decoders,
+            view.perf_model,
+            view.now_s,
+            step_time_s,
+            problem.decoders,
             {j.tpot_s for j in problem.mandatory + problem.candidates if j.tpot_s is not None},
-            max_spec_tokens, alpha, burst,
+            max_spec_tokens,
+            alpha,
+            burst,
         )
         if curve is None or not mandatory_tpots <= set(curve.tier_index):
             continue
@@ -137,7 +160,8 @@ def solve_candidates(
         if admission is None:
             continue
         num_relaxed = sum(j.deadline_s is None for j in mandatory) - sum(
-            j.deadline_s is None for j in problem.mandatory)
+            j.deadline_s is None for j in problem.mandatory
+        )
         choice = Choice(curve, admission, mandatory, num_relaxed)
         if best is None or choice.score() > best.score():
             best = choice
@@ -187,8 +211,9 @@ class SlosDP(Formulation):
             forced = tuple(dataclasses.replace(j, mandatory=True) for j in problem.candidates)
             problem = dataclasses.replace(problem, mandatory=problem.mandatory + forced)
             choice = solve_candidates(problem, view, max_spec, self.prefill_bursts)
-            problem = dataclasses.replace(problem, mandatory=problem.mandatory[: -len(forced) or None],
-                                          candidates=forced)
+            problem = dataclasses.replace(
+                problem, mandatory=problem.mandatory[: -len(forced) or None], candidates=forced
+            )
             return self.plan_from_choice(view, problem, choice)
         choice = solve_candidates(problem, view, max_spec, self.prefill_bursts, self._burst_end_s)
         burst = choice.curve.burst if choice is not None else None
@@ -211,32 +236,55 @@ class SlosDP(Formulation):
         admitted_ids = {j.request_id for j in admitted if j.request_id in candidate_ids}
         decisions: dict[str, Decision] = {}
         for rid in problem.too_large:
-            decisions[rid] = Decision(Verdict.REJECTED, "KV cache of the full request exceeds the replica")
+            decisions[rid] = Decision(
+                Verdict.REJECTED, "KV cache of the full request exceeds the replica"
+            )
         for job in problem.candidates:
             if job.request_id in admitted_ids:
                 decisions[job.request_id] = Decision(Verdict.ADMITTED)
             else:
-                decisions[job.request_id] = Decision(self.fallback.verdict, "cannot guarantee the SLOs")
+                decisions[job.request_id] = Decision(
+                    self.fallback.verdict, "cannot guarantee the SLOs"
+                )
         if choice is None:
             return self._fallback_plan(view, problem, decisions)
         layout = self._layout(view, problem, choice, decisions)
         return Plan(layout[0].steps, layout[0].repeat, decisions, layout[1])
 
     def _layout(
-        self, view: ReplicaView, problem: PlanningProblem, choice: Choice, decisions: dict[str, Decision]
+        self,
+        view: ReplicaView,
+        problem: PlanningProblem,
+        choice: Choice,
+        decisions: dict[str, Decision],
     ) -> tuple[Layout, tuple[str, ...]]:
-        admitted_peak = problem.reserved_blocks + sum(j.peak_blocks for j in choice.admission.admitted)
-        memory = best_effort_memory(problem.best_effort, admitted_peak, problem.num_total_blocks, view.block_size)
+        admitted_peak = problem.reserved_blocks + sum(
+            j.peak_blocks for j in choice.admission.admitted
+        )
+        memory = best_effort_memory(
+            problem.best_effort, admitted_peak, problem.num_total_blocks, view.block_size
+        )
         preempted = set(memory.preempt)
-        oldest_first = sorted(problem.best_effort, key=lambda s: (s.request.arrival_s, s.request_id))
-        work = [best_effort_work(s, view.block_size, False) for s in oldest_first if s.request_id not in preempted]
+        oldest_first = sorted(
+            problem.best_effort, key=lambda s: (s.request.arrival_s, s.request_id)
+        )
+        work = [
+            best_effort_work(s, view.block_size, False)
+            for s in oldest_first
+            if s.request_id not in preempted
+        ]
         waiting = {s.request_id: s for s in view.waiting}
         for rid, decision in decisions.items():
             if decision.verdict is Verdict.BEST_EFFORT:
                 work.append(best_effort_work(waiting[rid], view.block_size, False))
         layout = build_layout(
-            choice.curve, choice.admission.admitted, problem.decoders, work,
-            memory.headroom_blocks, view.block_size, self.max_best_effort_steps,
+            choice.curve,
+            choice.admission.admitted,
+            problem.decoders,
+            work,
+            memory.headroom_blocks,
+            view.block_size,
+            self.max_best_effort_steps,
             (memory.oldest_id, memory.oldest_need_blocks),
         )
         return layout, memory.preempt

@@ -53,9 +53,18 @@ def _pick(loads: list[int], upto: int) -> int:
     return best
 
 
-def feasible(perf: PerfModel, now_s: float, step_s: float, running: list[RunningDecoder],
-             chosen: list[NewRequest], memory_blocks: int) -> bool:
-    if chosen and sum(r.peak_blocks for r in chosen) + sum(d.peak_blocks for d in running) > memory_blocks:
+def feasible(
+    perf: PerfModel,
+    now_s: float,
+    step_s: float,
+    running: list[RunningDecoder],
+    chosen: list[NewRequest],
+    memory_blocks: int,
+) -> bool:
+    if (
+        chosen
+        and sum(r.peak_blocks for r in chosen) + sum(d.peak_blocks for d in running) > memory_blocks
+    ):
         return False
     cap = perf.max_tokens(step_s, 0)
     tiers = sorted({d.tpot_s for d in running} | {r.tpot_s for r in chosen if r.tpot_s is not None})
@@ -73,12 +82,24 @@ def feasible(perf: PerfModel, now_s: float, step_s: float, running: list[Running
     for d in sorted(running, key=lambda d: (last_step(d.next_deadline_s), d.name)):
         latest = last_step(d.next_deadline_s)
         if latest >= period[d.tpot_s]:
-            ahead.append(NewRequest(d.name, 0, d.next_deadline_s - period[d.tpot_s] * step_s, d.tpot_s,
-                                    0, 0.0, float("-inf")))
+            ahead.append(
+                NewRequest(
+                    d.name,
+                    0,
+                    d.next_deadline_s - period[d.tpot_s] * step_s,
+                    d.tpot_s,
+                    0,
+                    0.0,
+                    float("-inf"),
+                )
+            )
             continue
         r = 0 if latest < 0 else _pick(base[d.tpot_s], latest)
         base[d.tpot_s][r] += 1
-    edf = sorted(list(chosen) + ahead, key=lambda r: (last_step(r.deadline_s), r.deadline_s, r.arrival_s, r.name))
+    edf = sorted(
+        list(chosen) + ahead,
+        key=lambda r: (last_step(r.deadline_s), r.deadline_s, r.arrival_s, r.name),
+    )
     if any(last_step(r.deadline_s) < 0 for r in edf):
         return False  # due before even one step can end
     left = {r.name: r.prompt_tokens for r in edf}
@@ -101,11 +122,18 @@ def feasible(perf: PerfModel, now_s: float, step_s: float, running: list[Running
     return all(v == 0 for v in left.values())
 
 
-def best_value(perf: PerfModel, now_s: float, running: list[RunningDecoder],
-               waiting: list[NewRequest], memory_blocks: int) -> float:
+def best_value(
+    perf: PerfModel,
+    now_s: float,
+    running: list[RunningDecoder],
+    waiting: list[NewRequest],
+    memory_blocks: int,
+) -> float:
     """Highest total value of a feasible subset over every candidate step time (-1 if no step
     time can even serve the running decoders)."""
-    step_times = sorted({d.tpot_s for d in running} | {r.tpot_s for r in waiting if r.tpot_s is not None})
+    step_times = sorted(
+        {d.tpot_s for d in running} | {r.tpot_s for r in waiting if r.tpot_s is not None}
+    )
     best = -1.0
     for step_s in step_times or [0.1]:
         if not feasible(perf, now_s, step_s, running, [], 1 << 40):
@@ -113,6 +141,8 @@ def best_value(perf: PerfModel, now_s: float, running: list[RunningDecoder],
         for size in range(len(waiting), -1, -1):
             for subset in itertools.combinations(waiting, size):
                 value = sum(r.value for r in subset)
-                if value > best and feasible(perf, now_s, step_s, running, list(subset), memory_blocks):
+                if value > best and feasible(
+                    perf, now_s, step_s, running, list(subset), memory_blocks
+                ):
                     best = value
     return best

@@ -4,7 +4,6 @@ token's time, so tests can check admitted requests' deadlines on the plan itself
 from __future__ import annotations
 
 from formulations.deadlines import token_deadline_s
-from formulations.perf_model import PerfModel
 from formulations.plan import Plan, Step
 from formulations.state import ReplicaView, RequestState
 
@@ -23,12 +22,15 @@ def replay(plan: Plan, view: ReplicaView, max_cycles: int = 2000) -> dict[str, l
     clock = [view.now_s]
 
     def run(step: Step, skip_finished: bool) -> None:
-        tokens = {r: n for r, n in step.num_tokens.items() if not (skip_finished and states[r][1] <= 0)}
+        tokens = {
+            r: n for r, n in step.num_tokens.items() if not (skip_finished and states[r][1] <= 0)
+        }
         spec = {r: s for r, s in step.num_spec_tokens.items() if r in tokens}
         if not tokens:
             return
-        clock[0] += view.perf_model.step_time_s(sum(tokens.values()) + sum(spec.values()),
-                                                max(spec.values(), default=0))
+        clock[0] += view.perf_model.step_time_s(
+            sum(tokens.values()) + sum(spec.values()), max(spec.values(), default=0)
+        )
         for rid, n in tokens.items():
             entry = states[rid]
             assert entry[1] > 0, f"{rid} scheduled after finishing"
@@ -50,10 +52,14 @@ def replay(plan: Plan, view: ReplicaView, max_cycles: int = 2000) -> dict[str, l
     return times
 
 
-def deadline_misses(plan: Plan, view: ReplicaView, ids: set[str], slack_s: float = 1e-9) -> list[str]:
+def deadline_misses(
+    plan: Plan, view: ReplicaView, ids: set[str], slack_s: float = 1e-9
+) -> list[str]:
     """Requests in `ids` whose tokens in the replay miss a cumulative deadline (strict: no 5%)."""
     times = replay(plan, view)
-    by_id: dict[str, RequestState] = {s.request_id: s for s in list(view.running) + list(view.waiting)}
+    by_id: dict[str, RequestState] = {
+        s.request_id: s for s in list(view.running) + list(view.waiting)
+    }
     misses = []
     for rid in ids:
         state = by_id[rid]
@@ -66,8 +72,14 @@ def deadline_misses(plan: Plan, view: ReplicaView, ids: set[str], slack_s: float
         for i, t in enumerate(token_times):
             n = done + i + 1
             if first is None:
-                first = t  # the first token sets the decode clock (capped below by the TTFT deadline)
-            due_s = state.request.ttft_deadline_s if n == 1 else token_deadline_s(state.request, n, first)
+                first = (
+                    t  # the first token sets the decode clock (capped below by the TTFT deadline)
+                )
+            due_s = (
+                state.request.ttft_deadline_s
+                if n == 1
+                else token_deadline_s(state.request, n, first)
+            )
             if t > due_s + slack_s:
                 misses.append(f"{rid}: token {n} at {t:.4f} > {due_s:.4f}")
                 break

@@ -18,7 +18,11 @@ def job(rid, prompt, deadline_s, tpot_s=0.1, decodes=5):
 
 def test_budget_without_decoders_is_the_inverse_of_the_model():
     curve = make_budget_curve(PERF, 0.0, 0.1, [], [0.1], 0, 0.0)
-    assert curve.budget(curve.zero_counts()) == PERF.max_tokens(0.1) == math.floor((0.1 - 0.0317) / 7.21e-5)
+    assert (
+        curve.budget(curve.zero_counts())
+        == PERF.max_tokens(0.1)
+        == math.floor((0.1 - 0.0317) / 7.21e-5)
+    )
 
 
 def test_staggered_tier_reserves_the_busiest_residue():

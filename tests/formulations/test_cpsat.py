@@ -14,7 +14,9 @@ from tests.formulations.plan_timing import deadline_misses
 from tests.formulations.test_dp_vs_bruteforce import BLOCK, PERF, instances, reference_value
 
 
-@settings(max_examples=40, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=40, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(instances())
 def test_cpsat_value_equals_dp_and_brute_force(instance):
     perf, now_s, running, waiting, total_blocks = instance
@@ -30,7 +32,9 @@ def test_cpsat_value_equals_dp_and_brute_force(instance):
 
 
 def test_cpsat_plan_meets_deadlines_and_is_selectable_by_name():
-    waiting = [request(f"w{i}", 0.0, 300 + 150 * i, 30, 0.35, 0.05 if i % 2 else 0.1) for i in range(8)]
+    waiting = [
+        request(f"w{i}", 0.0, 300 + 150 * i, 30, 0.35, 0.05 if i % 2 else 0.1) for i in range(8)
+    ]
     v = view(PERF, 0.0, [], waiting)
     plan = create("cpsat", time_limit_s=2.0).plan(v)
     admitted = {rid for rid, d in plan.decisions.items() if d.verdict is Verdict.ADMITTED}

@@ -33,12 +33,20 @@ def random_workload(seed: int, perf: PerfModel) -> Workload:
             output = int(rng.integers(1, 300))
             thinking = int(rng.integers(0, output)) if cls == "reasoning" else 0
             slo = "custom-abs" if rng.random() < 0.2 else cls
-            requests.append(make_request(
-                f"s{seed}-{len(requests)}", now_s, int(rng.integers(16, 3000)), output,
-                SLO(tpot_s=float(rng.choice([0.05, 0.1])), ttft_s=float(rng.uniform(0.2, 2.0)))
-                if slo == "custom-abs" else slo,
-                perf, num_thinking_tokens=thinking, value=float(rng.choice([1.0, 2.0])),
-            ))
+            requests.append(
+                make_request(
+                    f"s{seed}-{len(requests)}",
+                    now_s,
+                    int(rng.integers(16, 3000)),
+                    output,
+                    SLO(tpot_s=float(rng.choice([0.05, 0.1])), ttft_s=float(rng.uniform(0.2, 2.0)))
+                    if slo == "custom-abs"
+                    else slo,
+                    perf,
+                    num_thinking_tokens=thinking,
+                    value=float(rng.choice([1.0, 2.0])),
+                )
+            )
     return Workload(f"random-{seed}", tuple(requests))
 
 
@@ -55,17 +63,26 @@ def check(result) -> None:
 def test_admitted_requests_attain_on_random_bursts(seed):
     perf = OPT13B if seed % 2 == 0 else TOY
     config = SimConfig(
-        policy="slos_dp", perf_model=perf, fallback="best_effort", num_replicas=1 + seed % 3 // 2,
-        num_blocks_per_replica=[None, 3000, 600, None][seed % 4], seed=seed,
+        policy="slos_dp",
+        perf_model=perf,
+        fallback="best_effort",
+        num_replicas=1 + seed % 3 // 2,
+        num_blocks_per_replica=[None, 3000, 600, None][seed % 4],
+        seed=seed,
     )
     check(simulate(random_workload(seed, perf), config))
 
 
-@pytest.mark.parametrize("scenario", ["chatbot", "coder", "summarizer", "reasoning", "tool_agent", "mixed"])
+@pytest.mark.parametrize(
+    "scenario", ["chatbot", "coder", "summarizer", "reasoning", "tool_agent", "mixed"]
+)
 def test_admitted_requests_attain_in_every_scenario(scenario):
-    workload = build_workload(scenario, OPT13B, WorkloadOptions(rate_rps=6.0, num_requests=40, seed=3,
-                                                                arrivals="bursty"))
-    check(simulate(workload, SimConfig(policy="slos_dp", perf_model=OPT13B, fallback="best_effort")))
+    workload = build_workload(
+        scenario, OPT13B, WorkloadOptions(rate_rps=6.0, num_requests=40, seed=3, arrivals="bursty")
+    )
+    check(
+        simulate(workload, SimConfig(policy="slos_dp", perf_model=OPT13B, fallback="best_effort"))
+    )
 
 
 def test_rejections_do_happen_under_overload():

@@ -43,7 +43,9 @@ def test_windows_use_the_tolerance():
 
 @pytest.mark.parametrize("scenario,rate", [("coder", 4.0), ("summarizer", 8.0), ("chatbot", 10.0)])
 def test_oracle_bounds_the_online_planner(scenario, rate):
-    workload = build_workload(scenario, PERF, WorkloadOptions(rate_rps=rate, num_requests=50, seed=4))
+    workload = build_workload(
+        scenario, PERF, WorkloadOptions(rate_rps=rate, num_requests=50, seed=4)
+    )
     bound = attainment_upper_bound(workload.requests, PERF, time_limit_s=20.0)
     for policy in ("slos_dp", "vllm_fcfs"):
         attained = simulate(workload, SimConfig(policy=policy, perf_model=PERF)).attainment

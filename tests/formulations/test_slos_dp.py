@@ -25,18 +25,34 @@ def scenes(draw):
     small = perf is TOY
     running = []
     for i in range(draw(st.integers(0, 8 if small else 4))):
-        req = request(f"d{i}", 0.0, draw(st.integers(10, 400)), draw(st.integers(3, 120)), 1.0,
-                      draw(st.sampled_from(TPOTS)))
-        running.append(decoding_state(req, draw(st.integers(1, 2)), 1.5, 16))  # just produced a token at now
+        req = request(
+            f"d{i}",
+            0.0,
+            draw(st.integers(10, 400)),
+            draw(st.integers(3, 120)),
+            1.0,
+            draw(st.sampled_from(TPOTS)),
+        )
+        running.append(
+            decoding_state(req, draw(st.integers(1, 2)), 1.5, 16)
+        )  # just produced a token at now
     waiting = [
-        request(f"w{i}", draw(st.floats(1.0, 1.5)), draw(st.integers(5, 100) if small else st.integers(20, 2500)),
-                draw(st.integers(1, 150)), draw(st.floats(0.15, 1.5)), draw(st.sampled_from(TPOTS)))
+        request(
+            f"w{i}",
+            draw(st.floats(1.0, 1.5)),
+            draw(st.integers(5, 100) if small else st.integers(20, 2500)),
+            draw(st.integers(1, 150)),
+            draw(st.floats(0.15, 1.5)),
+            draw(st.sampled_from(TPOTS)),
+        )
         for i in range(draw(st.integers(1, 10)))
     ]
     return perf, running, waiting, draw(st.sampled_from(("reject", "best_effort")))
 
 
-@settings(max_examples=120, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=120, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(scenes())
 def test_admitted_requests_meet_every_deadline_on_the_plan(scene):
     perf, running, waiting, fallback = scene
@@ -92,7 +108,9 @@ def test_steady_decode_load_limits_admission():
     """Prefill fits easily, but each admitted request adds a decode slot per step: with 12 tokens
     per step (toy model, T = 0.044 s) and 10 running decoders only two more can decode."""
     model = PerfModel((Line(2e-3, 0.0, 0.02),), "toy")
-    running = [decoding_state(request(f"d{i}", 0.0, 10, 50, 1.0, 0.044), 1, 1.0, 16) for i in range(10)]
+    running = [
+        decoding_state(request(f"d{i}", 0.0, 10, 50, 1.0, 0.044), 1, 1.0, 16) for i in range(10)
+    ]
     waiting = [request(f"w{i}", 1.0, 1, 20, 3.0, 0.044) for i in range(4)]
     plan = create("slos_dp").plan(view(model, 1.0, running, waiting))
     assert sum(d.verdict is Verdict.ADMITTED for d in plan.decisions.values()) == 2

@@ -32,7 +32,9 @@ def test_expected_tokens_match_a_simulation_of_the_acceptance_rule():
     # accepted = leading run of successes among s drafts, then one token of the target model
     draws = rng.random((n, s)) < alpha
     accepted = np.where(draws.all(axis=1), s, np.argmin(draws, axis=1))
-    assert float(np.mean(accepted + 1)) == pytest.approx(expected_tokens_per_step(s, alpha), rel=0.01)
+    assert float(np.mean(accepted + 1)) == pytest.approx(
+        expected_tokens_per_step(s, alpha), rel=0.01
+    )
 
 
 def test_bad_inputs_are_errors():
@@ -54,7 +56,10 @@ def test_chosen_length_is_smallest_that_meets_the_tpot(alpha, tpot_s, step_time_
     gain = expected_tokens_per_step(choice.num_spec_tokens, alpha)
     # expected tokens per second >= 1 / tpot, even after the planning margin
     assert planned_gain(choice.num_spec_tokens, alpha) <= gain
-    assert planned_gain(choice.num_spec_tokens, alpha) / (choice.period_steps * step_time_s) >= 1 / tpot_s - 1e-9
+    assert (
+        planned_gain(choice.num_spec_tokens, alpha) / (choice.period_steps * step_time_s)
+        >= 1 / tpot_s - 1e-9
+    )
     if choice.num_spec_tokens > 0:
         shorter = planned_gain(choice.num_spec_tokens - 1, alpha)
         assert shorter * tpot_s < step_time_s  # one draft token less would not do
@@ -79,9 +84,13 @@ def test_candidates_stretch_each_tpot_by_expected_gain():
 def test_planner_speculates_for_the_tight_tier_when_it_pays():
     """With a draft model, coder requests (50 ms) decode with draft tokens in longer steps."""
     perf = perf_model_preset("opt-13b-2xa100")
-    running = [decoding_state(request(f"d{i}", 0.0, 200, 400, 1.0, 0.05), 1, 1.0, 16) for i in range(4)]
+    running = [
+        decoding_state(request(f"d{i}", 0.0, 200, 400, 1.0, 0.05), 1, 1.0, 16) for i in range(4)
+    ]
     waiting = [request(f"w{i}", 1.0, 2000, 50, 1.0, 0.05) for i in range(3)]
-    plan = create("slos_dp").plan(view(perf, 1.0, running, waiting, max_spec_tokens=4, acceptance=0.8))
+    plan = create("slos_dp").plan(
+        view(perf, 1.0, running, waiting, max_spec_tokens=4, acceptance=0.8)
+    )
     assert any(step.num_spec_tokens for step in plan.steps + plan.repeat)
     for step in plan.steps + plan.repeat:
         assert all(0 < s <= 4 for s in step.num_spec_tokens.values())
