@@ -140,7 +140,7 @@ class ProcessGroup:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        process = subprocess.Popen(argv, start_new_session=True)
+        process = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent)
         self.processes[name] = process
         print(f"demo: started {name} (pid {process.pid})", flush=True)
         return process
@@ -163,6 +163,28 @@ class ProcessGroup:
             except subprocess.TimeoutExpired:
                 _signal_group(process, signal.SIGKILL)
                 process.wait()
+
+
+def _load_libc():
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()  # loaded here: the child between fork and exec must not import anything
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, get SIGTERM when the parent dies, so that a killed demo
+    (or test) cannot leave a planner or engine running (they live in their own sessions)."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:

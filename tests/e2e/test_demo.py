@@ -48,3 +48,26 @@ def test_ctrl_c_stops_the_planner_and_the_engines():
     assert demo.returncode == 130, "".join(lines) + rest
     time.sleep(0.5)
     assert not any(alive(pid) for pid in pids)
+
+
+def test_children_die_with_a_killed_demo():
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "planner_svc.cli", "demo", "--duration-s", "60", "--rate", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids = []
+    try:
+        for line in demo.stdout:
+            match = re.search(r"started (\S+) \(pid (\d+)\)", line)
+            if match:
+                pids.append(int(match.group(2)))
+            if len(pids) == 3:
+                break
+        demo.kill()  # SIGKILL: no cleanup code runs in the demo
+        demo.wait(10)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(pids) == 3 and not any(alive(pid) for pid in pids)
