@@ -43,3 +43,19 @@ def test_cpsat_plan_meets_deadlines_and_is_selectable_by_name():
     dp_plan = create("slos_dp", prefill_bursts=False).plan(v)  # the same model as cpsat
     dp_value = sum(d.verdict is Verdict.ADMITTED for d in dp_plan.decisions.values())
     assert len(admitted) == dp_value
+
+
+def test_cpsat_serves_a_simulated_workload_with_the_guarantee():
+    """Selected by name in the simulator like any formulation; its admitted requests attain."""
+    from formulations.plan import Verdict as V
+    from planner_svc.simulator import SimConfig, simulate
+    from planner_svc.workloads.scenario import WorkloadOptions, build_workload
+
+    workload = build_workload(
+        "summarizer", PERF, WorkloadOptions(rate_rps=6.0, num_requests=30, seed=5)
+    )
+    config = SimConfig(policy="cpsat", perf_model=PERF, policy_params={"time_limit_s": 0.2})
+    result = simulate(workload, config)
+    admitted = [r for r in result.records if r.verdict is V.ADMITTED]
+    assert admitted and all(r.attainment.ok for r in admitted)
+    assert any(r.verdict is V.REJECTED for r in result.records)
