@@ -292,11 +292,21 @@ class SlosDP(Formulation):
     def _fallback_plan(
         self, view: ReplicaView, problem: PlanningProblem, decisions: dict[str, Decision]
     ) -> Plan:
-        """No candidate step time can serve the running requests (they fell behind after model
-        error): serve everything admitted as a one-step-per-call catch-up at the tightest TPOT,
-        with every pending request in one step, and re-plan after it."""
+        """No candidate step time can serve the running requests (a TPOT shorter than a step can
+        be, or decoders that alone overflow a step): one catch-up step that decodes every decoder
+        and gives what is left of a `PREFILL_ONLY_STEP_S` step to admitted prefill in EDF order;
+        the core re-plans after it. Nothing new is admitted (decisions were made by the caller)."""
         tokens: dict[str, int] = {d.request_id: 1 for d in problem.decoders}
-        for job in problem.mandatory:
-            tokens[job.request_id] = job.num_prefill_tokens
+        left = view.perf_model.max_tokens(PREFILL_ONLY_STEP_S) - len(tokens)
+        by_deadline = sorted(
+            problem.mandatory,
+            key=lambda j: (j.deadline_s is not None, j.deadline_s or 0.0, j.request_id),
+        )
+        for job in by_deadline:
+            if left <= 0:
+                break
+            chunk = min(job.num_prefill_tokens, left)
+            tokens[job.request_id] = chunk
+            left -= chunk
         steps = (Step(tokens),) if tokens else ()
         return Plan(steps, (), decisions, ())

@@ -131,3 +131,17 @@ def test_bad_parameters_are_clear_errors():
         create("slos_dp", fallback="maybe")
     with pytest.raises(ValueError):
         create("slos_dp", max_new_per_call=0)
+
+
+def test_unservable_running_requests_get_a_bounded_catch_up_step():
+    """A running decoder whose TPOT no step can meet (10 ms < the 31.7 ms step floor): no new
+    admission, one catch-up step that decodes it and chunks the admitted prefill."""
+    tight = decoding_state(request("tight", 0.0, 100, 50, 1.0, 0.01), 1, 1.0, 16)
+    prefilling = RequestState(request("pre", 0.5, 5000, 20, 2.0, 0.1), Verdict.ADMITTED, 0)
+    v = view(PERF, 1.0, [tight, prefilling], [request("new", 1.0, 100, 10, 1.0, 0.1)])
+    plan = create("slos_dp").plan(v)
+    assert plan.decisions["new"].verdict is Verdict.REJECTED
+    (step,) = plan.steps
+    assert step.num_tokens["tight"] == 1
+    assert 0 < step.num_tokens["pre"] < 5000
+    assert PERF.step_time_s(step.num_batched_tokens) <= 0.1 + 1e-9
