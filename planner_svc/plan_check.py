@@ -51,6 +51,17 @@ def check_plan(
     if served:
         known = {**running, **{rid: waiting[rid] for rid in served}}
     walk = _Walk(known, set(plan.preempt), view.max_spec_tokens)
+    plain_repeat = len(plan.repeat) == 1 and walk.plain_decodes_ok(plan.repeat[0])
+    if len(plan.steps) == 1 and (plain_repeat or not plan.repeat):
+        # The common one-step plan: only the step's non-trivial entries need the walk, since
+        # the plain repeat's check does not depend on where the step leaves anyone.
+        step = plan.steps[0]
+        if step.is_empty:
+            raise fail("step 0 is empty")
+        problem = walk.step(walk.nontrivial_part(step), strict=True)
+        if problem:
+            raise fail(f"step 0: {problem}")
+        return
     for i, step in enumerate(plan.steps):
         if step.is_empty:
             raise fail(f"step {i} is empty")
@@ -85,6 +96,16 @@ class _Walk:
         if step.num_spec_tokens or set(step.num_tokens.values()) != {1}:
             return False
         return step.num_tokens.keys() <= self.known.keys()
+
+    def nontrivial_part(self, step: Step) -> Step:
+        """The entries of a plan's first step that need the walk: a plain decode-sized entry (1
+        token, no drafts) of a known request is always valid then (>= 1 pending token, >= 1
+        output token to go), so only the others are kept (and all of them if an id is unknown,
+        for the error message)."""
+        spec = step.num_spec_tokens
+        if not step.num_tokens.keys() <= self.known.keys() or spec:
+            return step
+        return Step({rid: n for rid, n in step.num_tokens.items() if n != 1})
 
     def step(self, step: Step, strict: bool) -> str:
         """Advance through one step; the problem found ('' if none)."""
