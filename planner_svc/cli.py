@@ -64,4 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package module, not this `__main__` copy, so that `CliError` raised by the
+    # subcommands is the class `main` catches.
+    from planner_svc.cli import main as package_main
+
+    sys.exit(package_main())
