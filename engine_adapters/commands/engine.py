@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     torch.add_argument("--model-dir", help="checkpoint directory (slos-serve make-model)")
     torch.add_argument("--draft-dir", help="draft model checkpoint for speculative decoding")
     torch.add_argument("--kv-memory-gb", type=float, default=0.25)
+    vllm = parser.add_argument_group("vllm engine")
+    vllm.add_argument("--vllm-arg", action="append", default=[], metavar="NAME=VALUE",
+                      help="a vLLM engine argument (value read as JSON when it parses), e.g. "
+                      "max_model_len=2048; repeatable; adds to SLOS_SERVE_VLLM_ARGS")
     sec = parser.add_argument_group("CURVE (beyond loopback)")
     sec.add_argument("--curve-public-key", default="")
     sec.add_argument("--curve-secret-key", default="")
@@ -127,7 +131,8 @@ def _torch_engine(args: argparse.Namespace) -> Engine:
 
 
 def _vllm_engine(args: argparse.Namespace) -> Engine:
-    """vLLM engine arguments beyond the model come from SLOS_SERVE_VLLM_ARGS (JSON)."""
+    """vLLM engine arguments beyond the model come from SLOS_SERVE_VLLM_ARGS (JSON) and the
+    repeatable --vllm-arg NAME=VALUE (which wins on conflicts)."""
     if not args.model_dir:
         raise ValueError("--engine vllm needs --model-dir")
     if importlib.util.find_spec("vllm") is None:
@@ -139,4 +144,5 @@ def _vllm_engine(args: argparse.Namespace) -> Engine:
     engine_class = getattr(module, "VLLMEngine", None)
     if engine_class is None or not hasattr(engine_class, "from_pretrained"):
         raise ValueError("engine_adapters.vllm.engine has no VLLMEngine.from_pretrained")
-    return engine_class.from_pretrained(args.model_dir)
+    engine_args = {**module.engine_args_from_env(), **module.parse_engine_args(args.vllm_arg)}
+    return engine_class.from_pretrained(args.model_dir, engine_args)
