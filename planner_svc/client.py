@@ -20,6 +20,7 @@ measures what a user would see, network included.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import queue
 import threading
@@ -216,7 +217,11 @@ class PlannerClient:
         self._unsent: list[bytes] | None = None  # frames the socket could not take yet
         self._wake_r, self._wake_w = os.pipe()
         self._handles: dict[str, RequestHandle] = {}
-        self._stats_waiters: queue.Queue = queue.Queue()
+        # query id -> the queue its STATS answer goes to; a query that timed out removes itself,
+        # so a late answer is dropped instead of reaching the next caller.
+        self._stats_waiters: dict[int, queue.Queue] = {}
+        self._stats_lock = threading.Lock()
+        self._next_query_id = itertools.count(1)
         self._errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._io_loop, name="planner-client-io", daemon=True)
@@ -285,12 +290,17 @@ class PlannerClient:
 
     def stats(self, timeout_s: float = 10.0) -> P.Stats:
         waiter: queue.Queue = queue.Queue()
-        self._stats_waiters.put(waiter)
-        self._send(P.StatsRequest())
+        query_id = next(self._next_query_id)
+        with self._stats_lock:
+            self._stats_waiters[query_id] = waiter
+        self._send(P.StatsRequest(query_id=query_id))
         try:
             return waiter.get(timeout=timeout_s)
         except queue.Empty:
             raise ClientError(f"no STATS answer within {timeout_s}s") from None
+        finally:
+            with self._stats_lock:
+                self._stats_waiters.pop(query_id, None)
 
     def send_raw(self, frames: list[bytes]) -> None:
         """Send arbitrary frames (tests of the daemon's input checking)."""
@@ -401,10 +411,10 @@ class PlannerClient:
 
     def _route(self, message: P._Msg, now_s: float) -> None:
         if isinstance(message, P.Stats):
-            try:
-                self._stats_waiters.get_nowait().put(message)
-            except queue.Empty:
-                pass
+            with self._stats_lock:
+                waiter = self._stats_waiters.get(message.query_id)
+            if waiter is not None:
+                waiter.put(message)
             return
         request_id = getattr(message, "request_id", "")
         handle = self._handles.get(request_id) if request_id else None

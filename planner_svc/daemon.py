@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 
 from formulations import registry
@@ -316,7 +317,8 @@ class PlannerDaemon:
         elif isinstance(message, P.Abort):
             self._on_abort(message, now_s)
         elif isinstance(message, P.StatsRequest):
-            self._send_client(identity, self.stats())
+            stats = msgspec.structs.replace(self.stats(), query_id=message.query_id)
+            self._send_client(identity, stats)
         elif isinstance(message, P.Heartbeat):
             self._send_client(identity, P.Heartbeat(sender_id="planner", sent_s=now_s))
 

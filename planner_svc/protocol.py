@@ -220,7 +220,7 @@ class Abort(_Msg):
 
 
 class StatsRequest(_Msg):
-    pass
+    query_id: int = 0  # echoed in the answer, so concurrent queries each get their own
 
 
 class Stats(_Msg):
@@ -228,6 +228,7 @@ class Stats(_Msg):
     attainment_by_class: dict[str, float] = {}
     num_requests_by_class: dict[str, int] = {}
     num_engines: int = 0
+    query_id: int = 0  # the StatsRequest's
 
 
 class ErrorMsg(_Msg):

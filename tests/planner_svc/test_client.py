@@ -117,6 +117,19 @@ def test_stats_answer(client):
     assert "chatbot" in stats.attainment_by_class
 
 
+def test_concurrent_stats_queries_each_get_their_own_answer(client):
+    # An answer nobody waits for (a query that timed out) is dropped, not handed to the next caller.
+    client._route(P.Stats(num_engines=-1, query_id=10_000), now_s=0.0)
+    answers: list[P.Stats] = []
+    threads = [threading.Thread(target=lambda: answers.append(client.stats())) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(answers) == 6
+    assert len({a.query_id for a in answers}) == 6 and all(a.num_engines == 2 for a in answers)
+
+
 def test_submit_without_prompt_fails_locally(client):
     with pytest.raises(ValueError, match="prompt"):
         client.submit(max_tokens=3)
