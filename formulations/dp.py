@@ -58,10 +58,17 @@ def _pareto(states: list[_State]) -> list[_State]:
     return kept
 
 
-def admit(jobs: Sequence[Job], curve: BudgetCurve, memory_cap_blocks: int) -> Admission | None:
+def admit(
+    jobs: Sequence[Job], curve: BudgetCurve, memory_cap_blocks: int | None
+) -> Admission | None:
     """Most valuable feasible set of jobs that contains every mandatory one; None if the mandatory
-    jobs alone are infeasible under this budget curve."""
+    jobs alone are infeasible under this budget curve. `memory_cap_blocks` None: no memory check
+    here (the caller checks memory over time, see memory_timeline.py)."""
     order = edf_order(jobs, curve)
+    # Without a cap, memory is not tracked (0 per job), so it splits no Pareto front.
+    track_memory = memory_cap_blocks is not None
+    if memory_cap_blocks is None:
+        memory_cap_blocks = 0
     # Mandatory jobs hold their memory already, wherever they fall in the order: new jobs share
     # what is left (nothing when the mandatory ones alone exceed the cap).
     memory_cap_blocks -= sum(j.peak_blocks for j in order if j.mandatory)
@@ -86,11 +93,11 @@ def admit(jobs: Sequence[Job], curve: BudgetCurve, memory_cap_blocks: int) -> Ad
                 slack += gain
                 if not job.mandatory:
                     next_layer.setdefault(counts, []).append((value, memory, slack, node))
-                new_memory = memory + (0 if job.mandatory else job.peak_blocks)
+                new_memory = memory + (job.peak_blocks if track_memory and not job.mandatory else 0)
                 new_slack = slack - job.num_prefill_tokens
                 if (
                     steady_ok
-                    and (job.mandatory or new_memory <= memory_cap_blocks)
+                    and (job.mandatory or new_memory <= memory_cap_blocks or not track_memory)
                     and (job.deadline_s is None or new_slack >= 0)
                 ):
                     nodes.append((node, index))

@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from formulations.batch_planner import BestEffortWork
 from formulations.budget import Decoder, Job
+from formulations.memory_timeline import Footprint, Growth, footprint
 from formulations.plan import Verdict
 from formulations.request import Request
 from formulations.state import ReplicaView, RequestState, num_blocks_for
@@ -37,6 +39,10 @@ class PlanningProblem:
     reserved_blocks: int  # peak KV of the running decoders
     num_total_blocks: int
     block_size: int
+    # Per-request KV bounds over time (decoders, admitted jobs and candidates; memory_timeline.py)
+    # and the growth bound they use.
+    footprints: Mapping[str, Footprint] = field(default_factory=dict)
+    growth: Growth | None = None
 
     @property
     def tpots_s(self) -> set[float]:
@@ -84,15 +90,18 @@ def extract_problem(view: ReplicaView) -> PlanningProblem:
     mandatory: list[Job] = []
     best_effort: list[RequestState] = []
     reserved = 0
+    footprints: dict[str, Footprint] = {}
     for state in view.running:
         if state.is_finished:
             continue
         if state.verdict is Verdict.BEST_EFFORT:
             best_effort.append(state)
         elif state.is_decoding:
+            footprints[state.request_id] = footprint(state, view.now_s)
             decoders.append(_decoder(state))
             reserved += _peak_blocks(state.request, view.block_size)
         else:
+            footprints[state.request_id] = footprint(state, view.now_s)
             mandatory.append(_job(state, view.block_size, mandatory=True))
     candidates: list[Job] = []
     too_large: list[str] = []
@@ -100,6 +109,7 @@ def extract_problem(view: ReplicaView) -> PlanningProblem:
         if _peak_blocks(state.request, view.block_size) > view.num_total_blocks:
             too_large.append(state.request_id)
         else:
+            footprints[state.request_id] = footprint(state, view.now_s)
             candidates.append(_job(state, view.block_size, mandatory=False))
     return PlanningProblem(
         now_s=view.now_s,
@@ -111,6 +121,8 @@ def extract_problem(view: ReplicaView) -> PlanningProblem:
         reserved_blocks=reserved,
         num_total_blocks=view.num_total_blocks,
         block_size=view.block_size,
+        footprints=footprints,
+        growth=Growth(view.perf_model.step_time_s(0, 0), 1 + view.max_spec_tokens),
     )
 
 

@@ -26,6 +26,7 @@ from formulations.batch_planner import Layout, build_layout
 from formulations.budget import BudgetCurve, Burst, Job, make_budget_curve
 from formulations.dp import Admission, admit, edf_order
 from formulations.interface import Formulation
+from formulations.memory_timeline import Footprint, peak_blocks
 from formulations.plan import Decision, Plan, Step, Verdict
 from formulations.planning_problem import PlanningProblem, best_effort_work, extract_problem
 from formulations.registry import register
@@ -127,15 +128,71 @@ def burst_candidates(
     return bursts
 
 
+def timeline_blocks(problem: PlanningProblem, jobs: Sequence[Job]) -> int:
+    """Peak KV blocks over time (memory_timeline.py) of the running decoders plus `jobs`. A job
+    whose deadline was relaxed (late) has no release bound: it is held at its peak for ever."""
+    prints: dict[str, Footprint] = {
+        d.request_id: problem.footprints[d.request_id] for d in problem.decoders
+    }
+    for job in jobs:
+        fp = problem.footprints[job.request_id]
+        if job.deadline_s is None:
+            fp = dataclasses.replace(fp, release_s=None)
+        prints[job.request_id] = fp
+    return peak_blocks(prints.values(), problem.now_s, problem.growth, problem.block_size)
+
+
+def fit_memory_over_time(
+    admission: Admission, problem: PlanningProblem, cache: dict[tuple[tuple[str, bool], ...], int]
+) -> Admission:
+    """Keep the longest EDF prefix of the newly admitted jobs whose KV, with the running and
+    mandatory requests', fits the replica at every future instant (memory_timeline.py). Dropping
+    jobs keeps the rest feasible (less demand, more budget), so the prefix is found by bisection;
+    adding a job never lowers the peak. `cache` memoises peaks by admitted ids within one call."""
+
+    def peak(jobs: Sequence[Job]) -> int:
+        key = tuple((j.request_id, j.deadline_s is None) for j in jobs)
+        if key not in cache:
+            cache[key] = timeline_blocks(problem, jobs)
+        return cache[key]
+
+    mandatory = [j for j in admission.admitted if j.mandatory]
+    new = [j for j in admission.admitted if not j.mandatory]
+    low, high = 0, len(new)  # invariant: the prefix of length `low` is kept (0 always is)
+    if peak(mandatory + new) <= problem.num_total_blocks:
+        low = high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if peak(mandatory + new[:middle]) <= problem.num_total_blocks:
+            low = middle
+        else:
+            high = middle
+    if low == len(new):
+        return dataclasses.replace(admission, memory_blocks=peak(mandatory + new))
+    kept = {j.request_id for j in new[:low]}
+    admitted = tuple(j for j in admission.admitted if j.mandatory or j.request_id in kept)
+    return Admission(
+        admitted,
+        sum(j.value for j in new[:low]),
+        admission.final_slack,  # a lower bound: dropped jobs only leave more slack
+        peak(mandatory + new[:low]),
+    )
+
+
 def solve_candidates(
     problem: PlanningProblem,
     view: ReplicaView,
     max_spec_tokens: int,
     use_bursts: bool = True,
     previous_burst_end_s: float | None = None,
+    timeline_memory: bool = False,
 ) -> Choice | None:
     """Run the DP for every candidate step time (and prefill burst); the best choice, or None if
-    none is usable."""
+    none is usable. Memory: each admitted request's peak KV reserved from now on
+    (`timeline_memory` False: exact DP, checked against brute force), or the peak over time of
+    every request's growing footprint (True: the DP without memory, then the longest EDF prefix
+    of its new admissions that fits, `fit_memory_over_time`)."""
+    cache: dict[tuple[tuple[str, bool], ...], int] = {}
     alpha = view.spec_acceptance_rate
     tpots = problem.tpots_s
     times = candidate_step_times(tpots, max_spec_tokens, alpha) if tpots else [PREFILL_ONLY_STEP_S]
@@ -156,9 +213,12 @@ def solve_candidates(
         if curve is None or not mandatory_tpots <= set(curve.tier_index):
             continue
         mandatory = relax_late(problem.mandatory + curve.deferred, curve)
-        admission = admit(mandatory + problem.candidates, curve, problem.memory_cap_blocks)
+        cap = None if timeline_memory else problem.memory_cap_blocks
+        admission = admit(mandatory + problem.candidates, curve, cap)
         if admission is None:
             continue
+        if timeline_memory:
+            admission = fit_memory_over_time(admission, problem, cache)
         num_relaxed = sum(j.deadline_s is None for j in mandatory) - sum(
             j.deadline_s is None for j in problem.mandatory
         )
@@ -178,7 +238,9 @@ class SlosDP(Formulation):
     `max_best_effort_steps` (explicit steps planned for best-effort prefill alone);
     `admit_all` (ablation "no burst handling": every waiting request is admitted and served in EDF
     order with no guarantee, as if admission control were off); `prefill_bursts` (open a plan with
-    long prefill-only steps when every decoder is ahead of schedule, see budget.Burst).
+    long prefill-only steps when every decoder is ahead of schedule, see budget.Burst);
+    `memory` ("timeline": the peak over time of every admitted request's growing KV footprint,
+    memory_timeline.py; "peak": each admitted request reserves its full-length KV from admission).
     """
 
     def __init__(
@@ -189,7 +251,10 @@ class SlosDP(Formulation):
         max_best_effort_steps: int = 4,
         admit_all: bool = False,
         prefill_bursts: bool = True,
+        memory: str = "timeline",
     ) -> None:
+        if memory not in ("timeline", "peak"):
+            raise ValueError(f"memory must be 'timeline' or 'peak', got {memory!r}")
         if max_new_per_call < 1 or max_best_effort_steps < 0:
             raise ValueError("max_new_per_call must be >= 1 and max_best_effort_steps >= 0")
         self.fallback = Fallback.parse(fallback)
@@ -198,6 +263,7 @@ class SlosDP(Formulation):
         self.max_best_effort_steps = max_best_effort_steps
         self.admit_all = bool(admit_all)
         self.prefill_bursts = bool(prefill_bursts)
+        self.timeline_memory = memory == "timeline"
         self._burst_end_s: float | None = None  # end of the last plan's prefill burst
 
     def plan(self, view: ReplicaView) -> Plan:
@@ -215,7 +281,9 @@ class SlosDP(Formulation):
                 problem, mandatory=problem.mandatory[: -len(forced) or None], candidates=forced
             )
             return self.plan_from_choice(view, problem, choice)
-        choice = solve_candidates(problem, view, max_spec, self.prefill_bursts, self._burst_end_s)
+        choice = solve_candidates(
+            problem, view, max_spec, self.prefill_bursts, self._burst_end_s, self.timeline_memory
+        )
         burst = choice.curve.burst if choice is not None else None
         self._burst_end_s = burst.end_s(view.now_s) if burst is not None else None
         return self.plan_from_choice(view, problem, choice)
@@ -258,9 +326,13 @@ class SlosDP(Formulation):
         choice: Choice,
         decisions: dict[str, Decision],
     ) -> tuple[Layout, tuple[str, ...]]:
-        admitted_peak = problem.reserved_blocks + sum(
-            j.peak_blocks for j in choice.admission.admitted
-        )
+        if self.timeline_memory:
+            new = tuple(j for j in choice.admission.admitted if not j.mandatory)
+            admitted_peak = timeline_blocks(problem, choice.mandatory + new)
+        else:
+            admitted_peak = problem.reserved_blocks + sum(
+                j.peak_blocks for j in choice.admission.admitted
+            )
         memory = best_effort_memory(
             problem.best_effort, admitted_peak, problem.num_total_blocks, view.block_size
         )
