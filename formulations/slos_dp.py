@@ -39,6 +39,11 @@ PREFILL_ONLY_STEP_S = 0.1
 # burst ends (the earliest deadlines of requests that will decode) are tried per step time.
 BURST_STEP_S = 0.25
 MAX_BURST_CANDIDATES = 3
+# Decoder-bound bursts (`decoder_bound_burst`) use steps of at most this fraction of the tightest
+# TTFT SLO present (and at most BURST_STEP_S): a request that arrives during a long step waits for
+# its end before it is even considered. 0.4 measured best of 0.3 / 0.4 / 0.5 / 1.0 on the
+# 120-request capacity windows (docs/PLANNER.md section 1).
+DECODER_BURST_TTFT_FRACTION = 0.4
 
 
 @dataclass(frozen=True)
@@ -121,11 +126,28 @@ def burst_candidates(
     )
     if previous_end_s is not None and previous_end_s - now_s > 1e-6:
         ends = [previous_end_s] + [e for e in ends if e != previous_end_s]
-    bursts: list[Burst | None] = [None]
-    for end_s in ends[:MAX_BURST_CANDIDATES]:
-        num_steps = max(1, math.ceil((end_s - now_s) / BURST_STEP_S - 1e-9))
-        bursts.append(Burst(num_steps, (end_s - now_s) / num_steps))
-    return bursts
+    return [None] + [_burst_until(end_s, now_s) for end_s in ends[:MAX_BURST_CANDIDATES]]
+
+
+def _burst_until(end_s: float, now_s: float, max_step_s: float = BURST_STEP_S) -> Burst:
+    num_steps = max(1, math.ceil((end_s - now_s) / max_step_s - 1e-9))
+    return Burst(num_steps, (end_s - now_s) / num_steps)
+
+
+def decoder_bound_burst(
+    problem: PlanningProblem, now_s: float, step_time_s: float, max_step_s: float = BURST_STEP_S
+) -> Burst | None:
+    """The longest burst the running decoders allow on grid step `step_time_s`: it ends one grid
+    step before the earliest decoder's next deadline, so that decoder still decodes in grid step 0.
+    None without decoders or when it would replace fewer than two grid steps. Used for waiting
+    requests whose prompts need long steps before the decoders' next tokens (tool rounds of 1-3k
+    tokens beside decoders that got ahead)."""
+    if not problem.decoders:
+        return None
+    end_s = min(d.next_deadline_s for d in problem.decoders) - step_time_s - 1e-6
+    if end_s - now_s < 2 * step_time_s:
+        return None
+    return _burst_until(end_s, now_s, max_step_s)
 
 
 def timeline_blocks(problem: PlanningProblem, jobs: Sequence[Job]) -> int:
@@ -186,9 +208,12 @@ def solve_candidates(
     use_bursts: bool = True,
     previous_burst_end_s: float | None = None,
     timeline_memory: bool = False,
+    decoder_bursts: bool = False,
 ) -> Choice | None:
     """Run the DP for every candidate step time (and prefill burst); the best choice, or None if
-    none is usable. Memory: each admitted request's peak KV reserved from now on
+    none is usable. `decoder_bursts`: also try, per step time, the longest burst the running
+    decoders allow (`decoder_bound_burst`), with steps of at most DECODER_BURST_TTFT_FRACTION of
+    the tightest TTFT SLO present. Memory: each admitted request's peak KV reserved from now on
     (`timeline_memory` False: exact DP, checked against brute force), or the peak over time of
     every request's growing footprint (True: the DP without memory, then the longest EDF prefix
     of its new admissions that fits, `fit_memory_over_time`)."""
@@ -196,36 +221,64 @@ def solve_candidates(
     alpha = view.spec_acceptance_rate
     tpots = problem.tpots_s
     times = candidate_step_times(tpots, max_spec_tokens, alpha) if tpots else [PREFILL_ONLY_STEP_S]
-    mandatory_tpots = {j.tpot_s for j in problem.mandatory if j.tpot_s is not None}
     bursts = burst_candidates(problem, view.now_s, previous_burst_end_s) if use_bursts else [None]
     best: Choice | None = None
     for step_time_s, burst in itertools.product(times, bursts):
-        curve = make_budget_curve(
-            view.perf_model,
-            view.now_s,
-            step_time_s,
-            problem.decoders,
-            {j.tpot_s for j in problem.mandatory + problem.candidates if j.tpot_s is not None},
-            max_spec_tokens,
-            alpha,
-            burst,
+        choice = _solve_one(
+            problem, view, step_time_s, burst, max_spec_tokens, timeline_memory, cache
         )
-        if curve is None or not mandatory_tpots <= set(curve.tier_index):
-            continue
-        mandatory = relax_late(problem.mandatory + curve.deferred, curve)
-        cap = None if timeline_memory else problem.memory_cap_blocks
-        admission = admit(mandatory + problem.candidates, curve, cap)
-        if admission is None:
-            continue
-        if timeline_memory:
-            admission = fit_memory_over_time(admission, problem, cache)
-        num_relaxed = sum(j.deadline_s is None for j in mandatory) - sum(
-            j.deadline_s is None for j in problem.mandatory
-        )
-        choice = Choice(curve, admission, mandatory, num_relaxed)
-        if best is None or choice.score() > best.score():
+        if choice is not None and (best is None or choice.score() > best.score()):
             best = choice
+    if use_bursts and decoder_bursts:
+        ttfts_s = [s.request.ttft_slo_s for s in (*view.running, *view.waiting)]
+        max_step_s = min([BURST_STEP_S] + [DECODER_BURST_TTFT_FRACTION * t for t in ttfts_s])
+        for step_time_s in times:
+            burst = decoder_bound_burst(problem, view.now_s, step_time_s, max_step_s)
+            if burst is None or burst in bursts:
+                continue
+            choice = _solve_one(
+                problem, view, step_time_s, burst, max_spec_tokens, timeline_memory, cache
+            )
+            if choice is not None and (best is None or choice.score() > best.score()):
+                best = choice
     return best
+
+
+def _solve_one(
+    problem: PlanningProblem,
+    view: ReplicaView,
+    step_time_s: float,
+    burst: Burst | None,
+    max_spec_tokens: int,
+    timeline_memory: bool,
+    cache: dict[tuple[tuple[str, bool], ...], int],
+) -> Choice | None:
+    """The DP's admission for one step time and burst, or None when it cannot serve the running
+    and mandatory requests."""
+    curve = make_budget_curve(
+        view.perf_model,
+        view.now_s,
+        step_time_s,
+        problem.decoders,
+        {j.tpot_s for j in problem.mandatory + problem.candidates if j.tpot_s is not None},
+        max_spec_tokens,
+        view.spec_acceptance_rate,
+        burst,
+    )
+    mandatory_tpots = {j.tpot_s for j in problem.mandatory if j.tpot_s is not None}
+    if curve is None or not mandatory_tpots <= set(curve.tier_index):
+        return None
+    mandatory = relax_late(problem.mandatory + curve.deferred, curve)
+    cap = None if timeline_memory else problem.memory_cap_blocks
+    admission = admit(mandatory + problem.candidates, curve, cap)
+    if admission is None:
+        return None
+    if timeline_memory:
+        admission = fit_memory_over_time(admission, problem, cache)
+    num_relaxed = sum(j.deadline_s is None for j in mandatory) - sum(
+        j.deadline_s is None for j in problem.mandatory
+    )
+    return Choice(curve, admission, mandatory, num_relaxed)
 
 
 @register("slos_dp")
@@ -239,6 +292,8 @@ class SlosDP(Formulation):
     `admit_all` (ablation "no burst handling": every waiting request is admitted and served in EDF
     order with no guarantee, as if admission control were off); `prefill_bursts` (open a plan with
     long prefill-only steps when every decoder is ahead of schedule, see budget.Burst);
+    `decoder_bursts` (also open plans with the longest burst the running decoders' next deadlines
+    allow, steps short against the TTFT SLOs present; see `decoder_bound_burst`);
     `memory` ("timeline": the peak over time of every admitted request's growing KV footprint,
     memory_timeline.py; "peak": each admitted request reserves its full-length KV from admission).
     """
@@ -252,6 +307,7 @@ class SlosDP(Formulation):
         admit_all: bool = False,
         prefill_bursts: bool = True,
         memory: str = "timeline",
+        decoder_bursts: bool = True,
     ) -> None:
         if memory not in ("timeline", "peak"):
             raise ValueError(f"memory must be 'timeline' or 'peak', got {memory!r}")
@@ -264,6 +320,7 @@ class SlosDP(Formulation):
         self.admit_all = bool(admit_all)
         self.prefill_bursts = bool(prefill_bursts)
         self.timeline_memory = memory == "timeline"
+        self.decoder_bursts = bool(decoder_bursts)
         self._burst_end_s: float | None = None  # end of the last plan's prefill burst
 
     def plan(self, view: ReplicaView) -> Plan:
@@ -282,7 +339,13 @@ class SlosDP(Formulation):
             )
             return self.plan_from_choice(view, problem, choice)
         choice = solve_candidates(
-            problem, view, max_spec, self.prefill_bursts, self._burst_end_s, self.timeline_memory
+            problem,
+            view,
+            max_spec,
+            self.prefill_bursts,
+            self._burst_end_s,
+            self.timeline_memory,
+            self.decoder_bursts,
         )
         burst = choice.curve.burst if choice is not None else None
         self._burst_end_s = burst.end_s(view.now_s) if burst is not None else None

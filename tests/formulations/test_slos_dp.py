@@ -145,3 +145,18 @@ def test_unservable_running_requests_get_a_bounded_catch_up_step():
     assert step.num_tokens["tight"] == 1
     assert 0 < step.num_tokens["pre"] < 5000
     assert PERF.step_time_s(step.num_batched_tokens) <= 0.1 + 1e-9
+
+
+def test_decoder_bound_burst_admits_a_long_prompt_beside_a_decoder_that_is_ahead():
+    """A decoder whose next token is due in 0.7 s leaves room for long prefill steps until one
+    grid step before that deadline; a 5000-token prompt due in 0.8 s needs them (the 50 ms grid
+    carries about 16 x 254 tokens by then). The plan keeps every deadline when replayed."""
+    ahead = decoding_state(request("d", 0.0, 200, 100, 1.0, 0.05), 4, 0.2, 16)  # token 5 at 1.2 s
+    long_prompt = request("w", 0.5, 5000, 20, 0.8, 0.05)
+    v = view(PERF, 0.5, [ahead], [long_prompt])
+    without = create("slos_dp", decoder_bursts=False).plan(v)
+    assert without.decisions["w"].verdict is Verdict.REJECTED
+    plan = create("slos_dp").plan(v)
+    assert plan.decisions["w"].verdict is Verdict.ADMITTED
+    assert not deadline_misses(plan, v, {"d", "w"})
+    assert max(len(step.num_tokens) for step in plan.steps[:2]) == 1  # prefill-only burst steps
