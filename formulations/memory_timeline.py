@@ -7,15 +7,17 @@ footprint as a function of time and checks the peak of the *sum*.
 
 Per request r, at plan time `now` (all quantities in tokens; blocks are ceil(tokens / block size)):
 
-    held_r(t) <= F_r(t) = min(peak_r, start_r + g * (floor((t - now) / step_min) + 2))
+    held_r(t) <= F_r(t) = min(peak_r, start_r + floor(rate * (t - now)) + 2 g)
                                                             for t <= release_r,
     held_r(t)  = 0                                          after release_r
 
 - `start_r`: the tokens it may hold at once now: computed tokens plus all pending ones (a prompt
   may be prefilled in a single step);
-- growth: a request computes at most 1 + s tokens per step once it decodes (one sampled token and
-  s draft tokens), and no step is shorter than `step_min = T(0 tokens)` (the model's fixed cost);
-  `+ 2` covers a step already in flight and the step that starts at `t`;
+- growth: a request computes at most g = 1 + s tokens per step once it decodes (one sampled token
+  and s draft tokens), and a step with s draft steps is no shorter than T(0 tokens, s) (the
+  model's fixed cost), so whole steps add at most rate = max_s (1 + s) / T(0, s) tokens per second
+  (1 / T(0) without a draft model); `+ 2 g` covers a step already in flight and the step that
+  starts at `t`;
 - `release_r`: the deadline of its last output token. An admitted request that keeps its SLO has
   finished (and freed its KV) by then. The decode clock starts at max(TTFT deadline, first token),
   so before its first token the last deadline is `TTFT deadline + decode offset`. A request that is
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from formulations.deadlines import token_deadline_s
+from formulations.perf_model import PerfModel
 from formulations.state import RequestState, num_blocks_for
 
 # Steps counted beyond floor((t - now) / step_min): the one in flight and the one starting at t.
@@ -57,16 +60,29 @@ class Footprint:
 
 @dataclass(frozen=True, slots=True)
 class Growth:
-    """At most `tokens_per_step` new tokens per decoding request per step, steps >= `step_min_s`."""
+    """How fast one request's KV can grow: at most `tokens_per_step` tokens per step (1 + s with s
+    draft tokens) and at most `tokens_per_s` per second over whole steps.
 
-    step_min_s: float
+    A step with s draft steps adds at most 1 + s tokens to a request and lasts at least T(0, s), so
+    completed steps in an interval of length D add at most D * max_s (1 + s) / T(0, s) tokens;
+    `EXTRA_STEPS` steps (the one in flight, the one starting at t) add up to 1 + s_max each."""
+
+    tokens_per_s: float
     tokens_per_step: int
 
+    @classmethod
+    def for_model(cls, perf_model: PerfModel, max_spec_tokens: int) -> Growth:
+        rates = [
+            (1 + s) / perf_model.step_time_s(0, s) if perf_model.step_time_s(0, s) > 0 else math.inf
+            for s in range(max_spec_tokens + 1)
+        ]
+        return cls(max(rates), 1 + max_spec_tokens)
+
     def tokens_by(self, elapsed_s: float) -> int:
-        if self.step_min_s <= 0.0:
+        if math.isinf(self.tokens_per_s):
             return 1 << 60  # no lower bound on a step's length: no bound on growth
-        num_steps = math.floor(max(0.0, elapsed_s) / self.step_min_s + 1e-9) + EXTRA_STEPS
-        return num_steps * self.tokens_per_step
+        grown = math.floor(max(0.0, elapsed_s) * self.tokens_per_s + 1e-9)
+        return grown + EXTRA_STEPS * self.tokens_per_step
 
 
 def footprint(state: RequestState, now_s: float) -> Footprint:

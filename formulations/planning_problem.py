@@ -122,7 +122,7 @@ def extract_problem(view: ReplicaView) -> PlanningProblem:
         num_total_blocks=view.num_total_blocks,
         block_size=view.block_size,
         footprints=footprints,
-        growth=Growth(view.perf_model.step_time_s(0, 0), 1 + view.max_spec_tokens),
+        growth=Growth.for_model(view.perf_model, view.max_spec_tokens),
     )
 
 

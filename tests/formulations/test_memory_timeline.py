@@ -22,14 +22,14 @@ from planner_svc.workloads.workload import Workload
 OPT13B = perf_model_preset("opt-13b-2xa100")
 
 
-def held_blocks(prints, t_s, now_s, step_min_s, per_step, block_size) -> int:
+def held_blocks(prints, t_s, now_s, rate, per_step, block_size) -> int:
     """Sum of each request's bound at t, written out from the definition (no shared code)."""
     total = 0
     for f in prints:
         if f.release_s is not None and t_s > f.release_s:
             continue
-        steps = math.floor((t_s - now_s) / step_min_s + 1e-9) + 2
-        tokens = min(f.num_peak_tokens, f.num_start_tokens + steps * per_step)
+        grown = math.floor((t_s - now_s) * rate + 1e-9) + 2 * per_step
+        tokens = min(f.num_peak_tokens, f.num_start_tokens + grown)
         total += -(-tokens // block_size)
     return total
 
@@ -51,23 +51,25 @@ def footprints(draw):
 
 
 @settings(max_examples=200, derandomize=True, deadline=None)
-@given(footprints(), st.sampled_from((0.03, 0.5)), st.integers(1, 3), st.sampled_from((1, 16)))
-def test_peak_is_the_supremum_over_time(prints, step_min_s, per_step, block_size):
-    growth = Growth(step_min_s, per_step)
+@given(
+    footprints(), st.sampled_from((2.0, 33.3, 150.0)), st.integers(1, 3), st.sampled_from((1, 16))
+)
+def test_peak_is_the_supremum_over_time(prints, rate, per_step, block_size):
+    growth = Growth(rate, per_step)
     peak = peak_blocks(prints, 0.0, growth, block_size)
     releases = [f.release_s for f in prints if f.release_s is not None]
     grid = list(np.linspace(0.0, 70.0, 1401)) + releases + [1e6]
-    direct = [held_blocks(prints, t, 0.0, step_min_s, per_step, block_size) for t in grid]
+    direct = [held_blocks(prints, t, 0.0, rate, per_step, block_size) for t in grid]
     assert peak >= max(direct, default=0)  # an upper bound at every instant...
     assert peak == max(direct, default=0)  # ...and reached (at a release or at infinity)
 
 
 def test_growth_and_release_cases_by_hand():
-    growth = Growth(0.1, 1)
+    growth = Growth(10.0, 1)  # 10 tokens/s, 1 per step
     # Two requests of 10 tokens growing to 40; one freed at 1.0 s. Blocks of 10 tokens.
     a = Footprint("a", 10, 40, 1.0)
     b = Footprint("b", 10, 40, 5.0)
-    # at 1.0 s: floor(10) + 2 = 12 steps -> 22 tokens -> 3 blocks each: 6.
+    # at 1.0 s: floor(10) + 2 = 12 tokens more -> 22 tokens -> 3 blocks each: 6.
     # at 5.0 s: only b, capped at 40 tokens -> 4 blocks.
     assert peak_blocks([a, b], 0.0, growth, 10) == 6
     # A request with no release bound grows to its peak and holds it for ever: 9 blocks at
@@ -116,6 +118,14 @@ def run(memory: str, errors: list[str]):
         return simulate(reasoning_workload(40, 1.0), config)
     finally:
         Simulation._on_step = original
+
+
+def test_growth_rate_of_a_model_with_draft_steps():
+    # OPT-13B: T(0, s) = 31.7 ms + 3.34 ms * s; (1 + s) / T(0, s) is largest at s = 4 here.
+    growth = Growth.for_model(OPT13B, 4)
+    assert growth.tokens_per_step == 5
+    assert growth.tokens_per_s == pytest.approx(5 / (0.0317 + 4 * 0.00334))
+    assert Growth.for_model(OPT13B, 0).tokens_per_s == pytest.approx(1 / 0.0317)
 
 
 @pytest.mark.parametrize("memory", ["peak", "timeline"])
