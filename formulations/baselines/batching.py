@@ -87,6 +87,19 @@ class BlockLedger:
         self.touched[state.request_id] = 0
         self._released.add(state.request_id)
 
+    def grow_or_preempt(
+        self, state: RequestState, num_tokens: int, victims: list[RequestState], preempted: list[str]
+    ) -> bool:
+        """Grow `state` by `num_tokens`, preempting (by recompute) the last of `victims` until it
+        fits, as vLLM does when decode memory runs out. False when `state` itself was the victim."""
+        while not self.try_grow(state, num_tokens):
+            victim = victims.pop()
+            self.release(victim)
+            preempted.append(victim.request_id)
+            if victim is state:
+                return False
+        return True
+
 
 def plan_step(
     queue: Sequence[RequestState],

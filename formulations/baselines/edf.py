@@ -103,13 +103,7 @@ class Edf(Formulation):
                 continue
             if victims is None:
                 victims = [s for s in order if s.num_computed_tokens > 0]
-            while not ledger.try_grow(state, n):
-                victim = victims.pop()
-                ledger.release(victim)
-                preempted.append(victim.request_id)
-                if victim is state:
-                    break
-            else:
+            if ledger.grow_or_preempt(state, n, victims, preempted):
                 num_tokens[rid] = n
                 budget -= n
         return plan_step(order, num_tokens, ledger, decisions, preempted, min(step_budget, self.max_num_seqs))

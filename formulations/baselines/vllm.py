@@ -73,13 +73,7 @@ def schedule_started(
             num_tokens[rid] = n
             budget -= n
             continue
-        while not ledger.try_grow(state, n):
-            victim = victims.pop()
-            ledger.release(victim)
-            preempted.append(victim.request_id)
-            if victim is state:
-                break
-        else:
+        if ledger.grow_or_preempt(state, n, victims, preempted):
             num_tokens[rid] = n
             budget -= n
     return num_tokens, preempted
