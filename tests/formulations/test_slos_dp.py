@@ -131,6 +131,8 @@ def test_bad_parameters_are_clear_errors():
         create("slos_dp", fallback="maybe")
     with pytest.raises(ValueError):
         create("slos_dp", max_new_per_call=0)
+    with pytest.raises(ValueError, match="memory must be"):
+        create("slos_dp", memory="lazy")
 
 
 def test_unservable_running_requests_get_a_bounded_catch_up_step():
