@@ -71,3 +71,21 @@ def test_children_die_with_a_killed_demo():
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(pids) == 3 and not any(alive(pid) for pid in pids)
+
+
+def test_torch_demo_config_gives_absolute_ttft_and_keeps_each_tpot(tmp_path):
+    from formulations.slo import SLO_PRESETS
+    from planner_svc.commands.demo import PLANNER_TOML, TORCH_DEMO_TTFT_MS, _torch_slos
+    from planner_svc.config import load_config
+
+    path = tmp_path / "planner.toml"
+    path.write_text(PLANNER_TOML.format(
+        formulation="slos_dp", engine_port=1, client_port=2, metrics_port=0,
+        perf_model="opt-13b-h100") + _torch_slos())
+    classes = load_config(path).slo_classes
+    assert set(SLO_PRESETS) <= set(classes)
+    for name, preset in SLO_PRESETS.items():
+        assert classes[name].ttft_s == TORCH_DEMO_TTFT_MS / 1000
+        assert classes[name].ttft_slowdown is None
+        assert classes[name].tpot_s == preset.tpot_s
+        assert classes[name].thinking_tpot_s == preset.thinking_tpot_s
