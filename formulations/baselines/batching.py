@@ -135,6 +135,19 @@ def _with_tail(step: Step, tail: dict[str, int], queue_length: int, decisions: d
     return Plan(steps=(step,), repeat=(Step(tail),) if tail else (), decisions=decisions)
 
 
+def start_plan(
+    view: ReplicaView, max_num_decodes: int, tpot_budget: bool = False
+) -> tuple[dict[str, Decision], list[RequestState], Plan | None]:
+    """The opening every baseline shares: admit by memory, order the queue, and take the shortcuts.
+    Returns (decisions, queue, plan); `plan` is set when it is already decided (nothing queued, or
+    everyone decodes: `decode_all_plan`), else None and the baseline builds its step."""
+    decisions = admit_by_memory(view)
+    queue = queue_order(view, decisions)
+    if not queue:
+        return decisions, queue, Plan(decisions=decisions)
+    return decisions, queue, decode_all_plan(view, queue, decisions, max_num_decodes, tpot_budget)
+
+
 def decode_all_plan(
     view: ReplicaView,
     queue: Sequence[RequestState],

@@ -19,11 +19,9 @@ from typing import ClassVar
 
 from formulations.baselines.batching import (
     BlockLedger,
-    admit_by_memory,
-    decode_all_plan,
     is_decoding,
     plan_step,
-    queue_order,
+    start_plan,
 )
 from formulations.baselines.sarathi import fill_prefills
 from formulations.baselines.vllm import VllmPrefillFirst, schedule_started
@@ -55,12 +53,10 @@ class DistServe(Formulation):
         return self._prefill_first.plan(view)  # a prefill replica hands requests off at once
 
     def _decode_plan(self, view: ReplicaView) -> Plan:
-        decisions = admit_by_memory(view)
-        queue = queue_order(view, decisions)
         max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
-        shortcut = decode_all_plan(view, queue, decisions, max_num_decodes)
-        if shortcut is not None:
-            return shortcut
+        decisions, queue, decided = start_plan(view, max_num_decodes)
+        if decided is not None:
+            return decided
         ledger = BlockLedger(view)
         started = [s for s in queue if s.num_computed_tokens > 0]
         decodes = [s for s in started if is_decoding(s)]

@@ -16,10 +16,8 @@ from operator import itemgetter
 
 from formulations.baselines.batching import (
     BlockLedger,
-    admit_by_memory,
-    decode_all_plan,
     plan_step,
-    queue_order,
+    start_plan,
 )
 from formulations.interface import Formulation
 from formulations.plan import Plan
@@ -65,13 +63,9 @@ class Edf(Formulation):
         self._deadline_cache: dict[str, tuple[int, float, float]] = {}  # see deadline_order
 
     def plan(self, view: ReplicaView) -> Plan:
-        decisions = admit_by_memory(view)
-        queue = queue_order(view, decisions)
-        if not queue:
-            return Plan(decisions=decisions)
-        shortcut = decode_all_plan(view, queue, decisions, self.max_num_seqs, tpot_budget=True)
-        if shortcut is not None:
-            return shortcut
+        decisions, queue, decided = start_plan(view, self.max_num_seqs, tpot_budget=True)
+        if decided is not None:
+            return decided
         order, tightest_tpot_s = deadline_order(queue, self._deadline_cache)
         budget = max(1, view.perf_model.max_tokens(tightest_tpot_s))  # as Sarathi's
         return self._one_step(view, decisions, order, budget)

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from formulations.baselines.batching import (
     BlockLedger,
-    admit_by_memory,
-    decode_all_plan,
     is_decoding,
     plan_step,
-    queue_order,
+    start_plan,
 )
 from formulations.baselines.vllm import schedule_started
 from formulations.interface import Formulation
@@ -68,13 +66,9 @@ class Sarathi(Formulation):
         self.max_num_seqs = max_num_seqs
 
     def plan(self, view: ReplicaView) -> Plan:
-        decisions = admit_by_memory(view)
-        queue = queue_order(view, decisions)
-        if not queue:
-            return Plan(decisions=decisions)
-        shortcut = decode_all_plan(view, queue, decisions, self.max_num_seqs, tpot_budget=True)
-        if shortcut is not None:
-            return shortcut
+        decisions, queue, decided = start_plan(view, self.max_num_seqs, tpot_budget=True)
+        if decided is not None:
+            return decided
         budget = tpot_budget(view, queue)
         ledger = BlockLedger(view)
         started = [s for s in queue if s.num_computed_tokens > 0]

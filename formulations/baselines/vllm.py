@@ -23,10 +23,8 @@ from __future__ import annotations
 
 from formulations.baselines.batching import (
     BlockLedger,
-    admit_by_memory,
-    decode_all_plan,
     plan_step,
-    queue_order,
+    start_plan,
 )
 from formulations.interface import Formulation
 from formulations.plan import Plan
@@ -87,12 +85,10 @@ class VllmFcfs(Formulation):
         self.max_num_seqs = max_num_seqs
 
     def plan(self, view: ReplicaView) -> Plan:
-        decisions = admit_by_memory(view)
-        queue = queue_order(view, decisions)
         max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
-        shortcut = decode_all_plan(view, queue, decisions, max_num_decodes)
-        if shortcut is not None:
-            return shortcut
+        decisions, queue, decided = start_plan(view, max_num_decodes)
+        if decided is not None:
+            return decided
         started = [s for s in queue if _started(s)]
         ledger = BlockLedger(view)
         num_tokens, preempted = schedule_started(
@@ -121,12 +117,10 @@ class VllmPrefillFirst(Formulation):
         self.max_num_seqs = max_num_seqs
 
     def plan(self, view: ReplicaView) -> Plan:
-        decisions = admit_by_memory(view)
-        queue = queue_order(view, decisions)
         max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
-        shortcut = decode_all_plan(view, queue, decisions, max_num_decodes)
-        if shortcut is not None:
-            return shortcut
+        decisions, queue, decided = start_plan(view, max_num_decodes)
+        if decided is not None:
+            return decided
         ledger = BlockLedger(view)
         started = [s for s in queue if _started(s)]
         prefills = self._prefills(queue, ledger, len(started))
