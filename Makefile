@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m planner_svc.cli demo --engine $(ENGINE)
+	$(PY) -m commands.cli demo --engine $(ENGINE)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

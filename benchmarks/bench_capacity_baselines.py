@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from formulations import registry  # noqa: E402
-from planner_svc.capacity import SearchParams, policy_capacity  # noqa: E402
-from planner_svc.experiment import Experiment  # noqa: E402
-from planner_svc.plots import plot_capacity_bars  # noqa: E402
-from planner_svc.workloads import SCENARIO_NAMES  # noqa: E402
+from lab.capacity import SearchParams, policy_capacity  # noqa: E402
+from lab.experiment import Experiment  # noqa: E402
+from lab.plots import plot_capacity_bars  # noqa: E402
+from lab.workloads import SCENARIO_NAMES  # noqa: E402
 
 BASELINES = ("vllm_fcfs", "vllm_prefill_first", "sarathi", "edf", "distserve")
 OURS = "slos_dp"

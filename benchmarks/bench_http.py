@@ -3,7 +3,7 @@ token, at the chatbot capacity rate, with a planner daemon and two simulated eng
 
 1. The chatbot capacity of slos_dp on 2 replicas (opt-13b-2xa100) comes from the simulator's
    capacity search; the run uses that rate.
-2. Direct: the workload is replayed through the Python client (planner_svc.replay).
+2. Direct: the workload is replayed through the Python client (lab.replay).
 3. HTTP: the same workload through `slos-serve bench` (its own process) against the HTTP server
    (in this process, on its own event loop thread), whose PlannerClient keeps every handle. Per
    request, the handle stamps the submit and each TOKENS message on arrival, the HTTP client
@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report_section import write_section  # noqa: E402
 from formulations.plan import Verdict  # noqa: E402
-from planner_svc.capacity import SearchParams, policy_capacity  # noqa: E402
+from lab.capacity import SearchParams, policy_capacity  # noqa: E402
 from planner_svc.client import PlannerClient  # noqa: E402
-from planner_svc.commands.demo import ProcessGroup, free_port, wait_for_engines  # noqa: E402
-from planner_svc.experiment import Experiment  # noqa: E402
+from commands.demo import ProcessGroup, free_port, wait_for_engines  # noqa: E402
+from lab.experiment import Experiment  # noqa: E402
 from planner_svc.http.server import ApiServer, ServerThread  # noqa: E402
-from planner_svc.replay import replay  # noqa: E402
-from planner_svc.report import build_report  # noqa: E402
+from lab.replay import replay  # noqa: E402
+from lab.report import build_report  # noqa: E402
 
 PERF_MODEL = "opt-13b-2xa100"
 POLICY = "slos_dp"
@@ -78,7 +78,7 @@ def start_service(group: ProcessGroup, tmp: Path) -> str:
     config = tmp / "planner.toml"
     config.write_text(PLANNER_TOML.format(policy=POLICY, engine_port=engine_port,
                                           client_port=client_port, perf_model=PERF_MODEL))
-    cli = [sys.executable, "-m", "planner_svc.cli"]
+    cli = [sys.executable, "-m", "commands.cli"]
     group.start("planner", [*cli, "planner", "--config", str(config), "--log-level", "WARNING"])
     for i in range(NUM_ENGINES):
         group.start(f"engine-{i}", [*cli, "engine", "--engine", "sim", "--connect",
@@ -104,7 +104,7 @@ def http_run(endpoint: str, workload_args: list[str], tmp: Path):
     calls_path = tmp / "calls.json"
     try:
         cpu_start_s = time.process_time()
-        subprocess.run([sys.executable, "-m", "planner_svc.cli", "bench", "--url", server.url,
+        subprocess.run([sys.executable, "-m", "commands.cli", "bench", "--url", server.url,
                         "--scenario", "chatbot", *workload_args, "--perf-model", PERF_MODEL,
                         "--json", "--calls-out", str(calls_path)],
                        check=True, stdout=subprocess.DEVNULL, timeout=600)
@@ -145,7 +145,7 @@ def floor_ttft_ms(workload_args: list[str], tmp: Path) -> list[float]:
     server = ServerThread(NoopApi())
     calls_path = tmp / "noop_calls.json"
     try:
-        subprocess.run([sys.executable, "-m", "planner_svc.cli", "bench", "--url", server.url,
+        subprocess.run([sys.executable, "-m", "commands.cli", "bench", "--url", server.url,
                         "--scenario", "chatbot", *workload_args, "--json", "--calls-out",
                         str(calls_path)], check=True, stdout=subprocess.DEVNULL, timeout=600)
     finally:
@@ -186,7 +186,7 @@ def added_times_ms(calls: dict, handles, client_t0: float) -> tuple[list[float],
 
 def http_records(calls: dict, workload) -> list:
     """RequestRecords of the HTTP run, rebuilt from the bench client's per-call JSON."""
-    from planner_svc.http.bench_client import CallResult
+    from lab.bench_client import CallResult
 
     requests = {r.request_id: r for r in workload.requests}
     results = []
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--low-rate", type=float, default=2.0, help="the low-load run's rate")
     args = parser.parse_args(argv)
     from formulations.perf_model import perf_model_preset
-    from planner_svc.workloads import WorkloadOptions, build_workload
+    from lab.workloads import WorkloadOptions, build_workload
 
     rate = args.rate or chatbot_capacity_rps(200)
     print(f"bench_http: chatbot at {rate:.2f} req/s, {args.num_requests} requests", flush=True)

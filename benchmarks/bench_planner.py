@@ -30,9 +30,9 @@ from formulations.plan import Plan  # noqa: E402
 from formulations.registry import register  # noqa: E402
 from formulations.slos_dp import SlosDP  # noqa: E402
 from formulations.state import ReplicaView, RequestState  # noqa: E402
-from planner_svc.capacity import SearchParams, policy_capacity  # noqa: E402
-from planner_svc.experiment import Experiment  # noqa: E402
-from planner_svc.workloads import SCENARIO_NAMES  # noqa: E402
+from lab.capacity import SearchParams, policy_capacity  # noqa: E402
+from lab.experiment import Experiment  # noqa: E402
+from lab.workloads import SCENARIO_NAMES  # noqa: E402
 
 PERF_MODEL = "opt-13b-2xa100"
 BASELINES = ("vllm_fcfs", "vllm_prefill_first", "sarathi", "edf", "distserve")
@@ -103,7 +103,7 @@ def part_capacity(args) -> str:
                  f"**{geometric_mean(spec_ratios):.2f}x** |" if len(baselines) == 5 else
                  f"| **geometric mean** | {geometric_mean(ratios):.2f}x | {geometric_mean(spec_ratios):.2f}x |")
     if not args.no_write:
-        from planner_svc.plots import plot_capacity_bars
+        from lab.plots import plot_capacity_bars
 
         plot_capacity_bars(per_gpu, PLOT_PATH, title=f"Serving capacity per GPU, {PERF_MODEL}")
     return "\n".join(lines)

@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine_adapters.adapter import AdapterConfig, EngineAdapter  # noqa: E402
 from engine_adapters.sim_engine import SimEngine  # noqa: E402
 from formulations.perf_model import Line, PerfModel, perf_model_preset  # noqa: E402
-from planner_svc.capacity import SearchParams, search_capacity  # noqa: E402
+from lab.capacity import SearchParams, search_capacity  # noqa: E402
 from planner_svc.client import PlannerClient  # noqa: E402
-from planner_svc.commands.demo import ProcessGroup, free_port, wait_for_engines  # noqa: E402
-from planner_svc.replay import replay  # noqa: E402
-from planner_svc.report import build_report  # noqa: E402
-from planner_svc.simulator import SimConfig, simulate  # noqa: E402
-from planner_svc.workloads import WorkloadOptions, build_workload  # noqa: E402
+from commands.demo import ProcessGroup, free_port, wait_for_engines  # noqa: E402
+from lab.replay import replay  # noqa: E402
+from lab.report import build_report  # noqa: E402
+from lab.simulator import SimConfig, simulate  # noqa: E402
+from lab.workloads import WorkloadOptions, build_workload  # noqa: E402
 
 from report_section import write_section  # noqa: E402
 
@@ -64,7 +64,7 @@ def start_planner(group: ProcessGroup, tmp: Path, formulation: str = FORMULATION
     config.write_text(CONFIG.format(formulation=formulation, engine_port=engine_port,
                                     client_port=client_port, perf_model=CAPACITY_MODEL))
     process = group.start(f"planner-{engine_port}", [
-        sys.executable, "-m", "planner_svc.cli", "planner", "--config", str(config),
+        sys.executable, "-m", "commands.cli", "planner", "--config", str(config),
         "--log-level", "WARNING"])
     return process, f"tcp://127.0.0.1:{engine_port}", f"tcp://127.0.0.1:{client_port}"
 
@@ -171,7 +171,7 @@ def planner_cpu(tmp: Path, rate_rps: float, duration_s: float) -> dict:
         planner, engine_ep, client_ep = start_planner(group, tmp)
         for i in range(2):
             group.start(f"engine-{i}", [
-                sys.executable, "-m", "planner_svc.cli", "engine", "--engine", "sim",
+                sys.executable, "-m", "commands.cli", "engine", "--engine", "sim",
                 "--connect", engine_ep, "--engine-id", f"engine-{i}",
                 "--perf-model", CAPACITY_MODEL, "--num-blocks", "3500", "--seed", str(i)])
         with PlannerClient(client_ep) as client:

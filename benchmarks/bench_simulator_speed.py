@@ -1,7 +1,7 @@
 """Simulator speed: simulated seconds per wall-clock second (target >= 1000x on one core) for the
 chatbot scenario, OPT-13B on two A100s, each baseline at its own capacity rate.
 
-For every baseline: a quick capacity search (`planner_svc.capacity.policy_capacity`, a short trace
+For every baseline: a quick capacity search (`lab.capacity.policy_capacity`, a short trace
 window) finds its rate; then one longer run at that rate is timed, with and without the
 fast-forward of steady decode cycles. "Simulated seconds" run from the first arrival to the last
 event. Wall time and this process's CPU time are both reported: on a shared machine the CPU time is
@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report_section import write_section  # noqa: E402
-from planner_svc.capacity import SearchParams, policy_capacity  # noqa: E402
-from planner_svc.experiment import Experiment  # noqa: E402
-from planner_svc.simulator import simulate  # noqa: E402
+from lab.capacity import SearchParams, policy_capacity  # noqa: E402
+from lab.experiment import Experiment  # noqa: E402
+from lab.simulator import simulate  # noqa: E402
 
 BASELINES = ("vllm_fcfs", "vllm_prefill_first", "sarathi", "edf", "distserve")
 TARGET_SPEEDUP = 1000.0
@@ -103,7 +103,7 @@ def format_table(rows, args) -> str:
         "Speed = simulated seconds / seconds of wall or CPU time (CPU time of this process is the "
         "fair one-core number on a shared machine). `ff` = share of engine steps applied by the "
         "fast-forward of steady decode cycles, which gives the same result as single steps "
-        "(tests/planner_svc/test_simulator.py).",
+        "(tests/lab/test_simulator.py).",
         "",
         "| policy | replicas | rate (req/s) | simulated (s) | wall (s) | CPU (s) | x wall | x CPU "
         "| x CPU without fast-forward | steps | ff | replans | mean replan (us) | attainment |",

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.report_section import write_section  # noqa: E402
-from engine_adapters.commands.make_model import make_model  # noqa: E402
+from commands.make_model import make_model  # noqa: E402
 from engine_adapters.engine import EngineRequest  # noqa: E402
 from engine_adapters.profiler import Profiler, median_abs_pct_error  # noqa: E402
 from engine_adapters.torch_engine.engine import TorchEngine  # noqa: E402

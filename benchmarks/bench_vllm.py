@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
-    from engine_adapters.commands.make_model import make_model
+    from commands.make_model import make_model
     from engine_adapters.vllm.engine import VLLMEngine
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,9 +27,9 @@ import zmq
 from engine_adapters.engine import Engine, EngineRequest
 from engine_adapters.plan_queue import PlanQueue
 from formulations.plan import Step
-from planner_svc.envelope import PlanEnvelope
-from planner_svc import protocol as P
-from planner_svc.security import CurveKeys
+from wire.plan_cursor import PlanEnvelope
+from wire import protocol as P
+from wire.security import CurveKeys
 
 log = logging.getLogger("slos_serve.adapter")
 

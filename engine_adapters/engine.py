@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from formulations.perf_model import PerfModel
 from formulations.plan import Step
-from planner_svc.progress import StepReport
+from wire.step_report import StepReport
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Which step an engine runs next, given the plans the planner streams to it.
 
-The step numbering is the planner core's (`planner_svc.envelope.PlanCursor`, shared so that both
+The step numbering is the planner core's (`wire.plan_cursor.PlanCursor`, shared so that both
 sides agree on step ids): explicit step i of a plan has id `start_step_id + i` (a step with nothing
 live left is skipped with its id), then the repeat cycle continues with consecutive ids until a
 newer plan takes over.
@@ -24,7 +24,7 @@ import dataclasses
 from collections.abc import Callable
 
 from formulations.plan import Step
-from planner_svc.envelope import PlanCursor, PlanEnvelope
+from wire.plan_cursor import PlanCursor, PlanEnvelope
 
 
 class PlanQueue:

@@ -34,7 +34,7 @@ import numpy as np
 from engine_adapters.engine import Engine, EngineInfo, EngineRequest
 from formulations.perf_model import PerfModel, TruthModel
 from formulations.plan import Step
-from planner_svc.progress import StepReport
+from wire.step_report import StepReport
 
 
 class VirtualClock:

@@ -10,9 +10,9 @@ import argparse
 
 from formulations.perf_model import perf_model_preset
 from planner_svc.client import PlannerClient
-from planner_svc.replay import replay
-from planner_svc.report import build_report
-from planner_svc.workloads import SCENARIO_NAMES, WorkloadOptions, build_workload
+from lab.replay import replay
+from lab.report import build_report
+from lab.workloads import SCENARIO_NAMES, WorkloadOptions, build_workload
 
 
 def main(argv: list[str] | None = None) -> int:

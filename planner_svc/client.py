@@ -34,9 +34,9 @@ import zmq
 from formulations.plan import Verdict
 from formulations.request import Request, ToolChain
 from formulations.slo import SLO
-from planner_svc import protocol as P
+from wire import protocol as P
 from planner_svc.records import RequestRecord
-from planner_svc.security import CurveKeys
+from wire.security import CurveKeys
 
 
 class ClientError(RuntimeError):
@@ -116,7 +116,7 @@ class RequestHandle:
             callback(event)
 
     def record(self) -> RequestRecord:
-        """The request's outcome on the client's clock, for reports (planner_svc.report)."""
+        """The request's outcome on the client's clock, for reports (lab.report)."""
         verdict = Verdict(self.verdict_msg.verdict) if self.verdict_msg else None
         return RequestRecord(
             request=self._request(),

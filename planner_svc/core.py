@@ -19,7 +19,7 @@ When plans are made (per replica):
   a formulation that returns an exact steady-state repeat is not called again until something
   changes: that is what keeps the core cheap.
 
-A new plan starts at the step id after the last reported one (see `planner_svc/envelope.py` for step
+A new plan starts at the step id after the last reported one (see `wire/plan_cursor.py` for step
 numbering). Before anything is applied, the plan is checked (`planner_svc/plan_check.py`); a bad
 plan raises `PlanError` naming the formulation.
 
@@ -52,9 +52,9 @@ from formulations.interface import Formulation
 from formulations.plan import Decision, Plan, Verdict
 from formulations.request import Request
 from formulations.state import RequestState
-from planner_svc.envelope import PlanEnvelope
+from wire.plan_cursor import PlanEnvelope
 from planner_svc.plan_check import PlanError, check_plan
-from planner_svc.progress import StepReport
+from wire.step_report import StepReport
 from planner_svc.replica import ReplicaSpec, ReplicaState
 from planner_svc.router import RoundRobinRouter, Router
 

@@ -31,9 +31,9 @@ import zmq
 from formulations import registry
 from formulations.perf_model import PerfModel
 from formulations.plan import Decision, Verdict
-from planner_svc import protocol as P
+from wire import protocol as P
 from planner_svc.config import PlannerConfig
-from planner_svc.envelope import PlanEnvelope
+from wire.plan_cursor import PlanEnvelope
 from planner_svc.metrics import PlannerMetrics
 from planner_svc.records import RequestRecord
 from planner_svc.core import CoreOutput, PlannerCore, ReplanPolicy

@@ -13,7 +13,7 @@ from formulations.interface import Formulation
 from formulations.perf_model import PerfModel
 from formulations.plan import Plan
 from formulations.state import ReplicaView, RequestState, num_blocks_for
-from planner_svc.envelope import PlanEnvelope
+from wire.plan_cursor import PlanEnvelope
 
 ROLES = ("mixed", "prefill", "decode")
 

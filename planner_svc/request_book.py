@@ -13,8 +13,8 @@ from formulations.perf_model import PerfModel
 from formulations.plan import Verdict
 from formulations.request import Request
 from formulations.slo import SLO
-from planner_svc import protocol as P
-from planner_svc.progress import StepReport
+from wire import protocol as P
+from wire.step_report import StepReport
 from planner_svc.records import RequestRecord
 
 

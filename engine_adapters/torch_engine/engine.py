@@ -33,7 +33,7 @@ from engine_adapters.torch_engine.sequence import Sequence
 from engine_adapters.torch_engine.speculative import DraftProposer, accept_greedy, accept_sampled
 from formulations.perf_model import PerfModel
 from formulations.plan import Step
-from planner_svc.progress import StepReport
+from wire.step_report import StepReport
 
 PERF_MODEL_FILE = "perf_model.json"  # written by `slos-serve profile`, read by from_pretrained
 DEFAULT_MAX_SPEC_TOKENS = 8

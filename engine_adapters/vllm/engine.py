@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from engine_adapters.engine import Engine, EngineInfo, EngineRequest
 from engine_adapters.vllm.version import check_supported_version
 from formulations.plan import Step
-from planner_svc.progress import StepReport
+from wire.step_report import StepReport
 
 if TYPE_CHECKING:
     from engine_adapters.vllm.scheduler import StepOutcome
@@ -279,4 +279,4 @@ class VLLMEngine(Engine):
         return vllm_id
 
 
-VllmEngine = VLLMEngine  # the spelling engine_adapters/commands/engine.py looks up
+VllmEngine = VLLMEngine  # the spelling commands/engine.py looks up

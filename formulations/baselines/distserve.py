@@ -4,7 +4,7 @@ One instance runs per replica, with the replica's role:
 - `prefill`: FCFS batches of whole prompts (no chunking) up to `max_num_batched_tokens` (one longer
   prompt runs alone) while their KV fits in memory. When a request gets its first token the planner
   core hands it to a decode replica (`PlannerCore` migrations); the shell moves its KV with a
-  transfer delay (see `planner_svc/simulator.py` for the bandwidth model).
+  transfer delay (see `lab/simulator.py` for the bandwidth model).
 - `decode`: FCFS continuous decoding of every request handed over, preempting the newest by
   recompute when memory runs out; a request whose KV did not arrive (no room) or was preempted is
   recomputed with chunked prefill in the budget left.

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from planner_svc import protocol as P
+from wire import protocol as P
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import msgspec
 from aiohttp import web
 
 from formulations.plan import Verdict
-from planner_svc import protocol as P
+from wire import protocol as P
 from planner_svc.client import PlannerClient, RequestHandle
 from planner_svc.http.api_config import ApiConfig
 from planner_svc.http.http_metrics import CONTENT_TYPE, HttpMetrics

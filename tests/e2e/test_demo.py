@@ -26,7 +26,7 @@ def alive(pid: int) -> bool:
 
 def test_ctrl_c_stops_the_planner_and_the_engines():
     demo = subprocess.Popen(
-        [sys.executable, "-m", "planner_svc.cli", "demo", "--duration-s", "60", "--rate", "2"],
+        [sys.executable, "-m", "commands.cli", "demo", "--duration-s", "60", "--rate", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pids, lines = [], []
     deadline = time.monotonic() + 60
@@ -52,7 +52,7 @@ def test_ctrl_c_stops_the_planner_and_the_engines():
 
 def test_children_die_with_a_killed_demo():
     demo = subprocess.Popen(
-        [sys.executable, "-m", "planner_svc.cli", "demo", "--duration-s", "60", "--rate", "2"],
+        [sys.executable, "-m", "commands.cli", "demo", "--duration-s", "60", "--rate", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pids = []
     try:
@@ -75,7 +75,7 @@ def test_children_die_with_a_killed_demo():
 
 def test_torch_demo_config_gives_absolute_ttft_and_keeps_each_tpot(tmp_path):
     from formulations.slo import SLO_PRESETS
-    from planner_svc.commands.demo import PLANNER_TOML, TORCH_DEMO_TTFT_MS, _torch_slos
+    from commands.demo import PLANNER_TOML, TORCH_DEMO_TTFT_MS, _torch_slos
     from planner_svc.config import load_config
 
     path = tmp_path / "planner.toml"

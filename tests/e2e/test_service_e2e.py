@@ -23,12 +23,12 @@ import zmq
 
 from formulations.perf_model import perf_model_preset
 from formulations.request import make_request
-from planner_svc import protocol as P
+from wire import protocol as P
 from planner_svc.client import PlannerClient
-from planner_svc.commands.demo import ProcessGroup, free_port, wait_for_engines
-from planner_svc.replay import replay
-from planner_svc.simulator import SimConfig, simulate
-from planner_svc.workloads.workload import Workload
+from commands.demo import ProcessGroup, free_port, wait_for_engines
+from lab.replay import replay
+from lab.simulator import SimConfig, simulate
+from lab.workloads.workload import Workload
 
 PERF_MODEL = "opt-13b-h100"
 NUM_BLOCKS = 3500
@@ -64,7 +64,7 @@ class Service:
                                         client_port=self.client_port, perf_model=PERF_MODEL,
                                         max_frame_bytes=MAX_FRAME_BYTES))
         self.group = ProcessGroup()
-        cli = ["python", "-m", "planner_svc.cli"]
+        cli = ["python", "-m", "commands.cli"]
         cli[0] = __import__("sys").executable
         self.group.start("planner", [*cli, "planner", "--config", str(config),
                                      "--log-level", "WARNING"])

@@ -13,7 +13,7 @@ import zmq
 from engine_adapters.adapter import AdapterConfig, EngineAdapter
 from engine_adapters.sim_engine import SimEngine
 from formulations.perf_model import PerfModel, Line
-from planner_svc import protocol as P
+from wire import protocol as P
 
 FAST = PerfModel((Line(1e-6, 0.0, 0.002),), "fast")
 

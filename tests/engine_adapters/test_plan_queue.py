@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from engine_adapters.plan_queue import PlanQueue
 from formulations.plan import Plan, Step
-from planner_svc.envelope import PlanEnvelope
+from wire.plan_cursor import PlanEnvelope
 
 
 def envelope(plan_id, start, steps=(), repeat=(), preempt=()):

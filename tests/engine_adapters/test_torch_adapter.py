@@ -11,11 +11,11 @@ import pytest
 import zmq
 
 from engine_adapters.adapter import AdapterConfig, EngineAdapter
-from engine_adapters.commands.make_model import make_model
+from commands.make_model import make_model
 from engine_adapters.engine import EngineRequest
 from engine_adapters.torch_engine.engine import TorchEngine
 from formulations.plan import Step
-from planner_svc import protocol as P
+from wire import protocol as P
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)

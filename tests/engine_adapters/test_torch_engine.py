@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from engine_adapters.commands.make_model import make_model
+from commands.make_model import make_model
 from engine_adapters.engine import EngineRequest
 from engine_adapters.torch_engine.checkpoint import load_model
 from engine_adapters.torch_engine.engine import TorchEngine

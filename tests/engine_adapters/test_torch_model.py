@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_adapters.commands.make_model import make_model
+from commands.make_model import make_model
 from engine_adapters.torch_engine.checkpoint import load_model, save_model
 from engine_adapters.torch_engine.model_runner import Chunk, ModelRunner
 from engine_adapters.torch_engine.presets import preset, random_model

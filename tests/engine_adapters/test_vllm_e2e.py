@@ -18,7 +18,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 from engine_adapters.vllm.engine import ENGINE_ARGS_ENV
 from planner_svc.client import PlannerClient
-from planner_svc.commands.demo import ProcessGroup, free_port, wait_for_engines
+from commands.demo import ProcessGroup, free_port, wait_for_engines
 from tests.engine_adapters import vllm_support
 from tests.engine_adapters.vllm_support import (
     ENGINE_ARGS,
@@ -58,7 +58,7 @@ def service(tmp_path, model_dir, monkeypatch):
     config = tmp_path / "planner.toml"
     config.write_text(CONFIG.format(engine_port=engine_port, client_port=client_port))
     monkeypatch.setenv(ENGINE_ARGS_ENV, json.dumps(E2E_ENGINE_ARGS))
-    cli = [sys.executable, "-m", "planner_svc.cli"]
+    cli = [sys.executable, "-m", "commands.cli"]
     connect = ["--connect", f"tcp://127.0.0.1:{engine_port}", "--heartbeat-interval-s", "0.2"]
     group = ProcessGroup()
     group.start("planner", [*cli, "planner", "--config", str(config)])

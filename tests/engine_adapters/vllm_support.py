@@ -28,7 +28,7 @@ ENGINE_ARGS = {
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from engine_adapters.commands.make_model import make_model
+    from commands.make_model import make_model
 
     path = tmp_path_factory.mktemp("vllm-model") / "tiny"
     make_model("tiny", path)

@@ -48,8 +48,8 @@ def test_cpsat_plan_meets_deadlines_and_is_selectable_by_name():
 def test_cpsat_serves_a_simulated_workload_with_the_guarantee():
     """Selected by name in the simulator like any formulation; its admitted requests attain."""
     from formulations.plan import Verdict as V
-    from planner_svc.simulator import SimConfig, simulate
-    from planner_svc.workloads.scenario import WorkloadOptions, build_workload
+    from lab.simulator import SimConfig, simulate
+    from lab.workloads.scenario import WorkloadOptions, build_workload
 
     workload = build_workload(
         "summarizer", PERF, WorkloadOptions(rate_rps=6.0, num_requests=30, seed=5)

@@ -12,9 +12,9 @@ from formulations.perf_model import Line, PerfModel, perf_model_preset
 from formulations.plan import Verdict
 from formulations.request import make_request
 from formulations.slo import SLO
-from planner_svc.simulator import SimConfig, simulate
-from planner_svc.workloads.scenario import WorkloadOptions, build_workload
-from planner_svc.workloads.workload import Workload
+from lab.simulator import SimConfig, simulate
+from lab.workloads.scenario import WorkloadOptions, build_workload
+from lab.workloads.workload import Workload
 
 OPT13B = perf_model_preset("opt-13b-2xa100")
 TOY = PerfModel((Line(4e-4, 0.0, 0.01),), "toy")

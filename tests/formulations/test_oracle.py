@@ -7,8 +7,8 @@ import pytest
 
 from formulations.oracle import attainment_upper_bound, request_windows
 from formulations.perf_model import perf_model_preset
-from planner_svc.simulator import SimConfig, simulate
-from planner_svc.workloads.scenario import WorkloadOptions, build_workload
+from lab.simulator import SimConfig, simulate
+from lab.workloads.scenario import WorkloadOptions, build_workload
 from tests.formulations.factories import request
 
 PERF = perf_model_preset("opt-13b-2xa100")

@@ -11,9 +11,9 @@ import pytest
 from formulations.deadlines import check_attainment
 from formulations.plan import Verdict
 from formulations.request import ToolChain, ToolRound
-from planner_svc import protocol as P
+from wire import protocol as P
 from planner_svc.client import PlannerClient
-from planner_svc.report import build_report
+from lab.report import build_report
 from tests.planner_svc.service_helpers import Service
 
 

@@ -10,11 +10,11 @@ from formulations.interface import Formulation
 from formulations.plan import Decision, Plan, Step, Verdict
 from planner_svc.core import PlannerCore, ReplanPolicy
 from planner_svc.plan_check import PlanError
-from planner_svc.progress import StepReport
+from wire.step_report import StepReport
 from planner_svc.replica import ReplicaSpec
 from planner_svc.router import RoundRobinRouter
-from planner_svc.simulator import SimConfig, simulate
-from planner_svc.workloads.workload import Workload
+from lab.simulator import SimConfig, simulate
+from lab.workloads.workload import Workload
 from tests.factories import SIMPLE_MODEL, make_req
 
 
@@ -186,7 +186,7 @@ def test_verdicts_are_final_and_given_once_in_a_busy_multi_replica_run():
         def tick(self, now_s):
             return self._count(super().tick(now_s))
 
-    import planner_svc.simulator as sim_module
+    import lab.simulator as sim_module
 
     saved = sim_module.PlannerCore
     sim_module.PlannerCore = Counting

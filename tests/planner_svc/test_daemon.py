@@ -13,7 +13,7 @@ import msgpack
 import pytest
 import zmq
 
-from planner_svc import protocol as P
+from wire import protocol as P
 from planner_svc.client import PlannerClient
 from planner_svc.config import config_from_dict, load_config
 from tests.planner_svc.service_helpers import Service, make_config
@@ -214,7 +214,7 @@ def test_curve_encrypted_loopback_serves_only_known_keys():
     from engine_adapters.adapter import AdapterConfig, EngineAdapter
     from engine_adapters.sim_engine import SimEngine
     from planner_svc.config import CurveConfig
-    from planner_svc.security import CurveKeys, make_keypair
+    from wire.security import CurveKeys, make_keypair
     from tests.planner_svc.service_helpers import FAST_MODEL
 
     server_public, server_secret = make_keypair()
@@ -261,7 +261,7 @@ def test_bad_core_parameters_fail_at_startup():
 
 
 def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
-    from planner_svc.cli import main
+    from commands.cli import main
 
     bad = tmp_path / "bad.toml"
     bad.write_text('formulation = "slos_dp"\n[planner]\nliveness = 0\n')

@@ -362,13 +362,13 @@ def test_api_command_serves_and_stops_on_sigterm(stack, model_dir, tmp_path):
     import subprocess
     import sys
 
-    from planner_svc.commands.demo import free_port
+    from commands.demo import free_port
 
     port = free_port()
     config = tmp_path / "api.toml"
     config.write_text('[models.tiny-chat]\n[models.tiny-coder]\nslo_class = "coder"\n')
     process = subprocess.Popen(
-        [sys.executable, "-m", "planner_svc.cli", "api", "--planner",
+        [sys.executable, "-m", "commands.cli", "api", "--planner",
          stack.service.daemon.client_endpoint, "--port", str(port), "--model-dir", str(model_dir),
          "--config", str(config), "--log-level", "WARNING"],
         stdout=subprocess.PIPE, text=True)
@@ -390,7 +390,7 @@ def test_api_command_serves_and_stops_on_sigterm(stack, model_dir, tmp_path):
 
 
 def test_api_command_errors(tmp_path):
-    from planner_svc.cli import main
+    from commands.cli import main
 
     assert main(["api", "--model-dir", str(tmp_path / "missing")]) == 2
     bad = tmp_path / "api.toml"
@@ -419,7 +419,7 @@ def test_many_concurrent_streams(stack):
 
 def test_no_planner_gives_503_not_a_hang():
     from planner_svc.client import PlannerClient
-    from planner_svc.commands.demo import free_port
+    from commands.demo import free_port
     from planner_svc.http.server import ApiServer, ServerThread
 
     client = PlannerClient(f"tcp://127.0.0.1:{free_port()}")  # nothing listens there
@@ -442,7 +442,7 @@ def test_known_ttft_budget_bounds_the_verdict_wait():
     within it is a 429 at once, not a 5 s wait."""
     from formulations.perf_model import perf_model_preset
     from planner_svc.client import PlannerClient
-    from planner_svc.commands.demo import free_port
+    from commands.demo import free_port
     from planner_svc.http.server import ApiServer, ServerThread
 
     config = ApiConfig(verdict_timeout_s=5.0, perf_model=perf_model_preset("opt-13b-h100"))

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from engine_adapters.adapter import AdapterConfig, EngineAdapter  # noqa: E402
-from engine_adapters.commands.make_model import make_model  # noqa: E402
+from commands.make_model import make_model  # noqa: E402
 from engine_adapters.torch_engine.engine import TorchEngine  # noqa: E402
 from planner_svc.client import PlannerClient  # noqa: E402
 from planner_svc.http.server import ApiServer, ServerThread  # noqa: E402

@@ -1,0 +1,1 @@
+"""The `slos-serve` command line: every subcommand; argparse lives only here."""

@@ -1,0 +1,99 @@
+"""`slos-serve simulate`: serve one scenario (or a user trace) with one policy at one rate in the
+virtual-time simulator and print the report (vLLM-style block + SLO attainment per class)."""
+
+from __future__ import annotations
+
+import argparse
+
+from commands.cli import CliError
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `simulate` and `capacity`: what is served, and on what."""
+    parser.add_argument("--scenario", default="chatbot",
+                        help="chatbot, coder, summarizer, reasoning, tool_agent or mixed")
+    parser.add_argument("--trace", metavar="FILE",
+                        help="replay a user trace (CSV or JSONL, see docs/WORKLOADS.md) instead")
+    parser.add_argument("--perf-model", default="opt-13b-2xa100",
+                        help="performance model preset, or a JSON file from `slos-serve profile`")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="engine replicas (default: 1, or 2 for a disaggregated policy)")
+    parser.add_argument("--num-requests", type=int, default=300,
+                        help="requests to take from the scenario (a tool chain counts once)")
+    parser.add_argument("--start", type=int, default=None,
+                        help="trace rows to skip (default: the scenario's own window start)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spec", type=int, default=0, metavar="K",
+                        help="largest speculation length (0: no draft model)")
+    parser.add_argument("--duration", type=float, default=None, metavar="S",
+                        help="keep only requests arriving in the first S seconds")
+    parser.add_argument("--arrivals", choices=("trace", "poisson", "bursty"), default=None,
+                        help="override the scenario's arrival process")
+    parser.add_argument("--burst-size", type=float, default=4.0,
+                        help="mean burst size of --arrivals bursty (geometric)")
+    parser.add_argument("--max-model-len", type=int, default=8192,
+                        help="context length: longer sequences are dropped and counted")
+
+
+def experiment_from_args(args: argparse.Namespace):
+    from lab.experiment import Experiment
+    from lab.workloads import SCENARIO_NAMES
+
+    if args.trace is None and args.scenario not in SCENARIO_NAMES:
+        raise CliError(f"unknown scenario {args.scenario!r} (known: {', '.join(SCENARIO_NAMES)})")
+    if args.num_requests is not None and args.num_requests < 1:
+        raise CliError(f"--num-requests must be at least 1, got {args.num_requests}")
+    if args.start is not None and args.start < 0:
+        raise CliError(f"--start must be non-negative, got {args.start}")
+    return Experiment(
+        scenario=args.scenario,
+        trace_path=args.trace,
+        perf_model=args.perf_model,
+        num_replicas=args.replicas,
+        max_spec_tokens=args.spec,
+        num_requests=args.num_requests,
+        start_index=args.start,
+        seed=args.seed,
+        arrivals=args.arrivals,
+        mean_burst_size=args.burst_size,
+        duration_s=args.duration,
+        max_model_len=args.max_model_len,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", default="slos_dp", help="a registered formulation name")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="arrival rate in req/s (a user trace without it keeps its timestamps)")
+    add_experiment_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lab.experiment import check_policy
+
+    experiment = experiment_from_args(args)
+    check_policy(args.policy)
+    if args.rate is not None and not args.rate > 0:
+        raise CliError(f"--rate must be a positive number of req/s, got {args.rate}")
+    if args.rate is None and args.trace is None:
+        raise CliError("--rate is required for a scenario (a --trace may replay its own timestamps)")
+    report, result = experiment.run(args.policy, args.rate)
+    if args.json:
+        data = report.to_dict()
+        data["simulation"] = {
+            "policy": args.policy,
+            "rate_rps": args.rate,
+            "num_gpus": result.num_gpus,
+            "num_steps": result.num_steps,
+            "num_replans": result.num_replans,
+            "wall_s": result.wall_s,
+        }
+        import json
+
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"{report.name}: {result.num_gpus} GPU(s), simulated {result.sim_duration_s:.1f} s "
+              f"in {result.wall_s:.2f} s wall")
+        print(report.format_text())
+    return 0

@@ -1,0 +1,1 @@
+"""The evaluation lab: simulator, workloads, capacity search, reports, plots, replay."""

@@ -1,0 +1,121 @@
+"""Replay a workload against a running planner daemon, in real time, through the Python client.
+
+Single requests are submitted at their arrival times (relative to the first arrival); each tool
+chain runs in its own thread (`PlannerClient.run_tool_chain`: round k+1 goes out `tool_delay_s`
+after round k finished). A live summary line is printed every `summary_every_s`. The result holds
+the client-side records (client clock: what a user sees), ready for `lab.report`.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
+
+from formulations.request import Request
+from planner_svc.client import PlannerClient, RequestHandle
+from planner_svc.records import RequestRecord
+from lab.workloads.workload import Workload
+
+
+@dataclass
+class ReplayResult:
+    records: list[RequestRecord]
+    workload: Workload
+    wall_s: float
+    num_unfinished: int  # still running when the replay stopped waiting
+
+
+def replay(
+    client: PlannerClient,
+    workload: Workload,
+    drain_timeout_s: float = 30.0,
+    summary_every_s: float = 1.0,
+    show_summary: bool = True,
+    out: TextIO | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> ReplayResult:
+    """Submit `workload` in real time, wait up to `drain_timeout_s` after the last arrival for
+    requests to finish, and return their records. The live summary goes to `out` (default: the
+    current sys.stdout) unless `show_summary` is False."""
+    out = (out or sys.stdout) if show_summary else None
+    start_s = time.monotonic()
+    first_s = min([r.arrival_s for r in workload.requests] + [c.arrival_s for c in workload.chains],
+                  default=0.0)
+    chain_threads = _start_chains(client, workload, start_s, first_s, should_stop)
+    next_summary_s = start_s + summary_every_s
+    for request in workload.requests:
+        due_s = start_s + request.arrival_s - first_s
+        while (wait_s := due_s - time.monotonic()) > 0 and not should_stop():
+            time.sleep(min(wait_s, 0.05))
+            next_summary_s = _maybe_summary(client, start_s, next_summary_s, summary_every_s, out)
+        if should_stop():
+            break
+        client.submit(**_submit_fields(request))
+    drain_end_s = time.monotonic() + drain_timeout_s
+    while time.monotonic() < drain_end_s and not should_stop():
+        if all(h.done for h in client.handles()) and not any(t.is_alive() for t in chain_threads):
+            break
+        time.sleep(0.05)
+        next_summary_s = _maybe_summary(client, start_s, next_summary_s, summary_every_s, out)
+    _print_summary(client, start_s, out)
+    handles = client.handles()
+    return ReplayResult(
+        records=[h.record() for h in handles],
+        workload=workload,
+        wall_s=time.monotonic() - start_s,
+        num_unfinished=sum(not h.done for h in handles),
+    )
+
+
+def _submit_fields(request: Request) -> dict:
+    return dict(
+        request_id=request.request_id,
+        num_prompt_tokens=request.num_prompt_tokens,
+        max_tokens=request.num_output_tokens,
+        slo_class=request.slo_class,
+        thinking_tokens=request.num_thinking_tokens,
+        value=request.value,
+    )
+
+
+def _start_chains(client, workload, start_s, first_s, should_stop) -> list[threading.Thread]:
+    threads = []
+    for chain in workload.chains:
+        def run(chain=chain):
+            delay_s = start_s + chain.arrival_s - first_s - time.monotonic()
+            if delay_s > 0:
+                time.sleep(delay_s)
+            if not should_stop():
+                client.run_tool_chain(chain)
+
+        thread = threading.Thread(target=run, daemon=True, name=f"chain-{chain.chain_id}")
+        thread.start()
+        threads.append(thread)
+    return threads
+
+
+def _maybe_summary(client, start_s, next_summary_s, every_s, out) -> float:
+    if time.monotonic() < next_summary_s:
+        return next_summary_s
+    _print_summary(client, start_s, out)
+    return next_summary_s + every_s
+
+
+def _print_summary(client: PlannerClient, start_s: float, out: TextIO | None) -> None:
+    if out is None:
+        return
+    handles: list[RequestHandle] = client.handles()
+    verdicts = [h.verdict_msg.verdict for h in handles if h.verdict_msg is not None]
+    finished = [h for h in handles if h.finished]
+    attained = sum(h.record().attainment.ok for h in finished)
+    out.write(
+        f"[{time.monotonic() - start_s:6.1f}s] submitted {len(handles):4d}  "
+        f"admitted {verdicts.count('admitted'):4d}  rejected {verdicts.count('rejected'):3d}  "
+        f"best-effort {verdicts.count('best_effort'):3d}  finished {len(finished):4d}  "
+        f"attained {attained:4d}\n"
+    )
+    out.flush()

@@ -1,0 +1,1 @@
+"""The types both sides of the wire share: messages, plan walking, security."""

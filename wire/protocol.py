@@ -1,0 +1,411 @@
+"""Every message that crosses a process boundary: typed MessagePack structs (msgspec).
+
+A message travels as two ZeroMQ frames, `[type, payload]` (a ROUTER sees the peer identity in
+front): `type` is one byte naming the struct, `payload` is the struct in MessagePack. The receiver
+decodes the payload *against the struct its type byte names*, and only for the types it expects on
+that socket, so malformed input fails here, at the boundary, with a `ProtocolError` that the caller
+counts; it never reaches the planner. Nothing is ever unpickled.
+
+Conversation (see docs/SERVICE.md):
+
+    engine  --READY-->  planner            (first message; carries PROTOCOL_VERSION)
+    engine <--PLAN---   planner            (steps from `start_step_id`, a repeat tail, payloads)
+    engine  --PROGRESS-> planner           (after every step)
+    engine <-HEARTBEAT-> planner           (any message counts as a heartbeat)
+    client  --SUBMIT-->  planner  --VERDICT--> client, then TOKENS... (last one has finished=True)
+    client  --ABORT-->   planner  --ABORT--> engine
+    client  --STATS_REQUEST--> planner --STATS--> client
+    anyone <--ERROR--    planner           (a rejected frame or request, with the reason)
+
+Version 1. A receiver rejects a READY of another version; unknown fields are ignored so that
+fields may be added (with defaults) without a version bump.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import msgspec
+
+from formulations.perf_model import PerfModel, perf_model_preset
+from formulations.plan import Plan, Step
+from wire.plan_cursor import PlanEnvelope
+from wire.step_report import StepReport
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME_BYTES = 8 << 20  # a larger payload is rejected before decoding
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
+PosFloat = Annotated[float, msgspec.Meta(gt=0.0)]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message of an expected type. `kind` is one of a fixed set of
+    short names (a metrics label): frames, unknown_type, unexpected_type, oversized, malformed,
+    or a caller's own (e.g. no_ready, version, bad_ready, bad_request)."""
+
+    def __init__(self, message: str, kind: str = "malformed") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class _Msg(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=False):
+    pass
+
+
+# --------------------------------------------------------------------------- engine <-> planner
+
+
+class PerfModelSpec(_Msg):
+    """A performance model by preset name (`lines` empty) or by its max-of-lines coefficients,
+    each line `[k_token_s, k_spec_s, intercept_s]`."""
+
+    name: str = ""
+    lines: list[tuple[NonNegFloat, NonNegFloat, float]] = []
+
+
+class Ready(_Msg):
+    protocol_version: int
+    engine_id: Id
+    num_total_blocks: PosInt
+    block_size: PosInt
+    perf_model: PerfModelSpec | None = None  # None: the planner uses its configured model
+    max_spec_tokens: NonNegInt = 0  # 0: no draft model
+    max_model_len: PosInt = 1 << 20
+    engine_name: str = "engine"
+    next_step_id: NonNegInt = 0
+
+
+class WireStep(_Msg):
+    num_tokens: dict[str, PosInt]
+    num_spec_tokens: dict[str, NonNegInt] = {}
+
+
+class NewRequest(_Msg):
+    """What an engine needs to run a request. After a move (recompute on another replica) the
+    prompt holds the original prompt plus the tokens generated so far."""
+
+    request_id: Id
+    num_prompt_tokens: PosInt
+    max_new_tokens: PosInt
+    prompt_token_ids: list[int] | None = None  # None: the engine makes placeholder tokens
+    temperature: NonNegFloat = 0.0
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    seed: int | None = None
+    ignore_eos: bool = True
+
+
+class PlanMsg(_Msg):
+    """Steps for engine steps `start_step_id, start_step_id + 1, ...`, then `repeat` cyclically
+    until a newer plan takes over. `plan_id` grows per engine; an engine drops a plan whose id it
+    has seen or whose start step it has already run (stale). New requests and aborts are applied
+    on receipt even from a stale plan; preemptions when the plan is adopted."""
+
+    engine_id: Id
+    plan_id: NonNegInt
+    start_step_id: NonNegInt
+    steps: list[WireStep] = []
+    repeat: list[WireStep] = []
+    new_requests: list[NewRequest] = []
+    aborts: list[str] = []
+    preemptions: list[str] = []
+    ack_step_id: int | None = None  # the engine report this plan answers, if any
+    replan_expected: bool | None = None  # see Heartbeat.replan_expected
+
+
+class Progress(_Msg):
+    """One executed (or refused, `error` set) engine step. Times are on the engine's clock; the
+    planner uses `step_time_s` and stamps the end with its own receive time."""
+
+    engine_id: Id
+    step_id: NonNegInt
+    plan_id: NonNegInt
+    step_time_s: NonNegFloat
+    num_computed_tokens: dict[str, NonNegInt] = {}
+    num_new_tokens: dict[str, NonNegInt] = {}
+    num_accepted_spec_tokens: dict[str, NonNegInt] = {}
+    num_proposed_spec_tokens: dict[str, NonNegInt] = {}
+    new_token_ids: dict[str, list[int]] = {}
+    num_free_blocks: NonNegInt = 0
+    finished: list[str] = []
+    error: str = ""
+    num_stale_plans: NonNegInt = 0  # plans dropped by the engine so far (diagnostic)
+
+
+class Heartbeat(_Msg):
+    """Liveness. From the planner to an engine it may also acknowledge the engine's report of step
+    `ack_step_id` when that report brought no new plan (see PlanMsg.ack_step_id), and say whether
+    it expects to re-plan at the engine's next report (`replan_expected`; None: no news), so that
+    the engine waits for the answer to that report only when a plan is likely to come."""
+
+    sender_id: str = ""
+    sent_s: float = 0.0
+    ack_step_id: int | None = None
+    replan_expected: bool | None = None
+
+
+# --------------------------------------------------------------------------- client <-> planner
+
+
+class Submit(_Msg):
+    """A request. The prompt is given as token ids or as a length; the output as `max_tokens`
+    (the planner treats it as the known output length). SLOs come from `slo_class` (a preset or a
+    class of the planner's config) unless explicit targets are given: `ttft_ms` or
+    `ttft_slowdown`, and `tpot_ms`; a reasoning request sets `thinking_tokens` (its thinking
+    budget) and `thinking_tpot_ms`. A tool-calling round sets `chain_id` and `round_index`; the
+    client runs the tools and submits the next round when this one finishes."""
+
+    request_id: Id
+    max_tokens: PosInt
+    prompt_token_ids: list[int] | None = None
+    num_prompt_tokens: PosInt | None = None
+    slo_class: str = "chatbot"
+    slo_targets: str | None = None  # take the targets from this class instead (tool rounds)
+    ttft_ms: PosFloat | None = None
+    ttft_slowdown: PosFloat | None = None
+    tpot_ms: PosFloat | None = None
+    thinking_tokens: NonNegInt = 0
+    thinking_tpot_ms: PosFloat | None = None
+    temperature: NonNegFloat = 0.0
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    seed: int | None = None
+    ignore_eos: bool = True
+    chain_id: str | None = None
+    round_index: NonNegInt = 0
+    value: PosFloat = 1.0
+
+    @property
+    def prompt_length(self) -> int:
+        if self.prompt_token_ids is not None:
+            return len(self.prompt_token_ids)
+        if self.num_prompt_tokens is None:
+            raise ValueError(f"request {self.request_id}: give prompt_token_ids or num_prompt_tokens")
+        return self.num_prompt_tokens
+
+
+class VerdictMsg(_Msg):
+    """The planner's answer to a SUBMIT: `admitted`, `rejected` or `best_effort`. Carries the
+    request's arrival (planner clock) and its resolved SLO, so that a client can check attainment
+    against the same deadlines."""
+
+    request_id: Id
+    verdict: str
+    reason: str = ""
+    replica_id: int | None = None
+    arrival_s: float = 0.0
+    ttft_slo_s: float = 0.0
+    tpot_s: float = 0.0
+    thinking_tpot_s: float | None = None
+    num_thinking_tokens: int = 0
+
+
+class Tokens(_Msg):
+    """Output tokens of one request produced by one engine step (ids empty for the sim engine)."""
+
+    request_id: Id
+    num_tokens: NonNegInt
+    token_ids: list[int] = []
+    num_generated_tokens: NonNegInt = 0  # total so far
+    finished: bool = False
+    planner_time_s: float = 0.0  # when the planner received the step's report
+
+
+class Abort(_Msg):
+    request_id: Id
+    reason: str = ""
+
+
+class StatsRequest(_Msg):
+    query_id: int = 0  # echoed in the answer, so concurrent queries each get their own
+
+
+class Stats(_Msg):
+    counters: dict[str, float] = {}
+    attainment_by_class: dict[str, float] = {}
+    num_requests_by_class: dict[str, int] = {}
+    num_engines: int = 0
+    query_id: int = 0  # the StatsRequest's
+
+
+class ErrorMsg(_Msg):
+    """A refusal. `kind` is ProtocolError.kind; an engine told `no_ready` (the planner does not
+    know it, e.g. after a planner restart) registers again with a fresh READY."""
+
+    reason: str
+    request_id: str = ""
+    kind: str = ""
+
+
+# --------------------------------------------------------------------------- framing
+
+
+class MessageType(bytes, enum.Enum):
+    READY = b"R"
+    PLAN = b"P"
+    PROGRESS = b"G"
+    HEARTBEAT = b"H"
+    SUBMIT = b"S"
+    VERDICT = b"V"
+    TOKENS = b"T"
+    ABORT = b"A"
+    STATS_REQUEST = b"Q"
+    STATS = b"s"
+    ERROR = b"E"
+
+
+MESSAGE_CLASSES: dict[MessageType, type[_Msg]] = {
+    MessageType.READY: Ready,
+    MessageType.PLAN: PlanMsg,
+    MessageType.PROGRESS: Progress,
+    MessageType.HEARTBEAT: Heartbeat,
+    MessageType.SUBMIT: Submit,
+    MessageType.VERDICT: VerdictMsg,
+    MessageType.TOKENS: Tokens,
+    MessageType.ABORT: Abort,
+    MessageType.STATS_REQUEST: StatsRequest,
+    MessageType.STATS: Stats,
+    MessageType.ERROR: ErrorMsg,
+}
+_TYPE_OF: dict[type[_Msg], MessageType] = {cls: t for t, cls in MESSAGE_CLASSES.items()}
+_DECODERS = {t: msgspec.msgpack.Decoder(cls) for t, cls in MESSAGE_CLASSES.items()}
+_ENCODER = msgspec.msgpack.Encoder()
+
+# What each side accepts.
+ENGINE_TO_PLANNER = frozenset({MessageType.READY, MessageType.PROGRESS, MessageType.HEARTBEAT})
+PLANNER_TO_ENGINE = frozenset({MessageType.PLAN, MessageType.HEARTBEAT, MessageType.ABORT,
+                               MessageType.ERROR})
+CLIENT_TO_PLANNER = frozenset(
+    {MessageType.SUBMIT, MessageType.ABORT, MessageType.STATS_REQUEST, MessageType.HEARTBEAT}
+)
+PLANNER_TO_CLIENT = frozenset({MessageType.VERDICT, MessageType.TOKENS, MessageType.STATS,
+                               MessageType.HEARTBEAT, MessageType.ERROR})
+
+
+def encode(message: _Msg) -> list[bytes]:
+    """The two frames `[type, payload]` of a message."""
+    return [_TYPE_OF[type(message)].value, _ENCODER.encode(message)]
+
+
+def decode(
+    frames: list[bytes],
+    allowed: frozenset[MessageType],
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+) -> _Msg:
+    """Decode `[type, payload]` into the struct the type names, if that type is `allowed`.
+
+    Raises ProtocolError for a wrong frame count, an unknown or unexpected type, an oversized
+    payload, or a payload that is not a valid instance of the struct.
+    """
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames (type, payload), got {len(frames)}", "frames")
+    type_frame, payload = frames
+    try:
+        message_type = MessageType(bytes(type_frame))
+    except ValueError:
+        raise ProtocolError(f"unknown message type {bytes(type_frame)[:8]!r}", "unknown_type") from None
+    if message_type not in allowed:
+        raise ProtocolError(f"message type {message_type.name} is not expected here",
+                            "unexpected_type")
+    if len(payload) > max_frame_bytes:
+        raise ProtocolError(f"{message_type.name} payload of {len(payload)} bytes exceeds "
+                            f"the limit of {max_frame_bytes}", "oversized")
+    try:
+        return _DECODERS[message_type].decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed {message_type.name}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def step_to_wire(step: Step) -> WireStep:
+    return WireStep(num_tokens=dict(step.num_tokens), num_spec_tokens=dict(step.num_spec_tokens))
+
+
+def step_from_wire(wire: WireStep) -> Step:
+    return Step(num_tokens=dict(wire.num_tokens), num_spec_tokens=dict(wire.num_spec_tokens))
+
+
+def perf_model_to_wire(perf_model: PerfModel) -> PerfModelSpec:
+    lines = [(ln.k_token_s, ln.k_spec_s, ln.intercept_s) for ln in perf_model.lines]
+    return PerfModelSpec(name=perf_model.name, lines=lines)
+
+
+def perf_model_from_wire(spec: PerfModelSpec) -> PerfModel:
+    """A PerfModel from its coefficients, or the preset of that name when no lines are given."""
+    if not spec.lines:
+        return perf_model_preset(spec.name)
+    return PerfModel.from_dict({"name": spec.name or "engine", "lines": spec.lines})
+
+
+def progress_to_report(progress: Progress, replica_id: int, end_s: float) -> StepReport:
+    """The planner core's StepReport for a PROGRESS received at planner time `end_s`."""
+    return StepReport(
+        replica_id=replica_id,
+        step_id=progress.step_id,
+        start_s=end_s - progress.step_time_s,
+        end_s=end_s,
+        num_computed_tokens=dict(progress.num_computed_tokens),
+        num_new_tokens=dict(progress.num_new_tokens),
+        num_accepted_spec_tokens=dict(progress.num_accepted_spec_tokens),
+        num_proposed_spec_tokens=dict(progress.num_proposed_spec_tokens),
+        new_token_ids={k: list(v) for k, v in progress.new_token_ids.items()},
+        num_free_blocks=progress.num_free_blocks,
+        finished=tuple(progress.finished),
+        error=progress.error,
+    )
+
+
+def report_to_progress(report: StepReport, engine_id: str, plan_id: int, num_stale_plans: int = 0) -> Progress:
+    return Progress(
+        engine_id=engine_id,
+        step_id=report.step_id,
+        plan_id=plan_id,
+        step_time_s=max(0.0, report.end_s - report.start_s),
+        num_computed_tokens=dict(report.num_computed_tokens),
+        num_new_tokens=dict(report.num_new_tokens),
+        num_accepted_spec_tokens=dict(report.num_accepted_spec_tokens),
+        num_proposed_spec_tokens=dict(report.num_proposed_spec_tokens),
+        new_token_ids={k: list(v) for k, v in report.new_token_ids.items()},
+        num_free_blocks=report.num_free_blocks,
+        finished=list(report.finished),
+        error=report.error,
+        num_stale_plans=num_stale_plans,
+    )
+
+
+def envelope_to_wire(
+    envelope: PlanEnvelope,
+    engine_id: str,
+    new_requests: list[NewRequest],
+    aborts: list[str],
+    ack_step_id: int | None = None,
+    replan_expected: bool | None = None,
+) -> PlanMsg:
+    plan = envelope.plan
+    return PlanMsg(
+        engine_id=engine_id,
+        plan_id=envelope.plan_id,
+        start_step_id=envelope.start_step_id,
+        steps=[step_to_wire(s) for s in plan.steps],
+        repeat=[step_to_wire(s) for s in plan.repeat],
+        new_requests=new_requests,
+        aborts=aborts,
+        preemptions=list(plan.preempt),
+        ack_step_id=ack_step_id,
+        replan_expected=replan_expected,
+    )
+
+
+def envelope_from_wire(message: PlanMsg, replica_id: int = 0) -> PlanEnvelope:
+    """The engine side's envelope (its requests arrive separately, as `NewRequest`s)."""
+    plan = Plan(
+        steps=tuple(step_from_wire(s) for s in message.steps),
+        repeat=tuple(step_from_wire(s) for s in message.repeat),
+        preempt=tuple(message.preemptions),
+    )
+    return PlanEnvelope(replica_id, message.plan_id, message.start_step_id, plan)
