@@ -39,8 +39,9 @@ def default_policies() -> list[str]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", default=None,
-                        help="comma-separated (default: the baselines + slos_dp)")
+    parser.add_argument(
+        "--policies", default=None, help="comma-separated (default: the baselines + slos_dp)"
+    )
     parser.add_argument("--scenarios", default=",".join(SCENARIO_NAMES))
     parser.add_argument("--num-requests", type=int, default=200, help="trace window per run")
     parser.add_argument("--seed", type=int, default=0)
@@ -56,15 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     policies = args.policies.split(",") if args.policies else default_policies()
     scenarios = args.scenarios.split(",")
-    params = SearchParams(min_rate_rps=args.min_rate, max_rate_rps=args.max_rate,
-                          tolerance_rps=args.tolerance, relative_tolerance=args.relative_tolerance)
+    params = SearchParams(
+        min_rate_rps=args.min_rate,
+        max_rate_rps=args.max_rate,
+        tolerance_rps=args.tolerance,
+        relative_tolerance=args.relative_tolerance,
+    )
     per_gpu: dict[str, dict[str, float]] = {}
     cells: dict[str, dict[str, str]] = {}
     results = []
     start = time.perf_counter()
     for scenario in scenarios:
-        experiment = Experiment(scenario=scenario, perf_model=PERF_MODEL,
-                                num_requests=args.num_requests, seed=args.seed)
+        experiment = Experiment(
+            scenario=scenario, perf_model=PERF_MODEL, num_requests=args.num_requests, seed=args.seed
+        )
         per_gpu[scenario], cells[scenario] = {}, {}
         for policy in policies:
             t0 = time.perf_counter()
@@ -72,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             per_gpu[scenario][policy] = result.capacity_per_gpu_rps
             cells[scenario][policy] = capacity_cell(result)
             results.append({**result.to_dict(), "wall_s": time.perf_counter() - t0})
-            print(f"{scenario:<11} {policy:<20} {result.capacity_rps:6.2f} req/s "
-                  f"{result.capacity_per_gpu_rps:6.2f} req/s/GPU  ({len(result.points)} runs, "
-                  f"{time.perf_counter() - t0:.1f}s)", flush=True)
+            print(
+                f"{scenario:<11} {policy:<20} {result.capacity_rps:6.2f} req/s "
+                f"{result.capacity_per_gpu_rps:6.2f} req/s/GPU  ({len(result.points)} runs, "
+                f"{time.perf_counter() - t0:.1f}s)",
+                flush=True,
+            )
     wall_s = time.perf_counter() - start
     table = format_table(per_gpu, cells, policies)
     print(table)
@@ -85,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
         JSON_PATH.write_text(json.dumps(results, indent=2))
         plot_capacity_bars(per_gpu, PLOT_PATH, title=f"Serving capacity, {PERF_MODEL}")
-        write_section("capacity_baselines", section_markdown(table, args, wall_s, results),
-                      "python benchmarks/bench_capacity_baselines.py")
+        write_section(
+            "capacity_baselines",
+            section_markdown(table, args, wall_s, results),
+            "python benchmarks/bench_capacity_baselines.py",
+        )
     return 0
 
 
@@ -121,11 +133,17 @@ def code_version() -> str:
     if os.environ.get("SLOS_SERVE_COMMIT"):
         return f"commit {os.environ['SLOS_SERVE_COMMIT']}"
     try:
-        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "an unknown commit (not a git checkout)"

@@ -32,15 +32,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.report_section import write_section  # noqa: E402
-from formulations.plan import Verdict  # noqa: E402
-from lab.capacity import SearchParams, policy_capacity  # noqa: E402
-from planner_svc.client import PlannerClient  # noqa: E402
-from commands.demo import ProcessGroup, free_port, wait_for_engines  # noqa: E402
-from lab.experiment import Experiment  # noqa: E402
-from planner_svc.http.server import ApiServer, ServerThread  # noqa: E402
-from lab.replay import replay  # noqa: E402
-from lab.report import build_report  # noqa: E402
+from benchmarks.report_section import write_section
+from commands.demo import ProcessGroup, free_port, wait_for_engines
+from formulations.plan import Verdict
+from lab.capacity import SearchParams, policy_capacity
+from lab.experiment import Experiment
+from lab.replay import replay
+from lab.report import build_report
+from planner_svc.client import PlannerClient
+from planner_svc.http.server import ApiServer, ServerThread
 
 PERF_MODEL = "opt-13b-2xa100"
 POLICY = "slos_dp"
@@ -66,24 +66,46 @@ class KeepingClient(PlannerClient):
 
 
 def chatbot_capacity_rps(num_requests: int) -> float:
-    experiment = Experiment(scenario="chatbot", perf_model=PERF_MODEL, num_replicas=NUM_ENGINES,
-                            num_requests=num_requests)
-    result = policy_capacity(experiment, POLICY, SearchParams(tolerance_rps=0.5),
-                             show_progress=False)
+    experiment = Experiment(
+        scenario="chatbot",
+        perf_model=PERF_MODEL,
+        num_replicas=NUM_ENGINES,
+        num_requests=num_requests,
+    )
+    result = policy_capacity(
+        experiment, POLICY, SearchParams(tolerance_rps=0.5), show_progress=False
+    )
     return result.capacity_rps
 
 
 def start_service(group: ProcessGroup, tmp: Path) -> str:
     engine_port, client_port = free_port(), free_port()
     config = tmp / "planner.toml"
-    config.write_text(PLANNER_TOML.format(policy=POLICY, engine_port=engine_port,
-                                          client_port=client_port, perf_model=PERF_MODEL))
+    config.write_text(
+        PLANNER_TOML.format(
+            policy=POLICY, engine_port=engine_port, client_port=client_port, perf_model=PERF_MODEL
+        )
+    )
     cli = [sys.executable, "-m", "commands.cli"]
     group.start("planner", [*cli, "planner", "--config", str(config), "--log-level", "WARNING"])
     for i in range(NUM_ENGINES):
-        group.start(f"engine-{i}", [*cli, "engine", "--engine", "sim", "--connect",
-                                    f"tcp://127.0.0.1:{engine_port}", "--engine-id", f"engine-{i}",
-                                    "--perf-model", PERF_MODEL, "--num-blocks", "3500"])
+        group.start(
+            f"engine-{i}",
+            [
+                *cli,
+                "engine",
+                "--engine",
+                "sim",
+                "--connect",
+                f"tcp://127.0.0.1:{engine_port}",
+                "--engine-id",
+                f"engine-{i}",
+                "--perf-model",
+                PERF_MODEL,
+                "--num-blocks",
+                "3500",
+            ],
+        )
     return f"tcp://127.0.0.1:{client_port}"
 
 
@@ -104,10 +126,27 @@ def http_run(endpoint: str, workload_args: list[str], tmp: Path):
     calls_path = tmp / "calls.json"
     try:
         cpu_start_s = time.process_time()
-        subprocess.run([sys.executable, "-m", "commands.cli", "bench", "--url", server.url,
-                        "--scenario", "chatbot", *workload_args, "--perf-model", PERF_MODEL,
-                        "--json", "--calls-out", str(calls_path)],
-                       check=True, stdout=subprocess.DEVNULL, timeout=600)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "commands.cli",
+                "bench",
+                "--url",
+                server.url,
+                "--scenario",
+                "chatbot",
+                *workload_args,
+                "--perf-model",
+                PERF_MODEL,
+                "--json",
+                "--calls-out",
+                str(calls_path),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=600,
+        )
         server_cpu_s = time.process_time() - cpu_start_s
         handles = {h.request_id: h for h in client.handles()}
         inside = {name: _histogram_summary(api, name) for name in ("ingress", "token_delivery")}
@@ -130,8 +169,11 @@ class NoopApi:
             msgspec.json.decode(await request.read())
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
-            chunk = {"id": "noop", "object": "text_completion", "choices": [
-                {"index": 0, "text": "", "token_ids": [1], "finish_reason": "length"}]}
+            chunk = {
+                "id": "noop",
+                "object": "text_completion",
+                "choices": [{"index": 0, "text": "", "token_ids": [1], "finish_reason": "length"}],
+            }
             await response.write(b"data: " + msgspec.json.encode(chunk) + b"\n\ndata: [DONE]\n\n")
             return response
 
@@ -145,9 +187,25 @@ def floor_ttft_ms(workload_args: list[str], tmp: Path) -> list[float]:
     server = ServerThread(NoopApi())
     calls_path = tmp / "noop_calls.json"
     try:
-        subprocess.run([sys.executable, "-m", "commands.cli", "bench", "--url", server.url,
-                        "--scenario", "chatbot", *workload_args, "--json", "--calls-out",
-                        str(calls_path)], check=True, stdout=subprocess.DEVNULL, timeout=600)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "commands.cli",
+                "bench",
+                "--url",
+                server.url,
+                "--scenario",
+                "chatbot",
+                *workload_args,
+                "--json",
+                "--calls-out",
+                str(calls_path),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=600,
+        )
     finally:
         server.close()
     calls = json.loads(calls_path.read_text())["calls"]
@@ -160,8 +218,10 @@ def _histogram_summary(api: ApiServer, name: str) -> dict:
     count = registry.get_sample_value(f"slos_http_{name}_seconds_count") or 0.0
     total_s = registry.get_sample_value(f"slos_http_{name}_seconds_sum") or 0.0
     under = registry.get_sample_value(f"slos_http_{name}_seconds_bucket", {"le": "0.001"}) or 0.0
-    return {"mean_ms": 1e3 * total_s / count if count else float("nan"),
-            "share_under_1ms": under / count if count else float("nan")}
+    return {
+        "mean_ms": 1e3 * total_s / count if count else float("nan"),
+        "share_under_1ms": under / count if count else float("nan"),
+    }
 
 
 def added_times_ms(calls: dict, handles, client_t0: float) -> tuple[list[float], list[float]]:
@@ -179,8 +239,10 @@ def added_times_ms(calls: dict, handles, client_t0: float) -> tuple[list[float],
         direct_ttft_s = handle.token_times_s[0] - handle.arrival_s
         added_ttft.append((http_ttft_s - direct_ttft_s) * 1e3)
         n = min(len(times), len(handle.token_times_s))
-        added_token += [((bench_t0 + b) - (client_t0 + h)) * 1e3
-                        for b, h in zip(times[:n], handle.token_times_s[:n])]
+        added_token += [
+            ((bench_t0 + b) - (client_t0 + h)) * 1e3
+            for b, h in zip(times[:n], handle.token_times_s[:n])
+        ]
     return added_ttft, added_token
 
 
@@ -193,8 +255,17 @@ def http_records(calls: dict, workload) -> list:
     for call in calls["calls"]:
         request = dataclasses.replace(requests[call["request_id"]], arrival_s=call["arrival_s"])
         verdict = Verdict(call["verdict"]) if call["verdict"] else None
-        results.append(CallResult(request, call["status"], call["response_id"], verdict,
-                                  call["slo"], call["token_times_s"], call["error"]).record())
+        results.append(
+            CallResult(
+                request,
+                call["status"],
+                call["response_id"],
+                verdict,
+                call["slo"],
+                call["token_times_s"],
+                call["error"],
+            ).record()
+        )
     return results
 
 
@@ -213,8 +284,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rate = args.rate or chatbot_capacity_rps(200)
     print(f"bench_http: chatbot at {rate:.2f} req/s, {args.num_requests} requests", flush=True)
-    workload = build_workload("chatbot", perf_model_preset(PERF_MODEL),
-                              WorkloadOptions(rate_rps=rate, num_requests=args.num_requests))
+    workload = build_workload(
+        "chatbot",
+        perf_model_preset(PERF_MODEL),
+        WorkloadOptions(rate_rps=rate, num_requests=args.num_requests),
+    )
     num_low = max(10, args.num_requests // 5)
     group = ProcessGroup()
     try:
@@ -223,19 +297,31 @@ def main(argv: list[str] | None = None) -> int:
             with PlannerClient(endpoint) as probe:
                 wait_for_engines(probe, NUM_ENGINES, group)
             direct = build_report(direct_run(endpoint, workload), workload)
-            loaded = http_run(endpoint, ["--rate", repr(rate), "--num-requests",
-                                         str(args.num_requests)], Path(tmp))
-            low_args = ["--rate", repr(args.low_rate), "--num-requests", str(num_low),
-                        "--seed", "1"]
+            loaded = http_run(
+                endpoint,
+                ["--rate", repr(rate), "--num-requests", str(args.num_requests)],
+                Path(tmp),
+            )
+            low_args = [
+                "--rate",
+                repr(args.low_rate),
+                "--num-requests",
+                str(num_low),
+                "--seed",
+                "1",
+            ]
             low = http_run(endpoint, low_args, Path(tmp))
             floor_ms = floor_ttft_ms(low_args, Path(tmp))
     finally:
         group.stop_all()
     via_http = build_report(http_records(loaded[0], workload), workload)
-    rows = [_overhead_row(f"capacity rate, {rate:.2f} req/s", *loaded),
-            _overhead_row(f"low load, {args.low_rate:g} req/s", *low)]
-    num_errors = sum(1 for run in (loaded, low) for c in run[0]["calls"]
-                     if c["error"] and c["status"] != 429)
+    rows = [
+        _overhead_row(f"capacity rate, {rate:.2f} req/s", *loaded),
+        _overhead_row(f"low load, {args.low_rate:g} req/s", *low),
+    ]
+    num_errors = sum(
+        1 for run in (loaded, low) for c in run[0]["calls"] if c["error"] and c["status"] != 429
+    )
     body = _section(rate, args.num_requests, direct, via_http, rows, num_errors, floor_ms)
     print(body)
     command = "python benchmarks/bench_http.py" + (f" {' '.join(argv)}" if argv else "")
@@ -243,22 +329,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _overhead_row(label: str, calls: dict, handles, client_t0: float, server_cpu_s: float,
-                  inside: dict) -> dict:
+def _overhead_row(
+    label: str, calls: dict, handles, client_t0: float, server_cpu_s: float, inside: dict
+) -> dict:
     added_ttft, added_token = added_times_ms(calls, handles, client_t0)
     num_requests = len(calls["calls"])
     num_tokens = sum(len(h.token_times_s) for h in handles.values())
-    return {"label": label, "ttft": added_ttft, "token": added_token,
-            "cpu_ms_per_request": 1e3 * server_cpu_s / max(1, num_requests),
-            "cpu_us_per_token": 1e6 * server_cpu_s / max(1, num_tokens),
-            "num_tokens": num_tokens, "inside": inside}
+    return {
+        "label": label,
+        "ttft": added_ttft,
+        "token": added_token,
+        "cpu_ms_per_request": 1e3 * server_cpu_s / max(1, num_requests),
+        "cpu_us_per_token": 1e6 * server_cpu_s / max(1, num_tokens),
+        "num_tokens": num_tokens,
+        "inside": inside,
+    }
 
 
 def _section(rate, num_requests, direct, via_http, rows, num_errors, floor_ms) -> str:
     capacity_p50 = _pct(rows[0]["ttft"], 50)
     low_p50 = _pct(rows[1]["ttft"], 50)
+
     def verdict(p50):
         return "met" if p50 < TARGET_P50_ADDED_TTFT_MS else "not met"
+
     table = [
         "| run | added TTFT p50 / p90 / p99 (ms) | added per token p50 / p99 (ms) | "
         "server CPU per request (ms) | server CPU per token (us) | requests | tokens |",
@@ -269,7 +363,8 @@ def _section(rate, num_requests, direct, via_http, rows, num_errors, floor_ms) -
             f"| {r['label']} | {_pct(r['ttft'], 50):.2f} / {_pct(r['ttft'], 90):.2f} / "
             f"{_pct(r['ttft'], 99):.2f} | {_pct(r['token'], 50):.2f} / {_pct(r['token'], 99):.2f} "
             f"| {r['cpu_ms_per_request']:.2f} | {r['cpu_us_per_token']:.0f} | {len(r['ttft'])} "
-            f"| {r['num_tokens']} |")
+            f"| {r['num_tokens']} |"
+        )
     inside = [
         "| run | ingress mean (ms) | ingress <= 1 ms | token delivery mean (ms) | "
         "delivery <= 1 ms |",
@@ -277,8 +372,10 @@ def _section(rate, num_requests, direct, via_http, rows, num_errors, floor_ms) -
     ]
     for r in rows:
         i, d = r["inside"]["ingress"], r["inside"]["token_delivery"]
-        inside.append(f"| {r['label']} | {i['mean_ms']:.3f} | {100 * i['share_under_1ms']:.0f}% "
-                      f"| {d['mean_ms']:.3f} | {100 * d['share_under_1ms']:.0f}% |")
+        inside.append(
+            f"| {r['label']} | {i['mean_ms']:.3f} | {100 * i['share_under_1ms']:.0f}% "
+            f"| {d['mean_ms']:.3f} | {100 * d['share_under_1ms']:.0f}% |"
+        )
     unpaired = [
         "| measured | direct client | through HTTP |",
         "|---|---|---|",
@@ -290,48 +387,50 @@ def _section(rate, num_requests, direct, via_http, rows, num_errors, floor_ms) -
         f"| admitted / rejected | {direct.num_admitted} / {direct.num_rejected} "
         f"| {via_http.num_admitted} / {via_http.num_rejected} |",
     ]
-    return "\n".join([
-        "## HTTP front door overhead",
-        "",
-        f"Chatbot scenario with a planner daemon ({POLICY}) and {NUM_ENGINES} simulated "
-        f"{PERF_MODEL} engines as processes. `slos-serve bench` (its own process) drives the HTTP "
-        "server (streaming /v1/completions, token-id prompts); the server's planner client keeps "
-        "its handles, so each request's added time is paired exactly: added TTFT = HTTP client "
-        "TTFT - planner client TTFT inside the server (ingress + egress); added per token = SSE "
-        "read time - TOKENS receive time. Server CPU = CPU time of the server process (event loop "
-        "+ planner client thread) during the run, divided by the requests, and by the tokens "
-        "(each an upper bound of the cost per request / per token, since both share it).",
-        "",
-        *table,
-        "",
-        f"Target: under {TARGET_P50_ADDED_TTFT_MS:g} ms p50 added to TTFT. At the capacity rate "
-        f"({rate:.2f} req/s, the simulator's capacity of {POLICY} on {NUM_ENGINES} replicas at 90% "
-        f"attainment): **{verdict(capacity_p50)}** ({capacity_p50:.2f} ms); at low load: "
-        f"**{verdict(low_p50)}** ({low_p50:.2f} ms; minus the bare-HTTP floor's p50 below: "
-        f"{low_p50 - _pct(floor_ms, 50):.2f} ms). HTTP errors: {num_errors}. The 2-core "
-        "machine is shared by the planner, engines, server and load generator (and other work), "
-        "so wall-clock added times include waiting for a CPU; they are upper bounds of the "
-        "server's own cost.",
-        "",
-        "Inside the server alone (its Prometheus histograms): ingress = handler start (headers "
-        "parsed) to the planner client's arrival stamp of the SUBMIT (body read, JSON, "
-        "validation, message built: the same stamp the direct client's TTFT starts from); token "
-        "delivery = TOKENS received by the planner client to its SSE chunk written (thread hop "
-        "into the event loop, JSON, write). The rest of the added TTFT is the HTTP stack on both "
-        "sides (aiohttp client and server, loopback TCP) and waiting for a CPU.",
-        "",
-        *inside,
-        "",
-        f"The floor: the same low-load requests against a no-op aiohttp server (reads and parses "
-        f"the body, answers one chunk at once, no planner) take {_pct(floor_ms, 50):.2f} ms p50 "
-        f"({_pct(floor_ms, 90):.2f} ms p90) from send to first chunk on this machine: that much "
-        "of any added TTFT is the bare HTTP stack and the load generator, not serving work.",
-        "",
-        f"Unpaired: the same {num_requests}-request workload at the capacity rate through the "
-        "Python client and through HTTP (two runs, scheduling noise included):",
-        "",
-        *unpaired,
-    ])
+    return "\n".join(
+        [
+            "## HTTP front door overhead",
+            "",
+            f"Chatbot scenario with a planner daemon ({POLICY}) and {NUM_ENGINES} simulated "
+            f"{PERF_MODEL} engines as processes. `slos-serve bench` (its own process) drives the HTTP "
+            "server (streaming /v1/completions, token-id prompts); the server's planner client keeps "
+            "its handles, so each request's added time is paired exactly: added TTFT = HTTP client "
+            "TTFT - planner client TTFT inside the server (ingress + egress); added per token = SSE "
+            "read time - TOKENS receive time. Server CPU = CPU time of the server process (event loop "
+            "+ planner client thread) during the run, divided by the requests, and by the tokens "
+            "(each an upper bound of the cost per request / per token, since both share it).",
+            "",
+            *table,
+            "",
+            f"Target: under {TARGET_P50_ADDED_TTFT_MS:g} ms p50 added to TTFT. At the capacity rate "
+            f"({rate:.2f} req/s, the simulator's capacity of {POLICY} on {NUM_ENGINES} replicas at 90% "
+            f"attainment): **{verdict(capacity_p50)}** ({capacity_p50:.2f} ms); at low load: "
+            f"**{verdict(low_p50)}** ({low_p50:.2f} ms; minus the bare-HTTP floor's p50 below: "
+            f"{low_p50 - _pct(floor_ms, 50):.2f} ms). HTTP errors: {num_errors}. The 2-core "
+            "machine is shared by the planner, engines, server and load generator (and other work), "
+            "so wall-clock added times include waiting for a CPU; they are upper bounds of the "
+            "server's own cost.",
+            "",
+            "Inside the server alone (its Prometheus histograms): ingress = handler start (headers "
+            "parsed) to the planner client's arrival stamp of the SUBMIT (body read, JSON, "
+            "validation, message built: the same stamp the direct client's TTFT starts from); token "
+            "delivery = TOKENS received by the planner client to its SSE chunk written (thread hop "
+            "into the event loop, JSON, write). The rest of the added TTFT is the HTTP stack on both "
+            "sides (aiohttp client and server, loopback TCP) and waiting for a CPU.",
+            "",
+            *inside,
+            "",
+            f"The floor: the same low-load requests against a no-op aiohttp server (reads and parses "
+            f"the body, answers one chunk at once, no planner) take {_pct(floor_ms, 50):.2f} ms p50 "
+            f"({_pct(floor_ms, 90):.2f} ms p90) from send to first chunk on this machine: that much "
+            "of any added TTFT is the bare HTTP stack and the load generator, not serving work.",
+            "",
+            f"Unpaired: the same {num_requests}-request workload at the capacity rate through the "
+            "Python client and through HTTP (two runs, scheduling noise included):",
+            "",
+            *unpaired,
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def search_params(max_rate_rps: float = 8.0) -> SearchParams:
-    return SearchParams(min_rate_rps=0.5, max_rate_rps=max_rate_rps, tolerance_rps=0.3,
-                        relative_tolerance=0.1)
+    return SearchParams(
+        min_rate_rps=0.5, max_rate_rps=max_rate_rps, tolerance_rps=0.3, relative_tolerance=0.1
+    )
 
 
 def capacity(experiment: Experiment, policy: str, max_rate_rps: float = 8.0):
@@ -78,17 +79,24 @@ def part_capacity(args) -> str:
     columns = [*baselines, "slos_dp", "slos_dp+spec"]
     per_gpu: dict[str, dict[str, float]] = {}
     for scenario in args.scenarios:
-        plain = Experiment(scenario=scenario, perf_model=PERF_MODEL, num_requests=args.num_requests,
-                           seed=args.seed)
+        plain = Experiment(
+            scenario=scenario, perf_model=PERF_MODEL, num_requests=args.num_requests, seed=args.seed
+        )
         spec = dataclasses.replace(plain, max_spec_tokens=SPEC_TOKENS)
         row = {}
         for policy in baselines + ["slos_dp"]:
             row[policy] = capacity(plain, policy).capacity_per_gpu_rps
         row["slos_dp+spec"] = capacity(spec, "slos_dp").capacity_per_gpu_rps
         per_gpu[scenario] = row
-        print(f"capacity {scenario}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
-    lines = ["| scenario | " + " | ".join(columns) + " | slos_dp / best baseline | +spec / best baseline |",
-             "|" + "---|" * (len(columns) + 3)]
+        print(
+            f"capacity {scenario}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True
+        )
+    lines = [
+        "| scenario | "
+        + " | ".join(columns)
+        + " | slos_dp / best baseline | +spec / best baseline |",
+        "|" + "---|" * (len(columns) + 3),
+    ]
     ratios, spec_ratios = [], []
     for scenario, row in per_gpu.items():
         best = max(row[p] for p in baselines) if baselines else 0.0
@@ -99,9 +107,12 @@ def part_capacity(args) -> str:
             spec_ratios.append(spec_ratio)
         cells = " | ".join(f"{row[p]:.2f}" for p in columns)
         lines.append(f"| {scenario} | {cells} | {ratio:.2f}x | {spec_ratio:.2f}x |")
-    lines.append(f"| **geometric mean** | | | | | | | | **{geometric_mean(ratios):.2f}x** | "
-                 f"**{geometric_mean(spec_ratios):.2f}x** |" if len(baselines) == 5 else
-                 f"| **geometric mean** | {geometric_mean(ratios):.2f}x | {geometric_mean(spec_ratios):.2f}x |")
+    lines.append(
+        f"| **geometric mean** | | | | | | | | **{geometric_mean(ratios):.2f}x** | "
+        f"**{geometric_mean(spec_ratios):.2f}x** |"
+        if len(baselines) == 5
+        else f"| **geometric mean** | {geometric_mean(ratios):.2f}x | {geometric_mean(spec_ratios):.2f}x |"
+    )
     if not args.no_write:
         from lab.plots import plot_capacity_bars
 
@@ -115,25 +126,39 @@ def part_capacity(args) -> str:
 def part_ablations(args) -> str:
     """Each mechanism switched off alone, on the mixed scenario with bursty arrivals, two replicas
     and a draft model (so that routing and speculation both have something to do)."""
-    base = Experiment(scenario="mixed", perf_model=PERF_MODEL, num_requests=2 * args.num_requests,
-                      seed=args.seed, arrivals="bursty", mean_burst_size=MEAN_BURST,
-                      num_replicas=2, max_spec_tokens=SPEC_TOKENS,
-                      sim_params={"max_forwards": 1})
+    base = Experiment(
+        scenario="mixed",
+        perf_model=PERF_MODEL,
+        num_requests=2 * args.num_requests,
+        seed=args.seed,
+        arrivals="bursty",
+        mean_burst_size=MEAN_BURST,
+        num_replicas=2,
+        max_spec_tokens=SPEC_TOKENS,
+        sim_params={"max_forwards": 1},
+    )
     variants = {
         "full (routing + adaptive speculation + soft admission)": base,
-        "no routing (no forward on rejection)": dataclasses.replace(base, sim_params={"max_forwards": 0}),
+        "no routing (no forward on rejection)": dataclasses.replace(
+            base, sim_params={"max_forwards": 0}
+        ),
         "no adaptive speculation (draft model unused)": dataclasses.replace(
-            base, sim_params={"max_forwards": 1, "policy_params": {"speculation": False}}),
+            base, sim_params={"max_forwards": 1, "policy_params": {"speculation": False}}
+        ),
         "no burst handling (admit everything, EDF)": dataclasses.replace(
-            base, sim_params={"max_forwards": 1, "policy_params": {"admit_all": True}}),
+            base, sim_params={"max_forwards": 1, "policy_params": {"admit_all": True}}
+        ),
     }
     results = {}
     for name, experiment in variants.items():
         results[name] = capacity(experiment, "slos_dp", 16.0).capacity_rps
         print(f"ablation {name}: {results[name]:.2f} req/s", flush=True)
     full = results[next(iter(results))]
-    lines = [f"| variant (mixed, bursty with mean burst {MEAN_BURST:g}, 2 replicas, draft model) | "
-             "capacity req/s | full / variant |", "|---|---|---|"]
+    lines = [
+        f"| variant (mixed, bursty with mean burst {MEAN_BURST:g}, 2 replicas, draft model) | "
+        "capacity req/s | full / variant |",
+        "|---|---|---|",
+    ]
     for name, value in results.items():
         gain = f"{full / value:.2f}x" if value > 0 else "n/a (0)"
         lines.append(f"| {name} | {value:.2f} | {gain} |")
@@ -144,13 +169,21 @@ def part_ablations(args) -> str:
 
 
 def part_scaling(args) -> str:
-    lines = [f"| replicas (chatbot, bursty, mean burst {MEAN_BURST:g}) | capacity req/s | vs 1 replica |",
-             "|---|---|---|"]
+    lines = [
+        f"| replicas (chatbot, bursty, mean burst {MEAN_BURST:g}) | capacity req/s | vs 1 replica |",
+        "|---|---|---|",
+    ]
     one = None
     for num_replicas in (1, 2, 4):
-        experiment = Experiment(scenario="chatbot", perf_model=PERF_MODEL, seed=args.seed,
-                                num_requests=args.num_requests * num_replicas, arrivals="bursty",
-                                mean_burst_size=MEAN_BURST, num_replicas=num_replicas)
+        experiment = Experiment(
+            scenario="chatbot",
+            perf_model=PERF_MODEL,
+            seed=args.seed,
+            num_requests=args.num_requests * num_replicas,
+            arrivals="bursty",
+            mean_burst_size=MEAN_BURST,
+            num_replicas=num_replicas,
+        )
         value = capacity(experiment, "slos_dp", 8.0 * num_replicas).capacity_rps
         one = value if one is None else one
         ratio = f"{value / one:.2f}x" if one else "n/a"
@@ -168,21 +201,28 @@ def part_robustness(args) -> str:
     a step of 10 requests with 2k-token contexts (about 10% of a 40 ms step)."""
     base_model = perf_model_preset(PERF_MODEL)
     truth = TruthModel(base_model, k_context_s=2e-7, noise_frac=0.1, seed=args.seed)
-    lines = ["| policy (mixed) | capacity, exact truth | capacity, 2e-7 s/context token + 10% noise | loss | "
-             "attainment at the exact capacity, noisy truth |", "|---|---|---|---|---|"]
+    lines = [
+        "| policy (mixed) | capacity, exact truth | capacity, 2e-7 s/context token + 10% noise | loss | "
+        "attainment at the exact capacity, noisy truth |",
+        "|---|---|---|---|---|",
+    ]
     for policy in ("slos_dp", "sarathi"):
         if policy not in registry.available():
             continue
-        exact = Experiment(scenario="mixed", perf_model=PERF_MODEL, num_requests=args.num_requests,
-                           seed=args.seed)
+        exact = Experiment(
+            scenario="mixed", perf_model=PERF_MODEL, num_requests=args.num_requests, seed=args.seed
+        )
         noisy = dataclasses.replace(exact, sim_params={"truth": truth})
         cap_exact = capacity(exact, policy).capacity_rps
         cap_noisy = capacity(noisy, policy).capacity_rps
         at_rate = noisy.attainment(policy, cap_exact) if cap_exact > 0 else float("nan")
         loss = f"{100 * (1 - cap_noisy / cap_exact):.0f}%" if cap_exact > 0 else "n/a"
         lines.append(f"| {policy} | {cap_exact:.2f} | {cap_noisy:.2f} | {loss} | {at_rate:.3f} |")
-        print(f"robustness {policy}: exact {cap_exact:.2f}, noisy {cap_noisy:.2f}, "
-              f"attainment {at_rate:.3f}", flush=True)
+        print(
+            f"robustness {policy}: exact {cap_exact:.2f}, noisy {cap_noisy:.2f}, "
+            f"attainment {at_rate:.3f}",
+            flush=True,
+        )
     return "\n".join(lines)
 
 
@@ -211,10 +251,9 @@ def synthetic_view(num_running: int, num_waiting: int, seed: int) -> ReplicaView
     """A replica with `num_running` decoders (three TPOT tiers) and `num_waiting` new requests."""
     import random
 
+    from formulations.deadlines import decode_offset_s
     from formulations.plan import Verdict
     from formulations.request import make_request
-
-    from formulations.deadlines import decode_offset_s
 
     rng = random.Random(seed)
     model = perf_model_preset(PERF_MODEL)
@@ -223,15 +262,36 @@ def synthetic_view(num_running: int, num_waiting: int, seed: int) -> ReplicaView
     running = []
     for i in range(num_running):
         output = rng.randint(50, 500)
-        req = make_request(f"r{i}", 0.0, rng.randint(100, 3000), output, classes[i % 4], model,
-                           num_thinking_tokens=min(100, output) if i % 4 == 3 else 0)
+        req = make_request(
+            f"r{i}",
+            0.0,
+            rng.randint(100, 3000),
+            output,
+            classes[i % 4],
+            model,
+            num_thinking_tokens=min(100, output) if i % 4 == 3 else 0,
+        )
         generated = rng.randint(1, 40)
         # next token due 0..0.2 s from now (on schedule, some a little ahead)
         first_s = now_s + rng.uniform(0.0, 0.2) - decode_offset_s(req, generated + 1)
-        running.append(RequestState(req, Verdict.ADMITTED, req.num_prompt_tokens + generated - 1,
-                                    generated, first_token_s=first_s, num_blocks=0))
-    waiting = [RequestState(make_request(f"w{i}", now_s, rng.randint(100, 3000), rng.randint(10, 400),
-                                         classes[i % 4], model)) for i in range(num_waiting)]
+        running.append(
+            RequestState(
+                req,
+                Verdict.ADMITTED,
+                req.num_prompt_tokens + generated - 1,
+                generated,
+                first_token_s=first_s,
+                num_blocks=0,
+            )
+        )
+    waiting = [
+        RequestState(
+            make_request(
+                f"w{i}", now_s, rng.randint(100, 3000), rng.randint(10, 400), classes[i % 4], model
+            )
+        )
+        for i in range(num_waiting)
+    ]
     return ReplicaView(0, now_s, model, 16, 9000, 9000, tuple(running), tuple(waiting))
 
 
@@ -245,21 +305,32 @@ def part_overhead(args) -> str:
             start = time.perf_counter()
             planner.plan(view)
             times.append(time.perf_counter() - start)
-        lines.append(f"| synthetic: {num_running} running, {num_waiting} new | {len(times)} | "
-                     f"{1e3 * statistics.median(times):.2f} | {1e3 * percentile(times, 0.99):.2f} | "
-                     f"{1e3 * max(times):.2f} |")
+        lines.append(
+            f"| synthetic: {num_running} running, {num_waiting} new | {len(times)} | "
+            f"{1e3 * statistics.median(times):.2f} | {1e3 * percentile(times, 0.99):.2f} | "
+            f"{1e3 * max(times):.2f} |"
+        )
     TimedSlosDP.calls.clear()
-    experiment = Experiment(scenario="mixed", perf_model=PERF_MODEL, num_requests=2 * args.num_requests,
-                            seed=args.seed, arrivals="bursty")
+    experiment = Experiment(
+        scenario="mixed",
+        perf_model=PERF_MODEL,
+        num_requests=2 * args.num_requests,
+        seed=args.seed,
+        arrivals="bursty",
+    )
     experiment.run("slos_dp_timed", 4.0)
     calls = TimedSlosDP.calls
     all_times = [t for _, t in calls]
     busy = [t for n, t in calls if n >= 8]
-    for name, times in (("simulated mixed, bursty, 4 req/s: every call", all_times),
-                        ("... calls with >= 8 new requests", busy)):
+    for name, times in (
+        ("simulated mixed, bursty, 4 req/s: every call", all_times),
+        ("... calls with >= 8 new requests", busy),
+    ):
         if times:
-            lines.append(f"| {name} | {len(times)} | {1e3 * statistics.median(times):.2f} | "
-                         f"{1e3 * percentile(times, 0.99):.2f} | {1e3 * max(times):.2f} |")
+            lines.append(
+                f"| {name} | {len(times)} | {1e3 * statistics.median(times):.2f} | "
+                f"{1e3 * percentile(times, 0.99):.2f} | {1e3 * max(times):.2f} |"
+            )
     print("\n".join(lines), flush=True)
     return "\n".join(lines)
 
@@ -277,11 +348,14 @@ def part_oracle(args) -> str:
 
     model = perf_model_preset(PERF_MODEL)
     policies = [p for p in ("slos_dp", "vllm_fcfs", "sarathi") if p in registry.available()]
-    lines = ["| scenario @ rate | oracle bound | " + " | ".join(policies) + " |",
-             "|---|---|" + "---|" * len(policies)]
+    lines = [
+        "| scenario @ rate | oracle bound | " + " | ".join(policies) + " |",
+        "|---|---|" + "---|" * len(policies),
+    ]
     for scenario, rate in ORACLE_POINTS:
-        experiment = Experiment(scenario=scenario, perf_model=PERF_MODEL, num_requests=args.num_requests,
-                                seed=args.seed)
+        experiment = Experiment(
+            scenario=scenario, perf_model=PERF_MODEL, num_requests=args.num_requests, seed=args.seed
+        )
         workload = experiment.workload(rate)
         requests = list(workload.requests)
         bound = attainment_upper_bound(requests, model, time_limit_s=60.0)
@@ -291,8 +365,11 @@ def part_oracle(args) -> str:
             ids = {r.request_id for r in requests}
             records = [r for r in result.records if r.request.request_id in ids]
             cells.append(f"{sum(r.attainment.ok for r in records) / len(records):.3f}")
-        lines.append(f"| {scenario} @ {rate:g} req/s | <= {bound.max_attainment:.3f} ({bound.status}) | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {scenario} @ {rate:g} req/s | <= {bound.max_attainment:.3f} ({bound.status}) | "
+            + " | ".join(cells)
+            + " |"
+        )
         print(lines[-1], flush=True)
     return "\n".join(lines)
 
@@ -318,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         body = part_markdown(part, table, wall_s)
         print(body, flush=True)
         if not args.no_write:
-            write_section(f"planner_{part}", body, f"python benchmarks/bench_planner.py --parts {part}")
+            write_section(
+                f"planner_{part}", body, f"python benchmarks/bench_planner.py --parts {part}"
+            )
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,18 +30,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_adapters.adapter import AdapterConfig, EngineAdapter  # noqa: E402
-from engine_adapters.sim_engine import SimEngine  # noqa: E402
-from formulations.perf_model import Line, PerfModel, perf_model_preset  # noqa: E402
-from lab.capacity import SearchParams, search_capacity  # noqa: E402
-from planner_svc.client import PlannerClient  # noqa: E402
-from commands.demo import ProcessGroup, free_port, wait_for_engines  # noqa: E402
-from lab.replay import replay  # noqa: E402
-from lab.report import build_report  # noqa: E402
-from lab.simulator import SimConfig, simulate  # noqa: E402
-from lab.workloads import WorkloadOptions, build_workload  # noqa: E402
+from report_section import write_section
 
-from report_section import write_section  # noqa: E402
+from commands.demo import ProcessGroup, free_port, wait_for_engines
+from engine_adapters.adapter import AdapterConfig, EngineAdapter
+from engine_adapters.sim_engine import SimEngine
+from formulations.perf_model import Line, PerfModel, perf_model_preset
+from lab.capacity import SearchParams, search_capacity
+from lab.replay import replay
+from lab.report import build_report
+from lab.simulator import SimConfig, simulate
+from lab.workloads import WorkloadOptions, build_workload
+from planner_svc.client import PlannerClient
 
 # ~20 ms per step for the batches of part 1-2 (18 ms + 20 us per token).
 STEP_20MS = PerfModel((Line(2e-5, 0.0, 0.018),), "step-20ms")
@@ -61,11 +60,27 @@ default_perf_model = "{perf_model}"
 def start_planner(group: ProcessGroup, tmp: Path, formulation: str = FORMULATION):
     engine_port, client_port = free_port(), free_port()
     config = tmp / f"planner-{engine_port}.toml"
-    config.write_text(CONFIG.format(formulation=formulation, engine_port=engine_port,
-                                    client_port=client_port, perf_model=CAPACITY_MODEL))
-    process = group.start(f"planner-{engine_port}", [
-        sys.executable, "-m", "commands.cli", "planner", "--config", str(config),
-        "--log-level", "WARNING"])
+    config.write_text(
+        CONFIG.format(
+            formulation=formulation,
+            engine_port=engine_port,
+            client_port=client_port,
+            perf_model=CAPACITY_MODEL,
+        )
+    )
+    process = group.start(
+        f"planner-{engine_port}",
+        [
+            sys.executable,
+            "-m",
+            "commands.cli",
+            "planner",
+            "--config",
+            str(config),
+            "--log-level",
+            "WARNING",
+        ],
+    )
     return process, f"tcp://127.0.0.1:{engine_port}", f"tcp://127.0.0.1:{client_port}"
 
 
@@ -91,11 +106,23 @@ def plan_wait(tmp: Path, mode: str, duration_s: float, rate_rps: float) -> dict:
         _, engine_ep, client_ep = start_planner(group, tmp)
         adapters, threads = [], []
         for i in range(2):
-            engine = SimEngine(STEP_20MS, 4096, clock=time.monotonic, sleep=time.sleep,
-                               advertised_perf_model=STEP_20MS, seed=i)
-            adapter = EngineAdapter(engine, AdapterConfig(
-                engine_ep, f"engine-{i}", plan_grace_s=plan_grace_s,
-                wait_only_when_expected=only_when_expected))
+            engine = SimEngine(
+                STEP_20MS,
+                4096,
+                clock=time.monotonic,
+                sleep=time.sleep,
+                advertised_perf_model=STEP_20MS,
+                seed=i,
+            )
+            adapter = EngineAdapter(
+                engine,
+                AdapterConfig(
+                    engine_ep,
+                    f"engine-{i}",
+                    plan_grace_s=plan_grace_s,
+                    wait_only_when_expected=only_when_expected,
+                ),
+            )
             thread = threading.Thread(target=adapter.run, daemon=True)
             thread.start()
             adapters.append(adapter)
@@ -106,16 +133,23 @@ def plan_wait(tmp: Path, mode: str, duration_s: float, rate_rps: float) -> dict:
             handles = []
             end_s = time.monotonic() + duration_s
             while time.monotonic() < end_s:
-                handles.append(client.submit(num_prompt_tokens=int(rng.integers(100, 800)),
-                                             max_tokens=int(rng.integers(40, 160))))
+                handles.append(
+                    client.submit(
+                        num_prompt_tokens=int(rng.integers(100, 800)),
+                        max_tokens=int(rng.integers(40, 160)),
+                    )
+                )
                 time.sleep(rng.exponential(1 / rate_rps))
             for handle in handles:
                 handle.wait(30)
             for handle in handles:
                 if not handle.finished:
-                    print(f"unfinished: {handle.request_id} verdict={handle.verdict_msg} "
-                          f"tokens={len(handle.token_times_s)}/{handle.submit.max_tokens} "
-                          f"error={handle.error!r}", file=sys.stderr)
+                    print(
+                        f"unfinished: {handle.request_id} verdict={handle.verdict_msg} "
+                        f"tokens={len(handle.token_times_s)}/{handle.submit.max_tokens} "
+                        f"error={handle.error!r}",
+                        file=sys.stderr,
+                    )
         for adapter in adapters:
             adapter.stop()
         for thread in threads:
@@ -144,14 +178,19 @@ def plan_wait(tmp: Path, mode: str, duration_s: float, rate_rps: float) -> dict:
 
 
 def chatbot_workload(rate_rps: float, num_requests: int | None, duration_s: float | None):
-    options = WorkloadOptions(rate_rps=rate_rps, num_requests=num_requests, duration_s=duration_s,
-                              seed=0)
+    options = WorkloadOptions(
+        rate_rps=rate_rps, num_requests=num_requests, duration_s=duration_s, seed=0
+    )
     return build_workload("chatbot", perf_model_preset(CAPACITY_MODEL), options)
 
 
 def sim_config() -> SimConfig:
-    return SimConfig(policy=FORMULATION, num_replicas=2, perf_model=perf_model_preset(CAPACITY_MODEL),
-                     num_blocks_per_replica=3500)
+    return SimConfig(
+        policy=FORMULATION,
+        num_replicas=2,
+        perf_model=perf_model_preset(CAPACITY_MODEL),
+        num_blocks_per_replica=3500,
+    )
 
 
 def chatbot_capacity(duration_s: float) -> float:
@@ -170,10 +209,27 @@ def planner_cpu(tmp: Path, rate_rps: float, duration_s: float) -> dict:
     try:
         planner, engine_ep, client_ep = start_planner(group, tmp)
         for i in range(2):
-            group.start(f"engine-{i}", [
-                sys.executable, "-m", "commands.cli", "engine", "--engine", "sim",
-                "--connect", engine_ep, "--engine-id", f"engine-{i}",
-                "--perf-model", CAPACITY_MODEL, "--num-blocks", "3500", "--seed", str(i)])
+            group.start(
+                f"engine-{i}",
+                [
+                    sys.executable,
+                    "-m",
+                    "commands.cli",
+                    "engine",
+                    "--engine",
+                    "sim",
+                    "--connect",
+                    engine_ep,
+                    "--engine-id",
+                    f"engine-{i}",
+                    "--perf-model",
+                    CAPACITY_MODEL,
+                    "--num-blocks",
+                    "3500",
+                    "--seed",
+                    str(i),
+                ],
+            )
         with PlannerClient(client_ep) as client:
             wait_for_engines(client, 2, group)
             cpu_start_s, wall_start_s = cpu_seconds(planner.pid), time.monotonic()
@@ -215,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip_cpu:
             return 0
         capacity_rps = chatbot_capacity(args.serve_s)
-        print(f"chatbot capacity ({FORMULATION}, 2 replicas, simulator): {capacity_rps:.2f} req/s",
-              flush=True)
+        print(
+            f"chatbot capacity ({FORMULATION}, 2 replicas, simulator): {capacity_rps:.2f} req/s",
+            flush=True,
+        )
         cpu = planner_cpu(tmp, capacity_rps, args.serve_s)
         print(cpu, flush=True)
     body = format_section(waits, capacity_rps, cpu)

@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for policy in policies:
         capacity = policy_capacity(
-            search, policy, SearchParams(min_rate_rps=0.5, max_rate_rps=16.0, tolerance_rps=0.3),
+            search,
+            policy,
+            SearchParams(min_rate_rps=0.5, max_rate_rps=16.0, tolerance_rps=0.3),
             show_progress=False,
         )
         rate_rps = max(capacity.capacity_rps, 0.5)

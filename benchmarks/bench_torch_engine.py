@@ -17,14 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.report_section import write_section  # noqa: E402
-from commands.make_model import make_model  # noqa: E402
-from engine_adapters.engine import EngineRequest  # noqa: E402
-from engine_adapters.profiler import Profiler, median_abs_pct_error  # noqa: E402
-from engine_adapters.torch_engine.engine import TorchEngine  # noqa: E402
-from formulations.plan import Step  # noqa: E402
+from benchmarks.report_section import write_section
+from commands.make_model import make_model
+from engine_adapters.engine import EngineRequest
+from engine_adapters.profiler import Profiler, median_abs_pct_error
+from engine_adapters.torch_engine.engine import TorchEngine
+from formulations.plan import Step
 
 DECODE_BATCH_SIZES = (1, 4, 16, 64)
 PREFILL_SIZES = (128, 512)

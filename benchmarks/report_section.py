@@ -30,7 +30,9 @@ def write_section(name: str, body_md: str, command: str) -> None:
         f"_Produced by `{command}` on {stamp} ({machine_line()})._\n<!-- END {name} -->"
     )
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else HEADER
-    pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
+    pattern = re.compile(
+        rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S
+    )
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
     else:

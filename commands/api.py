@@ -12,18 +12,28 @@ from commands.cli import CliError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--planner", default="tcp://127.0.0.1:5558",
-                        help="the planner daemon's client endpoint")
+    parser.add_argument(
+        "--planner", default="tcp://127.0.0.1:5558", help="the planner daemon's client endpoint"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model-dir", help="model directory with tokenizer.json (text in and "
-                        "out); without it, prompts must be token ids")
+    parser.add_argument(
+        "--model-dir",
+        help="model directory with tokenizer.json (text in and "
+        "out); without it, prompts must be token ids",
+    )
     parser.add_argument("--config", help="HTTP front door TOML (SLO defaults per model / API key)")
-    parser.add_argument("--planner-config", help="the planner's TOML: its SLO classes and "
-                        "performance model give each request's TTFT budget (the verdict wait)")
-    parser.add_argument("--served-model-name", nargs="+",
-                        help="model name(s) clients use (default: the config's, else the model "
-                        "directory's name, else slos-serve)")
+    parser.add_argument(
+        "--planner-config",
+        help="the planner's TOML: its SLO classes and "
+        "performance model give each request's TTFT budget (the verdict wait)",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        nargs="+",
+        help="model name(s) clients use (default: the config's, else the model "
+        "directory's name, else slos-serve)",
+    )
     parser.add_argument("--max-model-len", type=int, help="prompt + max_tokens limit")
     parser.add_argument("--log-level", default="INFO")
 
@@ -41,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     names = args.served_model_name
     if names is None and args.config is None and tokenizer is not None:
         names = [tokenizer.name]
-    config = load_api_config(args.config, names, args.planner_config,
-                             max_model_len=args.max_model_len)
+    config = load_api_config(
+        args.config, names, args.planner_config, max_model_len=args.max_model_len
+    )
     with PlannerClient(args.planner) as client:
         api = ApiServer(client, config, tokenizer)
         asyncio.run(_serve(api, args.host, args.port))
@@ -53,8 +64,10 @@ async def _serve(api, host: str, port: int) -> None:
     from planner_svc.http.server import start_site
 
     runner, bound_port = await start_site(api, host, port)
-    print(f"api ready http://{host}:{bound_port} models={','.join(api.config.model_names)}",
-          flush=True)
+    print(
+        f"api ready http://{host}:{bound_port} models={','.join(api.config.model_names)}",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -14,20 +14,34 @@ from commands.cli import CliError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--scenario", default="chatbot",
-                        help="chatbot, coder, summarizer, reasoning, tool_agent or mixed")
+    parser.add_argument(
+        "--scenario",
+        default="chatbot",
+        help="chatbot, coder, summarizer, reasoning, tool_agent or mixed",
+    )
     parser.add_argument("--rate", type=float, required=True, help="arrivals per second")
     parser.add_argument("--num-requests", type=int, default=100, help="items (a chain is one)")
     parser.add_argument("--model", default="slos-serve", help="the model name to request")
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--perf-model", default="opt-13b-h100",
-                        help="resolves the scenario's TTFT slowdowns for servers that report no SLO")
-    parser.add_argument("--max-model-len", type=int, default=8192,
-                        help="drop scenario requests longer than this")
-    parser.add_argument("--max-token-id", type=int, default=500,
-                        help="prompt token ids are drawn below this (the model's vocabulary)")
-    parser.add_argument("--no-slo-fields", action="store_true",
-                        help="send plain OpenAI requests (no slo_class extension)")
+    parser.add_argument(
+        "--perf-model",
+        default="opt-13b-h100",
+        help="resolves the scenario's TTFT slowdowns for servers that report no SLO",
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, default=8192, help="drop scenario requests longer than this"
+    )
+    parser.add_argument(
+        "--max-token-id",
+        type=int,
+        default=500,
+        help="prompt token ids are drawn below this (the model's vocabulary)",
+    )
+    parser.add_argument(
+        "--no-slo-fields",
+        action="store_true",
+        help="send plain OpenAI requests (no slo_class extension)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drain-s", type=float, default=60.0, help="wait after the last arrival")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -46,24 +60,50 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--url must start with http:// or https://, got {args.url!r}")
     if args.max_token_id <= 10:
         raise CliError("--max-token-id must be above 10")
-    workload = build_workload(args.scenario, perf_model_preset(args.perf_model), WorkloadOptions(
-        rate_rps=args.rate, num_requests=args.num_requests, seed=args.seed,
-        max_model_len=args.max_model_len))
-    options = BenchOptions(url=args.url.rstrip("/"), model=args.model, api_key=args.api_key,
-                           send_slo_fields=not args.no_slo_fields, max_token_id=args.max_token_id,
-                           seed=args.seed, drain_timeout_s=args.drain_s,
-                           perf_model=args.perf_model)
+    workload = build_workload(
+        args.scenario,
+        perf_model_preset(args.perf_model),
+        WorkloadOptions(
+            rate_rps=args.rate,
+            num_requests=args.num_requests,
+            seed=args.seed,
+            max_model_len=args.max_model_len,
+        ),
+    )
+    options = BenchOptions(
+        url=args.url.rstrip("/"),
+        model=args.model,
+        api_key=args.api_key,
+        send_slo_fields=not args.no_slo_fields,
+        max_token_id=args.max_token_id,
+        seed=args.seed,
+        drain_timeout_s=args.drain_s,
+        perf_model=args.perf_model,
+    )
     if not args.json:
-        print(f"bench: {args.scenario} at {args.rate:g} req/s, {workload.num_items} items "
-              f"against {options.url}", file=sys.stderr, flush=True)
+        print(
+            f"bench: {args.scenario} at {args.rate:g} req/s, {workload.num_items} items "
+            f"against {options.url}",
+            file=sys.stderr,
+            flush=True,
+        )
     result = run_bench(workload, options)
     report = build_report(result.records, workload)
     if args.calls_out:
         Path(args.calls_out).write_text(json.dumps(result.calls_json()))
     errors = sorted({c.error for c in result.calls if c.error and c.status != 429})
     if args.json:
-        print(json.dumps({**report.to_dict(), "url": options.url, "num_errors": result.num_errors,
-                          "errors": errors[:10]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    **report.to_dict(),
+                    "url": options.url,
+                    "num_errors": result.num_errors,
+                    "errors": errors[:10],
+                },
+                indent=2,
+            )
+        )
     else:
         print(report.format_text())
         if errors:

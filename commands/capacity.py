@@ -13,18 +13,39 @@ from commands.simulate import add_experiment_arguments, experiment_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", action="append", dest="policies", metavar="NAME",
-                        help="a registered formulation (repeat for several; default: slos_dp)")
-    parser.add_argument("--target", type=float, default=0.9,
-                        help="fraction of requests that must attain every SLO (default 0.9)")
+    parser.add_argument(
+        "--policy",
+        action="append",
+        dest="policies",
+        metavar="NAME",
+        help="a registered formulation (repeat for several; default: slos_dp)",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=0.9,
+        help="fraction of requests that must attain every SLO (default 0.9)",
+    )
     parser.add_argument("--min-rate", type=float, default=1.0, help="lower search bound, req/s")
-    parser.add_argument("--max-rate", type=float, default=32.0,
-                        help="upper search bound, req/s (doubled while it still attains)")
-    parser.add_argument("--tolerance", type=float, default=0.3,
-                        help="stop when the bracket is narrower than this, req/s")
+    parser.add_argument(
+        "--max-rate",
+        type=float,
+        default=32.0,
+        help="upper search bound, req/s (doubled while it still attains)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.3,
+        help="stop when the bracket is narrower than this, req/s",
+    )
     parser.add_argument("--out", default="out/capacity", help="directory for the JSON and plot")
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="runs per rate (seeds seed, seed+1, ...), attainment pooled")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per rate (seeds seed, seed+1, ...), attainment pooled",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_experiment_arguments(parser)
 
@@ -38,24 +59,36 @@ def run(args: argparse.Namespace) -> int:
     policies = args.policies or ["slos_dp"]
     for policy in policies:
         check_policy(policy)
-    params = SearchParams(target=args.target, min_rate_rps=args.min_rate,
-                          max_rate_rps=args.max_rate, tolerance_rps=args.tolerance)
+    params = SearchParams(
+        target=args.target,
+        min_rate_rps=args.min_rate,
+        max_rate_rps=args.max_rate,
+        tolerance_rps=args.tolerance,
+    )
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise CliError(f"--out {out_dir} exists and is not a directory")
     results = [
-        policy_capacity(experiment, policy, params, num_seeds=args.seeds,
-                        show_progress=not args.no_progress and None)
+        policy_capacity(
+            experiment,
+            policy,
+            params,
+            num_seeds=args.seeds,
+            show_progress=not args.no_progress and None,
+        )
         for policy in policies
     ]
-    print(f"Serving capacity on {experiment.label} ({experiment.perf_model}, "
-          f"target {100 * args.target:.0f}%):")
+    print(
+        f"Serving capacity on {experiment.label} ({experiment.perf_model}, "
+        f"target {100 * args.target:.0f}%):"
+    )
     print(format_capacity_table(results))
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"capacity_{experiment.label}.json"
     json_path.write_text(json.dumps([r.to_dict() for r in results], indent=2))
     plot_path = plot_attainment_curves(
-        results, out_dir / f"capacity_{experiment.label}.png",
+        results,
+        out_dir / f"capacity_{experiment.label}.png",
         title=f"{experiment.label} on {experiment.perf_model}",
     )
     print(f"wrote {json_path} and {plot_path}")

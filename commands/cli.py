@@ -28,11 +28,7 @@ class CliError(Exception):
 
 
 def _available() -> dict[str, tuple[str, str]]:
-    return {
-        name: spec
-        for name, spec in COMMANDS.items()
-        if _module_exists(spec[0])
-    }
+    return {name: spec for name, spec in COMMANDS.items() if _module_exists(spec[0])}
 
 
 def _module_exists(module: str) -> bool:

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from planner_svc.config import load_config
 from lab.workloads import WorkloadOptions
+from planner_svc.config import load_config
 
 PLANNER_TOML = """\
 formulation = "{formulation}"
@@ -43,14 +43,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-engines", type=int, default=2)
     parser.add_argument("--formulation", default="slos_dp")
     parser.add_argument("--scenario", default="chatbot")
-    parser.add_argument("--rate", type=float, default=None,
-                        help="arrivals per second (default: 4 for sim, 0.5 for torch)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="arrivals per second (default: 4 for sim, 0.5 for torch)",
+    )
     parser.add_argument("--duration-s", type=float, default=30.0, help="arrival window")
-    parser.add_argument("--drain-s", type=float, default=20.0,
-                        help="time allowed after the last arrival")
+    parser.add_argument(
+        "--drain-s", type=float, default=20.0, help="time allowed after the last arrival"
+    )
     parser.add_argument("--perf-model", default="opt-13b-h100", help="sim engines' model")
-    parser.add_argument("--model-dir", default="out/demo-model",
-                        help="torch: model directory (made if missing)")
+    parser.add_argument(
+        "--model-dir", default="out/demo-model", help="torch: model directory (made if missing)"
+    )
     parser.add_argument("--metrics-port", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
 
@@ -72,10 +78,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace, rate: float, group: ProcessGroup) -> int:
-    from planner_svc.client import PlannerClient
     from lab.replay import replay
     from lab.report import build_report
     from lab.workloads import build_workload
+    from planner_svc.client import PlannerClient
 
     engine_port, client_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="slos-demo-") as tmp:
@@ -86,26 +92,57 @@ def _run_demo(args: argparse.Namespace, rate: float, group: ProcessGroup) -> int
             planner_perf_model = str(Path(args.model_dir).resolve() / "perf_model.json")
             slo_table, max_model_len = _torch_slos(), _max_model_len(Path(args.model_dir))
         config_path = Path(tmp) / "planner.toml"
-        config_path.write_text(PLANNER_TOML.format(
-            formulation=args.formulation, engine_port=engine_port, client_port=client_port,
-            metrics_port=args.metrics_port, perf_model=planner_perf_model) + slo_table)
-        group.start("planner", [*_cli(), "planner", "--config", str(config_path),
-                                "--log-level", "WARNING"])
+        config_path.write_text(
+            PLANNER_TOML.format(
+                formulation=args.formulation,
+                engine_port=engine_port,
+                client_port=client_port,
+                metrics_port=args.metrics_port,
+                perf_model=planner_perf_model,
+            )
+            + slo_table
+        )
+        group.start(
+            "planner", [*_cli(), "planner", "--config", str(config_path), "--log-level", "WARNING"]
+        )
         for i in range(args.num_engines):
-            group.start(f"engine-{i}", [*_cli(), "engine", "--engine", args.engine,
-                                        "--connect", f"tcp://127.0.0.1:{engine_port}",
-                                        "--engine-id", f"engine-{i}", *engine_args])
+            group.start(
+                f"engine-{i}",
+                [
+                    *_cli(),
+                    "engine",
+                    "--engine",
+                    args.engine,
+                    "--connect",
+                    f"tcp://127.0.0.1:{engine_port}",
+                    "--engine-id",
+                    f"engine-{i}",
+                    *engine_args,
+                ],
+            )
         perf_model = load_config(config_path).perf_model
-        workload = build_workload(args.scenario, perf_model, WorkloadOptions(
-            rate_rps=rate, num_requests=None, duration_s=args.duration_s, seed=args.seed,
-            max_model_len=max_model_len))
-        print(f"demo: {args.formulation} on {args.num_engines} {args.engine} engine(s), "
-              f"{args.scenario} at {rate:g} req/s for {args.duration_s:g}s "
-              f"({workload.num_items} items)", flush=True)
+        workload = build_workload(
+            args.scenario,
+            perf_model,
+            WorkloadOptions(
+                rate_rps=rate,
+                num_requests=None,
+                duration_s=args.duration_s,
+                seed=args.seed,
+                max_model_len=max_model_len,
+            ),
+        )
+        print(
+            f"demo: {args.formulation} on {args.num_engines} {args.engine} engine(s), "
+            f"{args.scenario} at {rate:g} req/s for {args.duration_s:g}s "
+            f"({workload.num_items} items)",
+            flush=True,
+        )
         with PlannerClient(f"tcp://127.0.0.1:{client_port}") as client:
             wait_for_engines(client, args.num_engines, group)
-            result = replay(client, workload, drain_timeout_s=args.drain_s,
-                            should_stop=group.any_died)
+            result = replay(
+                client, workload, drain_timeout_s=args.drain_s, should_stop=group.any_died
+            )
         if group.any_died():
             raise ValueError(f"a service process exited early: {group.died()}")
         print(build_report(result.records, workload).format_text())
@@ -124,8 +161,11 @@ def _torch_slos() -> str:
 
     lines = []
     for name, slo in SLO_PRESETS.items():
-        lines += [f"\n[slo_classes.{name}]", f"ttft_ms = {TORCH_DEMO_TTFT_MS}",
-                  f"tpot_ms = {slo.tpot_s * 1000:g}"]
+        lines += [
+            f"\n[slo_classes.{name}]",
+            f"ttft_ms = {TORCH_DEMO_TTFT_MS}",
+            f"tpot_ms = {slo.tpot_s * 1000:g}",
+        ]
         if slo.thinking_tpot_s is not None:
             lines.append(f"thinking_tpot_ms = {slo.thinking_tpot_s * 1000:g}")
     return "\n".join(lines) + "\n"
@@ -143,8 +183,9 @@ def _engine_args(args: argparse.Namespace) -> list[str]:
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         print(f"demo: making a tiny model in {model_dir} (and profiling it)", flush=True)
-        subprocess.run([*_cli(), "make-model", "--preset", "tiny", "--out", str(model_dir)],
-                       check=True)
+        subprocess.run(
+            [*_cli(), "make-model", "--preset", "tiny", "--out", str(model_dir)], check=True
+        )
         subprocess.run([*_cli(), "profile", "--model", str(model_dir), "--quick"], check=True)
     return ["--model-dir", str(model_dir)]
 
@@ -176,8 +217,11 @@ class ProcessGroup:
         return process
 
     def died(self) -> list[str]:
-        return [f"{name} (exit {p.returncode})" for name, p in self.processes.items()
-                if p.poll() is not None]
+        return [
+            f"{name} (exit {p.returncode})"
+            for name, p in self.processes.items()
+            if p.poll() is not None
+        ]
 
     def any_died(self) -> bool:
         return any(p.poll() is not None for p in self.processes.values())

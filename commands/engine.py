@@ -23,39 +23,64 @@ from wire.security import CurveKeys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=("sim", "torch", "vllm"), default="sim")
-    parser.add_argument("--connect", default="tcp://127.0.0.1:5557",
-                        help="the planner's engine endpoint")
+    parser.add_argument(
+        "--connect", default="tcp://127.0.0.1:5557", help="the planner's engine endpoint"
+    )
     parser.add_argument("--engine-id", default="engine-0")
     parser.add_argument("--heartbeat-interval-s", type=float, default=0.5)
     parser.add_argument("--liveness", type=int, default=6)
-    parser.add_argument("--plan-grace-ms", type=float, default=10.0,
-                        help="after each report, wait up to this long for the planner's answer")
-    parser.add_argument("--wait-for-every-answer", action="store_true",
-                        help="wait for the planner's answer after every report, not only when "
-                             "it announced a re-plan (fewer late plans, more waiting)")
+    parser.add_argument(
+        "--plan-grace-ms",
+        type=float,
+        default=10.0,
+        help="after each report, wait up to this long for the planner's answer",
+    )
+    parser.add_argument(
+        "--wait-for-every-answer",
+        action="store_true",
+        help="wait for the planner's answer after every report, not only when "
+        "it announced a re-plan (fewer late plans, more waiting)",
+    )
     sim = parser.add_argument_group("sim engine")
-    sim.add_argument("--perf-model", default="opt-13b-h100",
-                     help="truth model base (a preset name)")
-    sim.add_argument("--k-context-s", type=float, default=0.0,
-                     help="truth: seconds per cached context token attended")
+    sim.add_argument(
+        "--perf-model", default="opt-13b-h100", help="truth model base (a preset name)"
+    )
+    sim.add_argument(
+        "--k-context-s",
+        type=float,
+        default=0.0,
+        help="truth: seconds per cached context token attended",
+    )
     sim.add_argument("--noise-frac", type=float, default=0.0, help="truth: multiplicative noise")
-    sim.add_argument("--time-scale", type=float, default=1.0,
-                     help="sleep time_scale x the truth's step time (speeds up demos and tests)")
+    sim.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="sleep time_scale x the truth's step time (speeds up demos and tests)",
+    )
     sim.add_argument("--num-blocks", type=int, default=4096)
     sim.add_argument("--block-size", type=int, default=16)
     sim.add_argument("--max-spec-tokens", type=int, default=0)
     sim.add_argument("--acceptance-rate", type=float, default=0.7)
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--advertise-perf-model", action="store_true",
-                     help="send the truth's base model in READY (default: the planner's config)")
+    sim.add_argument(
+        "--advertise-perf-model",
+        action="store_true",
+        help="send the truth's base model in READY (default: the planner's config)",
+    )
     torch = parser.add_argument_group("torch engine")
     torch.add_argument("--model-dir", help="checkpoint directory (slos-serve make-model)")
     torch.add_argument("--draft-dir", help="draft model checkpoint for speculative decoding")
     torch.add_argument("--kv-memory-gb", type=float, default=0.25)
     vllm = parser.add_argument_group("vllm engine")
-    vllm.add_argument("--vllm-arg", action="append", default=[], metavar="NAME=VALUE",
-                      help="a vLLM engine argument (value read as JSON when it parses), e.g. "
-                      "max_model_len=2048; repeatable; adds to SLOS_SERVE_VLLM_ARGS")
+    vllm.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a vLLM engine argument (value read as JSON when it parses), e.g. "
+        "max_model_len=2048; repeatable; adds to SLOS_SERVE_VLLM_ARGS",
+    )
     sec = parser.add_argument_group("CURVE (beyond loopback)")
     sec.add_argument("--curve-public-key", default="")
     sec.add_argument("--curve-secret-key", default="")

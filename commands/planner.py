@@ -37,8 +37,13 @@ def run(args: argparse.Namespace) -> int:
     daemon.serve_metrics()
     logging.getLogger("slos_serve.daemon").info(
         "planner up: formulation %s, engines at %s, clients at %s",
-        config.formulation, daemon.engine_endpoint, daemon.client_endpoint)
-    print(f"planner ready engines={daemon.engine_endpoint} clients={daemon.client_endpoint}",
-          flush=True)
+        config.formulation,
+        daemon.engine_endpoint,
+        daemon.client_endpoint,
+    )
+    print(
+        f"planner ready engines={daemon.engine_endpoint} clients={daemon.client_endpoint}",
+        flush=True,
+    )
     daemon.run()
     return 0

@@ -10,29 +10,72 @@ from commands.cli import CliError
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `simulate` and `capacity`: what is served, and on what."""
-    parser.add_argument("--scenario", default="chatbot",
-                        help="chatbot, coder, summarizer, reasoning, tool_agent or mixed")
-    parser.add_argument("--trace", metavar="FILE",
-                        help="replay a user trace (CSV or JSONL, see docs/WORKLOADS.md) instead")
-    parser.add_argument("--perf-model", default="opt-13b-2xa100",
-                        help="performance model preset, or a JSON file from `slos-serve profile`")
-    parser.add_argument("--replicas", type=int, default=None,
-                        help="engine replicas (default: 1, or 2 for a disaggregated policy)")
-    parser.add_argument("--num-requests", type=int, default=300,
-                        help="requests to take from the scenario (a tool chain counts once)")
-    parser.add_argument("--start", type=int, default=None,
-                        help="trace rows to skip (default: the scenario's own window start)")
+    parser.add_argument(
+        "--scenario",
+        default="chatbot",
+        help="chatbot, coder, summarizer, reasoning, tool_agent or mixed",
+    )
+    parser.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="replay a user trace (CSV or JSONL, see docs/WORKLOADS.md) instead",
+    )
+    parser.add_argument(
+        "--perf-model",
+        default="opt-13b-2xa100",
+        help="performance model preset, or a JSON file from `slos-serve profile`",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="engine replicas (default: 1, or 2 for a disaggregated policy)",
+    )
+    parser.add_argument(
+        "--num-requests",
+        type=int,
+        default=300,
+        help="requests to take from the scenario (a tool chain counts once)",
+    )
+    parser.add_argument(
+        "--start",
+        type=int,
+        default=None,
+        help="trace rows to skip (default: the scenario's own window start)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--spec", type=int, default=0, metavar="K",
-                        help="largest speculation length (0: no draft model)")
-    parser.add_argument("--duration", type=float, default=None, metavar="S",
-                        help="keep only requests arriving in the first S seconds")
-    parser.add_argument("--arrivals", choices=("trace", "poisson", "bursty"), default=None,
-                        help="override the scenario's arrival process")
-    parser.add_argument("--burst-size", type=float, default=4.0,
-                        help="mean burst size of --arrivals bursty (geometric)")
-    parser.add_argument("--max-model-len", type=int, default=8192,
-                        help="context length: longer sequences are dropped and counted")
+    parser.add_argument(
+        "--spec",
+        type=int,
+        default=0,
+        metavar="K",
+        help="largest speculation length (0: no draft model)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help="keep only requests arriving in the first S seconds",
+    )
+    parser.add_argument(
+        "--arrivals",
+        choices=("trace", "poisson", "bursty"),
+        default=None,
+        help="override the scenario's arrival process",
+    )
+    parser.add_argument(
+        "--burst-size",
+        type=float,
+        default=4.0,
+        help="mean burst size of --arrivals bursty (geometric)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=8192,
+        help="context length: longer sequences are dropped and counted",
+    )
 
 
 def experiment_from_args(args: argparse.Namespace):
@@ -63,8 +106,12 @@ def experiment_from_args(args: argparse.Namespace):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="slos_dp", help="a registered formulation name")
-    parser.add_argument("--rate", type=float, default=None,
-                        help="arrival rate in req/s (a user trace without it keeps its timestamps)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="arrival rate in req/s (a user trace without it keeps its timestamps)",
+    )
     add_experiment_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -77,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
     if args.rate is not None and not args.rate > 0:
         raise CliError(f"--rate must be a positive number of req/s, got {args.rate}")
     if args.rate is None and args.trace is None:
-        raise CliError("--rate is required for a scenario (a --trace may replay its own timestamps)")
+        raise CliError(
+            "--rate is required for a scenario (a --trace may replay its own timestamps)"
+        )
     report, result = experiment.run(args.policy, args.rate)
     if args.json:
         data = report.to_dict()
@@ -93,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(data, indent=2))
     else:
-        print(f"{report.name}: {result.num_gpus} GPU(s), simulated {result.sim_duration_s:.1f} s "
-              f"in {result.wall_s:.2f} s wall")
+        print(
+            f"{report.name}: {result.num_gpus} GPU(s), simulated {result.sim_duration_s:.1f} s "
+            f"in {result.wall_s:.2f} s wall"
+        )
         print(report.format_text())
     return 0

@@ -27,8 +27,8 @@ import zmq
 from engine_adapters.engine import Engine, EngineRequest
 from engine_adapters.plan_queue import PlanQueue
 from formulations.plan import Step
-from wire.plan_cursor import PlanEnvelope
 from wire import protocol as P
+from wire.plan_cursor import PlanEnvelope
 from wire.security import CurveKeys
 
 log = logging.getLogger("slos_serve.adapter")
@@ -289,7 +289,8 @@ class EngineAdapter:
                     num_prompt_tokens=new.num_prompt_tokens,
                     max_new_tokens=new.max_new_tokens,
                     prompt_token_ids=tuple(new.prompt_token_ids)
-                    if new.prompt_token_ids is not None else None,
+                    if new.prompt_token_ids is not None
+                    else None,
                     temperature=new.temperature,
                     top_p=new.top_p,
                     seed=new.seed,
@@ -342,6 +343,7 @@ class EngineAdapter:
         num_tokens = {rid: min(n, self.live[rid].num_pending) for rid, n in step.num_tokens.items()}
         if num_tokens == step.num_tokens:
             return step
-        num_spec = {rid: s for rid, s in step.num_spec_tokens.items()
-                    if self.live[rid].num_pending == 1}
+        num_spec = {
+            rid: s for rid, s in step.num_spec_tokens.items() if self.live[rid].num_pending == 1
+        }
         return Step(num_tokens=num_tokens, num_spec_tokens=num_spec)

@@ -28,7 +28,10 @@ class EngineRequest:
     ignore_eos: bool = True  # planner workloads know output lengths; real clients may stop on EOS
 
     def __post_init__(self) -> None:
-        if self.prompt_token_ids is not None and len(self.prompt_token_ids) != self.num_prompt_tokens:
+        if (
+            self.prompt_token_ids is not None
+            and len(self.prompt_token_ids) != self.num_prompt_tokens
+        ):
             raise ValueError(f"request {self.request_id}: prompt length mismatch")
         if self.num_prompt_tokens < 1 or self.max_new_tokens < 1:
             raise ValueError(f"request {self.request_id}: empty prompt or output")

@@ -15,7 +15,8 @@ independently, and keeps the leading accepted run:
     P(accepted = a) = alpha^a (1 - alpha) for a < s,  P(accepted = s) = alpha^s,
 
 i.e. accepted = min(s, G - 1) with G ~ Geometric(1 - alpha) (trials to the first rejection). It
-then produces accepted + 1 tokens (the verified drafts plus one token of its own), capped by what the
+then produces accepted + 1 tokens (the verified drafts plus one token of its own), capped by what
+the
 request still has to generate. Draws come from a seeded generator, so a run is reproducible.
 
 Time: the engine reads a clock it is given (`clock()`, seconds). The simulator passes its virtual
@@ -115,7 +116,9 @@ class SimEngine(Engine):
     def add_request(self, request: EngineRequest) -> None:
         if request.request_id in self._seqs:
             raise ValueError(f"request {request.request_id!r} is already registered")
-        self._seqs[request.request_id] = _Sequence(request.num_prompt_tokens, request.max_new_tokens)
+        self._seqs[request.request_id] = _Sequence(
+            request.num_prompt_tokens, request.max_new_tokens
+        )
 
     @property
     def live_requests(self) -> Mapping[str, object]:
@@ -138,7 +141,9 @@ class SimEngine(Engine):
             seq.num_blocks = 0
             seq.num_computed = 0
 
-    def import_request(self, request: EngineRequest, num_computed_tokens: int, num_generated_tokens: int) -> int:
+    def import_request(
+        self, request: EngineRequest, num_computed_tokens: int, num_generated_tokens: int
+    ) -> int:
         """Register a request whose KV arrives from another engine (disaggregation). Returns the
         tokens now cached here: all of them, or 0 when the blocks are not free (it recomputes)."""
         seq = _Sequence(request.num_prompt_tokens, request.max_new_tokens)
@@ -156,10 +161,16 @@ class SimEngine(Engine):
         problem, num_context_tokens = self._check(step)
         if problem:
             return StepReport(
-                replica_id, step_id, start_s, start_s,
-                num_free_blocks=self._num_free_blocks, error=problem,
+                replica_id,
+                step_id,
+                start_s,
+                start_s,
+                num_free_blocks=self._num_free_blocks,
+                error=problem,
             )
-        time_s = self.truth.step_time_s(step.num_batched_tokens, step.spec_steps, num_context_tokens)
+        time_s = self.truth.step_time_s(
+            step.num_batched_tokens, step.spec_steps, num_context_tokens
+        )
         report = self._apply(step, replica_id, step_id, start_s, start_s + time_s)
         if self.sleep is not None:
             self.sleep(time_s)
@@ -263,7 +274,10 @@ class SimEngine(Engine):
         self.num_steps += num_steps
         counts = dict.fromkeys(step.num_tokens, num_steps)
         return StepReport(
-            replica_id, last_step_id, start_s, end_s,
+            replica_id,
+            last_step_id,
+            start_s,
+            end_s,
             num_computed_tokens=counts,
             num_new_tokens=dict(counts),
             num_free_blocks=free,
@@ -289,18 +303,24 @@ class SimEngine(Engine):
             if not 1 <= num_tokens <= pending:
                 return f"request {rid!r}: {num_tokens} tokens planned, {pending} pending", 0
             num_spec = spec.get(rid, 0) if spec else 0
-            if num_spec and (num_spec > self.max_spec_tokens or pending != 1 or not seq.num_generated):
+            if num_spec and (
+                num_spec > self.max_spec_tokens or pending != 1 or not seq.num_generated
+            ):
                 return f"request {rid!r}: {num_spec} speculative tokens not allowed", 0
             blocks = -(-(computed + num_tokens + num_spec) // block_size)
             if blocks > seq.num_blocks:
                 num_needed_blocks += blocks - seq.num_blocks
             num_context_tokens += computed
         if num_needed_blocks > self._num_free_blocks:
-            problem = f"out of KV blocks: step needs {num_needed_blocks}, {self._num_free_blocks} free"
+            problem = (
+                f"out of KV blocks: step needs {num_needed_blocks}, {self._num_free_blocks} free"
+            )
             return problem, 0
         return "", num_context_tokens
 
-    def _apply(self, step: Step, replica_id: int, step_id: int, start_s: float, end_s: float) -> StepReport:
+    def _apply(
+        self, step: Step, replica_id: int, step_id: int, start_s: float, end_s: float
+    ) -> StepReport:
         if not step.num_spec_tokens and not self.emit_token_ids:
             return self._apply_plain(step, replica_id, step_id, start_s, end_s)
         seqs = self._seqs
@@ -321,7 +341,9 @@ class SimEngine(Engine):
                 num_new = 1
                 num_spec = spec.get(rid, 0) if spec else 0
                 if num_spec:
-                    num_accepted = self._sample_accepted(num_spec, seq.max_new_tokens - seq.num_generated - 1)
+                    num_accepted = self._sample_accepted(
+                        num_spec, seq.max_new_tokens - seq.num_generated - 1
+                    )
                     proposed[rid] = num_spec
                     accepted[rid] = num_accepted
                     seq.num_computed += num_accepted
@@ -343,7 +365,10 @@ class SimEngine(Engine):
                 seq.num_blocks = blocks
         self._num_free_blocks = free
         return StepReport(
-            replica_id, step_id, start_s, end_s,
+            replica_id,
+            step_id,
+            start_s,
+            end_s,
             num_computed_tokens=computed,
             num_new_tokens=new_tokens,
             num_accepted_spec_tokens=accepted,
@@ -353,7 +378,9 @@ class SimEngine(Engine):
             finished=tuple(finished),
         )
 
-    def _apply_plain(self, step: Step, replica_id: int, step_id: int, start_s: float, end_s: float) -> StepReport:
+    def _apply_plain(
+        self, step: Step, replica_id: int, step_id: int, start_s: float, end_s: float
+    ) -> StepReport:
         """`_apply` for the common step: no draft tokens, no token ids to make."""
         seqs = self._seqs
         block_size = self.block_size
@@ -379,7 +406,10 @@ class SimEngine(Engine):
             seq.num_blocks = blocks
         self._num_free_blocks = free
         return StepReport(
-            replica_id, step_id, start_s, end_s,
+            replica_id,
+            step_id,
+            start_s,
+            end_s,
             num_computed_tokens=dict(step.num_tokens),
             num_new_tokens=new_tokens,
             num_free_blocks=free,

@@ -1,8 +1,8 @@
 """Submit one request to a running planner and stream its tokens.
 
-    slos-serve planner --config examples/planner_slos_dp.toml &
-    slos-serve engine --engine sim --engine-id engine-0 &
-    python examples/single_request.py --prompt-tokens 512 --max-tokens 64 --slo-class chatbot
+slos-serve planner --config examples/planner_slos_dp.toml &
+slos-serve engine --engine sim --engine-id engine-0 &
+python examples/single_request.py --prompt-tokens 512 --max-tokens 64 --slo-class chatbot
 """
 
 from __future__ import annotations
@@ -18,20 +18,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--slo-class", default="chatbot")
-    parser.add_argument("--thinking-tokens", type=int, default=0,
-                        help="reasoning: thinking budget (use --slo-class reasoning)")
+    parser.add_argument(
+        "--thinking-tokens",
+        type=int,
+        default=0,
+        help="reasoning: thinking budget (use --slo-class reasoning)",
+    )
     args = parser.parse_args(argv)
 
     with PlannerClient(args.planner) as client:
-        handle = client.submit(num_prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
-                               slo_class=args.slo_class, thinking_tokens=args.thinking_tokens)
+        handle = client.submit(
+            num_prompt_tokens=args.prompt_tokens,
+            max_tokens=args.max_tokens,
+            slo_class=args.slo_class,
+            thinking_tokens=args.thinking_tokens,
+        )
         verdict = handle.verdict(timeout_s=10)
-        print(f"{handle.request_id}: {verdict.verdict} on replica {verdict.replica_id} "
-              f"(TTFT target {verdict.ttft_slo_s * 1000:.0f} ms, TPOT {verdict.tpot_s * 1000:.0f} ms)"
-              f"{' - ' + verdict.reason if verdict.reason else ''}")
+        print(
+            f"{handle.request_id}: {verdict.verdict} on replica {verdict.replica_id} "
+            f"(TTFT target {verdict.ttft_slo_s * 1000:.0f} ms, TPOT {verdict.tpot_s * 1000:.0f} ms)"
+            f"{' - ' + verdict.reason if verdict.reason else ''}"
+        )
         for event in handle.tokens():
-            print(f"  +{event.num_tokens} tokens ({event.num_generated_tokens} so far) "
-                  f"ids={event.token_ids}")
+            print(
+                f"  +{event.num_tokens} tokens ({event.num_generated_tokens} so far) "
+                f"ids={event.token_ids}"
+            )
         record = handle.record()
         if record.ttft_s is not None:
             print(f"TTFT {record.ttft_s * 1000:.1f} ms, attained: {record.attainment.ok}")

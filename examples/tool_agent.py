@@ -16,8 +16,10 @@ from planner_svc.client import PlannerClient, RequestHandle
 
 def run_tool(round_index: int, previous: RequestHandle) -> None:
     """Stand-in for a real tool call (a search, a code run): it only takes time."""
-    print(f"  tool call after round {round_index - 1} "
-          f"({len(previous.token_ids)} tokens of arguments)...")
+    print(
+        f"  tool call after round {round_index - 1} "
+        f"({len(previous.token_ids)} tokens of arguments)..."
+    )
     time.sleep(0.5)
 
 
@@ -28,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     rounds = [ToolRound(num_new_prompt_tokens=1200, num_output_tokens=60)]
-    rounds += [ToolRound(num_new_prompt_tokens=300, num_output_tokens=40, tool_delay_s=0.5)
-               for _ in range(args.rounds - 1)]
+    rounds += [
+        ToolRound(num_new_prompt_tokens=300, num_output_tokens=40, tool_delay_s=0.5)
+        for _ in range(args.rounds - 1)
+    ]
     chain = ToolChain(f"agent-{int(time.time())}", 0.0, tuple(rounds))
     with PlannerClient(args.planner) as client:
         handles = client.run_tool_chain(chain, tool=run_tool)
@@ -37,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         record = handle.record()
         verdict = handle.verdict_msg.verdict if handle.verdict_msg else "no verdict"
         ttft_ms = f"{record.ttft_s * 1000:.0f} ms" if record.ttft_s is not None else "-"
-        print(f"{handle.request_id}: {verdict}, prompt {handle.submit.num_prompt_tokens} tokens, "
-              f"TTFT {ttft_ms}, "
-              f"attained {record.attainment.ok}")
+        print(
+            f"{handle.request_id}: {verdict}, prompt {handle.submit.num_prompt_tokens} tokens, "
+            f"TTFT {ttft_ms}, "
+            f"attained {record.attainment.ok}"
+        )
     return 0
 
 

@@ -3,7 +3,8 @@
 Requests the DP cannot guarantee are either REJECTED (the router may forward them to another
 replica) or served BEST_EFFORT: from the step budget and KV memory that admitted work leaves. An
 admitted request reserves its peak KV (prompt plus full output); best-effort requests hold only what
-they have computed. When admitted reservations plus best-effort holdings exceed the replica, the most
+they have computed. When admitted reservations plus best-effort holdings exceed the replica, the
+most
 recently arrived best-effort requests are preempted (their KV is dropped and recomputed later), so
 admitted work always has its memory. Best-effort requests are never dropped: a preempted one keeps
 its output and is recomputed once memory frees up.

@@ -14,7 +14,8 @@ Our variant of the budget curve (chosen so that admission is exact and provably 
   token deadline holds.
 - A request's prefill must complete in a step that ends by its TTFT deadline d, i.e. within steps
   `0..M` with `M = floor((d - now) / T) - 1`. Its decodes start at step M + 1 (earlier only from
-  leftover budget): token 2 is due at d + tau, and step M + k ends by now + (M + 1 + k) T <= d + tau.
+  leftover budget): token 2 is due at d + tau, and step M + k ends by now + (M + 1 + k) T <= d +
+  tau.
   Because decode load starts at the deadline step and not at completion, the per-step prefill
   budget depends only on which requests are admitted, never on when their prefill finishes; so EDF
   over that budget is an optimal prefill order, and the supply between two deadlines is
@@ -245,7 +246,8 @@ class BudgetCurve:
 
     def budget(self, counts: tuple[int, ...]) -> int:
         """Prefill tokens every step keeps once `counts[i]` new requests of tier i decode beside the
-        running decoders: cap(s_max) - sum_i (1 + s_i) f_i(counts[i]). Negative: decode infeasible."""
+        running decoders: cap(s_max) - sum_i (1 + s_i) f_i(counts[i]). Negative: decode
+        infeasible."""
         memo = self._budget_memo.get(counts)
         if memo is not None:
             return memo

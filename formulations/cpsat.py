@@ -10,19 +10,22 @@ segment loses nothing).
                 covering steps (B_{k-1}, B_k]; the busiest-residue tables f_t(n) of the budget curve
     variables   x[j]            admit job j (mandatory jobs fixed to 1)
                 y[j, k]         prefill tokens of job j in segment k
-                n[t, k]         admitted tier-t jobs decoding in segment k (those with M_i < first step)
+                n[t, k]         admitted tier-t jobs decoding in segment k (those with M_i < first
+                step)
                 load[t, k]      f_t(n[t, k]) (AddElement)
                 cap[k]          step token cap, lowered by the speculation length of present tiers
     constraints sum_k<=k(j) y[j, k] = p_j x[j]                       (prefill by the deadline step)
                 sum_j y[j, k] <= steps_k * (cap[k] - sum_t (1+s_t) load[t, k])   (segment budget)
                 the steady segment after the last deadline keeps a budget >= 0  (decodes fit)
                 sum_j peak_j x[j] <= memory cap
-                late mandatory jobs are done before any checked job's deadline (EDF serves them first)
+                late mandatory jobs are done before any checked job's deadline (EDF serves them
+                first)
     objective   maximise sum_j value_j x[j]
 
 Solved with a wall-clock limit; FEASIBLE is accepted beside OPTIMAL. Warm start (AddHint): the
 admissions of the previous call for requests seen again, and (optionally) the DP's answer.
-The chosen admitted set is laid out by the same batch planner as the DP, so both return one Plan type.
+The chosen admitted set is laid out by the same batch planner as the DP, so both return one Plan
+type.
 """
 
 from __future__ import annotations
@@ -113,9 +116,10 @@ def solve_admission_cpsat(
             k_j = (
                 bounds.index(deadline_step[j.request_id]) if deadline_step[j.request_id] >= 0 else 0
             )
-            done_late = sum(y[l.request_id, k] for l in late for k in range(k_j + 1))
+            done_late = sum(y[job.request_id, k] for job in late for k in range(k_j + 1))
             model.Add(done_late >= late_total).OnlyEnforceIf(x[j.request_id])
-    # Mandatory jobs hold their memory already; new ones must fit what is left (nothing if negative).
+    # Mandatory jobs hold their memory already; new ones must fit what is left (nothing if
+    # negative).
     memory_left = max(0, memory_cap_blocks - sum(j.peak_blocks for j in order if j.mandatory))
     model.Add(sum(j.peak_blocks * x[j.request_id] for j in order if not j.mandatory) <= memory_left)
 

@@ -59,7 +59,9 @@ class Attainment:
         return self.ttft_ok and self.tpot_ok
 
 
-def check_attainment(request: Request, token_times_s: Sequence[float], admitted: bool = True) -> Attainment:
+def check_attainment(
+    request: Request, token_times_s: Sequence[float], admitted: bool = True
+) -> Attainment:
     """Attainment of one request from the times its output tokens were produced.
 
     `token_times_s[i]` is the time of output token i+1. A request that was not admitted (rejected or

@@ -38,7 +38,7 @@ import numpy as np
 
 from formulations.deadlines import token_deadline_s
 from formulations.perf_model import PerfModel
-from formulations.state import RequestState, num_blocks_for
+from formulations.state import RequestState
 
 # Steps counted beyond floor((t - now) / step_min): the one in flight and the one starting at t.
 EXTRA_STEPS = 2

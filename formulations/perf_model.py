@@ -207,8 +207,12 @@ class TruthModel:
             raise ValueError("k_context_s must be >= 0 and noise_frac in [0, 1)")
         object.__setattr__(self, "_rng", np.random.default_rng(self.seed))
 
-    def step_time_s(self, num_tokens: int, spec_steps: int = 0, num_context_tokens: int = 0) -> float:
-        time_s = self.base.step_time_s(num_tokens, spec_steps) + self.k_context_s * num_context_tokens
+    def step_time_s(
+        self, num_tokens: int, spec_steps: int = 0, num_context_tokens: int = 0
+    ) -> float:
+        time_s = (
+            self.base.step_time_s(num_tokens, spec_steps) + self.k_context_s * num_context_tokens
+        )
         if self.noise_frac > 0:
             time_s *= 1.0 + self.noise_frac * float(self._rng.uniform(-1.0, 1.0))
         return time_s

@@ -1,6 +1,7 @@
 """The one plan type every formulation returns (DP, CP-SAT, baselines).
 
-A plan is phase-free: each step maps request ids to the number of tokens to compute (a prefill chunk,
+A plan is phase-free: each step maps request ids to the number of tokens to compute (a prefill
+chunk,
 or 1 for a decode) and, for speculating requests, to the number of draft tokens to verify in the
 same step. After the explicit `steps`, the engine repeats `repeat` (a steady-state cycle, usually
 decode-only) until the next plan arrives, skipping entries of requests that have finished.

@@ -34,7 +34,9 @@ class Request:
         if self.num_output_tokens < 1:
             raise ValueError(f"request {self.request_id}: output must have at least one token")
         if not 0 <= self.num_thinking_tokens <= self.num_output_tokens:
-            raise ValueError(f"request {self.request_id}: thinking tokens must be within the output")
+            raise ValueError(
+                f"request {self.request_id}: thinking tokens must be within the output"
+            )
         if self.arrival_s < 0 or self.ttft_slo_s <= 0:
             raise ValueError(f"request {self.request_id}: bad arrival or TTFT target")
 

@@ -3,7 +3,8 @@
 The planner core owns and updates these objects (from engine progress reports or the simulator);
 formulations read them and must not mutate them.
 
-A request's progress follows the phase-free token view: it has `num_tokens` known tokens (prompt plus
+A request's progress follows the phase-free token view: it has `num_tokens` known tokens (prompt
+plus
 output generated so far), of which `num_computed_tokens` are in the KV cache. A step that brings the
 computed count up to `num_tokens` samples the next output token. Prefill, chunked prefill,
 recompute after preemption and decode are all "compute the pending tokens".

@@ -31,8 +31,8 @@ from formulations.perf_model import perf_model_preset
 from formulations.plan import Verdict
 from formulations.request import Request, ToolChain
 from formulations.slo import SLO
-from planner_svc.records import RequestRecord
 from lab.workloads.workload import Workload
+from planner_svc.records import RequestRecord
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,15 @@ class CallResult:
         if not slo or not slo.get("ttft_ms") or not slo.get("tpot_ms"):
             return self.request
         thinking_tpot_s = self.request.slo.thinking_tpot_s
-        return replace(self.request, ttft_slo_s=slo["ttft_ms"] / 1e3,
-                       slo=SLO(tpot_s=slo["tpot_ms"] / 1e3, ttft_s=slo["ttft_ms"] / 1e3,
-                               thinking_tpot_s=thinking_tpot_s))
+        return replace(
+            self.request,
+            ttft_slo_s=slo["ttft_ms"] / 1e3,
+            slo=SLO(
+                tpot_s=slo["tpot_ms"] / 1e3,
+                ttft_s=slo["ttft_ms"] / 1e3,
+                thinking_tpot_s=thinking_tpot_s,
+            ),
+        )
 
 
 @dataclass
@@ -101,10 +107,19 @@ class BenchResult:
         return {
             "start_monotonic_s": self.start_monotonic_s,
             "wall_s": self.wall_s,
-            "calls": [{"request_id": c.request.request_id, "response_id": c.response_id,
-                       "status": c.status, "verdict": c.verdict.value if c.verdict else None,
-                       "arrival_s": c.request.arrival_s, "token_times_s": c.token_times_s,
-                       "slo": c.slo, "error": c.error} for c in self.calls],
+            "calls": [
+                {
+                    "request_id": c.request.request_id,
+                    "response_id": c.response_id,
+                    "status": c.status,
+                    "verdict": c.verdict.value if c.verdict else None,
+                    "arrival_s": c.request.arrival_s,
+                    "token_times_s": c.token_times_s,
+                    "slo": c.slo,
+                    "error": c.error,
+                }
+                for c in self.calls
+            ],
         }
 
 
@@ -115,8 +130,10 @@ def run_bench(workload: Workload, options: BenchOptions) -> BenchResult:
 
 async def _run(workload: Workload, options: BenchOptions) -> BenchResult:
     rng = np.random.default_rng(options.seed)
-    first_s = min([r.arrival_s for r in workload.requests] +
-                  [c.arrival_s for c in workload.chains], default=0.0)
+    first_s = min(
+        [r.arrival_s for r in workload.requests] + [c.arrival_s for c in workload.chains],
+        default=0.0,
+    )
     calls: list[CallResult] = []
     connector = aiohttp.TCPConnector(limit=options.max_connections)
     timeout = aiohttp.ClientTimeout(total=options.request_timeout_s)
@@ -124,13 +141,18 @@ async def _run(workload: Workload, options: BenchOptions) -> BenchResult:
         start_s = time.monotonic()
         clock = lambda: time.monotonic() - start_s  # noqa: E731
         sender = _Sender(session, options, rng, clock)
-        tasks = [asyncio.create_task(_at(r.arrival_s - first_s, clock, sender.call(r, calls)))
-                 for r in workload.requests]
-        tasks += [asyncio.create_task(_at(c.arrival_s - first_s, clock, sender.chain(c, calls)))
-                  for c in workload.chains]
+        tasks = [
+            asyncio.create_task(_at(r.arrival_s - first_s, clock, sender.call(r, calls)))
+            for r in workload.requests
+        ]
+        tasks += [
+            asyncio.create_task(_at(c.arrival_s - first_s, clock, sender.chain(c, calls)))
+            for c in workload.chains
+        ]
         last_arrival_s = max((r.arrival_s - first_s for r in workload.requests), default=0.0)
-        _, pending = await asyncio.wait(tasks, timeout=last_arrival_s + options.drain_timeout_s
-                                        if tasks else None)
+        _, pending = await asyncio.wait(
+            tasks, timeout=last_arrival_s + options.drain_timeout_s if tasks else None
+        )
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -145,8 +167,13 @@ async def _at(due_s: float, clock: Callable[[], float], coroutine) -> None:
 
 
 class _Sender:
-    def __init__(self, session: aiohttp.ClientSession, options: BenchOptions,
-                 rng: np.random.Generator, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        options: BenchOptions,
+        rng: np.random.Generator,
+        clock: Callable[[], float],
+    ) -> None:
         self.session = session
         self.options = options
         self.rng = rng
@@ -157,26 +184,32 @@ class _Sender:
             self.headers["Authorization"] = f"Bearer {options.api_key}"
 
     async def chain(self, chain: ToolChain, calls: list[CallResult]) -> None:
-        """Round k+1 goes out tool_delay_s after round k ended; a round not served ends the chain."""
+        """Round k+1 goes out tool_delay_s after round k ended; a round not served ends the
+        chain."""
         for k, round_ in enumerate(chain.rounds):
             if k > 0:
                 await asyncio.sleep(round_.tool_delay_s)
             request = chain.round_request(k, self.clock(), self.perf_model)
             last = k == chain.num_rounds - 1
-            extra = {"slo_targets": chain.final_slo if last else chain.intermediate_slo,
-                     "chain_id": chain.chain_id, "round_index": k}
+            extra = {
+                "slo_targets": chain.final_slo if last else chain.intermediate_slo,
+                "chain_id": chain.chain_id,
+                "round_index": k,
+            }
             result = await self.call(request, calls, extra)
             if len(result.token_times_s) < request.num_output_tokens:
                 return
 
-    async def call(self, request: Request, calls: list[CallResult],
-                   extra: dict | None = None) -> CallResult:
+    async def call(
+        self, request: Request, calls: list[CallResult], extra: dict | None = None
+    ) -> CallResult:
         body = json.dumps(self._body(request, extra or {})).encode()  # before the clock starts
         result = CallResult(replace(request, arrival_s=self.clock()))
         calls.append(result)
         try:
-            async with self.session.post(f"{self.options.url}/v1/completions", data=body,
-                                         headers=self.headers) as response:
+            async with self.session.post(
+                f"{self.options.url}/v1/completions", data=body, headers=self.headers
+            ) as response:
                 result.status = response.status
                 if response.status != 200:
                     await self._failed(result, response)
@@ -188,11 +221,18 @@ class _Sender:
         return result
 
     def _body(self, request: Request, extra: dict) -> dict:
-        prompt = self.rng.integers(self.options.min_token_id, self.options.max_token_id,
-                                   request.num_prompt_tokens).tolist()
-        body = {"model": self.options.model, "prompt": prompt,
-                "max_tokens": request.num_output_tokens, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}, "temperature": 0.0}
+        prompt = self.rng.integers(
+            self.options.min_token_id, self.options.max_token_id, request.num_prompt_tokens
+        ).tolist()
+        body = {
+            "model": self.options.model,
+            "prompt": prompt,
+            "max_tokens": request.num_output_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": 0.0,
+        }
         if self.options.send_slo_fields:
             body["slo_class"] = request.slo_class
             slo = {}
@@ -256,4 +296,3 @@ def _verdict(name: str | None) -> Verdict | None:
         return Verdict(name)
     except ValueError:
         return None
-

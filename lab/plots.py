@@ -33,11 +33,17 @@ def plot_attainment_curves(
             attainments = [100 * p.attainment for p in points]
             (line,) = ax.plot(rates, attainments, marker="o", markersize=3, label=result.label)
             if result.capacity_rps > 0:
-                ax.axvline(result.capacity_rps / scale, color=line.get_color(), linestyle=":",
-                           linewidth=1)
+                ax.axvline(
+                    result.capacity_rps / scale, color=line.get_color(), linestyle=":", linewidth=1
+                )
         target = results[0].target
-        ax.axhline(100 * target, color="black", linestyle="--", linewidth=1,
-                   label=f"target {100 * target:.0f}%")
+        ax.axhline(
+            100 * target,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"target {100 * target:.0f}%",
+        )
         ax.set_xlabel("arrival rate (req/s per GPU)" if per_gpu else "arrival rate (req/s)")
         ax.set_ylabel("requests attaining every SLO (%)")
         ax.set_ylim(-2, 102)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from formulations.request import Request
+from lab.workloads.workload import Workload
 from planner_svc.client import PlannerClient, RequestHandle
 from planner_svc.records import RequestRecord
-from lab.workloads.workload import Workload
 
 
 @dataclass
@@ -43,8 +43,10 @@ def replay(
     current sys.stdout) unless `show_summary` is False."""
     out = (out or sys.stdout) if show_summary else None
     start_s = time.monotonic()
-    first_s = min([r.arrival_s for r in workload.requests] + [c.arrival_s for c in workload.chains],
-                  default=0.0)
+    first_s = min(
+        [r.arrival_s for r in workload.requests] + [c.arrival_s for c in workload.chains],
+        default=0.0,
+    )
     chain_threads = _start_chains(client, workload, start_s, first_s, should_stop)
     next_summary_s = start_s + summary_every_s
     for request in workload.requests:
@@ -85,6 +87,7 @@ def _submit_fields(request: Request) -> dict:
 def _start_chains(client, workload, start_s, first_s, should_stop) -> list[threading.Thread]:
     threads = []
     for chain in workload.chains:
+
         def run(chain=chain):
             delay_s = start_s + chain.arrival_s - first_s - time.monotonic()
             if delay_s > 0:

@@ -22,8 +22,8 @@ import numpy as np
 
 from formulations.deadlines import Attainment
 from formulations.plan import Verdict
-from planner_svc.records import RequestRecord
 from lab.workloads.workload import Workload
+from planner_svc.records import RequestRecord
 
 WIDTH = 50  # vLLM's block width
 
@@ -117,11 +117,14 @@ class RunReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["per_class"] = [
-            {**asdict(c), "attainment": c.attainment} for c in self.per_class
-        ]
-        for key in ("attainment", "request_throughput_rps", "goodput_rps",
-                    "output_throughput_tps", "total_throughput_tps"):
+        data["per_class"] = [{**asdict(c), "attainment": c.attainment} for c in self.per_class]
+        for key in (
+            "attainment",
+            "request_throughput_rps",
+            "goodput_rps",
+            "output_throughput_tps",
+            "total_throughput_tps",
+        ):
             data[key] = getattr(self, key)
         return data
 

@@ -23,7 +23,8 @@ fp16 weights, divided by the fp16 KV bytes per token (2 (K and V) * layers * hid
   (72 - 13.4) GB / 524,288 B = ~112k tokens;
 - OPT-13B on 1 x H100-80GB: (72 - 26) GB / 819,200 B = ~56k tokens.
 
-KV transfer for disaggregated policies: `latency + num_tokens * kv_bytes_per_token / link_bytes_per_s`,
+KV transfer for disaggregated policies: `latency + num_tokens * kv_bytes_per_token /
+link_bytes_per_s`,
 with the model's KV bytes per token (above) and a 25 GB/s link by default (PCIe 4.0 x16 between GPUs
 of one node; NVLink would be ~10x faster, a cross-node 100 Gb/s NIC 2x slower).
 """
@@ -43,13 +44,13 @@ from formulations import registry
 from formulations.perf_model import PERF_MODEL_NUM_GPUS, PerfModel, TruthModel, perf_model_preset
 from formulations.plan import Step, Verdict
 from formulations.request import Request, ToolChain
+from lab.workloads.workload import Workload
 from planner_svc.core import CoreOutput, PlannerCore, ReplanPolicy
-from wire.plan_cursor import PlanCursor, PlanEnvelope
-from wire.step_report import StepReport
 from planner_svc.records import RequestRecord
 from planner_svc.replica import ReplicaSpec
 from planner_svc.router import make_router
-from lab.workloads.workload import Workload
+from wire.plan_cursor import PlanCursor, PlanEnvelope
+from wire.step_report import StepReport
 
 DEFAULT_KV_TOKENS = {"opt-13b-2xa100": 144_000, "opt-6.7b-a100": 112_000, "opt-13b-h100": 56_000}
 KV_BYTES_PER_TOKEN = {"opt-13b-2xa100": 819_200, "opt-6.7b-a100": 524_288, "opt-13b-h100": 819_200}
@@ -105,7 +106,9 @@ class SimConfig:
         return PERF_MODEL_NUM_GPUS.get(self.perf_model.name, 1)
 
     def kv_transfer_s(self, num_tokens: int) -> float:
-        per_token = self.kv_bytes_per_token or KV_BYTES_PER_TOKEN.get(self.perf_model.name, _FALLBACK_KV_BYTES)
+        per_token = self.kv_bytes_per_token or KV_BYTES_PER_TOKEN.get(
+            self.perf_model.name, _FALLBACK_KV_BYTES
+        )
         return self.kv_link_latency_s + num_tokens * per_token / self.kv_link_bytes_per_s
 
 
@@ -145,7 +148,9 @@ class _Cruise:
 
     __slots__ = ("end_s", "first_step_id", "num_steps", "start_s", "step", "step_time_s")
 
-    def __init__(self, step: Step, first_step_id: int, start_s: float, step_time_s: float, num_steps: int) -> None:
+    def __init__(
+        self, step: Step, first_step_id: int, start_s: float, step_time_s: float, num_steps: int
+    ) -> None:
         self.step = step
         self.first_step_id = first_step_id
         self.start_s = start_s
@@ -221,8 +226,12 @@ class Simulation:
             spec.replica_id: _Runner(
                 spec.replica_id,
                 SimEngine(
-                    truth, spec.num_total_blocks, spec.block_size, spec.max_spec_tokens,
-                    config.true_acceptance_rate, seed=config.seed * 1000 + spec.replica_id,
+                    truth,
+                    spec.num_total_blocks,
+                    spec.block_size,
+                    spec.max_spec_tokens,
+                    config.true_acceptance_rate,
+                    seed=config.seed * 1000 + spec.replica_id,
                     clock=self.clock,
                 ),
             )
@@ -245,15 +254,23 @@ class Simulation:
         for request in self.workload.requests:
             self._push(request.arrival_s, _ARRIVAL, request)
         for chain in self.workload.chains:
-            self._push(chain.arrival_s, _ARRIVAL, chain.round_request(0, chain.arrival_s, self.config.perf_model))
+            self._push(
+                chain.arrival_s,
+                _ARRIVAL,
+                chain.round_request(0, chain.arrival_s, self.config.perf_model),
+            )
         first_s = min((e[0] for e in self._heap), default=0.0)
         end_s = self._end_time(first_s)
         for at_s, replica_id in self.config.replica_failures:
             self._push(at_s, _FAILURE, replica_id)
         start_wall = time.perf_counter()
         handlers: dict[int, Callable[[float, Any], None]] = {
-            _ARRIVAL: self._on_arrival, _STEP: self._on_step, _TIMER: self._on_timer,
-            _MIGRATION: self._on_migration, _FAILURE: self._on_failure, _CRUISE: self._on_cruise_end,
+            _ARRIVAL: self._on_arrival,
+            _STEP: self._on_step,
+            _TIMER: self._on_timer,
+            _MIGRATION: self._on_migration,
+            _FAILURE: self._on_failure,
+            _CRUISE: self._on_cruise_end,
         }
         heap = self._heap
         while heap:
@@ -318,7 +335,9 @@ class Simulation:
         self.records[request.request_id] = RequestRecord(request)
         self._handle(self.core.submit(request, now_s), now_s)
 
-    def _on_step(self, now_s: float, report: StepReport, run_ends_s: list[float] | None = None) -> None:
+    def _on_step(
+        self, now_s: float, report: StepReport, run_ends_s: list[float] | None = None
+    ) -> None:
         runner = self.runners.get(report.replica_id)
         if runner is None:
             return  # the replica died while the step ran: its work is lost
@@ -355,7 +374,9 @@ class Simulation:
         cruise = _Cruise(step, step_id, now_s, step_time_s, num_steps)
         due_s = self.core.timer_due_s(runner.replica_id)
         if due_s is not None and due_s < cruise.end_s:
-            cruise = _Cruise(step, step_id, now_s, step_time_s, cruise.first_boundary_at_or_after(due_s))
+            cruise = _Cruise(
+                step, step_id, now_s, step_time_s, cruise.first_boundary_at_or_after(due_s)
+            )
             if cruise.num_steps < 2:
                 return False
         runner.engine.reserve_repeat(step, cruise.num_steps)
@@ -378,7 +399,9 @@ class Simulation:
                 at_s = max(due_s, now_s)
             num_steps = cruise.first_boundary_at_or_after(at_s)
             if num_steps < cruise.num_steps:
-                cut = _Cruise(cruise.step, cruise.first_step_id, cruise.start_s, cruise.step_time_s, num_steps)
+                cut = _Cruise(
+                    cruise.step, cruise.first_step_id, cruise.start_s, cruise.step_time_s, num_steps
+                )
                 runner.cruise = cut
                 self._push(cut.end_s, _CRUISE, (replica_id, cut))
 
@@ -448,7 +471,9 @@ class Simulation:
         num_cached = 0
         if target is not None:
             num_cached = target.engine.import_request(
-                EngineRequest(migration.request_id, request.num_prompt_tokens, request.num_output_tokens),
+                EngineRequest(
+                    migration.request_id, request.num_prompt_tokens, request.num_output_tokens
+                ),
                 migration.num_computed_tokens,
                 migration.num_generated_tokens,
             )
@@ -477,7 +502,11 @@ class Simulation:
                 runner.engine.abort(rid)
         for migration in out.migrations:
             self.runners[migration.from_replica].detached.add(migration.request_id)
-            self._push(now_s + self.config.kv_transfer_s(migration.num_computed_tokens), _MIGRATION, migration)
+            self._push(
+                now_s + self.config.kv_transfer_s(migration.num_computed_tokens),
+                _MIGRATION,
+                migration,
+            )
         for envelope in out.plans.values():
             self._install(envelope, now_s)
         for rid, _replica in out.finished:
@@ -538,7 +567,9 @@ class Simulation:
         k = request.round_index + 1
         if k < chain.num_rounds:
             arrival_s = now_s + chain.rounds[k].tool_delay_s
-            self._push(arrival_s, _ARRIVAL, chain.round_request(k, arrival_s, self.config.perf_model))
+            self._push(
+                arrival_s, _ARRIVAL, chain.round_request(k, arrival_s, self.config.perf_model)
+            )
 
 
 def simulate(workload: Workload, config: SimConfig | None = None) -> SimResult:
@@ -552,7 +583,9 @@ def _replica_specs(config: SimConfig) -> list[ReplicaSpec]:
     roles = ["mixed"] * config.num_replicas
     if registry.formulation_class(config.policy).disaggregated:
         if config.num_replicas < 2:
-            raise ValueError(f"policy {config.policy!r} is disaggregated: it needs at least 2 replicas")
+            raise ValueError(
+                f"policy {config.policy!r} is disaggregated: it needs at least 2 replicas"
+            )
         num_prefill = config.num_prefill_replicas or config.num_replicas // 2
         if not 1 <= num_prefill < config.num_replicas:
             raise ValueError("num_prefill_replicas must leave at least one decode replica")

@@ -34,8 +34,8 @@ import zmq
 from formulations.plan import Verdict
 from formulations.request import Request, ToolChain
 from formulations.slo import SLO
-from wire import protocol as P
 from planner_svc.records import RequestRecord
+from wire import protocol as P
 from wire.security import CurveKeys
 
 
@@ -238,7 +238,7 @@ class PlannerClient:
         if request is None:
             fields.setdefault("request_id", f"{self.client_id}-{uuid.uuid4().hex[:12]}")
             request = P.Submit(**fields)
-        request.prompt_length  # a prompt is required: fail here, not at the planner
+        _ = request.prompt_length  # a prompt is required: fail here, not at the planner
         handle = RequestHandle(request, arrival_s=self.now_s())
         self._handles[request.request_id] = handle
         self._send(request)

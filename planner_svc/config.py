@@ -1,44 +1,45 @@
 """The planner daemon's configuration: one TOML file per deployment (ARCHITECTURE.md).
 
-    formulation = "sarathi"            # any registered name; swapping it changes nothing else
-    router = "round_robin"
-    max_forwards = 1
+formulation = "sarathi"            # any registered name; swapping it changes nothing else
+router = "round_robin"
+max_forwards = 1
 
-    [formulation_params]               # keyword arguments of the formulation's constructor
+[formulation_params]               # keyword arguments of the formulation's constructor
 
-    [planner]
-    engine_endpoint = "tcp://127.0.0.1:5557"   # engines connect here (ROUTER)
-    client_endpoint = "tcp://127.0.0.1:5558"   # clients connect here (ROUTER)
-    metrics_port = 0                           # Prometheus /metrics; 0 = off
-    heartbeat_interval_s = 0.5
-    liveness = 6                               # an engine silent this many intervals is dead
-    tick_interval_s = 0.01                     # planner timer resolution
-    max_frame_bytes = 8388608
-    default_perf_model = "opt-13b-h100"        # for engines that send none and for TTFT slowdowns
-                                               # (a preset name or a profile's perf_model.json)
+[planner]
+engine_endpoint = "tcp://127.0.0.1:5557"   # engines connect here (ROUTER)
+client_endpoint = "tcp://127.0.0.1:5558"   # clients connect here (ROUTER)
+metrics_port = 0                           # Prometheus /metrics; 0 = off
+heartbeat_interval_s = 0.5
+liveness = 6                               # an engine silent this many intervals is dead
+tick_interval_s = 0.01                     # planner timer resolution
+max_frame_bytes = 8388608
+default_perf_model = "opt-13b-h100"        # for engines that send none and for TTFT slowdowns
+                                           # (a preset name or a profile's perf_model.json)
 
-    [slo_classes.chatbot]                      # overrides / additions to the published presets
-    ttft_slowdown = 5.0                        # or ttft_ms = 800
-    tpot_ms = 100                              # thinking_tpot_ms = 50 for reasoning classes
+[slo_classes.chatbot]                      # overrides / additions to the published presets
+ttft_slowdown = 5.0                        # or ttft_ms = 800
+tpot_ms = 100                              # thinking_tpot_ms = 50 for reasoning classes
 
-    [[replicas]]                               # optional: per-engine settings, by engine id
-    engine_id = "engine-0"
-    perf_model = "opt-13b-h100"                # a preset name, or
-    # perf_model_lines = [[4.18e-5, 0.0, 0.0274]]
+[[replicas]]                               # optional: per-engine settings, by engine id
+engine_id = "engine-0"
+perf_model = "opt-13b-h100"                # a preset name, or
+# perf_model_lines = [[4.18e-5, 0.0, 0.0274]]
 
-    [curve]                                    # optional CURVE encryption beyond loopback
-    public_key = "..."
-    secret_key = "..."
-    allowed_client_keys = []                   # empty: any client that knows the server key
+[curve]                                    # optional CURVE encryption beyond loopback
+public_key = "..."
+secret_key = "..."
+allowed_client_keys = []                   # empty: any client that knows the server key
 """
 
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from formulations.perf_model import PerfModel, perf_model_preset
 from formulations.slo import SLO, SLO_PRESETS
@@ -75,7 +76,7 @@ class PlannerConfig:
             raise ValueError("heartbeat_interval_s and tick_interval_s must be > 0, liveness >= 1")
         if self.max_frame_bytes < 1024:
             raise ValueError("max_frame_bytes must be at least 1024")
-        self.perf_model  # fails early on a bad name or file
+        _ = self.perf_model  # fails early on a bad name or file
 
     @property
     def perf_model(self) -> PerfModel:
@@ -92,10 +93,27 @@ class PlannerConfig:
         return self.replica_perf_models.get(engine_id)
 
 
-_TOP_KEYS = {"formulation", "formulation_params", "router", "max_forwards", "planner",
-             "slo_classes", "replicas", "curve", "core"}
-_PLANNER_KEYS = {"engine_endpoint", "client_endpoint", "metrics_port", "heartbeat_interval_s",
-                 "liveness", "tick_interval_s", "max_frame_bytes", "default_perf_model"}
+_TOP_KEYS = {
+    "formulation",
+    "formulation_params",
+    "router",
+    "max_forwards",
+    "planner",
+    "slo_classes",
+    "replicas",
+    "curve",
+    "core",
+}
+_PLANNER_KEYS = {
+    "engine_endpoint",
+    "client_endpoint",
+    "metrics_port",
+    "heartbeat_interval_s",
+    "liveness",
+    "tick_interval_s",
+    "max_frame_bytes",
+    "default_perf_model",
+}
 
 
 def load_config(path: str | Path) -> PlannerConfig:
@@ -131,7 +149,9 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PlannerCon
 def _check_keys(table: dict[str, Any], known: set[str], where: str) -> None:
     unknown = sorted(set(table) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise ValueError(
+            f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
 
 
 def _slo_classes(table: dict[str, Any], source: str) -> dict[str, SLO]:
@@ -146,7 +166,9 @@ def _slo_classes(table: dict[str, Any], source: str) -> dict[str, SLO]:
                 tpot_s=spec["tpot_ms"] / 1000,
                 ttft_slowdown=spec.get("ttft_slowdown"),
                 ttft_s=spec["ttft_ms"] / 1000 if "ttft_ms" in spec else None,
-                thinking_tpot_s=spec["thinking_tpot_ms"] / 1000 if "thinking_tpot_ms" in spec else None,
+                thinking_tpot_s=spec["thinking_tpot_ms"] / 1000
+                if "thinking_tpot_ms" in spec
+                else None,
             )
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None

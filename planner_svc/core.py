@@ -24,7 +24,8 @@ numbering). Before anything is applied, the plan is checked (`planner_svc/plan_c
 plan raises `PlanError` naming the formulation.
 
 Decisions: ADMITTED / BEST_EFFORT move a waiting request to running on that replica (final verdict,
-reported once). REJECTED goes back to the router, which forwards the request to another replica while
+reported once). REJECTED goes back to the router, which forwards the request to another replica
+while
 the request has been rejected at most `router.max_forwards` times; after that the fallback applies:
 `"reject"` gives a final REJECTED verdict (replica None), `"best_effort"` runs the request best
 effort on the least loaded replica. A waiting request given no decision stays waiting.
@@ -52,11 +53,11 @@ from formulations.interface import Formulation
 from formulations.plan import Decision, Plan, Verdict
 from formulations.request import Request
 from formulations.state import RequestState
-from wire.plan_cursor import PlanEnvelope
 from planner_svc.plan_check import PlanError, check_plan
-from wire.step_report import StepReport
 from planner_svc.replica import ReplicaSpec, ReplicaState
 from planner_svc.router import RoundRobinRouter, Router
+from wire.plan_cursor import PlanEnvelope
+from wire.step_report import StepReport
 
 FALLBACKS = ("reject", "best_effort")
 # Consecutive error reports after which the core preempts a request itself, and after which it
@@ -101,20 +102,11 @@ class CoreOutput:
     finished: list[tuple[str, int]] = field(default_factory=list)  # (request id, replica id)
     preempted: list[tuple[str, int]] = field(default_factory=list)
     forwards: list[tuple[str, int, int]] = field(default_factory=list)  # (rid, from, to)
-    aborts: list[tuple[int, str]] = field(default_factory=list)  # (replica id, rid): engine drops it
+    aborts: list[tuple[int, str]] = field(
+        default_factory=list
+    )  # (replica id, rid): engine drops it
     migrations: list[Migration] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (rid, reason): lost, no replica
-
-    def merge(self, other: CoreOutput) -> None:
-        for rid, env in other.plans.items():
-            _put_plan(self, env)
-        self.verdicts += other.verdicts
-        self.finished += other.finished
-        self.preempted += other.preempted
-        self.forwards += other.forwards
-        self.aborts += other.aborts
-        self.migrations += other.migrations
-        self.failed += other.failed
 
 
 @dataclass
@@ -258,7 +250,9 @@ class PlannerCore:
         self._settle(now_s, out, boundary=None)
         return out
 
-    def complete_migration(self, request_id: str, num_computed_tokens: int, now_s: float) -> CoreOutput:
+    def complete_migration(
+        self, request_id: str, num_computed_tokens: int, now_s: float
+    ) -> CoreOutput:
         """The shell moved a migrating request's KV: `num_computed_tokens` are now cached on the
         decode replica (0 if it could not hold them; the request then recomputes)."""
         out = CoreOutput()
@@ -332,7 +326,11 @@ class PlannerCore:
         return {i: r.load() for i, r in self._replicas.items() if r.spec.role != "decode"}
 
     def _route(
-        self, state: RequestState, tried: tuple[int, ...], out: CoreOutput, count_as_try: bool = True
+        self,
+        state: RequestState,
+        tried: tuple[int, ...],
+        out: CoreOutput,
+        count_as_try: bool = True,
     ) -> None:
         request = state.request
         loads = self._entry_loads()
@@ -377,7 +375,9 @@ class PlannerCore:
         self._where.pop(rid, None)
         state.num_computed_tokens = 0
         state.num_blocks = 0
-        options = [(r.load(), i) for i, r in self._replicas.items() if r.spec.role in (role, "mixed")]
+        options = [
+            (r.load(), i) for i, r in self._replicas.items() if r.spec.role in (role, "mixed")
+        ]
         if not options:
             out.failed.append((rid, f"no replica left for a {role} request"))
             return
@@ -425,7 +425,10 @@ class PlannerCore:
         if report.num_proposed_spec_tokens:
             accepted = report.num_accepted_spec_tokens
             rep.observe_spec(
-                {rid: (accepted.get(rid, 0), n) for rid, n in report.num_proposed_spec_tokens.items()}
+                {
+                    rid: (accepted.get(rid, 0), n)
+                    for rid, n in report.num_proposed_spec_tokens.items()
+                }
             )
         self._check_slow(rep, report, num_steps)
 
@@ -446,7 +449,9 @@ class PlannerCore:
         if proposed:
             num_batched += sum(proposed.values()) - sum(report.num_accepted_spec_tokens.values())
         spec_steps = max(proposed.values(), default=0)
-        predicted_s = rep.spec.perf_model.step_time_s(num_batched // num_steps, spec_steps) * num_steps
+        predicted_s = (
+            rep.spec.perf_model.step_time_s(num_batched // num_steps, spec_steps) * num_steps
+        )
         if report.step_time_s > self.replan_policy.slow_step_ratio * predicted_s:
             rep.replan_requested = True
 
@@ -494,7 +499,9 @@ class PlannerCore:
         while self._dirty:
             budget -= 1
             if budget < 0:  # forwards are bounded, so this is a bug, not a load
-                raise RuntimeError(f"re-planning does not settle (dirty replicas: {sorted(self._dirty)})")
+                raise RuntimeError(
+                    f"re-planning does not settle (dirty replicas: {sorted(self._dirty)})"
+                )
             replica_id = self._dirty.pop()
             rep = self._replicas.get(replica_id)
             if rep is not None and self._should_replan(rep, now_s, replica_id == boundary):
@@ -505,9 +512,7 @@ class PlannerCore:
             return False
         timer_due = now_s - rep.last_plan_s >= self.replan_policy.timer_s
         if rep.is_busy():
-            return at_boundary and (
-                rep.replan_requested or (timer_due and rep.has_unplanned_work)
-            )
+            return at_boundary and (rep.replan_requested or (timer_due and rep.has_unplanned_work))
         env = rep.envelope  # idle: a non-empty last plan has run out
         ran_out = env is not None and bool(env.plan.steps or env.plan.repeat)
         return rep.replan_requested or timer_due or ran_out
@@ -544,9 +549,15 @@ class PlannerCore:
             plan = dataclasses.replace(plan, preempt=tuple(core_preempts) + plan.preempt)
         resumed = self._resumed.pop(rep.replica_id, {})
         if resumed:
-            new_requests = [self._state_request(rid) for rid in resumed if rid in rep.running] + new_requests
+            new_requests = [
+                self._state_request(rid) for rid in resumed if rid in rep.running
+            ] + new_requests
         envelope = PlanEnvelope(
-            rep.replica_id, rep.num_plans, rep.next_step_id, plan, tuple(new_requests),
+            rep.replica_id,
+            rep.num_plans,
+            rep.next_step_id,
+            plan,
+            tuple(new_requests),
             resumed={rid: n for rid, n in resumed.items() if rid in rep.running},
         )
         rep.install(envelope, now_s)

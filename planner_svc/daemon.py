@@ -31,16 +31,16 @@ import zmq
 from formulations import registry
 from formulations.perf_model import PerfModel
 from formulations.plan import Decision, Verdict
-from wire import protocol as P
 from planner_svc.config import PlannerConfig
-from wire.plan_cursor import PlanEnvelope
+from planner_svc.core import CoreOutput, PlannerCore, ReplanPolicy
 from planner_svc.metrics import PlannerMetrics
 from planner_svc.records import RequestRecord
-from planner_svc.core import CoreOutput, PlannerCore, ReplanPolicy
 from planner_svc.replan_outlook import expects_replan
 from planner_svc.replica import ReplicaSpec
 from planner_svc.request_book import RequestBook, Tracked
 from planner_svc.router import make_router
+from wire import protocol as P
+from wire.plan_cursor import PlanEnvelope
 
 log = logging.getLogger("slos_serve.daemon")
 
@@ -210,8 +210,12 @@ class PlannerDaemon:
             self._on_ready(identity, message, now_s)
             return
         if link is None:  # a dead or unknown engine: it must READY again
-            self._reject_frame(self.engine_socket, "engine", identity,
-                               P.ProtocolError("unknown engine: send READY first", "no_ready"))
+            self._reject_frame(
+                self.engine_socket,
+                "engine",
+                identity,
+                P.ProtocolError("unknown engine: send READY first", "no_ready"),
+            )
             return
         link.last_heard_s = now_s
         if isinstance(message, P.Progress):
@@ -219,19 +223,29 @@ class PlannerDaemon:
 
     def _on_ready(self, identity: bytes, ready: P.Ready, now_s: float) -> None:
         if ready.protocol_version != P.PROTOCOL_VERSION:
-            self._reject_frame(self.engine_socket, "engine", identity, P.ProtocolError(
-                f"protocol version {ready.protocol_version} != {P.PROTOCOL_VERSION}", "version"))
+            self._reject_frame(
+                self.engine_socket,
+                "engine",
+                identity,
+                P.ProtocolError(
+                    f"protocol version {ready.protocol_version} != {P.PROTOCOL_VERSION}", "version"
+                ),
+            )
             return
-        for old in [lk for lk in self.engines.values()
-                    if lk.identity == identity or lk.engine_id == ready.engine_id]:
+        for old in [
+            lk
+            for lk in self.engines.values()
+            if lk.identity == identity or lk.engine_id == ready.engine_id
+        ]:
             self._declare_dead(old, now_s, "reconnected")
         perf_model = self.config.perf_model_for(ready.engine_id)
         if perf_model is None and ready.perf_model is not None:
             try:
                 perf_model = P.perf_model_from_wire(ready.perf_model)
             except ValueError as exc:
-                self._reject_frame(self.engine_socket, "engine", identity,
-                                   P.ProtocolError(str(exc), "bad_ready"))
+                self._reject_frame(
+                    self.engine_socket, "engine", identity, P.ProtocolError(str(exc), "bad_ready")
+                )
                 return
         perf_model = perf_model or self.config.perf_model
         try:
@@ -243,15 +257,17 @@ class PlannerDaemon:
                 max_spec_tokens=ready.max_spec_tokens,
             )
         except ValueError as exc:
-            self._reject_frame(self.engine_socket, "engine", identity,
-                                   P.ProtocolError(str(exc), "bad_ready"))
+            self._reject_frame(
+                self.engine_socket, "engine", identity, P.ProtocolError(str(exc), "bad_ready")
+            )
             return
         self._next_replica_id += 1
         link = EngineLink(identity, ready.engine_id, spec.replica_id, perf_model, now_s)
         self.engines[identity] = link
         self.metrics.engines.set(len(self.engines))
-        log.info("engine %s ready as replica %d (%s)", ready.engine_id, spec.replica_id,
-                 perf_model.name)
+        log.info(
+            "engine %s ready as replica %d (%s)", ready.engine_id, spec.replica_id, perf_model.name
+        )
         self._send_engine(link, P.Heartbeat(sender_id="planner", sent_s=now_s))
         if self.core is None:
             try:
@@ -259,8 +275,12 @@ class PlannerDaemon:
             except Exception as exc:  # keep serving; the engine is told why
                 log.exception("cannot build the planner core")
                 self.engines.pop(identity, None)
-                self._reject_frame(self.engine_socket, "engine", identity,
-                                   P.ProtocolError(f"planner core: {exc}", "planner_error"))
+                self._reject_frame(
+                    self.engine_socket,
+                    "engine",
+                    identity,
+                    P.ProtocolError(f"planner core: {exc}", "planner_error"),
+                )
         else:
             self._apply("add_replica", self.core.add_replica, spec, now_s)
 
@@ -272,8 +292,15 @@ class PlannerDaemon:
         self._unanswered = (link.replica_id, progress.step_id)
         self._apply("on_step", self.core.on_step, report, now_s)
         if self._unanswered is not None and link.identity in self.engines:
-            self._send_engine(link, P.Heartbeat("planner", now_s, ack_step_id=progress.step_id,
-                                                replan_expected=self._replan_flag(link, now_s)))
+            self._send_engine(
+                link,
+                P.Heartbeat(
+                    "planner",
+                    now_s,
+                    ack_step_id=progress.step_id,
+                    replan_expected=self._replan_flag(link, now_s),
+                ),
+            )
         self._unanswered = None
         self._stream_tokens(report, now_s)  # after the engine's answer: it is the one waiting
         self.metrics.step_time_measured.labels(link.engine_id).observe(progress.step_time_s)
@@ -288,8 +315,12 @@ class PlannerDaemon:
 
     def _declare_dead(self, link: EngineLink, now_s: float, why: str) -> None:
         """Forget the engine; the core moves its requests to the other replicas (recompute)."""
-        log.warning("engine %s (replica %d) is gone (%s); re-planning its requests",
-                    link.engine_id, link.replica_id, why)
+        log.warning(
+            "engine %s (replica %d) is gone (%s); re-planning its requests",
+            link.engine_id,
+            link.replica_id,
+            why,
+        )
         self.engines.pop(link.identity, None)
         self.metrics.engine_deaths.inc()
         self.metrics.engines.set(len(self.engines))
@@ -324,14 +355,20 @@ class PlannerDaemon:
 
     def _on_submit(self, client: bytes, submit: P.Submit, now_s: float) -> None:
         if submit.request_id in self.book:
-            self._send_client(client, P.ErrorMsg(f"duplicate request id {submit.request_id!r}",
-                                                 submit.request_id))
+            self._send_client(
+                client, P.ErrorMsg(f"duplicate request id {submit.request_id!r}", submit.request_id)
+            )
             return
         try:
             tracked = self.book.add(submit, client, now_s)
         except ValueError as exc:
-            self._reject_frame(self.client_socket, "client", client,
-                               P.ProtocolError(str(exc), "bad_request"), submit.request_id)
+            self._reject_frame(
+                self.client_socket,
+                "client",
+                client,
+                P.ProtocolError(str(exc), "bad_request"),
+                submit.request_id,
+            )
             return
         if not self.engines or self.core is None:
             self._decide(tracked, Decision(Verdict.REJECTED, "no engine is connected"), None)
@@ -403,8 +440,9 @@ class PlannerDaemon:
         link = self._link_of(migration.from_replica)
         if link is not None:
             self._send_engine(link, P.Abort(migration.request_id, "migrated"))
-        self._apply("complete_migration", self.core.complete_migration,
-                    migration.request_id, 0, now_s)
+        self._apply(
+            "complete_migration", self.core.complete_migration, migration.request_id, 0, now_s
+        )
 
     def _decide(self, tracked: Tracked, decision: Decision, replica_id: int | None) -> None:
         record = tracked.record
@@ -412,11 +450,20 @@ class PlannerDaemon:
         record.replica_id = replica_id if replica_id is not None else record.replica_id
         request = tracked.request
         self.metrics.verdicts.labels(decision.verdict.value, request.slo_class).inc()
-        self._send_client(tracked.client, P.VerdictMsg(
-            request_id=request.request_id, verdict=decision.verdict.value, reason=decision.reason,
-            replica_id=replica_id, arrival_s=request.arrival_s, ttft_slo_s=request.ttft_slo_s,
-            tpot_s=request.slo.tpot_s, thinking_tpot_s=request.slo.thinking_tpot_s,
-            num_thinking_tokens=request.num_thinking_tokens))
+        self._send_client(
+            tracked.client,
+            P.VerdictMsg(
+                request_id=request.request_id,
+                verdict=decision.verdict.value,
+                reason=decision.reason,
+                replica_id=replica_id,
+                arrival_s=request.arrival_s,
+                ttft_slo_s=request.ttft_slo_s,
+                tpot_s=request.slo.tpot_s,
+                thinking_tpot_s=request.slo.thinking_tpot_s,
+                num_thinking_tokens=request.num_thinking_tokens,
+            ),
+        )
         if decision.verdict is Verdict.REJECTED:
             self._finish(tracked)
 
@@ -424,11 +471,16 @@ class PlannerDaemon:
         link = self._link_of(envelope.replica_id)
         if link is None:
             return  # the replica died after the core planned for it; its removal re-plans
-        new_requests = [self.book.payload(r.request_id, envelope.resumed.get(r.request_id))
-                        for r in envelope.new_requests]
-        named = {rid for step in (*envelope.plan.steps, *envelope.plan.repeat)
-                 for rid in step.num_tokens}
-        for request_id in sorted(named - link.sent_request_ids - {r.request_id for r in new_requests}):
+        new_requests = [
+            self.book.payload(r.request_id, envelope.resumed.get(r.request_id))
+            for r in envelope.new_requests
+        ]
+        named = {
+            rid for step in (*envelope.plan.steps, *envelope.plan.repeat) for rid in step.num_tokens
+        }
+        for request_id in sorted(
+            named - link.sent_request_ids - {r.request_id for r in new_requests}
+        ):
             if request_id in self.book:  # defensive: a plan naming a request not yet sent
                 new_requests.append(self.book.payload(request_id))
         for payload in new_requests:
@@ -440,12 +492,22 @@ class PlannerDaemon:
         ack_step_id = None
         if self._unanswered is not None and self._unanswered[0] == envelope.replica_id:
             ack_step_id, self._unanswered = self._unanswered[1], None
-        self._send_engine(link, P.envelope_to_wire(envelope, link.engine_id, new_requests, [],
-                                                   ack_step_id, self._replan_flag(link, self.now_s())))
+        self._send_engine(
+            link,
+            P.envelope_to_wire(
+                envelope,
+                link.engine_id,
+                new_requests,
+                [],
+                ack_step_id,
+                self._replan_flag(link, self.now_s()),
+            ),
+        )
         self.metrics.plans_sent.inc()
         for step in envelope.plan.steps:
             self.metrics.step_time_predicted.labels(link.engine_id).observe(
-                link.perf_model.step_time_s(step.num_batched_tokens, step.spec_steps))
+                link.perf_model.step_time_s(step.num_batched_tokens, step.spec_steps)
+            )
 
     def _stream_tokens(self, report, now_s: float) -> None:
         for tracked, message in self.book.record_tokens(report, now_s):
@@ -462,18 +524,27 @@ class PlannerDaemon:
             self.metrics.finished.labels(slo_class).inc()
             if tracked.record.attainment.ok:
                 self.metrics.attained.labels(slo_class).inc()
-        self.metrics.record_attainment(slo_class, self.book.num_done_by_class[slo_class],
-                                       self.book.num_attained_by_class[slo_class])
+        self.metrics.record_attainment(
+            slo_class,
+            self.book.num_done_by_class[slo_class],
+            self.book.num_attained_by_class[slo_class],
+        )
 
-    def _reject_frame(self, socket: zmq.Socket, side: str, identity: bytes,
-                      exc: P.ProtocolError, request_id: str = "") -> None:
+    def _reject_frame(
+        self,
+        socket: zmq.Socket,
+        side: str,
+        identity: bytes,
+        exc: P.ProtocolError,
+        request_id: str = "",
+    ) -> None:
         self.num_rejected_frames += 1
         self.metrics.rejected_frames.labels(side, exc.kind).inc()
         log.warning("rejected %s frame: %s", side, exc)
         try:
             socket.send_multipart(
-                [identity, *P.encode(P.ErrorMsg(str(exc)[:500], request_id, exc.kind))],
-                zmq.NOBLOCK)
+                [identity, *P.encode(P.ErrorMsg(str(exc)[:500], request_id, exc.kind))], zmq.NOBLOCK
+            )
         except zmq.ZMQError:
             pass
 

@@ -14,33 +14,66 @@ class PlannerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.verdicts = Counter("slos_verdicts", "Verdicts given, by verdict and SLO class",
-                                ["verdict", "slo_class"], registry=r)
-        self.finished = Counter("slos_requests_finished", "Requests that produced all tokens",
-                                ["slo_class"], registry=r)
-        self.attained = Counter("slos_requests_attained", "Finished requests that met every SLO",
-                                ["slo_class"], registry=r)
-        self.attainment = Gauge("slos_attainment_ratio",
-                                "Attained / decided requests, by SLO class", ["slo_class"], registry=r)
-        self.replan_time = Histogram("slos_replan_seconds", "Planner core time per call",
-                                     ["event"], buckets=_TIME_BUCKETS_S, registry=r)
-        self.step_time_measured = Histogram("slos_step_seconds_measured",
-                                            "Engine step time as reported", ["engine_id"],
-                                            buckets=_TIME_BUCKETS_S, registry=r)
-        self.step_time_predicted = Histogram("slos_step_seconds_predicted",
-                                             "Engine step time per the planner's model",
-                                             ["engine_id"], buckets=_TIME_BUCKETS_S, registry=r)
-        self.queue_length = Gauge("slos_requests_in_flight", "Requests not yet finished or rejected",
-                                  registry=r)
-        self.replica_requests = Gauge("slos_replica_requests",
-                                      "Requests per replica, running or waiting for a verdict",
-                                      ["replica", "state"], registry=r)
+        self.verdicts = Counter(
+            "slos_verdicts",
+            "Verdicts given, by verdict and SLO class",
+            ["verdict", "slo_class"],
+            registry=r,
+        )
+        self.finished = Counter(
+            "slos_requests_finished", "Requests that produced all tokens", ["slo_class"], registry=r
+        )
+        self.attained = Counter(
+            "slos_requests_attained",
+            "Finished requests that met every SLO",
+            ["slo_class"],
+            registry=r,
+        )
+        self.attainment = Gauge(
+            "slos_attainment_ratio",
+            "Attained / decided requests, by SLO class",
+            ["slo_class"],
+            registry=r,
+        )
+        self.replan_time = Histogram(
+            "slos_replan_seconds",
+            "Planner core time per call",
+            ["event"],
+            buckets=_TIME_BUCKETS_S,
+            registry=r,
+        )
+        self.step_time_measured = Histogram(
+            "slos_step_seconds_measured",
+            "Engine step time as reported",
+            ["engine_id"],
+            buckets=_TIME_BUCKETS_S,
+            registry=r,
+        )
+        self.step_time_predicted = Histogram(
+            "slos_step_seconds_predicted",
+            "Engine step time per the planner's model",
+            ["engine_id"],
+            buckets=_TIME_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_length = Gauge(
+            "slos_requests_in_flight", "Requests not yet finished or rejected", registry=r
+        )
+        self.replica_requests = Gauge(
+            "slos_replica_requests",
+            "Requests per replica, running or waiting for a verdict",
+            ["replica", "state"],
+            registry=r,
+        )
         self.engines = Gauge("slos_engines_alive", "Engines connected and alive", registry=r)
         self.engine_deaths = Counter("slos_engine_deaths", "Engines declared dead", registry=r)
-        self.rejected_frames = Counter("slos_rejected_frames", "Frames rejected at the socket",
-                                       ["socket", "reason"], registry=r)
-        self.core_errors = Counter("slos_core_errors", "Planner core calls that raised",
-                                   registry=r)
+        self.rejected_frames = Counter(
+            "slos_rejected_frames",
+            "Frames rejected at the socket",
+            ["socket", "reason"],
+            registry=r,
+        )
+        self.core_errors = Counter("slos_core_errors", "Planner core calls that raised", registry=r)
         self.plans_sent = Counter("slos_plans_sent", "PLAN messages sent", registry=r)
 
     def serve(self, port: int) -> None:

@@ -34,7 +34,9 @@ def check_plan(
     `running` / `waiting`: the view's requests by id, when the caller has them at hand."""
 
     def fail(message: str) -> PlanError:
-        return PlanError(f"formulation {formulation_name!r} on replica {view.replica_id}: {message}")
+        return PlanError(
+            f"formulation {formulation_name!r} on replica {view.replica_id}: {message}"
+        )
 
     if running is None:
         running = {s.request.request_id: s for s in view.running}
@@ -81,7 +83,9 @@ class _Walk:
 
     __slots__ = ("known", "max_spec", "preempted", "progress")
 
-    def __init__(self, known: Mapping[str, RequestState], preempted: set[str], max_spec: int) -> None:
+    def __init__(
+        self, known: Mapping[str, RequestState], preempted: set[str], max_spec: int
+    ) -> None:
         self.known = known
         self.preempted = preempted
         self.max_spec = max_spec

@@ -29,4 +29,5 @@ def expects_replan(core: PlannerCore, replica_id: int, now_s: float, step_time_s
     if now_s + step_time_s - rep.last_plan_s >= policy.timer_s:
         return True
     return policy.on_completion and any(
-        state.num_remaining_output_tokens <= 1 for state in rep.running.values())
+        state.num_remaining_output_tokens <= 1 for state in rep.running.values()
+    )

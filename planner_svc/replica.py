@@ -32,9 +32,13 @@ class ReplicaSpec:
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
-            raise ValueError(f"replica {self.replica_id}: role must be one of {ROLES}, got {self.role!r}")
+            raise ValueError(
+                f"replica {self.replica_id}: role must be one of {ROLES}, got {self.role!r}"
+            )
         if self.num_total_blocks < 1 or self.block_size < 1:
-            raise ValueError(f"replica {self.replica_id}: needs at least one KV block of >= 1 token")
+            raise ValueError(
+                f"replica {self.replica_id}: needs at least one KV block of >= 1 token"
+            )
         if self.max_spec_tokens < 0:
             raise ValueError(f"replica {self.replica_id}: max_spec_tokens must be >= 0")
 
@@ -113,7 +117,8 @@ class ReplicaState:
             spec_acceptance_rate=self.spec_acceptance_rate if spec.max_spec_tokens else 0.0,
         )
 
-    # -- updates ------------------------------------------------------------------------------------
+    # -- updates
+    # ------------------------------------------------------------------------------------
 
     def install(self, envelope: PlanEnvelope, now_s: float) -> None:
         plan: Plan = envelope.plan

@@ -13,9 +13,9 @@ from formulations.perf_model import PerfModel
 from formulations.plan import Verdict
 from formulations.request import Request
 from formulations.slo import SLO
+from planner_svc.records import RequestRecord
 from wire import protocol as P
 from wire.step_report import StepReport
-from planner_svc.records import RequestRecord
 
 
 @dataclass
@@ -95,7 +95,10 @@ class RequestBook:
         if num_generated is None:
             num_generated = tracked.num_generated_tokens
         prompt_ids = None
-        if submit.prompt_token_ids is not None and len(tracked.generated_token_ids) == num_generated:
+        if (
+            submit.prompt_token_ids is not None
+            and len(tracked.generated_token_ids) == num_generated
+        ):
             prompt_ids = list(submit.prompt_token_ids) + tracked.generated_token_ids
         return P.NewRequest(
             request_id=request_id,
@@ -122,16 +125,26 @@ class RequestBook:
             tracked.record.token_times_s.extend([now_s] * num_new)
             done = request_id in finished
             tracked.record.finished = done
-            messages.append((tracked, P.Tokens(
-                request_id=request_id, num_tokens=num_new, token_ids=token_ids,
-                num_generated_tokens=tracked.num_generated_tokens, finished=done,
-                planner_time_s=now_s)))
+            messages.append(
+                (
+                    tracked,
+                    P.Tokens(
+                        request_id=request_id,
+                        num_tokens=num_new,
+                        token_ids=token_ids,
+                        num_generated_tokens=tracked.num_generated_tokens,
+                        finished=done,
+                        planner_time_s=now_s,
+                    ),
+                )
+            )
         return messages
 
     # ------------------------------------------------------------------ endings
 
     def finish(self, tracked: Tracked) -> bool:
-        """Mark the request over (finished, rejected or aborted). Returns False if it already was."""
+        """Mark the request over (finished, rejected or aborted). Returns False if it already
+        was."""
         if tracked.done:
             return False
         tracked.done = True
@@ -157,8 +170,9 @@ class RequestBook:
         }
         return P.Stats(
             counters=counters,
-            attainment_by_class={c: sum(r.attainment.ok for r in rs) / len(rs)
-                                 for c, rs in by_class.items()},
+            attainment_by_class={
+                c: sum(r.attainment.ok for r in rs) / len(rs) for c, rs in by_class.items()
+            },
             num_requests_by_class={c: len(rs) for c, rs in by_class.items()},
             num_engines=num_engines,
         )
@@ -172,8 +186,9 @@ def resolve_slo(submit: P.Submit, slo_classes: Mapping[str, SLO]) -> SLO:
     explicit = (submit.ttft_ms, submit.ttft_slowdown, submit.tpot_ms, submit.thinking_tpot_ms)
     if base is None and submit.tpot_ms is None:
         known = ", ".join(sorted(slo_classes))
-        raise ValueError(f"unknown SLO class {targets!r} and no explicit tpot_ms "
-                         f"(known classes: {known})")
+        raise ValueError(
+            f"unknown SLO class {targets!r} and no explicit tpot_ms (known classes: {known})"
+        )
     if all(v is None for v in explicit):
         return base
     has_ttft = submit.ttft_ms is not None or submit.ttft_slowdown is not None
@@ -182,8 +197,10 @@ def resolve_slo(submit: P.Submit, slo_classes: Mapping[str, SLO]) -> SLO:
     return SLO(
         tpot_s=submit.tpot_ms / 1000 if submit.tpot_ms is not None else base.tpot_s,
         ttft_slowdown=submit.ttft_slowdown if has_ttft else base.ttft_slowdown,
-        ttft_s=submit.ttft_ms / 1000 if submit.ttft_ms is not None else (
-            None if has_ttft else base.ttft_s),
-        thinking_tpot_s=submit.thinking_tpot_ms / 1000 if submit.thinking_tpot_ms is not None
+        ttft_s=submit.ttft_ms / 1000
+        if submit.ttft_ms is not None
+        else (None if has_ttft else base.ttft_s),
+        thinking_tpot_s=submit.thinking_tpot_ms / 1000
+        if submit.thinking_tpot_ms is not None
         else (base.thinking_tpot_s if base is not None else None),
     )

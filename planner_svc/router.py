@@ -8,7 +8,8 @@ request; the router returns a replica id or None (nowhere left to try). The core
 
 - `round_robin`: the first try goes to the next replica in turn; a forward goes to the next replica
   after the one that rejected it (ring order), skipping those already tried.
-- `least_loaded`: every try goes to the untried replica with the fewest requests (lowest id on ties).
+- `least_loaded`: every try goes to the untried replica with the fewest requests (lowest id on
+ties).
 """
 
 from __future__ import annotations
@@ -28,9 +29,7 @@ class Router(ABC):
         self.max_forwards = max_forwards
 
     @abstractmethod
-    def route(
-        self, request: Request, loads: Mapping[int, int], tried: Sequence[int]
-    ) -> int | None:
+    def route(self, request: Request, loads: Mapping[int, int], tried: Sequence[int]) -> int | None:
         """Replica to try next. `loads`: candidate replica id -> requests on it (ids ascending);
         `tried`: replicas that already rejected the request, in order."""
 
@@ -64,12 +63,17 @@ class LeastLoadedRouter(Router):
         return min(options)[1] if options else None
 
 
-ROUTERS: dict[str, type[Router]] = {"round_robin": RoundRobinRouter, "least_loaded": LeastLoadedRouter}
+ROUTERS: dict[str, type[Router]] = {
+    "round_robin": RoundRobinRouter,
+    "least_loaded": LeastLoadedRouter,
+}
 
 
 def make_router(name: str, max_forwards: int = 1) -> Router:
     try:
         cls = ROUTERS[name]
     except KeyError:
-        raise ValueError(f"unknown routing {name!r} (known: {', '.join(sorted(ROUTERS))})") from None
+        raise ValueError(
+            f"unknown routing {name!r} (known: {', '.join(sorted(ROUTERS))})"
+        ) from None
     return cls(max_forwards)

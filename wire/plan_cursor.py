@@ -3,7 +3,8 @@
 The planner core wraps every `formulations.plan.Plan` it sends in a `PlanEnvelope`: the replica it
 is for, a per-replica sequence number (`plan_id`, so duplicates and stale plans can be dropped), the
 engine step id at which the plan starts, and the requests the engine must register before running it
-(those the plan admitted, or that were moved onto this replica; `resumed` says how many output tokens
+(those the plan admitted, or that were moved onto this replica; `resumed` says how many output
+tokens
 a moved request already has).
 
 Step numbering (shared by the core and every engine through `PlanCursor`, so both agree on when a

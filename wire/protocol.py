@@ -183,7 +183,9 @@ class Submit(_Msg):
         if self.prompt_token_ids is not None:
             return len(self.prompt_token_ids)
         if self.num_prompt_tokens is None:
-            raise ValueError(f"request {self.request_id}: give prompt_token_ids or num_prompt_tokens")
+            raise ValueError(
+                f"request {self.request_id}: give prompt_token_ids or num_prompt_tokens"
+            )
         return self.num_prompt_tokens
 
 
@@ -276,13 +278,21 @@ _ENCODER = msgspec.msgpack.Encoder()
 
 # What each side accepts.
 ENGINE_TO_PLANNER = frozenset({MessageType.READY, MessageType.PROGRESS, MessageType.HEARTBEAT})
-PLANNER_TO_ENGINE = frozenset({MessageType.PLAN, MessageType.HEARTBEAT, MessageType.ABORT,
-                               MessageType.ERROR})
+PLANNER_TO_ENGINE = frozenset(
+    {MessageType.PLAN, MessageType.HEARTBEAT, MessageType.ABORT, MessageType.ERROR}
+)
 CLIENT_TO_PLANNER = frozenset(
     {MessageType.SUBMIT, MessageType.ABORT, MessageType.STATS_REQUEST, MessageType.HEARTBEAT}
 )
-PLANNER_TO_CLIENT = frozenset({MessageType.VERDICT, MessageType.TOKENS, MessageType.STATS,
-                               MessageType.HEARTBEAT, MessageType.ERROR})
+PLANNER_TO_CLIENT = frozenset(
+    {
+        MessageType.VERDICT,
+        MessageType.TOKENS,
+        MessageType.STATS,
+        MessageType.HEARTBEAT,
+        MessageType.ERROR,
+    }
+)
 
 
 def encode(message: _Msg) -> list[bytes]:
@@ -306,13 +316,19 @@ def decode(
     try:
         message_type = MessageType(bytes(type_frame))
     except ValueError:
-        raise ProtocolError(f"unknown message type {bytes(type_frame)[:8]!r}", "unknown_type") from None
+        raise ProtocolError(
+            f"unknown message type {bytes(type_frame)[:8]!r}", "unknown_type"
+        ) from None
     if message_type not in allowed:
-        raise ProtocolError(f"message type {message_type.name} is not expected here",
-                            "unexpected_type")
+        raise ProtocolError(
+            f"message type {message_type.name} is not expected here", "unexpected_type"
+        )
     if len(payload) > max_frame_bytes:
-        raise ProtocolError(f"{message_type.name} payload of {len(payload)} bytes exceeds "
-                            f"the limit of {max_frame_bytes}", "oversized")
+        raise ProtocolError(
+            f"{message_type.name} payload of {len(payload)} bytes exceeds "
+            f"the limit of {max_frame_bytes}",
+            "oversized",
+        )
     try:
         return _DECODERS[message_type].decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -360,7 +376,9 @@ def progress_to_report(progress: Progress, replica_id: int, end_s: float) -> Ste
     )
 
 
-def report_to_progress(report: StepReport, engine_id: str, plan_id: int, num_stale_plans: int = 0) -> Progress:
+def report_to_progress(
+    report: StepReport, engine_id: str, plan_id: int, num_stale_plans: int = 0
+) -> Progress:
     return Progress(
         engine_id=engine_id,
         step_id=report.step_id,

@@ -14,7 +14,9 @@ class StepReport:
     start_s: float
     end_s: float
     num_computed_tokens: dict[str, int] = field(default_factory=dict)  # tokens computed per request
-    num_new_tokens: dict[str, int] = field(default_factory=dict)  # output tokens produced per request
+    num_new_tokens: dict[str, int] = field(
+        default_factory=dict
+    )  # output tokens produced per request
     num_accepted_spec_tokens: dict[str, int] = field(default_factory=dict)
     num_proposed_spec_tokens: dict[str, int] = field(default_factory=dict)
     new_token_ids: dict[str, list[int]] = field(default_factory=dict)  # empty for the sim engine

@@ -90,7 +90,7 @@ def _read_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if not name.endswith(_IGNORED_SUFFIXES):
                     state[name] = handle.get_tensor(name)
     return state

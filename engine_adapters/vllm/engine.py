@@ -71,9 +71,7 @@ def engine_args_from_env() -> dict[str, Any]:
         raise ValueError(f"{ENGINE_ARGS_ENV} is not JSON: {exc}") from None
     if not isinstance(engine_args, dict):
         # A user error, so ValueError (the CLI prints those as one line), not TypeError.
-        raise ValueError(  # noqa: TRY004
-            f"{ENGINE_ARGS_ENV} must be a JSON object of vLLM engine arguments"
-        )
+        raise ValueError(f"{ENGINE_ARGS_ENV} must be a JSON object of vLLM engine arguments")
     return engine_args
 
 

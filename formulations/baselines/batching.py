@@ -88,7 +88,11 @@ class BlockLedger:
         self._released.add(state.request_id)
 
     def grow_or_preempt(
-        self, state: RequestState, num_tokens: int, victims: list[RequestState], preempted: list[str]
+        self,
+        state: RequestState,
+        num_tokens: int,
+        victims: list[RequestState],
+        preempted: list[str],
     ) -> bool:
         """Grow `state` by `num_tokens`, preempting (by recompute) the last of `victims` until it
         fits, as vLLM does when decode memory runs out. False when `state` itself was the victim."""
@@ -129,7 +133,9 @@ def plan_step(
     return _with_tail(step, tail, len(queue), decisions)
 
 
-def _with_tail(step: Step, tail: dict[str, int], queue_length: int, decisions: dict[str, Decision]) -> Plan:
+def _with_tail(
+    step: Step, tail: dict[str, int], queue_length: int, decisions: dict[str, Decision]
+) -> Plan:
     if tail == step.num_tokens and len(tail) == queue_length:  # the step already decodes everyone
         return Plan(repeat=(step,), decisions=decisions)
     return Plan(steps=(step,), repeat=(Step(tail),) if tail else (), decisions=decisions)

@@ -37,7 +37,9 @@ ROLES = ("prefill", "decode", "mixed")
 class DistServe(Formulation):
     disaggregated: ClassVar[bool] = True
 
-    def __init__(self, role: str = "prefill", max_num_batched_tokens: int = 8192, max_num_seqs: int = 256) -> None:
+    def __init__(
+        self, role: str = "prefill", max_num_batched_tokens: int = 8192, max_num_seqs: int = 256
+    ) -> None:
         if role not in ROLES:
             raise ValueError(f"distserve role must be one of {ROLES}, got {role!r}")
         if max_num_batched_tokens < 1 or max_num_seqs < 1:

@@ -70,7 +70,9 @@ class Edf(Formulation):
         budget = max(1, view.perf_model.max_tokens(tightest_tpot_s))  # as Sarathi's
         return self._one_step(view, decisions, order, budget)
 
-    def _one_step(self, view: ReplicaView, decisions, order: list[RequestState], step_budget: int) -> Plan:
+    def _one_step(
+        self, view: ReplicaView, decisions, order: list[RequestState], step_budget: int
+    ) -> Plan:
         budget = step_budget
         ledger = BlockLedger(view)
         victims: list[RequestState] | None = None  # started requests, latest deadline last
@@ -86,7 +88,10 @@ class Edf(Formulation):
             computed = state.num_computed_tokens
             n = min(request.num_prompt_tokens + state.num_generated_tokens - computed, budget)
             # Fast path (most decodes): the blocks it holds have room for n more tokens.
-            if rid not in ledger.touched and -(-(computed + n) // ledger.block_size) <= state.num_blocks:
+            if (
+                rid not in ledger.touched
+                and -(-(computed + n) // ledger.block_size) <= state.num_blocks
+            ):
                 num_tokens[rid] = n
                 budget -= n
                 continue
@@ -100,4 +105,6 @@ class Edf(Formulation):
             if ledger.grow_or_preempt(state, n, victims, preempted):
                 num_tokens[rid] = n
                 budget -= n
-        return plan_step(order, num_tokens, ledger, decisions, preempted, min(step_budget, self.max_num_seqs))
+        return plan_step(
+            order, num_tokens, ledger, decisions, preempted, min(step_budget, self.max_num_seqs)
+        )

@@ -73,7 +73,11 @@ class Sarathi(Formulation):
         ledger = BlockLedger(view)
         started = [s for s in queue if s.num_computed_tokens > 0]
         decodes = [s for s in started if is_decoding(s)]
-        num_tokens, preempted = schedule_started(decodes, ledger, budget, self.max_num_seqs, started)
+        num_tokens, preempted = schedule_started(
+            decodes, ledger, budget, self.max_num_seqs, started
+        )
         left = budget - len(num_tokens)
         fill_prefills(queue, ledger, num_tokens, set(preempted), left, self.max_num_seqs)
-        return plan_step(queue, num_tokens, ledger, decisions, preempted, min(budget, self.max_num_seqs))
+        return plan_step(
+            queue, num_tokens, ledger, decisions, preempted, min(budget, self.max_num_seqs)
+        )

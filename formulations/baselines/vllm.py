@@ -131,7 +131,9 @@ class VllmPrefillFirst(Formulation):
         )
         return plan_step(queue, num_tokens, ledger, decisions, preempted, max_num_decodes)
 
-    def _prefills(self, queue: list[RequestState], ledger: BlockLedger, num_running: int) -> dict[str, int]:
+    def _prefills(
+        self, queue: list[RequestState], ledger: BlockLedger, num_running: int
+    ) -> dict[str, int]:
         """Whole prompts of not-started requests, FCFS, within the budget and free memory."""
         num_tokens: dict[str, int] = {}
         budget = self.max_num_batched_tokens

@@ -20,7 +20,8 @@ class BurstParams:
     """Bursts of a geometric number of simultaneous requests at Poisson times.
 
     A burst holds k >= 1 requests with P(k) = (1 - q)^(k - 1) q, q = 1 / mean_burst_size, so its
-    mean size is `mean_burst_size`; bursts arrive at rate `rate_rps / mean_burst_size`, which keeps the
+    mean size is `mean_burst_size`; bursts arrive at rate `rate_rps / mean_burst_size`, which keeps
+    the
     mean request rate at `rate_rps`.
     """
 

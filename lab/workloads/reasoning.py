@@ -62,6 +62,4 @@ def sample_reasoning(
     prompts = params.prompt.sample(rng, num_items)
     thinking = params.thinking.sample(rng, num_items)
     answers = params.answer.sample(rng, num_items)
-    return [
-        ReasoningSample(int(p), int(t), int(a)) for p, t, a in zip(prompts, thinking, answers)
-    ]
+    return [ReasoningSample(int(p), int(t), int(a)) for p, t, a in zip(prompts, thinking, answers)]

@@ -322,7 +322,7 @@ def trace_workload(
     perf_model: PerfModel,
     *,
     rate_rps: float | None = None,
-    window: TraceWindow = TraceWindow(),
+    window: TraceWindow | None = None,
     max_model_len: int = 8192,
     max_spec_tokens: int = 0,
 ) -> Workload:
@@ -331,7 +331,7 @@ def trace_workload(
     items = read_user_trace(path)
     max_total_tokens = max_sequence_tokens(max_model_len, max_spec_tokens)
     kept, dropped_before, num_dropped = select_window(
-        items, window, max_total_tokens, _item_total_tokens
+        items, window or TraceWindow(), max_total_tokens, _item_total_tokens
     )
     if not kept:
         raise ValueError(

@@ -2,7 +2,8 @@
 and per API key. One TOML file (`slos-serve api --config FILE`), every key optional:
 
     default_slo_class = "chatbot"     # when neither the request, its API key nor its model says
-    default_max_tokens = 256          # chat requests without max_tokens (completions: 16, as OpenAI)
+    default_max_tokens = 256          # chat requests without max_tokens (completions: 16, as
+    OpenAI)
     max_model_len = 2048              # prompt + max_tokens; default: the model dir's config.json
     verdict_timeout_s = 5.0           # no verdict by then: 503 and the request is aborted
     planner_config = "planner.toml"   # optional: the planner's SLO classes and performance model,
@@ -29,10 +30,11 @@ it, only explicit `slo.ttft_ms` targets are known and other requests wait up to
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from formulations.perf_model import PerfModel
 from formulations.slo import SLO, SLO_PRESETS
@@ -58,14 +60,21 @@ class SloDefaults:
 
     def over(self, base: SloDefaults) -> SloDefaults:
         """These defaults, with `base` filling the fields left unset."""
-        return replace(base, **{f.name: getattr(self, f.name) for f in fields(self)
-                                if getattr(self, f.name) is not None})
+        return replace(
+            base,
+            **{
+                f.name: getattr(self, f.name)
+                for f in fields(self)
+                if getattr(self, f.name) is not None
+            },
+        )
 
 
 @dataclass(frozen=True)
 class ApiConfig:
     model_defaults: dict[str, SloDefaults] = field(
-        default_factory=lambda: {DEFAULT_MODEL_NAME: SloDefaults()})
+        default_factory=lambda: {DEFAULT_MODEL_NAME: SloDefaults()}
+    )
     api_keys: dict[str, SloDefaults] = field(default_factory=dict)
     default_slo_class: str = "chatbot"
     default_max_tokens: int = 256
@@ -93,8 +102,14 @@ class ApiConfig:
     def model_names(self) -> tuple[str, ...]:
         return tuple(self.model_defaults)
 
-    def ttft_budget_s(self, slo_class: str, slo_targets: str | None, ttft_ms: float | None,
-                      ttft_slowdown: float | None, num_prompt_tokens: int) -> float | None:
+    def ttft_budget_s(
+        self,
+        slo_class: str,
+        slo_targets: str | None,
+        ttft_ms: float | None,
+        ttft_slowdown: float | None,
+        num_prompt_tokens: int,
+    ) -> float | None:
         """The request's TTFT target in seconds, as the planner will resolve it; None when it
         cannot be known here (a slowdown without the planner's performance model, an unknown
         class)."""
@@ -119,12 +134,25 @@ class ApiConfig:
         return resolved
 
 
-_TOP_KEYS = {"default_slo_class", "default_max_tokens", "max_model_len", "verdict_timeout_s",
-             "require_api_key", "max_body_bytes", "models", "api_keys", "planner_config"}
+_TOP_KEYS = {
+    "default_slo_class",
+    "default_max_tokens",
+    "max_model_len",
+    "verdict_timeout_s",
+    "require_api_key",
+    "max_body_bytes",
+    "models",
+    "api_keys",
+    "planner_config",
+}
 
 
-def load_api_config(path: str | Path | None, served_model_names: list[str] | None = None,
-                    planner_config: str | Path | None = None, **overrides: Any) -> ApiConfig:
+def load_api_config(
+    path: str | Path | None,
+    served_model_names: list[str] | None = None,
+    planner_config: str | Path | None = None,
+    **overrides: Any,
+) -> ApiConfig:
     """Read the TOML file (or none), then apply `served_model_names` (which replace the file's
     model list, keeping the defaults of names the file knows), the planner's config file
     (`planner_config`, else the file's key of that name) and non-None `overrides`."""
@@ -138,8 +166,9 @@ def load_api_config(path: str | Path | None, served_model_names: list[str] | Non
             raise ValueError(f"{path}: not valid TOML: {exc}") from None
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)} "
-                         f"(known: {', '.join(sorted(_TOP_KEYS))})")
+        raise ValueError(
+            f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_TOP_KEYS))})"
+        )
     models = _defaults_table(data.get("models", {}), f"{source} [models]")
     if served_model_names:
         models = {name: models.get(name, SloDefaults()) for name in served_model_names}
@@ -167,8 +196,10 @@ def _defaults_table(table: dict[str, Any], where: str) -> dict[str, SloDefaults]
             raise ValueError(f"{where}: {name!r} must be a table")
         unknown = sorted(set(spec) - known)
         if unknown:
-            raise ValueError(f"{where} {name!r}: unknown key(s) {', '.join(unknown)} "
-                             f"(known: {', '.join(sorted(known))})")
+            raise ValueError(
+                f"{where} {name!r}: unknown key(s) {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(known))})"
+            )
         try:
             result[name] = SloDefaults(**spec)
         except ValueError as exc:

@@ -5,8 +5,22 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                      10.0, 30.0)
+_LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 _OVERHEAD_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 _ITL_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -17,34 +31,72 @@ class HttpMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("slos_http_requests", "HTTP requests answered, by path and status",
-                                ["path", "status"], registry=r)
-        self.rejected = Counter("slos_http_rejected", "Requests answered 429 (planner rejected)",
-                                ["slo_class"], registry=r)
-        self.verdicts = Counter("slos_http_verdicts", "Planner verdicts seen, by verdict and class",
-                                ["verdict", "slo_class"], registry=r)
-        self.disconnects = Counter("slos_http_client_disconnects",
-                                   "Requests aborted because the client went away", registry=r)
-        self.in_flight = Gauge("slos_http_requests_in_flight", "Generation requests being served",
-                               registry=r)
-        self.prompt_tokens = Counter("slos_http_prompt_tokens", "Prompt tokens of served requests",
-                                     registry=r)
-        self.completion_tokens = Counter("slos_http_completion_tokens", "Tokens generated",
-                                         registry=r)
-        self.ttft = Histogram("slos_http_ttft_seconds", "Time to first token, HTTP arrival to "
-                              "first token leaving the server", ["slo_class"],
-                              buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.itl = Histogram("slos_http_itl_seconds", "Gap between consecutive token messages",
-                             buckets=_ITL_BUCKETS_S, registry=r)
-        self.e2e = Histogram("slos_http_e2e_seconds", "HTTP arrival to last token",
-                             ["slo_class"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.requests = Counter(
+            "slos_http_requests",
+            "HTTP requests answered, by path and status",
+            ["path", "status"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "slos_http_rejected",
+            "Requests answered 429 (planner rejected)",
+            ["slo_class"],
+            registry=r,
+        )
+        self.verdicts = Counter(
+            "slos_http_verdicts",
+            "Planner verdicts seen, by verdict and class",
+            ["verdict", "slo_class"],
+            registry=r,
+        )
+        self.disconnects = Counter(
+            "slos_http_client_disconnects",
+            "Requests aborted because the client went away",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "slos_http_requests_in_flight", "Generation requests being served", registry=r
+        )
+        self.prompt_tokens = Counter(
+            "slos_http_prompt_tokens", "Prompt tokens of served requests", registry=r
+        )
+        self.completion_tokens = Counter(
+            "slos_http_completion_tokens", "Tokens generated", registry=r
+        )
+        self.ttft = Histogram(
+            "slos_http_ttft_seconds",
+            "Time to first token, HTTP arrival to first token leaving the server",
+            ["slo_class"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "slos_http_itl_seconds",
+            "Gap between consecutive token messages",
+            buckets=_ITL_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "slos_http_e2e_seconds",
+            "HTTP arrival to last token",
+            ["slo_class"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
 
-        self.ingress = Histogram("slos_http_ingress_seconds", "Request handler start (headers "
-                                 "parsed) to the planner client's arrival stamp of its SUBMIT",
-                                 buckets=_OVERHEAD_BUCKETS_S, registry=r)
-        self.delivery = Histogram("slos_http_token_delivery_seconds", "TOKENS message received "
-                                  "by the planner client to its SSE chunk written",
-                                  buckets=_OVERHEAD_BUCKETS_S, registry=r)
+        self.ingress = Histogram(
+            "slos_http_ingress_seconds",
+            "Request handler start (headers "
+            "parsed) to the planner client's arrival stamp of its SUBMIT",
+            buckets=_OVERHEAD_BUCKETS_S,
+            registry=r,
+        )
+        self.delivery = Histogram(
+            "slos_http_token_delivery_seconds",
+            "TOKENS message received by the planner client to its SSE chunk written",
+            buckets=_OVERHEAD_BUCKETS_S,
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,26 +24,61 @@ class ResponseHead:
     model: str
     chat: bool
 
-    def completion(self, text: str, token_ids: list[int], finish_reason: str,
-                   usage: dict[str, int], slo: dict[str, Any]) -> dict[str, Any]:
+    def completion(
+        self,
+        text: str,
+        token_ids: list[int],
+        finish_reason: str,
+        usage: dict[str, int],
+        slo: dict[str, Any],
+    ) -> dict[str, Any]:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish_reason, "token_ids": token_ids}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "token_ids": token_ids,
+            }
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
-                      "token_ids": token_ids}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "token_ids": token_ids,
+            }
         return {**self._common(chunk=False), "choices": [choice], "usage": usage, "slo": slo}
 
-    def chunk(self, text: str, token_ids: list[int], finish_reason: str | None = None,
-              first: bool = False, slo: dict[str, Any] | None = None) -> dict[str, Any]:
+    def chunk(
+        self,
+        text: str,
+        token_ids: list[int],
+        finish_reason: str | None = None,
+        first: bool = False,
+        slo: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else (
-                {"content": text} if text or finish_reason is None else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None,
-                      "finish_reason": finish_reason, "token_ids": token_ids}
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": text}
+                if first
+                else ({"content": text} if text or finish_reason is None else {})
+            )
+            choice = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "token_ids": token_ids,
+            }
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
-                      "token_ids": token_ids}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "token_ids": token_ids,
+            }
         body = {**self._common(chunk=True), "choices": [choice]}
         if slo is not None:
             body["slo"] = slo
@@ -57,13 +92,20 @@ class ResponseHead:
             kind = "chat.completion.chunk" if chunk else "chat.completion"
         else:
             kind = "text_completion"
-        return {"id": self.response_id, "object": kind, "created": self.created_s,
-                "model": self.model}
+        return {
+            "id": self.response_id,
+            "object": kind,
+            "created": self.created_s,
+            "model": self.model,
+        }
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+    }
 
 
 def slo_info(verdict: P.VerdictMsg, slo_class: str) -> dict[str, Any]:

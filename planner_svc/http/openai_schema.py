@@ -33,9 +33,15 @@ _JSON_DECODER = msgspec.json.Decoder()  # several times faster than json.loads o
 class ApiError(Exception):
     """An error answered as an OpenAI error body with HTTP status `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, error_type: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -45,8 +51,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.error_type,
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -109,8 +121,13 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def parse_job(body: dict[str, Any], chat: bool, config: ApiConfig,
-              tokenizer: TextTokenizer | None, api_key: str | None) -> GenerationJob:
+def parse_job(
+    body: dict[str, Any],
+    chat: bool,
+    config: ApiConfig,
+    tokenizer: TextTokenizer | None,
+    api_key: str | None,
+) -> GenerationJob:
     """Validate a /v1/completions (`chat` False) or /v1/chat/completions body."""
     model = _model(body, config)
     for name, refused in _REFUSED.items():
@@ -124,7 +141,9 @@ def parse_job(body: dict[str, Any], chat: bool, config: ApiConfig,
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, "
             f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-            "messages" if chat else "prompt", "context_length_exceeded")
+            "messages" if chat else "prompt",
+            "context_length_exceeded",
+        )
     stream_options = _optional(body, "stream_options", dict) or {}
     return GenerationJob(
         chat=chat,
@@ -150,8 +169,12 @@ def _model(body: dict[str, Any], config: ApiConfig) -> str:
     if not isinstance(model, str) or not model:
         raise bad_request("you must provide a model parameter", "model")
     if model not in config.model_defaults:
-        raise ApiError(404, f"The model `{model}` does not exist. Served models: "
-                       f"{', '.join(config.model_names)}", "model", "model_not_found")
+        raise ApiError(
+            404,
+            f"The model `{model}` does not exist. Served models: {', '.join(config.model_names)}",
+            "model",
+            "model_not_found",
+        )
     return model
 
 
@@ -164,10 +187,14 @@ def _completion_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) ->
     if isinstance(prompt, list) and prompt and set(map(type, prompt)) == {int}:  # C-speed check
         return _check_token_ids(prompt, tokenizer)
     if isinstance(prompt, list) and len(prompt) > 1:
-        raise bad_request("batched prompts are not supported: send one prompt per request",
-                          "prompt", "unsupported")
-    raise bad_request("'prompt' must be a non-empty string or a non-empty list of token ids",
-                      "prompt")
+        raise bad_request(
+            "batched prompts are not supported: send one prompt per request",
+            "prompt",
+            "unsupported",
+        )
+    raise bad_request(
+        "'prompt' must be a non-empty string or a non-empty list of token ids", "prompt"
+    )
 
 
 def _chat_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) -> list[int]:
@@ -181,9 +208,12 @@ def _chat_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) -> list[
             raise bad_request(f"{where} must be an object with a 'role'", where)
         rendered.append((message["role"], _content_text(message.get("content"), where)))
     if tokenizer is None:
-        raise bad_request("this server has no tokenizer (start it with --model-dir): chat "
-                          "messages cannot be tokenized; use /v1/completions with token ids",
-                          "messages", "no_tokenizer")
+        raise bad_request(
+            "this server has no tokenizer (start it with --model-dir): chat "
+            "messages cannot be tokenized; use /v1/completions with token ids",
+            "messages",
+            "no_tokenizer",
+        )
     return _encode(tokenizer.render_chat(rendered), tokenizer, "messages")
 
 
@@ -193,8 +223,11 @@ def _content_text(content: Any, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text"
-                    and isinstance(part.get("text"), str)):
+            if not (
+                isinstance(part, dict)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+            ):
                 raise bad_request(f"{where}.content: only text parts are supported", where)
             parts.append(part["text"])
         return "".join(parts)
@@ -203,8 +236,12 @@ def _content_text(content: Any, where: str) -> str:
 
 def _encode(text: str, tokenizer: TextTokenizer | None, param: str) -> list[int]:
     if tokenizer is None:
-        raise bad_request("this server has no tokenizer (start it with --model-dir): send the "
-                          "prompt as a list of token ids", param, "no_tokenizer")
+        raise bad_request(
+            "this server has no tokenizer (start it with --model-dir): send the "
+            "prompt as a list of token ids",
+            param,
+            "no_tokenizer",
+        )
     ids = tokenizer.encode(text)
     if not ids:
         raise bad_request(f"'{param}' is empty after tokenization", param)
@@ -218,8 +255,7 @@ def _check_token_ids(ids: list[int], tokenizer: TextTokenizer | None) -> list[in
     if lowest < 0 or (upper is not None and highest >= upper):
         bad = lowest if lowest < 0 else highest
         bound = f"[0, {upper})" if upper is not None else "non-negative"
-        raise bad_request(f"token id {bad} in 'prompt' is out of range (must be {bound})",
-                          "prompt")
+        raise bad_request(f"token id {bad} in 'prompt' is out of range (must be {bound})", "prompt")
     return ids
 
 
@@ -232,8 +268,11 @@ def _max_model_len(config: ApiConfig, tokenizer: TextTokenizer | None) -> int:
 
 
 def _max_tokens(body: dict[str, Any], chat: bool, config: ApiConfig) -> int:
-    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
+    name = (
+        "max_completion_tokens"
+        if chat and body.get("max_completion_tokens") is not None
         else "max_tokens"
+    )
     value = body.get(name)
     if value is None:
         return config.default_max_tokens if chat else config.default_completion_max_tokens
@@ -247,14 +286,17 @@ def _slo(body: dict[str, Any], defaults: SloDefaults) -> SloRequest:
     known = {"ttft_ms", "ttft_slowdown", "tpot_ms", "thinking_tokens", "thinking_tpot_ms", "value"}
     unknown = sorted(set(slo) - known)
     if unknown:
-        raise bad_request(f"unknown field(s) in 'slo': {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(known))})", "slo")
+        raise bad_request(
+            f"unknown field(s) in 'slo': {', '.join(unknown)} (known: {', '.join(sorted(known))})",
+            "slo",
+        )
     requested_class = _optional(body, "slo_class", str)
     if requested_class:  # a class named in the request brings its own targets, not the defaults'
         defaults = SloDefaults(slo_class=requested_class)
     slo_class = defaults.slo_class
-    explicit = {k: _positive(slo, k) for k in ("ttft_ms", "ttft_slowdown", "tpot_ms",
-                                                "thinking_tpot_ms")}
+    explicit = {
+        k: _positive(slo, k) for k in ("ttft_ms", "ttft_slowdown", "tpot_ms", "thinking_tpot_ms")
+    }
     if explicit["ttft_ms"] is not None and explicit["ttft_slowdown"] is not None:
         raise bad_request("give at most one of slo.ttft_ms and slo.ttft_slowdown", "slo")
     if explicit["ttft_ms"] is None and explicit["ttft_slowdown"] is None:  # TTFT from defaults
@@ -285,8 +327,11 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         return ()
     if isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 4 or not all(
-            isinstance(s, str) and s for s in stop):
+    if (
+        not isinstance(stop, list)
+        or len(stop) > 4
+        or not all(isinstance(s, str) and s for s in stop)
+    ):
         raise bad_request("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
     return tuple(stop)
 
@@ -301,8 +346,9 @@ def _optional(body: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def _number(body: dict[str, Any], name: str, default: float, low: float, high: float,
-            low_open: bool = False) -> float:
+def _number(
+    body: dict[str, Any], name: str, default: float, low: float, high: float, low_open: bool = False
+) -> float:
     value = body.get(name)
     if value is None:
         return default
@@ -326,5 +372,4 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -58,6 +58,6 @@ class OutputText:
     def _take(self, limit: int) -> str:
         if limit <= self.num_sent_chars:
             return ""
-        chunk = self.text[self.num_sent_chars:limit]
+        chunk = self.text[self.num_sent_chars : limit]
         self.num_sent_chars = limit
         return chunk

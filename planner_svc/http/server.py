@@ -35,7 +35,6 @@ import msgspec
 from aiohttp import web
 
 from formulations.plan import Verdict
-from wire import protocol as P
 from planner_svc.client import PlannerClient, RequestHandle
 from planner_svc.http.api_config import ApiConfig
 from planner_svc.http.http_metrics import CONTENT_TYPE, HttpMetrics
@@ -43,6 +42,7 @@ from planner_svc.http.openai_responses import ResponseHead, slo_info, usage
 from planner_svc.http.openai_schema import ApiError, GenerationJob, parse_job, parse_json_body
 from planner_svc.http.output_text import OutputText
 from planner_svc.http.tokenizer import TextTokenizer
+from wire import protocol as P
 
 log = logging.getLogger("slos_serve.http")
 
@@ -64,8 +64,12 @@ class _Progress:
 class ApiServer:
     """The aiohttp application and its handlers; one per planner client."""
 
-    def __init__(self, client: PlannerClient, config: ApiConfig | None = None,
-                 tokenizer: TextTokenizer | None = None) -> None:
+    def __init__(
+        self,
+        client: PlannerClient,
+        config: ApiConfig | None = None,
+        tokenizer: TextTokenizer | None = None,
+    ) -> None:
         self.client = client
         self.config = config or ApiConfig()
         self.tokenizer = tokenizer
@@ -73,8 +77,9 @@ class ApiServer:
         self.created_s = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware],
-                              client_max_size=self.config.max_body_bytes)
+        app = web.Application(
+            middlewares=[self._middleware], client_max_size=self.config.max_body_bytes
+        )
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -86,8 +91,10 @@ class ApiServer:
 
     async def models(self, request: web.Request) -> web.Response:
         self._check_api_key(request)
-        data = [{"id": name, "object": "model", "created": self.created_s,
-                 "owned_by": "slos-serve"} for name in self.config.model_names]
+        data = [
+            {"id": name, "object": "model", "created": self.created_s, "owned_by": "slos-serve"}
+            for name in self.config.model_names
+        ]
         return _json_response({"object": "list", "data": data})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -95,10 +102,12 @@ class ApiServer:
         loop = asyncio.get_running_loop()
         try:
             stats = await loop.run_in_executor(None, lambda: self.client.stats(timeout_s=2.0))
-        except Exception as exc:  # noqa: BLE001 - any failure means "not healthy"
+        except Exception as exc:
             return _json_response({"status": "unavailable", "reason": str(exc)}, 503)
-        body = {"status": "ok" if stats.num_engines else "no_engines",
-                "num_engines": stats.num_engines}
+        body = {
+            "status": "ok" if stats.num_engines else "no_engines",
+            "num_engines": stats.num_engines,
+        }
         return _json_response(body, 200 if stats.num_engines else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:
@@ -118,8 +127,12 @@ class ApiServer:
         api_key = self._check_api_key(request)
         body = parse_json_body(await request.read())
         job = parse_job(body, chat, self.config, self.tokenizer, api_key)
-        head = ResponseHead(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-                            int(time.time()), job.model, chat)
+        head = ResponseHead(
+            f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            int(time.time()),
+            job.model,
+            chat,
+        )
         handle = self.client.submit(_submit_message(head.response_id, job))
         # up to the client's own arrival stamp (the hand-over to its I/O thread is not ours)
         self.metrics.ingress.observe(handle.arrival_s - arrival_client_s)
@@ -132,8 +145,7 @@ class ApiServer:
             verdict = await self._verdict(handle, events, job)
             progress = _Progress(arrival_s, [])
             if job.stream:
-                response = await self._stream(request, job, head, handle, events, verdict,
-                                              progress)
+                response = await self._stream(request, job, head, handle, events, verdict, progress)
             else:
                 response = await self._collect(job, head, events, verdict, progress)
             abort_reason, client_left = "answered (stop string or lost request)", False
@@ -150,58 +162,101 @@ class ApiServer:
             self.client.forget(handle.request_id)
             await events.aclose()
 
-    async def _verdict(self, handle: RequestHandle, events: AsyncIterator[P._Msg],
-                       job: GenerationJob) -> P.VerdictMsg:
+    async def _verdict(
+        self, handle: RequestHandle, events: AsyncIterator[P._Msg], job: GenerationJob
+    ) -> P.VerdictMsg:
         """The planner's verdict, or an ApiError (429 rejected, 400 refused, 503 no answer)."""
         slo = job.slo
-        budget_s = self.config.ttft_budget_s(slo.slo_class, slo.slo_targets, slo.ttft_ms,
-                                             slo.ttft_slowdown, len(job.prompt_token_ids))
+        budget_s = self.config.ttft_budget_s(
+            slo.slo_class,
+            slo.slo_targets,
+            slo.ttft_ms,
+            slo.ttft_slowdown,
+            len(job.prompt_token_ids),
+        )
         wait_s = min(self.config.verdict_timeout_s, budget_s if budget_s is not None else math.inf)
         try:
             event = await asyncio.wait_for(anext(events, None), wait_s)
         except asyncio.TimeoutError:
             if budget_s is not None and budget_s <= self.config.verdict_timeout_s:
                 self.metrics.rejected.labels(slo.slo_class).inc()
-                raise _too_many("the planner did not admit the request within its TTFT target "
-                                f"of {budget_s * 1e3:g} ms", retry_after_s=1.0,
-                                code="ttft_target_passed") from None
-            raise ApiError(503, f"the planner gave no verdict within {wait_s:g} s",
-                           code="planner_timeout", error_type="server_error",
-                           headers={"Retry-After": "1"}) from None
+                raise _too_many(
+                    "the planner did not admit the request within its TTFT target "
+                    f"of {budget_s * 1e3:g} ms",
+                    retry_after_s=1.0,
+                    code="ttft_target_passed",
+                ) from None
+            raise ApiError(
+                503,
+                f"the planner gave no verdict within {wait_s:g} s",
+                code="planner_timeout",
+                error_type="server_error",
+                headers={"Retry-After": "1"},
+            ) from None
         if isinstance(event, P.ErrorMsg):
-            raise ApiError(400, f"the planner refused the request: {event.reason}",
-                           code="planner_refused")
+            raise ApiError(
+                400, f"the planner refused the request: {event.reason}", code="planner_refused"
+            )
         if not isinstance(event, P.VerdictMsg):
-            raise ApiError(503, f"the planner ended the request without a verdict "
-                           f"({handle.error or 'unknown reason'})", code="no_verdict",
-                           error_type="server_error")
+            raise ApiError(
+                503,
+                f"the planner ended the request without a verdict "
+                f"({handle.error or 'unknown reason'})",
+                code="no_verdict",
+                error_type="server_error",
+            )
         self.metrics.verdicts.labels(event.verdict, job.slo.slo_class).inc()
         if event.verdict == Verdict.REJECTED.value:
             self.metrics.rejected.labels(job.slo.slo_class).inc()
-            raise _too_many(f"the planner rejected the request: {event.reason or 'no reason'}",
-                            retry_after_s=event.ttft_slo_s, code="slo_rejected")
+            raise _too_many(
+                f"the planner rejected the request: {event.reason or 'no reason'}",
+                retry_after_s=event.ttft_slo_s,
+                code="slo_rejected",
+            )
         return event
 
-    async def _stream(self, request: web.Request, job: GenerationJob, head: ResponseHead,
-                      handle: RequestHandle, events: AsyncIterator[P._Msg], verdict: P.VerdictMsg,
-                      progress: _Progress) -> web.StreamResponse:
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-            VERDICT_HEADER: verdict.verdict, "X-Request-Id": head.response_id})
+    async def _stream(
+        self,
+        request: web.Request,
+        job: GenerationJob,
+        head: ResponseHead,
+        handle: RequestHandle,
+        events: AsyncIterator[P._Msg],
+        verdict: P.VerdictMsg,
+        progress: _Progress,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                VERDICT_HEADER: verdict.verdict,
+                "X-Request-Id": head.response_id,
+            }
+        )
         await response.prepare(request)
         output = OutputText(self.tokenizer, job.stop)
         slo = slo_info(verdict, job.slo.slo_class)
         async for event in events:
             if isinstance(event, (P.ErrorMsg, P.VerdictMsg)):  # lost after admission
                 reason = getattr(event, "reason", "")
-                await response.write(_sse(ApiError(503, f"the request was lost: {reason}",
-                                                   error_type="server_error").body()))
+                await response.write(
+                    _sse(
+                        ApiError(
+                            503, f"the request was lost: {reason}", error_type="server_error"
+                        ).body()
+                    )
+                )
                 break
             if not isinstance(event, P.Tokens):
                 continue
             text, finish_reason = self._advance(progress, output, event, job)
-            chunk = head.chunk(text, list(event.token_ids), finish_reason,
-                               first=progress.first_token_s is None, slo=None)
+            chunk = head.chunk(
+                text,
+                list(event.token_ids),
+                finish_reason,
+                first=progress.first_token_s is None,
+                slo=None,
+            )
             if progress.first_token_s is None:
                 chunk["slo"] = slo
             await response.write(_sse(chunk))
@@ -211,22 +266,32 @@ class ApiServer:
             if finish_reason is not None:
                 break
         if progress.finish_reason is not None and job.include_usage:
-            await response.write(_sse(head.usage_chunk(
-                usage(len(job.prompt_token_ids), len(progress.token_ids)))))
+            await response.write(
+                _sse(head.usage_chunk(usage(len(job.prompt_token_ids), len(progress.token_ids))))
+            )
         await response.write(b"data: [DONE]\n\n")
         self._observe_end(progress, job)
         await response.write_eof()
         return response
 
-    async def _collect(self, job: GenerationJob, head: ResponseHead,
-                       events: AsyncIterator[P._Msg], verdict: P.VerdictMsg,
-                       progress: _Progress) -> web.Response:
+    async def _collect(
+        self,
+        job: GenerationJob,
+        head: ResponseHead,
+        events: AsyncIterator[P._Msg],
+        verdict: P.VerdictMsg,
+        progress: _Progress,
+    ) -> web.Response:
         output = OutputText(self.tokenizer, job.stop)
         text_parts = []
         async for event in events:
             if isinstance(event, (P.ErrorMsg, P.VerdictMsg)):
-                raise ApiError(503, f"the request was lost: {getattr(event, 'reason', '')}",
-                               code="request_lost", error_type="server_error")
+                raise ApiError(
+                    503,
+                    f"the request was lost: {getattr(event, 'reason', '')}",
+                    code="request_lost",
+                    error_type="server_error",
+                )
             if isinstance(event, P.Tokens):
                 text, finish_reason = self._advance(progress, output, event, job)
                 text_parts.append(text)
@@ -234,17 +299,27 @@ class ApiServer:
                 if finish_reason is not None:
                     break
         if progress.finish_reason is None:
-            raise ApiError(503, "the request ended before its last token", code="request_lost",
-                           error_type="server_error")
+            raise ApiError(
+                503,
+                "the request ended before its last token",
+                code="request_lost",
+                error_type="server_error",
+            )
         self._observe_end(progress, job)
-        body = head.completion("".join(text_parts), progress.token_ids, progress.finish_reason,
-                               usage(len(job.prompt_token_ids), len(progress.token_ids)),
-                               slo_info(verdict, job.slo.slo_class))
-        return _json_response(body, headers={VERDICT_HEADER: verdict.verdict,
-                                             "X-Request-Id": head.response_id})
+        body = head.completion(
+            "".join(text_parts),
+            progress.token_ids,
+            progress.finish_reason,
+            usage(len(job.prompt_token_ids), len(progress.token_ids)),
+            slo_info(verdict, job.slo.slo_class),
+        )
+        return _json_response(
+            body, headers={VERDICT_HEADER: verdict.verdict, "X-Request-Id": head.response_id}
+        )
 
-    def _advance(self, progress: _Progress, output: OutputText, event: P.Tokens,
-                 job: GenerationJob) -> tuple[str, str | None]:
+    def _advance(
+        self, progress: _Progress, output: OutputText, event: P.Tokens, job: GenerationJob
+    ) -> tuple[str, str | None]:
         """Take one Tokens message: the text to send now and the finish reason, if it ends."""
         progress.token_ids.extend(event.token_ids)
         text = output.add(list(event.token_ids))
@@ -271,7 +346,8 @@ class ApiServer:
         self.metrics.completion_tokens.inc(len(progress.token_ids))
         if progress.last_token_s is not None:
             self.metrics.e2e.labels(job.slo.slo_class).observe(
-                progress.last_token_s - progress.arrival_s)
+                progress.last_token_s - progress.arrival_s
+            )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -279,7 +355,7 @@ class ApiServer:
         """The bearer key (None without one); 401 when keys are required and this one is not
         configured."""
         header = request.headers.get("Authorization", "")
-        key = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
+        key = header[len("Bearer ") :].strip() if header.startswith("Bearer ") else None
         if self.config.require_api_key and key not in self.config.api_keys:
             raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
         return key
@@ -294,9 +370,13 @@ class ApiServer:
         except ConnectionResetError:  # the client went away mid-stream (its request is aborted)
             response = web.Response(status=499)  # nginx's "client closed request", for metrics
         except web.HTTPException as exc:  # 404, 405, 413 from aiohttp itself
-            error = ApiError(exc.status, exc.reason if exc.status != 413 else
-                             f"the request body exceeds {self.config.max_body_bytes} bytes",
-                             code=str(exc.status))
+            error = ApiError(
+                exc.status,
+                exc.reason
+                if exc.status != 413
+                else f"the request body exceeds {self.config.max_body_bytes} bytes",
+                code=str(exc.status),
+            )
             response = _json_response(error.body(), exc.status)
         except Exception:  # a bug must not take the server down; it is logged loudly
             log.exception("internal error on %s %s", request.method, request.path)
@@ -335,18 +415,23 @@ def _too_many(message: str, retry_after_s: float, code: str) -> ApiError:
     """A 429; Retry-After is a heuristic: about one TTFT budget (whole seconds, at least 1),
     the time in which the planner's queue turns over."""
     retry_after = str(max(1, math.ceil(retry_after_s)))
-    return ApiError(429, message, code=code, error_type="slo_rejected",
-                    headers={"Retry-After": retry_after})
+    return ApiError(
+        429, message, code=code, error_type="slo_rejected", headers={"Retry-After": retry_after}
+    )
 
 
 def _sse(payload: dict) -> bytes:
     return b"data: " + _JSON.encode(payload) + b"\n\n"
 
 
-def _json_response(body: dict, status: int = 200,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=_JSON.encode(body), status=status,
-                        headers={"Content-Type": "application/json", **(headers or {})})
+def _json_response(
+    body: dict, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=_JSON.encode(body),
+        status=status,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
 
 
 # ---------------------------------------------------------------------- running
@@ -372,8 +457,9 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(port, ready), daemon=True,
-                                        name="http-server")
+        self._thread = threading.Thread(
+            target=self._run, args=(port, ready), daemon=True, name="http-server"
+        )
         self._thread.start()
         if not ready.wait(10) or self._runner is None:
             raise RuntimeError("the HTTP server did not start")
@@ -382,7 +468,8 @@ class ServerThread:
         asyncio.set_event_loop(self.loop)
         try:
             self._runner, self.port = self.loop.run_until_complete(
-                start_site(self.api, self.host, port))
+                start_site(self.api, self.host, port)
+            )
         finally:
             ready.set()
         self.loop.run_forever()

@@ -23,8 +23,9 @@ REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for an incomplete UTF-8 seq
 class TextTokenizer:
     """A `tokenizers.Tokenizer` plus what the server needs to know about the model."""
 
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int | None = None,
-                 name: str = "tokenizer") -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, max_model_len: int | None = None, name: str = "tokenizer"
+    ) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.name = name
@@ -36,8 +37,10 @@ class TextTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise ValueError("--model-dir needs the `tokenizers` library: "
-                             "pip install 'slos-serve[torch]' (or just tokenizers)") from None
+            raise ValueError(
+                "--model-dir needs the `tokenizers` library: "
+                "pip install 'slos-serve[torch]' (or just tokenizers)"
+            ) from None
         model_dir = Path(model_dir)
         path = model_dir / TOKENIZER_FILE
         if not path.is_file():
@@ -63,8 +66,10 @@ class TextTokenizer:
 
 
 def _max_model_len(model_dir: Path) -> int | None:
-    for name, key in (("config.json", "max_position_embeddings"),
-                      ("tokenizer_config.json", "model_max_length")):
+    for name, key in (
+        ("config.json", "max_position_embeddings"),
+        ("tokenizer_config.json", "model_max_length"),
+    ):
         path = model_dir / name
         if path.is_file():
             try:
@@ -103,10 +108,12 @@ class IncrementalDetokenizer:
     def _delta(self, final: bool) -> str:
         if self.read_offset >= len(self.token_ids):
             return ""
-        prefix_text = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset])
-        full_text = self.tokenizer.decode(self.token_ids[self.prefix_offset:])
-        if not final and (len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT_CHAR)):
+        prefix_text = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full_text = self.tokenizer.decode(self.token_ids[self.prefix_offset :])
+        if not final and (
+            len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT_CHAR)
+        ):
             return ""
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.token_ids)
-        return full_text[len(prefix_text):]
+        return full_text[len(prefix_text) :]

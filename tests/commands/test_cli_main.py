@@ -11,9 +11,22 @@ def test_cli_error_under_python_dash_m_is_one_line(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     out = subprocess.run(
-        [sys.executable, "-m", "commands.cli", "capacity", "--scenario", "chatbot",
-         "--policy", "vllm_fcfs", "--out", str(not_a_dir)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "commands.cli",
+            "capacity",
+            "--scenario",
+            "chatbot",
+            "--policy",
+            "vllm_fcfs",
+            "--out",
+            str(not_a_dir),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr

@@ -13,20 +13,41 @@ SMALL = ["--num-requests", "20", "--seed", "1"]
 
 
 def test_simulate_prints_the_report(capsys):
-    assert main(["simulate", "--scenario", "chatbot", "--policy", "vllm_fcfs", "--rate", "0.5",
-                 *SMALL]) == 0
+    assert (
+        main(
+            ["simulate", "--scenario", "chatbot", "--policy", "vllm_fcfs", "--rate", "0.5", *SMALL]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "============ Serving Benchmark Result ============" in out
     assert "Successful requests:                     20" in out
     assert "chatbot / vllm_fcfs @ 0.5 req/s" in out
-    class_row = next(line.split() for line in out.splitlines()
-                     if line.startswith("chatbot ") and len(line.split()) == 6)
+    class_row = next(
+        line.split()
+        for line in out.splitlines()
+        if line.startswith("chatbot ") and len(line.split()) == 6
+    )
     assert class_row[1] == "20"
 
 
 def test_simulate_json_counts_tool_chains_once(capsys):
-    assert main(["simulate", "--scenario", "tool_agent", "--policy", "edf", "--rate", "0.2",
-                 "--json", *SMALL]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--scenario",
+                "tool_agent",
+                "--policy",
+                "edf",
+                "--rate",
+                "0.2",
+                "--json",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["num_items"] == 20
     assert data["num_calls"] >= 40  # every chain has at least two rounds
@@ -50,9 +71,31 @@ def test_simulate_replays_a_user_trace(tmp_path, capsys):
 def test_simulate_with_a_profiled_perf_model_and_bursty_window(tmp_path, capsys):
     model = tmp_path / "perf_model.json"
     model.write_text(json.dumps({"name": "fitted", "lines": [[5e-5, 0.0, 0.02]]}))
-    assert main(["simulate", "--scenario", "summarizer", "--policy", "edf", "--rate", "1",
-                 "--perf-model", str(model), "--arrivals", "bursty", "--burst-size", "3",
-                 "--duration", "10", "--num-requests", "100", "--json"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--scenario",
+                "summarizer",
+                "--policy",
+                "edf",
+                "--rate",
+                "1",
+                "--perf-model",
+                str(model),
+                "--arrivals",
+                "bursty",
+                "--burst-size",
+                "3",
+                "--duration",
+                "10",
+                "--num-requests",
+                "100",
+                "--json",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["simulation"]["num_gpus"] == 1  # an unknown model runs on one GPU per replica
     assert 0 < data["num_items"] < 100  # the 10 s window holds about 10 requests
@@ -60,9 +103,27 @@ def test_simulate_with_a_profiled_perf_model_and_bursty_window(tmp_path, capsys)
 
 def test_capacity_writes_json_and_plot(tmp_path, capsys):
     out_dir = tmp_path / "cap"
-    code = main(["capacity", "--scenario", "summarizer", "--policy", "vllm_fcfs",
-                 "--policy", "edf", "--min-rate", "0.5", "--max-rate", "2", "--tolerance", "0.5",
-                 "--out", str(out_dir), "--no-progress", *SMALL])
+    code = main(
+        [
+            "capacity",
+            "--scenario",
+            "summarizer",
+            "--policy",
+            "vllm_fcfs",
+            "--policy",
+            "edf",
+            "--min-rate",
+            "0.5",
+            "--max-rate",
+            "2",
+            "--tolerance",
+            "0.5",
+            "--out",
+            str(out_dir),
+            "--no-progress",
+            *SMALL,
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "vllm_fcfs" in out and "edf" in out and "req/s/GPU" in out
@@ -121,12 +182,33 @@ def test_malformed_trace_row_names_file_and_line(tmp_path, capsys):
 
 def test_capacity_of_a_user_trace(tmp_path, capsys):
     trace = tmp_path / "mine.csv"
-    rows = [f"{0.5 * i},{300 + 37 * i},{10 + i},{'chatbot' if i % 2 else 'summarizer'}"
-            for i in range(16)]
+    rows = [
+        f"{0.5 * i},{300 + 37 * i},{10 + i},{'chatbot' if i % 2 else 'summarizer'}"
+        for i in range(16)
+    ]
     trace.write_text("arrival_s,prompt_tokens,output_tokens,slo_class\n" + "\n".join(rows) + "\n")
     out_dir = tmp_path / "cap"
-    assert main(["capacity", "--trace", str(trace), "--policy", "edf", "--max-rate", "4",
-                 "--tolerance", "1", "--out", str(out_dir), "--no-progress", "--seeds", "2"]) == 0
+    assert (
+        main(
+            [
+                "capacity",
+                "--trace",
+                str(trace),
+                "--policy",
+                "edf",
+                "--max-rate",
+                "4",
+                "--tolerance",
+                "1",
+                "--out",
+                str(out_dir),
+                "--no-progress",
+                "--seeds",
+                "2",
+            ]
+        )
+        == 0
+    )
     data = json.loads((out_dir / "capacity_mine.json").read_text())
     assert data[0]["scenario"] == "mine" and data[0]["points"]
     assert data[0]["seeds"] == [0, 1]
@@ -143,8 +225,20 @@ def test_demo_comparison_prints_table_and_reports(capsys):
 
 
 def test_simulate_is_deterministic_for_a_seed(capsys):
-    argv = ["simulate", "--scenario", "mixed", "--policy", "sarathi", "--rate", "1", "--json",
-            "--num-requests", "25", "--seed", "3"]
+    argv = [
+        "simulate",
+        "--scenario",
+        "mixed",
+        "--policy",
+        "sarathi",
+        "--rate",
+        "1",
+        "--json",
+        "--num-requests",
+        "25",
+        "--seed",
+        "3",
+    ]
     reports = []
     for _ in range(2):
         assert main(argv) == 0
@@ -154,4 +248,9 @@ def test_simulate_is_deterministic_for_a_seed(capsys):
     assert reports[0] == reports[1]
     assert reports[0]["num_items"] == 25
     assert {c["slo_class"] for c in reports[0]["per_class"]} == {
-        "chatbot", "coder", "summarizer", "reasoning", "tool_agent"}
+        "chatbot",
+        "coder",
+        "summarizer",
+        "reasoning",
+        "tool_agent",
+    }

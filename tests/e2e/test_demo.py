@@ -27,7 +27,10 @@ def alive(pid: int) -> bool:
 def test_ctrl_c_stops_the_planner_and_the_engines():
     demo = subprocess.Popen(
         [sys.executable, "-m", "commands.cli", "demo", "--duration-s", "60", "--rate", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     pids, lines = [], []
     deadline = time.monotonic() + 60
     try:
@@ -53,7 +56,10 @@ def test_ctrl_c_stops_the_planner_and_the_engines():
 def test_children_die_with_a_killed_demo():
     demo = subprocess.Popen(
         [sys.executable, "-m", "commands.cli", "demo", "--duration-s", "60", "--rate", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     pids = []
     try:
         for line in demo.stdout:
@@ -74,14 +80,21 @@ def test_children_die_with_a_killed_demo():
 
 
 def test_torch_demo_config_gives_absolute_ttft_and_keeps_each_tpot(tmp_path):
-    from formulations.slo import SLO_PRESETS
     from commands.demo import PLANNER_TOML, TORCH_DEMO_TTFT_MS, _torch_slos
+    from formulations.slo import SLO_PRESETS
     from planner_svc.config import load_config
 
     path = tmp_path / "planner.toml"
-    path.write_text(PLANNER_TOML.format(
-        formulation="slos_dp", engine_port=1, client_port=2, metrics_port=0,
-        perf_model="opt-13b-h100") + _torch_slos())
+    path.write_text(
+        PLANNER_TOML.format(
+            formulation="slos_dp",
+            engine_port=1,
+            client_port=2,
+            metrics_port=0,
+            perf_model="opt-13b-h100",
+        )
+        + _torch_slos()
+    )
     classes = load_config(path).slo_classes
     assert set(SLO_PRESETS) <= set(classes)
     for name, preset in SLO_PRESETS.items():

@@ -1,4 +1,5 @@
-"""End to end with real processes on loopback: `slos-serve planner` + two `slos-serve engine --engine
+"""End to end with real processes on loopback: `slos-serve planner` + two `slos-serve engine
+--engine
 sim` + the Python client in the test process.
 
 - The same short workload is served under two formulations that differ only by the config line;
@@ -21,14 +22,14 @@ import numpy as np
 import pytest
 import zmq
 
+from commands.demo import ProcessGroup, free_port, wait_for_engines
 from formulations.perf_model import perf_model_preset
 from formulations.request import make_request
-from wire import protocol as P
-from planner_svc.client import PlannerClient
-from commands.demo import ProcessGroup, free_port, wait_for_engines
 from lab.replay import replay
 from lab.simulator import SimConfig, simulate
 from lab.workloads.workload import Workload
+from planner_svc.client import PlannerClient
+from wire import protocol as P
 
 PERF_MODEL = "opt-13b-h100"
 NUM_BLOCKS = 3500
@@ -60,19 +61,41 @@ class Service:
     def __init__(self, tmp_path, formulation="slos_dp", num_engines=2):
         self.engine_port, self.client_port = free_port(), free_port()
         config = tmp_path / f"planner-{formulation}.toml"
-        config.write_text(CONFIG.format(formulation=formulation, engine_port=self.engine_port,
-                                        client_port=self.client_port, perf_model=PERF_MODEL,
-                                        max_frame_bytes=MAX_FRAME_BYTES))
+        config.write_text(
+            CONFIG.format(
+                formulation=formulation,
+                engine_port=self.engine_port,
+                client_port=self.client_port,
+                perf_model=PERF_MODEL,
+                max_frame_bytes=MAX_FRAME_BYTES,
+            )
+        )
         self.group = ProcessGroup()
         cli = ["python", "-m", "commands.cli"]
         cli[0] = __import__("sys").executable
-        self.group.start("planner", [*cli, "planner", "--config", str(config),
-                                     "--log-level", "WARNING"])
+        self.group.start(
+            "planner", [*cli, "planner", "--config", str(config), "--log-level", "WARNING"]
+        )
         for i in range(num_engines):
-            self.group.start(f"engine-{i}", [
-                *cli, "engine", "--engine", "sim", "--engine-id", f"engine-{i}",
-                "--connect", f"tcp://127.0.0.1:{self.engine_port}", "--perf-model", PERF_MODEL,
-                "--num-blocks", str(NUM_BLOCKS), "--heartbeat-interval-s", "0.1"])
+            self.group.start(
+                f"engine-{i}",
+                [
+                    *cli,
+                    "engine",
+                    "--engine",
+                    "sim",
+                    "--engine-id",
+                    f"engine-{i}",
+                    "--connect",
+                    f"tcp://127.0.0.1:{self.engine_port}",
+                    "--perf-model",
+                    PERF_MODEL,
+                    "--num-blocks",
+                    str(NUM_BLOCKS),
+                    "--heartbeat-interval-s",
+                    "0.1",
+                ],
+            )
         self.client = PlannerClient(f"tcp://127.0.0.1:{self.client_port}")
         wait_for_engines(self.client, num_engines, self.group, timeout_s=60)
 
@@ -100,8 +123,14 @@ def short_workload(num_requests=30, rate_rps=40.0, seed=0) -> Workload:
     perf_model = perf_model_preset(PERF_MODEL)
     arrivals = np.cumsum(rng.exponential(1 / rate_rps, num_requests))
     requests = tuple(
-        make_request(f"r{i}", float(a), int(rng.integers(200, 2000)), int(rng.integers(8, 32)),
-                     "coder" if i % 3 == 0 else "chatbot", perf_model)
+        make_request(
+            f"r{i}",
+            float(a),
+            int(rng.integers(200, 2000)),
+            int(rng.integers(8, 32)),
+            "coder" if i % 3 == 0 else "chatbot",
+            perf_model,
+        )
         for i, a in enumerate(arrivals)
     )
     return Workload("e2e", requests)
@@ -119,17 +148,26 @@ def test_service_attainment_matches_the_simulator(service_factory, formulation):
     assert result.num_unfinished == 0
     assert all(r.verdict is not None for r in result.records)
     assert all(r.finished for r in result.records if r.verdict.value != "rejected")
-    predicted = simulate(workload, SimConfig(policy=formulation, num_replicas=2,
-                                             perf_model=perf_model_preset(PERF_MODEL),
-                                             num_blocks_per_replica=NUM_BLOCKS))
+    predicted = simulate(
+        workload,
+        SimConfig(
+            policy=formulation,
+            num_replicas=2,
+            perf_model=perf_model_preset(PERF_MODEL),
+            num_blocks_per_replica=NUM_BLOCKS,
+        ),
+    )
     measured = attainment(result.records)
     print(f"{formulation}: service {measured:.3f} simulator {predicted.attainment:.3f}")
     load_per_core = os.getloadavg()[0] / os.cpu_count()
     if load_per_core > MAX_LOAD_PER_CORE:
-        pytest.skip(f"machine overloaded (load {load_per_core:.1f} per core): wall-clock "
-                    f"attainment {measured:.2f} vs simulator {predicted.attainment:.2f} not compared")
+        pytest.skip(
+            f"machine overloaded (load {load_per_core:.1f} per core): wall-clock "
+            f"attainment {measured:.2f} vs simulator {predicted.attainment:.2f} not compared"
+        )
     assert abs(measured - predicted.attainment) <= ATTAINMENT_TOLERANCE, (
-        f"{formulation}: service {measured:.2f} vs simulator {predicted.attainment:.2f}")
+        f"{formulation}: service {measured:.2f} vs simulator {predicted.attainment:.2f}"
+    )
     stats = service.client.stats()
     assert stats.counters["num_requests"] == len(workload.requests)
 
@@ -167,8 +205,10 @@ def test_garbage_frames_leave_the_daemon_serving_and_are_counted(service_factory
             [b"S", P.encode(P.Submit(request_id="x", max_tokens=1, num_prompt_tokens=1))[1]],
             P.encode(P.Progress(engine_id="ghost", step_id=0, plan_id=0, step_time_s=0.0)),
         ]
-        for endpoint, frames_list in ((service.client_port, bad_client),
-                                      (service.engine_port, bad_engine)):
+        for endpoint, frames_list in (
+            (service.client_port, bad_client),
+            (service.engine_port, bad_engine),
+        ):
             sock = context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(f"tcp://127.0.0.1:{endpoint}")

@@ -12,7 +12,7 @@ import zmq
 
 from engine_adapters.adapter import AdapterConfig, EngineAdapter
 from engine_adapters.sim_engine import SimEngine
-from formulations.perf_model import PerfModel, Line
+from formulations.perf_model import Line, PerfModel
 from wire import protocol as P
 
 FAST = PerfModel((Line(1e-6, 0.0, 0.002),), "fast")
@@ -67,9 +67,14 @@ def stop(adapter, thread):
 
 
 def plan(plan_id, start, steps, repeat=(), new=()):
-    return P.PlanMsg(engine_id="eng", plan_id=plan_id, start_step_id=start,
-                     steps=[P.WireStep(s) for s in steps], repeat=[P.WireStep(s) for s in repeat],
-                     new_requests=list(new))
+    return P.PlanMsg(
+        engine_id="eng",
+        plan_id=plan_id,
+        start_step_id=start,
+        steps=[P.WireStep(s) for s in steps],
+        repeat=[P.WireStep(s) for s in repeat],
+        new_requests=list(new),
+    )
 
 
 def test_ready_then_plan_steps_then_repeat_until_finished(planner):
@@ -126,8 +131,9 @@ def test_bad_frames_are_counted_and_the_engine_keeps_serving(planner):
 
 
 def test_reconnects_with_a_fresh_identity_when_the_planner_is_silent(planner):
-    adapter, thread = start_adapter(planner.endpoint, heartbeat_interval_s=0.05, liveness=3,
-                                    reconnect_min_s=0.05)
+    adapter, thread = start_adapter(
+        planner.endpoint, heartbeat_interval_s=0.05, liveness=3, reconnect_min_s=0.05
+    )
     try:
         first_identity, _ = planner.recv()
         planner.send(first_identity, plan(0, 0, [], [], [P.NewRequest("a", 5, 100)]))
@@ -156,7 +162,9 @@ def test_step_error_abandons_the_plan_and_reports_it(planner):
 
 
 def test_engine_waits_for_the_answer_to_its_report_so_the_plan_is_on_time(planner):
-    adapter, thread = start_adapter(planner.endpoint, plan_grace_s=2.0, wait_only_when_expected=False)
+    adapter, thread = start_adapter(
+        planner.endpoint, plan_grace_s=2.0, wait_only_when_expected=False
+    )
     try:
         identity, _ = planner.recv()
         new = P.NewRequest("a", num_prompt_tokens=10, max_new_tokens=50)
@@ -165,8 +173,15 @@ def test_engine_waits_for_the_answer_to_its_report_so_the_plan_is_on_time(planne
         time.sleep(0.3)  # a slow planner: the engine must still be waiting for its answer
         b = P.NewRequest("b", num_prompt_tokens=20, max_new_tokens=50)
         answer = plan(1, first.step_id + 1, [{"a": 1, "b": 20}], [{"a": 1, "b": 1}], [b])
-        planner.send(identity, P.PlanMsg(**{**{f: getattr(answer, f) for f in answer.__struct_fields__},
-                                            "ack_step_id": first.step_id}))
+        planner.send(
+            identity,
+            P.PlanMsg(
+                **{
+                    **{f: getattr(answer, f) for f in answer.__struct_fields__},
+                    "ack_step_id": first.step_id,
+                }
+            ),
+        )
         second = planner.recv()[1]
         assert second.step_id == 1 and second.plan_id == 1  # the new plan, on time
         assert second.num_computed_tokens == {"a": 1, "b": 20}
@@ -181,8 +196,9 @@ def test_engine_waits_for_the_answer_to_its_report_so_the_plan_is_on_time(planne
 
 
 def test_engine_waits_only_when_the_planner_announced_a_replan(planner):
-    adapter, thread = start_adapter(planner.endpoint, plan_grace_s=2.0,
-                                    wait_only_when_expected=True)
+    adapter, thread = start_adapter(
+        planner.endpoint, plan_grace_s=2.0, wait_only_when_expected=True
+    )
     try:
         identity, _ = planner.recv()
         planner.send(identity, P.Heartbeat("planner", replan_expected=False))
@@ -210,7 +226,9 @@ def test_engine_registers_again_when_the_planner_does_not_know_it(planner):
     adapter, thread = start_adapter(planner.endpoint, reconnect_min_s=0.05)
     try:
         first_identity, _ = planner.recv()
-        planner.send(first_identity, P.ErrorMsg("unknown engine: send READY first", kind="no_ready"))
+        planner.send(
+            first_identity, P.ErrorMsg("unknown engine: send READY first", kind="no_ready")
+        )
         second_identity, ready = planner.recv(timeout_s=5)
         assert isinstance(ready, P.Ready) and second_identity != first_identity
     finally:

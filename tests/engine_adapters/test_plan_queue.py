@@ -9,8 +9,9 @@ from wire.plan_cursor import PlanEnvelope
 
 
 def envelope(plan_id, start, steps=(), repeat=(), preempt=()):
-    return PlanEnvelope(0, plan_id, start, Plan(steps=tuple(steps), repeat=tuple(repeat),
-                                                preempt=tuple(preempt)))
+    return PlanEnvelope(
+        0, plan_id, start, Plan(steps=tuple(steps), repeat=tuple(repeat), preempt=tuple(preempt))
+    )
 
 
 def live(*ids):
@@ -21,7 +22,12 @@ def test_explicit_steps_then_repeat_cycle():
     queue = PlanQueue()
     queue.offer(envelope(0, 0, [Step({"a": 100})], [Step({"a": 1}), Step({"b": 1})]))
     got = [queue.next_step(live("a", "b")) for _ in range(4)]
-    assert got == [(0, Step({"a": 100})), (1, Step({"a": 1})), (2, Step({"b": 1})), (3, Step({"a": 1}))]
+    assert got == [
+        (0, Step({"a": 100})),
+        (1, Step({"a": 1})),
+        (2, Step({"b": 1})),
+        (3, Step({"a": 1})),
+    ]
 
 
 def test_nothing_to_run_without_a_plan_or_when_all_finished():

@@ -89,7 +89,9 @@ def test_preempt_drops_kv_and_recompute_restores_it():
 
 
 def spec_engine(alpha, seed=0):
-    engine = make_engine(num_blocks=100_000, max_spec_tokens=4, true_acceptance_rate=alpha, seed=seed)
+    engine = make_engine(
+        num_blocks=100_000, max_spec_tokens=4, true_acceptance_rate=alpha, seed=seed
+    )
     engine.add_request(EngineRequest("a", 8, 100_000))
     engine.execute(Step({"a": 8}), 0, 0)
     return engine

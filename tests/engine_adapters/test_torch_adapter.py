@@ -10,8 +10,8 @@ import time
 import pytest
 import zmq
 
-from engine_adapters.adapter import AdapterConfig, EngineAdapter
 from commands.make_model import make_model
+from engine_adapters.adapter import AdapterConfig, EngineAdapter
 from engine_adapters.engine import EngineRequest
 from engine_adapters.torch_engine.engine import TorchEngine
 from formulations.plan import Step

@@ -7,12 +7,12 @@ import json
 
 import pytest
 
+from commands.cli import main as cli_main
 from engine_adapters.engine import Engine, EngineInfo, EngineRequest
 from engine_adapters.profiler import Profiler, SweepConfig, median_abs_pct_error
 from engine_adapters.torch_engine.engine import PERF_MODEL_FILE, TorchEngine
 from formulations.perf_model import Line, PerfModel, StepSample
 from formulations.plan import Step
-from commands.cli import main as cli_main
 from wire.step_report import StepReport
 
 TRUE_MODEL = PerfModel((Line(2e-4, 1e-3, 0.010), Line(4e-4, 0.0, -0.05)))

@@ -16,9 +16,9 @@ pytest.importorskip("vllm")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
+from commands.demo import ProcessGroup, free_port, wait_for_engines
 from engine_adapters.vllm.engine import ENGINE_ARGS_ENV
 from planner_svc.client import PlannerClient
-from commands.demo import ProcessGroup, free_port, wait_for_engines
 from tests.engine_adapters import vllm_support
 from tests.engine_adapters.vllm_support import (
     ENGINE_ARGS,

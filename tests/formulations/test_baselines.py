@@ -11,7 +11,16 @@ from tests.factories import SIMPLE_MODEL, make_req
 BLOCK = 16
 
 
-def state(rid, prompt=100, output=10, computed=0, generated=0, arrival_s=0.0, verdict=Verdict.ADMITTED, **kw):
+def state(
+    rid,
+    prompt=100,
+    output=10,
+    computed=0,
+    generated=0,
+    arrival_s=0.0,
+    verdict=Verdict.ADMITTED,
+    **kw,
+):
     s = RequestState(make_req(rid, arrival_s, prompt, output, **kw), verdict)
     s.num_computed_tokens = computed
     s.num_generated_tokens = generated
@@ -30,7 +39,14 @@ def waiting(rid, prompt=100, output=10, **kw):
 def view(running=(), waiting_=(), total=10_000, free=None, model=SIMPLE_MODEL, now_s=0.0):
     used = sum(s.num_blocks for s in running)
     return ReplicaView(
-        0, now_s, model, BLOCK, total, total - used if free is None else free, tuple(running), tuple(waiting_)
+        0,
+        now_s,
+        model,
+        BLOCK,
+        total,
+        total - used if free is None else free,
+        tuple(running),
+        tuple(waiting_),
     )
 
 
@@ -51,9 +67,17 @@ def test_vllm_fcfs_running_first_then_waiting_in_arrival_order_chunked():
     plan = f.plan(v)
     # 2 decodes, the partial prefill takes min(300 pending, 298 left) = 298, nothing left for w1/w2
     assert only_step(plan) == {"d1": 1, "d2": 1, "p": 298}
-    assert {rid: d.verdict for rid, d in plan.decisions.items()} == {"w1": Verdict.ADMITTED, "w2": Verdict.ADMITTED}
+    assert {rid: d.verdict for rid, d in plan.decisions.items()} == {
+        "w1": Verdict.ADMITTED,
+        "w2": Verdict.ADMITTED,
+    }
 
-    plan = f.plan(view(running=[decoding("d1")], waiting_=[waiting("w1", prompt=150), waiting("w2", prompt=250)]))
+    plan = f.plan(
+        view(
+            running=[decoding("d1")],
+            waiting_=[waiting("w1", prompt=150), waiting("w2", prompt=250)],
+        )
+    )
     assert only_step(plan) == {"d1": 1, "w1": 150, "w2": 149}
 
 
@@ -70,7 +94,9 @@ def test_vllm_fcfs_admits_by_memory_only():
 def test_vllm_fcfs_head_of_line_waits_for_memory():
     f = registry.create("vllm_fcfs")
     # 10 free blocks: w1 needs 13 (200 tokens), w2 needs 1; FCFS: nobody overtakes w1
-    plan = f.plan(view(waiting_=[waiting("w1", prompt=200), waiting("w2", prompt=10)], total=100, free=10))
+    plan = f.plan(
+        view(waiting_=[waiting("w1", prompt=200), waiting("w2", prompt=10)], total=100, free=10)
+    )
     assert plan.steps == () and len(plan.decisions) == 2
 
 
@@ -112,7 +138,9 @@ def test_decode_tail_after_a_finishing_prefill():
 
 def test_prefill_first_runs_whole_prompts_before_decodes():
     f = registry.create("vllm_prefill_first", max_num_batched_tokens=1000)
-    v = view(running=[decoding("d1")], waiting_=[waiting("w1", prompt=600), waiting("w2", prompt=600)])
+    v = view(
+        running=[decoding("d1")], waiting_=[waiting("w1", prompt=600), waiting("w2", prompt=600)]
+    )
     plan = f.plan(v)
     assert only_step(plan) == {"w1": 600}  # w2 does not fit the budget beside w1; no decode
     plan = f.plan(view(running=[decoding("d1"), decoding("d2")]))
@@ -208,7 +236,11 @@ def test_edf_has_no_admission_control():
 
 def test_distserve_prefill_replica_runs_whole_prompts_fcfs():
     f = registry.create("distserve", role="prefill", max_num_batched_tokens=1000)
-    plan = f.plan(view(waiting_=[waiting("a", prompt=700), waiting("b", prompt=400), waiting("c", prompt=200)]))
+    plan = f.plan(
+        view(
+            waiting_=[waiting("a", prompt=700), waiting("b", prompt=400), waiting("c", prompt=200)]
+        )
+    )
     assert only_step(plan) == {"a": 700}  # b does not fit the budget beside a; c may not overtake
 
 
@@ -271,8 +303,11 @@ def test_decode_all_shortcut_equals_the_general_path(name, params, module, monke
         n = int(rng.integers(1, 40))
         running = [
             decoding(
-                f"d{i}", prompt=int(rng.integers(1, 200)), output=int(rng.integers(2, 40)),
-                generated=1, tpot_s=float(rng.choice([0.03, 0.05, 0.1, 0.1])),
+                f"d{i}",
+                prompt=int(rng.integers(1, 200)),
+                output=int(rng.integers(2, 40)),
+                generated=1,
+                tpot_s=float(rng.choice([0.03, 0.05, 0.1, 0.1])),
             )
             for i in range(n)
         ]

@@ -1,4 +1,5 @@
-"""CP-SAT agrees with the DP (and so with brute force) on small random instances, and serves plans."""
+"""CP-SAT agrees with the DP (and so with brute force) on small random instances, and serves
+plans."""
 
 from __future__ import annotations
 

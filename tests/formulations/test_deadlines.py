@@ -2,7 +2,12 @@
 
 import pytest
 
-from formulations.deadlines import check_attainment, checked_tokens, decode_offset_s, token_deadline_s
+from formulations.deadlines import (
+    check_attainment,
+    checked_tokens,
+    decode_offset_s,
+    token_deadline_s,
+)
 from formulations.request import make_request
 from formulations.slo import SLO, slo_preset
 from tests.factories import SIMPLE_MODEL, make_req

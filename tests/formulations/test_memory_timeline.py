@@ -16,7 +16,7 @@ from formulations.memory_timeline import Footprint, Growth, peak_blocks
 from formulations.perf_model import perf_model_preset
 from formulations.plan import Verdict
 from formulations.request import make_request
-from lab.simulator import Simulation, SimConfig, simulate
+from lab.simulator import SimConfig, Simulation, simulate
 from lab.workloads.workload import Workload
 
 OPT13B = perf_model_preset("opt-13b-2xa100")

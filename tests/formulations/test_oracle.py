@@ -15,7 +15,8 @@ PERF = perf_model_preset("opt-13b-2xa100")
 
 
 def test_simultaneous_prompts_that_do_not_fit_one_window():
-    # max_tokens(1.05 * 0.1 s) = floor((0.105 - 0.0317) / 7.21e-5) = 1016: one 1000-token prompt fits
+    # max_tokens(1.05 * 0.1 s) = floor((0.105 - 0.0317) / 7.21e-5) = 1016: one 1000-token prompt
+    # fits
     reqs = [request(f"r{i}", 0.0, 1000, 5, 0.1, 0.1) for i in range(3)]
     assert attainment_upper_bound(reqs, PERF).max_num_attained == 1
 

@@ -61,7 +61,9 @@ def test_fit_recovers_two_lines_and_reports_quality():
     truth = PerfModel((Line(1e-5, 0.0, 0.03), Line(8e-5, 0.0, -0.05)))
     rng = np.random.default_rng(1)
     tokens = rng.integers(1, 6000, 400)
-    samples = [StepSample(int(n), 0, truth.step_time_s(int(n)) * rng.uniform(0.97, 1.03)) for n in tokens]
+    samples = [
+        StepSample(int(n), 0, truth.step_time_s(int(n)) * rng.uniform(0.97, 1.03)) for n in tokens
+    ]
     fit = fit_perf_model(samples, num_lines=2)
     assert fit.r2 > 0.98
     assert 0.2 < fit.under_prediction_fraction < 0.8

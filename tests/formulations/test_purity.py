@@ -6,7 +6,17 @@ import pathlib
 import subprocess
 import sys
 
-FORBIDDEN = {"torch", "zmq", "msgspec", "msgpack", "time", "socket", "asyncio", "threading", "pickle"}
+FORBIDDEN = {
+    "torch",
+    "zmq",
+    "msgspec",
+    "msgpack",
+    "time",
+    "socket",
+    "asyncio",
+    "threading",
+    "pickle",
+}
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -29,5 +39,7 @@ def test_importing_every_formulation_loads_no_edge_library():
         "bad = [m for m in ('torch', 'zmq', 'msgspec', 'msgpack') if m in sys.modules]; "
         "print(','.join(bad))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     assert out.stdout.strip() == ""

@@ -13,9 +13,14 @@ from lab.plots import plot_attainment_curves
 
 def logistic_curve(threshold_rps: float, target: float = 0.9):
     """Attainment that is >= target exactly for rates <= threshold (and decreasing)."""
+
     def evaluate(rate_rps: float) -> float:
-        return target + (threshold_rps - rate_rps) * 0.01 if rate_rps > threshold_rps else min(
-            1.0, target + (threshold_rps - rate_rps) * 0.02)
+        return (
+            target + (threshold_rps - rate_rps) * 0.01
+            if rate_rps > threshold_rps
+            else min(1.0, target + (threshold_rps - rate_rps) * 0.02)
+        )
+
     return evaluate
 
 
@@ -91,8 +96,14 @@ def test_each_rate_is_evaluated_once():
 
 
 def test_per_gpu_and_json():
-    result = search_capacity(logistic_curve(6.0), SearchParams(), label="edf", num_gpus=4,
-                             show_progress=False, extra={"scenario": "chatbot"})
+    result = search_capacity(
+        logistic_curve(6.0),
+        SearchParams(),
+        label="edf",
+        num_gpus=4,
+        show_progress=False,
+        extra={"scenario": "chatbot"},
+    )
     assert result.capacity_per_gpu_rps == pytest.approx(result.capacity_rps / 4)
     data = json.loads(json.dumps(result.to_dict()))
     assert data["label"] == "edf" and data["scenario"] == "chatbot" and data["num_gpus"] == 4
@@ -101,8 +112,13 @@ def test_per_gpu_and_json():
 
 def test_progress_bar_writes_to_a_non_tty_stream():
     stream = io.StringIO()
-    result = search_capacity(logistic_curve(3.0), SearchParams(), label="sarathi",
-                             show_progress=True, progress_file=stream)
+    result = search_capacity(
+        logistic_curve(3.0),
+        SearchParams(),
+        label="sarathi",
+        show_progress=True,
+        progress_file=stream,
+    )
     text = stream.getvalue()
     assert "capacity sarathi" in text and "attained=" in text
     assert result.capacity_rps <= 3.0
@@ -113,9 +129,16 @@ def test_progress_bar_writes_to_a_non_tty_stream():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(target=0.0), dict(target=1.5), dict(min_rate_rps=5.0, max_rate_rps=2.0),
-     dict(tolerance_rps=0.0), dict(max_rate_cap_rps=10.0), dict(min_rate_rps=-1.0),
-     dict(relative_tolerance=0.0), dict(relative_tolerance=1.0)],
+    [
+        dict(target=0.0),
+        dict(target=1.5),
+        dict(min_rate_rps=5.0, max_rate_rps=2.0),
+        dict(tolerance_rps=0.0),
+        dict(max_rate_cap_rps=10.0),
+        dict(min_rate_rps=-1.0),
+        dict(relative_tolerance=0.0),
+        dict(relative_tolerance=1.0),
+    ],
 )
 def test_bad_search_params(kwargs):
     with pytest.raises(ValueError):
@@ -148,8 +171,9 @@ def test_monotone_property_uses_rate_order():
 def test_capacity_bars_png(tmp_path):
     from lab.plots import plot_capacity_bars
 
-    path = plot_capacity_bars({"chatbot": {"a": 1.0, "b": 2.0}, "coder": {"a": 0.5}},
-                              tmp_path / "bars.png", title="t")
+    path = plot_capacity_bars(
+        {"chatbot": {"a": 1.0, "b": 2.0}, "coder": {"a": 0.5}}, tmp_path / "bars.png", title="t"
+    )
     assert path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError):
         plot_capacity_bars({}, tmp_path / "none.png")

@@ -15,9 +15,9 @@ import json
 import numpy as np
 import pytest
 
+from commands.cli import main
 from formulations.perf_model import perf_model_preset
 from formulations.plan import Verdict
-from commands.cli import main
 from lab.bench_client import BenchOptions, run_bench
 from lab.report import build_report
 from lab.workloads import WorkloadOptions, build_workload
@@ -37,14 +37,19 @@ def stack():
 
 
 def test_bench_numbers_match_the_planner(stack):
-    workload = build_workload("chatbot", perf_model_preset("opt-13b-h100"),
-                              WorkloadOptions(rate_rps=15.0, num_requests=20, seed=3))
+    workload = build_workload(
+        "chatbot",
+        perf_model_preset("opt-13b-h100"),
+        WorkloadOptions(rate_rps=15.0, num_requests=20, seed=3),
+    )
     result = run_bench(workload, BenchOptions(url=stack.url, drain_timeout_s=30.0))
     assert [c.status for c in result.calls] == [200] * 20, [c.error for c in result.calls]
     extra_ttft_s, agree = [], 0
     for call in result.calls:
         planner = stack.tracked(call.response_id).record
-        assert len(call.token_times_s) == len(planner.token_times_s) == call.request.num_output_tokens
+        assert (
+            len(call.token_times_s) == len(planner.token_times_s) == call.request.num_output_tokens
+        )
         bench_ttft_s = call.token_times_s[0] - call.request.arrival_s
         extra_ttft_s.append(bench_ttft_s - planner.ttft_s)
         bench_e2e_s = call.token_times_s[-1] - call.request.arrival_s
@@ -68,8 +73,11 @@ def test_bench_numbers_match_the_planner(stack):
 def test_bench_counts_rejections(tmp_path):
     s = Stack(None, perf_model=SLOW_MODEL, num_engines=1, formulation="slos_dp")
     try:
-        workload = build_workload("chatbot", perf_model_preset("opt-13b-h100"),
-                                  WorkloadOptions(rate_rps=20.0, num_requests=5, seed=1))
+        workload = build_workload(
+            "chatbot",
+            perf_model_preset("opt-13b-h100"),
+            WorkloadOptions(rate_rps=20.0, num_requests=5, seed=1),
+        )
         result = run_bench(workload, BenchOptions(url=s.url, drain_timeout_s=10.0))
         report = build_report(result.records, workload)
         assert all(c.status == 429 and c.verdict is Verdict.REJECTED for c in result.calls)
@@ -79,8 +87,19 @@ def test_bench_counts_rejections(tmp_path):
 
 
 def test_bench_command_prints_report_and_json(stack, capsys):
-    args = ["bench", "--url", stack.url, "--scenario", "coder", "--rate", "20",
-            "--num-requests", "4", "--seed", "2"]
+    args = [
+        "bench",
+        "--url",
+        stack.url,
+        "--scenario",
+        "coder",
+        "--rate",
+        "20",
+        "--num-requests",
+        "4",
+        "--seed",
+        "2",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "Serving Benchmark Result" in text and "Attainment per SLO class" in text
@@ -93,8 +112,22 @@ def test_bench_command_prints_report_and_json(stack, capsys):
 def test_bench_command_errors(capsys):
     assert main(["bench", "--url", "localhost:1", "--rate", "1"]) == 2
     assert main(["bench", "--url", "http://127.0.0.1:1", "--rate", "1", "--scenario", "x"]) == 2
-    assert main(["bench", "--url", "http://127.0.0.1:1", "--rate", "50", "--num-requests", "2",
-                 "--drain-s", "5"]) == 2  # nothing listens there
+    assert (
+        main(
+            [
+                "bench",
+                "--url",
+                "http://127.0.0.1:1",
+                "--rate",
+                "50",
+                "--num-requests",
+                "2",
+                "--drain-s",
+                "5",
+            ]
+        )
+        == 2
+    )  # nothing listens there
     assert "no answer" in capsys.readouterr().err
 
 
@@ -103,19 +136,32 @@ def test_bench_runs_tool_chains_round_by_round(stack):
     from formulations.slo import SLO_PRESETS
     from lab.workloads.workload import Workload
 
-    chain = ToolChain("agent-0", 0.0, (ToolRound(40, 6), ToolRound(10, 4, tool_delay_s=0.2),
-                                       ToolRound(10, 5, tool_delay_s=0.1)))
+    chain = ToolChain(
+        "agent-0",
+        0.0,
+        (ToolRound(40, 6), ToolRound(10, 4, tool_delay_s=0.2), ToolRound(10, 5, tool_delay_s=0.1)),
+    )
     workload = Workload("tools", requests=(), chains=(chain,))
     result = run_bench(workload, BenchOptions(url=stack.url, drain_timeout_s=20.0))
-    assert [c.request.request_id for c in result.calls] == ["agent-0#r0", "agent-0#r1", "agent-0#r2"]
+    assert [c.request.request_id for c in result.calls] == [
+        "agent-0#r0",
+        "agent-0#r1",
+        "agent-0#r2",
+    ]
     for k, call in enumerate(result.calls):
         planner = stack.tracked(call.response_id).request
-        assert (planner.chain_id, planner.round_index, planner.slo_class) == ("agent-0", k, "tool_agent")
+        assert (planner.chain_id, planner.round_index, planner.slo_class) == (
+            "agent-0",
+            k,
+            "tool_agent",
+        )
         assert planner.num_prompt_tokens == chain.round_prompt_tokens(k)
         targets = "tool_final" if k == 2 else "tool_intermediate"
         assert planner.slo.tpot_s == SLO_PRESETS[targets].tpot_s
         if k > 0:  # sent after the previous round ended plus the tool's delay
             previous = result.calls[k - 1]
-            assert call.request.arrival_s >= previous.token_times_s[-1] + chain.rounds[k].tool_delay_s
+            assert (
+                call.request.arrival_s >= previous.token_times_s[-1] + chain.rounds[k].tool_delay_s
+            )
     report = build_report(result.records, workload)
     assert report.num_items == 1 and report.num_calls == 3 and report.num_completed_items == 1

@@ -10,21 +10,36 @@ import pytest
 from formulations.plan import Verdict
 from formulations.request import Request, ToolChain, ToolRound
 from formulations.slo import SLO
-from planner_svc.records import RequestRecord
 from lab.report import build_report, format_report
 from lab.workloads.workload import Workload
+from planner_svc.records import RequestRecord
 
 SLO_1S = SLO(ttft_s=1.0, tpot_s=0.1)
 
 
 def make_request(rid, arrival_s=0.0, num_output=3, slo_class="chatbot", chain_id=None, k=0):
-    return Request(rid, arrival_s, 100, num_output, SLO_1S, 1.0, slo_class=slo_class,
-                   chain_id=chain_id, round_index=k)
+    return Request(
+        rid,
+        arrival_s,
+        100,
+        num_output,
+        SLO_1S,
+        1.0,
+        slo_class=slo_class,
+        chain_id=chain_id,
+        round_index=k,
+    )
 
 
 def record(request, times, verdict=Verdict.ADMITTED, preemptions=0):
-    return RequestRecord(request, verdict, 0, list(times), num_preemptions=preemptions,
-                         finished=len(times) >= request.num_output_tokens)
+    return RequestRecord(
+        request,
+        verdict,
+        0,
+        list(times),
+        num_preemptions=preemptions,
+        finished=len(times) >= request.num_output_tokens,
+    )
 
 
 def test_single_requests_attainment_and_latency():
@@ -33,8 +48,11 @@ def test_single_requests_attainment_and_latency():
     slow_decode = record(make_request("c", 2.0), [2.5, 3.0, 3.5], preemptions=2)
     rejected = record(make_request("d", 3.0), [], Verdict.REJECTED)
     never = make_request("e", 4.0)  # in the workload, never recorded
-    workload = Workload("w", (good.request, late_first.request, slow_decode.request,
-                              rejected.request, never), num_dropped=3)
+    workload = Workload(
+        "w",
+        (good.request, late_first.request, slow_decode.request, rejected.request, never),
+        num_dropped=3,
+    )
     report = build_report([good, late_first, slow_decode, rejected], workload, duration_s=10.0)
 
     assert report.num_items == 5 and report.num_attained == 1
@@ -72,20 +90,31 @@ def test_tool_chain_counts_once_and_needs_every_round():
     partial = chain("partial", 3)
     one_miss = chain("miss", 2)
     records = [
-        record(make_request("full#r0", 0.0, slo_class="tool_agent", chain_id="full"),
-               [0.1, 0.2, 0.3]),
-        record(make_request("full#r1", 1.0, slo_class="tool_agent", chain_id="full", k=1),
-               [1.1, 1.2, 1.3]),
+        record(
+            make_request("full#r0", 0.0, slo_class="tool_agent", chain_id="full"), [0.1, 0.2, 0.3]
+        ),
+        record(
+            make_request("full#r1", 1.0, slo_class="tool_agent", chain_id="full", k=1),
+            [1.1, 1.2, 1.3],
+        ),
         # partial: only 2 of its 3 rounds ran (both fine)
-        record(make_request("partial#r0", 0.0, slo_class="tool_agent", chain_id="partial"),
-               [0.1, 0.2, 0.3]),
-        record(make_request("partial#r1", 1.0, slo_class="tool_agent", chain_id="partial", k=1),
-               [1.1, 1.2, 1.3]),
+        record(
+            make_request("partial#r0", 0.0, slo_class="tool_agent", chain_id="partial"),
+            [0.1, 0.2, 0.3],
+        ),
+        record(
+            make_request("partial#r1", 1.0, slo_class="tool_agent", chain_id="partial", k=1),
+            [1.1, 1.2, 1.3],
+        ),
         # miss: round 1 was rejected
-        record(make_request("miss#r0", 0.0, slo_class="tool_agent", chain_id="miss"),
-               [0.1, 0.2, 0.3]),
-        record(make_request("miss#r1", 1.0, slo_class="tool_agent", chain_id="miss", k=1), [],
-               Verdict.REJECTED),
+        record(
+            make_request("miss#r0", 0.0, slo_class="tool_agent", chain_id="miss"), [0.1, 0.2, 0.3]
+        ),
+        record(
+            make_request("miss#r1", 1.0, slo_class="tool_agent", chain_id="miss", k=1),
+            [],
+            Verdict.REJECTED,
+        ),
     ]
     workload = Workload("agents", (), (full, partial, one_miss))
     report = build_report(records, workload, duration_s=2.0)
@@ -105,20 +134,32 @@ def test_best_effort_does_not_attain():
 
 
 def test_printed_block_has_vllm_labels_and_json_round_trips():
-    records = [record(make_request("a"), [0.5, 0.6, 0.7]),
-               record(make_request("b", slo_class="coder"), [], Verdict.REJECTED)]
+    records = [
+        record(make_request("a"), [0.5, 0.6, 0.7]),
+        record(make_request("b", slo_class="coder"), [], Verdict.REJECTED),
+    ]
     report = build_report(records, duration_s=4.0)
     text = format_report(report)
     for label in (
         "============ Serving Benchmark Result ============",
-        "Successful requests:", "Benchmark duration (s):", "Total input tokens:",
-        "Total generated tokens:", "Request throughput (req/s):", "Request goodput (req/s):",
-        "Output token throughput (tok/s):", "Total Token throughput (tok/s):",
+        "Successful requests:",
+        "Benchmark duration (s):",
+        "Total input tokens:",
+        "Total generated tokens:",
+        "Request throughput (req/s):",
+        "Request goodput (req/s):",
+        "Output token throughput (tok/s):",
+        "Total Token throughput (tok/s):",
         "---------------Time to First Token----------------",
-        "Mean TTFT (ms):", "Median TTFT (ms):", "P99 TTFT (ms):",
+        "Mean TTFT (ms):",
+        "Median TTFT (ms):",
+        "P99 TTFT (ms):",
         "-----Time per Output Token (excl. 1st token)------",
-        "Mean TPOT (ms):", "---------------Inter-token Latency----------------", "Mean ITL (ms):",
-        "----------------End-to-end Latency----------------", "P99 E2EL (ms):",
+        "Mean TPOT (ms):",
+        "---------------Inter-token Latency----------------",
+        "Mean ITL (ms):",
+        "----------------End-to-end Latency----------------",
+        "P99 E2EL (ms):",
     ):
         assert label in text, label
     assert "Successful requests:                     1" in text

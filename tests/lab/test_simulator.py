@@ -69,7 +69,13 @@ def test_same_seed_same_result_with_a_noisy_truth():
 
 def test_tool_chain_rounds_follow_their_delays():
     chain = ToolChain(
-        "c0", 1.0, (ToolRound(200, 10), ToolRound(50, 8, tool_delay_s=0.5), ToolRound(30, 5, tool_delay_s=2.0))
+        "c0",
+        1.0,
+        (
+            ToolRound(200, 10),
+            ToolRound(50, 8, tool_delay_s=0.5),
+            ToolRound(30, 5, tool_delay_s=2.0),
+        ),
     )
     result = simulate(Workload("agent", (), (chain,)), config())
     rounds = sorted(result.records, key=lambda r: r.request.round_index)
@@ -102,7 +108,9 @@ def test_distserve_hands_requests_from_prefill_to_decode_replicas():
     from lab.simulator import Simulation
 
     requests = tuple(make_req(f"r{i}", 0.05 * i, prompt=400, output=20) for i in range(10))
-    cfg = config(policy="distserve", num_replicas=2, kv_bytes_per_token=1_000_000, kv_link_bytes_per_s=1e9)
+    cfg = config(
+        policy="distserve", num_replicas=2, kv_bytes_per_token=1_000_000, kv_link_bytes_per_s=1e9
+    )
     sim = Simulation(Workload("disagg", requests), cfg)
     result = sim.run()
     transfer_s = cfg.kv_transfer_s(400)  # 400 tokens * 1 MB / 1 GB/s = 0.4 s
@@ -119,7 +127,13 @@ def test_distserve_hands_requests_from_prefill_to_decode_replicas():
 
 @pytest.mark.parametrize(
     "policy, num_replicas, max_sim_time_s",
-    [("vllm_fcfs", 1, None), ("sarathi", 2, None), ("edf", 1, None), ("distserve", 3, None), ("vllm_fcfs", 2, 7.3)],
+    [
+        ("vllm_fcfs", 1, None),
+        ("sarathi", 2, None),
+        ("edf", 1, None),
+        ("distserve", 3, None),
+        ("vllm_fcfs", 2, 7.3),
+    ],
 )
 def test_fast_forward_gives_the_same_run_as_single_steps(policy, num_replicas, max_sim_time_s):
     import numpy as np
@@ -127,19 +141,31 @@ def test_fast_forward_gives_the_same_run_as_single_steps(policy, num_replicas, m
     rng = np.random.default_rng(7)
     arrivals = np.cumsum(rng.exponential(0.08, size=120))
     requests = tuple(
-        make_req(f"r{i}", float(t), prompt=int(rng.integers(20, 600)), output=int(rng.integers(2, 150)), ttft_s=0.5)
+        make_req(
+            f"r{i}",
+            float(t),
+            prompt=int(rng.integers(20, 600)),
+            output=int(rng.integers(2, 150)),
+            ttft_s=0.5,
+        )
         for i, t in enumerate(arrivals)
     )
     workload = Workload("ff", requests)
 
     def run(fast_forward):
         cfg = config(
-            policy=policy, num_replicas=num_replicas, num_blocks_per_replica=400,
-            fast_forward=fast_forward, replica_failures=((3.0, 0),) if num_replicas == 2 else (),
+            policy=policy,
+            num_replicas=num_replicas,
+            num_blocks_per_replica=400,
+            fast_forward=fast_forward,
+            replica_failures=((3.0, 0),) if num_replicas == 2 else (),
             max_sim_time_s=max_sim_time_s,
         )
         result = simulate(workload, cfg)
-        return result, {r.request.request_id: (r.token_times_s, r.num_preemptions, r.replica_id) for r in result.records}
+        return result, {
+            r.request.request_id: (r.token_times_s, r.num_preemptions, r.replica_id)
+            for r in result.records
+        }
 
     slow, slow_records = run(False)
     fast, fast_records = run(True)
@@ -169,7 +195,10 @@ def test_bad_configs_are_clear_errors(kwargs, message):
 
 def test_least_loaded_routing_and_best_effort_fallback_in_the_simulator():
     requests = tuple(make_req(f"r{i}", 0.01 * i, prompt=100, output=20) for i in range(30))
-    result = simulate(Workload("ll", requests), config(num_replicas=3, routing="least_loaded", fallback="best_effort"))
+    result = simulate(
+        Workload("ll", requests),
+        config(num_replicas=3, routing="least_loaded", fallback="best_effort"),
+    )
     assert {r.replica_id for r in result.records} == {0, 1, 2}
     assert all(r.finished for r in result.records)
 
@@ -198,7 +227,9 @@ class SpeculatingFcfs:
             return plan
         (step,) = steps
         spec = {rid: self.num_spec for rid in step.num_tokens if _is_decoding(view, rid)}
-        return Plan(steps=(Step(step.num_tokens, spec),), decisions=plan.decisions, preempt=plan.preempt)
+        return Plan(
+            steps=(Step(step.num_tokens, spec),), decisions=plan.decisions, preempt=plan.preempt
+        )
 
 
 def _is_decoding(view, rid):
@@ -211,7 +242,9 @@ def test_speculative_decoding_end_to_end_and_the_acceptance_estimate():
     Formulation.register(SpeculatingFcfs)
     requests = tuple(make_req(f"r{i}", 0.2 * i, prompt=60, output=800) for i in range(6))
     cfg = config(
-        policy=f"{__name__}:SpeculatingFcfs", max_spec_tokens=3, true_acceptance_rate=0.6,
+        policy=f"{__name__}:SpeculatingFcfs",
+        max_spec_tokens=3,
+        true_acceptance_rate=0.6,
         spec_acceptance_prior=0.9,
     )
     from lab.simulator import Simulation

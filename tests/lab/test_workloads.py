@@ -125,13 +125,17 @@ def test_trace_window_and_timestamps_follow_the_trace():
 def test_coder_window_skips_the_opening_silence():
     rows = load_trace("azure_code_2023")
     assert rows[63].arrival_s - rows[62].arrival_s > 100  # the idle gap the default skips
-    default = build_workload("coder", PERF, WorkloadOptions(rate_rps=1.0, num_requests=5,
-                                                           max_model_len=1 << 20))
+    default = build_workload(
+        "coder", PERF, WorkloadOptions(rate_rps=1.0, num_requests=5, max_model_len=1 << 20)
+    )
     assert [r.num_prompt_tokens for r in default.requests] == [
         r.num_prompt_tokens for r in rows[63:68]
     ]
-    from_zero = build_workload("coder", PERF, WorkloadOptions(rate_rps=1.0, num_requests=5,
-                                                             start_index=0, max_model_len=1 << 20))
+    from_zero = build_workload(
+        "coder",
+        PERF,
+        WorkloadOptions(rate_rps=1.0, num_requests=5, start_index=0, max_model_len=1 << 20),
+    )
     assert from_zero.requests[0].num_prompt_tokens == rows[0].num_prompt_tokens
 
 
@@ -241,10 +245,13 @@ def test_user_trace_csv_and_jsonl(tmp_path):
     jsonl_path = tmp_path / "t.jsonl"
     lines = [
         {"arrival_s": 0.0, "prompt_tokens": 100, "output_tokens": 10, "slo_class": "coder"},
-        {"arrival_s": 1.0, "rounds": [
-            {"prompt_tokens": 1500, "output_tokens": 40},
-            {"prompt_tokens": 300, "output_tokens": 90, "tool_delay_s": 1.2},
-        ]},
+        {
+            "arrival_s": 1.0,
+            "rounds": [
+                {"prompt_tokens": 1500, "output_tokens": 40},
+                {"prompt_tokens": 300, "output_tokens": 90, "tool_delay_s": 1.2},
+            ],
+        },
         {"arrival_s": 3.0, "prompt_tokens": 100, "output_tokens": 10, "slo_class": "chatbot"},
     ]
     jsonl_path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
@@ -259,17 +266,27 @@ def test_user_trace_csv_and_jsonl(tmp_path):
     ("text", "problem"),
     [
         ("arrival_s,prompt_tokens,output_tokens\n1,2,3\n", ":1: missing column(s) slo_class"),
-        ("arrival_s,prompt_tokens,output_tokens,slo_class\n0,10,5,chatbot\n0,ten,5,chatbot\n",
-         ":3: prompt_tokens must be an integer"),
-        ("arrival_s,prompt_tokens,output_tokens,slo_class\n-1,10,5,chatbot\n",
-         ":2: arrival_s must be a non-negative number"),
+        (
+            "arrival_s,prompt_tokens,output_tokens,slo_class\n0,10,5,chatbot\n0,ten,5,chatbot\n",
+            ":3: prompt_tokens must be an integer",
+        ),
+        (
+            "arrival_s,prompt_tokens,output_tokens,slo_class\n-1,10,5,chatbot\n",
+            ":2: arrival_s must be a non-negative number",
+        ),
         ("arrival_s,prompt_tokens,output_tokens,slo_class\n0,10,5,gold\n", ":2: unknown slo_class"),
-        ("arrival_s,prompt_tokens,output_tokens,slo_class\n0,10,0,chatbot\n",
-         ":2: output_tokens must be an integer >= 1"),
-        ("arrival_s,prompt_tokens,output_tokens,slo_class,thinking_tokens\n0,10,5,reasoning,9\n",
-         ":2: thinking_tokens exceeds output_tokens"),
-        ("arrival_s,prompt_tokens,output_tokens,slo_class\n0,10,5,chatbot,extra\n",
-         ":2: more fields than columns"),
+        (
+            "arrival_s,prompt_tokens,output_tokens,slo_class\n0,10,0,chatbot\n",
+            ":2: output_tokens must be an integer >= 1",
+        ),
+        (
+            "arrival_s,prompt_tokens,output_tokens,slo_class,thinking_tokens\n0,10,5,reasoning,9\n",
+            ":2: thinking_tokens exceeds output_tokens",
+        ),
+        (
+            "arrival_s,prompt_tokens,output_tokens,slo_class\n0,10,5,chatbot,extra\n",
+            ":2: more fields than columns",
+        ),
     ],
 )
 def test_malformed_csv_names_file_and_line(tmp_path, text, problem):
@@ -286,8 +303,10 @@ def test_malformed_csv_names_file_and_line(tmp_path, text, problem):
         ("{not json", ":2: not valid JSON"),
         ("[1, 2]", ":2: expected a JSON object"),
         ('{"arrival_s": 0, "rounds": []}', ":2: rounds must be a non-empty list"),
-        ('{"arrival_s": 0, "rounds": [{"prompt_tokens": 5}]}',
-         ":2: round 1: missing output_tokens"),
+        (
+            '{"arrival_s": 0, "rounds": [{"prompt_tokens": 5}]}',
+            ":2: round 1: missing output_tokens",
+        ),
     ],
 )
 def test_malformed_jsonl_names_file_and_line(tmp_path, line, problem):

@@ -42,11 +42,20 @@ class VocabService(Service):
         super().__init__(config, num_engines)
 
     def add_engine(self, engine_id: str, num_blocks: int = 4096) -> EngineAdapter:
-        engine = SimEngine(self.perf_model, num_blocks, clock=time.monotonic, sleep=time.sleep,
-                           emit_token_ids=True, advertised_perf_model=self.perf_model,
-                           vocab_size=VOCAB_SIZE)
-        config = AdapterConfig(self.daemon.engine_endpoint, engine_id,
-                               heartbeat_interval_s=self.daemon.config.heartbeat_interval_s)
+        engine = SimEngine(
+            self.perf_model,
+            num_blocks,
+            clock=time.monotonic,
+            sleep=time.sleep,
+            emit_token_ids=True,
+            advertised_perf_model=self.perf_model,
+            vocab_size=VOCAB_SIZE,
+        )
+        config = AdapterConfig(
+            self.daemon.engine_endpoint,
+            engine_id,
+            heartbeat_interval_s=self.daemon.config.heartbeat_interval_s,
+        )
         adapter = EngineAdapter(engine, config, self.context)
         thread = threading.Thread(target=adapter.run, daemon=True)
         thread.start()
@@ -58,8 +67,14 @@ class VocabService(Service):
 class Stack:
     """Planner daemon + engines + PlannerClient + HTTP server; `close()` stops everything."""
 
-    def __init__(self, model_dir: Path | None, api_config: ApiConfig | None = None,
-                 perf_model: PerfModel = FAST_MODEL, num_engines: int = 2, **planner) -> None:
+    def __init__(
+        self,
+        model_dir: Path | None,
+        api_config: ApiConfig | None = None,
+        perf_model: PerfModel = FAST_MODEL,
+        num_engines: int = 2,
+        **planner,
+    ) -> None:
         # A busy shared test machine can starve engine threads for a while: be patient with them
         # (3 s of silence) so that a slow moment does not turn into "no engine is connected".
         planner = {"heartbeat_interval_s": 0.1, "liveness": 30, **planner}
@@ -76,8 +91,9 @@ class Stack:
         return self.server.url
 
     def openai(self, api_key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0,
-                             timeout=20.0)
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=20.0
+        )
 
     def tracked(self, request_id: str):
         return self.service.daemon.requests[request_id]
@@ -86,4 +102,3 @@ class Stack:
         self.server.close()
         self.client.close()
         self.service.close()
-

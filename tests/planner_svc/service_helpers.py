@@ -44,10 +44,19 @@ class Service:
             self.add_engine(f"engine-{i}")
 
     def add_engine(self, engine_id: str, num_blocks: int = 4096) -> EngineAdapter:
-        engine = SimEngine(FAST_MODEL, num_blocks, clock=time.monotonic, sleep=time.sleep,
-                           emit_token_ids=True, advertised_perf_model=FAST_MODEL)
-        config = AdapterConfig(self.daemon.engine_endpoint, engine_id,
-                               heartbeat_interval_s=self.daemon.config.heartbeat_interval_s)
+        engine = SimEngine(
+            FAST_MODEL,
+            num_blocks,
+            clock=time.monotonic,
+            sleep=time.sleep,
+            emit_token_ids=True,
+            advertised_perf_model=FAST_MODEL,
+        )
+        config = AdapterConfig(
+            self.daemon.engine_endpoint,
+            engine_id,
+            heartbeat_interval_s=self.daemon.config.heartbeat_interval_s,
+        )
         adapter = EngineAdapter(engine, config, self.context)
         thread = threading.Thread(target=adapter.run, daemon=True)
         thread.start()

@@ -11,10 +11,10 @@ import pytest
 from formulations.deadlines import check_attainment
 from formulations.plan import Verdict
 from formulations.request import ToolChain, ToolRound
-from wire import protocol as P
-from planner_svc.client import PlannerClient
 from lab.report import build_report
+from planner_svc.client import PlannerClient
 from tests.planner_svc.service_helpers import Service
+from wire import protocol as P
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,9 @@ def test_token_stream_in_order_and_record_times(client):
     handle = client.submit(prompt_token_ids=list(range(64)), max_tokens=10)
     events = list(handle.tokens(timeout_s=10))
     assert sum(e.num_tokens for e in events) == 10
-    assert [e.num_generated_tokens for e in events] == sorted(e.num_generated_tokens for e in events)
+    assert [e.num_generated_tokens for e in events] == sorted(
+        e.num_generated_tokens for e in events
+    )
     assert events[-1].finished and not any(e.finished for e in events[:-1])
     assert len(handle.token_ids) == 10
     record = handle.record()
@@ -87,8 +89,9 @@ def test_abort_stops_the_request_and_frees_the_engine(client, service):
 
 
 def test_tool_chain_rounds_run_in_order_with_growing_prompts(client):
-    chain = ToolChain("agent-1", 0.0, (ToolRound(100, 5), ToolRound(20, 4, 0.05),
-                                       ToolRound(30, 3, 0.05)))
+    chain = ToolChain(
+        "agent-1", 0.0, (ToolRound(100, 5), ToolRound(20, 4, 0.05), ToolRound(30, 3, 0.05))
+    )
     calls = []
     handles = client.run_tool_chain(chain, tool=lambda k, h: calls.append((k, h.finished)))
     assert [h.request_id for h in handles] == ["agent-1#r0", "agent-1#r1", "agent-1#r2"]
@@ -102,8 +105,9 @@ def test_tool_chain_rounds_run_in_order_with_growing_prompts(client):
 
 
 def test_reasoning_request_carries_its_thinking_budget(client):
-    handle = client.submit(num_prompt_tokens=50, max_tokens=30, slo_class="reasoning",
-                           thinking_tokens=20)
+    handle = client.submit(
+        num_prompt_tokens=50, max_tokens=30, slo_class="reasoning", thinking_tokens=20
+    )
     assert handle.wait(10) and handle.finished
     verdict = handle.verdict()
     assert verdict.num_thinking_tokens == 20 and verdict.thinking_tpot_s == pytest.approx(0.05)

@@ -8,14 +8,14 @@ import pytest
 from formulations import registry
 from formulations.interface import Formulation
 from formulations.plan import Decision, Plan, Step, Verdict
-from planner_svc.core import PlannerCore, ReplanPolicy
-from planner_svc.plan_check import PlanError
-from wire.step_report import StepReport
-from planner_svc.replica import ReplicaSpec
-from planner_svc.router import RoundRobinRouter
 from lab.simulator import SimConfig, simulate
 from lab.workloads.workload import Workload
+from planner_svc.core import PlannerCore, ReplanPolicy
+from planner_svc.plan_check import PlanError
+from planner_svc.replica import ReplicaSpec
+from planner_svc.router import RoundRobinRouter
 from tests.factories import SIMPLE_MODEL, make_req
+from wire.step_report import StepReport
 
 
 class Scripted(Formulation):
@@ -53,15 +53,36 @@ def core_with(fn, n=1, **kwargs):
 @pytest.mark.parametrize(
     "bad_plan, message",
     [
-        (lambda v: Plan(steps=(Step({"nobody": 1}),), decisions={"a": Decision(Verdict.ADMITTED)}), "unknown request"),
-        (lambda v: Plan(steps=(Step({"a": 101}),), decisions={"a": Decision(Verdict.ADMITTED)}), "101 tokens"),
+        (
+            lambda v: Plan(
+                steps=(Step({"nobody": 1}),), decisions={"a": Decision(Verdict.ADMITTED)}
+            ),
+            "unknown request",
+        ),
+        (
+            lambda v: Plan(steps=(Step({"a": 101}),), decisions={"a": Decision(Verdict.ADMITTED)}),
+            "101 tokens",
+        ),
         (lambda v: Plan(steps=(Step({"a": 50}),), decisions={}), "unknown request"),  # not admitted
-        (lambda v: Plan(steps=(Step({"a": 100}, {"a": 1}),), decisions={"a": Decision(Verdict.ADMITTED)}), "speculative"),
+        (
+            lambda v: Plan(
+                steps=(Step({"a": 100}, {"a": 1}),), decisions={"a": Decision(Verdict.ADMITTED)}
+            ),
+            "speculative",
+        ),
         (lambda v: Plan(decisions={"zz": Decision(Verdict.ADMITTED)}), "not a waiting request"),
         (lambda v: Plan(preempt=("a",)), "not running"),
         (lambda v: Plan(steps=(Step({}),)), "empty"),
-        (lambda v: Plan(repeat=(Step({"a": 1, "nobody": 1}),), decisions={"a": Decision(Verdict.ADMITTED)}), "unknown request"),
-        (lambda v: Plan(repeat=(Step({"a": 101}),), decisions={"a": Decision(Verdict.ADMITTED)}), "101 tokens"),
+        (
+            lambda v: Plan(
+                repeat=(Step({"a": 1, "nobody": 1}),), decisions={"a": Decision(Verdict.ADMITTED)}
+            ),
+            "unknown request",
+        ),
+        (
+            lambda v: Plan(repeat=(Step({"a": 101}),), decisions={"a": Decision(Verdict.ADMITTED)}),
+            "101 tokens",
+        ),
     ],
 )
 def test_bad_plans_raise_naming_the_formulation(bad_plan, message):
@@ -102,7 +123,11 @@ def reject_on(replicas):
     def make(s):
         def fn(view):
             if view.replica_id in replicas:
-                return Plan(decisions={w.request_id: Decision(Verdict.REJECTED, "full") for w in view.waiting})
+                return Plan(
+                    decisions={
+                        w.request_id: Decision(Verdict.REJECTED, "full") for w in view.waiting
+                    }
+                )
             return admit_and_prefill(view)
 
         return Scripted(fn)
@@ -120,7 +145,9 @@ def test_forward_on_rejection_reaches_an_admitting_replica():
 
 
 def test_rejected_everywhere_is_rejected_once():
-    core = PlannerCore([spec(0), spec(1)], reject_on({0, 1}), router=RoundRobinRouter(max_forwards=1))
+    core = PlannerCore(
+        [spec(0), spec(1)], reject_on({0, 1}), router=RoundRobinRouter(max_forwards=1)
+    )
     out = core.submit(make_req("a"), 0.0)
     assert out.forwards == [("a", 0, 1)]
     assert len(out.verdicts) == 1
@@ -165,7 +192,9 @@ def test_undecided_waiting_request_stays_and_is_retried_on_the_timer():
 
 
 def test_verdicts_are_final_and_given_once_in_a_busy_multi_replica_run():
-    requests = tuple(make_req(f"r{i}", 0.01 * i, prompt=300, output=30, ttft_s=0.5) for i in range(300))
+    requests = tuple(
+        make_req(f"r{i}", 0.01 * i, prompt=300, output=30, ttft_s=0.5) for i in range(300)
+    )
     seen = Counter()
     original = PlannerCore.submit
 
@@ -236,7 +265,14 @@ def test_repeated_errors_make_the_core_preempt():
     def fn(view):
         decisions = {s.request_id: Decision(Verdict.ADMITTED) for s in view.waiting}
         states = [*view.running, *view.waiting]
-        return Plan(steps=(Step({s.request_id: 1 for s in states if not s.is_finished and s.num_pending_tokens}),), decisions=decisions)
+        return Plan(
+            steps=(
+                Step(
+                    {s.request_id: 1 for s in states if not s.is_finished and s.num_pending_tokens}
+                ),
+            ),
+            decisions=decisions,
+        )
 
     core = core_with(fn)
     core.submit(make_req("a", prompt=1, output=50), 0.0)
@@ -264,10 +300,14 @@ def test_slow_step_triggers_a_replan_at_the_boundary():
     core = core_with(fn, replan=ReplanPolicy(slow_step_ratio=1.5))
     core.submit(make_req("a", prompt=10, output=20), 0.0)
     predicted = SIMPLE_MODEL.step_time_s(10)
-    core.on_step(StepReport(0, 0, 0.0, predicted, {"a": 10}, {"a": 1}, num_free_blocks=999), predicted)
+    core.on_step(
+        StepReport(0, 0, 0.0, predicted, {"a": 10}, {"a": 1}, num_free_blocks=999), predicted
+    )
     assert len(calls) == 1  # on time, plan not used up
     slow_end = predicted + 2 * SIMPLE_MODEL.step_time_s(1)
-    core.on_step(StepReport(0, 1, predicted, slow_end, {"a": 1}, {"a": 1}, num_free_blocks=999), slow_end)
+    core.on_step(
+        StepReport(0, 1, predicted, slow_end, {"a": 1}, {"a": 1}, num_free_blocks=999), slow_end
+    )
     assert len(calls) == 2
 
 
@@ -277,7 +317,9 @@ def test_slow_step_triggers_a_replan_at_the_boundary():
 def test_dead_replica_requests_finish_elsewhere():
     requests = tuple(make_req(f"r{i}", 0.02 * i, prompt=200, output=100) for i in range(40))
     cfg = SimConfig(
-        perf_model=SIMPLE_MODEL, num_replicas=2, num_blocks_per_replica=2000,
+        perf_model=SIMPLE_MODEL,
+        num_replicas=2,
+        num_blocks_per_replica=2000,
         replica_failures=((1.0, 0),),
     )
     result = simulate(Workload("fault", requests), cfg)
@@ -317,7 +359,9 @@ def test_acceptance_rate_estimate_moves_from_the_prior_to_the_reports():
     core.on_step(StepReport(0, 0, 0.0, 0.02, {"a": 10}, {"a": 1}, num_free_blocks=999), 0.02)
     t = 0.02
     for i in range(1, 200):  # every draft accepted
-        report = StepReport(0, i, t, t + 0.011, {"a": 5}, {"a": 5}, {"a": 4}, {"a": 4}, num_free_blocks=999)
+        report = StepReport(
+            0, i, t, t + 0.011, {"a": 5}, {"a": 5}, {"a": 4}, {"a": 4}, num_free_blocks=999
+        )
         t += 0.011
         core.on_step(report, t)
     # prior worth 20 proposals at 0.5, then 199 * 4 proposals all accepted

@@ -13,10 +13,10 @@ import msgpack
 import pytest
 import zmq
 
-from wire import protocol as P
 from planner_svc.client import PlannerClient
 from planner_svc.config import config_from_dict, load_config
 from tests.planner_svc.service_helpers import Service, make_config
+from wire import protocol as P
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 
@@ -92,10 +92,14 @@ def test_bad_engine_frames_are_counted_and_survived(service):
     rogue.connect(daemon.engine_endpoint)
     try:
         rogue.send_multipart([b"G", os.urandom(40)])
-        rogue.send_multipart(P.encode(P.Progress(engine_id="x", step_id=0, plan_id=0,
-                                                 step_time_s=0.1)))  # before READY
-        rogue.send_multipart(P.encode(P.Ready(protocol_version=99, engine_id="x",
-                                              num_total_blocks=10, block_size=16)))
+        rogue.send_multipart(
+            P.encode(P.Progress(engine_id="x", step_id=0, plan_id=0, step_time_s=0.1))
+        )  # before READY
+        rogue.send_multipart(
+            P.encode(
+                P.Ready(protocol_version=99, engine_id="x", num_total_blocks=10, block_size=16)
+            )
+        )
         replies = []
         while len(replies) < 3 and rogue.poll(3000):
             replies.append(P.decode(rogue.recv_multipart(), P.PLANNER_TO_ENGINE))
@@ -117,9 +121,16 @@ def test_silent_engine_is_declared_dead_and_its_requests_finish_elsewhere():
     mute.connect(svc.daemon.engine_endpoint)
     try:
         svc.wait_for_engines(1)
-        mute.send_multipart(P.encode(P.Ready(protocol_version=P.PROTOCOL_VERSION,
-                                             engine_id="mute", num_total_blocks=4096,
-                                             block_size=16)))
+        mute.send_multipart(
+            P.encode(
+                P.Ready(
+                    protocol_version=P.PROTOCOL_VERSION,
+                    engine_id="mute",
+                    num_total_blocks=4096,
+                    block_size=16,
+                )
+            )
+        )
         svc.wait_for_engines(2)
         with PlannerClient(svc.daemon.client_endpoint) as client:
             handles = submit_all(client, 6, max_tokens=8)
@@ -144,8 +155,9 @@ def test_duplicate_ids_and_unknown_classes_get_an_error(service):
         assert again.wait(5) and "duplicate" in again.error
         odd = client.submit(num_prompt_tokens=20, max_tokens=2, slo_class="no-such-class")
         assert odd.wait(5) and "unknown SLO class" in odd.error
-        explicit = client.submit(num_prompt_tokens=20, max_tokens=2, slo_class="mine",
-                                 tpot_ms=80.0, ttft_ms=900.0)
+        explicit = client.submit(
+            num_prompt_tokens=20, max_tokens=2, slo_class="mine", tpot_ms=80.0, ttft_ms=900.0
+        )
         verdict = explicit.verdict(5)
         assert verdict.tpot_s == pytest.approx(0.08) and verdict.ttft_slo_s == pytest.approx(0.9)
 
@@ -208,37 +220,43 @@ def test_unknown_formulation_fails_at_startup():
 
 
 def test_curve_encrypted_loopback_serves_only_known_keys():
-    import dataclasses
     import threading
 
     from engine_adapters.adapter import AdapterConfig, EngineAdapter
     from engine_adapters.sim_engine import SimEngine
     from planner_svc.config import CurveConfig
-    from wire.security import CurveKeys, make_keypair
     from tests.planner_svc.service_helpers import FAST_MODEL
+    from wire.security import CurveKeys, make_keypair
 
     server_public, server_secret = make_keypair()
     engine_keys = CurveKeys(*make_keypair(), server_public_key=server_public)
     client_keys = CurveKeys(*make_keypair(), server_public_key=server_public)
     stranger_keys = CurveKeys(*make_keypair(), server_public_key=server_public)
-    curve = CurveConfig(server_public, server_secret,
-                        allowed_client_keys=(engine_keys.public_key, client_keys.public_key))
+    curve = CurveConfig(
+        server_public,
+        server_secret,
+        allowed_client_keys=(engine_keys.public_key, client_keys.public_key),
+    )
     svc = Service(make_config(curve=curve), num_engines=0)
-    engine = SimEngine(FAST_MODEL, 1024, clock=time.monotonic, sleep=time.sleep,
-                       advertised_perf_model=FAST_MODEL)
-    config = AdapterConfig(svc.daemon.engine_endpoint, "secure-engine", curve=engine_keys,
-                           heartbeat_interval_s=0.1)
+    engine = SimEngine(
+        FAST_MODEL, 1024, clock=time.monotonic, sleep=time.sleep, advertised_perf_model=FAST_MODEL
+    )
+    config = AdapterConfig(
+        svc.daemon.engine_endpoint, "secure-engine", curve=engine_keys, heartbeat_interval_s=0.1
+    )
     adapter = EngineAdapter(engine, config, svc.context)
     thread = threading.Thread(target=adapter.run, daemon=True)
     thread.start()
     try:
         svc.wait_for_engines(1)
-        with PlannerClient(svc.daemon.client_endpoint, curve=client_keys,
-                           context=svc.context) as client:
+        with PlannerClient(
+            svc.daemon.client_endpoint, curve=client_keys, context=svc.context
+        ) as client:
             handle = client.submit(num_prompt_tokens=30, max_tokens=4)
             assert handle.wait(10) and handle.finished
-        with PlannerClient(svc.daemon.client_endpoint, curve=stranger_keys,
-                           context=svc.context) as stranger:
+        with PlannerClient(
+            svc.daemon.client_endpoint, curve=stranger_keys, context=svc.context
+        ) as stranger:
             refused = stranger.submit(num_prompt_tokens=30, max_tokens=4)
             assert not refused.wait(1.0)  # not authenticated: nothing comes back
         with PlannerClient(svc.daemon.client_endpoint, context=svc.context) as plain:

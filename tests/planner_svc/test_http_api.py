@@ -32,8 +32,10 @@ def model_dir(tmp_path_factory):
 def stack(model_dir):
     config = ApiConfig(
         model_defaults={MODEL: SloDefaults(), "coder-model": SloDefaults(slo_class="coder")},
-        api_keys={"key-summaries": SloDefaults(slo_class="summarizer"),
-                  "key-strict": SloDefaults(ttft_ms=900.0, tpot_ms=45.0)},
+        api_keys={
+            "key-summaries": SloDefaults(slo_class="summarizer"),
+            "key-strict": SloDefaults(ttft_ms=900.0, tpot_ms=45.0),
+        },
         max_model_len=256,
     )
     s = Stack(model_dir, config)
@@ -54,8 +56,12 @@ def get(url: str) -> tuple[int, dict, bytes]:
 
 
 def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, dict(response.headers), json.loads(response.read())
@@ -75,7 +81,10 @@ def test_completion_text_in_text_out(stack):
     assert choice.text == stack.tokenizer.decode(choice.token_ids)
     assert choice.finish_reason == "length"
     assert response.usage.prompt_tokens == len(prompt_ids)
-    assert response.usage.completion_tokens == 12 and response.usage.total_tokens == len(prompt_ids) + 12
+    assert (
+        response.usage.completion_tokens == 12
+        and response.usage.total_tokens == len(prompt_ids) + 12
+    )
     assert response.slo["verdict"] == "admitted" and response.slo["slo_class"] == "chatbot"
     record = stack.tracked(response.id).record
     assert record.finished and record.request.num_prompt_tokens == len(prompt_ids)
@@ -83,8 +92,12 @@ def test_completion_text_in_text_out(stack):
 
 def test_completion_stream_concatenates_to_the_full_text(stack):
     stream = stack.openai().completions.create(
-        model=MODEL, prompt=list(range(3, 43)), max_tokens=30, stream=True,
-        stream_options={"include_usage": True})
+        model=MODEL,
+        prompt=list(range(3, 43)),
+        max_tokens=30,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     token_chunks = [c for c in chunks if c.choices]
     ids = [t for c in token_chunks for t in c.choices[0].token_ids]
@@ -98,10 +111,13 @@ def test_completion_stream_concatenates_to_the_full_text(stack):
 
 
 def test_chat_non_streaming_and_streaming(stack):
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "Say something."}]}]
-    prompt_ids = stack.tokenizer.encode(stack.tokenizer.render_chat(
-        [("system", "Be brief."), ("user", "Say something.")]))
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Say something."}]},
+    ]
+    prompt_ids = stack.tokenizer.encode(
+        stack.tokenizer.render_chat([("system", "Be brief."), ("user", "Say something.")])
+    )
     client = stack.openai()
     response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
     message = response.choices[0].message
@@ -109,8 +125,9 @@ def test_chat_non_streaming_and_streaming(stack):
     assert message.content == stack.tokenizer.decode(expected_ids(len(prompt_ids), 8))
     assert response.object == "chat.completion" and response.usage.prompt_tokens == len(prompt_ids)
 
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
@@ -126,15 +143,20 @@ def test_stop_string_cuts_the_text_and_aborts(stack):
     cut = text.find(stop)
     assert cut >= 0 and stop.strip()
     for stream in (False, True):
-        result = client.completions.create(model=MODEL, prompt=list(range(2, 12)), max_tokens=60,
-                                           stop=[stop], stream=stream)
+        result = client.completions.create(
+            model=MODEL, prompt=list(range(2, 12)), max_tokens=60, stop=[stop], stream=stream
+        )
         if stream:
             chunks = [c for c in result if c.choices]
             got = "".join(c.choices[0].text for c in chunks)
             finish_reason = chunks[-1].choices[0].finish_reason
             request_id = chunks[0].id
         else:
-            got, finish_reason, request_id = result.choices[0].text, result.choices[0].finish_reason, result.id
+            got, finish_reason, request_id = (
+                result.choices[0].text,
+                result.choices[0].finish_reason,
+                result.id,
+            )
         assert got == text[:cut]
         assert finish_reason == "stop"
         assert_request_ends(stack, request_id, finished=False)
@@ -146,15 +168,20 @@ def test_stop_string_cuts_the_text_and_aborts(stack):
 
 def test_slo_class_and_explicit_targets_reach_the_planner(stack):
     client = stack.openai()
-    coder = client.completions.create(model=MODEL, prompt=[5] * 20, max_tokens=4,
-                                      extra_body={"slo_class": "coder"})
+    coder = client.completions.create(
+        model=MODEL, prompt=[5] * 20, max_tokens=4, extra_body={"slo_class": "coder"}
+    )
     assert coder.slo["slo_class"] == "coder" and coder.slo["tpot_ms"] == pytest.approx(50.0)
     assert stack.tracked(coder.id).request.slo_class == "coder"
 
     explicit = client.completions.create(
-        model=MODEL, prompt=[5] * 20, max_tokens=4,
-        extra_body={"slo": {"ttft_ms": 800, "tpot_ms": 40, "thinking_tokens": 2,
-                            "thinking_tpot_ms": 20}})
+        model=MODEL,
+        prompt=[5] * 20,
+        max_tokens=4,
+        extra_body={
+            "slo": {"ttft_ms": 800, "tpot_ms": 40, "thinking_tokens": 2, "thinking_tpot_ms": 20}
+        },
+    )
     request = stack.tracked(explicit.id).request
     assert request.ttft_slo_s == pytest.approx(0.8) and request.slo.tpot_s == pytest.approx(0.04)
     assert request.num_thinking_tokens == 2 and request.slo.thinking_tpot_s == pytest.approx(0.02)
@@ -164,23 +191,27 @@ def test_slo_class_and_explicit_targets_reach_the_planner(stack):
 def test_defaults_per_model_name_and_api_key(stack):
     by_model = stack.openai().completions.create(model="coder-model", prompt=[7] * 10, max_tokens=3)
     assert stack.tracked(by_model.id).request.slo_class == "coder"
-    by_key = stack.openai("key-summaries").completions.create(model="coder-model", prompt=[7] * 10,
-                                                              max_tokens=3)
+    by_key = stack.openai("key-summaries").completions.create(
+        model="coder-model", prompt=[7] * 10, max_tokens=3
+    )
     assert stack.tracked(by_key.id).request.slo_class == "summarizer"  # the key beats the model
-    strict = stack.openai("key-strict").completions.create(model=MODEL, prompt=[7] * 10,
-                                                           max_tokens=3)
+    strict = stack.openai("key-strict").completions.create(
+        model=MODEL, prompt=[7] * 10, max_tokens=3
+    )
     request = stack.tracked(strict.id).request
     assert request.ttft_slo_s == pytest.approx(0.9) and request.slo.tpot_s == pytest.approx(0.045)
     # the request body beats both
     body = stack.openai("key-summaries").completions.create(
-        model="coder-model", prompt=[7] * 10, max_tokens=3, extra_body={"slo_class": "chatbot"})
+        model="coder-model", prompt=[7] * 10, max_tokens=3, extra_body={"slo_class": "chatbot"}
+    )
     assert stack.tracked(body.id).request.slo_class == "chatbot"
 
 
 def test_ttft_target_passed_before_a_verdict_is_a_429(stack):
     with pytest.raises(openai.RateLimitError) as info:
-        stack.openai().completions.create(model=MODEL, prompt=[3] * 10, max_tokens=4,
-                                          extra_body={"slo": {"ttft_ms": 0.001}})
+        stack.openai().completions.create(
+            model=MODEL, prompt=[3] * 10, max_tokens=4, extra_body={"slo": {"ttft_ms": 0.001}}
+        )
     assert int(info.value.response.headers["retry-after"]) >= 1
     assert info.value.body["code"] == "ttft_target_passed"
 
@@ -196,27 +227,42 @@ def slow_stack(model_dir):
 def test_planner_rejection_is_a_429_with_retry_after_and_reason(slow_stack):
     start_s = time.monotonic()
     with pytest.raises(openai.RateLimitError) as info:
-        slow_stack.openai().completions.create(model=MODEL, prompt=[9] * 100, max_tokens=4,
-                                               extra_body={"slo": {"ttft_ms": 400, "tpot_ms": 100}})
+        slow_stack.openai().completions.create(
+            model=MODEL,
+            prompt=[9] * 100,
+            max_tokens=4,
+            extra_body={"slo": {"ttft_ms": 400, "tpot_ms": 100}},
+        )
     elapsed_s = time.monotonic() - start_s
     assert elapsed_s < 0.4  # answered within the TTFT target, not queued
     error = info.value.body
     assert error["code"] == "slo_rejected" and "rejected" in error["message"]
     assert int(info.value.response.headers["retry-after"]) >= 1
-    rejected = [t for t in slow_stack.service.daemon.requests.values()
-                if t.record.verdict is Verdict.REJECTED]
+    rejected = [
+        t
+        for t in slow_stack.service.daemon.requests.values()
+        if t.record.verdict is Verdict.REJECTED
+    ]
     assert len(rejected) == 1
     _, _, metrics = get(f"{slow_stack.url}/metrics")
     assert b'slos_http_rejected_total{slo_class="chatbot"} 1.0' in metrics
 
 
 def test_best_effort_answers_are_marked(model_dir):
-    s = Stack(model_dir, perf_model=SLOW_MODEL, num_engines=1, formulation="slos_dp",
-              core_params={"fallback": "best_effort"})
+    s = Stack(
+        model_dir,
+        perf_model=SLOW_MODEL,
+        num_engines=1,
+        formulation="slos_dp",
+        core_params={"fallback": "best_effort"},
+    )
     try:
         raw = s.openai().completions.with_raw_response.create(
-            model=MODEL, prompt=[9] * 20, max_tokens=2,
-            extra_body={"slo": {"ttft_ms": 300, "tpot_ms": 100}})
+            model=MODEL,
+            prompt=[9] * 20,
+            max_tokens=2,
+            extra_body={"slo": {"ttft_ms": 300, "tpot_ms": 100}},
+        )
         assert raw.headers["x-slo-verdict"] == "best_effort"
         response = raw.parse()
         assert response.slo["verdict"] == "best_effort" and len(response.choices[0].token_ids) == 2
@@ -237,8 +283,9 @@ def assert_request_ends(stack, request_id: str, finished: bool, timeout_s: float
 
 def test_client_disconnect_aborts_at_the_planner(stack):
     before = stack.api.metrics.disconnects._value.get()
-    stream = stack.openai().completions.create(model=MODEL, prompt=[4] * 10, max_tokens=200,
-                                               stream=True)
+    stream = stack.openai().completions.create(
+        model=MODEL, prompt=[4] * 10, max_tokens=200, stream=True
+    )
     first = next(iter(stream))
     stream.response.close()
     assert_request_ends(stack, first.id, finished=False)
@@ -253,8 +300,12 @@ def test_client_disconnect_aborts_at_the_planner(stack):
 def test_non_streaming_client_that_times_out_is_aborted(stack):
     before = {rid for rid in stack.service.daemon.requests}
     body = json.dumps({"model": MODEL, "prompt": [4] * 10, "max_tokens": 240}).encode()
-    request = urllib.request.Request(f"{stack.url}/v1/completions", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{stack.url}/v1/completions",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with pytest.raises(TimeoutError):  # the client gives up and closes the connection
         urllib.request.urlopen(request, timeout=0.5)
     (request_id,) = set(stack.service.daemon.requests) - before
@@ -265,24 +316,42 @@ def test_non_streaming_client_that_times_out_is_aborted(stack):
 # ---- bad input ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body, status, param", [
-    (b"{not json", 400, None),
-    (b"[1, 2]", 400, None),
-    (json.dumps({"model": "nope", "prompt": "hi"}).encode(), 404, "model"),
-    (json.dumps({"prompt": "hi"}).encode(), 400, "model"),
-    (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": -5}).encode(), 400, "max_tokens"),
-    (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": "many"}).encode(), 400,
-     "max_tokens"),
-    (json.dumps({"model": MODEL, "prompt": "hi " * 400}).encode(), 400, "prompt"),
-    (json.dumps({"model": MODEL, "prompt": [1] * 200, "max_tokens": 100}).encode(), 400, "prompt"),
-    (json.dumps({"model": MODEL, "prompt": [1, 99999]}).encode(), 400, "prompt"),
-    (json.dumps({"model": MODEL, "prompt": ""}).encode(), 400, "prompt"),
-    (json.dumps({"model": MODEL, "prompt": "hi", "n": 3}).encode(), 400, "n"),
-    (json.dumps({"model": MODEL, "prompt": "hi", "temperature": 7}).encode(), 400, "temperature"),
-    (json.dumps({"model": MODEL, "prompt": "hi", "slo": {"ttft_ms": -1}}).encode(), 400, "slo"),
-    (json.dumps({"model": MODEL, "prompt": "hi", "slo": {"tpot": 1}}).encode(), 400, "slo"),
-    (json.dumps({"model": MODEL, "prompt": "hi", "stop": [1]}).encode(), 400, "stop"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (json.dumps({"model": "nope", "prompt": "hi"}).encode(), 404, "model"),
+        (json.dumps({"prompt": "hi"}).encode(), 400, "model"),
+        (
+            json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": -5}).encode(),
+            400,
+            "max_tokens",
+        ),
+        (
+            json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": "many"}).encode(),
+            400,
+            "max_tokens",
+        ),
+        (json.dumps({"model": MODEL, "prompt": "hi " * 400}).encode(), 400, "prompt"),
+        (
+            json.dumps({"model": MODEL, "prompt": [1] * 200, "max_tokens": 100}).encode(),
+            400,
+            "prompt",
+        ),
+        (json.dumps({"model": MODEL, "prompt": [1, 99999]}).encode(), 400, "prompt"),
+        (json.dumps({"model": MODEL, "prompt": ""}).encode(), 400, "prompt"),
+        (json.dumps({"model": MODEL, "prompt": "hi", "n": 3}).encode(), 400, "n"),
+        (
+            json.dumps({"model": MODEL, "prompt": "hi", "temperature": 7}).encode(),
+            400,
+            "temperature",
+        ),
+        (json.dumps({"model": MODEL, "prompt": "hi", "slo": {"ttft_ms": -1}}).encode(), 400, "slo"),
+        (json.dumps({"model": MODEL, "prompt": "hi", "slo": {"tpot": 1}}).encode(), 400, "slo"),
+        (json.dumps({"model": MODEL, "prompt": "hi", "stop": [1]}).encode(), 400, "stop"),
+    ],
+)
 def test_bad_completion_bodies_get_openai_errors(stack, body, status, param):
     code, _, error = post(f"{stack.url}/v1/completions", body)
     assert code == status
@@ -299,17 +368,21 @@ def test_oversized_prompt_names_the_context_length(stack):
 
 def test_unknown_slo_class_is_refused_by_the_planner(stack):
     with pytest.raises(openai.BadRequestError) as info:
-        stack.openai().completions.create(model=MODEL, prompt=[1] * 5, max_tokens=2,
-                                          extra_body={"slo_class": "no-such-class"})
+        stack.openai().completions.create(
+            model=MODEL, prompt=[1] * 5, max_tokens=2, extra_body={"slo_class": "no-such-class"}
+        )
     assert "no-such-class" in info.value.body["message"]
 
 
 def test_bad_chat_bodies_and_huge_bodies(stack):
-    code, _, error = post(f"{stack.url}/v1/chat/completions",
-                          json.dumps({"model": MODEL, "messages": "hi"}).encode())
+    code, _, error = post(
+        f"{stack.url}/v1/chat/completions", json.dumps({"model": MODEL, "messages": "hi"}).encode()
+    )
     assert code == 400 and error["error"]["param"] == "messages"
-    code, _, error = post(f"{stack.url}/v1/chat/completions",
-                          json.dumps({"model": MODEL, "messages": [{"content": "x"}]}).encode())
+    code, _, error = post(
+        f"{stack.url}/v1/chat/completions",
+        json.dumps({"model": MODEL, "messages": [{"content": "x"}]}).encode(),
+    )
     assert code == 400 and error["error"]["param"] == "messages[0]"
     code, _, error = post(f"{stack.url}/v1/completions", b"{" + b" " * (9 << 20) + b"}")
     assert code == 413 and "exceeds" in error["error"]["message"]
@@ -368,18 +441,35 @@ def test_api_command_serves_and_stops_on_sigterm(stack, model_dir, tmp_path):
     config = tmp_path / "api.toml"
     config.write_text('[models.tiny-chat]\n[models.tiny-coder]\nslo_class = "coder"\n')
     process = subprocess.Popen(
-        [sys.executable, "-m", "commands.cli", "api", "--planner",
-         stack.service.daemon.client_endpoint, "--port", str(port), "--model-dir", str(model_dir),
-         "--config", str(config), "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "commands.cli",
+            "api",
+            "--planner",
+            stack.service.daemon.client_endpoint,
+            "--port",
+            str(port),
+            "--model-dir",
+            str(model_dir),
+            "--config",
+            str(config),
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout.readline().startswith(f"api ready http://127.0.0.1:{port}")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny-chat", "tiny-coder"]
         response = client.chat.completions.create(
-            model="tiny-coder", messages=[{"role": "user", "content": "hello"}], max_tokens=5)
+            model="tiny-coder", messages=[{"role": "user", "content": "hello"}], max_tokens=5
+        )
         assert response.choices[0].message.content == stack.tokenizer.decode(
-            response.choices[0].token_ids)
+            response.choices[0].token_ids
+        )
         assert stack.tracked(response.id).request.slo_class == "coder"
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
@@ -405,8 +495,9 @@ def test_many_concurrent_streams(stack):
     import asyncio
 
     async def one(client, i):
-        stream = await client.completions.create(model=MODEL, prompt=[3 + i] * (5 + i),
-                                                 max_tokens=10 + i, stream=True)
+        stream = await client.completions.create(
+            model=MODEL, prompt=[3 + i] * (5 + i), max_tokens=10 + i, stream=True
+        )
         return [t async for c in stream for t in c.choices[0].token_ids]
 
     async def run():
@@ -418,16 +509,17 @@ def test_many_concurrent_streams(stack):
 
 
 def test_no_planner_gives_503_not_a_hang():
-    from planner_svc.client import PlannerClient
     from commands.demo import free_port
+    from planner_svc.client import PlannerClient
     from planner_svc.http.server import ApiServer, ServerThread
 
     client = PlannerClient(f"tcp://127.0.0.1:{free_port()}")  # nothing listens there
     server = ServerThread(ApiServer(client, ApiConfig(verdict_timeout_s=0.3)))
     try:
         start_s = time.monotonic()
-        code, headers, error = post(f"{server.url}/v1/completions",
-                                    json.dumps({"model": MODEL, "prompt": [1, 2]}).encode())
+        code, headers, error = post(
+            f"{server.url}/v1/completions", json.dumps({"model": MODEL, "prompt": [1, 2]}).encode()
+        )
         assert code == 503 and error["error"]["code"] == "planner_timeout"
         assert headers["Retry-After"] == "1" and time.monotonic() - start_s < 3
         status, _, body = get(f"{server.url}/health")
@@ -440,9 +532,9 @@ def test_no_planner_gives_503_not_a_hang():
 def test_known_ttft_budget_bounds_the_verdict_wait():
     """With the planner's performance model the server knows a class's TTFT budget: no verdict
     within it is a 429 at once, not a 5 s wait."""
+    from commands.demo import free_port
     from formulations.perf_model import perf_model_preset
     from planner_svc.client import PlannerClient
-    from commands.demo import free_port
     from planner_svc.http.server import ApiServer, ServerThread
 
     config = ApiConfig(verdict_timeout_s=5.0, perf_model=perf_model_preset("opt-13b-h100"))
@@ -452,8 +544,10 @@ def test_known_ttft_budget_bounds_the_verdict_wait():
     server = ServerThread(ApiServer(client, config))
     try:
         start_s = time.monotonic()
-        code, _, error = post(f"{server.url}/v1/completions",
-                              json.dumps({"model": MODEL, "prompt": [1] * 20}).encode())
+        code, _, error = post(
+            f"{server.url}/v1/completions",
+            json.dumps({"model": MODEL, "prompt": [1] * 20}).encode(),
+        )
         assert code == 429 and error["error"]["code"] == "ttft_target_passed"
         assert budget_s <= time.monotonic() - start_s < budget_s + 1.0
     finally:
@@ -465,13 +559,21 @@ def test_server_budgets_equal_the_planners(stack):
     """The TTFT budget the front door computes from the planner's config is the one the planner
     resolves (and reports back in `slo.ttft_ms`)."""
     daemon_config = stack.service.daemon.config
-    config = ApiConfig(slo_classes=dict(daemon_config.slo_classes),
-                       perf_model=daemon_config.perf_model)
-    for slo_class, extra in (("chatbot", {}), ("coder", {}), ("summarizer", {}),
-                             ("chatbot", {"slo": {"ttft_slowdown": 7}})):
+    config = ApiConfig(
+        slo_classes=dict(daemon_config.slo_classes), perf_model=daemon_config.perf_model
+    )
+    for slo_class, extra in (
+        ("chatbot", {}),
+        ("coder", {}),
+        ("summarizer", {}),
+        ("chatbot", {"slo": {"ttft_slowdown": 7}}),
+    ):
         response = stack.openai().completions.create(
-            model=MODEL, prompt=[5] * 100, max_tokens=2,
-            extra_body={"slo_class": slo_class, **extra})
+            model=MODEL,
+            prompt=[5] * 100,
+            max_tokens=2,
+            extra_body={"slo_class": slo_class, **extra},
+        )
         slowdown = extra.get("slo", {}).get("ttft_slowdown")
         budget_s = config.ttft_budget_s(slo_class, None, None, slowdown, 100)
         assert budget_s == pytest.approx(response.slo["ttft_ms"] / 1e3)

@@ -13,8 +13,12 @@ from planner_svc.http.output_text import OutputText
 from planner_svc.http.tokenizer import IncrementalDetokenizer, TextTokenizer
 from tests.planner_svc.http_support import VOCAB_SIZE, make_model_dir
 
-TEXTS = ["Hello world, naïve café.", "東京タワー 😀 emoji and ünïcödé", "plain ascii words here",
-         "mixed: ß∂ƒ©˙∆˚¬ 12345 !?"]
+TEXTS = [
+    "Hello world, naïve café.",
+    "東京タワー 😀 emoji and ünïcödé",
+    "plain ascii words here",
+    "mixed: ß∂ƒ©˙∆˚¬ 12345 !?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,7 @@ def chunks_of(ids: list[int], rng: random.Random) -> list[list[int]]:
     out, i = [], 0
     while i < len(ids):
         n = rng.randint(1, 4)
-        out.append(ids[i:i + n])
+        out.append(ids[i : i + n])
         i += n
     return out
 
@@ -50,12 +54,13 @@ def test_incremental_deltas_concatenate_to_the_full_decode(tokenizer, seed):
 @pytest.mark.parametrize("seed", range(8))
 def test_stop_strings_cut_at_the_first_occurrence(tokenizer, seed):
     rng = random.Random(100 + seed)
-    text = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "café", "東京"])
-                    for _ in range(30))
+    text = " ".join(
+        rng.choice(["alpha", "beta", "gamma", "delta", "café", "東京"]) for _ in range(30)
+    )
     ids = tokenizer.encode(text)
     stops = tuple(rng.sample(["gamma delta", "é 東", "beta", "zzz", "a b"], 2))
     found = [i for s in stops if (i := text.find(s)) >= 0]
-    expected = text[:min(found)] if found else text
+    expected = text[: min(found)] if found else text
     output = OutputText(tokenizer, stops)
     sent = []
     for chunk in chunks_of(ids, rng):
@@ -76,8 +81,11 @@ def test_without_a_tokenizer_the_text_is_empty():
 # ---- parsing ------------------------------------------------------------------------------
 
 
-CONFIG = ApiConfig(model_defaults={"m": SloDefaults(), "m-coder": SloDefaults(slo_class="coder")},
-                   api_keys={"k": SloDefaults(tpot_ms=30.0)}, max_model_len=100)
+CONFIG = ApiConfig(
+    model_defaults={"m": SloDefaults(), "m-coder": SloDefaults(slo_class="coder")},
+    api_keys={"k": SloDefaults(tpot_ms=30.0)},
+    max_model_len=100,
+)
 
 
 def test_prompt_forms_and_defaults(tokenizer):
@@ -85,43 +93,85 @@ def test_prompt_forms_and_defaults(tokenizer):
         job = parse_job({"model": "m", "prompt": prompt}, False, CONFIG, tokenizer, None)
         assert job.prompt_token_ids == tokenizer.encode("some text")
         assert job.max_tokens == 16 and not job.stream and job.slo.slo_class == "chatbot"
-    job = parse_job({"model": "m", "prompt": [[5, 6, 7]], "max_tokens": 3}, False, CONFIG, None, None)
+    job = parse_job(
+        {"model": "m", "prompt": [[5, 6, 7]], "max_tokens": 3}, False, CONFIG, None, None
+    )
     assert job.prompt_token_ids == [5, 6, 7] and job.max_tokens == 3
-    chat = parse_job({"model": "m-coder", "messages": [{"role": "user", "content": "hi"}],
-                      "max_completion_tokens": 9, "stream": True,
-                      "stream_options": {"include_usage": True}}, True, CONFIG, tokenizer, "k")
+    chat = parse_job(
+        {
+            "model": "m-coder",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 9,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        True,
+        CONFIG,
+        tokenizer,
+        "k",
+    )
     assert chat.max_tokens == 9 and chat.stream and chat.include_usage
     assert chat.slo.slo_class == "coder" and chat.slo.tpot_ms == 30.0  # key over model over global
 
 
 def test_extension_fields(tokenizer):
-    job = parse_job({"model": "m", "prompt": [1, 2], "slo_class": "reasoning",
-                     "slo": {"ttft_slowdown": 4, "thinking_tokens": 8, "value": 2},
-                     "slo_targets": "tool_final", "chain_id": "c1", "round_index": 2,
-                     "ignore_eos": True, "stop": "END", "seed": 3, "temperature": 0},
-                    False, CONFIG, tokenizer, "k")
+    job = parse_job(
+        {
+            "model": "m",
+            "prompt": [1, 2],
+            "slo_class": "reasoning",
+            "slo": {"ttft_slowdown": 4, "thinking_tokens": 8, "value": 2},
+            "slo_targets": "tool_final",
+            "chain_id": "c1",
+            "round_index": 2,
+            "ignore_eos": True,
+            "stop": "END",
+            "seed": 3,
+            "temperature": 0,
+        },
+        False,
+        CONFIG,
+        tokenizer,
+        "k",
+    )
     slo = job.slo
-    assert (slo.slo_class, slo.ttft_slowdown, slo.thinking_tokens, slo.value) == \
-        ("reasoning", 4.0, 8, 2.0)
+    assert (slo.slo_class, slo.ttft_slowdown, slo.thinking_tokens, slo.value) == (
+        "reasoning",
+        4.0,
+        8,
+        2.0,
+    )
     assert slo.tpot_ms is None  # a class named in the body brings its own targets, not the key's
     assert (slo.slo_targets, slo.chain_id, slo.round_index) == ("tool_final", "c1", 2)
     assert job.ignore_eos and job.stop == ("END",) and job.seed == 3 and job.temperature == 0.0
 
 
-@pytest.mark.parametrize("body, chat, status, param", [
-    ({"model": "m", "prompt": "x", "slo": {"ttft_ms": 5, "ttft_slowdown": 2}}, False, 400, "slo"),
-    ({"model": "m", "prompt": "x", "round_index": -1}, False, 400, "round_index"),
-    ({"model": "m", "prompt": "x", "top_p": 0}, False, 400, "top_p"),
-    ({"model": "m", "prompt": "x", "stream": "yes"}, False, 400, "stream"),
-    ({"model": "m", "prompt": "x", "logprobs": 2}, False, 400, "logprobs"),
-    ({"model": "m", "prompt": ["a", "b"]}, False, 400, "prompt"),
-    ({"model": "m", "prompt": [1, True]}, False, 400, "prompt"),
-    ({"model": "m", "prompt": [1] * 90, "max_tokens": 11}, False, 400, "prompt"),
-    ({"model": "m", "messages": []}, True, 400, "messages"),
-    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, True,
-     400, "messages[0]"),
-    ({"model": "other", "prompt": "x"}, False, 404, "model"),
-])
+@pytest.mark.parametrize(
+    "body, chat, status, param",
+    [
+        (
+            {"model": "m", "prompt": "x", "slo": {"ttft_ms": 5, "ttft_slowdown": 2}},
+            False,
+            400,
+            "slo",
+        ),
+        ({"model": "m", "prompt": "x", "round_index": -1}, False, 400, "round_index"),
+        ({"model": "m", "prompt": "x", "top_p": 0}, False, 400, "top_p"),
+        ({"model": "m", "prompt": "x", "stream": "yes"}, False, 400, "stream"),
+        ({"model": "m", "prompt": "x", "logprobs": 2}, False, 400, "logprobs"),
+        ({"model": "m", "prompt": ["a", "b"]}, False, 400, "prompt"),
+        ({"model": "m", "prompt": [1, True]}, False, 400, "prompt"),
+        ({"model": "m", "prompt": [1] * 90, "max_tokens": 11}, False, 400, "prompt"),
+        ({"model": "m", "messages": []}, True, 400, "messages"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            True,
+            400,
+            "messages[0]",
+        ),
+        ({"model": "other", "prompt": "x"}, False, 404, "model"),
+    ],
+)
 def test_invalid_requests(tokenizer, body, chat, status, param):
     with pytest.raises(ApiError) as info:
         parse_job(body, chat, CONFIG, tokenizer, None)
@@ -130,8 +180,10 @@ def test_invalid_requests(tokenizer, body, chat, status, param):
 
 
 def test_text_needs_a_tokenizer():
-    for body, chat in (({"model": "m", "prompt": "text"}, False),
-                       ({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, True)):
+    for body, chat in (
+        ({"model": "m", "prompt": "text"}, False),
+        ({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, True),
+    ):
         with pytest.raises(ApiError) as info:
             parse_job(body, chat, CONFIG, None, None)
         assert info.value.code == "no_tokenizer"
@@ -149,9 +201,11 @@ def test_json_body_errors():
 
 def test_config_file(tmp_path):
     path = tmp_path / "api.toml"
-    path.write_text('default_slo_class = "coder"\nmax_model_len = 512\n'
-                    '[models.a]\n[models.b]\nslo_class = "summarizer"\nttft_ms = 700\n'
-                    '[api_keys."sk-1"]\ntpot_ms = 20\n')
+    path.write_text(
+        'default_slo_class = "coder"\nmax_model_len = 512\n'
+        '[models.a]\n[models.b]\nslo_class = "summarizer"\nttft_ms = 700\n'
+        '[api_keys."sk-1"]\ntpot_ms = 20\n'
+    )
     config = load_api_config(path)
     assert config.model_names == ("a", "b") and config.max_model_len == 512
     assert config.slo_defaults("a", None) == SloDefaults(slo_class="coder")
@@ -164,7 +218,8 @@ def test_config_file(tmp_path):
 def test_config_takes_classes_and_perf_model_from_the_planner_config(tmp_path):
     (tmp_path / "planner.toml").write_text(
         '[planner]\ndefault_perf_model = "opt-13b-h100"\n'
-        '[slo_classes.fast]\nttft_ms = 250\ntpot_ms = 20\n')
+        "[slo_classes.fast]\nttft_ms = 250\ntpot_ms = 20\n"
+    )
     path = tmp_path / "api.toml"
     path.write_text('planner_config = "planner.toml"\n')
     config = load_api_config(path)
@@ -179,14 +234,17 @@ def test_config_takes_classes_and_perf_model_from_the_planner_config(tmp_path):
     assert plain.ttft_budget_s("chatbot", None, 300.0, None, 10) == pytest.approx(0.3)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("colour = 1\n", "unknown key"),
-    ("[models.a]\ntpot = 1\n", "unknown key"),
-    ("[models.a]\ntpot_ms = -1\n", "positive"),
-    ("require_api_key = true\n", "no [api_keys]"),
-    ("verdict_timeout_s = 0\n", "verdict_timeout_s"),
-    ("max_model_len = [\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("colour = 1\n", "unknown key"),
+        ("[models.a]\ntpot = 1\n", "unknown key"),
+        ("[models.a]\ntpot_ms = -1\n", "positive"),
+        ("require_api_key = true\n", "no [api_keys]"),
+        ("verdict_timeout_s = 0\n", "verdict_timeout_s"),
+        ("max_model_len = [\n", "not valid TOML"),
+    ],
+)
 def test_config_errors(tmp_path, text, message):
     path = tmp_path / "api.toml"
     path.write_text(text)

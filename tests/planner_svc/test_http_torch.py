@@ -11,8 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from engine_adapters.adapter import AdapterConfig, EngineAdapter  # noqa: E402
 from commands.make_model import make_model  # noqa: E402
+from engine_adapters.adapter import AdapterConfig, EngineAdapter  # noqa: E402
 from engine_adapters.torch_engine.engine import TorchEngine  # noqa: E402
 from planner_svc.client import PlannerClient  # noqa: E402
 from planner_svc.http.server import ApiServer, ServerThread  # noqa: E402
@@ -30,9 +30,15 @@ def served(tmp_path_factory):
     make_model("tiny", model_dir, seed=0)
     service = Service(make_config(heartbeat_interval_s=0.1, liveness=30), num_engines=0)
     engine = TorchEngine.from_pretrained(model_dir, kv_memory_gb=0.05)
-    adapter = EngineAdapter(engine, AdapterConfig(service.daemon.engine_endpoint, "torch-0",
-                            heartbeat_interval_s=service.daemon.config.heartbeat_interval_s),
-                            service.context)
+    adapter = EngineAdapter(
+        engine,
+        AdapterConfig(
+            service.daemon.engine_endpoint,
+            "torch-0",
+            heartbeat_interval_s=service.daemon.config.heartbeat_interval_s,
+        ),
+        service.context,
+    )
     thread = threading.Thread(target=adapter.run, daemon=True)
     thread.start()
     service.adapters.append(adapter)
@@ -51,7 +57,7 @@ def greedy_reference(model_dir, prompt_ids: list[int], num_tokens: int) -> list[
     tokens = list(prompt_ids)
     for _ in range(num_tokens):
         tokens.append(int(reference_logits(model_dir, tokens)[-1].argmax()))
-    return tokens[len(prompt_ids):]
+    return tokens[len(prompt_ids) :]
 
 
 def test_chat_text_matches_greedy_reference(served):
@@ -64,14 +70,25 @@ def test_chat_text_matches_greedy_reference(served):
     expected = greedy_reference(model_dir, prompt_ids, MAX_TOKENS)
 
     response = client.chat.completions.create(
-        model="slos-serve", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
-        extra_body={"ignore_eos": True})
+        model="slos-serve",
+        messages=messages,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert response.choices[0].token_ids == expected
     assert response.choices[0].message.content == tokenizer.decode(expected)
     assert response.usage.prompt_tokens == len(prompt_ids)
 
-    chunks = list(client.chat.completions.create(
-        model="slos-serve", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True,
-        extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="slos-serve",
+            messages=messages,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert [t for c in chunks for t in c.choices[0].token_ids] == expected
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == tokenizer.decode(expected)
