@@ -38,11 +38,11 @@ def decode_tokens_per_s(engine: TorchEngine, batch: int) -> float:
     ids = [f"d{batch}-{i}" for i in range(batch)]
     for rid in ids:
         engine.add_request(EngineRequest(rid, CONTEXT_TOKENS, NUM_TIMED_STEPS + 2))
-    engine.execute(Step({rid: CONTEXT_TOKENS for rid in ids}), 0, 0)
-    engine.execute(Step({rid: 1 for rid in ids}), 0, 0)  # warm-up
+    engine.execute(Step({rid: CONTEXT_TOKENS for rid in ids}), 0)
+    engine.execute(Step({rid: 1 for rid in ids}), 0)  # warm-up
     start = time.perf_counter()
     for _ in range(NUM_TIMED_STEPS):
-        assert engine.execute(Step({rid: 1 for rid in ids}), 0, 0).ok
+        assert engine.execute(Step({rid: 1 for rid in ids}), 0).ok
     elapsed = time.perf_counter() - start
     for rid in ids:
         engine.abort(rid)
@@ -54,11 +54,11 @@ def decode_cpu_ms(engine: TorchEngine, batch: int, context_tokens: int) -> float
     ids = [f"c{batch}-{context_tokens}-{i}" for i in range(batch)]
     for rid in ids:
         engine.add_request(EngineRequest(rid, context_tokens, NUM_TIMED_STEPS + 2))
-    engine.execute(Step({rid: context_tokens for rid in ids}), 0, 0)
+    engine.execute(Step({rid: context_tokens for rid in ids}), 0)
     times_ms = []
     for _ in range(NUM_TIMED_STEPS):
         start = time.process_time()
-        assert engine.execute(Step({rid: 1 for rid in ids}), 0, 0).ok
+        assert engine.execute(Step({rid: 1 for rid in ids}), 0).ok
         times_ms.append(1e3 * (time.process_time() - start))
     for rid in ids:
         engine.abort(rid)
@@ -71,7 +71,7 @@ def prefill_cpu_ms(engine: TorchEngine, size: int) -> float:
         rid = f"q{size}-{i}"
         engine.add_request(EngineRequest(rid, size, 1))
         start = time.process_time()
-        assert engine.execute(Step({rid: size}), 0, 0).ok
+        assert engine.execute(Step({rid: size}), 0).ok
         times_ms.append(1e3 * (time.process_time() - start))
     return statistics.median(times_ms[1:])
 
@@ -94,7 +94,7 @@ def prefill_tokens_per_s(engine: TorchEngine, size: int) -> float:
     for i in range(4):
         rid = f"p{size}-{i}"
         engine.add_request(EngineRequest(rid, size, 1))
-        report = engine.execute(Step({rid: size}), 0, 0)
+        report = engine.execute(Step({rid: size}), 0)
         assert report.ok
         times.append(report.step_time_s)
     return size / statistics.median(times[1:])

@@ -143,7 +143,7 @@ def run_interleaved(own, planned: dict, own_timer: StepTimer, prompts, steps, ma
             outputs = own.llm_engine.step()
             num_out[name] += sum(len(o.outputs[0].token_ids) for o in outputs if o.finished)
             return
-        report = planned[name].execute(Step(steps[step_id]), 0, step_id)
+        report = planned[name].execute(Step(steps[step_id]), step_id)
         if not report.ok:
             raise RuntimeError(f"{name}: replayed step {step_id} refused: {report.error}")
         num_out[name] += sum(report.num_new_tokens.values())

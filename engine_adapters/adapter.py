@@ -22,13 +22,14 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 
-from engine_adapters.engine import Engine, EngineRequest
+from engine_adapters.engine import Engine
 from engine_adapters.plan_queue import PlanQueue
 from formulations.plan import Step
+from formulations.progress import TokenProgress
 from wire import protocol as P
-from wire.plan_cursor import PlanEnvelope
 from wire.security import CurveKeys
 
 log = logging.getLogger("slos_serve.adapter")
@@ -78,17 +79,15 @@ class AdapterStats:
         return self.plan_wait_s / active_s if active_s > 0 else 0.0
 
 
-@dataclass(slots=True)
-class _Tally:
+class _Tally(TokenProgress):
     """A registered request's tokens as this adapter has seen them executed."""
 
-    num_prompt_tokens: int
-    num_computed: int = 0
-    num_generated: int = 0
+    __slots__ = ("num_computed_tokens", "num_generated_tokens", "num_prompt_tokens")
 
-    @property
-    def num_pending(self) -> int:
-        return self.num_prompt_tokens + self.num_generated - self.num_computed
+    def __init__(self, num_prompt_tokens: int) -> None:
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_computed_tokens = 0
+        self.num_generated_tokens = 0
 
 
 class _Connection:
@@ -270,33 +269,20 @@ class EngineAdapter:
             self._add_request(new)
         for request_id in plan.aborts:
             self._abort(request_id)
-        self.queue.offer(P.envelope_from_wire(plan))
+        self.queue.offer(plan)
 
-    def _adopt(self, envelope: PlanEnvelope) -> None:
-        for request_id in envelope.plan.preempt:
+    def _adopt(self, plan: P.PlanMsg) -> None:
+        for request_id in plan.preemptions:
             tally = self.live.get(request_id)
             if tally is not None:
                 self.engine.preempt(request_id)
-                tally.num_computed = 0
+                tally.num_computed_tokens = 0
 
-    def _add_request(self, new: P.NewRequest) -> None:
+    def _add_request(self, new: P.EngineRequest) -> None:
         if new.request_id in self.live:
             return  # a duplicate payload (the planner resends after a stale plan)
         try:
-            self.engine.add_request(
-                EngineRequest(
-                    request_id=new.request_id,
-                    num_prompt_tokens=new.num_prompt_tokens,
-                    max_new_tokens=new.max_new_tokens,
-                    prompt_token_ids=tuple(new.prompt_token_ids)
-                    if new.prompt_token_ids is not None
-                    else None,
-                    temperature=new.temperature,
-                    top_p=new.top_p,
-                    seed=new.seed,
-                    ignore_eos=new.ignore_eos,
-                )
-            )
+            self.engine.add_request(new)
         except ValueError as exc:
             self.stats.num_rejected_frames += 1
             log.warning("bad request payload %s: %s", new.request_id, exc)
@@ -310,16 +296,16 @@ class EngineAdapter:
     def _execute(self, connection: _Connection, step_id: int, step: Step) -> None:
         step = self._clamp(step)
         start_s = time.monotonic()
-        report = self.engine.execute(step, 0, step_id)
+        report = self.engine.execute(step, step_id)
         self.stats.busy_s += time.monotonic() - start_s
         self.stats.num_steps += 1
         if report.ok:
             for request_id, num_computed in report.num_computed_tokens.items():
                 if request_id in self.live:
-                    self.live[request_id].num_computed += num_computed
+                    self.live[request_id].num_computed_tokens += num_computed
             for request_id, num_new in report.num_new_tokens.items():
                 if request_id in self.live:
-                    self.live[request_id].num_generated += num_new
+                    self.live[request_id].num_generated_tokens += num_new
             for request_id in report.finished:
                 self.engine.abort(request_id)  # frees its KV blocks; the engine forgets it
                 self.live.pop(request_id, None)
@@ -327,8 +313,10 @@ class EngineAdapter:
             self.stats.num_step_errors += 1
             self.queue.abandon()
         connection.send(
-            P.report_to_progress(
-                report, self.config.engine_id, self.queue.current_plan_id, self.queue.num_late_plans
+            msgspec.structs.replace(
+                report,
+                plan_id=self.queue.current_plan_id,
+                num_stale_plans=self.queue.num_late_plans,
             )
         )
         self._last_report = (step_id, time.monotonic())
@@ -340,10 +328,14 @@ class EngineAdapter:
         """Each entry cut to the tokens its request still needs before its next output token. A
         no-op for a plan that arrived in time; after a late plan (planned before the in-flight
         step ran) it keeps the plan's prefill chunks from overshooting the prompt."""
-        num_tokens = {rid: min(n, self.live[rid].num_pending) for rid, n in step.num_tokens.items()}
+        num_tokens = {
+            rid: min(n, self.live[rid].num_pending_tokens) for rid, n in step.num_tokens.items()
+        }
         if num_tokens == step.num_tokens:
             return step
         num_spec = {
-            rid: s for rid, s in step.num_spec_tokens.items() if self.live[rid].num_pending == 1
+            rid: s
+            for rid, s in step.num_spec_tokens.items()
+            if self.live[rid].num_pending_tokens == 1
         }
         return Step(num_tokens=num_tokens, num_spec_tokens=num_spec)

@@ -13,28 +13,7 @@ from dataclasses import dataclass
 
 from formulations.perf_model import PerfModel
 from formulations.plan import Step
-from wire.step_report import StepReport
-
-
-@dataclass(frozen=True, slots=True)
-class EngineRequest:
-    request_id: str
-    num_prompt_tokens: int
-    max_new_tokens: int
-    prompt_token_ids: tuple[int, ...] | None = None  # None: the engine makes placeholder tokens
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = True  # planner workloads know output lengths; real clients may stop on EOS
-
-    def __post_init__(self) -> None:
-        if (
-            self.prompt_token_ids is not None
-            and len(self.prompt_token_ids) != self.num_prompt_tokens
-        ):
-            raise ValueError(f"request {self.request_id}: prompt length mismatch")
-        if self.num_prompt_tokens < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"request {self.request_id}: empty prompt or output")
+from wire.protocol import EngineRequest, StepReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +37,7 @@ class Engine(ABC):
         """Register a request; it computes nothing until a step names it."""
 
     @abstractmethod
-    def execute(self, step: Step, replica_id: int, step_id: int) -> StepReport:
+    def execute(self, step: Step, step_id: int) -> StepReport:
         """Run one plan step; see the module docstring for the all-or-nothing rule."""
 
     @abstractmethod

@@ -20,17 +20,19 @@ the next one (the core always sends one).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
+import msgspec
+
 from formulations.plan import Step
-from wire.plan_cursor import PlanCursor, PlanEnvelope
+from wire.plan_cursor import PlanCursor
+from wire.protocol import PlanMsg
 
 
 class PlanQueue:
     def __init__(self) -> None:
         self.cursor: PlanCursor | None = None
-        self.pending: PlanEnvelope | None = None
+        self.pending: PlanMsg | None = None
         self.last_plan_id: int | None = None
         self.last_step_id = -1  # id of the last step handed out
         self.num_late_plans = 0
@@ -38,24 +40,24 @@ class PlanQueue:
 
     @property
     def current_plan_id(self) -> int:
-        return self.cursor.envelope.plan_id if self.cursor is not None else 0
+        return self.cursor.plan.plan_id if self.cursor is not None else 0
 
-    def offer(self, envelope: PlanEnvelope) -> bool:
-        """Keep `envelope` as the pending plan unless it is a duplicate (then returns False)."""
-        if self.last_plan_id is not None and envelope.plan_id <= self.last_plan_id:
+    def offer(self, plan: PlanMsg) -> bool:
+        """Keep `plan` as the pending plan unless it is a duplicate (then returns False)."""
+        if self.last_plan_id is not None and plan.plan_id <= self.last_plan_id:
             self.num_duplicate_plans += 1
             return False
-        self.last_plan_id = envelope.plan_id
-        if envelope.start_step_id <= self.last_step_id:
+        self.last_plan_id = plan.plan_id
+        if plan.start_step_id <= self.last_step_id:
             self.num_late_plans += 1
-            envelope = dataclasses.replace(envelope, start_step_id=self.last_step_id + 1)
-        self.pending = envelope  # a newer plan replaces an older pending one
+            plan = msgspec.structs.replace(plan, start_step_id=self.last_step_id + 1)
+        self.pending = plan  # a newer plan replaces an older pending one
         return True
 
     def next_step(
         self,
         is_live: Callable[[str], bool],
-        on_adopt: Callable[[PlanEnvelope], None] = lambda envelope: None,
+        on_adopt: Callable[[PlanMsg], None] = lambda plan: None,
     ) -> tuple[int, Step] | None:
         """`(step_id, step)` to run next, restricted to live requests; None: nothing to run until
         a newer plan arrives."""
@@ -73,7 +75,7 @@ class PlanQueue:
         """Stop running the current plan (after a step the engine could not execute)."""
         self.cursor = None
 
-    def _adopt(self, on_adopt: Callable[[PlanEnvelope], None]) -> None:
+    def _adopt(self, on_adopt: Callable[[PlanMsg], None]) -> None:
         assert self.pending is not None
         self.cursor, self.pending = PlanCursor(self.pending), None
-        on_adopt(self.cursor.envelope)
+        on_adopt(self.cursor.plan)

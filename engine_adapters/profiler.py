@@ -165,7 +165,7 @@ class Profiler:
 
     def _execute(self, step: Step) -> float:
         cpu_start_s = time.process_time()
-        report = self.engine.execute(step, 0, 0)
+        report = self.engine.execute(step, 0)
         cpu_s = time.process_time() - cpu_start_s
         if not report.ok:
             raise ValueError(f"profiling step failed: {report.error}")

@@ -30,12 +30,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
+import msgspec
 import numpy as np
 
 from engine_adapters.engine import Engine, EngineInfo, EngineRequest
 from formulations.perf_model import PerfModel, TruthModel
 from formulations.plan import Step
-from wire.step_report import StepReport
+from formulations.progress import TokenProgress, num_blocks_for
+from wire.protocol import StepReport
 
 
 class VirtualClock:
@@ -50,14 +52,20 @@ class VirtualClock:
         return self.now_s
 
 
-class _Sequence:
-    __slots__ = ("max_new_tokens", "num_blocks", "num_computed", "num_generated", "num_prompt")
+class _Sequence(TokenProgress):
+    __slots__ = (
+        "max_new_tokens",
+        "num_blocks",
+        "num_computed_tokens",
+        "num_generated_tokens",
+        "num_prompt_tokens",
+    )
 
-    def __init__(self, num_prompt: int, max_new_tokens: int) -> None:
-        self.num_prompt = num_prompt
+    def __init__(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
+        self.num_prompt_tokens = num_prompt_tokens
         self.max_new_tokens = max_new_tokens
-        self.num_computed = 0
-        self.num_generated = 0
+        self.num_computed_tokens = 0
+        self.num_generated_tokens = 0
         self.num_blocks = 0
 
 
@@ -139,7 +147,7 @@ class SimEngine(Engine):
         if seq is not None:
             self._num_free_blocks += seq.num_blocks
             seq.num_blocks = 0
-            seq.num_computed = 0
+            seq.num_computed_tokens = 0
 
     def import_request(
         self, request: EngineRequest, num_computed_tokens: int, num_generated_tokens: int
@@ -147,34 +155,33 @@ class SimEngine(Engine):
         """Register a request whose KV arrives from another engine (disaggregation). Returns the
         tokens now cached here: all of them, or 0 when the blocks are not free (it recomputes)."""
         seq = _Sequence(request.num_prompt_tokens, request.max_new_tokens)
-        seq.num_generated = num_generated_tokens
-        num_blocks = -(-num_computed_tokens // self.block_size)
+        seq.num_generated_tokens = num_generated_tokens
+        num_blocks = num_blocks_for(num_computed_tokens, self.block_size)
         if num_blocks <= self._num_free_blocks - self._blocks_reserved():
-            seq.num_computed = num_computed_tokens
+            seq.num_computed_tokens = num_computed_tokens
             seq.num_blocks = num_blocks
             self._num_free_blocks -= num_blocks
         self._seqs[request.request_id] = seq
-        return seq.num_computed
+        return seq.num_computed_tokens
 
-    def execute(self, step: Step, replica_id: int, step_id: int) -> StepReport:
+    def execute(self, step: Step, step_id: int) -> StepReport:
         start_s = self.clock()
         problem, num_context_tokens = self._check(step)
         if problem:
             return StepReport(
-                replica_id,
-                step_id,
-                start_s,
-                start_s,
+                step_id=step_id,
+                start_s=start_s,
+                end_s=start_s,
                 num_free_blocks=self._num_free_blocks,
                 error=problem,
             )
         time_s = self.truth.step_time_s(
             step.num_batched_tokens, step.spec_steps, num_context_tokens
         )
-        report = self._apply(step, replica_id, step_id, start_s, start_s + time_s)
+        report = self._apply(step, step_id, start_s, start_s + time_s)
         if self.sleep is not None:
             self.sleep(time_s)
-            report = _restamp(report, self.clock())
+            report = msgspec.structs.replace(report, end_s=self.clock())
         self.num_steps += 1
         return report
 
@@ -193,15 +200,11 @@ class SimEngine(Engine):
         members = []
         for rid, num_tokens in step.num_tokens.items():
             seq = seqs.get(rid)
-            if (
-                seq is None
-                or num_tokens != 1
-                or not seq.num_generated  # its first token would be stamped at the cruise's end
-                or seq.num_computed != seq.num_prompt + seq.num_generated - 1
-            ):
+            # A first token would be stamped at the cruise's end: only requests already decoding.
+            if seq is None or num_tokens != 1 or not seq.is_decoding:
                 return 0
             members.append(seq)
-            remaining = seq.max_new_tokens - seq.num_generated
+            remaining = seq.max_new_tokens - seq.num_generated_tokens
             if remaining < num_runs:
                 num_runs = remaining
         # Each member needs at most num_runs // block_size + 1 new blocks: often plainly enough.
@@ -220,12 +223,9 @@ class SimEngine(Engine):
 
     def _blocks_for_runs(self, members: list[_Sequence], num_runs: int) -> int:
         block_size = self.block_size
-        num_needed_blocks = 0
-        for seq in members:
-            extra = -(-(seq.num_computed + num_runs) // block_size) - seq.num_blocks
-            if extra > 0:
-                num_needed_blocks += extra
-        return num_needed_blocks
+        return sum(
+            max(0, seq.num_blocks_after(num_runs, block_size) - seq.num_blocks) for seq in members
+        )
 
     def reserve_repeat(self, step: Step, num_steps: int) -> None:
         """Hold the blocks `num_steps` runs of a repeatable step will need until
@@ -244,7 +244,7 @@ class SimEngine(Engine):
         return self._num_reserved_blocks
 
     def execute_repeated(
-        self, step: Step, replica_id: int, last_step_id: int, num_steps: int, start_s: float
+        self, step: Step, last_step_id: int, num_steps: int, start_s: float
     ) -> StepReport:
         """Run a decode step `num_steps` times from `start_s` (at most `repeatable_steps(step)`,
         checked by the caller before any other change to these requests); one summed report whose
@@ -255,32 +255,21 @@ class SimEngine(Engine):
             end_s += step_time_s
         self._pending_repeat = None
         seqs = self._seqs
-        block_size = self.block_size
-        free = self._num_free_blocks
         finished: list[str] = []
         for rid in step.num_tokens:
             seq = seqs[rid]
-            seq.num_computed += num_steps
-            seq.num_generated += num_steps
-            if seq.num_generated >= seq.max_new_tokens:
-                free += seq.num_blocks
-                del seqs[rid]
-                finished.append(rid)
-            else:
-                blocks = -(-seq.num_computed // block_size)
-                free -= blocks - seq.num_blocks
-                seq.num_blocks = blocks
-        self._num_free_blocks = free
+            seq.num_computed_tokens += num_steps
+            seq.num_generated_tokens += num_steps
+            self._finish_or_hold(rid, seq, finished)
         self.num_steps += num_steps
         counts = dict.fromkeys(step.num_tokens, num_steps)
         return StepReport(
-            replica_id,
-            last_step_id,
-            start_s,
-            end_s,
+            step_id=last_step_id,
+            start_s=start_s,
+            end_s=end_s,
             num_computed_tokens=counts,
             num_new_tokens=dict(counts),
-            num_free_blocks=free,
+            num_free_blocks=self._num_free_blocks,
             finished=tuple(finished),
         )
 
@@ -298,19 +287,16 @@ class SimEngine(Engine):
             seq = seqs.get(rid)
             if seq is None:
                 return f"unknown request {rid!r}", 0
-            computed = seq.num_computed
-            pending = seq.num_prompt + seq.num_generated - computed
+            pending = seq.num_pending_tokens
             if not 1 <= num_tokens <= pending:
                 return f"request {rid!r}: {num_tokens} tokens planned, {pending} pending", 0
             num_spec = spec.get(rid, 0) if spec else 0
-            if num_spec and (
-                num_spec > self.max_spec_tokens or pending != 1 or not seq.num_generated
-            ):
+            if num_spec and (num_spec > self.max_spec_tokens or not seq.is_decoding):
                 return f"request {rid!r}: {num_spec} speculative tokens not allowed", 0
-            blocks = -(-(computed + num_tokens + num_spec) // block_size)
+            blocks = seq.num_blocks_after(num_tokens + num_spec, block_size)
             if blocks > seq.num_blocks:
                 num_needed_blocks += blocks - seq.num_blocks
-            num_context_tokens += computed
+            num_context_tokens += seq.num_computed_tokens
         if num_needed_blocks > self._num_free_blocks:
             problem = (
                 f"out of KV blocks: step needs {num_needed_blocks}, {self._num_free_blocks} free"
@@ -318,103 +304,63 @@ class SimEngine(Engine):
             return problem, 0
         return "", num_context_tokens
 
-    def _apply(
-        self, step: Step, replica_id: int, step_id: int, start_s: float, end_s: float
-    ) -> StepReport:
-        if not step.num_spec_tokens and not self.emit_token_ids:
-            return self._apply_plain(step, replica_id, step_id, start_s, end_s)
+    def _apply(self, step: Step, step_id: int, start_s: float, end_s: float) -> StepReport:
+        """Run a checked step: each request computes its tokens; one that completes its pending
+        tokens samples a token (and, verifying drafts, the accepted ones too)."""
         seqs = self._seqs
-        block_size = self.block_size
         spec = step.num_spec_tokens
-        computed: dict[str, int] = {}
+        emit_ids = self.emit_token_ids
+        computed = dict(step.num_tokens)
         new_tokens: dict[str, int] = {}
         accepted: dict[str, int] = {}
         proposed: dict[str, int] = {}
         token_ids: dict[str, list[int]] = {}
         finished: list[str] = []
-        free = self._num_free_blocks
         for rid, num_tokens in step.num_tokens.items():
             seq = seqs[rid]
-            seq.num_computed += num_tokens
-            num_done = num_tokens
-            if seq.num_computed == seq.num_prompt + seq.num_generated:  # the next token is sampled
-                num_new = 1
+            seq.num_computed_tokens += num_tokens
+            if seq.num_computed_tokens == seq.num_prompt_tokens + seq.num_generated_tokens:
+                num_new = 1  # the next token is sampled
                 num_spec = spec.get(rid, 0) if spec else 0
                 if num_spec:
                     num_accepted = self._sample_accepted(
-                        num_spec, seq.max_new_tokens - seq.num_generated - 1
+                        num_spec, seq.max_new_tokens - seq.num_generated_tokens - 1
                     )
                     proposed[rid] = num_spec
                     accepted[rid] = num_accepted
-                    seq.num_computed += num_accepted
-                    num_done += num_accepted
+                    seq.num_computed_tokens += num_accepted
+                    computed[rid] = num_tokens + num_accepted
                     num_new += num_accepted
-                if self.emit_token_ids:
-                    base = seq.num_prompt + seq.num_generated
+                if emit_ids:
+                    base = seq.num_tokens
                     token_ids[rid] = [(base + i) % self.vocab_size for i in range(num_new)]
-                seq.num_generated += num_new
+                seq.num_generated_tokens += num_new
                 new_tokens[rid] = num_new
-            computed[rid] = num_done
-            if seq.num_generated >= seq.max_new_tokens:
-                free += seq.num_blocks
-                del seqs[rid]
-                finished.append(rid)
-            else:
-                blocks = -(-seq.num_computed // block_size)
-                free -= blocks - seq.num_blocks
-                seq.num_blocks = blocks
-        self._num_free_blocks = free
+            self._finish_or_hold(rid, seq, finished)
         return StepReport(
-            replica_id,
-            step_id,
-            start_s,
-            end_s,
+            step_id=step_id,
+            start_s=start_s,
+            end_s=end_s,
             num_computed_tokens=computed,
             num_new_tokens=new_tokens,
             num_accepted_spec_tokens=accepted,
             num_proposed_spec_tokens=proposed,
             new_token_ids=token_ids,
-            num_free_blocks=free,
+            num_free_blocks=self._num_free_blocks,
             finished=tuple(finished),
         )
 
-    def _apply_plain(
-        self, step: Step, replica_id: int, step_id: int, start_s: float, end_s: float
-    ) -> StepReport:
-        """`_apply` for the common step: no draft tokens, no token ids to make."""
-        seqs = self._seqs
-        block_size = self.block_size
-        new_tokens: dict[str, int] = {}
-        finished: list[str] = []
-        free = self._num_free_blocks
-        for rid, num_tokens in step.num_tokens.items():
-            seq = seqs[rid]
-            computed = seq.num_computed + num_tokens
-            seq.num_computed = computed
-            generated = seq.num_generated
-            if computed == seq.num_prompt + generated:  # the next token is sampled
-                generated += 1
-                seq.num_generated = generated
-                new_tokens[rid] = 1
-                if generated >= seq.max_new_tokens:
-                    free += seq.num_blocks
-                    del seqs[rid]
-                    finished.append(rid)
-                    continue
-            blocks = -(-computed // block_size)
-            free -= blocks - seq.num_blocks
-            seq.num_blocks = blocks
-        self._num_free_blocks = free
-        return StepReport(
-            replica_id,
-            step_id,
-            start_s,
-            end_s,
-            num_computed_tokens=dict(step.num_tokens),
-            num_new_tokens=new_tokens,
-            num_free_blocks=free,
-            finished=tuple(finished),
-        )
+    def _finish_or_hold(self, rid: str, seq: _Sequence, finished: list[str]) -> None:
+        """After a request advanced: free it if it produced its last token, else hold the KV
+        blocks its computed tokens need."""
+        if seq.num_generated_tokens >= seq.max_new_tokens:
+            self._num_free_blocks += seq.num_blocks
+            del self._seqs[rid]
+            finished.append(rid)
+            return
+        blocks = -(-seq.num_computed_tokens // self.block_size)  # num_blocks_for, inlined: hot
+        self._num_free_blocks -= blocks - seq.num_blocks
+        seq.num_blocks = blocks
 
     def _sample_accepted(self, num_spec: int, max_accepted: int) -> int:
         """Leading accepted draft tokens out of `num_spec` (module docstring), capped."""
@@ -426,9 +372,3 @@ class SimEngine(Engine):
         else:
             num_accepted = min(num_spec, int(self._rng.geometric(1.0 - alpha)) - 1)
         return max(0, min(num_accepted, max_accepted))
-
-
-def _restamp(report: StepReport, end_s: float) -> StepReport:
-    import dataclasses
-
-    return dataclasses.replace(report, end_s=end_s)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from formulations.plan import Verdict
-from formulations.state import RequestState, num_blocks_for
+from formulations.state import RequestState
 
 
 class Fallback(enum.Enum):
@@ -73,7 +73,7 @@ def best_effort_memory(
     oldest_id, need = None, 0
     if kept:
         oldest = min(kept, key=lambda s: (s.request.arrival_s, s.request_id))
-        need = _peak_blocks(oldest, block_size) - oldest.num_blocks
+        need = oldest.num_peak_blocks(block_size) - oldest.num_blocks
         for state in sorted(kept, key=lambda s: (-s.request.arrival_s, s.request_id)):
             if headroom >= need or state is oldest:
                 break
@@ -82,7 +82,3 @@ def best_effort_memory(
                 headroom += state.num_blocks
         oldest_id = oldest.request_id
     return BestEffortMemory(tuple(preempt), headroom, oldest_id, max(0, need))
-
-
-def _peak_blocks(state: RequestState, block_size: int) -> int:
-    return num_blocks_for(state.request.max_num_tokens, block_size)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from formulations.budget import BudgetCurve, Decoder, Job, least_loaded
 from formulations.plan import Step
-from formulations.state import num_blocks_for
+from formulations.progress import num_blocks_for
 
 
 @dataclass(slots=True)

@@ -33,6 +33,11 @@ class Formulation(ABC):
     name: ClassVar[str] = ""
     # True when the policy runs separate prefill and decode replicas (DistServe-style).
     disaggregated: ClassVar[bool] = False
+    # True when the policy decides admission against the SLOs: the core then gives a request it
+    # has not decided on by its TTFT deadline the fallback verdict, so that clients always hear
+    # back in time. False for queueing policies (the vLLM-style baselines admit, i.e. queue,
+    # whatever fits in memory, as vLLM does, and never answer "too late").
+    admission_control: ClassVar[bool] = True
 
     @abstractmethod
     def plan(self, view: ReplicaView) -> Plan:

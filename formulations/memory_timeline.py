@@ -31,7 +31,7 @@ just before a release (left limit: requests released exactly then still count), 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,7 +95,7 @@ def footprint(state: RequestState, now_s: float) -> Footprint:
     return Footprint(
         state.request_id,
         num_start_tokens=state.num_tokens,
-        num_peak_tokens=request.max_num_tokens,
+        num_peak_tokens=request.num_peak_kv_tokens,
         release_s=release_s,
     )
 
@@ -122,13 +122,3 @@ def peak_blocks(
     blocks = -(-tokens // block_size)
     held = np.where(release[:, None] >= times_s[None, :], blocks, 0).sum(axis=0)
     return max(forever, int(held.max()))
-
-
-def fits(
-    footprints: Sequence[Footprint],
-    now_s: float,
-    growth: Growth,
-    block_size: int,
-    num_total_blocks: int,
-) -> bool:
-    return peak_blocks(footprints, now_s, growth, block_size) <= num_total_blocks

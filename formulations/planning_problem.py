@@ -17,7 +17,7 @@ from formulations.budget import Decoder, Job
 from formulations.memory_timeline import Footprint, Growth, footprint
 from formulations.plan import Verdict
 from formulations.request import Request
-from formulations.state import ReplicaView, RequestState, num_blocks_for
+from formulations.state import ReplicaView, RequestState
 
 
 def remaining_tpot_s(request: Request, first_gap_token: int) -> float:
@@ -55,10 +55,6 @@ class PlanningProblem:
         return self.num_total_blocks - self.reserved_blocks
 
 
-def _peak_blocks(request: Request, block_size: int) -> int:
-    return num_blocks_for(request.max_num_tokens, block_size)
-
-
 def _job(state: RequestState, block_size: int, mandatory: bool) -> Job:
     request = state.request
     num_after = state.num_remaining_output_tokens - 1  # decodes after the next (prefill) token
@@ -69,7 +65,7 @@ def _job(state: RequestState, block_size: int, mandatory: bool) -> Job:
         deadline_s=state.next_token_deadline_s,
         tpot_s=remaining_tpot_s(request, next_token + 1) if num_after > 0 else None,
         num_decode_tokens=num_after,
-        peak_blocks=_peak_blocks(request, block_size),
+        peak_blocks=state.num_peak_blocks(block_size),
         value=request.value,
         mandatory=mandatory,
         arrival_s=request.arrival_s,
@@ -99,14 +95,14 @@ def extract_problem(view: ReplicaView) -> PlanningProblem:
         elif state.is_decoding:
             footprints[state.request_id] = footprint(state, view.now_s)
             decoders.append(_decoder(state))
-            reserved += _peak_blocks(state.request, view.block_size)
+            reserved += state.num_peak_blocks(view.block_size)
         else:
             footprints[state.request_id] = footprint(state, view.now_s)
             mandatory.append(_job(state, view.block_size, mandatory=True))
     candidates: list[Job] = []
     too_large: list[str] = []
     for state in view.waiting:
-        if _peak_blocks(state.request, view.block_size) > view.num_total_blocks:
+        if state.num_peak_blocks(view.block_size) > view.num_total_blocks:
             too_large.append(state.request_id)
         else:
             footprints[state.request_id] = footprint(state, view.now_s)
@@ -135,5 +131,5 @@ def best_effort_work(state: RequestState, block_size: int, preempted: bool) -> B
         num_computed_tokens=computed,
         num_blocks=0 if preempted else state.num_blocks,
         has_output=state.num_generated_tokens > 0,
-        peak_blocks=_peak_blocks(state.request, block_size),
+        peak_blocks=state.num_peak_blocks(block_size),
     )

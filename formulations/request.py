@@ -49,6 +49,12 @@ class Request:
         """Context length when the last output token has been produced."""
         return self.num_prompt_tokens + self.num_output_tokens
 
+    @property
+    def num_peak_kv_tokens(self) -> int:
+        """KV tokens at the request's longest: the prompt and every output token but the last,
+        which is sampled and never cached (the engine frees the request then)."""
+        return self.num_prompt_tokens + self.num_output_tokens - 1
+
 
 def make_request(
     request_id: str,

@@ -3,11 +3,7 @@
 The planner core owns and updates these objects (from engine progress reports or the simulator);
 formulations read them and must not mutate them.
 
-A request's progress follows the phase-free token view: it has `num_tokens` known tokens (prompt
-plus
-output generated so far), of which `num_computed_tokens` are in the KV cache. A step that brings the
-computed count up to `num_tokens` samples the next output token. Prefill, chunked prefill,
-recompute after preemption and decode are all "compute the pending tokens".
+A request's progress (pending tokens, blocks) is the token view of `formulations/progress.py`.
 """
 
 from __future__ import annotations
@@ -18,15 +14,12 @@ from dataclasses import dataclass
 from formulations.deadlines import token_deadline_s
 from formulations.perf_model import PerfModel
 from formulations.plan import Verdict
+from formulations.progress import TokenProgress, num_blocks_for
 from formulations.request import Request
 
 
-def num_blocks_for(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
-
-
 @dataclass(slots=True)
-class RequestState:
+class RequestState(TokenProgress):
     request: Request
     verdict: Verdict | None = None  # None: waiting for a verdict
     num_computed_tokens: int = 0
@@ -39,13 +32,12 @@ class RequestState:
         return self.request.request_id
 
     @property
-    def num_tokens(self) -> int:
-        return self.request.num_prompt_tokens + self.num_generated_tokens
+    def num_prompt_tokens(self) -> int:
+        return self.request.num_prompt_tokens
 
-    @property
-    def num_pending_tokens(self) -> int:
-        """Tokens to compute before the next output token is sampled (1 while decoding)."""
-        return self.num_tokens - self.num_computed_tokens
+    def num_peak_blocks(self, block_size: int) -> int:
+        """KV blocks at the request's longest (see `Request.num_peak_kv_tokens`)."""
+        return num_blocks_for(self.request.num_peak_kv_tokens, block_size)
 
     @property
     def num_remaining_output_tokens(self) -> int:
@@ -54,10 +46,6 @@ class RequestState:
     @property
     def is_finished(self) -> bool:
         return self.num_generated_tokens >= self.request.num_output_tokens
-
-    @property
-    def is_decoding(self) -> bool:
-        return self.num_generated_tokens > 0 and self.num_pending_tokens == 1
 
     @property
     def is_prefilling(self) -> bool:
@@ -74,10 +62,6 @@ class RequestState:
         return self.request.slo.tpot_of_token_s(
             self.num_generated_tokens + 1, self.request.num_thinking_tokens
         )
-
-    def num_blocks_after(self, num_new_tokens: int, block_size: int) -> int:
-        """KV blocks this request holds after computing `num_new_tokens` more tokens."""
-        return num_blocks_for(self.num_computed_tokens + num_new_tokens, block_size)
 
 
 @dataclass(frozen=True, slots=True)

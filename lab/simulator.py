@@ -15,47 +15,33 @@ finished; a rejected (or unfinished) round ends its chain. The run stops when no
 do, or at `max_sim_time_s` (default: last first arrival + `drain_s`); unfinished requests are
 recorded as such. The same seed gives the same result.
 
-KV memory defaults per performance-model preset (`DEFAULT_KV_TOKENS`): 90% of GPU memory, minus the
-fp16 weights, divided by the fp16 KV bytes per token (2 (K and V) * layers * hidden * 2 bytes):
-- OPT-13B (40 layers, hidden 5120: 819,200 B/token, 26 GB weights) on 2 x A100-80GB:
-  (144 - 26) GB / 819,200 B = ~144k tokens;
-- OPT-6.7B (32 layers, hidden 4096: 524,288 B/token, 13.4 GB) on 1 x A100-80GB:
-  (72 - 13.4) GB / 524,288 B = ~112k tokens;
-- OPT-13B on 1 x H100-80GB: (72 - 26) GB / 819,200 B = ~56k tokens.
-
-KV transfer for disaggregated policies: `latency + num_tokens * kv_bytes_per_token /
-link_bytes_per_s`,
-with the model's KV bytes per token (above) and a 25 GB/s link by default (PCIe 4.0 x16 between GPUs
-of one node; NVLink would be ~10x faster, a cross-node 100 Gb/s NIC 2x slower).
+Hardware facts (KV memory per replica, KV transfer between replicas): lab/hardware.py. The
+fast-forward of steady decode cycles: lab/fast_forward.py.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine_adapters.engine import EngineRequest
 from engine_adapters.sim_engine import SimEngine, VirtualClock
 from formulations import registry
 from formulations.perf_model import PERF_MODEL_NUM_GPUS, PerfModel, TruthModel, perf_model_preset
-from formulations.plan import Step, Verdict
 from formulations.request import Request, ToolChain
+from lab.fast_forward import CRUISE, Cruise, FastForward
+from lab.hardware import DEFAULT_LINK_BYTES_PER_S, default_kv_tokens, kv_bytes_per_token
 from lab.workloads.workload import Workload
-from planner_svc.core import CoreOutput, PlannerCore, ReplanPolicy
+from planner_svc.core import PlannerCore
+from planner_svc.outcome import CoreOutput
 from planner_svc.records import RequestRecord
 from planner_svc.replica import ReplicaSpec
 from planner_svc.router import make_router
-from wire.plan_cursor import PlanCursor, PlanEnvelope
-from wire.step_report import StepReport
-
-DEFAULT_KV_TOKENS = {"opt-13b-2xa100": 144_000, "opt-6.7b-a100": 112_000, "opt-13b-h100": 56_000}
-KV_BYTES_PER_TOKEN = {"opt-13b-2xa100": 819_200, "opt-6.7b-a100": 524_288, "opt-13b-h100": 819_200}
-_FALLBACK_KV_TOKENS = 100_000
-_FALLBACK_KV_BYTES = 819_200
+from planner_svc.triggers import ReplanPolicy
+from wire.plan_cursor import PlanCursor
+from wire.protocol import EngineRequest, PlanMsg, StepReport
 
 
 def _default_perf_model() -> PerfModel:
@@ -85,7 +71,7 @@ class SimConfig:
     # Disaggregated policies only:
     num_prefill_replicas: int | None = None  # None: half of the replicas (at least one)
     kv_bytes_per_token: int | None = None  # None: from the preset
-    kv_link_bytes_per_s: float = 25e9
+    kv_link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
     kv_link_latency_s: float = 0.0
     check_plans: bool = True
     # Fast-forward runs of a steady plain-decode repeat step in one event when the truth model is
@@ -97,7 +83,7 @@ class SimConfig:
     def num_blocks(self) -> int:
         if self.num_blocks_per_replica is not None:
             return self.num_blocks_per_replica
-        tokens = DEFAULT_KV_TOKENS.get(self.perf_model.name, _FALLBACK_KV_TOKENS)
+        tokens = default_kv_tokens(self.perf_model.name)
         return tokens // self.block_size
 
     def gpus_per_replica(self) -> int:
@@ -106,9 +92,7 @@ class SimConfig:
         return PERF_MODEL_NUM_GPUS.get(self.perf_model.name, 1)
 
     def kv_transfer_s(self, num_tokens: int) -> float:
-        per_token = self.kv_bytes_per_token or KV_BYTES_PER_TOKEN.get(
-            self.perf_model.name, _FALLBACK_KV_BYTES
-        )
+        per_token = self.kv_bytes_per_token or kv_bytes_per_token(self.perf_model.name)
         return self.kv_link_latency_s + num_tokens * per_token / self.kv_link_bytes_per_s
 
 
@@ -139,48 +123,8 @@ class SimResult:
         return sum(r.attainment.ok for r in self.records) / len(self.records)
 
 
-_ARRIVAL, _STEP, _TIMER, _MIGRATION, _FAILURE, _CRUISE = range(6)
-
-
-class _Cruise:
-    """A fast-forward: `num_steps` runs of one plain-decode repeat step from `start_s`, each taking
-    `step_time_s`; engine, core and records see them at once when the cruise ends."""
-
-    __slots__ = ("end_s", "first_step_id", "num_steps", "start_s", "step", "step_time_s")
-
-    def __init__(
-        self, step: Step, first_step_id: int, start_s: float, step_time_s: float, num_steps: int
-    ) -> None:
-        self.step = step
-        self.first_step_id = first_step_id
-        self.start_s = start_s
-        self.step_time_s = step_time_s
-        self.num_steps = num_steps
-        self.end_s = self.boundary_s(num_steps)
-
-    def boundary_s(self, j: int) -> float:
-        """End of run j, accumulated run by run exactly as the engine stamps single steps."""
-        t = self.start_s
-        for _ in range(j):
-            t += self.step_time_s
-        return t
-
-    def run_ends_s(self) -> list[float]:
-        ends = []
-        t = self.start_s
-        for _ in range(self.num_steps):
-            t += self.step_time_s
-            ends.append(t)
-        return ends
-
-    def first_boundary_at_or_after(self, at_s: float) -> int:
-        """Smallest run count j >= 1 whose end is at or after `at_s`."""
-        j = max(1, math.ceil((at_s - self.start_s) / self.step_time_s) - 1)
-        while j > 1 and self.boundary_s(j - 1) >= at_s:
-            j -= 1
-        while self.boundary_s(j) < at_s:
-            j += 1
-        return j
+_ARRIVAL, _STEP, _TIMER, _MIGRATION, _FAILURE = range(5)
+_CRUISE = CRUISE
 
 
 class _Runner:
@@ -193,7 +137,7 @@ class _Runner:
         self.engine = engine
         self.cursor: PlanCursor | None = None
         self.busy = False  # a step (or a cruise) is in flight
-        self.cruise: _Cruise | None = None
+        self.cruise: Cruise | None = None
         self.detached: set[str] = set()  # migrating away: KV still here, no more steps
 
     def is_live(self, request_id: str) -> bool:
@@ -204,7 +148,7 @@ class _Runner:
         return self.is_live if self.detached else self.engine.live_requests
 
 
-class Simulation:
+class Simulation(FastForward):
     """One simulation run; `simulate()` is the short way to use it."""
 
     def __init__(self, workload: Workload, config: SimConfig) -> None:
@@ -333,12 +277,19 @@ class Simulation:
 
     def _on_arrival(self, now_s: float, request: Request) -> None:
         self.records[request.request_id] = RequestRecord(request)
-        self._handle(self.core.submit(request, now_s), now_s)
+        payload = EngineRequest(
+            request.request_id, request.num_prompt_tokens, request.num_output_tokens
+        )
+        self._handle(self.core.submit(request, now_s, payload), now_s)
 
     def _on_step(
-        self, now_s: float, report: StepReport, run_ends_s: list[float] | None = None
+        self,
+        now_s: float,
+        event: tuple[int, StepReport],
+        run_ends_s: list[float] | None = None,
     ) -> None:
-        runner = self.runners.get(report.replica_id)
+        replica_id, report = event
+        runner = self.runners.get(replica_id)
         if runner is None:
             return  # the replica died while the step ran: its work is lost
         runner.busy = False
@@ -347,83 +298,8 @@ class Simulation:
         else:
             self._record_tokens(report, run_ends_s)
         num_steps = len(run_ends_s) if run_ends_s else 1
-        self._handle(self.core.on_step(report, now_s, num_steps), now_s)
+        self._handle(self.core.on_step(replica_id, report, now_s, num_steps), now_s)
         self._start_step(runner, now_s)
-
-    # ------------------------------------------------------------------ fast-forward
-    #
-    # A replica whose plan is in a one-step repeat cycle of plain decodes, under an exact truth
-    # model, runs identical steps of constant time until one of its requests finishes. Instead of
-    # one event per step, the simulator schedules one "cruise" event at the end of those runs and
-    # applies them at once (engine, core, per-token times). This gives the same result as single
-    # steps because nothing in between can change what the replica does: the core re-plans a busy
-    # replica only at a step boundary after a trigger, so after every event the simulator asks the
-    # core whether a trigger fired for a cruising replica (`replan_pending`, `timer_due_s`) and, if
-    # so, cuts the cruise at the first boundary where single steps would have re-planned.
-
-    def _try_cruise(self, runner: _Runner, step_id: int, step: Step, now_s: float) -> bool:
-        cursor = runner.cursor
-        if not cursor.in_repeat or len(cursor.envelope.plan.repeat) != 1:
-            return False
-        if self.core.replan_pending(runner.replica_id):
-            return False
-        num_steps = runner.engine.repeatable_steps(step)
-        if num_steps < 2:
-            return False
-        step_time_s = runner.engine.truth.step_time_s(step.num_batched_tokens, 0, 0)
-        cruise = _Cruise(step, step_id, now_s, step_time_s, num_steps)
-        due_s = self.core.timer_due_s(runner.replica_id)
-        if due_s is not None and due_s < cruise.end_s:
-            cruise = _Cruise(
-                step, step_id, now_s, step_time_s, cruise.first_boundary_at_or_after(due_s)
-            )
-            if cruise.num_steps < 2:
-                return False
-        runner.engine.reserve_repeat(step, cruise.num_steps)
-        runner.cruise = cruise
-        runner.busy = True
-        self._cruising[runner.replica_id] = runner
-        self._push(cruise.end_s, _CRUISE, (runner.replica_id, cruise))
-        return True
-
-    def _cut_cruises(self, now_s: float) -> None:
-        for runner in list(self._cruising.values()):
-            cruise = runner.cruise
-            replica_id = runner.replica_id
-            if self.core.replan_pending(replica_id):
-                at_s = now_s
-            else:
-                due_s = self.core.timer_due_s(replica_id)
-                if due_s is None or due_s >= cruise.end_s:
-                    continue
-                at_s = max(due_s, now_s)
-            num_steps = cruise.first_boundary_at_or_after(at_s)
-            if num_steps < cruise.num_steps:
-                cut = _Cruise(
-                    cruise.step, cruise.first_step_id, cruise.start_s, cruise.step_time_s, num_steps
-                )
-                runner.cruise = cut
-                self._push(cut.end_s, _CRUISE, (replica_id, cut))
-
-    def _on_cruise_end(self, now_s: float, payload: tuple[int, _Cruise]) -> None:
-        replica_id, cruise = payload
-        runner = self.runners.get(replica_id)
-        if runner is None or runner.cruise is not cruise:
-            return  # superseded by a cut, or the replica died
-        self._finish_cruise(runner, cruise.num_steps, now_s)
-
-    def _finish_cruise(self, runner: _Runner, num_steps: int, now_s: float) -> None:
-        cruise = runner.cruise
-        runner.cruise = None
-        del self._cruising[runner.replica_id]
-        last_id = runner.cursor.repeat_more(num_steps - 1)
-        report = runner.engine.execute_repeated(
-            cruise.step, runner.replica_id, last_id, num_steps, cruise.start_s
-        )
-        self.num_steps += num_steps - 1
-        self.num_fast_forward_steps += num_steps
-        cruise.num_steps = num_steps
-        self._on_step(report.end_s, report, cruise.run_ends_s())
 
     def _on_timer(self, now_s: float, due_s: float) -> None:
         if self._timer_at != due_s:
@@ -439,41 +315,16 @@ class Simulation:
         del self.runners[replica_id]
         self._handle(self.core.remove_replica(replica_id, now_s), now_s)
 
-    def _stop_cruise(self, runner: _Runner, at_s: float) -> None:
-        """End a cruise at `at_s`: the runs completed by then did happen (as single steps would
-        have been reported), the one in flight is dropped."""
-        cruise = runner.cruise
-        if cruise is None:
-            return
-        num_done = cruise.first_boundary_at_or_after(at_s)
-        if cruise.boundary_s(num_done) > at_s:
-            num_done -= 1
-        if num_done >= 1:
-            self.last_event_s = max(self.last_event_s, cruise.boundary_s(num_done))
-            self._finish_cruise(runner, num_done, at_s)
-        else:
-            runner.cruise = None
-            del self._cruising[runner.replica_id]
-
-    def _stop_cruises(self, end_s: float) -> None:
-        """At the end of the run, apply the cruise runs that completed by `end_s`."""
-        for runner in list(self._cruising.values()):
-            if runner.cruise.end_s > end_s:
-                self._stop_cruise(runner, end_s)
-
     def _on_migration(self, now_s: float, migration) -> None:
         source = self.runners.get(migration.from_replica)
         if source is not None:
             source.engine.abort(migration.request_id)
             source.detached.discard(migration.request_id)
-        request = self.records[migration.request_id].request
         target = self.runners.get(migration.to_replica)
         num_cached = 0
         if target is not None:
             num_cached = target.engine.import_request(
-                EngineRequest(
-                    migration.request_id, request.num_prompt_tokens, request.num_output_tokens
-                ),
+                migration.payload,
                 migration.num_computed_tokens,
                 migration.num_generated_tokens,
             )
@@ -490,13 +341,11 @@ class Simulation:
             record = records[rid]
             record.verdict = decision.verdict
             record.replica_id = replica_id
-            if decision.verdict is Verdict.REJECTED:
-                pass  # a rejected tool round ends its chain
         for rid, _from, _to in out.forwards:
             records[rid].num_forwards += 1
         for rid, _replica in out.preempted:
             records[rid].num_preemptions += 1
-        for replica_id, rid in out.aborts:
+        for rid, replica_id in out.aborts:
             runner = self.runners.get(replica_id)
             if runner is not None:
                 runner.engine.abort(rid)
@@ -507,26 +356,19 @@ class Simulation:
                 _MIGRATION,
                 migration,
             )
-        for envelope in out.plans.values():
-            self._install(envelope, now_s)
+        for replica_id, plan in out.plans.items():
+            self._install(replica_id, plan, now_s)
         for rid, _replica in out.finished:
             self._on_finished(records[rid], now_s)
 
-    def _install(self, envelope: PlanEnvelope, now_s: float) -> None:
-        runner = self.runners[envelope.replica_id]
+    def _install(self, replica_id: int, plan: PlanMsg, now_s: float) -> None:
+        runner = self.runners[replica_id]
         engine = runner.engine
-        for rid in envelope.plan.preempt:
+        for rid in plan.preemptions:
             engine.preempt(rid)
-        for request in envelope.new_requests:
-            done = envelope.resumed.get(request.request_id, 0)
-            engine.add_request(
-                EngineRequest(
-                    request.request_id,
-                    request.num_prompt_tokens + done,
-                    request.num_output_tokens - done,
-                )
-            )
-        runner.cursor = PlanCursor(envelope)
+        for request in plan.new_requests:
+            engine.add_request(request)
+        runner.cursor = PlanCursor(plan)
         self._start_step(runner, now_s)
 
     def _start_step(self, runner: _Runner, now_s: float) -> None:
@@ -540,10 +382,10 @@ class Simulation:
         if self._can_cruise and self._try_cruise(runner, step_id, step, now_s):
             self.num_steps += 1
             return
-        report = runner.engine.execute(step, runner.replica_id, step_id)
+        report = runner.engine.execute(step, step_id)
         runner.busy = True
         self.num_steps += 1
-        self._push(report.end_s, _STEP, report)
+        self._push(report.end_s, _STEP, (runner.replica_id, report))
 
     def _record_tokens(self, report: StepReport, run_ends_s: list[float] | None) -> None:
         records = self.records

@@ -8,7 +8,8 @@ The loop is one thread with a bounded poll (never an infinite wait): it drains b
 feeds every event to the core with the daemon's clock (`now_s`, seconds since start), and sends the
 core's plans to engines and verdicts / tokens to clients at once. Every engine report is answered
 at once (with the plan it caused or an acknowledgement), and engines are told ahead when a re-plan
-is likely (`replan_outlook`), so that plans start on time (docs/SERVICE.md, "Plans in time").
+is likely (the core says so in its output), so that plans start on time (docs/SERVICE.md,
+"Plans in time").
 
 Every frame is decoded against the types expected on its socket (`protocol.decode`); a frame that
 fails is counted (metrics `slos_rejected_frames`), answered with ERROR, and dropped: the daemon
@@ -32,15 +33,15 @@ from formulations import registry
 from formulations.perf_model import PerfModel
 from formulations.plan import Decision, Verdict
 from planner_svc.config import PlannerConfig
-from planner_svc.core import CoreOutput, PlannerCore, ReplanPolicy
+from planner_svc.core import PlannerCore
+from planner_svc.outcome import CoreOutput
 from planner_svc.metrics import PlannerMetrics
 from planner_svc.records import RequestRecord
-from planner_svc.replan_outlook import expects_replan
 from planner_svc.replica import ReplicaSpec
 from planner_svc.request_book import RequestBook, Tracked
 from planner_svc.router import make_router
+from planner_svc.triggers import ReplanPolicy
 from wire import protocol as P
-from wire.plan_cursor import PlanEnvelope
 
 log = logging.getLogger("slos_serve.daemon")
 
@@ -74,7 +75,6 @@ class PlannerDaemon:
         self.book = RequestBook(config.slo_classes, config.perf_model)
         self.num_rejected_frames = 0
         self.num_moved_requests = 0  # registered on another engine after theirs died
-        self._unanswered: tuple[int, int] | None = None  # (replica, step) report being handled
         self._next_replica_id = 0
         self._t0 = time.monotonic()
         self._last_tick_s = 0.0
@@ -218,7 +218,7 @@ class PlannerDaemon:
             )
             return
         link.last_heard_s = now_s
-        if isinstance(message, P.Progress):
+        if isinstance(message, P.StepReport):
             self._on_progress(link, message, now_s)
 
     def _on_ready(self, identity: bytes, ready: P.Ready, now_s: float) -> None:
@@ -284,26 +284,17 @@ class PlannerDaemon:
         else:
             self._apply("add_replica", self.core.add_replica, spec, now_s)
 
-    def _on_progress(self, link: EngineLink, progress: P.Progress, now_s: float) -> None:
+    def _on_progress(self, link: EngineLink, report: P.StepReport, now_s: float) -> None:
         """Feed the report to the core and answer it at once: with the new plan it caused, or
-        with an acknowledgement, so that the engine need not wait out its grace period."""
-        report = P.progress_to_report(progress, link.replica_id, now_s)
-        link.last_step_time_s = progress.step_time_s
-        self._unanswered = (link.replica_id, progress.step_id)
-        self._apply("on_step", self.core.on_step, report, now_s)
-        if self._unanswered is not None and link.identity in self.engines:
-            self._send_engine(
-                link,
-                P.Heartbeat(
-                    "planner",
-                    now_s,
-                    ack_step_id=progress.step_id,
-                    replan_expected=self._replan_flag(link, now_s),
-                ),
-            )
-        self._unanswered = None
+        with an acknowledgement, so that the engine need not wait out its grace period. The
+        report keeps the engine's step length and gets the planner's clock."""
+        step_time_s = report.step_time_s
+        report = msgspec.structs.replace(report, start_s=now_s - step_time_s, end_s=now_s)
+        link.last_step_time_s = step_time_s
+        output = self._call("on_step", self.core.on_step, link.replica_id, report, now_s)
+        self._send_output(output, now_s, answer=(link, report.step_id))
         self._stream_tokens(report, now_s)  # after the engine's answer: it is the one waiting
-        self.metrics.step_time_measured.labels(link.engine_id).observe(progress.step_time_s)
+        self.metrics.step_time_measured.labels(link.engine_id).observe(step_time_s)
 
     def _check_engines(self, now_s: float) -> None:
         silence_limit_s = self.config.liveness * self.config.heartbeat_interval_s
@@ -373,7 +364,19 @@ class PlannerDaemon:
         if not self.engines or self.core is None:
             self._decide(tracked, Decision(Verdict.REJECTED, "no engine is connected"), None)
             return
-        self._apply("submit", self.core.submit, tracked.request, now_s)
+        payload = P.EngineRequest(
+            request_id=submit.request_id,
+            num_prompt_tokens=tracked.request.num_prompt_tokens,
+            max_new_tokens=submit.max_tokens,
+            prompt_token_ids=submit.prompt_token_ids,
+            temperature=submit.temperature,
+            top_p=submit.top_p,
+            seed=submit.seed,
+            ignore_eos=submit.ignore_eos,
+        )
+        self._send_output(
+            self._call("submit", self.core.submit, tracked.request, now_s, payload), now_s
+        )
 
     def _on_abort(self, abort: P.Abort, now_s: float) -> None:
         tracked = self.book.get(abort.request_id)
@@ -388,19 +391,28 @@ class PlannerDaemon:
 
     # ------------------------------------------------------------------ core output
 
-    def _apply(self, event: str, call, *args) -> None:
-        """Run one core call, time it, and send what it decided."""
+    def _call(self, event: str, call, *args) -> CoreOutput:
+        """Run one core call and time it. A planner bug must not take the service down: it is
+        logged loudly and counted, and the call decides nothing."""
         start_s = time.perf_counter()
         try:
             output = call(*args)
-        except Exception:  # a planner bug must not take the service down; it is logged loudly
+        except Exception:
             log.exception("planner core failed on %s", event)
             self.metrics.core_errors.inc()
-            return
+            return CoreOutput()
         self.metrics.replan_time.labels(event).observe(time.perf_counter() - start_s)
-        self._dispatch(output, args[-1])
+        return output
 
-    def _dispatch(self, output: CoreOutput, now_s: float) -> None:
+    def _apply(self, event: str, call, *args) -> None:
+        """Run one core call and send what it decided (`args[-1]` is the time)."""
+        self._send_output(self._call(event, call, *args), args[-1])
+
+    def _send_output(
+        self, output: CoreOutput, now_s: float, answer: tuple[EngineLink, int] | None = None
+    ) -> None:
+        """Send what the core decided. `answer`: the engine report this output answers; its plan
+        (or, when the report caused none, a heartbeat) carries the acknowledgement."""
         for request_id, replica_id, decision in output.verdicts:
             tracked = self.book.get(request_id)
             if tracked is not None:
@@ -409,40 +421,27 @@ class PlannerDaemon:
             tracked = self.book.get(request_id)
             if tracked is not None and not tracked.done:
                 self._decide(tracked, Decision(Verdict.REJECTED, f"lost: {reason}"), None)
-        for replica_id, request_id in output.aborts:
+        for request_id, replica_id in output.aborts:
             link = self._link_of(replica_id)
             if link is not None and request_id in link.sent_request_ids:
                 self._send_engine(link, P.Abort(request_id, "planner abort"))
-        for migration in output.migrations:  # simplified stand-in: no KV transfer, recompute
-            self._migrate_by_recompute(migration, now_s)
-        for envelope in output.plans.values():
-            self._send_plan(envelope)
-        self._announce_replans(now_s)
-
-    def _announce_replans(self, now_s: float) -> None:
-        """Tell each engine when the core's outlook for its next report changed (a request was
-        routed to it, its plan stopped covering its work, ...)."""
-        for link in list(self.engines.values()):
-            flag = self._expects_replan(link, now_s)
-            if flag != link.replan_expected_sent:
+        answered = None
+        for replica_id, plan in output.plans.items():
+            ack = answer[1] if answer is not None and answer[0].replica_id == replica_id else None
+            if self._send_plan(replica_id, plan, ack, output.replan_expected.get(replica_id)):
+                answered = answered or (ack is not None)
+        if answer is not None and not answered and answer[0].identity in self.engines:
+            link, step_id = answer
+            flag = output.replan_expected.get(link.replica_id)
+            self._send_engine(
+                link, P.Heartbeat("planner", now_s, ack_step_id=step_id, replan_expected=flag)
+            )
+            link.replan_expected_sent = flag
+        for link in list(self.engines.values()):  # outlooks that changed without a plan
+            flag = output.replan_expected.get(link.replica_id)
+            if flag is not None and flag != link.replan_expected_sent:
                 self._send_engine(link, P.Heartbeat("planner", now_s, replan_expected=flag))
                 link.replan_expected_sent = flag
-
-    def _replan_flag(self, link: EngineLink, now_s: float) -> bool:
-        flag = self._expects_replan(link, now_s)
-        link.replan_expected_sent = flag
-        return flag
-
-    def _expects_replan(self, link: EngineLink, now_s: float) -> bool:
-        return expects_replan(self.core, link.replica_id, now_s, link.last_step_time_s)
-
-    def _migrate_by_recompute(self, migration, now_s: float) -> None:
-        link = self._link_of(migration.from_replica)
-        if link is not None:
-            self._send_engine(link, P.Abort(migration.request_id, "migrated"))
-        self._apply(
-            "complete_migration", self.core.complete_migration, migration.request_id, 0, now_s
-        )
 
     def _decide(self, tracked: Tracked, decision: Decision, replica_id: int | None) -> None:
         record = tracked.record
@@ -467,47 +466,32 @@ class PlannerDaemon:
         if decision.verdict is Verdict.REJECTED:
             self._finish(tracked)
 
-    def _send_plan(self, envelope: PlanEnvelope) -> None:
-        link = self._link_of(envelope.replica_id)
+    def _send_plan(
+        self, replica_id: int, plan: P.PlanMsg, ack_step_id: int | None, flag: bool | None
+    ) -> bool:
+        """Send a plan to its engine; False when that engine is gone (its removal re-plans)."""
+        link = self._link_of(replica_id)
         if link is None:
-            return  # the replica died after the core planned for it; its removal re-plans
-        new_requests = [
-            self.book.payload(r.request_id, envelope.resumed.get(r.request_id))
-            for r in envelope.new_requests
-        ]
-        named = {
-            rid for step in (*envelope.plan.steps, *envelope.plan.repeat) for rid in step.num_tokens
-        }
-        for request_id in sorted(
-            named - link.sent_request_ids - {r.request_id for r in new_requests}
-        ):
-            if request_id in self.book:  # defensive: a plan naming a request not yet sent
-                new_requests.append(self.book.payload(request_id))
-        for payload in new_requests:
+            return False
+        for payload in plan.new_requests:
             link.sent_request_ids.add(payload.request_id)
-            record = self.book.get(payload.request_id).record
-            if record.replica_id is not None and record.replica_id != envelope.replica_id:
+            tracked = self.book.get(payload.request_id)
+            if tracked is None:
+                continue
+            record = tracked.record
+            if record.replica_id is not None and record.replica_id != replica_id:
                 self.num_moved_requests += 1
-            record.replica_id = envelope.replica_id
-        ack_step_id = None
-        if self._unanswered is not None and self._unanswered[0] == envelope.replica_id:
-            ack_step_id, self._unanswered = self._unanswered[1], None
-        self._send_engine(
-            link,
-            P.envelope_to_wire(
-                envelope,
-                link.engine_id,
-                new_requests,
-                [],
-                ack_step_id,
-                self._replan_flag(link, self.now_s()),
-            ),
-        )
+            record.replica_id = replica_id
+        if ack_step_id is not None or flag is not None:
+            plan = msgspec.structs.replace(plan, ack_step_id=ack_step_id, replan_expected=flag)
+            link.replan_expected_sent = flag if flag is not None else link.replan_expected_sent
+        self._send_engine(link, plan)
         self.metrics.plans_sent.inc()
-        for step in envelope.plan.steps:
+        for step in plan.steps:
             self.metrics.step_time_predicted.labels(link.engine_id).observe(
                 link.perf_model.step_time_s(step.num_batched_tokens, step.spec_steps)
             )
+        return True
 
     def _stream_tokens(self, report, now_s: float) -> None:
         for tracked, message in self.book.record_tokens(report, now_s):
@@ -578,7 +562,14 @@ def build_core(config: PlannerConfig, first_replica: ReplicaSpec) -> PlannerCore
     def formulation_factory(spec: ReplicaSpec):
         return registry.create(config.formulation, **config.formulation_params)
 
-    return PlannerCore([first_replica], formulation_factory, router=router, replan=replan, **params)
+    return PlannerCore(
+        [first_replica],
+        formulation_factory,
+        router=router,
+        replan=replan,
+        announce_replans=True,
+        **params,
+    )
 
 
 def _check_core_params(params: dict) -> None:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from formulations.interface import Formulation
 from formulations.perf_model import PerfModel
-from formulations.plan import Plan
-from formulations.state import ReplicaView, RequestState, num_blocks_for
-from wire.plan_cursor import PlanEnvelope
+from formulations.progress import num_blocks_for
+from formulations.state import ReplicaView, RequestState
+from wire.protocol import PlanMsg, StepReport
 
 ROLES = ("mixed", "prefill", "decode")
 
@@ -49,11 +49,15 @@ class ReplicaState:
     def __init__(self, spec: ReplicaSpec, formulation: Formulation, spec_prior: float) -> None:
         self.spec = spec
         self.formulation = formulation
+        # Decides admission against the SLOs (see Formulation.admission_control).
+        self.admission_control = bool(getattr(formulation, "admission_control", True))
         self.running: dict[str, RequestState] = {}  # admitted / best effort, in admission order
         self.waiting: dict[str, RequestState] = {}  # no verdict yet, in arrival order
         self.num_free_blocks = spec.num_total_blocks
         self.next_step_id = 0  # id of the next step the engine will report
-        self.envelope: PlanEnvelope | None = None
+        self.plan: PlanMsg | None = None  # the last plan sent to the engine
+        self.last_step_time_s = 0.0  # the engine's last reported step
+        self.unsent: dict[str, None] = {}  # placed here; the engine has not been sent them yet
         self.num_plans = 0
         self.last_plan_s = float("-inf")
         self.replan_requested = False  # a trigger fired; re-plan at the next step boundary
@@ -89,11 +93,11 @@ class ReplicaState:
         """True while the engine still has plan steps to run (it will send another report)."""
         if self.num_live_repeat > 0:
             return True
-        env = self.envelope
-        if env is None or self.next_step_id >= env.end_step_id:
+        plan = self.plan
+        if plan is None or self.next_step_id >= plan.end_step_id:
             return False
-        steps = env.plan.steps
-        for i in range(self.next_step_id - env.start_step_id, len(steps)):
+        steps = plan.steps
+        for i in range(self.next_step_id - plan.start_step_id, len(steps)):
             if any(rid in self.running for rid in steps[i].num_tokens):
                 return True
         return False
@@ -120,9 +124,8 @@ class ReplicaState:
     # -- updates
     # ------------------------------------------------------------------------------------
 
-    def install(self, envelope: PlanEnvelope, now_s: float) -> None:
-        plan: Plan = envelope.plan
-        self.envelope = envelope
+    def install(self, plan: PlanMsg, now_s: float) -> None:
+        self.plan = plan
         self.num_plans += 1
         self.last_plan_s = now_s
         self.replan_requested = False
@@ -167,6 +170,53 @@ class ReplicaState:
 
     def blocks_for(self, num_tokens: int) -> int:
         return num_blocks_for(num_tokens, self.spec.block_size)
+
+    def forget_plan(self) -> None:
+        """The engine dropped its plan (after a step it could not run): all work is unplanned."""
+        self.plan = None
+        self.num_live_repeat = 0
+        self.repeat_ids = frozenset()
+        self.uncovered = set(self.running)
+
+    def apply_report(self, report: StepReport) -> tuple[list[RequestState], list[RequestState]]:
+        """Advance the running requests by an engine report. Returns the requests that finished
+        and those that produced output but go on. A request produces output tokens only in a
+        step that computed some of its tokens; the engine's `finished` also ends a request
+        (EOS or a stop before its planned length)."""
+        running = self.running
+        block_size = self.spec.block_size
+        new_tokens = report.num_new_tokens
+        done: list[RequestState] = []
+        produced: list[RequestState] = []
+        for rid, num_computed in report.num_computed_tokens.items():
+            state = running.get(rid)
+            if state is None:
+                continue
+            state.num_computed_tokens += num_computed
+            state.num_blocks = num_blocks_for(state.num_computed_tokens, block_size)
+            num_new = new_tokens.get(rid)
+            if not num_new:
+                continue
+            if state.first_token_s is None:
+                state.first_token_s = report.end_s
+            state.num_generated_tokens += num_new
+            ended = state.is_finished or rid in report.finished
+            (done if ended else produced).append(state)
+        if report.finished:
+            counted = {s.request_id for s in done}
+            for rid in report.finished:
+                state = running.get(rid)
+                if state is not None and rid not in counted:
+                    done.append(state)
+        if report.num_proposed_spec_tokens:
+            accepted = report.num_accepted_spec_tokens
+            self.observe_spec(
+                {
+                    rid: (accepted.get(rid, 0), n)
+                    for rid, n in report.num_proposed_spec_tokens.items()
+                }
+            )
+        return done, produced
 
 
 # Weight of the acceptance-rate prior, in draft-token trials.

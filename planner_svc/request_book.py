@@ -1,5 +1,5 @@
 """What the planner daemon knows of each request it serves: who asked, the request as the planner
-sees it (its SLO resolved), what an engine needs to run it, the tokens produced so far, and how it
+sees it (its SLO resolved, once, here), the tokens produced so far, and how it
 ended. The daemon owns one `RequestBook`; it never touches sockets or the core.
 """
 
@@ -15,7 +15,6 @@ from formulations.request import Request
 from formulations.slo import SLO
 from planner_svc.records import RequestRecord
 from wire import protocol as P
-from wire.step_report import StepReport
 
 
 @dataclass
@@ -87,31 +86,7 @@ class RequestBook:
 
     # ------------------------------------------------------------------ engines
 
-    def payload(self, request_id: str, num_generated: int | None = None) -> P.NewRequest:
-        """What an engine needs to run the request. After a move to another engine (recompute),
-        the prompt holds the original prompt plus the `num_generated` tokens produced so far."""
-        tracked = self.requests[request_id]
-        submit = tracked.submit
-        if num_generated is None:
-            num_generated = tracked.num_generated_tokens
-        prompt_ids = None
-        if (
-            submit.prompt_token_ids is not None
-            and len(tracked.generated_token_ids) == num_generated
-        ):
-            prompt_ids = list(submit.prompt_token_ids) + tracked.generated_token_ids
-        return P.NewRequest(
-            request_id=request_id,
-            num_prompt_tokens=tracked.request.num_prompt_tokens + num_generated,
-            max_new_tokens=max(1, tracked.request.num_output_tokens - num_generated),
-            prompt_token_ids=prompt_ids,
-            temperature=submit.temperature,
-            top_p=submit.top_p,
-            seed=submit.seed,
-            ignore_eos=submit.ignore_eos,
-        )
-
-    def record_tokens(self, report: StepReport, now_s: float) -> list[tuple[Tracked, P.Tokens]]:
+    def record_tokens(self, report: P.StepReport, now_s: float) -> list[tuple[Tracked, P.Tokens]]:
         """Record the output tokens of a step (stamped `now_s`) and return the TOKENS message
         each request's client gets. Requests already over are skipped."""
         finished = set(report.finished) if report.ok else set()

@@ -1,14 +1,7 @@
-"""A plan addressed to one replica, and the cursor an engine uses to walk it.
+"""Walking a plan: which step an engine runs next, with which step id.
 
-The planner core wraps every `formulations.plan.Plan` it sends in a `PlanEnvelope`: the replica it
-is for, a per-replica sequence number (`plan_id`, so duplicates and stale plans can be dropped), the
-engine step id at which the plan starts, and the requests the engine must register before running it
-(those the plan admitted, or that were moved onto this replica; `resumed` says how many output
-tokens
-a moved request already has).
-
-Step numbering (shared by the core and every engine through `PlanCursor`, so both agree on when a
-plan is used up):
+Step numbering (shared by the planner core and every engine through `PlanCursor`, so both agree on
+when a plan is used up):
 - explicit step i of the plan has step id `start_step_id + i`. A step whose every request has
   finished (or is unknown to the engine) is skipped, and its id is skipped with it;
 - steps of the repeat cycle get ids `start_step_id + len(steps)`, `+1`, ... in the order executed;
@@ -20,28 +13,10 @@ one (the core always sends one).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Container
 
-from formulations.plan import Plan, Step
-from formulations.request import Request
-
-
-@dataclass(frozen=True, slots=True)
-class PlanEnvelope:
-    replica_id: int
-    plan_id: int  # increases by one per plan sent to this replica
-    start_step_id: int  # step id of the plan's first step
-    plan: Plan
-    new_requests: tuple[Request, ...] = ()  # register these with the engine before running the plan
-    # New requests that already produced output elsewhere (moved off a dead replica): request id ->
-    # output tokens so far. The engine registers them with prompt + those tokens to recompute.
-    resumed: Mapping[str, int] = field(default_factory=dict)
-
-    @property
-    def end_step_id(self) -> int:
-        """Step id right after the plan's explicit steps (the first repeat step's id)."""
-        return self.start_step_id + len(self.plan.steps)
+from formulations.plan import Step
+from wire.protocol import PlanMsg
 
 
 class PlanCursor:
@@ -51,23 +26,23 @@ class PlanCursor:
     requests are dropped. `next_step` returns None when the plan has nothing left to run.
     """
 
-    __slots__ = ("envelope", "_index", "_next_repeat_id", "_repeat_index")
+    __slots__ = ("_index", "_next_repeat_id", "_repeat_index", "plan")
 
-    def __init__(self, envelope: PlanEnvelope) -> None:
-        self.envelope = envelope
+    def __init__(self, plan: PlanMsg) -> None:
+        self.plan = plan
         self._index = 0
         self._repeat_index = 0
-        self._next_repeat_id = envelope.end_step_id
+        self._next_repeat_id = plan.end_step_id
 
     @property
     def in_repeat(self) -> bool:
         """True once the explicit steps are used up."""
-        return self._index >= len(self.envelope.plan.steps)
+        return self._index >= len(self.plan.steps)
 
     def repeat_more(self, num_steps: int) -> int:
         """After `next_step` returned a step of a one-step repeat cycle, account for `num_steps`
         more runs of it (a fast-forward); returns the last step id used."""
-        if len(self.envelope.plan.repeat) != 1 or not self.in_repeat:
+        if len(self.plan.repeat) != 1 or not self.in_repeat:
             raise ValueError("repeat_more needs a plan whose one-step repeat cycle is running")
         self._next_repeat_id += num_steps
         return self._next_repeat_id - 1
@@ -76,9 +51,9 @@ class PlanCursor:
         """`is_live`: a predicate, or a container of the live request ids (faster)."""
         if not callable(is_live):
             is_live = is_live.__contains__
-        plan = self.envelope.plan
+        plan = self.plan
         while self._index < len(plan.steps):
-            step_id = self.envelope.start_step_id + self._index
+            step_id = plan.start_step_id + self._index
             step = _live_part(plan.steps[self._index], is_live)
             self._index += 1
             if step is not None:

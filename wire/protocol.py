@@ -17,7 +17,10 @@ Conversation (see docs/SERVICE.md):
     client  --STATS_REQUEST--> planner --STATS--> client
     anyone <--ERROR--    planner           (a rejected frame or request, with the reason)
 
-Version 1. A receiver rejects a READY of another version; unknown fields are ignored so that
+The engine-side structs (`PlanMsg`, `EngineRequest`, `StepReport`) are also what the planner core
+and the engines exchange in process (the simulator), so nothing is converted on the way.
+
+Version 2. A receiver rejects a READY of another version; unknown fields are ignored so that
 fields may be added (with defaults) without a version bump.
 """
 
@@ -29,11 +32,9 @@ from typing import Annotated
 import msgspec
 
 from formulations.perf_model import PerfModel, perf_model_preset
-from formulations.plan import Plan, Step
-from wire.plan_cursor import PlanEnvelope
-from wire.step_report import StepReport
+from formulations.plan import Step
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_FRAME_BYTES = 8 << 20  # a larger payload is rejected before decoding
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -80,60 +81,98 @@ class Ready(_Msg):
     next_step_id: NonNegInt = 0
 
 
-class WireStep(_Msg):
-    num_tokens: dict[str, PosInt]
-    num_spec_tokens: dict[str, NonNegInt] = {}
-
-
-class NewRequest(_Msg):
-    """What an engine needs to run a request. After a move (recompute on another replica) the
-    prompt holds the original prompt plus the tokens generated so far."""
+class EngineRequest(_Msg):
+    """What an engine needs to run a request: the planner core's output carries it to the engine
+    (the same struct in process and on the wire). After a move (recompute on another replica) the
+    prompt holds the original prompt plus the tokens generated so far. `max_new_tokens` is where
+    the engine stops (with EOS and stop strings); the planner does not plan with it."""
 
     request_id: Id
     num_prompt_tokens: PosInt
     max_new_tokens: PosInt
     prompt_token_ids: list[int] | None = None  # None: the engine makes placeholder tokens
-    temperature: NonNegFloat = 0.0
+    temperature: NonNegFloat = 0.0  # 0: greedy
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
     seed: int | None = None
     ignore_eos: bool = True
 
+    def __post_init__(self) -> None:
+        if (
+            self.prompt_token_ids is not None
+            and len(self.prompt_token_ids) != self.num_prompt_tokens
+        ):
+            raise ValueError(f"request {self.request_id}: prompt length mismatch")
+        if self.num_prompt_tokens < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"request {self.request_id}: empty prompt or output")
+
+    def resumed(self, generated_token_ids: list[int] | None, num_generated: int) -> EngineRequest:
+        """The request as another engine must run it after `num_generated` output tokens: prompt
+        plus output so far (recomputed), the rest of the output to go. Token ids are kept only
+        when all the generated ones are known."""
+        if num_generated <= 0:
+            return self
+        prompt_ids = None
+        ids_known = generated_token_ids is not None and len(generated_token_ids) == num_generated
+        if self.prompt_token_ids is not None and ids_known:
+            prompt_ids = [*self.prompt_token_ids, *generated_token_ids]
+        return msgspec.structs.replace(
+            self,
+            num_prompt_tokens=self.num_prompt_tokens + num_generated,
+            max_new_tokens=max(1, self.max_new_tokens - num_generated),
+            prompt_token_ids=prompt_ids,
+        )
+
 
 class PlanMsg(_Msg):
-    """Steps for engine steps `start_step_id, start_step_id + 1, ...`, then `repeat` cyclically
-    until a newer plan takes over. `plan_id` grows per engine; an engine drops a plan whose id it
-    has seen or whose start step it has already run (stale). New requests and aborts are applied
-    on receipt even from a stale plan; preemptions when the plan is adopted."""
+    """A plan for one engine (PLAN on the wire, and the planner core's output in process): steps
+    for engine steps `start_step_id, start_step_id + 1, ...`, then `repeat` cyclically until a
+    newer plan takes over (`wire/plan_cursor.py` numbers them). `plan_id` grows per engine; an
+    engine drops a plan whose id it has seen. New requests and aborts are applied on receipt even
+    from a late plan; preemptions when the plan is adopted. Each step is the formulations'
+    phase-free `Step`; `decode` checks its counts at the socket."""
 
-    engine_id: Id
     plan_id: NonNegInt
     start_step_id: NonNegInt
-    steps: list[WireStep] = []
-    repeat: list[WireStep] = []
-    new_requests: list[NewRequest] = []
-    aborts: list[str] = []
-    preemptions: list[str] = []
+    steps: tuple[Step, ...] = ()
+    repeat: tuple[Step, ...] = ()
+    new_requests: tuple[EngineRequest, ...] = ()  # register before running the plan
+    aborts: tuple[str, ...] = ()
+    preemptions: tuple[str, ...] = ()  # drop these requests' KV when the plan is adopted
     ack_step_id: int | None = None  # the engine report this plan answers, if any
     replan_expected: bool | None = None  # see Heartbeat.replan_expected
 
+    @property
+    def end_step_id(self) -> int:
+        """Step id right after the explicit steps (the first repeat step's id)."""
+        return self.start_step_id + len(self.steps)
 
-class Progress(_Msg):
-    """One executed (or refused, `error` set) engine step. Times are on the engine's clock; the
-    planner uses `step_time_s` and stamps the end with its own receive time."""
 
-    engine_id: Id
+class StepReport(_Msg):
+    """One executed (or refused: `error` set, nothing changed) engine step: PROGRESS on the wire,
+    and what every engine returns in process. Times are on the engine's clock; the daemon keeps
+    the step's length and re-stamps its end with its own receive time."""
+
     step_id: NonNegInt
-    plan_id: NonNegInt
-    step_time_s: NonNegFloat
-    num_computed_tokens: dict[str, NonNegInt] = {}
-    num_new_tokens: dict[str, NonNegInt] = {}
+    start_s: float = 0.0
+    end_s: float = 0.0
+    num_computed_tokens: dict[str, NonNegInt] = {}  # tokens computed per request
+    num_new_tokens: dict[str, NonNegInt] = {}  # output tokens produced per request
     num_accepted_spec_tokens: dict[str, NonNegInt] = {}
     num_proposed_spec_tokens: dict[str, NonNegInt] = {}
-    new_token_ids: dict[str, list[int]] = {}
+    new_token_ids: dict[str, list[int]] = {}  # empty for the sim engine in the simulator
     num_free_blocks: NonNegInt = 0
-    finished: list[str] = []
-    error: str = ""
+    finished: tuple[str, ...] = ()  # produced their last token (or hit EOS / a stop) this step
+    error: str = ""  # non-empty: the step was not executed (e.g. out of KV blocks)
+    plan_id: NonNegInt = 0  # the plan the step came from (diagnostic)
     num_stale_plans: NonNegInt = 0  # plans dropped by the engine so far (diagnostic)
+
+    @property
+    def step_time_s(self) -> float:
+        return max(0.0, self.end_s - self.start_s)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
 
 
 class Heartbeat(_Msg):
@@ -262,7 +301,7 @@ class MessageType(bytes, enum.Enum):
 MESSAGE_CLASSES: dict[MessageType, type[_Msg]] = {
     MessageType.READY: Ready,
     MessageType.PLAN: PlanMsg,
-    MessageType.PROGRESS: Progress,
+    MessageType.PROGRESS: StepReport,
     MessageType.HEARTBEAT: Heartbeat,
     MessageType.SUBMIT: Submit,
     MessageType.VERDICT: VerdictMsg,
@@ -330,20 +369,26 @@ def decode(
             "oversized",
         )
     try:
-        return _DECODERS[message_type].decode(payload)
+        message = _DECODERS[message_type].decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"malformed {message_type.name}: {exc}") from None
+    if isinstance(message, PlanMsg):
+        _check_steps(message)
+    return message
+
+
+def _check_steps(plan: PlanMsg) -> None:
+    """Token counts of a decoded plan: at least 1 per entry, drafts >= 0 and only for entries
+    that compute (the dataclass `Step` carries no such constraint of its own)."""
+    for step in (*plan.steps, *plan.repeat):
+        if any(type(n) is not int or n < 1 for n in step.num_tokens.values()):
+            raise ProtocolError("malformed PLAN: a step entry has fewer than 1 token")
+        for rid, n in step.num_spec_tokens.items():
+            if type(n) is not int or n < 0 or rid not in step.num_tokens:
+                raise ProtocolError(f"malformed PLAN: bad speculative tokens for {rid!r}")
 
 
 # --------------------------------------------------------------------------- conversions
-
-
-def step_to_wire(step: Step) -> WireStep:
-    return WireStep(num_tokens=dict(step.num_tokens), num_spec_tokens=dict(step.num_spec_tokens))
-
-
-def step_from_wire(wire: WireStep) -> Step:
-    return Step(num_tokens=dict(wire.num_tokens), num_spec_tokens=dict(wire.num_spec_tokens))
 
 
 def perf_model_to_wire(perf_model: PerfModel) -> PerfModelSpec:
@@ -356,74 +401,3 @@ def perf_model_from_wire(spec: PerfModelSpec) -> PerfModel:
     if not spec.lines:
         return perf_model_preset(spec.name)
     return PerfModel.from_dict({"name": spec.name or "engine", "lines": spec.lines})
-
-
-def progress_to_report(progress: Progress, replica_id: int, end_s: float) -> StepReport:
-    """The planner core's StepReport for a PROGRESS received at planner time `end_s`."""
-    return StepReport(
-        replica_id=replica_id,
-        step_id=progress.step_id,
-        start_s=end_s - progress.step_time_s,
-        end_s=end_s,
-        num_computed_tokens=dict(progress.num_computed_tokens),
-        num_new_tokens=dict(progress.num_new_tokens),
-        num_accepted_spec_tokens=dict(progress.num_accepted_spec_tokens),
-        num_proposed_spec_tokens=dict(progress.num_proposed_spec_tokens),
-        new_token_ids={k: list(v) for k, v in progress.new_token_ids.items()},
-        num_free_blocks=progress.num_free_blocks,
-        finished=tuple(progress.finished),
-        error=progress.error,
-    )
-
-
-def report_to_progress(
-    report: StepReport, engine_id: str, plan_id: int, num_stale_plans: int = 0
-) -> Progress:
-    return Progress(
-        engine_id=engine_id,
-        step_id=report.step_id,
-        plan_id=plan_id,
-        step_time_s=max(0.0, report.end_s - report.start_s),
-        num_computed_tokens=dict(report.num_computed_tokens),
-        num_new_tokens=dict(report.num_new_tokens),
-        num_accepted_spec_tokens=dict(report.num_accepted_spec_tokens),
-        num_proposed_spec_tokens=dict(report.num_proposed_spec_tokens),
-        new_token_ids={k: list(v) for k, v in report.new_token_ids.items()},
-        num_free_blocks=report.num_free_blocks,
-        finished=list(report.finished),
-        error=report.error,
-        num_stale_plans=num_stale_plans,
-    )
-
-
-def envelope_to_wire(
-    envelope: PlanEnvelope,
-    engine_id: str,
-    new_requests: list[NewRequest],
-    aborts: list[str],
-    ack_step_id: int | None = None,
-    replan_expected: bool | None = None,
-) -> PlanMsg:
-    plan = envelope.plan
-    return PlanMsg(
-        engine_id=engine_id,
-        plan_id=envelope.plan_id,
-        start_step_id=envelope.start_step_id,
-        steps=[step_to_wire(s) for s in plan.steps],
-        repeat=[step_to_wire(s) for s in plan.repeat],
-        new_requests=new_requests,
-        aborts=aborts,
-        preemptions=list(plan.preempt),
-        ack_step_id=ack_step_id,
-        replan_expected=replan_expected,
-    )
-
-
-def envelope_from_wire(message: PlanMsg, replica_id: int = 0) -> PlanEnvelope:
-    """The engine side's envelope (its requests arrive separately, as `NewRequest`s)."""
-    plan = Plan(
-        steps=tuple(step_from_wire(s) for s in message.steps),
-        repeat=tuple(step_from_wire(s) for s in message.repeat),
-        preempt=tuple(message.preemptions),
-    )
-    return PlanEnvelope(replica_id, message.plan_id, message.start_step_id, plan)

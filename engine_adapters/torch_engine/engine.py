@@ -33,7 +33,7 @@ from engine_adapters.torch_engine.sequence import Sequence
 from engine_adapters.torch_engine.speculative import DraftProposer, accept_greedy, accept_sampled
 from formulations.perf_model import PerfModel
 from formulations.plan import Step
-from wire.step_report import StepReport
+from wire.protocol import StepReport
 
 PERF_MODEL_FILE = "perf_model.json"  # written by `slos-serve profile`, read by from_pretrained
 DEFAULT_MAX_SPEC_TOKENS = 8
@@ -72,13 +72,12 @@ class _Outcome:
     finished: list[str] = field(default_factory=list)
 
     def report(
-        self, replica_id: int, step_id: int, start_s: float, end_s: float, num_free_blocks: int
+        self, step_id: int, start_s: float, end_s: float, num_free_blocks: int
     ) -> StepReport:
         return StepReport(
-            replica_id,
-            step_id,
-            start_s,
-            end_s,
+            step_id=step_id,
+            start_s=start_s,
+            end_s=end_s,
             num_computed_tokens=self.num_computed_tokens,
             num_new_tokens=self.num_new_tokens,
             num_accepted_spec_tokens=self.num_accepted_spec_tokens,
@@ -217,16 +216,16 @@ class TorchEngine(Engine):
         seq.num_computed_tokens = 0
         seq.num_draft_computed_tokens = 0
 
-    def execute(self, step: Step, replica_id: int, step_id: int) -> StepReport:
+    def execute(self, step: Step, step_id: int) -> StepReport:
         start_s = self.clock()
         if step.is_empty:
-            return _Outcome().report(replica_id, step_id, start_s, start_s, self.num_free_blocks)
+            return _Outcome().report(step_id, start_s, start_s, self.num_free_blocks)
         try:
             works = self._check(step)
             self._check_blocks(works)
-            report = self._run(works, replica_id, step_id, start_s)
+            report = self._run(works, step_id, start_s)
         except StepRefused as exc:
-            return self._refusal(replica_id, step_id, start_s, str(exc))
+            return self._refusal(step_id, start_s, str(exc))
         return report
 
     def token_ids(self, request_id: str) -> list[int]:
@@ -303,7 +302,7 @@ class TorchEngine(Engine):
 
     # ------------------------------------------------------------------ execution
 
-    def _run(self, works: list[_Work], replica_id: int, step_id: int, start_s: float) -> StepReport:
+    def _run(self, works: list[_Work], step_id: int, start_s: float) -> StepReport:
         saved = [
             (w.seq, w.seq.num_tokens, w.seq.num_computed_tokens, w.seq.num_draft_computed_tokens)
             for w in works
@@ -323,7 +322,7 @@ class TorchEngine(Engine):
         for request_id in outcome.finished:
             self._release(request_id)
         self._sync()
-        return outcome.report(replica_id, step_id, start_s, self.clock(), self.num_free_blocks)
+        return outcome.report(step_id, start_s, self.clock(), self.num_free_blocks)
 
     def _propose(self, works: list[_Work]) -> None:
         spec = [w for w in works if w.num_spec_tokens]
@@ -413,12 +412,11 @@ class TorchEngine(Engine):
 
     # ------------------------------------------------------------------ reports
 
-    def _refusal(self, replica_id: int, step_id: int, start_s: float, error: str) -> StepReport:
+    def _refusal(self, step_id: int, start_s: float, error: str) -> StepReport:
         return StepReport(
-            replica_id,
-            step_id,
-            start_s,
-            self.clock(),
+            step_id=step_id,
+            start_s=start_s,
+            end_s=self.clock(),
             num_free_blocks=self.num_free_blocks,
             error=error,
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from formulations.state import num_blocks_for
+from formulations.progress import num_blocks_for
 
 BLOCK_SIZE = 16
 

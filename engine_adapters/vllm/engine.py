@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from engine_adapters.engine import Engine, EngineInfo, EngineRequest
 from engine_adapters.vllm.version import check_supported_version
 from formulations.plan import Step
-from wire.step_report import StepReport
+from wire.protocol import StepReport
 
 if TYPE_CHECKING:
     from engine_adapters.vllm.scheduler import StepOutcome
@@ -161,7 +161,7 @@ class VLLMEngine(Engine):
         self._our_ids[vllm_id] = request.request_id
         self._gone.discard(request.request_id)
 
-    def execute(self, step: Step, replica_id: int, step_id: int) -> StepReport:
+    def execute(self, step: Step, step_id: int) -> StepReport:
         vllm_step, error = self._to_vllm_step(step)
         error = error or self._scheduler.submit(vllm_step)
         if error:
@@ -169,7 +169,11 @@ class VLLMEngine(Engine):
         if error or vllm_step.is_empty:
             now_s = time.monotonic()
             return StepReport(
-                replica_id, step_id, now_s, now_s, num_free_blocks=self.num_free_blocks, error=error
+                step_id=step_id,
+                start_s=now_s,
+                end_s=now_s,
+                num_free_blocks=self.num_free_blocks,
+                error=error,
             )
         start_s = time.monotonic()
         self._llm_engine.step()  # schedule (our step) -> model -> update_from_output
@@ -177,7 +181,7 @@ class VLLMEngine(Engine):
         outcome = self._scheduler.take_outcome()
         if outcome is None:
             raise RuntimeError("vLLM stepped without calling the planner-driven scheduler")
-        return self._report(outcome, replica_id, step_id, start_s, end_s)
+        return self._report(outcome, step_id, start_s, end_s)
 
     def abort(self, request_id: str) -> None:
         vllm_id = self._forget(request_id)
@@ -234,7 +238,7 @@ class VLLMEngine(Engine):
         return Step(num_tokens, num_spec_tokens), ""
 
     def _report(
-        self, outcome: StepOutcome, replica_id: int, step_id: int, start_s: float, end_s: float
+        self, outcome: StepOutcome, step_id: int, start_s: float, end_s: float
     ) -> StepReport:
         to_ours = dict(self._our_ids)  # taken before finished requests are forgotten
         spec = {to_ours[v]: s for v, s in outcome.num_spec_tokens.items()}
@@ -248,7 +252,6 @@ class VLLMEngine(Engine):
         for request_id in finished:
             self._forget(request_id)
         return StepReport(
-            replica_id=replica_id,
             step_id=step_id,
             start_s=start_s,
             end_s=end_s,
@@ -275,6 +278,3 @@ class VLLMEngine(Engine):
         if vllm_id is not None:
             self._our_ids.pop(vllm_id, None)
         return vllm_id
-
-
-VllmEngine = VLLMEngine  # the spelling commands/engine.py looks up

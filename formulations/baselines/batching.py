@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from formulations.plan import Decision, Plan, Step, Verdict
-from formulations.state import ReplicaView, RequestState, num_blocks_for
+from formulations.progress import num_blocks_for
+from formulations.state import ReplicaView, RequestState
 
 ADMIT = Decision(Verdict.ADMITTED, "queued (memory-only admission)")
 
@@ -25,8 +26,7 @@ def admit_by_memory(view: ReplicaView) -> dict[str, Decision]:
     """ADMITTED for every waiting request that fits the KV pool alone, REJECTED otherwise."""
     decisions: dict[str, Decision] = {}
     for state in view.waiting:
-        # The last output token is sampled, never cached: the KV peaks at max_num_tokens - 1.
-        peak_blocks = num_blocks_for(state.request.max_num_tokens - 1, view.block_size)
+        peak_blocks = state.num_peak_blocks(view.block_size)
         if peak_blocks <= view.num_total_blocks:
             decisions[state.request_id] = ADMIT
         else:

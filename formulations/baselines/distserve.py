@@ -35,6 +35,8 @@ ROLES = ("prefill", "decode", "mixed")
 
 @register("distserve")
 class DistServe(Formulation):
+    admission_control: ClassVar[bool] = False  # queues whatever fits in memory
+
     disaggregated: ClassVar[bool] = True
 
     def __init__(

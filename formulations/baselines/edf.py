@@ -13,6 +13,7 @@ skipped, and later-deadline ones may still run.
 from __future__ import annotations
 
 from operator import itemgetter
+from typing import ClassVar
 
 from formulations.baselines.batching import (
     BlockLedger,
@@ -56,6 +57,8 @@ _SORT_KEY = itemgetter(0, 1, 2)
 
 @register("edf")
 class Edf(Formulation):
+    admission_control: ClassVar[bool] = False  # queues whatever fits in memory
+
     def __init__(self, max_num_seqs: int = 256) -> None:
         if max_num_seqs < 1:
             raise ValueError("max_num_seqs must be positive")

@@ -14,6 +14,8 @@ only, as in vLLM (see `batching.admit_by_memory`).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from formulations.baselines.batching import (
     BlockLedger,
     is_decoding,
@@ -60,6 +62,8 @@ def fill_prefills(
 
 @register("sarathi")
 class Sarathi(Formulation):
+    admission_control: ClassVar[bool] = False  # queues whatever fits in memory
+
     def __init__(self, max_num_seqs: int = 256) -> None:
         if max_num_seqs < 1:
             raise ValueError("max_num_seqs must be positive")

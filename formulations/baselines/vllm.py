@@ -21,6 +21,8 @@ vLLM v0 sets the budget to the model's context length when chunked prefill is of
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from formulations.baselines.batching import (
     BlockLedger,
     plan_step,
@@ -79,6 +81,8 @@ def schedule_started(
 
 @register("vllm_fcfs")
 class VllmFcfs(Formulation):
+    admission_control: ClassVar[bool] = False  # queues whatever fits in memory
+
     def __init__(self, max_num_batched_tokens: int = 2048, max_num_seqs: int = 256) -> None:
         _check_budget(max_num_batched_tokens, max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -111,6 +115,8 @@ class VllmFcfs(Formulation):
 
 @register("vllm_prefill_first")
 class VllmPrefillFirst(Formulation):
+    admission_control: ClassVar[bool] = False  # queues whatever fits in memory
+
     def __init__(self, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256) -> None:
         _check_budget(max_num_batched_tokens, max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -203,7 +203,7 @@ def test_garbage_frames_leave_the_daemon_serving_and_are_counted(service_factory
         bad_engine = [
             [b"R", os.urandom(50)],
             [b"S", P.encode(P.Submit(request_id="x", max_tokens=1, num_prompt_tokens=1))[1]],
-            P.encode(P.Progress(engine_id="ghost", step_id=0, plan_id=0, step_time_s=0.0)),
+            P.encode(P.StepReport(step_id=0, plan_id=0)),
         ]
         for endpoint, frames_list in (
             (service.client_port, bad_client),

@@ -13,6 +13,7 @@ import zmq
 from engine_adapters.adapter import AdapterConfig, EngineAdapter
 from engine_adapters.sim_engine import SimEngine
 from formulations.perf_model import Line, PerfModel
+from formulations.plan import Step
 from wire import protocol as P
 
 FAST = PerfModel((Line(1e-6, 0.0, 0.002),), "fast")
@@ -68,12 +69,11 @@ def stop(adapter, thread):
 
 def plan(plan_id, start, steps, repeat=(), new=()):
     return P.PlanMsg(
-        engine_id="eng",
         plan_id=plan_id,
         start_step_id=start,
-        steps=[P.WireStep(s) for s in steps],
-        repeat=[P.WireStep(s) for s in repeat],
-        new_requests=list(new),
+        steps=tuple(Step(s) for s in steps),
+        repeat=tuple(Step(s) for s in repeat),
+        new_requests=tuple(new),
     )
 
 
@@ -83,13 +83,13 @@ def test_ready_then_plan_steps_then_repeat_until_finished(planner):
         identity, ready = planner.recv()
         assert isinstance(ready, P.Ready) and ready.protocol_version == P.PROTOCOL_VERSION
         assert ready.engine_id == "eng" and ready.num_total_blocks == 64 and ready.next_step_id == 0
-        new = P.NewRequest("a", num_prompt_tokens=40, max_new_tokens=4)
+        new = P.EngineRequest("a", num_prompt_tokens=40, max_new_tokens=4)
         planner.send(identity, plan(0, 0, [{"a": 25}, {"a": 15}], [{"a": 1}], [new]))
         reports = [planner.recv()[1] for _ in range(5)]
         assert [r.step_id for r in reports] == [0, 1, 2, 3, 4]
         assert [r.num_computed_tokens["a"] for r in reports] == [25, 15, 1, 1, 1]
         assert [r.num_new_tokens.get("a", 0) for r in reports] == [0, 1, 1, 1, 1]
-        assert reports[-1].finished == ["a"] and all(r.plan_id == 0 for r in reports)
+        assert reports[-1].finished == ("a",) and all(r.plan_id == 0 for r in reports)
         # Nothing live: the engine idles and only heartbeats.
         _, message = planner.recv(skip_heartbeats=False)
         assert isinstance(message, P.Heartbeat)
@@ -102,7 +102,7 @@ def test_late_plan_is_clamped_to_the_remaining_prompt(planner):
     adapter, thread = start_adapter(planner.endpoint)
     try:
         identity, _ = planner.recv()
-        new = P.NewRequest("a", num_prompt_tokens=30, max_new_tokens=2)
+        new = P.EngineRequest("a", num_prompt_tokens=30, max_new_tokens=2)
         # Plan 0 covers step 0 only; plan 1 (planned as if step 0 had not run) starts at 0 too.
         planner.send(identity, plan(0, 0, [{"a": 10}], [], [new]))
         first = planner.recv()[1]
@@ -110,7 +110,7 @@ def test_late_plan_is_clamped_to_the_remaining_prompt(planner):
         reports = [planner.recv()[1] for _ in range(3)]
         assert first.num_computed_tokens == {"a": 10}
         assert [r.num_computed_tokens["a"] for r in reports] == [10, 10, 1]  # 20 clamped to 10
-        assert all(not r.error for r in reports) and reports[-1].finished == ["a"]
+        assert all(not r.error for r in reports) and reports[-1].finished == ("a",)
         assert adapter.queue.num_late_plans == 1
     finally:
         stop(adapter, thread)
@@ -122,9 +122,9 @@ def test_bad_frames_are_counted_and_the_engine_keeps_serving(planner):
         identity, _ = planner.recv()
         planner.socket.send_multipart([identity, b"P", b"\x00not msgpack"])
         planner.socket.send_multipart([identity, b"S", P.encode(P.StatsRequest())[1]])
-        planner.send(identity, plan(0, 0, [{"a": 5}], [], [P.NewRequest("a", 5, 1)]))
+        planner.send(identity, plan(0, 0, [{"a": 5}], [], [P.EngineRequest("a", 5, 1)]))
         report = planner.recv()[1]
-        assert report.finished == ["a"]
+        assert report.finished == ("a",)
         assert adapter.stats.num_rejected_frames == 2
     finally:
         stop(adapter, thread)
@@ -136,7 +136,7 @@ def test_reconnects_with_a_fresh_identity_when_the_planner_is_silent(planner):
     )
     try:
         first_identity, _ = planner.recv()
-        planner.send(first_identity, plan(0, 0, [], [], [P.NewRequest("a", 5, 100)]))
+        planner.send(first_identity, plan(0, 0, [], [], [P.EngineRequest("a", 5, 100)]))
         # Say nothing more: after 3 silent intervals the adapter drops its requests and re-READYs.
         second_identity, ready = planner.recv(timeout_s=5)
         assert isinstance(ready, P.Ready) and second_identity != first_identity
@@ -150,7 +150,7 @@ def test_step_error_abandons_the_plan_and_reports_it(planner):
     adapter, thread = start_adapter(planner.endpoint, engine=engine)
     try:
         identity, _ = planner.recv()
-        new = P.NewRequest("a", num_prompt_tokens=100, max_new_tokens=2)  # needs 7 blocks of 2
+        new = P.EngineRequest("a", num_prompt_tokens=100, max_new_tokens=2)  # needs 7 blocks of 2
         planner.send(identity, plan(0, 0, [{"a": 100}], [{"a": 1}], [new]))
         report = planner.recv()[1]
         assert "out of KV blocks" in report.error
@@ -167,11 +167,11 @@ def test_engine_waits_for_the_answer_to_its_report_so_the_plan_is_on_time(planne
     )
     try:
         identity, _ = planner.recv()
-        new = P.NewRequest("a", num_prompt_tokens=10, max_new_tokens=50)
+        new = P.EngineRequest("a", num_prompt_tokens=10, max_new_tokens=50)
         planner.send(identity, plan(0, 0, [{"a": 10}], [{"a": 1}], [new]))
         first = planner.recv()[1]
         time.sleep(0.3)  # a slow planner: the engine must still be waiting for its answer
-        b = P.NewRequest("b", num_prompt_tokens=20, max_new_tokens=50)
+        b = P.EngineRequest("b", num_prompt_tokens=20, max_new_tokens=50)
         answer = plan(1, first.step_id + 1, [{"a": 1, "b": 20}], [{"a": 1, "b": 1}], [b])
         planner.send(
             identity,
@@ -202,7 +202,7 @@ def test_engine_waits_only_when_the_planner_announced_a_replan(planner):
     try:
         identity, _ = planner.recv()
         planner.send(identity, P.Heartbeat("planner", replan_expected=False))
-        new = P.NewRequest("a", num_prompt_tokens=10, max_new_tokens=5000)
+        new = P.EngineRequest("a", num_prompt_tokens=10, max_new_tokens=5000)
         planner.send(identity, plan(0, 0, [{"a": 10}], [{"a": 1}], [new]))
         start_s = time.monotonic()
         steps = [planner.recv()[1] for _ in range(3)]  # no answers sent: it must not wait

@@ -4,13 +4,13 @@ dropped, and the repeat cycle keeps the engine busy until a newer plan comes."""
 from __future__ import annotations
 
 from engine_adapters.plan_queue import PlanQueue
-from formulations.plan import Plan, Step
-from wire.plan_cursor import PlanEnvelope
+from formulations.plan import Step
+from wire.protocol import PlanMsg
 
 
 def envelope(plan_id, start, steps=(), repeat=(), preempt=()):
-    return PlanEnvelope(
-        0, plan_id, start, Plan(steps=tuple(steps), repeat=tuple(repeat), preempt=tuple(preempt))
+    return PlanMsg(
+        plan_id, start, steps=tuple(steps), repeat=tuple(repeat), preemptions=tuple(preempt)
     )
 
 
@@ -72,7 +72,7 @@ def test_adoption_callback_sees_preemptions_and_abandon_waits_for_a_plan():
     adopted = []
     queue.offer(envelope(0, 0, [Step({"a": 2})], [Step({"a": 1})], preempt=["z"]))
     queue.next_step(live("a"), adopted.append)
-    assert [e.plan.preempt for e in adopted] == [("z",)]
+    assert [e.preemptions for e in adopted] == [("z",)]
     queue.abandon()
     assert queue.next_step(live("a")) is None
 

@@ -57,9 +57,9 @@ class PlannerSocket:
 def greedy_reference(model_dir, prompt: tuple[int, ...], num_out: int) -> list[int]:
     engine = TorchEngine.from_pretrained(model_dir, num_blocks=32)
     engine.add_request(EngineRequest("a", len(prompt), num_out, prompt_token_ids=prompt))
-    out = engine.execute(Step({"a": len(prompt)}), 0, 0).new_token_ids["a"]
+    out = engine.execute(Step({"a": len(prompt)}), 0).new_token_ids["a"]
     while len(out) < num_out:
-        out += engine.execute(Step({"a": 1}), 0, 0).new_token_ids["a"]
+        out += engine.execute(Step({"a": 1}), 0).new_token_ids["a"]
     return out
 
 
@@ -77,26 +77,25 @@ def test_torch_engine_behind_the_adapter(model_dir):
         identity, ready = planner.recv()
         assert isinstance(ready, P.Ready)
         assert (ready.num_total_blocks, ready.block_size, ready.max_spec_tokens) == (32, 16, 3)
-        new = P.NewRequest(
+        new = P.EngineRequest(
             "a", num_prompt_tokens=40, max_new_tokens=12, prompt_token_ids=list(prompt)
         )
-        steps = [P.WireStep({"a": 25}), P.WireStep({"a": 15})]
-        repeat = [P.WireStep({"a": 1}, {"a": 3})]
+        steps = (Step({"a": 25}), Step({"a": 15}))
+        repeat = (Step({"a": 1}, {"a": 3}),)
         planner.send(
             identity,
             P.PlanMsg(
-                engine_id="eng",
                 plan_id=0,
                 start_step_id=0,
                 steps=steps,
                 repeat=repeat,
-                new_requests=[new],
+                new_requests=(new,),
             ),
         )
         tokens: list[int] = []
         while True:
             _, progress = planner.recv()
-            assert isinstance(progress, P.Progress) and not progress.error, progress
+            assert isinstance(progress, P.StepReport) and not progress.error, progress
             tokens += progress.new_token_ids.get("a", [])
             if "a" in progress.finished:
                 break

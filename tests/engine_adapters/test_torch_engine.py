@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import random
 
+import msgspec
 import pytest
 import torch
 
@@ -50,7 +51,7 @@ def run_alone(model, req: EngineRequest) -> list[int]:
     out = []
     step = Step({req.request_id: req.num_prompt_tokens})
     while True:
-        report = engine.execute(step, 0, len(out))
+        report = engine.execute(step, len(out))
         assert report.ok, report.error
         out += report.new_token_ids[req.request_id]
         if req.request_id in report.finished:
@@ -83,13 +84,13 @@ def test_chunked_prefill_gives_same_greedy_tokens(model):
         remaining = req.num_prompt_tokens
         while remaining:
             n = min(remaining, rng.randint(1, 30))
-            report = engine.execute(Step({"a": n}), 0, step_id)
+            report = engine.execute(Step({"a": n}), step_id)
             assert report.ok and report.num_computed_tokens == {"a": n}
             remaining -= n
             step_id += 1
         out += report.new_token_ids["a"]
         while "a" not in report.finished:
-            report = engine.execute(Step({"a": 1}), 0, step_id)
+            report = engine.execute(Step({"a": 1}), step_id)
             out += report.new_token_ids["a"]
             step_id += 1
         assert out == reference
@@ -133,7 +134,7 @@ def drive(engine: TorchEngine, reqs, max_chunk: int, spec: int = 0) -> dict[str,
     while pending:
         num_tokens = {rid: min(p, max_chunk) for rid, p in pending.items()}
         num_spec = {rid: spec for rid, p in pending.items() if spec and p <= max_chunk}
-        report = engine.execute(Step(num_tokens, num_spec), 0, step_id)
+        report = engine.execute(Step(num_tokens, num_spec), step_id)
         assert report.ok, report.error
         for rid, n in num_tokens.items():
             pending[rid] -= n
@@ -152,18 +153,18 @@ def test_preempted_request_is_recomputed_identically(model):
     reference = run_alone(model, req)
     engine = TorchEngine(model, num_blocks=64)
     engine.add_request(req)
-    out = engine.execute(Step({"a": 30}), 0, 0).new_token_ids["a"]
+    out = engine.execute(Step({"a": 30}), 0).new_token_ids["a"]
     for i in range(5):
-        out += engine.execute(Step({"a": 1}), 0, 1 + i).new_token_ids["a"]
+        out += engine.execute(Step({"a": 1}), 1 + i).new_token_ids["a"]
     engine.preempt("a")
     assert engine.num_free_blocks == 64
     known = 30 + len(out)
-    report = engine.execute(Step({"a": known - 10}), 0, 10)  # recompute in two chunks
+    report = engine.execute(Step({"a": known - 10}), 10)  # recompute in two chunks
     assert report.ok and report.new_token_ids == {}
-    report = engine.execute(Step({"a": 10}), 0, 11)
+    report = engine.execute(Step({"a": 10}), 11)
     out += report.new_token_ids["a"]
     while "a" not in report.finished:
-        report = engine.execute(Step({"a": 1}), 0, 12)
+        report = engine.execute(Step({"a": 1}), 12)
         out += report.new_token_ids["a"]
     assert out == reference
 
@@ -185,7 +186,7 @@ def test_eos_stops_unless_ignored(model):
     reference = run_alone(model, req)
     eos = reference[5]
     eos_model = _with_eos(model, eos)
-    stopping = run_alone(eos_model, dataclasses.replace(req, ignore_eos=False))
+    stopping = run_alone(eos_model, msgspec.structs.replace(req, ignore_eos=False))
     assert stopping == reference[: reference.index(eos) + 1]
     assert run_alone(eos_model, req) == reference  # ignore_eos=True (the default) runs on
 
@@ -214,7 +215,7 @@ def test_blocks_do_not_leak_over_finish_abort_preempt(model):
         if action < 0.2:
             engine.preempt(rid)
         pending = len(engine.token_ids(rid)) - _computed(engine, rid)
-        report = engine.execute(Step({rid: min(pending, rng.randint(1, 40))}), 0, i)
+        report = engine.execute(Step({rid: min(pending, rng.randint(1, 40))}), i)
         assert report.ok, report.error
         assert report.num_free_blocks == engine.num_free_blocks
         if rid in report.finished:
@@ -235,11 +236,11 @@ def test_out_of_blocks_is_an_error_report_and_changes_nothing(model):
     engine = TorchEngine(model, num_blocks=4)  # 64 token slots
     engine.add_request(request("a", 1, 40, 5))
     engine.add_request(request("b", 2, 40, 5))
-    assert engine.execute(Step({"a": 40}), 0, 0).ok
-    report = engine.execute(Step({"b": 40}), 0, 1)
+    assert engine.execute(Step({"a": 40}), 0).ok
+    report = engine.execute(Step({"b": 40}), 1)
     assert "out of KV blocks" in report.error
     assert report.num_free_blocks == 1 == engine.num_free_blocks
-    assert engine.execute(Step({"b": 16}), 0, 2).ok  # a step that fits still runs
+    assert engine.execute(Step({"b": 16}), 2).ok  # a step that fits still runs
     assert engine.info().num_total_blocks == 4 and engine.info().block_size == 16
 
 
@@ -256,12 +257,12 @@ def test_out_of_blocks_is_an_error_report_and_changes_nothing(model):
 def test_bad_steps_are_refused_with_nothing_executed(model, step, message):
     engine = TorchEngine(model, num_blocks=16)
     engine.add_request(request("a", 1, 10, 3))
-    report = engine.execute(step, 3, 7)
+    report = engine.execute(step, 7)
     assert message in report.error and not report.ok
-    assert (report.replica_id, report.step_id) == (3, 7)
+    assert report.step_id == 7
     assert report.num_computed_tokens == {} and engine.num_free_blocks == 16
     assert (
-        engine.execute(Step({"a": 10}), 3, 8).new_token_ids["a"]
+        engine.execute(Step({"a": 10}), 8).new_token_ids["a"]
         == run_alone(model, request("a", 1, 10, 3))[:1]
     )
 
@@ -269,8 +270,8 @@ def test_bad_steps_are_refused_with_nothing_executed(model, step, message):
 def test_finished_requests_are_refused_and_bad_requests_rejected(model):
     engine = TorchEngine(model, num_blocks=16)
     engine.add_request(request("a", 1, 10, 1))
-    assert engine.execute(Step({"a": 10}), 0, 0).finished == ("a",)
-    assert "finished request" in engine.execute(Step({"a": 1}), 0, 1).error
+    assert engine.execute(Step({"a": 10}), 0).finished == ("a",)
+    assert "finished request" in engine.execute(Step({"a": 1}), 1).error
     engine.add_request(request("b", 1, 10, 1))
     with pytest.raises(ValueError, match="already registered"):
         engine.add_request(request("b", 1, 10, 1))
@@ -283,7 +284,7 @@ def test_placeholder_prompts_are_deterministic(model):
     for _ in range(2):
         engine = TorchEngine(model, num_blocks=16)
         engine.add_request(EngineRequest("p", 25, 4))
-        outs.append((engine.token_ids("p"), engine.execute(Step({"p": 25}), 0, 0).new_token_ids))
+        outs.append((engine.token_ids("p"), engine.execute(Step({"p": 25}), 0).new_token_ids))
     assert outs[0] == outs[1] and len(outs[0][0]) == 25
 
 
@@ -292,26 +293,26 @@ def test_a_failing_forward_pass_is_rolled_back_and_reported(model, monkeypatch):
     reference = run_alone(model, req)
     engine = TorchEngine(model, num_blocks=16)
     engine.add_request(req)
-    assert engine.execute(Step({"a": 8}), 0, 0).ok
+    assert engine.execute(Step({"a": 8}), 0).ok
 
     def broken_run(chunks):
         engine.target.blocks.allocate("a", 20)  # it got as far as taking blocks
         raise RuntimeError("simulated device out of memory")
 
     monkeypatch.setattr(engine.target, "run", broken_run)
-    report = engine.execute(Step({"a": 12}), 0, 1)
+    report = engine.execute(Step({"a": 12}), 1)
     assert "simulated device out of memory" in report.error
     assert engine.num_free_blocks == 15 and _computed(engine, "a") == 8
     monkeypatch.undo()
-    out = engine.execute(Step({"a": 12}), 0, 2).new_token_ids["a"]
+    out = engine.execute(Step({"a": 12}), 2).new_token_ids["a"]
     for i in range(3):
-        out += engine.execute(Step({"a": 1}), 0, 3 + i).new_token_ids["a"]
+        out += engine.execute(Step({"a": 1}), 3 + i).new_token_ids["a"]
     assert out == reference
 
 
 def test_an_empty_step_does_nothing(model):
     engine = TorchEngine(model, num_blocks=8)
-    report = engine.execute(Step({}), 2, 5)
+    report = engine.execute(Step({}), 5)
     assert report.ok and report.num_computed_tokens == {} and report.num_free_blocks == 8
 
 

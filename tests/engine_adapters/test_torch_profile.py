@@ -13,7 +13,7 @@ from engine_adapters.profiler import Profiler, SweepConfig, median_abs_pct_error
 from engine_adapters.torch_engine.engine import PERF_MODEL_FILE, TorchEngine
 from formulations.perf_model import Line, PerfModel, StepSample
 from formulations.plan import Step
-from wire.step_report import StepReport
+from wire.protocol import StepReport
 
 TRUE_MODEL = PerfModel((Line(2e-4, 1e-3, 0.010), Line(4e-4, 0.0, -0.05)))
 
@@ -33,13 +33,13 @@ class ModelTimedEngine(Engine):
     def add_request(self, request: EngineRequest) -> None:
         self.pending[request.request_id] = request.num_prompt_tokens
 
-    def execute(self, step: Step, replica_id: int, step_id: int) -> StepReport:
+    def execute(self, step: Step, step_id: int) -> StepReport:
         assert all(0 < n <= self.pending[rid] for rid, n in step.num_tokens.items())
         self.steps.append(step)
         for rid in step.num_tokens:
             self.pending[rid] = 1
         time_s = TRUE_MODEL.step_time_s(step.num_batched_tokens, step.spec_steps)
-        return StepReport(replica_id, step_id, 0.0, time_s)
+        return StepReport(step_id, 0.0, time_s)
 
     def abort(self, request_id: str) -> None:
         self.pending.pop(request_id, None)

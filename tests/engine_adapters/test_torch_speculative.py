@@ -69,7 +69,7 @@ def run(engine: TorchEngine, reqs, spec: int, max_chunk: int = 16):
     while pending:
         num_tokens = {rid: min(p, max_chunk) for rid, p in pending.items()}
         num_spec = {rid: spec for rid, p in pending.items() if spec and p <= max_chunk}
-        report = engine.execute(Step(num_tokens, num_spec), 0, step_id)
+        report = engine.execute(Step(num_tokens, num_spec), step_id)
         assert report.ok, report.error
         for rid in num_tokens:
             new = report.new_token_ids.get(rid, [])
@@ -124,14 +124,14 @@ def test_speculation_survives_preemption_and_mixed_steps(models, plain_output):
     for r in reqs:
         engine.add_request(r)
     r0 = reqs[0]
-    out = engine.execute(Step({"r0": r0.num_prompt_tokens}, {"r0": 2}), 0, 0).new_token_ids["r0"]
-    out += engine.execute(Step({"r0": 1, "r1": 30}, {"r0": 4}), 0, 1).new_token_ids["r0"]
+    out = engine.execute(Step({"r0": r0.num_prompt_tokens}, {"r0": 2}), 0).new_token_ids["r0"]
+    out += engine.execute(Step({"r0": 1, "r1": 30}, {"r0": 4}), 1).new_token_ids["r0"]
     engine.preempt("r0")
     known = len(engine.token_ids("r0"))
-    report = engine.execute(Step({"r0": known, "r1": 10}, {"r0": 3}), 0, 2)
+    report = engine.execute(Step({"r0": known, "r1": 10}, {"r0": 3}), 2)
     out += report.new_token_ids["r0"]
     while "r0" not in report.finished:
-        report = engine.execute(Step({"r0": 1}, {"r0": 5}), 0, 3)
+        report = engine.execute(Step({"r0": 1}, {"r0": 5}), 3)
         out += report.new_token_ids["r0"]
     assert out == plain_output["r0"]
 
@@ -141,13 +141,13 @@ def test_speculation_refusals(models):
         models["target"], NUM_BLOCKS, draft_model=models["same"], max_spec_tokens=4
     )
     engine.add_request(requests()[0])
-    assert "0..4" in engine.execute(Step({"r0": 12}, {"r0": 5}), 0, 0).error
-    assert "finishes its pending tokens" in engine.execute(Step({"r0": 6}, {"r0": 2}), 0, 0).error
+    assert "0..4" in engine.execute(Step({"r0": 12}, {"r0": 5}), 0).error
+    assert "finishes its pending tokens" in engine.execute(Step({"r0": 6}, {"r0": 2}), 0).error
     assert engine.info().max_spec_tokens == 4
     small = TorchEngine(models["target"], 1, draft_model=models["same"])  # 16 slots
     small.add_request(requests()[0])  # 12 prompt tokens + 5 speculative > 16 slots
-    assert "out of KV blocks" in small.execute(Step({"r0": 12}, {"r0": 5}), 0, 0).error
-    assert small.num_free_blocks == 1 and small.execute(Step({"r0": 12}, {"r0": 4}), 0, 1).ok
+    assert "out of KV blocks" in small.execute(Step({"r0": 12}, {"r0": 5}), 0).error
+    assert small.num_free_blocks == 1 and small.execute(Step({"r0": 12}, {"r0": 4}), 1).ok
 
 
 def test_sampled_acceptance_rule_preserves_target_distribution():
@@ -226,7 +226,7 @@ def test_random_schedules_match_plain_greedy(models, plain_output, seed):
             num_tokens[rid] = rng.randint(1, pending) if rng.random() < 0.5 else pending
             if num_tokens[rid] == pending and rng.random() < 0.6:
                 num_spec[rid] = rng.randint(1, 6)
-        report = engine.execute(Step(num_tokens, num_spec), 0, step_id)
+        report = engine.execute(Step(num_tokens, num_spec), step_id)
         assert report.ok, report.error
         for rid, new in report.new_token_ids.items():
             out[rid] += new

@@ -93,7 +93,7 @@ def planned_run(engine):
                 for rid, n in step.num_tokens.items()
             }
         )
-        reports.append(engine.execute(step, 0, i))
+        reports.append(engine.execute(step, i))
         blocks_taken.append(
             {
                 rid: num_blocks_held(engine, vllm_ids[rid]) - held_before[rid]
@@ -195,13 +195,13 @@ def test_a_rejected_request_is_never_scheduled(planned_run, engine):
 def test_abort_frees_the_blocks_of_a_running_request(engine, planned_run):
     free_before = engine.num_free_blocks
     engine.add_request(EngineRequest("ab", 100, 5, tuple(make_prompt(7, 100))))
-    report = engine.execute(Step({"ab": 70}), 0, 0)
+    report = engine.execute(Step({"ab": 70}), 0)
     assert report.ok and report.num_free_blocks == free_before - 3  # ceil(70 / 32)
     engine.abort("ab")
     assert engine.num_free_blocks == free_before
     # A stale plan naming the aborted request is skipped, not run.
     executed_before = len(engine.recorder.num_scheduled_tokens)
-    assert engine.execute(Step({"ab": 30}), 0, 1).ok
+    assert engine.execute(Step({"ab": 30}), 1).ok
     assert len(engine.recorder.num_scheduled_tokens) == executed_before
 
 
@@ -230,7 +230,7 @@ def test_out_of_blocks_step_is_refused_and_changes_nothing(engine, planned_run):
     free = engine.num_free_blocks
     assert free == NUM_BLOCKS - 1 - 3 * 16  # ceil(500 / 32) blocks each: 15 left, kv3 needs 16
     executed_before = len(engine.recorder.num_scheduled_tokens)
-    report = engine.execute(Step({"kv0": 1, "kv3": 500}), 0, 9)
+    report = engine.execute(Step({"kv0": 1, "kv3": 500}), 9)
     assert not report.ok and "out of KV blocks" in report.error
     assert engine.num_free_blocks == free
     assert len(engine.recorder.num_scheduled_tokens) == executed_before
@@ -255,7 +255,7 @@ def test_infeasible_steps_are_refused_and_change_nothing(engine, planned_run, st
     if "bad" not in engine._vllm_ids:
         engine.add_request(EngineRequest("bad", 40, 3, tuple(make_prompt(5, 40))))
     free, executed = engine.num_free_blocks, len(engine.recorder.num_scheduled_tokens)
-    report = engine.execute(step, 0, 0)
+    report = engine.execute(step, 0)
     assert reason in report.error
     assert engine.num_free_blocks == free and len(engine.recorder.num_scheduled_tokens) == executed
     assert engine.scheduler.requests[engine.vllm_request_id("bad")].num_computed_tokens == 0
@@ -264,7 +264,7 @@ def test_infeasible_steps_are_refused_and_change_nothing(engine, planned_run, st
 def test_a_step_larger_than_vllm_token_budget_is_refused(engine, planned_run):
     engine.add_request(EngineRequest("big1", 300, 2, tuple(make_prompt(31, 300))))
     engine.add_request(EngineRequest("big2", 300, 2, tuple(make_prompt(32, 300))))
-    report = engine.execute(Step({"big1": 300, "big2": 300}), 0, 0)
+    report = engine.execute(Step({"big1": 300, "big2": 300}), 0)
     assert "max_num_batched_tokens=512" in report.error
     engine.abort("big1")
     engine.abort("big2")

@@ -64,13 +64,13 @@ def test_planned_spec_lengths_are_verified_and_output_is_unchanged(spec_engine, 
     num_new_tokens = 40
     engine.add_request(EngineRequest("s", len(prompt), num_new_tokens, tuple(prompt)))
     vllm_id = engine.vllm_request_id("s")
-    reports = [engine.execute(Step({"s": len(prompt)}), 0, 0)]
+    reports = [engine.execute(Step({"s": len(prompt)}), 0)]
     cycle = 0
     while not reports[-1].finished:
         cycle += 1
         spec = plan_spec_length(engine, "s", cycle)
         step = Step({"s": 1}, {"s": spec} if spec else {})
-        report = engine.execute(step, 0, cycle)
+        report = engine.execute(step, cycle)
         assert report.ok, report.error
         assert engine.recorder.num_scheduled_tokens[-1] == {vllm_id: 1 + spec}
         assert engine.recorder.num_spec_tokens[-1] == ({vllm_id: spec} if spec else {})
@@ -89,8 +89,8 @@ def test_planned_spec_lengths_are_verified_and_output_is_unchanged(spec_engine, 
 def test_more_drafts_than_proposed_is_refused(spec_engine):
     engine = spec_engine
     engine.add_request(EngineRequest("t", 6, 4, (1, 2, 3, 4, 5, 6)))
-    assert engine.execute(Step({"t": 6}), 0, 0).ok
+    assert engine.execute(Step({"t": 6}), 0).ok
     num_drafts = len(engine.scheduler.requests[engine.vllm_request_id("t")].spec_token_ids)
-    report = engine.execute(Step({"t": 1}, {"t": num_drafts + 1}), 0, 1)
+    report = engine.execute(Step({"t": 1}, {"t": num_drafts + 1}), 1)
     assert f"{num_drafts + 1} draft tokens planned, {num_drafts} proposed" in report.error
     engine.abort("t")

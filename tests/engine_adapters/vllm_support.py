@@ -90,7 +90,7 @@ def make_prompt(seed: int, length: int) -> list[int]:
 
 
 def run_plan(engine: VLLMEngine, steps: list[Step]):
-    reports = [engine.execute(step, 0, i) for i, step in enumerate(steps)]
+    reports = [engine.execute(step, i) for i, step in enumerate(steps)]
     for report in reports:
         assert report.ok, report.error
     return reports

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from formulations.perf_model import PerfModel
 from formulations.plan import Verdict
+from formulations.progress import num_blocks_for
 from formulations.request import Request
 from formulations.slo import SLO
-from formulations.state import ReplicaView, RequestState, num_blocks_for
+from formulations.state import ReplicaView, RequestState
 
 
 def request(

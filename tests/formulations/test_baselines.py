@@ -5,7 +5,8 @@ import pytest
 from formulations import registry
 from formulations.baselines.batching import BlockLedger
 from formulations.plan import Verdict
-from formulations.state import ReplicaView, RequestState, num_blocks_for
+from formulations.progress import num_blocks_for
+from formulations.state import ReplicaView, RequestState
 from tests.factories import SIMPLE_MODEL, make_req
 
 BLOCK = 16

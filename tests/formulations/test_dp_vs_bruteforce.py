@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from formulations.deadlines import token_deadline_s
 from formulations.perf_model import Line, PerfModel, perf_model_preset
 from formulations.planning_problem import extract_problem
+from formulations.progress import num_blocks_for
 from formulations.slos_dp import solve_candidates
-from formulations.state import num_blocks_for
 from tests.formulations import brute_force as bf
 from tests.formulations.factories import decoding_state, request, view
 
@@ -65,7 +65,7 @@ def reference_value(perf, now_s, running, waiting, total_blocks) -> float:
         bf.RunningDecoder(
             s.request.slo.tpot_s,
             token_deadline_s(s.request, s.num_generated_tokens + 1, s.first_token_s),
-            num_blocks_for(s.request.max_num_tokens, BLOCK),
+            num_blocks_for(s.request.num_peak_kv_tokens, BLOCK),
             s.request_id,
         )
         for s in sorted(running, key=lambda s: s.request_id)
@@ -76,12 +76,12 @@ def reference_value(perf, now_s, running, waiting, total_blocks) -> float:
             r.num_prompt_tokens,
             r.arrival_s + r.ttft_slo_s,
             r.slo.tpot_s if r.num_output_tokens > 1 else None,
-            num_blocks_for(r.max_num_tokens, BLOCK),
+            num_blocks_for(r.num_peak_kv_tokens, BLOCK),
             r.value,
             r.arrival_s,
         )
         for r in waiting
-        if num_blocks_for(r.max_num_tokens, BLOCK) <= total_blocks
+        if num_blocks_for(r.num_peak_kv_tokens, BLOCK) <= total_blocks
     ]
     return bf.best_value(perf, now_s, decoders, new, total_blocks)
 

@@ -102,10 +102,11 @@ def reasoning_workload(num_requests: int, gap_s: float) -> Workload:
 def run(memory: str, errors: list[str]):
     original = Simulation._on_step
 
-    def on_step(self, now_s, report, run_ends_s=None):
+    def on_step(self, now_s, event, run_ends_s=None):
+        _, report = event
         if report.error:
             errors.append(report.error)
-        return original(self, now_s, report, run_ends_s)
+        return original(self, now_s, event, run_ends_s)
 
     config = SimConfig(
         policy="slos_dp",

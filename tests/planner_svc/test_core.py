@@ -10,12 +10,13 @@ from formulations.interface import Formulation
 from formulations.plan import Decision, Plan, Step, Verdict
 from lab.simulator import SimConfig, simulate
 from lab.workloads.workload import Workload
-from planner_svc.core import PlannerCore, ReplanPolicy
+from planner_svc.core import PlannerCore
 from planner_svc.plan_check import PlanError
 from planner_svc.replica import ReplicaSpec
 from planner_svc.router import RoundRobinRouter
+from planner_svc.triggers import ReplanPolicy
 from tests.factories import SIMPLE_MODEL, make_req
-from wire.step_report import StepReport
+from wire.protocol import StepReport
 
 
 class Scripted(Formulation):
@@ -111,9 +112,9 @@ def test_spec_tokens_beyond_the_engine_maximum():
 
     core = PlannerCore([spec(0, max_spec=2)], lambda s: Scripted(plan))
     core.submit(make_req("a", prompt=10, output=50), 0.0)
-    report = StepReport(0, 0, 0.0, 0.1, {"a": 10}, {"a": 1}, num_free_blocks=999)
+    report = StepReport(0, 0.0, 0.1, {"a": 10}, {"a": 1}, num_free_blocks=999)
     with pytest.raises(PlanError, match="3 speculative tokens"):
-        core.on_step(report, 0.1)
+        core.on_step(0, report, 0.1)
 
 
 # ---------------------------------------------------------------- routing and verdicts
@@ -141,7 +142,7 @@ def test_forward_on_rejection_reaches_an_admitting_replica():
     assert out.forwards == [("a", 0, 1)]
     assert [(rid, rep, d.verdict) for rid, rep, d in out.verdicts] == [("a", 1, Verdict.ADMITTED)]
     assert out.plans[1].new_requests[0].request_id == "a"
-    assert out.plans[0].new_requests == () and not out.plans[0].plan.steps
+    assert out.plans[0].new_requests == () and not out.plans[0].steps
 
 
 def test_rejected_everywhere_is_rejected_once():
@@ -206,11 +207,11 @@ def test_verdicts_are_final_and_given_once_in_a_busy_multi_replica_run():
                 seen[rid] += 1
             return out
 
-        def submit(self, request, now_s):
-            return self._count(original(self, request, now_s))
+        def submit(self, request, now_s, payload=None):
+            return self._count(original(self, request, now_s, payload))
 
-        def on_step(self, report, now_s, num_steps=1):
-            return self._count(super().on_step(report, now_s, num_steps))
+        def on_step(self, replica_id, report, now_s, num_steps=1):
+            return self._count(super().on_step(replica_id, report, now_s, num_steps))
 
         def tick(self, now_s):
             return self._count(super().tick(now_s))
@@ -246,7 +247,7 @@ def test_busy_replica_replans_only_at_step_boundaries():
     assert len(fn_calls) == 1
     out = core.submit(make_req("b", prompt=50, output=5), 0.01)  # engine busy with step 0
     assert out.plans == {} and len(fn_calls) == 1
-    out = core.on_step(StepReport(0, 0, 0.0, 0.06, {"a": 50}, {"a": 1}, num_free_blocks=996), 0.06)
+    out = core.on_step(0, StepReport(0, 0.0, 0.06, {"a": 50}, {"a": 1}, num_free_blocks=996), 0.06)
     assert len(fn_calls) == 2 and out.plans[0].start_step_id == 1
     assert {r.request_id for r in out.plans[0].new_requests} == {"b"}
 
@@ -254,10 +255,10 @@ def test_busy_replica_replans_only_at_step_boundaries():
 def test_stale_and_duplicate_reports_are_ignored():
     core = core_with(admit_and_prefill)
     core.submit(make_req("a", prompt=50, output=5), 0.0)
-    report = StepReport(0, 0, 0.0, 0.06, {"a": 50}, {"a": 1}, num_free_blocks=996)
-    core.on_step(report, 0.06)
+    report = StepReport(0, 0.0, 0.06, {"a": 50}, {"a": 1}, num_free_blocks=996)
+    core.on_step(0, report, 0.06)
     assert core.request_state("a").num_generated_tokens == 1
-    assert core.on_step(report, 0.07).plans == {}
+    assert core.on_step(0, report, 0.07).plans == {}
     assert core.request_state("a").num_generated_tokens == 1
 
 
@@ -276,15 +277,15 @@ def test_repeated_errors_make_the_core_preempt():
 
     core = core_with(fn)
     core.submit(make_req("a", prompt=1, output=50), 0.0)
-    core.on_step(StepReport(0, 0, 0.0, 0.01, {"a": 1}, {"a": 1}, num_free_blocks=999), 0.01)
+    core.on_step(0, StepReport(0, 0.0, 0.01, {"a": 1}, {"a": 1}, num_free_blocks=999), 0.01)
     out = core.submit(make_req("b", prompt=1, output=50), 0.01)
-    error = StepReport(0, 1, 0.01, 0.01, num_free_blocks=0, error="out of KV blocks")
-    out = core.on_step(error, 0.01)
+    error = StepReport(1, 0.01, 0.01, num_free_blocks=0, error="out of KV blocks")
+    out = core.on_step(0, error, 0.01)
     assert out.preempted == [] and 0 in out.plans
-    error2 = StepReport(0, 2, 0.01, 0.01, num_free_blocks=0, error="out of KV blocks")
-    out = core.on_step(error2, 0.01)
+    error2 = StepReport(2, 0.01, 0.01, num_free_blocks=0, error="out of KV blocks")
+    out = core.on_step(0, error2, 0.01)
     assert [rid for rid, _ in out.preempted] == ["a"]  # the newest holding KV (b has none yet)
-    assert out.plans[0].plan.preempt == tuple(rid for rid, _ in out.preempted)
+    assert out.plans[0].preemptions == tuple(rid for rid, _ in out.preempted)
 
 
 def test_slow_step_triggers_a_replan_at_the_boundary():
@@ -301,12 +302,12 @@ def test_slow_step_triggers_a_replan_at_the_boundary():
     core.submit(make_req("a", prompt=10, output=20), 0.0)
     predicted = SIMPLE_MODEL.step_time_s(10)
     core.on_step(
-        StepReport(0, 0, 0.0, predicted, {"a": 10}, {"a": 1}, num_free_blocks=999), predicted
+        0, StepReport(0, 0.0, predicted, {"a": 10}, {"a": 1}, num_free_blocks=999), predicted
     )
     assert len(calls) == 1  # on time, plan not used up
     slow_end = predicted + 2 * SIMPLE_MODEL.step_time_s(1)
     core.on_step(
-        StepReport(0, 1, predicted, slow_end, {"a": 1}, {"a": 1}, num_free_blocks=999), slow_end
+        0, StepReport(1, predicted, slow_end, {"a": 1}, {"a": 1}, num_free_blocks=999), slow_end
     )
     assert len(calls) == 2
 
@@ -338,7 +339,7 @@ def test_removing_the_last_replica_reports_requests_as_failed():
 def test_real_baseline_factory_from_the_registry():
     core = PlannerCore([spec(0)], lambda s: registry.create("vllm_fcfs"))
     out = core.submit(make_req("a", prompt=100), 0.0)
-    assert out.plans[0].plan.steps[0].num_tokens == {"a": 100}
+    assert out.plans[0].steps[0].num_tokens == {"a": 100}
 
 
 # ---------------------------------------------------------------- accessors, spec estimate, abort
@@ -356,14 +357,14 @@ def test_acceptance_rate_estimate_moves_from_the_prior_to_the_reports():
     core = PlannerCore([spec(0, max_spec=4)], lambda s: Scripted(fn), spec_acceptance_prior=0.5)
     core.submit(make_req("a", prompt=10, output=1000), 0.0)
     assert seen == [0.5]
-    core.on_step(StepReport(0, 0, 0.0, 0.02, {"a": 10}, {"a": 1}, num_free_blocks=999), 0.02)
+    core.on_step(0, StepReport(0, 0.0, 0.02, {"a": 10}, {"a": 1}, num_free_blocks=999), 0.02)
     t = 0.02
     for i in range(1, 200):  # every draft accepted
         report = StepReport(
-            0, i, t, t + 0.011, {"a": 5}, {"a": 5}, {"a": 4}, {"a": 4}, num_free_blocks=999
+            i, t, t + 0.011, {"a": 5}, {"a": 5}, {"a": 4}, {"a": 4}, num_free_blocks=999
         )
         t += 0.011
-        core.on_step(report, t)
+        core.on_step(0, report, t)
     # prior worth 20 proposals at 0.5, then 199 * 4 proposals all accepted
     expected = (0.5 * 20 + 199 * 4) / (20 + 199 * 4)
     assert core.replica(0).spec_acceptance_rate == pytest.approx(expected)
@@ -374,7 +375,7 @@ def test_abort_frees_the_request_and_tells_the_engine():
     core = core_with(admit_and_prefill)
     core.submit(make_req("a", prompt=50, output=5), 0.0)
     out = core.abort("a", 0.01)
-    assert out.aborts == [(0, "a")] and core.num_unfinished == 0
+    assert out.aborts == [("a", 0)] and core.num_unfinished == 0
     assert core.abort("unknown", 0.02).aborts == []
 
 

@@ -67,7 +67,7 @@ def test_bad_client_frames_are_counted_answered_and_survived(service):
             [os.urandom(1), os.urandom(64)],
             [b"S", os.urandom(64)],
             [b"S", msgpack.packb({"request_id": "x", "max_tokens": "lots"})],
-            [b"P", P.encode(P.PlanMsg(engine_id="e", plan_id=0, start_step_id=0))[1]],  # wrong side
+            [b"P", P.encode(P.PlanMsg(plan_id=0, start_step_id=0))[1]],  # wrong side
             [b"S"],
             [b"S", b"\x80" * (daemon.config.max_frame_bytes + 1)],  # oversized
         ]
@@ -93,7 +93,7 @@ def test_bad_engine_frames_are_counted_and_survived(service):
     try:
         rogue.send_multipart([b"G", os.urandom(40)])
         rogue.send_multipart(
-            P.encode(P.Progress(engine_id="x", step_id=0, plan_id=0, step_time_s=0.1))
+            P.encode(P.StepReport(step_id=0, plan_id=0, end_s=0.1))
         )  # before READY
         rogue.send_multipart(
             P.encode(

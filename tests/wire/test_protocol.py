@@ -9,10 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from formulations.perf_model import perf_model_preset
-from formulations.plan import Plan, Step
+from formulations.plan import Step
 from wire import protocol as P
-from wire.plan_cursor import PlanEnvelope
-from wire.step_report import StepReport
 
 ALL_TYPES = frozenset(P.MessageType)
 
@@ -26,25 +24,24 @@ SAMPLES = [
         max_spec_tokens=4,
     ),
     P.PlanMsg(
-        engine_id="e0",
         plan_id=3,
         start_step_id=7,
-        steps=[P.WireStep({"a": 128, "b": 1}, {"b": 2})],
-        repeat=[P.WireStep({"b": 1})],
-        new_requests=[P.NewRequest("a", 300, 20, prompt_token_ids=None, seed=5)],
-        aborts=["z"],
-        preemptions=["y"],
+        steps=(Step({"a": 128, "b": 1}, {"b": 2}),),
+        repeat=(Step({"b": 1}),),
+        new_requests=(P.EngineRequest("a", 300, 20, prompt_token_ids=None, seed=5),),
+        aborts=("z",),
+        preemptions=("y",),
     ),
-    P.Progress(
-        engine_id="e0",
+    P.StepReport(
         step_id=7,
         plan_id=3,
-        step_time_s=0.021,
+        start_s=1.0,
+        end_s=1.021,
         num_computed_tokens={"a": 128},
         num_new_tokens={"b": 3},
         new_token_ids={"b": [1, 2, 3]},
         num_free_blocks=90,
-        finished=["b"],
+        finished=("b",),
     ),
     P.Heartbeat("e0", 12.5),
     P.Submit(
@@ -79,7 +76,7 @@ def test_type_bytes_are_distinct():
 
 
 def test_unexpected_type_is_rejected_on_that_socket():
-    frames = P.encode(P.PlanMsg(engine_id="e0", plan_id=0, start_step_id=0))
+    frames = P.encode(P.PlanMsg(plan_id=0, start_step_id=0))
     with pytest.raises(P.ProtocolError, match="not expected"):
         P.decode(frames, P.CLIENT_TO_PLANNER)
 
@@ -160,37 +157,41 @@ def test_submit_needs_a_prompt():
     assert P.Submit(request_id="r", max_tokens=3, prompt_token_ids=[1, 2]).prompt_length == 2
 
 
-def test_step_perf_model_and_envelope_conversions():
+def test_plans_carry_the_formulations_steps_and_perf_models_cross_the_wire():
     step = Step({"a": 5, "b": 1}, {"b": 3})
-    assert P.step_from_wire(P.step_to_wire(step)) == step
+    plan = P.PlanMsg(4, 10, steps=(step,), repeat=(Step({"b": 1}),), preemptions=("c",))
+    back = P.decode(P.encode(plan), P.PLANNER_TO_ENGINE)
+    assert back == plan and back.end_step_id == 11
+    assert isinstance(back.steps[0], Step) and back.steps[0] == step
     model = perf_model_preset("opt-6.7b-a100")
     assert P.perf_model_from_wire(P.perf_model_to_wire(model)) == model
     assert P.perf_model_from_wire(P.PerfModelSpec(name="opt-13b-h100")) == perf_model_preset(
         "opt-13b-h100"
     )
-    envelope = PlanEnvelope(2, 4, 10, Plan(steps=(step,), repeat=(Step({"b": 1}),), preempt=("c",)))
-    wire = P.envelope_to_wire(envelope, "e2", [], ["x"])
-    back = P.envelope_from_wire(P.decode(P.encode(wire), P.PLANNER_TO_ENGINE), replica_id=2)
-    assert back.plan_id == 4 and back.start_step_id == 10
-    assert back.plan.steps == (step,) and back.plan.repeat == (Step({"b": 1}),)
-    assert back.plan.preempt == ("c",)
 
 
-def test_progress_report_conversion_restamps_on_the_planner_clock():
-    report = StepReport(
-        0,
-        9,
-        start_s=100.0,
-        end_s=100.25,
-        num_computed_tokens={"a": 4},
-        num_new_tokens={"a": 1},
-        new_token_ids={"a": [7]},
-        num_free_blocks=3,
-        finished=("a",),
-    )
-    wire = P.report_to_progress(report, "e0", plan_id=2)
-    back = P.progress_to_report(wire, replica_id=5, end_s=3.0)
-    assert back.replica_id == 5 and back.step_id == 9
-    assert back.end_s == 3.0 and back.step_time_s == pytest.approx(0.25)
-    assert back.num_computed_tokens == {"a": 4} and back.finished == ("a",)
-    assert back.new_token_ids == {"a": [7]} and back.num_free_blocks == 3
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"num_tokens": {"a": 0}},
+        {"num_tokens": {"a": -2}},
+        {"num_tokens": {"a": 1}, "num_spec_tokens": {"a": -1}},
+        {"num_tokens": {"a": 1}, "num_spec_tokens": {"b": 2}},  # drafts for a request not in it
+    ],
+)
+def test_decoded_plans_reject_bad_token_counts(step):
+    payload = msgpack.packb({"plan_id": 0, "start_step_id": 0, "repeat": [step]})
+    with pytest.raises(P.ProtocolError, match="PLAN"):
+        P.decode([b"P", payload], P.PLANNER_TO_ENGINE)
+
+
+def test_a_resumed_payload_recomputes_the_output_so_far():
+    request = P.EngineRequest("a", 3, 10, prompt_token_ids=[1, 2, 3], seed=4)
+    assert request.resumed([7, 8], 0) is request
+    moved = request.resumed([7, 8], 2)
+    assert (moved.num_prompt_tokens, moved.max_new_tokens) == (5, 8)
+    assert moved.prompt_token_ids == [1, 2, 3, 7, 8] and moved.seed == 4
+    # ids not all known (a count-only engine): the prompt length still grows, ids are dropped
+    assert request.resumed([7], 2).prompt_token_ids is None
+    with pytest.raises(ValueError, match="length"):
+        P.EngineRequest("b", 2, 1, prompt_token_ids=[1])
