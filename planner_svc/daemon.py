@@ -34,8 +34,8 @@ from formulations.perf_model import PerfModel
 from formulations.plan import Decision, Verdict
 from planner_svc.config import PlannerConfig
 from planner_svc.core import PlannerCore
-from planner_svc.outcome import CoreOutput
 from planner_svc.metrics import PlannerMetrics
+from planner_svc.outcome import CoreOutput
 from planner_svc.records import RequestRecord
 from planner_svc.replica import ReplicaSpec
 from planner_svc.request_book import RequestBook, Tracked
