@@ -260,7 +260,12 @@ class SimEngine(Engine):
             seq = seqs[rid]
             seq.num_computed_tokens += num_steps
             seq.num_generated_tokens += num_steps
-            self._finish_or_hold(rid, seq, finished)
+            if seq.num_generated_tokens >= seq.max_new_tokens:
+                self._finish(rid, seq, finished)
+            else:
+                blocks = seq.num_blocks_after(0, self.block_size)
+                self._num_free_blocks -= blocks - seq.num_blocks
+                seq.num_blocks = blocks
         self.num_steps += num_steps
         counts = dict.fromkeys(step.num_tokens, num_steps)
         return StepReport(
@@ -287,16 +292,17 @@ class SimEngine(Engine):
             seq = seqs.get(rid)
             if seq is None:
                 return f"unknown request {rid!r}", 0
-            pending = seq.num_pending_tokens
+            computed = seq.num_computed_tokens
+            pending = seq.num_prompt_tokens + seq.num_generated_tokens - computed  # inlined: hot
             if not 1 <= num_tokens <= pending:
                 return f"request {rid!r}: {num_tokens} tokens planned, {pending} pending", 0
             num_spec = spec.get(rid, 0) if spec else 0
             if num_spec and (num_spec > self.max_spec_tokens or not seq.is_decoding):
                 return f"request {rid!r}: {num_spec} speculative tokens not allowed", 0
-            blocks = seq.num_blocks_after(num_tokens + num_spec, block_size)
+            blocks = -(-(computed + num_tokens + num_spec) // block_size)  # num_blocks_for
             if blocks > seq.num_blocks:
                 num_needed_blocks += blocks - seq.num_blocks
-            num_context_tokens += seq.num_computed_tokens
+            num_context_tokens += computed
         if num_needed_blocks > self._num_free_blocks:
             problem = (
                 f"out of KV blocks: step needs {num_needed_blocks}, {self._num_free_blocks} free"
@@ -308,6 +314,7 @@ class SimEngine(Engine):
         """Run a checked step: each request computes its tokens; one that completes its pending
         tokens samples a token (and, verifying drafts, the accepted ones too)."""
         seqs = self._seqs
+        block_size = self.block_size
         spec = step.num_spec_tokens
         emit_ids = self.emit_token_ids
         computed = dict(step.num_tokens)
@@ -336,7 +343,12 @@ class SimEngine(Engine):
                     token_ids[rid] = [(base + i) % self.vocab_size for i in range(num_new)]
                 seq.num_generated_tokens += num_new
                 new_tokens[rid] = num_new
-            self._finish_or_hold(rid, seq, finished)
+                if seq.num_generated_tokens >= seq.max_new_tokens:
+                    self._finish(rid, seq, finished)
+                    continue
+            blocks = -(-seq.num_computed_tokens // block_size)  # num_blocks_for, inlined: hot
+            self._num_free_blocks -= blocks - seq.num_blocks
+            seq.num_blocks = blocks
         return StepReport(
             step_id=step_id,
             start_s=start_s,
@@ -350,17 +362,11 @@ class SimEngine(Engine):
             finished=tuple(finished),
         )
 
-    def _finish_or_hold(self, rid: str, seq: _Sequence, finished: list[str]) -> None:
-        """After a request advanced: free it if it produced its last token, else hold the KV
-        blocks its computed tokens need."""
-        if seq.num_generated_tokens >= seq.max_new_tokens:
-            self._num_free_blocks += seq.num_blocks
-            del self._seqs[rid]
-            finished.append(rid)
-            return
-        blocks = -(-seq.num_computed_tokens // self.block_size)  # num_blocks_for, inlined: hot
-        self._num_free_blocks -= blocks - seq.num_blocks
-        seq.num_blocks = blocks
+    def _finish(self, rid: str, seq: _Sequence, finished: list[str]) -> None:
+        """The request produced its last token: free its KV and forget it."""
+        self._num_free_blocks += seq.num_blocks
+        del self._seqs[rid]
+        finished.append(rid)
 
     def _sample_accepted(self, num_spec: int, max_accepted: int) -> int:
         """Leading accepted draft tokens out of `num_spec` (module docstring), capped."""

@@ -38,8 +38,9 @@ class TokenProgress:
     @property
     def is_decoding(self) -> bool:
         """Output started and only the last sampled token is pending."""
-        return self.num_generated_tokens > 0 and self.num_pending_tokens == 1
+        generated = self.num_generated_tokens
+        return generated > 0 and self.num_prompt_tokens + generated - self.num_computed_tokens == 1
 
     def num_blocks_after(self, num_new_tokens: int, block_size: int) -> int:
         """KV blocks held after computing `num_new_tokens` more tokens."""
-        return num_blocks_for(self.num_computed_tokens + num_new_tokens, block_size)
+        return -(-(self.num_computed_tokens + num_new_tokens) // block_size)  # num_blocks_for

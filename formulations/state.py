@@ -9,7 +9,7 @@ A request's progress (pending tokens, blocks) is the token view of `formulations
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from formulations.deadlines import token_deadline_s
 from formulations.perf_model import PerfModel
@@ -26,14 +26,14 @@ class RequestState(TokenProgress):
     num_generated_tokens: int = 0
     first_token_s: float | None = None
     num_blocks: int = 0  # KV blocks held on the replica
+    num_prompt_tokens: int = field(init=False)  # the request's, kept here for the hot loops
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = self.request.num_prompt_tokens
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return self.request.num_prompt_tokens
 
     def num_peak_blocks(self, block_size: int) -> int:
         """KV blocks at the request's longest (see `Request.num_peak_kv_tokens`)."""

@@ -149,11 +149,5 @@ class _Walk:
 
 
 def _progress(state: RequestState, preempted: bool) -> list[int]:
-    computed = 0 if preempted else state.num_computed_tokens
-    generated = state.num_generated_tokens
-    request = state.request
-    return [
-        request.num_prompt_tokens + generated - computed,
-        request.num_output_tokens - generated,
-        1 if generated else 0,
-    ]
+    pending = state.num_tokens if preempted else state.num_pending_tokens
+    return [pending, state.num_remaining_output_tokens, 1 if state.num_generated_tokens else 0]

@@ -188,20 +188,25 @@ class ReplicaState:
         new_tokens = report.num_new_tokens
         done: list[RequestState] = []
         produced: list[RequestState] = []
+        ended = report.finished
         for rid, num_computed in report.num_computed_tokens.items():
             state = running.get(rid)
             if state is None:
                 continue
-            state.num_computed_tokens += num_computed
-            state.num_blocks = num_blocks_for(state.num_computed_tokens, block_size)
+            computed = state.num_computed_tokens + num_computed
+            state.num_computed_tokens = computed
+            state.num_blocks = -(-computed // block_size)  # num_blocks_for, inlined: hot loop
             num_new = new_tokens.get(rid)
             if not num_new:
                 continue
             if state.first_token_s is None:
                 state.first_token_s = report.end_s
-            state.num_generated_tokens += num_new
-            ended = state.is_finished or rid in report.finished
-            (done if ended else produced).append(state)
+            generated = state.num_generated_tokens + num_new
+            state.num_generated_tokens = generated
+            if generated >= state.request.num_output_tokens or (ended and rid in ended):
+                done.append(state)
+            else:
+                produced.append(state)
         if report.finished:
             counted = {s.request_id for s in done}
             for rid in report.finished:

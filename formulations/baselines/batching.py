@@ -43,14 +43,6 @@ def queue_order(view: ReplicaView, decisions: dict[str, Decision]) -> list[Reque
     return [*view.running, *admitted]
 
 
-def is_decoding(state: RequestState) -> bool:
-    """`state.is_decoding` without the property chain (hot loops): output started, one pending."""
-    generated = state.num_generated_tokens
-    return bool(generated) and (
-        state.request.num_prompt_tokens + generated - state.num_computed_tokens == 1
-    )
-
-
 class BlockLedger:
     """Free KV blocks while a step is being built: `grow` reserves the blocks a request needs to
     compute `num_tokens` more tokens (plus `num_spec` draft tokens); `release` frees a victim."""
@@ -178,7 +170,7 @@ def decode_all_plan(
         request = s.request
         generated = s.num_generated_tokens
         computed = s.num_computed_tokens
-        if not generated or request.num_prompt_tokens + generated - computed != 1:
+        if not generated or s.num_prompt_tokens + generated - computed != 1:  # is_decoding: hot
             return None
         need = -(-(computed + 1) // block_size) - s.num_blocks
         if need > 0:
@@ -208,13 +200,12 @@ def _decode_tail(
     for s in queue:
         request = s.request
         rid = request.request_id
-        generated = s.num_generated_tokens
-        pending = request.num_prompt_tokens + generated - s.num_computed_tokens
+        pending = s.num_pending_tokens
         n = num_tokens.get(rid, 0)
         if n == pending:  # the step samples its next token
-            if generated + 1 >= request.num_output_tokens:
+            if s.num_generated_tokens + 1 >= request.num_output_tokens:
                 continue  # done after the step
-        elif n != 0 or pending != 1 or not generated:
+        elif n != 0 or not s.is_decoding:
             return None  # a prompt (or recompute) stays unfinished
         tail[rid] = 1
     if len(tail) > max_num_decodes:

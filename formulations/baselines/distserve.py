@@ -19,7 +19,6 @@ from typing import ClassVar
 
 from formulations.baselines.batching import (
     BlockLedger,
-    is_decoding,
     plan_step,
     start_plan,
 )
@@ -63,7 +62,7 @@ class DistServe(Formulation):
             return decided
         ledger = BlockLedger(view)
         started = [s for s in queue if s.num_computed_tokens > 0]
-        decodes = [s for s in started if is_decoding(s)]
+        decodes = [s for s in started if s.is_decoding]
         num_tokens, preempted = schedule_started(
             decodes, ledger, self.max_num_batched_tokens, self.max_num_seqs, started
         )

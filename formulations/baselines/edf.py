@@ -78,6 +78,7 @@ class Edf(Formulation):
     ) -> Plan:
         budget = step_budget
         ledger = BlockLedger(view)
+        block_size = ledger.block_size
         victims: list[RequestState] | None = None  # started requests, latest deadline last
         num_tokens: dict[str, int] = {}
         preempted: list[str] = []
@@ -89,12 +90,12 @@ class Edf(Formulation):
             if preempted and rid in preempted:
                 continue
             computed = state.num_computed_tokens
-            n = min(request.num_prompt_tokens + state.num_generated_tokens - computed, budget)
+            pending = (
+                state.num_prompt_tokens + state.num_generated_tokens - computed
+            )  # TokenProgress, inlined: hot loop
+            n = min(pending, budget)
             # Fast path (most decodes): the blocks it holds have room for n more tokens.
-            if (
-                rid not in ledger.touched
-                and -(-(computed + n) // ledger.block_size) <= state.num_blocks
-            ):
+            if rid not in ledger.touched and -(-(computed + n) // block_size) <= state.num_blocks:
                 num_tokens[rid] = n
                 budget -= n
                 continue

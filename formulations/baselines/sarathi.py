@@ -18,7 +18,6 @@ from typing import ClassVar
 
 from formulations.baselines.batching import (
     BlockLedger,
-    is_decoding,
     plan_step,
     start_plan,
 )
@@ -51,7 +50,7 @@ def fill_prefills(
         if budget <= 0 or len(num_tokens) >= max_num_seqs:
             return
         rid = state.request_id
-        if rid in num_tokens or rid in skip or is_decoding(state):
+        if rid in num_tokens or rid in skip or state.is_decoding:
             continue
         n = min(state.num_pending_tokens, budget)
         if not ledger.try_grow(state, n):
@@ -76,7 +75,7 @@ class Sarathi(Formulation):
         budget = tpot_budget(view, queue)
         ledger = BlockLedger(view)
         started = [s for s in queue if s.num_computed_tokens > 0]
-        decodes = [s for s in started if is_decoding(s)]
+        decodes = [s for s in started if s.is_decoding]
         num_tokens, preempted = schedule_started(
             decodes, ledger, budget, self.max_num_seqs, started
         )

@@ -67,7 +67,10 @@ def schedule_started(
         if preempted and rid in preempted:
             continue
         computed = state.num_computed_tokens
-        n = min(request.num_prompt_tokens + state.num_generated_tokens - computed, budget)
+        pending = (
+            state.num_prompt_tokens + state.num_generated_tokens - computed
+        )  # TokenProgress, inlined: hot loop
+        n = min(pending, budget)
         # Fast path (most decodes): the blocks it holds already have room for n more tokens.
         if rid not in touched and -(-(computed + n) // block_size) <= state.num_blocks:
             num_tokens[rid] = n
