@@ -35,13 +35,15 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
+from formulations.admission import Fallback
 from formulations.budget import BudgetCurve, Job, make_budget_curve
 from formulations.dp import Admission, admit, edf_order
 from formulations.interface import Formulation
 from formulations.plan import Plan
+from formulations.plan_assembly import PREFILL_ONLY_STEP_S, Choice, assemble_plan
 from formulations.planning_problem import PlanningProblem, extract_problem
 from formulations.registry import register
-from formulations.slos_dp import PREFILL_ONLY_STEP_S, Choice, SlosDP, relax_late
+from formulations.slos_dp import relax_late
 from formulations.speculation import candidate_step_times
 from formulations.state import ReplicaView
 
@@ -197,17 +199,18 @@ class CpSat(Formulation):
         self.time_limit_s = time_limit_s
         self.hint_with_dp = hint_with_dp
         self.num_workers = num_workers
-        self._layout = SlosDP(fallback=fallback, speculation=speculation)
+        self.fallback = Fallback.parse(fallback)
+        self.speculation = bool(speculation)
         self._previous_admitted: set[str] = set()
         self.last_status = ""
 
     def plan(self, view: ReplicaView) -> Plan:
         problem = extract_problem(view)
-        max_spec = view.max_spec_tokens if self._layout.speculation else 0
+        max_spec = view.max_spec_tokens if self.speculation else 0
         choice = self.solve(problem, view, max_spec)
         if choice is not None:
             self._previous_admitted = {j.request_id for j in choice.admission.admitted}
-        return self._layout.plan_from_choice(view, problem, choice)
+        return assemble_plan(view, problem, choice, self.fallback)
 
     def solve(
         self, problem: PlanningProblem, view: ReplicaView, max_spec_tokens: int

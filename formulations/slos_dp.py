@@ -19,22 +19,18 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from formulations.admission import Fallback, best_effort_memory
-from formulations.batch_planner import Layout, build_layout
+from formulations.admission import Fallback
 from formulations.budget import BudgetCurve, Burst, Job, make_budget_curve
 from formulations.dp import Admission, admit, edf_order
 from formulations.interface import Formulation
-from formulations.memory_timeline import Footprint, peak_blocks
-from formulations.plan import Decision, Plan, Step, Verdict
-from formulations.planning_problem import PlanningProblem, best_effort_work, extract_problem
+from formulations.plan import Plan
+from formulations.plan_assembly import PREFILL_ONLY_STEP_S, Choice, assemble_plan, timeline_blocks
+from formulations.planning_problem import PlanningProblem, extract_problem
 from formulations.registry import register
 from formulations.speculation import candidate_step_times
 from formulations.state import ReplicaView
 
-# Step time used when nothing present has a TPOT (every request outputs a single token).
-PREFILL_ONLY_STEP_S = 0.1
 # Target length of a prefill-burst step (longer steps amortise the step's fixed cost), and how many
 # burst ends (the earliest deadlines of requests that will decode) are tried per step time.
 BURST_STEP_S = 0.25
@@ -48,36 +44,6 @@ DECODER_BURST_TTFT_FRACTION = 0.4
 # than modelled still leave the first decoder its grid step (measured: without it, the robustness
 # part's capacity under a 10%-noise truth fell from 0.62 to 0.47 req/s; with it 0.62).
 DECODER_BURST_MARGIN = 0.1
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The admission chosen for one candidate step time."""
-
-    curve: BudgetCurve
-    admission: Admission
-    mandatory: tuple[Job, ...]  # with late ones relaxed
-    num_relaxed: int = 0  # admitted jobs this candidate could not keep on time
-
-    @property
-    def uses_speculation(self) -> bool:
-        return any(tier.num_spec_tokens for tier in self.curve.tiers)
-
-    def score(self) -> tuple[int, float, bool, float, int, float]:
-        counts = [0] * self.curve.num_tiers
-        for job in self.admission.admitted:
-            if job.tpot_s is not None:
-                counts[self.curve.tier_index[job.tpot_s]] += 1
-        rate = self.curve.budget(tuple(counts)) / self.curve.step_time_s
-        # Speculation only when it admits more (its TPOT holds in expectation, not for sure).
-        return (
-            -self.num_relaxed,
-            self.admission.value,
-            not self.uses_speculation,
-            rate,
-            self.admission.final_slack,
-            -self.curve.step_time_s,
-        )
 
 
 def relax_late(mandatory: Sequence[Job], curve: BudgetCurve) -> tuple[Job, ...]:
@@ -154,20 +120,6 @@ def decoder_bound_burst(
     if end_s - now_s < 2 * step_time_s:
         return None
     return _burst_until(end_s, now_s, max_step_s)
-
-
-def timeline_blocks(problem: PlanningProblem, jobs: Sequence[Job]) -> int:
-    """Peak KV blocks over time (memory_timeline.py) of the running decoders plus `jobs`. A job
-    whose deadline was relaxed (late) has no release bound: it is held at its peak for ever."""
-    prints: dict[str, Footprint] = {
-        d.request_id: problem.footprints[d.request_id] for d in problem.decoders
-    }
-    for job in jobs:
-        fp = problem.footprints[job.request_id]
-        if job.deadline_s is None:
-            fp = dataclasses.replace(fp, release_s=None)
-        prints[job.request_id] = fp
-    return peak_blocks(prints.values(), problem.now_s, problem.growth, problem.block_size)
 
 
 def fit_memory_over_time(
@@ -343,7 +295,14 @@ class SlosDP(Formulation):
             problem = dataclasses.replace(
                 problem, mandatory=problem.mandatory[: -len(forced) or None], candidates=forced
             )
-            return self.plan_from_choice(view, problem, choice)
+            return assemble_plan(
+                view,
+                problem,
+                choice,
+                self.fallback,
+                self.timeline_memory,
+                self.max_best_effort_steps,
+            )
         choice = solve_candidates(
             problem,
             view,
@@ -355,7 +314,9 @@ class SlosDP(Formulation):
         )
         burst = choice.curve.burst if choice is not None else None
         self._burst_end_s = burst.end_s(view.now_s) if burst is not None else None
-        return self.plan_from_choice(view, problem, choice)
+        return assemble_plan(
+            view, problem, choice, self.fallback, self.timeline_memory, self.max_best_effort_steps
+        )
 
     def _defer(self, problem: PlanningProblem) -> set[str]:
         """Waiting requests beyond `max_new_per_call` (latest deadlines) wait for the next call."""
@@ -363,91 +324,3 @@ class SlosDP(Formulation):
             return set()
         by_deadline = sorted(problem.candidates, key=lambda j: (j.deadline_s, j.request_id))
         return {j.request_id for j in by_deadline[self.max_new_per_call :]}
-
-    def plan_from_choice(
-        self, view: ReplicaView, problem: PlanningProblem, choice: Choice | None
-    ) -> Plan:
-        """Decisions, preemptions and steps for an admission (the DP's or CP-SAT's)."""
-        admitted = choice.admission.admitted if choice is not None else ()
-        candidate_ids = {j.request_id for j in problem.candidates}
-        admitted_ids = {j.request_id for j in admitted if j.request_id in candidate_ids}
-        decisions: dict[str, Decision] = {}
-        for rid in problem.too_large:
-            decisions[rid] = Decision(
-                Verdict.REJECTED, "KV cache of the full request exceeds the replica"
-            )
-        for job in problem.candidates:
-            if job.request_id in admitted_ids:
-                decisions[job.request_id] = Decision(Verdict.ADMITTED)
-            else:
-                decisions[job.request_id] = Decision(
-                    self.fallback.verdict, "cannot guarantee the SLOs"
-                )
-        if choice is None:
-            return self._fallback_plan(view, problem, decisions)
-        layout = self._layout(view, problem, choice, decisions)
-        return Plan(layout[0].steps, layout[0].repeat, decisions, layout[1])
-
-    def _layout(
-        self,
-        view: ReplicaView,
-        problem: PlanningProblem,
-        choice: Choice,
-        decisions: dict[str, Decision],
-    ) -> tuple[Layout, tuple[str, ...]]:
-        if self.timeline_memory:
-            new = tuple(j for j in choice.admission.admitted if not j.mandatory)
-            admitted_peak = timeline_blocks(problem, choice.mandatory + new)
-        else:
-            admitted_peak = problem.reserved_blocks + sum(
-                j.peak_blocks for j in choice.admission.admitted
-            )
-        memory = best_effort_memory(
-            problem.best_effort, admitted_peak, problem.num_total_blocks, view.block_size
-        )
-        preempted = set(memory.preempt)
-        oldest_first = sorted(
-            problem.best_effort, key=lambda s: (s.request.arrival_s, s.request_id)
-        )
-        work = [
-            best_effort_work(s, view.block_size, False)
-            for s in oldest_first
-            if s.request_id not in preempted
-        ]
-        waiting = {s.request_id: s for s in view.waiting}
-        for rid, decision in decisions.items():
-            if decision.verdict is Verdict.BEST_EFFORT:
-                work.append(best_effort_work(waiting[rid], view.block_size, False))
-        layout = build_layout(
-            choice.curve,
-            choice.admission.admitted,
-            problem.decoders,
-            work,
-            memory.headroom_blocks,
-            view.block_size,
-            self.max_best_effort_steps,
-            (memory.oldest_id, memory.oldest_need_blocks),
-        )
-        return layout, memory.preempt
-
-    def _fallback_plan(
-        self, view: ReplicaView, problem: PlanningProblem, decisions: dict[str, Decision]
-    ) -> Plan:
-        """No candidate step time can serve the running requests (a TPOT shorter than a step can
-        be, or decoders that alone overflow a step): one catch-up step that decodes every decoder
-        and gives what is left of a `PREFILL_ONLY_STEP_S` step to admitted prefill in EDF order;
-        the core re-plans after it. Nothing new is admitted (decisions were made by the caller)."""
-        tokens: dict[str, int] = {d.request_id: 1 for d in problem.decoders}
-        left = view.perf_model.max_tokens(PREFILL_ONLY_STEP_S) - len(tokens)
-        by_deadline = sorted(
-            problem.mandatory,
-            key=lambda j: (j.deadline_s is not None, j.deadline_s or 0.0, j.request_id),
-        )
-        for job in by_deadline:
-            if left <= 0:
-                break
-            chunk = min(job.num_prefill_tokens, left)
-            tokens[job.request_id] = chunk
-            left -= chunk
-        steps = (Step(tokens),) if tokens else ()
-        return Plan(steps, (), decisions, ())
