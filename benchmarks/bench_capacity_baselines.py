@@ -2,7 +2,7 @@
 the six scenarios with the OPT-13B two-A100 performance model, found by the simulated capacity
 search. Writes a table to its section of docs/BENCHMARKS.md and a bar chart to docs/img/.
 
-    python benchmarks/bench_capacity_baselines.py [--policies a,b] [--scenarios x,y]
+    python benchmarks/bench_capacity_baselines.py [--formulations a,b] [--scenarios x,y]
         [--num-requests N] [--no-write]
 """
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from formulations import registry  # noqa: E402
-from lab.capacity import SearchParams, policy_capacity  # noqa: E402
+from lab.capacity import SearchParams, formulation_capacity  # noqa: E402
 from lab.experiment import Experiment  # noqa: E402
 from lab.plots import plot_capacity_bars  # noqa: E402
 from lab.workloads import SCENARIO_NAMES  # noqa: E402
@@ -40,7 +40,7 @@ def default_policies() -> list[str]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--policies", default=None, help="comma-separated (default: the baselines + slos_dp)"
+        "--formulations", default=None, help="comma-separated (default: the baselines + slos_dp)"
     )
     parser.add_argument("--scenarios", default=",".join(SCENARIO_NAMES))
     parser.add_argument("--num-requests", type=int, default=200, help="trace window per run")
@@ -55,7 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    policies = args.policies.split(",") if args.policies else default_policies()
+    formulations = args.formulations.split(",") if args.formulations else default_policies()
     scenarios = args.scenarios.split(",")
     params = SearchParams(
         min_rate_rps=args.min_rate,
@@ -72,20 +72,20 @@ def main(argv: list[str] | None = None) -> int:
             scenario=scenario, perf_model=PERF_MODEL, num_requests=args.num_requests, seed=args.seed
         )
         per_gpu[scenario], cells[scenario] = {}, {}
-        for policy in policies:
+        for formulation in formulations:
             t0 = time.perf_counter()
-            result = policy_capacity(experiment, policy, params, show_progress=None)
-            per_gpu[scenario][policy] = result.capacity_per_gpu_rps
-            cells[scenario][policy] = capacity_cell(result)
+            result = formulation_capacity(experiment, formulation, params, show_progress=None)
+            per_gpu[scenario][formulation] = result.capacity_per_gpu_rps
+            cells[scenario][formulation] = capacity_cell(result)
             results.append({**result.to_dict(), "wall_s": time.perf_counter() - t0})
             print(
-                f"{scenario:<11} {policy:<20} {result.capacity_rps:6.2f} req/s "
+                f"{scenario:<11} {formulation:<20} {result.capacity_rps:6.2f} req/s "
                 f"{result.capacity_per_gpu_rps:6.2f} req/s/GPU  ({len(result.points)} runs, "
                 f"{time.perf_counter() - t0:.1f}s)",
                 flush=True,
             )
     wall_s = time.perf_counter() - start
-    table = format_table(per_gpu, cells, policies)
+    table = format_table(per_gpu, cells, formulations)
     print(table)
     print(f"total wall time {wall_s:.0f}s")
     if not args.no_write:
@@ -111,16 +111,16 @@ def capacity_cell(result) -> str:
 
 
 def format_table(
-    per_gpu: dict[str, dict[str, float]], cells: dict[str, dict[str, str]], policies: list[str]
+    per_gpu: dict[str, dict[str, float]], cells: dict[str, dict[str, str]], formulations: list[str]
 ) -> str:
-    header = "| scenario | " + " | ".join(policies) + " |"
-    if OURS in policies and len(policies) > 1:
+    header = "| scenario | " + " | ".join(formulations) + " |"
+    if OURS in formulations and len(formulations) > 1:
         header += f" {OURS} / best other |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for scenario, row in per_gpu.items():
-        line = f"| {scenario} | " + " | ".join(cells[scenario][p] for p in policies) + " |"
-        if OURS in policies and len(policies) > 1:
-            best_other = max(row[p] for p in policies if p != OURS)
+        line = f"| {scenario} | " + " | ".join(cells[scenario][p] for p in formulations) + " |"
+        if OURS in formulations and len(formulations) > 1:
+            best_other = max(row[p] for p in formulations if p != OURS)
             ok = best_other > 0 and row[OURS] > 0
             line += f" {row[OURS] / best_other:.2f}x |" if ok else " n/a |"
         lines.append(line)
@@ -151,7 +151,9 @@ def code_version() -> str:
 
 
 def section_markdown(table: str, args: argparse.Namespace, wall_s: float, results: list) -> str:
-    non_monotone = sorted({f"{r['scenario']}/{r['policy']}" for r in results if not r["monotone"]})
+    non_monotone = sorted(
+        {f"{r['scenario']}/{r['formulation']}" for r in results if not r["monotone"]}
+    )
     notes = ", ".join(non_monotone) if non_monotone else "none"
     return f"""## Serving capacity of the baselines (simulated, {PERF_MODEL})
 
@@ -163,7 +165,7 @@ still attains or fails, stopped when the bracket is under {args.tolerance} req/s
 {100 * args.relative_tolerance:.0f}% of its upper end). Every point is one simulated run of a
 **{args.num_requests}-request window** of the scenario (each scenario's default window: trace row 0,
 or row 63 for coder, after the trace's opening silence; seed {args.seed}), rescaled to the rate.
-Coder capacities are low for every policy: about 40% of the code trace's gaps are under 5% of its
+Coder capacities are low for every formulation: about 40% of the code trace's gaps are under 5% of its
 mean gap, so requests with 2k-token prompts arrive nearly together at any rate, and a 5x TTFT
 slowdown leaves no room to queue them (docs/WORKLOADS.md).
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.report_section import write_section
 from commands.demo import ProcessGroup, free_port, wait_for_engines
 from formulations.plan import Verdict
-from lab.capacity import SearchParams, policy_capacity
+from lab.capacity import SearchParams, formulation_capacity
 from lab.experiment import Experiment
 from lab.replay import replay
 from lab.report import build_report
@@ -48,7 +48,7 @@ NUM_ENGINES = 2
 TARGET_P50_ADDED_TTFT_MS = 1.0
 
 PLANNER_TOML = """\
-formulation = "{policy}"
+formulation = "{formulation}"
 [planner]
 engine_endpoint = "tcp://127.0.0.1:{engine_port}"
 client_endpoint = "tcp://127.0.0.1:{client_port}"
@@ -72,7 +72,7 @@ def chatbot_capacity_rps(num_requests: int) -> float:
         num_replicas=NUM_ENGINES,
         num_requests=num_requests,
     )
-    result = policy_capacity(
+    result = formulation_capacity(
         experiment, POLICY, SearchParams(tolerance_rps=0.5), show_progress=False
     )
     return result.capacity_rps
@@ -83,7 +83,10 @@ def start_service(group: ProcessGroup, tmp: Path) -> str:
     config = tmp / "planner.toml"
     config.write_text(
         PLANNER_TOML.format(
-            policy=POLICY, engine_port=engine_port, client_port=client_port, perf_model=PERF_MODEL
+            formulation=POLICY,
+            engine_port=engine_port,
+            client_port=client_port,
+            perf_model=PERF_MODEL,
         )
     )
     cli = [sys.executable, "-m", "commands.cli"]

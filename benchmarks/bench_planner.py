@@ -30,7 +30,7 @@ from formulations.plan import Plan  # noqa: E402
 from formulations.registry import register  # noqa: E402
 from formulations.slos_dp import SlosDP  # noqa: E402
 from formulations.state import ReplicaView, RequestState  # noqa: E402
-from lab.capacity import SearchParams, policy_capacity  # noqa: E402
+from lab.capacity import SearchParams, formulation_capacity  # noqa: E402
 from lab.experiment import Experiment  # noqa: E402
 from lab.workloads import SCENARIO_NAMES  # noqa: E402
 
@@ -39,7 +39,7 @@ BASELINES = ("vllm_fcfs", "vllm_prefill_first", "sarathi", "edf", "distserve")
 SPEC_TOKENS = 4  # draft tokens per step when the engine has a draft model (true alpha 0.7)
 PLOT_PATH = ROOT / "docs" / "img" / "capacity_planner.png"
 # Mean burst size for the bursty parts. With the default of 4, single bursts of a dozen short
-# chatbot prompts (5x TTFT: ~0.2 s) arrive together at any rate, and no policy on one replica
+# chatbot prompts (5x TTFT: ~0.2 s) arrive together at any rate, and no formulation on one replica
 # reaches 90% (measured: slos_dp 75% at 1 req/s on a 60-request window).
 MEAN_BURST = 2.0
 PARTS = ("capacity", "ablations", "scaling", "robustness", "overhead", "oracle")
@@ -61,8 +61,10 @@ def search_params(max_rate_rps: float = 8.0) -> SearchParams:
     )
 
 
-def capacity(experiment: Experiment, policy: str, max_rate_rps: float = 8.0):
-    return policy_capacity(experiment, policy, search_params(max_rate_rps), show_progress=False)
+def capacity(experiment: Experiment, formulation: str, max_rate_rps: float = 8.0):
+    return formulation_capacity(
+        experiment, formulation, search_params(max_rate_rps), show_progress=False
+    )
 
 
 def geometric_mean(values: list[float]) -> float:
@@ -84,8 +86,8 @@ def part_capacity(args) -> str:
         )
         spec = dataclasses.replace(plain, max_spec_tokens=SPEC_TOKENS)
         row = {}
-        for policy in baselines + ["slos_dp"]:
-            row[policy] = capacity(plain, policy).capacity_per_gpu_rps
+        for formulation in baselines + ["slos_dp"]:
+            row[formulation] = capacity(plain, formulation).capacity_per_gpu_rps
         row["slos_dp+spec"] = capacity(spec, "slos_dp").capacity_per_gpu_rps
         per_gpu[scenario] = row
         print(
@@ -143,10 +145,10 @@ def part_ablations(args) -> str:
             base, sim_params={"max_forwards": 0}
         ),
         "no adaptive speculation (draft model unused)": dataclasses.replace(
-            base, sim_params={"max_forwards": 1, "policy_params": {"speculation": False}}
+            base, sim_params={"max_forwards": 1, "formulation_params": {"speculation": False}}
         ),
         "no burst handling (admit everything, EDF)": dataclasses.replace(
-            base, sim_params={"max_forwards": 1, "policy_params": {"admit_all": True}}
+            base, sim_params={"max_forwards": 1, "formulation_params": {"admit_all": True}}
         ),
     }
     results = {}
@@ -202,24 +204,26 @@ def part_robustness(args) -> str:
     base_model = perf_model_preset(PERF_MODEL)
     truth = TruthModel(base_model, k_context_s=2e-7, noise_frac=0.1, seed=args.seed)
     lines = [
-        "| policy (mixed) | capacity, exact truth | capacity, 2e-7 s/context token + 10% noise | loss | "
+        "| formulation (mixed) | capacity, exact truth | capacity, 2e-7 s/context token + 10% noise | loss | "
         "attainment at the exact capacity, noisy truth |",
         "|---|---|---|---|---|",
     ]
-    for policy in ("slos_dp", "sarathi"):
-        if policy not in registry.available():
+    for formulation in ("slos_dp", "sarathi"):
+        if formulation not in registry.available():
             continue
         exact = Experiment(
             scenario="mixed", perf_model=PERF_MODEL, num_requests=args.num_requests, seed=args.seed
         )
         noisy = dataclasses.replace(exact, sim_params={"truth": truth})
-        cap_exact = capacity(exact, policy).capacity_rps
-        cap_noisy = capacity(noisy, policy).capacity_rps
-        at_rate = noisy.attainment(policy, cap_exact) if cap_exact > 0 else float("nan")
+        cap_exact = capacity(exact, formulation).capacity_rps
+        cap_noisy = capacity(noisy, formulation).capacity_rps
+        at_rate = noisy.attainment(formulation, cap_exact) if cap_exact > 0 else float("nan")
         loss = f"{100 * (1 - cap_noisy / cap_exact):.0f}%" if cap_exact > 0 else "n/a"
-        lines.append(f"| {policy} | {cap_exact:.2f} | {cap_noisy:.2f} | {loss} | {at_rate:.3f} |")
+        lines.append(
+            f"| {formulation} | {cap_exact:.2f} | {cap_noisy:.2f} | {loss} | {at_rate:.3f} |"
+        )
         print(
-            f"robustness {policy}: exact {cap_exact:.2f}, noisy {cap_noisy:.2f}, "
+            f"robustness {formulation}: exact {cap_exact:.2f}, noisy {cap_noisy:.2f}, "
             f"attainment {at_rate:.3f}",
             flush=True,
         )
@@ -347,10 +351,10 @@ def part_oracle(args) -> str:
     from formulations.oracle import attainment_upper_bound
 
     model = perf_model_preset(PERF_MODEL)
-    policies = [p for p in ("slos_dp", "vllm_fcfs", "sarathi") if p in registry.available()]
+    formulations = [p for p in ("slos_dp", "vllm_fcfs", "sarathi") if p in registry.available()]
     lines = [
-        "| scenario @ rate | oracle bound | " + " | ".join(policies) + " |",
-        "|---|---|" + "---|" * len(policies),
+        "| scenario @ rate | oracle bound | " + " | ".join(formulations) + " |",
+        "|---|---|" + "---|" * len(formulations),
     ]
     for scenario, rate in ORACLE_POINTS:
         experiment = Experiment(
@@ -360,8 +364,8 @@ def part_oracle(args) -> str:
         requests = list(workload.requests)
         bound = attainment_upper_bound(requests, model, time_limit_s=60.0)
         cells = []
-        for policy in policies:
-            _, result = experiment.run(policy, rate)
+        for formulation in formulations:
+            _, result = experiment.run(formulation, rate)
             ids = {r.request_id for r in requests}
             records = [r for r in result.records if r.request.request_id in ids]
             cells.append(f"{sum(r.attainment.ok for r in records) / len(records):.3f}")

@@ -186,7 +186,7 @@ def chatbot_workload(rate_rps: float, num_requests: int | None, duration_s: floa
 
 def sim_config() -> SimConfig:
     return SimConfig(
-        policy=FORMULATION,
+        formulation=FORMULATION,
         num_replicas=2,
         perf_model=perf_model_preset(CAPACITY_MODEL),
         num_blocks_per_replica=3500,

@@ -1,13 +1,13 @@
 """Simulator speed: simulated seconds per wall-clock second (target >= 1000x on one core) for the
 chatbot scenario, OPT-13B on two A100s, each baseline at its own capacity rate.
 
-For every baseline: a quick capacity search (`lab.capacity.policy_capacity`, a short trace
+For every baseline: a quick capacity search (`lab.capacity.formulation_capacity`, a short trace
 window) finds its rate; then one longer run at that rate is timed, with and without the
 fast-forward of steady decode cycles. "Simulated seconds" run from the first arrival to the last
 event. Wall time and this process's CPU time are both reported: on a shared machine the CPU time is
 the fairer one-core number. One warm-up run first, so that module imports are not timed.
 
-    python benchmarks/bench_simulator_speed.py [--policies a,b] [--num-requests N]
+    python benchmarks/bench_simulator_speed.py [--formulations a,b] [--num-requests N]
         [--search-requests N] [--no-write]
 """
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report_section import write_section  # noqa: E402
-from lab.capacity import SearchParams, policy_capacity  # noqa: E402
+from lab.capacity import SearchParams, formulation_capacity  # noqa: E402
 from lab.experiment import Experiment  # noqa: E402
 from lab.simulator import simulate  # noqa: E402
 
@@ -33,7 +33,7 @@ TARGET_SPEEDUP = 1000.0
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", default=",".join(BASELINES))
+    parser.add_argument("--formulations", default=",".join(BASELINES))
     parser.add_argument("--num-requests", type=int, default=1000, help="requests in the timed run")
     parser.add_argument("--search-requests", type=int, default=1000, help="requests per search run")
     parser.add_argument("--seed", type=int, default=0)
@@ -41,8 +41,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def timed_run(experiment: Experiment, policy: str, rate_rps: float, fast_forward: bool) -> dict:
-    config = dataclasses.replace(experiment.sim_config(policy), fast_forward=fast_forward)
+def timed_run(
+    experiment: Experiment, formulation: str, rate_rps: float, fast_forward: bool
+) -> dict:
+    config = dataclasses.replace(experiment.sim_config(formulation), fast_forward=fast_forward)
     workload = experiment.workload(rate_rps)
     cpu_start = time.process_time()
     result = simulate(workload, config)
@@ -64,25 +66,25 @@ def timed_run(experiment: Experiment, policy: str, rate_rps: float, fast_forward
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    policies = [p for p in args.policies.split(",") if p]
+    formulations = [p for p in args.formulations.split(",") if p]
     search = Experiment(scenario="chatbot", num_requests=args.search_requests, seed=args.seed)
     timed = Experiment(scenario="chatbot", num_requests=args.num_requests, seed=args.seed)
-    timed_run(search, policies[0], 1.0, True)  # warm-up: imports, caches
+    timed_run(search, formulations[0], 1.0, True)  # warm-up: imports, caches
 
     rows = []
-    for policy in policies:
-        capacity = policy_capacity(
+    for formulation in formulations:
+        capacity = formulation_capacity(
             search,
-            policy,
+            formulation,
             SearchParams(min_rate_rps=0.5, max_rate_rps=16.0, tolerance_rps=0.3),
             show_progress=False,
         )
         rate_rps = max(capacity.capacity_rps, 0.5)
-        fast = timed_run(timed, policy, rate_rps, True)
-        slow = timed_run(timed, policy, rate_rps, False)
-        rows.append((policy, timed.replicas_for(policy), rate_rps, fast, slow))
+        fast = timed_run(timed, formulation, rate_rps, True)
+        slow = timed_run(timed, formulation, rate_rps, False)
+        rows.append((formulation, timed.replicas_for(formulation), rate_rps, fast, slow))
         print(
-            f"{policy:<20} rate {rate_rps:5.2f} req/s  sim {fast['sim_s']:7.0f}s  "
+            f"{formulation:<20} rate {rate_rps:5.2f} req/s  sim {fast['sim_s']:7.0f}s  "
             f"x{fast['speed_wall']:6.0f} wall  x{fast['speed_cpu']:6.0f} cpu  "
             f"(no fast-forward: x{slow['speed_cpu']:5.0f} cpu)  ff {fast['ff_share']:.0%}",
             flush=True,
@@ -107,13 +109,13 @@ def format_table(rows, args) -> str:
         "fast-forward of steady decode cycles, which gives the same result as single steps "
         "(tests/lab/test_simulator.py).",
         "",
-        "| policy | replicas | rate (req/s) | simulated (s) | wall (s) | CPU (s) | x wall | x CPU "
+        "| formulation | replicas | rate (req/s) | simulated (s) | wall (s) | CPU (s) | x wall | x CPU "
         "| x CPU without fast-forward | steps | ff | replans | mean replan (us) | attainment |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for policy, replicas, rate_rps, fast, slow in rows:
+    for formulation, replicas, rate_rps, fast, slow in rows:
         lines.append(
-            f"| {policy} | {replicas} | {rate_rps:.2f} | {fast['sim_s']:.0f} | {fast['wall_s']:.3f} "
+            f"| {formulation} | {replicas} | {rate_rps:.2f} | {fast['sim_s']:.0f} | {fast['wall_s']:.3f} "
             f"| {fast['cpu_s']:.3f} | {fast['speed_wall']:.0f} | {fast['speed_cpu']:.0f} "
             f"| {slow['speed_cpu']:.0f} | {fast['num_steps']} | {fast['ff_share']:.0%} "
             f"| {fast['num_replans']} | {fast['mean_replan_us']:.0f} | {fast['attainment']:.3f} |"

@@ -1,4 +1,5 @@
-"""`slos-serve capacity`: binary-search the serving capacity of one or more policies on a scenario
+"""`slos-serve capacity`: binary-search the serving capacity of one or more formulations on a
+scenario
 (the highest rate at which >= target of the requests attain every stage SLO), with a progress bar;
 prints req/s and req/s per GPU, writes JSON and an attainment-vs-rate plot."""
 
@@ -14,9 +15,10 @@ from commands.simulate import add_experiment_arguments, experiment_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--policy",
+        "--formulation",
+        "--policy",  # the older name
         action="append",
-        dest="policies",
+        dest="formulations",
         metavar="NAME",
         help="a registered formulation (repeat for several; default: slos_dp)",
     )
@@ -51,14 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lab.capacity import SearchParams, format_capacity_table, policy_capacity
-    from lab.experiment import check_policy
+    from lab.capacity import SearchParams, format_capacity_table, formulation_capacity
+    from lab.experiment import check_formulation
     from lab.plots import plot_attainment_curves
 
     experiment = experiment_from_args(args)
-    policies = args.policies or ["slos_dp"]
-    for policy in policies:
-        check_policy(policy)
+    formulations = args.formulations or ["slos_dp"]
+    for formulation in formulations:
+        check_formulation(formulation)
     params = SearchParams(
         target=args.target,
         min_rate_rps=args.min_rate,
@@ -69,14 +71,14 @@ def run(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise CliError(f"--out {out_dir} exists and is not a directory")
     results = [
-        policy_capacity(
+        formulation_capacity(
             experiment,
-            policy,
+            formulation,
             params,
             num_seeds=args.seeds,
             show_progress=not args.no_progress and None,
         )
-        for policy in policies
+        for formulation in formulations
     ]
     print(
         f"Serving capacity on {experiment.label} ({experiment.perf_model}, "

@@ -12,7 +12,7 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("commands.simulate", "run one scenario at one rate in the simulator"),
-    "capacity": ("commands.capacity", "binary-search the serving capacity of policies"),
+    "capacity": ("commands.capacity", "binary-search the serving capacity of formulations"),
     "planner": ("commands.planner", "run the planner daemon"),
     "engine": ("commands.engine", "run an engine adapter (sim, torch, vllm)"),
     "demo": ("commands.demo", "planner daemon + engines + replay client, SLO report"),

@@ -9,20 +9,20 @@ unless `--advertise-perf-model` is given). `torch` and `vllm` engines are import
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
 import signal
-import time
 
+from engine_adapters import registry
 from engine_adapters.adapter import AdapterConfig, EngineAdapter
 from engine_adapters.engine import Engine
-from formulations.perf_model import TruthModel, perf_model_preset
+from engine_adapters.registry import EngineOptions
 from wire.security import CurveKeys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", choices=("sim", "torch", "vllm"), default="sim")
+    parser.add_argument(
+        "--engine", default="sim", help="sim, torch, vllm, or a module:builder of your own"
+    )
     parser.add_argument(
         "--connect", default="tcp://127.0.0.1:5557", help="the planner's engine endpoint"
     )
@@ -113,61 +113,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
-    if args.engine == "sim":
-        return _sim_engine(args)
-    if args.engine == "torch":
-        return _torch_engine(args)
-    return _vllm_engine(args)
-
-
-def _sim_engine(args: argparse.Namespace) -> Engine:
-    from engine_adapters.sim_engine import SimEngine
-
-    if args.time_scale <= 0:
-        raise ValueError("--time-scale must be positive")
-    base = perf_model_preset(args.perf_model)
-    scale = args.time_scale
-    return SimEngine(
-        TruthModel(base, k_context_s=args.k_context_s, noise_frac=args.noise_frac, seed=args.seed),
-        num_total_blocks=args.num_blocks,
+    options = EngineOptions(
+        perf_model=args.perf_model,
+        k_context_s=args.k_context_s,
+        noise_frac=args.noise_frac,
+        time_scale=args.time_scale,
+        num_blocks=args.num_blocks,
         block_size=args.block_size,
         max_spec_tokens=args.max_spec_tokens,
-        true_acceptance_rate=args.acceptance_rate,
+        acceptance_rate=args.acceptance_rate,
         seed=args.seed,
-        clock=time.monotonic,
-        sleep=lambda time_s: time.sleep(time_s * scale),
-        emit_token_ids=True,
-        advertised_perf_model=base if args.advertise_perf_model else None,
+        advertise_perf_model=args.advertise_perf_model,
+        model_dir=args.model_dir,
+        draft_dir=args.draft_dir,
+        kv_memory_gb=args.kv_memory_gb,
+        vllm_args=tuple(args.vllm_arg),
     )
-
-
-def _torch_engine(args: argparse.Namespace) -> Engine:
-    if importlib.util.find_spec("torch") is None:
-        raise ValueError("the torch engine needs torch: pip install 'slos-serve[torch]'")
-    try:
-        from engine_adapters.torch_engine.engine import TorchEngine
-    except ImportError as exc:
-        raise ValueError(f"the torch engine is not available: {exc}") from None
-    if not args.model_dir:
-        raise ValueError("--engine torch needs --model-dir (make one with `slos-serve make-model`)")
-    return TorchEngine.from_pretrained(
-        args.model_dir, draft_dir=args.draft_dir, kv_memory_gb=args.kv_memory_gb
-    )
-
-
-def _vllm_engine(args: argparse.Namespace) -> Engine:
-    """vLLM engine arguments beyond the model come from SLOS_SERVE_VLLM_ARGS (JSON) and the
-    repeatable --vllm-arg NAME=VALUE (which wins on conflicts)."""
-    if not args.model_dir:
-        raise ValueError("--engine vllm needs --model-dir")
-    if importlib.util.find_spec("vllm") is None:
-        raise ValueError("the vLLM engine needs vLLM: pip install 'slos-serve[vllm]'")
-    try:
-        module = importlib.import_module("engine_adapters.vllm.engine")
-    except ImportError as exc:
-        raise ValueError(f"the vLLM engine is not available: {exc}") from None
-    engine_class = getattr(module, "VLLMEngine", None)
-    if engine_class is None or not hasattr(engine_class, "from_pretrained"):
-        raise ValueError("engine_adapters.vllm.engine has no VLLMEngine.from_pretrained")
-    engine_args = {**module.engine_args_from_env(), **module.parse_engine_args(args.vllm_arg)}
-    return engine_class.from_pretrained(args.model_dir, engine_args)
+    return registry.create(args.engine, options)

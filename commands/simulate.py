@@ -1,4 +1,5 @@
-"""`slos-serve simulate`: serve one scenario (or a user trace) with one policy at one rate in the
+"""`slos-serve simulate`: serve one scenario (or a user trace) with one formulation at one rate in
+the
 virtual-time simulator and print the report (vLLM-style block + SLO attainment per class)."""
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         "--replicas",
         type=int,
         default=None,
-        help="engine replicas (default: 1, or 2 for a disaggregated policy)",
+        help="engine replicas (default: 1, or 2 for a disaggregated formulation)",
     )
     parser.add_argument(
         "--num-requests",
@@ -105,7 +106,12 @@ def experiment_from_args(args: argparse.Namespace):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", default="slos_dp", help="a registered formulation name")
+    parser.add_argument(
+        "--formulation",
+        "--policy",  # the older name
+        default="slos_dp",
+        help="a registered formulation name",
+    )
     parser.add_argument(
         "--rate",
         type=float,
@@ -117,21 +123,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lab.experiment import check_policy
+    from lab.experiment import check_formulation
 
     experiment = experiment_from_args(args)
-    check_policy(args.policy)
+    check_formulation(args.formulation)
     if args.rate is not None and not args.rate > 0:
         raise CliError(f"--rate must be a positive number of req/s, got {args.rate}")
     if args.rate is None and args.trace is None:
         raise CliError(
             "--rate is required for a scenario (a --trace may replay its own timestamps)"
         )
-    report, result = experiment.run(args.policy, args.rate)
+    report, result = experiment.run(args.formulation, args.rate)
     if args.json:
         data = report.to_dict()
         data["simulation"] = {
-            "policy": args.policy,
+            "formulation": args.formulation,
             "rate_rps": args.rate,
             "num_gpus": result.num_gpus,
             "num_steps": result.num_steps,

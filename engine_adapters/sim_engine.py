@@ -27,6 +27,7 @@ The planner learns the truth only through the reports.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
@@ -34,7 +35,8 @@ import msgspec
 import numpy as np
 
 from engine_adapters.engine import Engine, EngineInfo, EngineRequest
-from formulations.perf_model import PerfModel, TruthModel
+from engine_adapters.registry import EngineOptions, register
+from formulations.perf_model import PerfModel, TruthModel, perf_model_preset
 from formulations.plan import Step
 from formulations.progress import TokenProgress, num_blocks_for
 from wire.protocol import StepReport
@@ -378,3 +380,29 @@ class SimEngine(Engine):
         else:
             num_accepted = min(num_spec, int(self._rng.geometric(1.0 - alpha)) - 1)
         return max(0, min(num_accepted, max_accepted))
+
+
+@register("sim")
+def build(options: EngineOptions) -> SimEngine:
+    """A real-time sim engine: it sleeps each step's truth time (times `time_scale`) on the wall
+    clock and makes placeholder token ids. It tells the planner nothing of its truth except through
+    its step reports (it advertises no performance model unless `advertise_perf_model`)."""
+    if options.time_scale <= 0:
+        raise ValueError("--time-scale must be positive")
+    base = perf_model_preset(options.perf_model)
+    scale = options.time_scale
+    truth = TruthModel(
+        base, k_context_s=options.k_context_s, noise_frac=options.noise_frac, seed=options.seed
+    )
+    return SimEngine(
+        truth,
+        num_total_blocks=options.num_blocks,
+        block_size=options.block_size,
+        max_spec_tokens=options.max_spec_tokens,
+        true_acceptance_rate=options.acceptance_rate,
+        seed=options.seed,
+        clock=time.monotonic,
+        sleep=lambda time_s: time.sleep(time_s * scale),
+        emit_token_ids=True,
+        advertised_perf_model=base if options.advertise_perf_model else None,
+    )

@@ -2,7 +2,7 @@
 every stage SLO (ALGORITHM.md section 1), found by binary search over the rate.
 
 The search only needs `evaluate(rate_rps) -> attainment`; `search_capacity` is therefore tested
-against known synthetic attainment curves, and `policy_capacity` plugs in the simulator.
+against known synthetic attainment curves, and `formulation_capacity` plugs in the simulator.
 
 Search (paper: 1..32 req/s, stop when the interval is under 0.3 req/s):
 1. evaluate the upper bound; while it still attains, the bound so far becomes the lower end and the
@@ -80,7 +80,7 @@ class CapacityPoint:
 
 @dataclass(frozen=True)
 class CapacityResult:
-    label: str  # usually the policy name
+    label: str  # usually the formulation name
     capacity_rps: float  # 0.0: not even the lowest rate tried attained
     num_gpus: int
     target: float
@@ -143,7 +143,7 @@ def search_capacity(
     evaluate: Callable[[float], float],
     params: SearchParams = SearchParams(),
     *,
-    label: str = "policy",
+    label: str = "formulation",
     num_gpus: int = 1,
     show_progress: bool | None = None,
     progress_file: TextIO | None = None,
@@ -207,27 +207,27 @@ def _bracket(probe: _Probe, params: SearchParams) -> tuple[float | None, float |
     return low_try, high
 
 
-# ---- capacity of a policy in the simulator ---------------------------------------------------
+# ---- capacity of a formulation in the simulator
 
 
-def policy_capacity(
+def formulation_capacity(
     experiment,
-    policy: str,
+    formulation: str,
     params: SearchParams = SearchParams(),
     *,
     show_progress: bool | None = None,
     progress_file: TextIO | None = None,
     num_seeds: int = 1,
 ) -> CapacityResult:
-    """Capacity of `policy` on `experiment` (a `lab.experiment.Experiment`): every rate
+    """Capacity of `formulation` on `experiment` (a `lab.experiment.Experiment`): every rate
     the search tries is simulated with the experiment's workload rescaled to that rate, once per
     seed (seed, seed + 1, ...); the attainment of a rate pools the items of all its runs, which
     smooths the noise of a single run."""
     import dataclasses
 
-    from lab.experiment import check_policy
+    from lab.experiment import check_formulation
 
-    check_policy(policy)
+    check_formulation(formulation)
     if num_seeds < 1:
         raise ValueError(f"the number of seeds must be at least 1, got {num_seeds}")
     experiments = [
@@ -235,23 +235,23 @@ def policy_capacity(
     ]
 
     def evaluate(rate_rps: float) -> float:
-        reports = [e.run(policy, rate_rps)[0] for e in experiments]
+        reports = [e.run(formulation, rate_rps)[0] for e in experiments]
         num_items = sum(r.num_items for r in reports)
         return sum(r.num_attained for r in reports) / num_items if num_items else 0.0
 
     extra = {
-        "policy": policy,
+        "formulation": formulation,
         "scenario": experiment.label,
         "perf_model": experiment.perf_model,
-        "num_replicas": experiment.replicas_for(policy),
+        "num_replicas": experiment.replicas_for(formulation),
         "num_requests": experiment.num_requests,
         "seeds": [e.seed for e in experiments],
     }
     return search_capacity(
         evaluate,
         params,
-        label=policy,
-        num_gpus=experiment.num_gpus(policy),
+        label=formulation,
+        num_gpus=experiment.num_gpus(formulation),
         show_progress=show_progress,
         progress_file=progress_file,
         extra=extra,
@@ -259,8 +259,8 @@ def policy_capacity(
 
 
 def format_capacity_table(results: list[CapacityResult]) -> str:
-    """One row per policy: capacity in req/s and req/s per GPU."""
-    lines = [f"{'policy':<22}{'GPUs':>6}{'req/s':>10}{'req/s/GPU':>12}{'runs':>6}  note"]
+    """One row per formulation: capacity in req/s and req/s per GPU."""
+    lines = [f"{'formulation':<22}{'GPUs':>6}{'req/s':>10}{'req/s/GPU':>12}{'runs':>6}  note"]
     for r in results:
         note = "" if r.monotone else "attainment not monotone in the rate"
         if r.failing_rate_rps is None:
@@ -276,25 +276,27 @@ def format_capacity_table(results: list[CapacityResult]) -> str:
 
 def demo_comparison(
     scenario: str = "chatbot",
-    policies: tuple[str, ...] = ("vllm_fcfs", "sarathi", "slos_dp"),
+    formulations: tuple[str, ...] = ("vllm_fcfs", "sarathi", "slos_dp"),
     num_requests: int = 150,
 ) -> int:
     """A small simulated capacity comparison on one scenario (the interim `make demo`): the
-    capacity of each policy, then the full report of each at the lowest capacity found."""
+    capacity of each formulation, then the full report of each at the lowest capacity found."""
     from formulations import registry
     from lab.experiment import Experiment
 
     known = set(registry.available())
-    policies = tuple(p for p in policies if p in known)
+    formulations = tuple(p for p in formulations if p in known)
     experiment = Experiment(scenario=scenario, num_requests=num_requests)
     params = SearchParams(tolerance_rps=0.5)
-    results = [policy_capacity(experiment, p, params, show_progress=True) for p in policies]
+    results = [
+        formulation_capacity(experiment, p, params, show_progress=True) for p in formulations
+    ]
     print(f"Capacity on {scenario} ({num_requests} requests, {experiment.perf_model}):")
     print(format_capacity_table(results))
     rate = min((r.capacity_rps for r in results if r.capacity_rps > 0), default=1.0)
-    for policy in policies:
-        report, _ = experiment.run(policy, rate)
+    for formulation in formulations:
+        report, _ = experiment.run(formulation, rate)
         print()
-        print(f"{policy} at {rate:.2f} req/s")
+        print(f"{formulation} at {rate:.2f} req/s")
         print(report.format_text())
     return 0

@@ -40,16 +40,17 @@ def load_perf_model(name_or_path: str) -> PerfModel:
     return perf_model_preset(name_or_path)
 
 
-def check_policy(name: str) -> str:
-    """The policy name if it is registered (or a `module:Class` path); a clear error otherwise."""
+def check_formulation(name: str) -> str:
+    """The formulation name if it is registered (or a `module:Class` path); a clear error
+    otherwise."""
     registry.formulation_class(name)
     return name
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """Everything but the policy and the rate. `num_replicas=None` uses the fewest replicas a
-    policy can run on (2 for a disaggregated one: a prefill and a decode replica, else 1)."""
+    """Everything but the formulation and the rate. `num_replicas=None` uses the fewest replicas a
+    formulation can run on (2 for a disaggregated one: a prefill and a decode replica, else 1)."""
 
     scenario: str = "chatbot"
     trace_path: str | None = None  # a user trace replaces the scenario
@@ -105,39 +106,39 @@ class Experiment:
         )
         return build_workload(self.scenario, perf_model, options)
 
-    def replicas_for(self, policy: str) -> int:
+    def replicas_for(self, formulation: str) -> int:
         if self.num_replicas is not None:
             return self.num_replicas
-        return 2 if registry.formulation_class(policy).disaggregated else 1
+        return 2 if registry.formulation_class(formulation).disaggregated else 1
 
-    def sim_config(self, policy: str):
+    def sim_config(self, formulation: str):
         from lab.simulator import SimConfig
 
         return SimConfig(
-            policy=check_policy(policy),
-            num_replicas=self.replicas_for(policy),
+            formulation=check_formulation(formulation),
+            num_replicas=self.replicas_for(formulation),
             perf_model=self.perf_model_obj(),
             max_spec_tokens=self.max_spec_tokens,
             seed=self.seed,
             **self.sim_params,
         )
 
-    def num_gpus(self, policy: str) -> int:
-        config = self.sim_config(policy)
+    def num_gpus(self, formulation: str) -> int:
+        config = self.sim_config(formulation)
         return config.num_replicas * config.gpus_per_replica()
 
-    def run(self, policy: str, rate_rps: float | None) -> tuple[RunReport, Any]:
+    def run(self, formulation: str, rate_rps: float | None) -> tuple[RunReport, Any]:
         """Simulate and report; returns (report, SimResult)."""
         from lab.simulator import simulate
 
-        config = self.sim_config(policy)
+        config = self.sim_config(formulation)
         workload = self.workload(rate_rps)
         result = simulate(workload, config)
-        name = f"{self.label} / {policy}" + (f" @ {rate_rps:g} req/s" if rate_rps else "")
+        name = f"{self.label} / {formulation}" + (f" @ {rate_rps:g} req/s" if rate_rps else "")
         report = build_report(result.records, workload, duration_s=result.sim_duration_s, name=name)
         return report, result
 
-    def attainment(self, policy: str, rate_rps: float) -> float:
+    def attainment(self, formulation: str, rate_rps: float) -> float:
         """Share of items (a tool chain counts once) attaining every stage SLO at this rate."""
-        report, _ = self.run(policy, rate_rps)
+        report, _ = self.run(formulation, rate_rps)
         return report.attainment

@@ -1,5 +1,5 @@
 """Hardware facts the simulator needs beyond a performance model: KV memory per replica and the
-KV transfer cost between replicas (disaggregated policies).
+KV transfer cost between replicas (disaggregated formulations).
 
 KV memory defaults per performance-model preset (`DEFAULT_KV_TOKENS`): 90% of GPU memory, minus the
 fp16 weights, divided by the fp16 KV bytes per token (2 (K and V) * layers * hidden * 2 bytes):
@@ -9,7 +9,7 @@ fp16 weights, divided by the fp16 KV bytes per token (2 (K and V) * layers * hid
   (72 - 13.4) GB / 524,288 B = ~112k tokens;
 - OPT-13B on 1 x H100-80GB: (72 - 26) GB / 819,200 B = ~56k tokens.
 
-KV transfer for disaggregated policies:
+KV transfer for disaggregated formulations:
 `latency + num_tokens * kv_bytes_per_token / link_bytes_per_s`,
 with the model's KV bytes per token (above) and a 25 GB/s link by default (PCIe 4.0 x16 between GPUs
 of one node; NVLink would be ~10x faster, a cross-node 100 Gb/s NIC 2x slower).

@@ -1,4 +1,5 @@
-"""Plots of capacity searches: attainment against arrival rate, one line per policy, the target as a
+"""Plots of capacity searches: attainment against arrival rate, one line per formulation, the
+target as a
 horizontal line. Drawn with matplotlib's Agg backend (no display needed)."""
 
 from __future__ import annotations
@@ -64,31 +65,32 @@ def plot_capacity_bars(
     ylabel: str = "capacity (req/s per GPU)",
     title: str = "",
 ) -> Path:
-    """Grouped bars: `capacities[scenario][policy]`, one group per scenario, one bar per policy."""
+    """Grouped bars: `capacities[scenario][formulation]`, one group per scenario, one bar per
+    formulation."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     scenarios = list(capacities)
-    policies = list(dict.fromkeys(p for row in capacities.values() for p in row))
-    if not scenarios or not policies:
+    formulations = list(dict.fromkeys(p for row in capacities.values() for p in row))
+    if not scenarios or not formulations:
         raise ValueError("nothing to plot: no capacities")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    width = 0.8 / len(policies)
+    width = 0.8 / len(formulations)
     fig, ax = plt.subplots(figsize=(max(6.4, 1.3 * len(scenarios) + 2), 4.0))
     try:
-        for j, policy in enumerate(policies):
+        for j, formulation in enumerate(formulations):
             xs = [i - 0.4 + (j + 0.5) * width for i in range(len(scenarios))]
-            ys = [capacities[s].get(policy, 0.0) for s in scenarios]
-            ax.bar(xs, ys, width=width, label=policy)
+            ys = [capacities[s].get(formulation, 0.0) for s in scenarios]
+            ax.bar(xs, ys, width=width, label=formulation)
         ax.set_xticks(range(len(scenarios)), scenarios)
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
         if title:
             ax.set_title(title)
-        ax.legend(fontsize=8, ncol=min(3, len(policies)))
+        ax.legend(fontsize=8, ncol=min(3, len(formulations)))
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     finally:

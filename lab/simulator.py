@@ -50,8 +50,8 @@ def _default_perf_model() -> PerfModel:
 
 @dataclass
 class SimConfig:
-    policy: str = "vllm_fcfs"
-    policy_params: dict[str, Any] = field(default_factory=dict)
+    formulation: str = "vllm_fcfs"
+    formulation_params: dict[str, Any] = field(default_factory=dict)
     num_replicas: int = 1
     perf_model: PerfModel = field(default_factory=_default_perf_model)  # what the planner believes
     truth: TruthModel | None = None  # what the engines run; None: exactly `perf_model`
@@ -60,7 +60,7 @@ class SimConfig:
     max_spec_tokens: int = 0
     true_acceptance_rate: float = 0.7
     spec_acceptance_prior: float = 0.7
-    routing: str = "round_robin"
+    router: str = "round_robin"
     max_forwards: int = 1
     fallback: str = "reject"
     replan: ReplanPolicy = field(default_factory=ReplanPolicy)
@@ -68,7 +68,7 @@ class SimConfig:
     max_sim_time_s: float | None = None  # None: last first arrival + drain_s
     drain_s: float = 600.0
     num_gpus_per_replica: int | None = None  # None: from the preset (PERF_MODEL_NUM_GPUS), else 1
-    # Disaggregated policies only:
+    # Disaggregated formulations only:
     num_prefill_replicas: int | None = None  # None: half of the replicas (at least one)
     kv_bytes_per_token: int | None = None  # None: from the preset
     kv_link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
@@ -159,7 +159,7 @@ class Simulation(FastForward):
         self.core = PlannerCore(
             self.specs,
             _formulation_factory(config),
-            router=make_router(config.routing, config.max_forwards),
+            router=make_router(config.router, config.max_forwards),
             replan=config.replan,
             fallback=config.fallback,
             spec_acceptance_prior=config.spec_acceptance_prior,
@@ -423,10 +423,10 @@ def _replica_specs(config: SimConfig) -> list[ReplicaSpec]:
     if config.num_replicas < 1:
         raise ValueError("num_replicas must be at least 1")
     roles = ["mixed"] * config.num_replicas
-    if registry.formulation_class(config.policy).disaggregated:
+    if registry.formulation_class(config.formulation).disaggregated:
         if config.num_replicas < 2:
             raise ValueError(
-                f"policy {config.policy!r} is disaggregated: it needs at least 2 replicas"
+                f"formulation {config.formulation!r} is disaggregated: it needs at least 2 replicas"
             )
         num_prefill = config.num_prefill_replicas or config.num_replicas // 2
         if not 1 <= num_prefill < config.num_replicas:
@@ -447,12 +447,12 @@ def _replica_specs(config: SimConfig) -> list[ReplicaSpec]:
 
 
 def _formulation_factory(config: SimConfig):
-    cls = registry.formulation_class(config.policy)
+    cls = registry.formulation_class(config.formulation)
 
     def make(spec: ReplicaSpec):
-        params = dict(config.policy_params)
+        params = dict(config.formulation_params)
         if cls.disaggregated:
             params["role"] = spec.role
-        return registry.create(config.policy, **params)
+        return registry.create(config.formulation, **params)
 
     return make

@@ -34,9 +34,24 @@ class Router(ABC):
         `tried`: replicas that already rejected the request, in order."""
 
 
-class RoundRobinRouter(Router):
-    name = "round_robin"
+_REGISTRY: dict[str, type[Router]] = {}
 
+
+def register(name: str):
+    """Class decorator: make a router available by name (as formulations and engines are)."""
+
+    def decorate(cls: type[Router]) -> type[Router]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"router {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+@register("round_robin")
+class RoundRobinRouter(Router):
     def __init__(self, max_forwards: int = 1) -> None:
         super().__init__(max_forwards)
         self._turn = 0
@@ -55,25 +70,18 @@ class RoundRobinRouter(Router):
         return next((i for i in after if i not in tried), None)
 
 
+@register("least_loaded")
 class LeastLoadedRouter(Router):
-    name = "least_loaded"
-
     def route(self, request: Request, loads: Mapping[int, int], tried: Sequence[int]) -> int | None:
         options = [(load, i) for i, load in loads.items() if i not in tried]
         return min(options)[1] if options else None
 
 
-ROUTERS: dict[str, type[Router]] = {
-    "round_robin": RoundRobinRouter,
-    "least_loaded": LeastLoadedRouter,
-}
-
-
 def make_router(name: str, max_forwards: int = 1) -> Router:
     try:
-        cls = ROUTERS[name]
+        cls = _REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"unknown routing {name!r} (known: {', '.join(sorted(ROUTERS))})"
+            f"unknown router {name!r} (known: {', '.join(sorted(_REGISTRY))})"
         ) from None
     return cls(max_forwards)

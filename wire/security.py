@@ -18,11 +18,6 @@ class CurveKeys:
     secret_key: str
     server_public_key: str = ""  # peers only: the planner's public key
 
-    def apply_server(self, socket: zmq.Socket) -> None:
-        socket.curve_secretkey = self.secret_key.encode()
-        socket.curve_publickey = self.public_key.encode()
-        socket.curve_server = True
-
     def apply_client(self, socket: zmq.Socket) -> None:
         if not self.server_public_key:
             raise ValueError("a CURVE peer needs the planner's public key (server_public_key)")

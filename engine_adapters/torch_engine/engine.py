@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from engine_adapters.engine import Engine, EngineInfo, EngineRequest
+from engine_adapters.registry import EngineOptions, register
 from engine_adapters.torch_engine.checkpoint import load_model, parse_dtype
 from engine_adapters.torch_engine.kv_cache import (
     BLOCK_SIZE,
@@ -437,3 +438,12 @@ def _split(items: list[int], sizes: list[int]) -> list[list[int]]:
         out.append(items[begin : begin + size])
         begin += size
     return out
+
+
+@register("torch")
+def build(options: EngineOptions) -> TorchEngine:
+    if not options.model_dir:
+        raise ValueError("--engine torch needs --model-dir (make one with `slos-serve make-model`)")
+    return TorchEngine.from_pretrained(
+        options.model_dir, draft_dir=options.draft_dir, kv_memory_gb=options.kv_memory_gb
+    )

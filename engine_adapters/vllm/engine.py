@@ -11,6 +11,7 @@ vLLM is imported only when an engine is built, so this module imports without vL
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from engine_adapters.engine import Engine, EngineInfo, EngineRequest
+from engine_adapters.registry import EngineOptions, register
 from engine_adapters.vllm.version import check_supported_version
 from formulations.plan import Step
 from wire.protocol import StepReport
@@ -278,3 +280,15 @@ class VLLMEngine(Engine):
         if vllm_id is not None:
             self._our_ids.pop(vllm_id, None)
         return vllm_id
+
+
+@register("vllm")
+def build(options: EngineOptions) -> VLLMEngine:
+    """vLLM engine arguments beyond the model come from SLOS_SERVE_VLLM_ARGS (JSON) and the
+    repeatable --vllm-arg NAME=VALUE (which wins on conflicts)."""
+    if not options.model_dir:
+        raise ValueError("--engine vllm needs --model-dir")
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("the vLLM engine needs vLLM: pip install 'slos-serve[vllm]'")
+    engine_args = {**engine_args_from_env(), **parse_engine_args(list(options.vllm_args))}
+    return VLLMEngine.from_pretrained(options.model_dir, engine_args)

@@ -18,7 +18,7 @@ def test_cli_error_under_python_dash_m_is_one_line(tmp_path):
             "capacity",
             "--scenario",
             "chatbot",
-            "--policy",
+            "--formulation",
             "vllm_fcfs",
             "--out",
             str(not_a_dir),

@@ -15,7 +15,16 @@ SMALL = ["--num-requests", "20", "--seed", "1"]
 def test_simulate_prints_the_report(capsys):
     assert (
         main(
-            ["simulate", "--scenario", "chatbot", "--policy", "vllm_fcfs", "--rate", "0.5", *SMALL]
+            [
+                "simulate",
+                "--scenario",
+                "chatbot",
+                "--formulation",
+                "vllm_fcfs",
+                "--rate",
+                "0.5",
+                *SMALL,
+            ]
         )
         == 0
     )
@@ -38,7 +47,7 @@ def test_simulate_json_counts_tool_chains_once(capsys):
                 "simulate",
                 "--scenario",
                 "tool_agent",
-                "--policy",
+                "--formulation",
                 "edf",
                 "--rate",
                 "0.2",
@@ -51,7 +60,7 @@ def test_simulate_json_counts_tool_chains_once(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["num_items"] == 20
     assert data["num_calls"] >= 40  # every chain has at least two rounds
-    assert data["simulation"]["policy"] == "edf" and data["simulation"]["num_gpus"] == 2
+    assert data["simulation"]["formulation"] == "edf" and data["simulation"]["num_gpus"] == 2
     assert 0.0 <= data["attainment"] <= 1.0
 
 
@@ -61,7 +70,7 @@ def test_simulate_replays_a_user_trace(tmp_path, capsys):
         "arrival_s,prompt_tokens,output_tokens,slo_class\n"
         "0.0,500,30,chatbot\n0.5,800,20,coder\n1.0,100000,5,chatbot\n"
     )
-    assert main(["simulate", "--trace", str(trace), "--policy", "sarathi", "--json"]) == 0
+    assert main(["simulate", "--trace", str(trace), "--formulation", "sarathi", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["num_items"] == 2 and data["num_dropped"] == 1
     # An idle server meets both SLOs.
@@ -77,7 +86,7 @@ def test_simulate_with_a_profiled_perf_model_and_bursty_window(tmp_path, capsys)
                 "simulate",
                 "--scenario",
                 "summarizer",
-                "--policy",
+                "--formulation",
                 "edf",
                 "--rate",
                 "1",
@@ -108,9 +117,9 @@ def test_capacity_writes_json_and_plot(tmp_path, capsys):
             "capacity",
             "--scenario",
             "summarizer",
-            "--policy",
+            "--formulation",
             "vllm_fcfs",
-            "--policy",
+            "--formulation",
             "edf",
             "--min-rate",
             "0.5",
@@ -128,7 +137,7 @@ def test_capacity_writes_json_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "vllm_fcfs" in out and "edf" in out and "req/s/GPU" in out
     data = json.loads((out_dir / "capacity_summarizer.json").read_text())
-    assert [d["policy"] for d in data] == ["vllm_fcfs", "edf"]
+    assert [d["formulation"] for d in data] == ["vllm_fcfs", "edf"]
     for entry in data:
         assert entry["capacity_per_gpu_rps"] == pytest.approx(entry["capacity_rps"] / 2)
         seen = {p["rate_rps"]: p["attainment"] for p in entry["points"]}
@@ -143,7 +152,7 @@ def test_capacity_writes_json_and_plot(tmp_path, capsys):
     ("argv", "message"),
     [
         (["simulate", "--scenario", "nope", "--rate", "1"], "unknown scenario 'nope'"),
-        (["simulate", "--policy", "nope", "--rate", "1"], "unknown formulation 'nope'"),
+        (["simulate", "--formulation", "nope", "--rate", "1"], "unknown formulation 'nope'"),
         (["simulate", "--rate", "-2"], "--rate must be a positive"),
         (["simulate"], "--rate is required"),
         (["simulate", "--rate", "1", "--num-requests", "0"], "--num-requests must be at least 1"),
@@ -153,7 +162,7 @@ def test_capacity_writes_json_and_plot(tmp_path, capsys):
         (["simulate", "--rate", "1", "--replicas", "0"], "replicas must be at least 1"),
         (["simulate", "--rate", "1", "--spec", "-1"], "--spec must be non-negative"),
         (["simulate", "--rate", "1", "--max-model-len", "1"], "max_model_len"),
-        (["capacity", "--policy", "nope"], "unknown formulation 'nope'"),
+        (["capacity", "--formulation", "nope"], "unknown formulation 'nope'"),
         (["capacity", "--target", "1.5"], "target"),
         (["capacity", "--min-rate", "-1"], "rates must satisfy"),
         (["capacity", "--scenario", "nope"], "unknown scenario"),
@@ -194,7 +203,7 @@ def test_capacity_of_a_user_trace(tmp_path, capsys):
                 "capacity",
                 "--trace",
                 str(trace),
-                "--policy",
+                "--formulation",
                 "edf",
                 "--max-rate",
                 "4",
@@ -229,7 +238,7 @@ def test_simulate_is_deterministic_for_a_seed(capsys):
         "simulate",
         "--scenario",
         "mixed",
-        "--policy",
+        "--formulation",
         "sarathi",
         "--rate",
         "1",

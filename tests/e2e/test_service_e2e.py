@@ -151,7 +151,7 @@ def test_service_attainment_matches_the_simulator(service_factory, formulation):
     predicted = simulate(
         workload,
         SimConfig(
-            policy=formulation,
+            formulation=formulation,
             num_replicas=2,
             perf_model=perf_model_preset(PERF_MODEL),
             num_blocks_per_replica=NUM_BLOCKS,

@@ -55,7 +55,9 @@ def test_cpsat_serves_a_simulated_workload_with_the_guarantee():
     workload = build_workload(
         "summarizer", PERF, WorkloadOptions(rate_rps=6.0, num_requests=30, seed=5)
     )
-    config = SimConfig(policy="cpsat", perf_model=PERF, policy_params={"time_limit_s": 0.2})
+    config = SimConfig(
+        formulation="cpsat", perf_model=PERF, formulation_params={"time_limit_s": 0.2}
+    )
     result = simulate(workload, config)
     admitted = [r for r in result.records if r.verdict is V.ADMITTED]
     assert admitted and all(r.attainment.ok for r in admitted)

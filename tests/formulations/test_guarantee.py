@@ -63,7 +63,7 @@ def check(result) -> None:
 def test_admitted_requests_attain_on_random_bursts(seed):
     perf = OPT13B if seed % 2 == 0 else TOY
     config = SimConfig(
-        policy="slos_dp",
+        formulation="slos_dp",
         perf_model=perf,
         fallback="best_effort",
         num_replicas=1 + seed % 3 // 2,
@@ -81,13 +81,17 @@ def test_admitted_requests_attain_in_every_scenario(scenario):
         scenario, OPT13B, WorkloadOptions(rate_rps=6.0, num_requests=40, seed=3, arrivals="bursty")
     )
     check(
-        simulate(workload, SimConfig(policy="slos_dp", perf_model=OPT13B, fallback="best_effort"))
+        simulate(
+            workload, SimConfig(formulation="slos_dp", perf_model=OPT13B, fallback="best_effort")
+        )
     )
 
 
 def test_rejections_do_happen_under_overload():
     """Overload: the guarantee holds because the planner refuses work, and it does refuse some."""
     workload = random_workload(99, OPT13B)
-    result = simulate(workload, SimConfig(policy="slos_dp", perf_model=OPT13B, fallback="reject"))
+    result = simulate(
+        workload, SimConfig(formulation="slos_dp", perf_model=OPT13B, fallback="reject")
+    )
     check(result)
     assert any(r.verdict is Verdict.REJECTED for r in result.records)

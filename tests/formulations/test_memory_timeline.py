@@ -109,10 +109,10 @@ def run(memory: str, errors: list[str]):
         return original(self, now_s, event, run_ends_s)
 
     config = SimConfig(
-        policy="slos_dp",
+        formulation="slos_dp",
         perf_model=OPT13B,
         num_blocks_per_replica=1200,  # 19200 tokens
-        policy_params={"memory": memory},
+        formulation_params={"memory": memory},
     )
     Simulation._on_step = on_step
     try:

@@ -48,6 +48,8 @@ def test_oracle_bounds_the_online_planner(scenario, rate):
         scenario, PERF, WorkloadOptions(rate_rps=rate, num_requests=50, seed=4)
     )
     bound = attainment_upper_bound(workload.requests, PERF, time_limit_s=20.0)
-    for policy in ("slos_dp", "vllm_fcfs"):
-        attained = simulate(workload, SimConfig(policy=policy, perf_model=PERF)).attainment
+    for formulation in ("slos_dp", "vllm_fcfs"):
+        attained = simulate(
+            workload, SimConfig(formulation=formulation, perf_model=PERF)
+        ).attainment
         assert attained <= bound.max_attainment + 1e-9

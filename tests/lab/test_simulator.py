@@ -109,7 +109,10 @@ def test_distserve_hands_requests_from_prefill_to_decode_replicas():
 
     requests = tuple(make_req(f"r{i}", 0.05 * i, prompt=400, output=20) for i in range(10))
     cfg = config(
-        policy="distserve", num_replicas=2, kv_bytes_per_token=1_000_000, kv_link_bytes_per_s=1e9
+        formulation="distserve",
+        num_replicas=2,
+        kv_bytes_per_token=1_000_000,
+        kv_link_bytes_per_s=1e9,
     )
     sim = Simulation(Workload("disagg", requests), cfg)
     result = sim.run()
@@ -126,7 +129,7 @@ def test_distserve_hands_requests_from_prefill_to_decode_replicas():
 
 
 @pytest.mark.parametrize(
-    "policy, num_replicas, max_sim_time_s",
+    "formulation, num_replicas, max_sim_time_s",
     [
         ("vllm_fcfs", 1, None),
         ("sarathi", 2, None),
@@ -135,7 +138,7 @@ def test_distserve_hands_requests_from_prefill_to_decode_replicas():
         ("vllm_fcfs", 2, 7.3),
     ],
 )
-def test_fast_forward_gives_the_same_run_as_single_steps(policy, num_replicas, max_sim_time_s):
+def test_fast_forward_gives_the_same_run_as_single_steps(formulation, num_replicas, max_sim_time_s):
     import numpy as np
 
     rng = np.random.default_rng(7)
@@ -154,7 +157,7 @@ def test_fast_forward_gives_the_same_run_as_single_steps(policy, num_replicas, m
 
     def run(fast_forward):
         cfg = config(
-            policy=policy,
+            formulation=formulation,
             num_replicas=num_replicas,
             num_blocks_per_replica=400,
             fast_forward=fast_forward,
@@ -180,12 +183,12 @@ def test_fast_forward_gives_the_same_run_as_single_steps(policy, num_replicas, m
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"policy": "no_such_policy"}, "unknown formulation"),
-        ({"policy": "distserve", "num_replicas": 1}, "at least 2 replicas"),
-        ({"routing": "random"}, "unknown routing"),
+        ({"formulation": "no_such_policy"}, "unknown formulation"),
+        ({"formulation": "distserve", "num_replicas": 1}, "at least 2 replicas"),
+        ({"router": "random"}, "unknown router"),
         ({"fallback": "drop"}, "fallback"),
         ({"num_replicas": 0}, "at least 1"),
-        ({"policy": "vllm_fcfs", "policy_params": {"bogus": 1}}, "bad parameters"),
+        ({"formulation": "vllm_fcfs", "formulation_params": {"bogus": 1}}, "bad parameters"),
     ],
 )
 def test_bad_configs_are_clear_errors(kwargs, message):
@@ -197,7 +200,7 @@ def test_least_loaded_routing_and_best_effort_fallback_in_the_simulator():
     requests = tuple(make_req(f"r{i}", 0.01 * i, prompt=100, output=20) for i in range(30))
     result = simulate(
         Workload("ll", requests),
-        config(num_replicas=3, routing="least_loaded", fallback="best_effort"),
+        config(num_replicas=3, router="least_loaded", fallback="best_effort"),
     )
     assert {r.replica_id for r in result.records} == {0, 1, 2}
     assert all(r.finished for r in result.records)
@@ -242,7 +245,7 @@ def test_speculative_decoding_end_to_end_and_the_acceptance_estimate():
     Formulation.register(SpeculatingFcfs)
     requests = tuple(make_req(f"r{i}", 0.2 * i, prompt=60, output=800) for i in range(6))
     cfg = config(
-        policy=f"{__name__}:SpeculatingFcfs",
+        formulation=f"{__name__}:SpeculatingFcfs",
         max_spec_tokens=3,
         true_acceptance_rate=0.6,
         spec_acceptance_prior=0.9,

@@ -33,7 +33,7 @@ def test_least_loaded_picks_the_emptiest_untried():
 
 def test_make_router_by_name():
     assert make_router("least_loaded", 2).max_forwards == 2
-    with pytest.raises(ValueError, match="unknown routing"):
+    with pytest.raises(ValueError, match="unknown router"):
         make_router("random")
     with pytest.raises(ValueError):
         RoundRobinRouter(-1)
