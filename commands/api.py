@@ -24,11 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", help="HTTP front door TOML (SLO defaults per model / API key)")
     parser.add_argument(
-        "--planner-config",
-        help="the planner's TOML: its SLO classes and "
-        "performance model give each request's TTFT budget (the verdict wait)",
-    )
-    parser.add_argument(
         "--served-model-name",
         nargs="+",
         help="model name(s) clients use (default: the config's, else the model "
@@ -51,9 +46,7 @@ def run(args: argparse.Namespace) -> int:
     names = args.served_model_name
     if names is None and args.config is None and tokenizer is not None:
         names = [tokenizer.name]
-    config = load_api_config(
-        args.config, names, args.planner_config, max_model_len=args.max_model_len
-    )
+    config = load_api_config(args.config, names, max_model_len=args.max_model_len)
     with PlannerClient(args.planner) as client:
         api = ApiServer(client, config, tokenizer)
         asyncio.run(_serve(api, args.host, args.port))

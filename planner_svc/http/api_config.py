@@ -2,12 +2,9 @@
 and per API key. One TOML file (`slos-serve api --config FILE`), every key optional:
 
     default_slo_class = "chatbot"     # when neither the request, its API key nor its model says
-    default_max_tokens = 256          # chat requests without max_tokens (completions: 16, as
-    OpenAI)
+    default_max_tokens = 256          # chat requests without max_tokens (completions: 16)
     max_model_len = 2048              # prompt + max_tokens; default: the model dir's config.json
     verdict_timeout_s = 5.0           # no verdict by then: 503 and the request is aborted
-    planner_config = "planner.toml"   # optional: the planner's SLO classes and performance model,
-                                      # to know each request's TTFT budget (relative to this file)
     require_api_key = false           # true: only the keys below may call /v1/*
 
     [models.slos-tiny]                # served model names (the first is the default)
@@ -22,10 +19,10 @@ and per API key. One TOML file (`slos-serve api --config FILE`), every key optio
 Precedence, field by field: the request body's extension fields, then the API key's defaults, then
 the model name's, then `default_slo_class`.
 
-With the planner's config the server knows every request's TTFT budget (classes with a TTFT
-slowdown need the planner's performance model) and waits for a verdict at most that long; without
-it, only explicit `slo.ttft_ms` targets are known and other requests wait up to
-`verdict_timeout_s`.
+The front door does not resolve SLOs: it passes the class and any explicit targets on, and the
+planner resolves them once (planner_svc/request_book.py) and says the result in its verdict. A
+planner with admission control answers within each request's TTFT target (planner_svc/core.py);
+`verdict_timeout_s` only bounds the wait for a planner that does not answer at all.
 """
 
 from __future__ import annotations
@@ -35,9 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
-
-from formulations.perf_model import PerfModel
-from formulations.slo import SLO, SLO_PRESETS
 
 DEFAULT_MODEL_NAME = "slos-serve"
 
@@ -83,8 +77,6 @@ class ApiConfig:
     verdict_timeout_s: float = 5.0
     require_api_key: bool = False
     max_body_bytes: int = 8 << 20
-    slo_classes: dict[str, SLO] = field(default_factory=lambda: dict(SLO_PRESETS))
-    perf_model: PerfModel | None = None  # the planner's; None: slowdown budgets are unknown
 
     def __post_init__(self) -> None:
         if not self.model_defaults:
@@ -101,29 +93,6 @@ class ApiConfig:
     @property
     def model_names(self) -> tuple[str, ...]:
         return tuple(self.model_defaults)
-
-    def ttft_budget_s(
-        self,
-        slo_class: str,
-        slo_targets: str | None,
-        ttft_ms: float | None,
-        ttft_slowdown: float | None,
-        num_prompt_tokens: int,
-    ) -> float | None:
-        """The request's TTFT target in seconds, as the planner will resolve it; None when it
-        cannot be known here (a slowdown without the planner's performance model, an unknown
-        class)."""
-        if ttft_ms is not None:
-            return ttft_ms / 1e3
-        if ttft_slowdown is not None:
-            slo = SLO(tpot_s=1.0, ttft_slowdown=ttft_slowdown)
-        else:
-            slo = self.slo_classes.get(slo_targets or slo_class)
-        if slo is None or (slo.ttft_s is None and self.perf_model is None):
-            return None
-        if slo.ttft_s is not None:
-            return slo.ttft_s
-        return slo.ttft_budget_s(self.perf_model, num_prompt_tokens)
 
     def slo_defaults(self, model: str, api_key: str | None) -> SloDefaults:
         """The defaults that apply to a request for `model` sent with `api_key`."""
@@ -143,19 +112,16 @@ _TOP_KEYS = {
     "max_body_bytes",
     "models",
     "api_keys",
-    "planner_config",
 }
 
 
 def load_api_config(
     path: str | Path | None,
     served_model_names: list[str] | None = None,
-    planner_config: str | Path | None = None,
     **overrides: Any,
 ) -> ApiConfig:
     """Read the TOML file (or none), then apply `served_model_names` (which replace the file's
-    model list, keeping the defaults of names the file knows), the planner's config file
-    (`planner_config`, else the file's key of that name) and non-None `overrides`."""
+    model list, keeping the defaults of names the file knows) and non-None `overrides`."""
     data: dict[str, Any] = {}
     source = "api config"
     if path is not None:
@@ -172,12 +138,8 @@ def load_api_config(
     models = _defaults_table(data.get("models", {}), f"{source} [models]")
     if served_model_names:
         models = {name: models.get(name, SloDefaults()) for name in served_model_names}
-    scalars = {k: v for k, v in data.items() if k not in ("models", "api_keys", "planner_config")}
+    scalars = {k: v for k, v in data.items() if k not in ("models", "api_keys")}
     scalars.update({k: v for k, v in overrides.items() if v is not None})
-    if planner_config is None and "planner_config" in data:
-        planner_config = Path(path).parent / data["planner_config"]
-    if planner_config is not None:
-        scalars.update(_planner_slos(planner_config))
     try:
         return ApiConfig(
             model_defaults=models or {DEFAULT_MODEL_NAME: SloDefaults()},
@@ -205,11 +167,3 @@ def _defaults_table(table: dict[str, Any], where: str) -> dict[str, SloDefaults]
         except ValueError as exc:
             raise ValueError(f"{where} {name!r}: {exc}") from None
     return result
-
-
-def _planner_slos(path: str | Path) -> dict[str, Any]:
-    """The SLO classes and performance model of the planner's own TOML config."""
-    from planner_svc.config import load_config
-
-    planner = load_config(path)
-    return {"slo_classes": dict(planner.slo_classes), "perf_model": planner.perf_model}

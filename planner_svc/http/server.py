@@ -5,12 +5,11 @@
 
 One request: validate the body (`openai_schema`), SUBMIT it through the shared `PlannerClient`,
 wait for the planner's verdict, then answer:
-- rejected: 429 with `Retry-After` and an OpenAI error body giving the planner's reason. If no
-  verdict came within the request's TTFT target (known from an explicit `ttft_ms`, or from the
-  planner's config: `ApiConfig.ttft_budget_s`), that too is a 429 (the first token cannot come
-  before the verdict, so the target is already lost) and the request is aborted; when the target
-  is not known here the wait is bounded by `verdict_timeout_s` (then 503). No request is ever
-  queued silently.
+- rejected: 429 with `Retry-After` and an OpenAI error body giving the planner's reason (a
+  planner with admission control answers within the request's TTFT target, "TTFT target passed
+  before a verdict" at the latest). The SLO is the planner's, taken from its verdict; the wait for
+  a verdict is bounded by `verdict_timeout_s` (then 503: the planner is not answering). No
+  request is ever queued silently.
 - admitted / best_effort: the tokens, as they arrive; the verdict is in the `X-SLO-Verdict` header
   and the body's `slo` field, so that best-effort answers are marked.
 A client that disconnects (aiohttp cancels its handler) or a stop string ends the request at the
@@ -36,6 +35,7 @@ from aiohttp import web
 
 from formulations.plan import Verdict
 from planner_svc.client import PlannerClient, RequestHandle
+from planner_svc.core import EXPIRED_REASON
 from planner_svc.http.api_config import ApiConfig
 from planner_svc.http.http_metrics import CONTENT_TYPE, HttpMetrics
 from planner_svc.http.openai_responses import ResponseHead, slo_info, usage
@@ -166,26 +166,10 @@ class ApiServer:
         self, handle: RequestHandle, events: AsyncIterator[P._Msg], job: GenerationJob
     ) -> P.VerdictMsg:
         """The planner's verdict, or an ApiError (429 rejected, 400 refused, 503 no answer)."""
-        slo = job.slo
-        budget_s = self.config.ttft_budget_s(
-            slo.slo_class,
-            slo.slo_targets,
-            slo.ttft_ms,
-            slo.ttft_slowdown,
-            len(job.prompt_token_ids),
-        )
-        wait_s = min(self.config.verdict_timeout_s, budget_s if budget_s is not None else math.inf)
+        wait_s = self.config.verdict_timeout_s
         try:
             event = await asyncio.wait_for(anext(events, None), wait_s)
         except asyncio.TimeoutError:
-            if budget_s is not None and budget_s <= self.config.verdict_timeout_s:
-                self.metrics.rejected.labels(slo.slo_class).inc()
-                raise _too_many(
-                    "the planner did not admit the request within its TTFT target "
-                    f"of {budget_s * 1e3:g} ms",
-                    retry_after_s=1.0,
-                    code="ttft_target_passed",
-                ) from None
             raise ApiError(
                 503,
                 f"the planner gave no verdict within {wait_s:g} s",
@@ -208,10 +192,11 @@ class ApiServer:
         self.metrics.verdicts.labels(event.verdict, job.slo.slo_class).inc()
         if event.verdict == Verdict.REJECTED.value:
             self.metrics.rejected.labels(job.slo.slo_class).inc()
+            expired = event.reason == EXPIRED_REASON
             raise _too_many(
                 f"the planner rejected the request: {event.reason or 'no reason'}",
                 retry_after_s=event.ttft_slo_s,
-                code="slo_rejected",
+                code="ttft_target_passed" if expired else "slo_rejected",
             )
         return event
 

@@ -397,3 +397,31 @@ def test_duplicate_request_ids_are_refused():
     core.submit(make_req("a"), 0.0)
     with pytest.raises(ValueError, match="already being served"):
         core.submit(make_req("a"), 0.1)
+
+
+def test_an_undecided_request_gets_its_verdict_by_its_ttft_deadline():
+    """A formulation with admission control that leaves a request waiting: the core answers for
+    it (the fallback verdict) at its TTFT deadline, and its timer says when; a queueing policy
+    (admission_control False) is left alone."""
+    from planner_svc.core import EXPIRED_REASON
+
+    def undecided(view):
+        return Plan()
+
+    core = core_with(undecided)
+    request = make_req("a", prompt=100, ttft_s=0.3)
+    assert core.submit(request, 0.0).verdicts == []
+    assert core.next_timer_s() == pytest.approx(min(0.1, request.ttft_deadline_s))
+    assert core.tick(0.29).verdicts == []
+    out = core.tick(request.ttft_deadline_s)
+    assert [(v.request_id, v.replica_id, v.decision.verdict) for v in out.verdicts] == [
+        ("a", None, Verdict.REJECTED)
+    ]
+    assert out.verdicts[0].decision.reason == EXPIRED_REASON and core.num_unfinished == 0
+
+    class Queueing(Scripted):
+        admission_control = False
+
+    queueing = PlannerCore([spec(0)], lambda s: Queueing(undecided))
+    queueing.submit(make_req("b", prompt=100, ttft_s=0.3), 0.0)
+    assert queueing.tick(1.0).verdicts == [] and queueing.num_unfinished == 1
