@@ -213,3 +213,22 @@ def test_config_file(tmp_path):
     renamed = load_api_config(path, ["b", "c"], max_model_len=64)
     assert renamed.model_names == ("b", "c") and renamed.max_model_len == 64
     assert renamed.model_defaults["b"].ttft_ms == 700
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("colour = 1\n", "unknown key"),
+        ("[models.a]\ntpot = 1\n", "unknown key"),
+        ("[models.a]\ntpot_ms = -1\n", "positive"),
+        ("require_api_key = true\n", "no [api_keys]"),
+        ("verdict_timeout_s = 0\n", "verdict_timeout_s"),
+        ("max_model_len = [\n", "not valid TOML"),
+        ('planner_config = "planner.toml"\n', "unknown key"),  # the front door resolves no SLO
+    ],
+)
+def test_config_errors(tmp_path, text, message):
+    path = tmp_path / "api.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        load_api_config(path)
