@@ -1,4 +1,4 @@
-"""Soft admission with a best-effort tier (ALGORITHM.md section 6).
+"""Soft admission with a best-effort tier (docs/ALGORITHM.md section 6).
 
 Requests the DP cannot guarantee are either REJECTED (the router may forward them to another
 replica) or served BEST_EFFORT: from the step budget and KV memory that admitted work leaves. An

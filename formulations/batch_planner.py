@@ -1,4 +1,5 @@
-"""Lays out the steps of a plan for an admitted set over a `BudgetCurve` (ALGORITHM.md section 3).
+"""Lays out the steps of a plan for an admitted set over a `BudgetCurve` (docs/ALGORITHM.md section
+3).
 
 Step m of the grid (at most T seconds, at most `cap` tokens) is filled in this order:
 1. due decodes: every decoder whose residue is m mod k (admitted jobs only from step M_j + 1 on);

@@ -1,4 +1,5 @@
-"""The token-budget curve (ALGORITHM.md section 3): how many prefill tokens each future step leaves
+"""The token-budget curve (docs/ALGORITHM.md section 3): how many prefill tokens each future step
+leaves
 once the decode tokens that fall due have been placed.
 
 Our variant of the budget curve (chosen so that admission is exact and provably safe):

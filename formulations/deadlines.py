@@ -1,4 +1,4 @@
-"""Deadline math and the attainment check (ALGORITHM.md section 1).
+"""Deadline math and the attainment check (docs/ALGORITHM.md section 1).
 
 Output token n (1-based) of a request is due at
 

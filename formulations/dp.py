@@ -1,4 +1,4 @@
-"""The multi-SLO admission dynamic program (ALGORITHM.md section 4).
+"""The multi-SLO admission dynamic program (docs/ALGORITHM.md section 4).
 
 Jobs (new requests, and admitted requests still prefilling) are taken in EDF order of their TTFT
 deadlines; running decoders are fixed load inside the `BudgetCurve`. A DP state after job j holds

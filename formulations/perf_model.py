@@ -1,4 +1,4 @@
-"""The batch performance model (ALGORITHM.md section 2).
+"""The batch performance model (docs/ALGORITHM.md section 2).
 
 The time of one engine step is a maximum of lines:
 

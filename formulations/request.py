@@ -1,4 +1,4 @@
-"""Requests, their stages, and tool-calling chains (ALGORITHM.md section 1).
+"""Requests, their stages, and tool-calling chains (docs/ALGORITHM.md section 1).
 
 A `Request` is one LLM call: a prompt, an output (the first `num_thinking_tokens` of which are
 thinking tokens for reasoning requests), an SLO, and the absolute TTFT target resolved from it. A

@@ -1,4 +1,4 @@
-"""Service-level objectives per application class (ALGORITHM.md section 1).
+"""Service-level objectives per application class (docs/ALGORITHM.md section 1).
 
 A TTFT target is either absolute (`ttft_s`) or a slowdown over the zero-load prefill time of the
 prompt (`ttft_slowdown`), which needs the performance model to turn into seconds. TPOT targets are
@@ -49,8 +49,8 @@ class SLO:
         return min(self.tpot_s, self.thinking_tpot_s)
 
 
-# Published presets (ALGORITHM.md section 1). Tool agents use the tight SLO for intermediate rounds
-# and the looser one for the final round.
+# Published presets (docs/ALGORITHM.md section 1). Tool agents use the tight SLO for intermediate
+# rounds and the looser one for the final round.
 SLO_PRESETS: dict[str, SLO] = {
     "chatbot": SLO(ttft_slowdown=5.0, tpot_s=0.100),
     "coder": SLO(ttft_slowdown=5.0, tpot_s=0.050),

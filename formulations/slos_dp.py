@@ -1,5 +1,5 @@
 """The SLOs-Serve formulation: multi-SLO admission DP over the token-budget curve, adaptive
-speculation and soft admission (ALGORITHM.md sections 3 to 6), registered as "slos_dp".
+speculation and soft admission (docs/ALGORITHM.md sections 3 to 6), registered as "slos_dp".
 
 Per call: extract the problem (running decoders, admitted jobs still prefilling, new requests);
 for every candidate step time T (each TPOT present, and with a draft model each TPOT stretched by

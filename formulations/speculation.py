@@ -1,4 +1,4 @@
-"""SLO-adaptive speculative decoding (ALGORITHM.md section 5).
+"""SLO-adaptive speculative decoding (docs/ALGORITHM.md section 5).
 
 A request that verifies `s` draft tokens per step gains, under an i.i.d. per-token acceptance rate
 `alpha`, on average

@@ -1,5 +1,5 @@
 """Serving capacity: the highest arrival rate at which at least `target` of all requests attain
-every stage SLO (ALGORITHM.md section 1), found by binary search over the rate.
+every stage SLO (docs/ALGORITHM.md section 1), found by binary search over the rate.
 
 The search only needs `evaluate(rate_rps) -> attainment`; `search_capacity` is therefore tested
 against known synthetic attainment curves, and `formulation_capacity` plugs in the simulator.

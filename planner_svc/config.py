@@ -1,4 +1,4 @@
-"""The planner daemon's configuration: one TOML file per deployment (ARCHITECTURE.md).
+"""The planner daemon's configuration: one TOML file per deployment (docs/ARCHITECTURE.md).
 
 formulation = "sarathi"            # any registered name; swapping it changes nothing else
 router = "round_robin"

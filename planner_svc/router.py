@@ -1,4 +1,4 @@
-"""Routing new requests across replicas (ALGORITHM.md section 7).
+"""Routing new requests across replicas (docs/ALGORITHM.md section 7).
 
 A router picks the replica whose planner first tries a request, and where to forward it when that
 planner rejects it. The core calls `route(request, candidates, tried)` with the replicas that can

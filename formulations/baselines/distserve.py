@@ -1,4 +1,5 @@
-"""DistServe-style disaggregation (ALGORITHM.md section 8): separate prefill and decode replicas.
+"""DistServe-style disaggregation (docs/ALGORITHM.md section 8): separate prefill and decode
+replicas.
 
 One instance runs per replica, with the replica's role:
 - `prefill`: FCFS batches of whole prompts (no chunking) up to `max_num_batched_tokens` (one longer

@@ -1,4 +1,4 @@
-"""EDF with chunked prefill and no admission control (ALGORITHM.md section 8).
+"""EDF with chunked prefill and no admission control (docs/ALGORITHM.md section 8).
 
 Every request on the replica is served in order of its next deadline (the TTFT deadline before the
 first token, the cumulative deadline of the next token after), earliest first: a decoding request

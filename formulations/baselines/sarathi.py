@@ -1,4 +1,5 @@
-"""Sarathi-Serve (ALGORITHM.md section 8): decode-first stall-free batching with chunked prefill.
+"""Sarathi-Serve (docs/ALGORITHM.md section 8): decode-first stall-free batching with chunked
+prefill.
 
 Each step first gives every decoding request its token (in admission order; the newest started
 request is preempted by recompute when memory runs out, as in vLLM), then fills the rest of the

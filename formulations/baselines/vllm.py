@@ -1,4 +1,5 @@
-"""vLLM-style baselines (ALGORITHM.md section 8): admission by memory only, FCFS, one step per plan.
+"""vLLM-style baselines (docs/ALGORITHM.md section 8): admission by memory only, FCFS, one step per
+plan.
 
 `vllm_fcfs` follows the vLLM v1 scheduler with chunked prefill: a fixed token budget
 `max_num_batched_tokens` per step; first the requests that have started (decodes and continuing

@@ -1,4 +1,4 @@
-"""The six evaluation scenarios (design/SCENARIOS.md) and replay of a user trace, as `Workload`s.
+"""The six evaluation scenarios (docs/WORKLOADS.md) and replay of a user trace, as `Workload`s.
 
 Every scenario goes through the same pipeline:
 1. candidates: trace rows from the window, or synthetic samples, with the ones longer than the

@@ -1,4 +1,4 @@
-"""Deadline and attainment math on hand-worked cases (ALGORITHM.md section 1)."""
+"""Deadline and attainment math on hand-worked cases (docs/ALGORITHM.md section 1)."""
 
 import pytest
 
