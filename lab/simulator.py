@@ -164,6 +164,7 @@ class Simulation(FastForward):
             fallback=config.fallback,
             spec_acceptance_prior=config.spec_acceptance_prior,
             check_plans=config.check_plans,
+            kv_migration=True,  # the simulator moves KV between engines (after its transfer time)
         )
         truth = config.truth or TruthModel(config.perf_model)
         self.runners = {

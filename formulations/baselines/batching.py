@@ -211,3 +211,44 @@ def _decode_tail(
     if len(tail) > max_num_decodes:
         return None
     return tail
+
+
+def schedule_in_order(
+    order: Sequence[RequestState],
+    ledger: BlockLedger,
+    budget: int,
+    max_num_seqs: int,
+    victims: list[RequestState] | None = None,
+) -> tuple[dict[str, int], list[str]]:
+    """Requests in `order`, each min(pending, budget left) tokens, until the budget or the sequence
+    cap runs out. A started request that cannot grow preempts, by recompute, the last of `victims`
+    still holding KV (default: the started requests of `order`, the newest or lowest priority
+    last), possibly itself, as vLLM does; `order`'s started requests must be a subsequence of
+    `victims` in the same order, so no request already in the step is preempted. A request not
+    started yet whose blocks are not free is skipped (EDF's order holds such requests)."""
+    num_tokens: dict[str, int] = {}
+    preempted: list[str] = []
+    block_size = ledger.block_size
+    touched = ledger.touched  # requests whose blocks the ledger changed: take the slow path
+    for state in order:
+        if budget <= 0 or len(num_tokens) >= max_num_seqs:
+            break
+        rid = state.request.request_id
+        if preempted and rid in preempted:
+            continue
+        computed = state.num_computed_tokens
+        # TokenProgress.num_pending_tokens and num_blocks_for, inlined: the hot loop of baselines
+        n = min(state.num_prompt_tokens + state.num_generated_tokens - computed, budget)
+        # Fast path (most decodes): the blocks it holds already have room for n more tokens.
+        if rid not in touched and -(-(computed + n) // block_size) <= state.num_blocks:
+            granted = True
+        elif computed == 0:
+            granted = ledger.try_grow(state, n)
+        else:
+            if victims is None:  # popped from the end
+                victims = [s for s in order if s.num_computed_tokens > 0]
+            granted = ledger.grow_or_preempt(state, n, victims, preempted)
+        if granted:
+            num_tokens[rid] = n
+            budget -= n
+    return num_tokens, preempted

@@ -21,11 +21,11 @@ from typing import ClassVar
 from formulations.baselines.batching import (
     BlockLedger,
     plan_step,
+    schedule_in_order,
     start_plan,
 )
 from formulations.baselines.sarathi import fill_prefills
-from formulations.baselines.vllm import VllmPrefillFirst, schedule_started
-from formulations.interface import Formulation
+from formulations.baselines.vllm import TokenBudgetBaseline, VllmPrefillFirst
 from formulations.plan import Plan
 from formulations.registry import register
 from formulations.state import ReplicaView
@@ -34,7 +34,7 @@ ROLES = ("prefill", "decode", "mixed")
 
 
 @register("distserve")
-class DistServe(Formulation):
+class DistServe(TokenBudgetBaseline):
     admission_control: ClassVar[bool] = False  # queues whatever fits in memory
 
     disaggregated: ClassVar[bool] = True
@@ -44,11 +44,8 @@ class DistServe(Formulation):
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"distserve role must be one of {ROLES}, got {role!r}")
-        if max_num_batched_tokens < 1 or max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        super().__init__(max_num_batched_tokens, max_num_seqs)
         self.role = role
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_num_seqs = max_num_seqs
         self._prefill_first = VllmPrefillFirst(max_num_batched_tokens, max_num_seqs)
 
     def plan(self, view: ReplicaView) -> Plan:
@@ -57,14 +54,14 @@ class DistServe(Formulation):
         return self._prefill_first.plan(view)  # a prefill replica hands requests off at once
 
     def _decode_plan(self, view: ReplicaView) -> Plan:
-        max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
+        max_num_decodes = self.max_num_decodes
         decisions, queue, decided = start_plan(view, max_num_decodes)
         if decided is not None:
             return decided
         ledger = BlockLedger(view)
         started = [s for s in queue if s.num_computed_tokens > 0]
         decodes = [s for s in started if s.is_decoding]
-        num_tokens, preempted = schedule_started(
+        num_tokens, preempted = schedule_in_order(
             decodes, ledger, self.max_num_batched_tokens, self.max_num_seqs, started
         )
         left = self.max_num_batched_tokens - len(num_tokens)

@@ -18,6 +18,7 @@ from typing import ClassVar
 from formulations.baselines.batching import (
     BlockLedger,
     plan_step,
+    schedule_in_order,
     start_plan,
 )
 from formulations.interface import Formulation
@@ -76,39 +77,8 @@ class Edf(Formulation):
     def _one_step(
         self, view: ReplicaView, decisions, order: list[RequestState], step_budget: int
     ) -> Plan:
-        budget = step_budget
         ledger = BlockLedger(view)
-        block_size = ledger.block_size
-        victims: list[RequestState] | None = None  # started requests, latest deadline last
-        num_tokens: dict[str, int] = {}
-        preempted: list[str] = []
-        for state in order:
-            if budget <= 0 or len(num_tokens) >= self.max_num_seqs:
-                break
-            request = state.request
-            rid = request.request_id
-            if preempted and rid in preempted:
-                continue
-            computed = state.num_computed_tokens
-            pending = (
-                state.num_prompt_tokens + state.num_generated_tokens - computed
-            )  # TokenProgress, inlined: hot loop
-            n = min(pending, budget)
-            # Fast path (most decodes): the blocks it holds have room for n more tokens.
-            if rid not in ledger.touched and -(-(computed + n) // block_size) <= state.num_blocks:
-                num_tokens[rid] = n
-                budget -= n
-                continue
-            if computed == 0:
-                if ledger.try_grow(state, n):
-                    num_tokens[rid] = n
-                    budget -= n
-                continue
-            if victims is None:
-                victims = [s for s in order if s.num_computed_tokens > 0]
-            if ledger.grow_or_preempt(state, n, victims, preempted):
-                num_tokens[rid] = n
-                budget -= n
+        num_tokens, preempted = schedule_in_order(order, ledger, step_budget, self.max_num_seqs)
         return plan_step(
             order, num_tokens, ledger, decisions, preempted, min(step_budget, self.max_num_seqs)
         )

@@ -20,9 +20,9 @@ from typing import ClassVar
 from formulations.baselines.batching import (
     BlockLedger,
     plan_step,
+    schedule_in_order,
     start_plan,
 )
-from formulations.baselines.vllm import schedule_started
 from formulations.interface import Formulation
 from formulations.plan import Plan
 from formulations.registry import register
@@ -77,7 +77,7 @@ class Sarathi(Formulation):
         ledger = BlockLedger(view)
         started = [s for s in queue if s.num_computed_tokens > 0]
         decodes = [s for s in started if s.is_decoding]
-        num_tokens, preempted = schedule_started(
+        num_tokens, preempted = schedule_in_order(
             decodes, ledger, budget, self.max_num_seqs, started
         )
         left = budget - len(num_tokens)

@@ -27,6 +27,7 @@ from typing import ClassVar
 from formulations.baselines.batching import (
     BlockLedger,
     plan_step,
+    schedule_in_order,
     start_plan,
 )
 from formulations.interface import Formulation
@@ -35,71 +36,41 @@ from formulations.registry import register
 from formulations.state import ReplicaView, RequestState
 
 
-def _check_budget(max_num_batched_tokens: int, max_num_seqs: int) -> None:
-    if max_num_batched_tokens < 1 or max_num_seqs < 1:
-        raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
-
-
 def _started(state: RequestState) -> bool:
     return state.num_computed_tokens > 0
 
 
-def schedule_started(
-    started: list[RequestState],
-    ledger: BlockLedger,
-    budget: int,
-    max_num_seqs: int,
-    victims: list[RequestState] | None = None,
-) -> tuple[dict[str, int], list[str]]:
-    """Started requests in order, each min(pending, budget left) tokens; when one cannot grow, the
-    last of `victims` (default: `started`; the newest, or lowest priority, last) still holding KV is
-    preempted by recompute, possibly the request itself. `started` must be a subsequence of
-    `victims` in the same order, so no request already in the step is ever preempted."""
-    num_tokens: dict[str, int] = {}
-    preempted: list[str] = []
-    victims = list(started if victims is None else victims)  # popped from the end
-    block_size = ledger.block_size
-    touched = ledger.touched  # requests whose blocks the ledger changed: take the slow path
-    for state in started:
-        if budget <= 0 or len(num_tokens) >= max_num_seqs:
-            break
-        request = state.request
-        rid = request.request_id
-        if preempted and rid in preempted:
-            continue
-        computed = state.num_computed_tokens
-        pending = (
-            state.num_prompt_tokens + state.num_generated_tokens - computed
-        )  # TokenProgress, inlined: hot loop
-        n = min(pending, budget)
-        # Fast path (most decodes): the blocks it holds already have room for n more tokens.
-        if rid not in touched and -(-(computed + n) // block_size) <= state.num_blocks:
-            num_tokens[rid] = n
-            budget -= n
-            continue
-        if ledger.grow_or_preempt(state, n, victims, preempted):
-            num_tokens[rid] = n
-            budget -= n
-    return num_tokens, preempted
+class TokenBudgetBaseline(Formulation):
+    """A vLLM-style baseline with a fixed token budget per step and a cap on sequences; queues
+    whatever fits in memory (no admission control)."""
 
+    admission_control: ClassVar[bool] = False
 
-@register("vllm_fcfs")
-class VllmFcfs(Formulation):
-    admission_control: ClassVar[bool] = False  # queues whatever fits in memory
-
-    def __init__(self, max_num_batched_tokens: int = 2048, max_num_seqs: int = 256) -> None:
-        _check_budget(max_num_batched_tokens, max_num_seqs)
+    def __init__(self, max_num_batched_tokens: int, max_num_seqs: int = 256) -> None:
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
 
+    @property
+    def max_num_decodes(self) -> int:
+        """Most requests one step can decode."""
+        return min(self.max_num_batched_tokens, self.max_num_seqs)
+
+
+@register("vllm_fcfs")
+class VllmFcfs(TokenBudgetBaseline):
+    def __init__(self, max_num_batched_tokens: int = 2048, max_num_seqs: int = 256) -> None:
+        super().__init__(max_num_batched_tokens, max_num_seqs)
+
     def plan(self, view: ReplicaView) -> Plan:
-        max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
+        max_num_decodes = self.max_num_decodes
         decisions, queue, decided = start_plan(view, max_num_decodes)
         if decided is not None:
             return decided
         started = [s for s in queue if _started(s)]
         ledger = BlockLedger(view)
-        num_tokens, preempted = schedule_started(
+        num_tokens, preempted = schedule_in_order(
             started, ledger, self.max_num_batched_tokens, self.max_num_seqs
         )
         if not preempted:
@@ -118,16 +89,12 @@ class VllmFcfs(Formulation):
 
 
 @register("vllm_prefill_first")
-class VllmPrefillFirst(Formulation):
-    admission_control: ClassVar[bool] = False  # queues whatever fits in memory
-
+class VllmPrefillFirst(TokenBudgetBaseline):
     def __init__(self, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256) -> None:
-        _check_budget(max_num_batched_tokens, max_num_seqs)
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_num_seqs = max_num_seqs
+        super().__init__(max_num_batched_tokens, max_num_seqs)
 
     def plan(self, view: ReplicaView) -> Plan:
-        max_num_decodes = min(self.max_num_batched_tokens, self.max_num_seqs)
+        max_num_decodes = self.max_num_decodes
         decisions, queue, decided = start_plan(view, max_num_decodes)
         if decided is not None:
             return decided
@@ -136,7 +103,7 @@ class VllmPrefillFirst(Formulation):
         prefills = self._prefills(queue, ledger, len(started))
         if prefills:
             return plan_step(queue, prefills, ledger, decisions, (), max_num_decodes)
-        num_tokens, preempted = schedule_started(
+        num_tokens, preempted = schedule_in_order(
             started, ledger, self.max_num_batched_tokens, self.max_num_seqs
         )
         return plan_step(queue, num_tokens, ledger, decisions, preempted, max_num_decodes)
