@@ -425,3 +425,28 @@ def test_an_undecided_request_gets_its_verdict_by_its_ttft_deadline():
     queueing = PlannerCore([spec(0)], lambda s: Queueing(undecided))
     queueing.submit(make_req("b", prompt=100, ttft_s=0.3), 0.0)
     assert queueing.tick(1.0).verdicts == [] and queueing.num_unfinished == 1
+
+
+@pytest.mark.parametrize("kv_migration", [True, False])
+def test_a_prefilled_request_leaves_the_prefill_replica(kv_migration):
+    """Disaggregation: after its first token a request moves to the decode replica, with its KV
+    (a Migration the shell carries out) or, without KV transfer, recomputing there (the prefill
+    engine drops it and the decode engine gets the payload resumed after that token)."""
+    core = PlannerCore(
+        [spec(0, role="prefill"), spec(1, role="decode")],
+        lambda s: Scripted(admit_and_prefill),
+        kv_migration=kv_migration,
+    )
+    core.submit(make_req("a", prompt=50, output=5), 0.0)
+    report = StepReport(0, 0.0, 0.06, {"a": 50}, {"a": 1}, num_free_blocks=996)
+    out = core.on_step(0, report, 0.06)
+    if kv_migration:
+        (migration,) = out.migrations
+        assert (migration.from_replica, migration.to_replica) == (0, 1)
+        assert migration.num_computed_tokens == 50 and migration.num_generated_tokens == 1
+        assert migration.payload.num_prompt_tokens == 50 and out.aborts == []
+    else:
+        assert out.migrations == [] and out.aborts == [("a", 0)]
+        (payload,) = out.plans[1].new_requests
+        assert (payload.num_prompt_tokens, payload.max_new_tokens) == (51, 4)
+        assert core.request_state("a").num_computed_tokens == 0  # recomputed on replica 1
