@@ -13,8 +13,11 @@ its repeat cycle (the engine skips finished requests), so the core is not called
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
+from typing import ClassVar
 
+from formulations.interface import Formulation
 from formulations.plan import Decision, Plan, Step, Verdict
 from formulations.progress import num_blocks_for
 from formulations.state import ReplicaView, RequestState
@@ -252,3 +255,35 @@ def schedule_in_order(
             num_tokens[rid] = n
             budget -= n
     return num_tokens, preempted
+
+
+class QueueingBaseline(Formulation):
+    """What the baselines share: no admission control (they queue whatever fits in memory, as
+    vLLM does), at most `max_num_seqs` requests per step, and the opening of `start_plan`;
+    a subclass builds the step (`schedule`). `tpot_budget`: the decode-all shortcut also checks
+    the Sarathi / EDF budget of the tightest TPOT present."""
+
+    admission_control: ClassVar[bool] = False
+    tpot_budget: ClassVar[bool] = False
+
+    def __init__(self, max_num_seqs: int = 256) -> None:
+        if max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be positive")
+        self.max_num_seqs = max_num_seqs
+
+    @property
+    def max_num_decodes(self) -> int:
+        """Most requests one step can decode."""
+        return self.max_num_seqs
+
+    def plan(self, view: ReplicaView) -> Plan:
+        decisions, queue, decided = start_plan(view, self.max_num_decodes, self.tpot_budget)
+        if decided is not None:
+            return decided
+        return self.schedule(view, decisions, queue)
+
+    @abstractmethod
+    def schedule(
+        self, view: ReplicaView, decisions: dict[str, Decision], queue: list[RequestState]
+    ) -> Plan:
+        """The one-step plan for `queue` (running requests first, then those admitted now)."""

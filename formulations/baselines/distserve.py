@@ -18,25 +18,17 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from formulations.baselines.batching import (
-    BlockLedger,
-    plan_step,
-    schedule_in_order,
-    start_plan,
-)
-from formulations.baselines.sarathi import fill_prefills
+from formulations.baselines.sarathi import decode_first_step
 from formulations.baselines.vllm import TokenBudgetBaseline, VllmPrefillFirst
-from formulations.plan import Plan
+from formulations.plan import Decision, Plan
 from formulations.registry import register
-from formulations.state import ReplicaView
+from formulations.state import ReplicaView, RequestState
 
 ROLES = ("prefill", "decode", "mixed")
 
 
 @register("distserve")
 class DistServe(TokenBudgetBaseline):
-    admission_control: ClassVar[bool] = False  # queues whatever fits in memory
-
     disaggregated: ClassVar[bool] = True
 
     def __init__(
@@ -50,20 +42,12 @@ class DistServe(TokenBudgetBaseline):
 
     def plan(self, view: ReplicaView) -> Plan:
         if self.role == "decode":
-            return self._decode_plan(view)
+            return super().plan(view)
         return self._prefill_first.plan(view)  # a prefill replica hands requests off at once
 
-    def _decode_plan(self, view: ReplicaView) -> Plan:
-        max_num_decodes = self.max_num_decodes
-        decisions, queue, decided = start_plan(view, max_num_decodes)
-        if decided is not None:
-            return decided
-        ledger = BlockLedger(view)
-        started = [s for s in queue if s.num_computed_tokens > 0]
-        decodes = [s for s in started if s.is_decoding]
-        num_tokens, preempted = schedule_in_order(
-            decodes, ledger, self.max_num_batched_tokens, self.max_num_seqs, started
-        )
-        left = self.max_num_batched_tokens - len(num_tokens)
-        fill_prefills(queue, ledger, num_tokens, set(preempted), left, self.max_num_seqs)
-        return plan_step(queue, num_tokens, ledger, decisions, preempted, max_num_decodes)
+    def schedule(
+        self, view: ReplicaView, decisions: dict[str, Decision], queue: list[RequestState]
+    ) -> Plan:
+        """A decode replica: decodes first, recompute (chunked prefill) in the budget left."""
+        budget = self.max_num_batched_tokens
+        return decode_first_step(view, decisions, queue, budget, self.max_num_seqs)

@@ -13,16 +13,14 @@ skipped, and later-deadline ones may still run.
 from __future__ import annotations
 
 from operator import itemgetter
-from typing import ClassVar
 
 from formulations.baselines.batching import (
     BlockLedger,
+    QueueingBaseline,
     plan_step,
     schedule_in_order,
-    start_plan,
 )
-from formulations.interface import Formulation
-from formulations.plan import Plan
+from formulations.plan import Decision, Plan
 from formulations.registry import register
 from formulations.state import ReplicaView, RequestState
 
@@ -57,28 +55,19 @@ _SORT_KEY = itemgetter(0, 1, 2)
 
 
 @register("edf")
-class Edf(Formulation):
-    admission_control: ClassVar[bool] = False  # queues whatever fits in memory
+class Edf(QueueingBaseline):
+    tpot_budget = True
 
     def __init__(self, max_num_seqs: int = 256) -> None:
-        if max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be positive")
-        self.max_num_seqs = max_num_seqs
+        super().__init__(max_num_seqs)
         self._deadline_cache: dict[str, tuple[int, float, float]] = {}  # see deadline_order
 
-    def plan(self, view: ReplicaView) -> Plan:
-        decisions, queue, decided = start_plan(view, self.max_num_seqs, tpot_budget=True)
-        if decided is not None:
-            return decided
+    def schedule(
+        self, view: ReplicaView, decisions: dict[str, Decision], queue: list[RequestState]
+    ) -> Plan:
         order, tightest_tpot_s = deadline_order(queue, self._deadline_cache)
         budget = max(1, view.perf_model.max_tokens(tightest_tpot_s))  # as Sarathi's
-        return self._one_step(view, decisions, order, budget)
-
-    def _one_step(
-        self, view: ReplicaView, decisions, order: list[RequestState], step_budget: int
-    ) -> Plan:
         ledger = BlockLedger(view)
-        num_tokens, preempted = schedule_in_order(order, ledger, step_budget, self.max_num_seqs)
-        return plan_step(
-            order, num_tokens, ledger, decisions, preempted, min(step_budget, self.max_num_seqs)
-        )
+        num_tokens, preempted = schedule_in_order(order, ledger, budget, self.max_num_seqs)
+        max_num_decodes = min(budget, self.max_num_seqs)
+        return plan_step(order, num_tokens, ledger, decisions, preempted, max_num_decodes)

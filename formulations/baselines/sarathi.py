@@ -15,16 +15,13 @@ only, as in vLLM (see `batching.admit_by_memory`).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from formulations.baselines.batching import (
     BlockLedger,
+    QueueingBaseline,
     plan_step,
     schedule_in_order,
-    start_plan,
 )
-from formulations.interface import Formulation
-from formulations.plan import Plan
+from formulations.plan import Decision, Plan
 from formulations.registry import register
 from formulations.state import ReplicaView, RequestState
 
@@ -60,28 +57,32 @@ def fill_prefills(
         budget -= n
 
 
+def decode_first_step(
+    view: ReplicaView,
+    decisions: dict[str, Decision],
+    queue: list[RequestState],
+    budget: int,
+    max_num_seqs: int,
+) -> Plan:
+    """Stall-free batching: every decoding request first (newest started preempted by recompute
+    when memory runs out), then FCFS prefill chunks in what is left of `budget`."""
+    ledger = BlockLedger(view)
+    started = [s for s in queue if s.num_computed_tokens > 0]
+    decodes = [s for s in started if s.is_decoding]
+    num_tokens, preempted = schedule_in_order(decodes, ledger, budget, max_num_seqs, started)
+    left = budget - len(num_tokens)
+    fill_prefills(queue, ledger, num_tokens, set(preempted), left, max_num_seqs)
+    max_num_decodes = min(budget, max_num_seqs)
+    return plan_step(queue, num_tokens, ledger, decisions, preempted, max_num_decodes)
+
+
 @register("sarathi")
-class Sarathi(Formulation):
-    admission_control: ClassVar[bool] = False  # queues whatever fits in memory
+class Sarathi(QueueingBaseline):
+    tpot_budget = True
 
-    def __init__(self, max_num_seqs: int = 256) -> None:
-        if max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be positive")
-        self.max_num_seqs = max_num_seqs
-
-    def plan(self, view: ReplicaView) -> Plan:
-        decisions, queue, decided = start_plan(view, self.max_num_seqs, tpot_budget=True)
-        if decided is not None:
-            return decided
-        budget = tpot_budget(view, queue)
-        ledger = BlockLedger(view)
-        started = [s for s in queue if s.num_computed_tokens > 0]
-        decodes = [s for s in started if s.is_decoding]
-        num_tokens, preempted = schedule_in_order(
-            decodes, ledger, budget, self.max_num_seqs, started
-        )
-        left = budget - len(num_tokens)
-        fill_prefills(queue, ledger, num_tokens, set(preempted), left, self.max_num_seqs)
-        return plan_step(
-            queue, num_tokens, ledger, decisions, preempted, min(budget, self.max_num_seqs)
+    def schedule(
+        self, view: ReplicaView, decisions: dict[str, Decision], queue: list[RequestState]
+    ) -> Plan:
+        return decode_first_step(
+            view, decisions, queue, tpot_budget(view, queue), self.max_num_seqs
         )

@@ -22,16 +22,13 @@ vLLM v0 sets the budget to the model's context length when chunked prefill is of
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from formulations.baselines.batching import (
     BlockLedger,
+    QueueingBaseline,
     plan_step,
     schedule_in_order,
-    start_plan,
 )
-from formulations.interface import Formulation
-from formulations.plan import Plan
+from formulations.plan import Decision, Plan
 from formulations.registry import register
 from formulations.state import ReplicaView, RequestState
 
@@ -40,21 +37,17 @@ def _started(state: RequestState) -> bool:
     return state.num_computed_tokens > 0
 
 
-class TokenBudgetBaseline(Formulation):
-    """A vLLM-style baseline with a fixed token budget per step and a cap on sequences; queues
-    whatever fits in memory (no admission control)."""
-
-    admission_control: ClassVar[bool] = False
+class TokenBudgetBaseline(QueueingBaseline):
+    """A vLLM-style baseline with a fixed token budget per step (`max_num_batched_tokens`)."""
 
     def __init__(self, max_num_batched_tokens: int, max_num_seqs: int = 256) -> None:
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        super().__init__(max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_num_seqs = max_num_seqs
 
     @property
     def max_num_decodes(self) -> int:
-        """Most requests one step can decode."""
         return min(self.max_num_batched_tokens, self.max_num_seqs)
 
 
@@ -63,11 +56,9 @@ class VllmFcfs(TokenBudgetBaseline):
     def __init__(self, max_num_batched_tokens: int = 2048, max_num_seqs: int = 256) -> None:
         super().__init__(max_num_batched_tokens, max_num_seqs)
 
-    def plan(self, view: ReplicaView) -> Plan:
-        max_num_decodes = self.max_num_decodes
-        decisions, queue, decided = start_plan(view, max_num_decodes)
-        if decided is not None:
-            return decided
+    def schedule(
+        self, view: ReplicaView, decisions: dict[str, Decision], queue: list[RequestState]
+    ) -> Plan:
         started = [s for s in queue if _started(s)]
         ledger = BlockLedger(view)
         num_tokens, preempted = schedule_in_order(
@@ -85,7 +76,7 @@ class VllmFcfs(TokenBudgetBaseline):
                     break  # FCFS: the head of the queue waits for memory, nobody overtakes it
                 num_tokens[state.request_id] = n
                 budget -= n
-        return plan_step(queue, num_tokens, ledger, decisions, preempted, max_num_decodes)
+        return plan_step(queue, num_tokens, ledger, decisions, preempted, self.max_num_decodes)
 
 
 @register("vllm_prefill_first")
@@ -93,20 +84,18 @@ class VllmPrefillFirst(TokenBudgetBaseline):
     def __init__(self, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256) -> None:
         super().__init__(max_num_batched_tokens, max_num_seqs)
 
-    def plan(self, view: ReplicaView) -> Plan:
-        max_num_decodes = self.max_num_decodes
-        decisions, queue, decided = start_plan(view, max_num_decodes)
-        if decided is not None:
-            return decided
+    def schedule(
+        self, view: ReplicaView, decisions: dict[str, Decision], queue: list[RequestState]
+    ) -> Plan:
         ledger = BlockLedger(view)
         started = [s for s in queue if _started(s)]
         prefills = self._prefills(queue, ledger, len(started))
         if prefills:
-            return plan_step(queue, prefills, ledger, decisions, (), max_num_decodes)
+            return plan_step(queue, prefills, ledger, decisions, (), self.max_num_decodes)
         num_tokens, preempted = schedule_in_order(
             started, ledger, self.max_num_batched_tokens, self.max_num_seqs
         )
-        return plan_step(queue, num_tokens, ledger, decisions, preempted, max_num_decodes)
+        return plan_step(queue, num_tokens, ledger, decisions, preempted, self.max_num_decodes)
 
     def _prefills(
         self, queue: list[RequestState], ledger: BlockLedger, num_running: int
