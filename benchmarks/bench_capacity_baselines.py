@@ -132,19 +132,15 @@ def code_version() -> str:
     checkout's HEAD, marked when the working tree has uncommitted changes."""
     if os.environ.get("SLOS_SERVE_COMMIT"):
         return f"commit {os.environ['SLOS_SERVE_COMMIT']}"
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        run.check_returncode()
+        return run.stdout.strip()
+
     try:
-        sha = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        sha = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "an unknown commit (not a git checkout)"
     return f"commit {sha}" + (" plus uncommitted changes" if dirty else "")

@@ -33,7 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report_section import write_section
-from commands.demo import ProcessGroup, free_port, wait_for_engines
+from benchmarks.service_support import write_planner_config
+from commands.demo import ProcessGroup, wait_for_engines
 from formulations.plan import Verdict
 from lab.capacity import SearchParams, formulation_capacity
 from lab.experiment import Experiment
@@ -46,15 +47,6 @@ PERF_MODEL = "opt-13b-2xa100"
 POLICY = "slos_dp"
 NUM_ENGINES = 2
 TARGET_P50_ADDED_TTFT_MS = 1.0
-
-PLANNER_TOML = """\
-formulation = "{formulation}"
-[planner]
-engine_endpoint = "tcp://127.0.0.1:{engine_port}"
-client_endpoint = "tcp://127.0.0.1:{client_port}"
-heartbeat_interval_s = 0.5
-default_perf_model = "{perf_model}"
-"""
 
 
 class KeepingClient(PlannerClient):
@@ -79,16 +71,7 @@ def chatbot_capacity_rps(num_requests: int) -> float:
 
 
 def start_service(group: ProcessGroup, tmp: Path) -> str:
-    engine_port, client_port = free_port(), free_port()
-    config = tmp / "planner.toml"
-    config.write_text(
-        PLANNER_TOML.format(
-            formulation=POLICY,
-            engine_port=engine_port,
-            client_port=client_port,
-            perf_model=PERF_MODEL,
-        )
-    )
+    config, engine_port, client_port = write_planner_config(tmp, POLICY, PERF_MODEL)
     cli = [sys.executable, "-m", "commands.cli"]
     group.start("planner", [*cli, "planner", "--config", str(config), "--log-level", "WARNING"])
     for i in range(NUM_ENGINES):
@@ -117,6 +100,14 @@ def direct_run(endpoint: str, workload) -> list:
         return replay(client, workload, drain_timeout_s=60.0, show_summary=False).records
 
 
+def run_bench(url: str, args: list[str], calls_path: Path) -> None:
+    """`slos-serve bench` on the chatbot scenario against `url`, in its own process; the
+    per-call JSON goes to `calls_path`."""
+    argv = [sys.executable, "-m", "commands.cli", "bench", "--url", url, "--scenario", "chatbot"]
+    argv += [*args, "--json", "--calls-out", str(calls_path)]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, timeout=600)
+
+
 def http_run(endpoint: str, workload_args: list[str], tmp: Path):
     """(per-call JSON of the bench client, {response id: server-side handle}, client clock zero,
     CPU seconds this process (HTTP server + its planner client) used meanwhile, and the server's
@@ -129,27 +120,7 @@ def http_run(endpoint: str, workload_args: list[str], tmp: Path):
     calls_path = tmp / "calls.json"
     try:
         cpu_start_s = time.process_time()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "commands.cli",
-                "bench",
-                "--url",
-                server.url,
-                "--scenario",
-                "chatbot",
-                *workload_args,
-                "--perf-model",
-                PERF_MODEL,
-                "--json",
-                "--calls-out",
-                str(calls_path),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            timeout=600,
-        )
+        run_bench(server.url, [*workload_args, "--perf-model", PERF_MODEL], calls_path)
         server_cpu_s = time.process_time() - cpu_start_s
         handles = {h.request_id: h for h in client.handles()}
         inside = {name: _histogram_summary(api, name) for name in ("ingress", "token_delivery")}
@@ -190,25 +161,7 @@ def floor_ttft_ms(workload_args: list[str], tmp: Path) -> list[float]:
     server = ServerThread(NoopApi())
     calls_path = tmp / "noop_calls.json"
     try:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "commands.cli",
-                "bench",
-                "--url",
-                server.url,
-                "--scenario",
-                "chatbot",
-                *workload_args,
-                "--json",
-                "--calls-out",
-                str(calls_path),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            timeout=600,
-        )
+        run_bench(server.url, workload_args, calls_path)
     finally:
         server.close()
     calls = json.loads(calls_path.read_text())["calls"]

@@ -125,15 +125,22 @@ def part_capacity(args) -> str:
 # ---------------------------------------------------------------------------------- ablations
 
 
-def part_ablations(args) -> str:
-    """Each mechanism switched off alone, on the mixed scenario with bursty arrivals, two replicas
-    and a draft model (so that routing and speculation both have something to do)."""
-    base = Experiment(
+def mixed_bursty(args) -> Experiment:
+    """The mixed scenario with bursty arrivals, on windows twice the usual length."""
+    return Experiment(
         scenario="mixed",
         perf_model=PERF_MODEL,
         num_requests=2 * args.num_requests,
         seed=args.seed,
         arrivals="bursty",
+    )
+
+
+def part_ablations(args) -> str:
+    """Each mechanism switched off alone, on the mixed scenario with bursty arrivals, two replicas
+    and a draft model (so that routing and speculation both have something to do)."""
+    base = dataclasses.replace(
+        mixed_bursty(args),
         mean_burst_size=MEAN_BURST,
         num_replicas=2,
         max_spec_tokens=SPEC_TOKENS,
@@ -315,14 +322,7 @@ def part_overhead(args) -> str:
             f"{1e3 * max(times):.2f} |"
         )
     TimedSlosDP.calls.clear()
-    experiment = Experiment(
-        scenario="mixed",
-        perf_model=PERF_MODEL,
-        num_requests=2 * args.num_requests,
-        seed=args.seed,
-        arrivals="bursty",
-    )
-    experiment.run("slos_dp_timed", 4.0)
+    mixed_bursty(args).run("slos_dp_timed", 4.0)
     calls = TimedSlosDP.calls
     all_times = [t for _, t in calls]
     busy = [t for n, t in calls if n >= 8]

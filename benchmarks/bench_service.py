@@ -31,8 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from report_section import write_section
+from service_support import write_planner_config
 
-from commands.demo import ProcessGroup, free_port, wait_for_engines
+from commands.demo import ProcessGroup, wait_for_engines
 from engine_adapters.adapter import AdapterConfig, EngineAdapter
 from engine_adapters.sim_engine import SimEngine
 from formulations.perf_model import Line, PerfModel, perf_model_preset
@@ -48,39 +49,11 @@ STEP_20MS = PerfModel((Line(2e-5, 0.0, 0.018),), "step-20ms")
 CAPACITY_MODEL = "opt-13b-h100"
 FORMULATION = "slos_dp"
 
-CONFIG = """\
-formulation = "{formulation}"
-[planner]
-engine_endpoint = "tcp://127.0.0.1:{engine_port}"
-client_endpoint = "tcp://127.0.0.1:{client_port}"
-default_perf_model = "{perf_model}"
-"""
-
 
 def start_planner(group: ProcessGroup, tmp: Path, formulation: str = FORMULATION):
-    engine_port, client_port = free_port(), free_port()
-    config = tmp / f"planner-{engine_port}.toml"
-    config.write_text(
-        CONFIG.format(
-            formulation=formulation,
-            engine_port=engine_port,
-            client_port=client_port,
-            perf_model=CAPACITY_MODEL,
-        )
-    )
-    process = group.start(
-        f"planner-{engine_port}",
-        [
-            sys.executable,
-            "-m",
-            "commands.cli",
-            "planner",
-            "--config",
-            str(config),
-            "--log-level",
-            "WARNING",
-        ],
-    )
+    config, engine_port, client_port = write_planner_config(tmp, formulation, CAPACITY_MODEL)
+    argv = [sys.executable, "-m", "commands.cli", "planner", "--config", str(config)]
+    process = group.start(f"planner-{engine_port}", [*argv, "--log-level", "WARNING"])
     return process, f"tcp://127.0.0.1:{engine_port}", f"tcp://127.0.0.1:{client_port}"
 
 

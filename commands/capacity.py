@@ -10,45 +10,25 @@ import json
 from pathlib import Path
 
 from commands.cli import CliError
-from commands.simulate import add_experiment_arguments, experiment_from_args
+from commands.simulate import (
+    add_experiment_arguments,
+    add_formulation_argument,
+    experiment_from_args,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--formulation",
-        "--policy",  # the older name
-        action="append",
-        dest="formulations",
-        metavar="NAME",
-        help="a registered formulation (repeat for several; default: slos_dp)",
+    add_formulation_argument(parser, repeatable=True)
+    add = parser.add_argument
+    add("--target", type=float, default=0.9, help="share of items that must attain (0.9)")
+    add("--min-rate", type=float, default=1.0, help="lower search bound, req/s")
+    add(
+        "--max-rate", type=float, default=32.0, help="upper bound, req/s (doubled while it attains)"
     )
-    parser.add_argument(
-        "--target",
-        type=float,
-        default=0.9,
-        help="fraction of requests that must attain every SLO (default 0.9)",
-    )
-    parser.add_argument("--min-rate", type=float, default=1.0, help="lower search bound, req/s")
-    parser.add_argument(
-        "--max-rate",
-        type=float,
-        default=32.0,
-        help="upper search bound, req/s (doubled while it still attains)",
-    )
-    parser.add_argument(
-        "--tolerance",
-        type=float,
-        default=0.3,
-        help="stop when the bracket is narrower than this, req/s",
-    )
-    parser.add_argument("--out", default="out/capacity", help="directory for the JSON and plot")
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=1,
-        help="runs per rate (seeds seed, seed+1, ...), attainment pooled",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add("--tolerance", type=float, default=0.3, help="stop when the bracket is this narrow, req/s")
+    add("--out", default="out/capacity", help="directory for the JSON and plot")
+    add("--seeds", type=int, default=1, help="runs per rate (seed, seed+1, ...), pooled")
+    add("--no-progress", action="store_true", help="hide the progress bar")
     add_experiment_arguments(parser)
 
 

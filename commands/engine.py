@@ -9,6 +9,7 @@ unless `--advertise-perf-model` is given). `torch` and `vllm` engines are import
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 
@@ -20,60 +21,31 @@ from wire.security import CurveKeys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--engine", default="sim", help="sim, torch, vllm, or a module:builder of your own"
-    )
-    parser.add_argument(
-        "--connect", default="tcp://127.0.0.1:5557", help="the planner's engine endpoint"
-    )
-    parser.add_argument("--engine-id", default="engine-0")
-    parser.add_argument("--heartbeat-interval-s", type=float, default=0.5)
-    parser.add_argument("--liveness", type=int, default=6)
-    parser.add_argument(
-        "--plan-grace-ms",
-        type=float,
-        default=10.0,
-        help="after each report, wait up to this long for the planner's answer",
-    )
-    parser.add_argument(
-        "--wait-for-every-answer",
-        action="store_true",
-        help="wait for the planner's answer after every report, not only when "
-        "it announced a re-plan (fewer late plans, more waiting)",
-    )
-    sim = parser.add_argument_group("sim engine")
-    sim.add_argument(
-        "--perf-model", default="opt-13b-h100", help="truth model base (a preset name)"
-    )
-    sim.add_argument(
-        "--k-context-s",
-        type=float,
-        default=0.0,
-        help="truth: seconds per cached context token attended",
-    )
-    sim.add_argument("--noise-frac", type=float, default=0.0, help="truth: multiplicative noise")
-    sim.add_argument(
-        "--time-scale",
-        type=float,
-        default=1.0,
-        help="sleep time_scale x the truth's step time (speeds up demos and tests)",
-    )
-    sim.add_argument("--num-blocks", type=int, default=4096)
-    sim.add_argument("--block-size", type=int, default=16)
-    sim.add_argument("--max-spec-tokens", type=int, default=0)
-    sim.add_argument("--acceptance-rate", type=float, default=0.7)
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument(
-        "--advertise-perf-model",
-        action="store_true",
-        help="send the truth's base model in READY (default: the planner's config)",
-    )
-    torch = parser.add_argument_group("torch engine")
-    torch.add_argument("--model-dir", help="checkpoint directory (slos-serve make-model)")
-    torch.add_argument("--draft-dir", help="draft model checkpoint for speculative decoding")
-    torch.add_argument("--kv-memory-gb", type=float, default=0.25)
-    vllm = parser.add_argument_group("vllm engine")
-    vllm.add_argument(
+    add = parser.add_argument
+    add("--engine", default="sim", help="sim, torch, vllm, or a module:builder of your own")
+    add("--connect", default="tcp://127.0.0.1:5557", help="the planner's engine endpoint")
+    add("--engine-id", default="engine-0")
+    add("--heartbeat-interval-s", type=float, default=0.5)
+    add("--liveness", type=int, default=6)
+    add("--plan-grace-ms", type=float, default=10.0, help="wait for the answer to each report")
+    add("--wait-for-every-answer", action="store_true", help="not only when a plan is announced")
+    sim = parser.add_argument_group("sim engine").add_argument
+    sim("--perf-model", default="opt-13b-h100", help="truth model base (a preset name)")
+    sim("--k-context-s", type=float, default=0.0, help="truth: seconds per context token")
+    sim("--noise-frac", type=float, default=0.0, help="truth: multiplicative noise")
+    sim("--time-scale", type=float, default=1.0, help="sleep this x the truth's step time")
+    sim("--num-blocks", type=int, default=4096)
+    sim("--block-size", type=int, default=16)
+    sim("--max-spec-tokens", type=int, default=0)
+    sim("--acceptance-rate", type=float, default=0.7)
+    sim("--seed", type=int, default=0)
+    sim("--advertise-perf-model", action="store_true", help="send the truth's base in READY")
+    torch = parser.add_argument_group("torch engine").add_argument
+    torch("--model-dir", help="checkpoint directory (slos-serve make-model)")
+    torch("--draft-dir", help="draft model checkpoint for speculative decoding")
+    torch("--kv-memory-gb", type=float, default=0.25)
+    vllm = parser.add_argument_group("vllm engine").add_argument
+    vllm(
         "--vllm-arg",
         action="append",
         default=[],
@@ -81,11 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a vLLM engine argument (value read as JSON when it parses), e.g. "
         "max_model_len=2048; repeatable; adds to SLOS_SERVE_VLLM_ARGS",
     )
-    sec = parser.add_argument_group("CURVE (beyond loopback)")
-    sec.add_argument("--curve-public-key", default="")
-    sec.add_argument("--curve-secret-key", default="")
-    sec.add_argument("--curve-server-key", default="", help="the planner's public key")
-    parser.add_argument("--log-level", default="WARNING")
+    sec = parser.add_argument_group("CURVE (beyond loopback)").add_argument
+    sec("--curve-public-key", default="")
+    sec("--curve-secret-key", default="")
+    sec("--curve-server-key", default="", help="the planner's public key")
+    add("--log-level", default="WARNING")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,20 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
+    """The engine `--engine` names, from the flags its builder reads (EngineOptions fields)."""
+    names = {f.name for f in dataclasses.fields(EngineOptions)} - {"vllm_args"}
     options = EngineOptions(
-        perf_model=args.perf_model,
-        k_context_s=args.k_context_s,
-        noise_frac=args.noise_frac,
-        time_scale=args.time_scale,
-        num_blocks=args.num_blocks,
-        block_size=args.block_size,
-        max_spec_tokens=args.max_spec_tokens,
-        acceptance_rate=args.acceptance_rate,
-        seed=args.seed,
-        advertise_perf_model=args.advertise_perf_model,
-        model_dir=args.model_dir,
-        draft_dir=args.draft_dir,
-        kv_memory_gb=args.kv_memory_gb,
-        vllm_args=tuple(args.vllm_arg),
+        **{name: getattr(args, name) for name in names}, vllm_args=tuple(args.vllm_arg)
     )
     return registry.create(args.engine, options)

@@ -1,6 +1,5 @@
 """`slos-serve simulate`: serve one scenario (or a user trace) with one formulation at one rate in
-the
-virtual-time simulator and print the report (vLLM-style block + SLO attainment per class)."""
+the virtual-time simulator and print the report (vLLM-style block + SLO attainment per class)."""
 
 from __future__ import annotations
 
@@ -11,71 +10,36 @@ from commands.cli import CliError
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `simulate` and `capacity`: what is served, and on what."""
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--scenario",
         default="chatbot",
-        help="chatbot, coder, summarizer, reasoning, tool_agent or mixed",
+        help="chatbot, coder, summarizer, reasoning, tool_agent, mixed",
     )
-    parser.add_argument(
-        "--trace",
-        metavar="FILE",
-        help="replay a user trace (CSV or JSONL, see docs/WORKLOADS.md) instead",
-    )
-    parser.add_argument(
+    add("--trace", metavar="FILE", help="a user trace (CSV / JSONL, docs/WORKLOADS.md) instead")
+    add(
         "--perf-model",
         default="opt-13b-2xa100",
-        help="performance model preset, or a JSON file from `slos-serve profile`",
+        help="a preset, or a JSON from `slos-serve profile`",
     )
+    add("--replicas", type=int, help="engine replicas (default: 1; 2 when disaggregated)")
+    add("--num-requests", type=int, default=300, help="items to take (a tool chain is one)")
+    add("--start", type=int, help="trace rows to skip (default: the scenario's window start)")
+    add("--seed", type=int, default=0)
+    add("--spec", type=int, default=0, metavar="K", help="longest speculation (0: no draft model)")
+    add("--duration", type=float, metavar="S", help="keep the arrivals of the first S seconds")
+    add("--arrivals", choices=("trace", "poisson", "bursty"), help="another arrival process")
+    add("--burst-size", type=float, default=4.0, help="mean burst size of bursty arrivals")
+    add("--max-model-len", type=int, default=8192, help="context length (longer: dropped)")
+
+
+def add_formulation_argument(parser: argparse.ArgumentParser, repeatable: bool = False) -> None:
+    """--formulation NAME (`--policy`, its older name); `repeatable`: a list, for comparisons."""
+    kwargs = {"action": "append", "dest": "formulations"} if repeatable else {}
+    what = "formulations (repeat for several; default: slos_dp)" if repeatable else "formulation"
+    default = None if repeatable else "slos_dp"
     parser.add_argument(
-        "--replicas",
-        type=int,
-        default=None,
-        help="engine replicas (default: 1, or 2 for a disaggregated formulation)",
-    )
-    parser.add_argument(
-        "--num-requests",
-        type=int,
-        default=300,
-        help="requests to take from the scenario (a tool chain counts once)",
-    )
-    parser.add_argument(
-        "--start",
-        type=int,
-        default=None,
-        help="trace rows to skip (default: the scenario's own window start)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--spec",
-        type=int,
-        default=0,
-        metavar="K",
-        help="largest speculation length (0: no draft model)",
-    )
-    parser.add_argument(
-        "--duration",
-        type=float,
-        default=None,
-        metavar="S",
-        help="keep only requests arriving in the first S seconds",
-    )
-    parser.add_argument(
-        "--arrivals",
-        choices=("trace", "poisson", "bursty"),
-        default=None,
-        help="override the scenario's arrival process",
-    )
-    parser.add_argument(
-        "--burst-size",
-        type=float,
-        default=4.0,
-        help="mean burst size of --arrivals bursty (geometric)",
-    )
-    parser.add_argument(
-        "--max-model-len",
-        type=int,
-        default=8192,
-        help="context length: longer sequences are dropped and counted",
+        "--formulation", "--policy", default=default, metavar="NAME", help=what, **kwargs
     )
 
 
@@ -106,20 +70,11 @@ def experiment_from_args(args: argparse.Namespace):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--formulation",
-        "--policy",  # the older name
-        default="slos_dp",
-        help="a registered formulation name",
-    )
-    parser.add_argument(
-        "--rate",
-        type=float,
-        default=None,
-        help="arrival rate in req/s (a user trace without it keeps its timestamps)",
-    )
+    add_formulation_argument(parser)
+    add = parser.add_argument
+    add("--rate", type=float, help="arrivals per second (a trace without it keeps its timestamps)")
     add_experiment_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add("--json", action="store_true", help="print the report as JSON")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -115,6 +115,10 @@ class _Filler:
         period = self.curve.tiers[track.tier].period_steps
         return m >= 0 and m % period == track.residue
 
+    def _decode_due(self, track: _Track, m: int) -> bool:
+        """The track decodes, has decodes left, and step m is its slot."""
+        return track.tier is not None and track.num_decodes_left > 0 and self._due(track, m)
+
     def _started_counts(self, m: int) -> tuple[int, ...]:
         counts = [0] * self.curve.num_tiers
         for job in self.jobs:
@@ -132,14 +136,8 @@ class _Filler:
         used = 0
         # 1. decodes that fall due (decoding before this step: done_step < m)
         for rid, t in self.tracks.items():
-            if (
-                t.tier is not None
-                and t.num_decodes_left > 0
-                and t.done_step is not None
-                and t.done_step < m
-                and t.start_step <= m
-                and self._due(t, m)
-            ):
+            decoding = t.done_step is not None and t.done_step < m
+            if decoding and t.start_step <= m and self._decode_due(t, m):
                 s = self.curve.tiers[t.tier].num_spec_tokens
                 used += self._decode(rid, t, s, num_tokens, num_spec)
         # 2. admitted prefill in EDF order
@@ -155,14 +153,8 @@ class _Filler:
         # 3. early decodes from leftover budget
         for job in self.jobs:
             t = self.tracks[job.request_id]
-            if (
-                t.tier is not None
-                and t.num_decodes_left > 0
-                and t.done_step is not None
-                and t.done_step < m
-                and m < t.start_step
-                and self._due(t, m)
-            ):
+            decoding = t.done_step is not None and t.done_step < m
+            if decoding and m < t.start_step and self._decode_due(t, m):
                 s = self.curve.tiers[t.tier].num_spec_tokens
                 s = s if s <= spec_cap else 0
                 if used + 1 + s <= cap:
@@ -233,12 +225,7 @@ class _Filler:
         num_spec: dict[str, int] = {}
         used = 0
         for rid, t in self.tracks.items():
-            if (
-                t.tier is not None
-                and t.num_decodes_left > 0
-                and t.num_prefill_left == 0
-                and self._due(t, m)
-            ):
+            if t.num_prefill_left == 0 and self._decode_due(t, m):
                 s = self.curve.tiers[t.tier].num_spec_tokens
                 num_tokens[rid] = 1
                 if s:

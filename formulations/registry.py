@@ -1,72 +1,49 @@
 """Formulations by name, so that a config string picks one.
 
-Built-in formulations register themselves when their module is imported; `create` imports the
-built-in modules on first use. A user's own formulation can be named as `package.module:ClassName`.
+Built-in formulations register themselves when their module is imported (formulations/named.py:
+the registry kind shared with routers and engines); a user's own formulation can be named as
+`package.module:ClassName`.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from formulations.interface import Formulation
+from formulations.named import Registry
 
 F = TypeVar("F", bound=type[Formulation])
 
-_REGISTRY: dict[str, type[Formulation]] = {}
-
-# Modules that define built-in formulations; a module that is not there yet is skipped.
-_BUILTIN_MODULES = (
-    "formulations.baselines.vllm",
-    "formulations.baselines.sarathi",
-    "formulations.baselines.edf",
-    "formulations.baselines.distserve",
-    "formulations.slos_dp",
-    "formulations.cpsat",
+# Modules that define the built-in formulations, by formulation name.
+_FORMULATIONS: Registry[type[Formulation]] = Registry(
+    "formulation",
+    {
+        "vllm_fcfs": "formulations.baselines.vllm",
+        "vllm_prefill_first": "formulations.baselines.vllm",
+        "sarathi": "formulations.baselines.sarathi",
+        "edf": "formulations.baselines.edf",
+        "distserve": "formulations.baselines.distserve",
+        "slos_dp": "formulations.slos_dp",
+        "cpsat": "formulations.cpsat",
+    },
 )
-_loaded = False
 
 
 def register(name: str) -> Callable[[F], F]:
     def decorate(cls: F) -> F:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"formulation {name!r} is registered twice")
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return _FORMULATIONS.register(name)(cls)
 
     return decorate
 
 
-def _load_builtins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for module in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-    _loaded = True
-
-
 def available() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return _FORMULATIONS.available()
 
 
 def formulation_class(name: str) -> type[Formulation]:
-    _load_builtins()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        cls = getattr(importlib.import_module(module), attr, None)
-        if isinstance(cls, type) and issubclass(cls, Formulation):
-            return cls
-    raise ValueError(f"unknown formulation {name!r} (known: {', '.join(available())})")
+    return _FORMULATIONS.get(name, lambda c: isinstance(c, type) and issubclass(c, Formulation))
 
 
 def create(name: str, **params: Any) -> Formulation:

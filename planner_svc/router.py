@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
+from formulations.named import Registry
 from formulations.request import Request
 
 
@@ -34,18 +35,15 @@ class Router(ABC):
         `tried`: replicas that already rejected the request, in order."""
 
 
-_REGISTRY: dict[str, type[Router]] = {}
+ROUTERS: Registry[type[Router]] = Registry("router")
 
 
 def register(name: str):
     """Class decorator: make a router available by name (as formulations and engines are)."""
 
     def decorate(cls: type[Router]) -> type[Router]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"router {name!r} is registered twice")
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return ROUTERS.register(name)(cls)
 
     return decorate
 
@@ -78,10 +76,4 @@ class LeastLoadedRouter(Router):
 
 
 def make_router(name: str, max_forwards: int = 1) -> Router:
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown router {name!r} (known: {', '.join(sorted(_REGISTRY))})"
-        ) from None
-    return cls(max_forwards)
+    return ROUTERS.get(name, lambda c: isinstance(c, type) and issubclass(c, Router))(max_forwards)

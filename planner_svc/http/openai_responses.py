@@ -32,22 +32,10 @@ class ResponseHead:
         usage: dict[str, int],
         slo: dict[str, Any],
     ) -> dict[str, Any]:
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-                "token_ids": token_ids,
-            }
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": finish_reason,
-                "token_ids": token_ids,
-            }
+        content = (
+            {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+        )
+        choice = _choice(content, finish_reason, token_ids)
         return {**self._common(chunk=False), "choices": [choice], "usage": usage, "slo": slo}
 
     def chunk(
@@ -64,21 +52,10 @@ class ResponseHead:
                 if first
                 else ({"content": text} if text or finish_reason is None else {})
             )
-            choice = {
-                "index": 0,
-                "delta": delta,
-                "logprobs": None,
-                "finish_reason": finish_reason,
-                "token_ids": token_ids,
-            }
+            content: dict[str, Any] = {"delta": delta}
         else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": finish_reason,
-                "token_ids": token_ids,
-            }
+            content = {"text": text}
+        choice = _choice(content, finish_reason, token_ids)
         body = {**self._common(chunk=True), "choices": [choice]}
         if slo is not None:
             body["slo"] = slo
@@ -115,4 +92,15 @@ def slo_info(verdict: P.VerdictMsg, slo_class: str) -> dict[str, Any]:
         "ttft_ms": verdict.ttft_slo_s * 1e3,
         "tpot_ms": verdict.tpot_s * 1e3,
         "replica_id": verdict.replica_id,
+    }
+
+
+def _choice(content: dict[str, Any], finish_reason: str | None, token_ids: list[int]) -> dict:
+    """One OpenAI choice: index 0, the content (`message`, `delta` or `text`), no logprobs."""
+    return {
+        "index": 0,
+        **content,
+        "logprobs": None,
+        "finish_reason": finish_reason,
+        "token_ids": token_ids,
     }

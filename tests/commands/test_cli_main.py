@@ -10,19 +10,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_cli_error_under_python_dash_m_is_one_line(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
+    argv = [sys.executable, "-m", "commands.cli", "capacity", "--formulation", "vllm_fcfs"]
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "commands.cli",
-            "capacity",
-            "--scenario",
-            "chatbot",
-            "--formulation",
-            "vllm_fcfs",
-            "--out",
-            str(not_a_dir),
-        ],
+        [*argv, "--scenario", "chatbot", "--out", str(not_a_dir)],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -24,13 +24,13 @@ def alive(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def start_demo() -> subprocess.Popen:
+    argv = [sys.executable, "-m", "commands.cli", "demo", "--duration-s", "60", "--rate", "2"]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def test_ctrl_c_stops_the_planner_and_the_engines():
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "commands.cli", "demo", "--duration-s", "60", "--rate", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    demo = start_demo()
     pids, lines = [], []
     deadline = time.monotonic() + 60
     try:
@@ -54,12 +54,7 @@ def test_ctrl_c_stops_the_planner_and_the_engines():
 
 
 def test_children_die_with_a_killed_demo():
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "commands.cli", "demo", "--duration-s", "60", "--rate", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    demo = start_demo()
     pids = []
     try:
         for line in demo.stdout:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import msgspec
 import pytest
 import zmq
 
@@ -173,15 +174,7 @@ def test_engine_waits_for_the_answer_to_its_report_so_the_plan_is_on_time(planne
         time.sleep(0.3)  # a slow planner: the engine must still be waiting for its answer
         b = P.EngineRequest("b", num_prompt_tokens=20, max_new_tokens=50)
         answer = plan(1, first.step_id + 1, [{"a": 1, "b": 20}], [{"a": 1, "b": 1}], [b])
-        planner.send(
-            identity,
-            P.PlanMsg(
-                **{
-                    **{f: getattr(answer, f) for f in answer.__struct_fields__},
-                    "ack_step_id": first.step_id,
-                }
-            ),
-        )
+        planner.send(identity, msgspec.structs.replace(answer, ack_step_id=first.step_id))
         second = planner.recv()[1]
         assert second.step_id == 1 and second.plan_id == 1  # the new plan, on time
         assert second.num_computed_tokens == {"a": 1, "b": 20}

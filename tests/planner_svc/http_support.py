@@ -4,13 +4,11 @@ real text), the HTTP server on a loopback port, and the official openai client p
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import openai
 
-from engine_adapters.adapter import AdapterConfig, EngineAdapter
 from engine_adapters.sim_engine import SimEngine
 from engine_adapters.torch_engine.tokenizer import save_tokenizer, train_tokenizer
 from formulations.perf_model import Line, PerfModel
@@ -41,8 +39,8 @@ class VocabService(Service):
         self.perf_model = perf_model
         super().__init__(config, num_engines)
 
-    def add_engine(self, engine_id: str, num_blocks: int = 4096) -> EngineAdapter:
-        engine = SimEngine(
+    def make_engine(self, num_blocks: int) -> SimEngine:
+        return SimEngine(
             self.perf_model,
             num_blocks,
             clock=time.monotonic,
@@ -51,17 +49,6 @@ class VocabService(Service):
             advertised_perf_model=self.perf_model,
             vocab_size=VOCAB_SIZE,
         )
-        config = AdapterConfig(
-            self.daemon.engine_endpoint,
-            engine_id,
-            heartbeat_interval_s=self.daemon.config.heartbeat_interval_s,
-        )
-        adapter = EngineAdapter(engine, config, self.context)
-        thread = threading.Thread(target=adapter.run, daemon=True)
-        thread.start()
-        self.adapters.append(adapter)
-        self._threads.append(thread)
-        return adapter
 
 
 class Stack:

@@ -44,7 +44,10 @@ class Service:
             self.add_engine(f"engine-{i}")
 
     def add_engine(self, engine_id: str, num_blocks: int = 4096) -> EngineAdapter:
-        engine = SimEngine(
+        return self.start_engine(engine_id, self.make_engine(num_blocks))
+
+    def make_engine(self, num_blocks: int) -> SimEngine:
+        return SimEngine(
             FAST_MODEL,
             num_blocks,
             clock=time.monotonic,
@@ -52,6 +55,9 @@ class Service:
             emit_token_ids=True,
             advertised_perf_model=FAST_MODEL,
         )
+
+    def start_engine(self, engine_id: str, engine) -> EngineAdapter:
+        """An adapter thread for `engine`, connected to the daemon."""
         config = AdapterConfig(
             self.daemon.engine_endpoint,
             engine_id,
