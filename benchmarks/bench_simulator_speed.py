@@ -37,18 +37,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--num-requests", type=int, default=1000, help="requests in the timed run")
     parser.add_argument("--search-requests", type=int, default=1000, help="requests per search run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest counts")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     return parser.parse_args(argv)
 
 
 def timed_run(
-    experiment: Experiment, formulation: str, rate_rps: float, fast_forward: bool
+    experiment: Experiment, formulation: str, rate_rps: float, fast_forward: bool, repeats: int = 1
 ) -> dict:
+    """One simulated run, timed `repeats` times; the fastest counts (the machine is shared, and
+    other work only ever slows a run down)."""
     config = dataclasses.replace(experiment.sim_config(formulation), fast_forward=fast_forward)
     workload = experiment.workload(rate_rps)
-    cpu_start = time.process_time()
-    result = simulate(workload, config)
-    cpu_s = time.process_time() - cpu_start
+    runs = []
+    for _ in range(repeats):
+        cpu_start = time.process_time()
+        result = simulate(workload, config)
+        runs.append((time.process_time() - cpu_start, result))
+    cpu_s, result = min(runs, key=lambda run: run[0])
     return {
         "sim_s": result.sim_duration_s,
         "wall_s": result.wall_s,
@@ -80,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             show_progress=False,
         )
         rate_rps = max(capacity.capacity_rps, 0.5)
-        fast = timed_run(timed, formulation, rate_rps, True)
-        slow = timed_run(timed, formulation, rate_rps, False)
+        fast = timed_run(timed, formulation, rate_rps, True, args.repeats)
+        slow = timed_run(timed, formulation, rate_rps, False, args.repeats)
         rows.append((formulation, timed.replicas_for(formulation), rate_rps, fast, slow))
         print(
             f"{formulation:<20} rate {rate_rps:5.2f} req/s  sim {fast['sim_s']:7.0f}s  "
@@ -103,7 +109,9 @@ def format_table(rows, args) -> str:
         "## Simulator speed (chatbot, OPT-13B on 2 x A100, each baseline at its capacity rate)",
         "",
         f"Target: >= {TARGET_SPEEDUP:.0f}x real time on one core. Rate = capacity found by a quick "
-        f"search on {args.search_requests} requests; the timed run has {args.num_requests} requests. "
+        f"search on {args.search_requests} requests; the timed run has {args.num_requests} requests, "
+        f"timed {args.repeats} times, the fastest kept (the machine is shared: other work only "
+        "slows a run down; between runs of the same code the time varied by up to 40% here). "
         "Speed = simulated seconds / seconds of wall or CPU time (CPU time of this process is the "
         "fair one-core number on a shared machine). `ff` = share of engine steps applied by the "
         "fast-forward of steady decode cycles, which gives the same result as single steps "
