@@ -61,14 +61,22 @@ class _Sequence(TokenProgress):
         "num_computed_tokens",
         "num_generated_tokens",
         "num_prompt_tokens",
+        "num_thinking_tokens",
     )
 
-    def __init__(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
-        self.num_prompt_tokens = num_prompt_tokens
-        self.max_new_tokens = max_new_tokens
+    def __init__(self, request: EngineRequest) -> None:
+        self.num_prompt_tokens = request.num_prompt_tokens
+        self.max_new_tokens = request.max_new_tokens
+        self.num_thinking_tokens = request.sim_thinking_tokens  # where thinking ends; 0: none
         self.num_computed_tokens = 0
         self.num_generated_tokens = 0
         self.num_blocks = 0
+
+    def thinking_in(self, num_before: int, num_after: int) -> int:
+        """How many of the output tokens num_before+1..num_after were thinking tokens, when the
+        thinking ends among them (0 otherwise)."""
+        end = self.num_thinking_tokens
+        return end - num_before if num_before < end <= num_after else 0
 
 
 class SimEngine(Engine):
@@ -126,9 +134,7 @@ class SimEngine(Engine):
     def add_request(self, request: EngineRequest) -> None:
         if request.request_id in self._seqs:
             raise ValueError(f"request {request.request_id!r} is already registered")
-        self._seqs[request.request_id] = _Sequence(
-            request.num_prompt_tokens, request.max_new_tokens
-        )
+        self._seqs[request.request_id] = _Sequence(request)
 
     @property
     def live_requests(self) -> Mapping[str, object]:
@@ -156,7 +162,7 @@ class SimEngine(Engine):
     ) -> int:
         """Register a request whose KV arrives from another engine (disaggregation). Returns the
         tokens now cached here: all of them, or 0 when the blocks are not free (it recomputes)."""
-        seq = _Sequence(request.num_prompt_tokens, request.max_new_tokens)
+        seq = _Sequence(request)
         seq.num_generated_tokens = num_generated_tokens
         num_blocks = num_blocks_for(num_computed_tokens, self.block_size)
         if num_blocks <= self._num_free_blocks - self._blocks_reserved():
@@ -207,6 +213,8 @@ class SimEngine(Engine):
                 return 0
             members.append(seq)
             remaining = seq.max_new_tokens - seq.num_generated_tokens
+            if seq.num_thinking_tokens > seq.num_generated_tokens:  # stop where thinking ends
+                remaining = min(remaining, seq.num_thinking_tokens - seq.num_generated_tokens)
             if remaining < num_runs:
                 num_runs = remaining
         # Each member needs at most num_runs // block_size + 1 new blocks: often plainly enough.
@@ -258,10 +266,17 @@ class SimEngine(Engine):
         self._pending_repeat = None
         seqs = self._seqs
         finished: list[str] = []
+        thinking_ended: dict[str, int] = {}
         for rid in step.num_tokens:
             seq = seqs[rid]
             seq.num_computed_tokens += num_steps
             seq.num_generated_tokens += num_steps
+            if seq.num_thinking_tokens:
+                num_thinking = seq.thinking_in(
+                    seq.num_generated_tokens - num_steps, seq.num_generated_tokens
+                )
+                if num_thinking:
+                    thinking_ended[rid] = num_thinking
             if seq.num_generated_tokens >= seq.max_new_tokens:
                 self._finish(rid, seq, finished)
             else:
@@ -278,6 +293,7 @@ class SimEngine(Engine):
             num_new_tokens=dict(counts),
             num_free_blocks=self._num_free_blocks,
             finished=tuple(finished),
+            thinking_ended=thinking_ended,
         )
 
     # ------------------------------------------------------------------ internals
@@ -325,6 +341,7 @@ class SimEngine(Engine):
         proposed: dict[str, int] = {}
         token_ids: dict[str, list[int]] = {}
         finished: list[str] = []
+        thinking_ended: dict[str, int] = {}
         for rid, num_tokens in step.num_tokens.items():
             seq = seqs[rid]
             seq.num_computed_tokens += num_tokens
@@ -345,6 +362,11 @@ class SimEngine(Engine):
                     token_ids[rid] = [(base + i) % self.vocab_size for i in range(num_new)]
                 seq.num_generated_tokens += num_new
                 new_tokens[rid] = num_new
+                if seq.num_thinking_tokens:
+                    generated = seq.num_generated_tokens
+                    num_thinking = seq.thinking_in(generated - num_new, generated)
+                    if num_thinking:
+                        thinking_ended[rid] = num_thinking
                 if seq.num_generated_tokens >= seq.max_new_tokens:
                     self._finish(rid, seq, finished)
                     continue
@@ -362,6 +384,7 @@ class SimEngine(Engine):
             new_token_ids=token_ids,
             num_free_blocks=self._num_free_blocks,
             finished=tuple(finished),
+            thinking_ended=thinking_ended,
         )
 
     def _finish(self, rid: str, seq: _Sequence, finished: list[str]) -> None:

@@ -107,8 +107,10 @@ class BudgetCurve:
         tiers: dict[float, TierChoice],
         decoders: Sequence[Decoder],
         burst: Burst | None = None,
+        acceptance_rate: float = 0.0,
     ) -> None:
         self.perf_model = perf_model
+        self.acceptance_rate = acceptance_rate  # of draft tokens (the planned speculation's gain)
         self.now_s = now_s
         self.step_time_s = step_time_s
         self.burst = burst
@@ -289,7 +291,7 @@ def make_budget_curve(
     if perf_model.max_tokens(step_time_s, 0) < 0:
         return None
     try:
-        curve = BudgetCurve(perf_model, now_s, step_time_s, tiers, decoders, burst)
+        curve = BudgetCurve(perf_model, now_s, step_time_s, tiers, decoders, burst, acceptance_rate)
     except _NeedsDecodeInBurst:
         return None
     if burst is not None and curve.burst_cap <= 0:

@@ -1,27 +1,36 @@
-"""KV memory over time: an upper bound on what admitted requests hold at every future instant.
+"""KV memory over time: what admitted requests hold at every future instant.
 
-Reserving each admitted request's peak KV (prompt + full output) from admission on wastes memory on
-decode-heavy work: a reasoning request that will think for 3000 tokens holds its prompt and a few
-tokens at first, and its whole length only near its end. This module bounds each request's
+Reserving each admitted request's peak KV (prompt + whole output) from admission on wastes memory
+on decode-heavy work: a reasoning request that will think for 3000 tokens holds its prompt and a
+few tokens at first, and its whole length only near its end. This module describes each request's
 footprint as a function of time and checks the peak of the *sum*.
 
 Per request r, at plan time `now` (all quantities in tokens; blocks are ceil(tokens / block size)):
 
-    held_r(t) <= F_r(t) = min(peak_r, start_r + floor(rate * (t - now)) + 2 g)
+    held_r(t) <= F_r(t) = min(peak_r, start_r + floor(rate_r * (t - now)) + extra_r)
                                                             for t <= release_r,
     held_r(t)  = 0                                          after release_r
 
 - `start_r`: the tokens it may hold at once now: computed tokens plus all pending ones (a prompt
   may be prefilled in a single step);
-- growth: a request computes at most g = 1 + s tokens per step once it decodes (one sampled token
-  and s draft tokens), and a step with s draft steps is no shorter than T(0 tokens, s) (the
-  model's fixed cost), so whole steps add at most rate = max_s (1 + s) / T(0, s) tokens per second
-  (1 / T(0) without a draft model); `+ 2 g` covers a step already in flight and the step that
-  starts at `t`;
-- `release_r`: the deadline of its last output token. An admitted request that keeps its SLO has
-  finished (and freed its KV) by then. The decode clock starts at max(TTFT deadline, first token),
-  so before its first token the last deadline is `TTFT deadline + decode offset`. A request that is
-  already late has no such bound: it holds `F_r` for ever (`release_s = None`).
+- `peak_r`: its prompt and every *planned* output token but the last (the length predictor's
+  quantile, formulations/lengths.py; the true length in the oracle mode);
+- `rate_r`, `extra_r` and `release_r` come from one of two descriptions:
+
+  **timeline** (the sound bound when lengths are known; kept as an ablation). A request computes at
+  most g = 1 + s tokens per step once it decodes, and a step with s draft steps lasts at least
+  T(0, s), so whole steps add at most rate = max_s (1 + s) / T(0, s) tokens per second (`Growth`);
+  `extra = 2 g` covers the step in flight and the one starting at t. It is released at the
+  deadline of its last planned output token: an admitted request that keeps its SLO has finished
+  (and freed its KV) by then. A request already late has no such bound (`release_s = None`).
+
+  **trajectory** (the default): the pace the plan gives it. On a candidate step time T its TPOT tier
+  decodes once every k steps verifying s drafts, so it grows E(s) / (k T) tokens per second in
+  expectation (formulations/speculation.py) and finishes its planned output at that pace (from its
+  TTFT deadline for a request still to prefill), at the latest at the deadline of its last planned
+  token. This is a prediction, not a bound: lengths past the prediction, slower acceptance or a
+  re-plan that changes the pace are caught by the planner's overflow path (slos_dp.py), which
+  preempts before an engine runs out of blocks.
 
 Each F_r is non-decreasing until it drops at its release, so the sum's supremum over t is reached
 just before a release (left limit: requests released exactly then still count), or at infinity
@@ -42,26 +51,32 @@ from formulations.state import RequestState
 
 # Steps counted beyond floor((t - now) / step_min): the one in flight and the one starting at t.
 EXTRA_STEPS = 2
+_NO_BOUND = 1 << 60  # growth without a lower bound on a step's length
 
 
 @dataclass(frozen=True, slots=True)
 class Footprint:
-    """Upper bound on one request's KV tokens over time (see the module docstring)."""
+    """One request's KV tokens over time (see the module docstring)."""
 
     request_id: str
     num_start_tokens: int  # tokens it may hold right away (computed + pending)
-    num_peak_tokens: int  # tokens at its longest (prompt + every output)
+    num_peak_tokens: int  # tokens at its longest as planned
     release_s: float | None  # its KV is free by then; None: no bound (held for ever)
+    tokens_per_s: float  # growth rate
+    num_extra_tokens: int  # growth allowed beyond rate * elapsed (steps in flight)
 
-    def num_tokens_at(self, t_s: float, now_s: float, growth: Growth) -> int:
-        """Bound on the tokens held at t_s (before the release)."""
-        return min(self.num_peak_tokens, self.num_start_tokens + growth.tokens_by(t_s - now_s))
+    def num_tokens_at(self, t_s: float, now_s: float) -> int:
+        """The tokens held at t_s (before the release)."""
+        if math.isinf(self.tokens_per_s):
+            return self.num_peak_tokens
+        grown = math.floor(max(0.0, t_s - now_s) * self.tokens_per_s + 1e-9)
+        return min(self.num_peak_tokens, self.num_start_tokens + grown + self.num_extra_tokens)
 
 
 @dataclass(frozen=True, slots=True)
 class Growth:
-    """How fast one request's KV can grow: at most `tokens_per_step` tokens per step (1 + s with s
-    draft tokens) and at most `tokens_per_s` per second over whole steps.
+    """The fastest a request's KV can grow (the timeline bound): at most `tokens_per_step` tokens
+    per step (1 + s with s draft tokens) and `tokens_per_s` per second over whole steps.
 
     A step with s draft steps adds at most 1 + s tokens to a request and lasts at least T(0, s), so
     completed steps in an interval of length D add at most D * max_s (1 + s) / T(0, s) tokens;
@@ -78,38 +93,61 @@ class Growth:
         ]
         return cls(max(rates), 1 + max_spec_tokens)
 
-    def tokens_by(self, elapsed_s: float) -> int:
-        if math.isinf(self.tokens_per_s):
-            return 1 << 60  # no lower bound on a step's length: no bound on growth
-        grown = math.floor(max(0.0, elapsed_s) * self.tokens_per_s + 1e-9)
-        return grown + EXTRA_STEPS * self.tokens_per_step
+    @property
+    def num_extra_tokens(self) -> int:
+        return EXTRA_STEPS * self.tokens_per_step
 
 
-def footprint(state: RequestState, now_s: float) -> Footprint:
-    """The bound for a running or waiting request (admitted or about to be)."""
+def footprint(state: RequestState, now_s: float, growth: Growth) -> Footprint:
+    """The timeline bound for a running or waiting request (admitted or about to be)."""
     request = state.request
     late = state.next_token_deadline_s < now_s
     release_s = None
     if not late:
-        release_s = token_deadline_s(request, request.num_output_tokens, state.first_token_s)
+        release_s = token_deadline_s(request, state.num_planned_output_tokens, state.first_token_s)
     return Footprint(
         state.request_id,
         num_start_tokens=state.num_tokens,
-        num_peak_tokens=request.num_peak_kv_tokens,
+        num_peak_tokens=state.num_prompt_tokens + state.num_planned_output_tokens - 1,
         release_s=release_s,
+        tokens_per_s=growth.tokens_per_s,
+        num_extra_tokens=growth.num_extra_tokens,
     )
 
 
-def peak_blocks(
-    footprints: Iterable[Footprint], now_s: float, growth: Growth, block_size: int
-) -> int:
-    """Supremum over t >= now of sum_r blocks(F_r(t)): the KV blocks these requests may hold at
-    once, at most. Evaluated at every release time (rows: requests, columns: release times)."""
+def paced(
+    bound: Footprint,
+    tokens_per_s: float,
+    num_extra_tokens: int,
+    num_planned_remaining: int,
+    decode_start_s: float,
+) -> Footprint:
+    """The trajectory description of a request whose timeline bound is `bound`: it grows
+    `tokens_per_s` and produces its `num_planned_remaining` output tokens from `decode_start_s`
+    at that pace (its release, at the latest the bound's)."""
+    release_s = bound.release_s
+    if release_s is not None and tokens_per_s > 0:
+        release_s = min(release_s, decode_start_s + num_planned_remaining / tokens_per_s)
+    return Footprint(
+        bound.request_id,
+        bound.num_start_tokens,
+        bound.num_peak_tokens,
+        release_s,
+        tokens_per_s,
+        num_extra_tokens,
+    )
+
+
+def peak_blocks(footprints: Iterable[Footprint], now_s: float, block_size: int) -> int:
+    """Supremum over t >= now of sum_r blocks(F_r(t)): the KV blocks these requests hold at once,
+    at most. Evaluated at every release time (rows: requests, columns: release times)."""
     prints = list(footprints)
     if not prints:
         return 0
     peak = np.array([f.num_peak_tokens for f in prints], dtype=np.int64)
     start = np.array([f.num_start_tokens for f in prints], dtype=np.int64)
+    extra = np.array([f.num_extra_tokens for f in prints], dtype=np.int64)
+    rate = np.array([f.tokens_per_s for f in prints], dtype=np.float64)
     release = np.array(
         [np.inf if f.release_s is None else f.release_s for f in prints], dtype=np.float64
     )
@@ -117,8 +155,11 @@ def peak_blocks(
     times_s = np.unique(release[np.isfinite(release)])
     if times_s.size == 0:
         return forever
-    grown = np.array([growth.tokens_by(t_s - now_s) for t_s in times_s], dtype=np.int64)
-    tokens = np.minimum(peak[:, None], start[:, None] + grown[None, :])
+    elapsed = np.maximum(0.0, times_s - now_s)[None, :]
+    with np.errstate(invalid="ignore", over="ignore"):
+        grown = np.floor(elapsed * rate[:, None] + 1e-9)
+    grown = np.where(np.isfinite(grown), grown, _NO_BOUND).astype(np.int64)
+    tokens = np.minimum(peak[:, None], start[:, None] + grown + extra[:, None])
     blocks = -(-tokens // block_size)
     held = np.where(release[:, None] >= times_s[None, :], blocks, 0).sum(axis=0)
     return max(forever, int(held.max()))

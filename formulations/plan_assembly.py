@@ -15,9 +15,10 @@ from formulations.admission import Fallback, best_effort_memory
 from formulations.batch_planner import Layout, build_layout
 from formulations.budget import BudgetCurve, Job
 from formulations.dp import Admission
-from formulations.memory_timeline import Footprint, peak_blocks
+from formulations.memory_timeline import EXTRA_STEPS, Footprint, paced, peak_blocks
 from formulations.plan import Decision, Plan, Step, Verdict
 from formulations.planning_problem import PlanningProblem, best_effort_work
+from formulations.speculation import expected_tokens_per_step
 from formulations.state import ReplicaView
 
 # Step time used when nothing present has a TPOT (every request outputs a single token), and the
@@ -55,18 +56,44 @@ class Choice:
         )
 
 
-def timeline_blocks(problem: PlanningProblem, jobs: Sequence[Job]) -> int:
-    """Peak KV blocks over time (memory_timeline.py) of the running decoders plus `jobs`. A job
+MEMORY_MODES = ("trajectory", "timeline", "peak")
+
+
+def timeline_blocks(
+    problem: PlanningProblem, jobs: Sequence[Job], curve: BudgetCurve | None = None
+) -> int:
+    """Peak KV blocks over time (memory_timeline.py) of the running decoders plus `jobs`: on their
+    trajectories under `curve` (the pace its tiers give them), else the timeline bound. A job
     whose deadline was relaxed (late) has no release bound: it is held at its peak for ever."""
-    prints: dict[str, Footprint] = {
-        d.request_id: problem.footprints[d.request_id] for d in problem.decoders
-    }
+    prints: dict[str, Footprint] = {}
+    for d in problem.decoders:
+        fp = problem.footprints[d.request_id]
+        if curve is not None:
+            fp = _paced(fp, problem, curve, d.tpot_s, curve.grid_start_s)
+        prints[d.request_id] = fp
     for job in jobs:
         fp = problem.footprints[job.request_id]
         if job.deadline_s is None:
             fp = dataclasses.replace(fp, release_s=None)
+        elif curve is not None and job.tpot_s is not None:
+            fp = _paced(fp, problem, curve, job.tpot_s, max(job.deadline_s, curve.grid_start_s))
         prints[job.request_id] = fp
-    return peak_blocks(prints.values(), problem.now_s, problem.growth, problem.block_size)
+    return peak_blocks(prints.values(), problem.now_s, problem.block_size)
+
+
+def _paced(
+    bound: Footprint, problem: PlanningProblem, curve: BudgetCurve, tpot_s: float, start_s: float
+) -> Footprint:
+    """`bound` on the trajectory `curve` plans for a request of this TPOT (memory_timeline.py)."""
+    tier_index = curve.tier_index.get(tpot_s)
+    if tier_index is None:
+        return bound
+    tier = curve.tiers[tier_index]
+    gain = expected_tokens_per_step(tier.num_spec_tokens, curve.acceptance_rate)
+    rate = gain / (tier.period_steps * curve.step_time_s)
+    extra = EXTRA_STEPS * tier.tokens_per_decode
+    remaining = problem.planned_remaining.get(bound.request_id, 1)
+    return paced(bound, rate, extra, remaining, start_s)
 
 
 def assemble_plan(
@@ -74,13 +101,14 @@ def assemble_plan(
     problem: PlanningProblem,
     choice: Choice | None,
     fallback: Fallback,
-    timeline_memory: bool = True,
+    memory: str = "trajectory",
     max_best_effort_steps: int = 4,
 ) -> Plan:
     """Decisions, preemptions and steps for an admission (the DP's or CP-SAT's): admitted
     candidates get ADMITTED, the others the `fallback` verdict; the steps are laid out over the
-    choice's budget curve (formulations/batch_planner.py) with best-effort work in what is left
-    (`timeline_memory`: admitted KV counted over time, else at its peak from now on)."""
+    choice's budget curve (formulations/batch_planner.py) with best-effort work in what is left of
+    the memory admitted work needs (`memory`, one of MEMORY_MODES: counted on its trajectories,
+    over time with the timeline bound, or at its peak from now on)."""
     admitted = choice.admission.admitted if choice is not None else ()
     candidate_ids = {j.request_id for j in problem.candidates}
     admitted_ids = {j.request_id for j in admitted if j.request_id in candidate_ids}
@@ -96,7 +124,7 @@ def assemble_plan(
             decisions[job.request_id] = Decision(fallback.verdict, "cannot guarantee the SLOs")
     if choice is None:
         return _catch_up_plan(view, problem, decisions)
-    layout = _layout(view, problem, choice, decisions, timeline_memory, max_best_effort_steps)
+    layout = _layout(view, problem, choice, decisions, memory, max_best_effort_steps)
     return Plan(layout[0].steps, layout[0].repeat, decisions, layout[1])
 
 
@@ -105,12 +133,13 @@ def _layout(
     problem: PlanningProblem,
     choice: Choice,
     decisions: dict[str, Decision],
-    timeline_memory: bool,
+    memory: str,
     max_best_effort_steps: int,
 ) -> tuple[Layout, tuple[str, ...]]:
-    if timeline_memory:
+    if memory != "peak":
         new = tuple(j for j in choice.admission.admitted if not j.mandatory)
-        admitted_peak = timeline_blocks(problem, choice.mandatory + new)
+        curve = choice.curve if memory == "trajectory" else None
+        admitted_peak = timeline_blocks(problem, choice.mandatory + new, curve)
     else:
         admitted_peak = problem.reserved_blocks + sum(
             j.peak_blocks for j in choice.admission.admitted

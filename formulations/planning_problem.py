@@ -39,10 +39,11 @@ class PlanningProblem:
     reserved_blocks: int  # peak KV of the running decoders
     num_total_blocks: int
     block_size: int
-    # Per-request KV bounds over time (decoders, admitted jobs and candidates; memory_timeline.py)
-    # and the growth bound they use.
+    # Per-request KV bounds over time (decoders, admitted jobs and candidates; memory_timeline.py),
+    # the growth bound they use, and each one's planned output tokens still to come.
     footprints: Mapping[str, Footprint] = field(default_factory=dict)
     growth: Growth | None = None
+    planned_remaining: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def tpots_s(self) -> set[float]:
@@ -87,17 +88,18 @@ def extract_problem(view: ReplicaView) -> PlanningProblem:
     best_effort: list[RequestState] = []
     reserved = 0
     footprints: dict[str, Footprint] = {}
+    growth = Growth.for_model(view.perf_model, view.max_spec_tokens)
     for state in view.running:
         if state.is_finished:
             continue
         if state.verdict is Verdict.BEST_EFFORT:
             best_effort.append(state)
         elif state.is_decoding:
-            footprints[state.request_id] = footprint(state, view.now_s)
+            footprints[state.request_id] = footprint(state, view.now_s, growth)
             decoders.append(_decoder(state))
             reserved += state.num_peak_blocks(view.block_size)
         else:
-            footprints[state.request_id] = footprint(state, view.now_s)
+            footprints[state.request_id] = footprint(state, view.now_s, growth)
             mandatory.append(_job(state, view.block_size, mandatory=True))
     candidates: list[Job] = []
     too_large: list[str] = []
@@ -105,7 +107,7 @@ def extract_problem(view: ReplicaView) -> PlanningProblem:
         if state.num_peak_blocks(view.block_size) > view.num_total_blocks:
             too_large.append(state.request_id)
         else:
-            footprints[state.request_id] = footprint(state, view.now_s)
+            footprints[state.request_id] = footprint(state, view.now_s, growth)
             candidates.append(_job(state, view.block_size, mandatory=False))
     return PlanningProblem(
         now_s=view.now_s,
@@ -118,7 +120,12 @@ def extract_problem(view: ReplicaView) -> PlanningProblem:
         num_total_blocks=view.num_total_blocks,
         block_size=view.block_size,
         footprints=footprints,
-        growth=Growth.for_model(view.perf_model, view.max_spec_tokens),
+        growth=growth,
+        planned_remaining={
+            s.request_id: s.num_planned_output_tokens - s.num_generated_tokens
+            for s in (*view.running, *view.waiting)
+            if s.request_id in footprints
+        },
     )
 
 

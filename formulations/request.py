@@ -19,7 +19,9 @@ class Request:
     request_id: str
     arrival_s: float
     num_prompt_tokens: int
-    num_output_tokens: int  # known length, or the planner's estimate / upper bound
+    # The output cap the planner may rely on: the client's max_tokens (the engine stops at or
+    # before it), or the true length in the simulator's oracle mode (formulations/lengths.py).
+    num_output_tokens: int
     slo: SLO
     ttft_slo_s: float  # absolute TTFT target, resolved from `slo`
     slo_class: str = "custom"
@@ -27,6 +29,7 @@ class Request:
     value: float = 1.0  # weight of admitting this request (per-class weights)
     chain_id: str | None = None  # set for tool-chain rounds
     round_index: int = 0
+    hint_output_tokens: int | None = None  # the client's expected output length, if it gave one
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 1:

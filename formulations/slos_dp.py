@@ -24,8 +24,20 @@ from formulations.admission import Fallback
 from formulations.budget import BudgetCurve, Burst, Job, make_budget_curve
 from formulations.dp import Admission, admit, edf_order
 from formulations.interface import Formulation
+from formulations.overflow import (
+    MAX_VICTIMS_PER_PLAN,
+    overflow_victim,
+    set_aside,
+    waiting_resumes,
+)
 from formulations.plan import Plan
-from formulations.plan_assembly import PREFILL_ONLY_STEP_S, Choice, assemble_plan, timeline_blocks
+from formulations.plan_assembly import (
+    MEMORY_MODES,
+    PREFILL_ONLY_STEP_S,
+    Choice,
+    assemble_plan,
+    timeline_blocks,
+)
 from formulations.planning_problem import PlanningProblem, extract_problem
 from formulations.registry import register
 from formulations.speculation import candidate_step_times
@@ -123,17 +135,23 @@ def decoder_bound_burst(
 
 
 def fit_memory_over_time(
-    admission: Admission, problem: PlanningProblem, cache: dict[tuple[tuple[str, bool], ...], int]
+    admission: Admission,
+    problem: PlanningProblem,
+    cache: dict[tuple, int],
+    curve: BudgetCurve | None = None,
 ) -> Admission:
     """Keep the longest EDF prefix of the newly admitted jobs whose KV, with the running and
     mandatory requests', fits the replica at every future instant (memory_timeline.py). Dropping
     jobs keeps the rest feasible (less demand, more budget), so the prefix is found by bisection;
     adding a job never lowers the peak. `cache` memoises peaks by admitted ids within one call."""
 
+    # The trajectories depend on the curve only through its step time, burst and tiers.
+    pace = (curve.step_time_s, curve.burst) if curve is not None else None
+
     def peak(jobs: Sequence[Job]) -> int:
-        key = tuple((j.request_id, j.deadline_s is None) for j in jobs)
+        key = (pace, tuple((j.request_id, j.deadline_s is None) for j in jobs))
         if key not in cache:
-            cache[key] = timeline_blocks(problem, jobs)
+            cache[key] = timeline_blocks(problem, jobs, curve)
         return cache[key]
 
     mandatory = [j for j in admission.admitted if j.mandatory]
@@ -165,26 +183,25 @@ def solve_candidates(
     max_spec_tokens: int,
     use_bursts: bool = True,
     previous_burst_end_s: float | None = None,
-    timeline_memory: bool = False,
+    memory: str = "peak",
     decoder_bursts: bool = False,
 ) -> Choice | None:
     """Run the DP for every candidate step time (and prefill burst); the best choice, or None if
     none is usable. `decoder_bursts`: also try, per step time, the longest burst the running
     decoders allow (`decoder_bound_burst`), with steps of at most DECODER_BURST_TTFT_FRACTION of
     the tightest TTFT SLO present. Memory: each admitted request's peak KV reserved from now on
-    (`timeline_memory` False: exact DP, checked against brute force), or the peak over time of
-    every request's growing footprint (True: the DP without memory, then the longest EDF prefix
-    of its new admissions that fits, `fit_memory_over_time`)."""
-    cache: dict[tuple[tuple[str, bool], ...], int] = {}
+    (`memory` "peak": exact DP, checked against brute force), or the peak over time of
+    every request's growing footprint ("trajectory" on the candidate curve's pace, "timeline" with
+    the growth bound: the DP without memory, then the longest EDF prefix of its new admissions
+    that fits, `fit_memory_over_time`)."""
+    cache: dict[tuple, int] = {}
     alpha = view.spec_acceptance_rate
     tpots = problem.tpots_s
     times = candidate_step_times(tpots, max_spec_tokens, alpha) if tpots else [PREFILL_ONLY_STEP_S]
     bursts = burst_candidates(problem, view.now_s, previous_burst_end_s) if use_bursts else [None]
     best: Choice | None = None
     for step_time_s, burst in itertools.product(times, bursts):
-        choice = _solve_one(
-            problem, view, step_time_s, burst, max_spec_tokens, timeline_memory, cache
-        )
+        choice = _solve_one(problem, view, step_time_s, burst, max_spec_tokens, memory, cache)
         if choice is not None and (best is None or choice.score() > best.score()):
             best = choice
     if use_bursts and decoder_bursts:
@@ -194,9 +211,7 @@ def solve_candidates(
             burst = decoder_bound_burst(problem, view.now_s, step_time_s, max_step_s)
             if burst is None or burst in bursts:
                 continue
-            choice = _solve_one(
-                problem, view, step_time_s, burst, max_spec_tokens, timeline_memory, cache
-            )
+            choice = _solve_one(problem, view, step_time_s, burst, max_spec_tokens, memory, cache)
             if choice is not None and (best is None or choice.score() > best.score()):
                 best = choice
     return best
@@ -208,7 +223,7 @@ def _solve_one(
     step_time_s: float,
     burst: Burst | None,
     max_spec_tokens: int,
-    timeline_memory: bool,
+    memory: str,
     cache: dict[tuple[tuple[str, bool], ...], int],
 ) -> Choice | None:
     """The DP's admission for one step time and burst, or None when it cannot serve the running
@@ -227,12 +242,13 @@ def _solve_one(
     if curve is None or not mandatory_tpots <= set(curve.tier_index):
         return None
     mandatory = relax_late(problem.mandatory + curve.deferred, curve)
-    cap = None if timeline_memory else problem.memory_cap_blocks
+    cap = problem.memory_cap_blocks if memory == "peak" else None
     admission = admit(mandatory + problem.candidates, curve, cap)
     if admission is None:
         return None
-    if timeline_memory:
-        admission = fit_memory_over_time(admission, problem, cache)
+    if memory != "peak":
+        curve_for_memory = curve if memory == "trajectory" else None
+        admission = fit_memory_over_time(admission, problem, cache, curve_for_memory)
     num_relaxed = sum(j.deadline_s is None for j in mandatory) - sum(
         j.deadline_s is None for j in problem.mandatory
     )
@@ -252,8 +268,10 @@ class SlosDP(Formulation):
     long prefill-only steps when every decoder is ahead of schedule, see budget.Burst);
     `decoder_bursts` (also open plans with the longest burst the running decoders' next deadlines
     allow, steps short against the TTFT SLOs present; see `decoder_bound_burst`);
-    `memory` ("timeline": the peak over time of every admitted request's growing KV footprint,
-    memory_timeline.py; "peak": each admitted request reserves its full-length KV from admission).
+    `memory` (memory_timeline.py: "trajectory", the default: the peak over time of every admitted
+    request's KV on the trajectory the plan gives it, growing at its tier's pace to its planned
+    length; "timeline": the same with the growth bound and release at the last deadline;
+    "peak": each admitted request reserves its planned full-length KV from admission).
     """
 
     def __init__(
@@ -264,11 +282,12 @@ class SlosDP(Formulation):
         max_best_effort_steps: int = 4,
         admit_all: bool = False,
         prefill_bursts: bool = True,
-        memory: str = "timeline",
+        memory: str = "trajectory",
         decoder_bursts: bool = True,
     ) -> None:
-        if memory not in ("timeline", "peak"):
-            raise ValueError(f"memory must be 'timeline' or 'peak', got {memory!r}")
+        if memory not in MEMORY_MODES:
+            known = ", ".join(MEMORY_MODES)
+            raise ValueError(f"memory must be one of {known}, got {memory!r}")
         if max_new_per_call < 1 or max_best_effort_steps < 0:
             raise ValueError("max_new_per_call must be >= 1 and max_best_effort_steps >= 0")
         self.fallback = Fallback.parse(fallback)
@@ -277,11 +296,32 @@ class SlosDP(Formulation):
         self.max_best_effort_steps = max_best_effort_steps
         self.admit_all = bool(admit_all)
         self.prefill_bursts = bool(prefill_bursts)
-        self.timeline_memory = memory == "timeline"
+        self.memory = memory
         self.decoder_bursts = bool(decoder_bursts)
         self._burst_end_s: float | None = None  # end of the last plan's prefill burst
 
     def plan(self, view: ReplicaView) -> Plan:
+        """A plan that fits the replica's KV blocks: when reality ran past the memory plan,
+        requests are set aside (a resume waits, then the one with the most slack is preempted)
+        and the replica planned again (formulations/overflow.py)."""
+        plan = self._plan(view)
+        resumes = waiting_resumes(view, plan)
+        if resumes:
+            view = set_aside(view, resumes, drop_kv=False)
+            plan = self._plan(view)
+        preempted: list[str] = []
+        for _ in range(MAX_VICTIMS_PER_PLAN):
+            victim = overflow_victim(view, plan)
+            if victim is None:
+                break
+            preempted.append(victim.request_id)
+            view = set_aside(view, [victim], drop_kv=True)
+            plan = self._plan(view)
+        if preempted:
+            plan = dataclasses.replace(plan, preempt=tuple(preempted) + plan.preempt)
+        return plan
+
+    def _plan(self, view: ReplicaView) -> Plan:
         problem = extract_problem(view)
         deferred = self._defer(problem)
         if deferred:
@@ -300,7 +340,7 @@ class SlosDP(Formulation):
                 problem,
                 choice,
                 self.fallback,
-                self.timeline_memory,
+                self.memory,
                 self.max_best_effort_steps,
             )
         choice = solve_candidates(
@@ -309,13 +349,13 @@ class SlosDP(Formulation):
             max_spec,
             self.prefill_bursts,
             self._burst_end_s,
-            self.timeline_memory,
+            self.memory,
             self.decoder_bursts,
         )
         burst = choice.curve.burst if choice is not None else None
         self._burst_end_s = burst.end_s(view.now_s) if burst is not None else None
         return assemble_plan(
-            view, problem, choice, self.fallback, self.timeline_memory, self.max_best_effort_steps
+            view, problem, choice, self.fallback, self.memory, self.max_best_effort_steps
         )
 
     def _defer(self, problem: PlanningProblem) -> set[str]:

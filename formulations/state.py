@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from formulations.deadlines import token_deadline_s
+from formulations.lengths import LengthEstimate
 from formulations.perf_model import PerfModel
 from formulations.plan import Verdict
 from formulations.progress import TokenProgress, num_blocks_for
@@ -26,6 +27,10 @@ class RequestState(TokenProgress):
     num_generated_tokens: int = 0
     first_token_s: float | None = None
     num_blocks: int = 0  # KV blocks held on the replica
+    # The planner's belief about the output length (formulations/lengths.py), set by the core
+    # before each plan; None: nothing better than the cap, `request.num_output_tokens`.
+    predicted_output: LengthEstimate | None = None  # total output tokens, expected and quantile
+    predicted_at: int = -1  # output tokens produced when `predicted_output` was made
     num_prompt_tokens: int = field(init=False)  # the request's, kept here for the hot loops
 
     def __post_init__(self) -> None:
@@ -35,9 +40,29 @@ class RequestState(TokenProgress):
     def request_id(self) -> str:
         return self.request.request_id
 
+    @property
+    def num_planned_output_tokens(self) -> int:
+        """The output length memory is planned for: the predicted quantile, within the cap and
+        beyond what is already produced."""
+        return self._within_cap(self.predicted_output.quantile if self.predicted_output else None)
+
+    @property
+    def num_expected_output_tokens(self) -> int:
+        """The expected output length, within the cap and beyond what is already produced."""
+        return self._within_cap(self.predicted_output.expected if self.predicted_output else None)
+
+    def _within_cap(self, total: int | None) -> int:
+        cap = self.request.num_output_tokens
+        if total is None:
+            return cap
+        return min(cap, max(total, self.num_generated_tokens + 1))
+
     def num_peak_blocks(self, block_size: int) -> int:
-        """KV blocks at the request's longest (see `Request.num_peak_kv_tokens`)."""
-        return num_blocks_for(self.request.num_peak_kv_tokens, block_size)
+        """KV blocks at the request's longest as planned: its prompt and every planned output
+        token but the last, which is sampled and never cached (`Request.num_peak_kv_tokens`)."""
+        return num_blocks_for(
+            self.num_prompt_tokens + self.num_planned_output_tokens - 1, block_size
+        )
 
     @property
     def num_remaining_output_tokens(self) -> int:

@@ -21,6 +21,7 @@ fast-forward of steady decode cycles: lab/fast_forward.py.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from typing import Any
 
 from engine_adapters.sim_engine import SimEngine, VirtualClock
 from formulations import registry
+from formulations.lengths import LENGTH_MODES, LengthPredictor, LengthPrior, make_predictor
 from formulations.perf_model import PERF_MODEL_NUM_GPUS, PerfModel, TruthModel, perf_model_preset
 from formulations.request import Request, ToolChain
 from lab.fast_forward import CRUISE, Cruise, FastForward
@@ -79,6 +81,43 @@ class SimConfig:
     fast_forward: bool = True
     # Faults: (time_s, replica_id) at which a replica's engine dies (`PlannerCore.remove_replica`).
     replica_failures: tuple[tuple[float, int], ...] = ()
+    # What the planner knows of output lengths (formulations/lengths.py): "predicted" (the
+    # default: the cap below, and what it learns from finished requests), "oracle" (every
+    # request's true output and thinking lengths: the paper's setting), or "max_tokens" (the cap
+    # alone). The engines always stop at the true length.
+    lengths: str = "predicted"
+    length_priors: dict[str, LengthPrior] = field(default_factory=dict)  # by class (lengths.py)
+    # A predictor of one's own for the "predicted" mode (a factory: each run gets a fresh one).
+    predictor: Callable[[], LengthPredictor] | None = None
+    # The cap a client sets (max_tokens): what is left of the served model's context after the
+    # prompt (and the speculation lookahead). The workload must be filtered to this context.
+    max_model_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.lengths not in LENGTH_MODES:
+            known = ", ".join(LENGTH_MODES)
+            raise ValueError(f"lengths must be one of {known}, got {self.lengths!r}")
+
+    def length_predictor(self):
+        """A fresh predictor of this length mode (each run learns from nothing but its priors)."""
+        if self.lengths == "predicted":
+            if self.predictor is not None:
+                return self.predictor()
+            return make_predictor("predicted", priors=self.length_priors)
+        return make_predictor(self.lengths)
+
+    def planner_request(self, request: Request) -> Request:
+        """The request as the planner sees it in this length mode (the true one in `oracle`)."""
+        if self.lengths == "oracle":
+            return request
+        cap = self.max_model_len - request.num_prompt_tokens - self.max_spec_tokens
+        if cap < request.num_output_tokens:
+            raise ValueError(
+                f"request {request.request_id} is longer than max_model_len {self.max_model_len}"
+                " allows: filter the workload to the same context length"
+            )
+        thinking = cap if request.slo.thinking_tpot_s is not None else 0
+        return dataclasses.replace(request, num_output_tokens=cap, num_thinking_tokens=thinking)
 
     def num_blocks(self) -> int:
         if self.num_blocks_per_replica is not None:
@@ -165,6 +204,8 @@ class Simulation(FastForward):
             spec_acceptance_prior=config.spec_acceptance_prior,
             check_plans=config.check_plans,
             kv_migration=True,  # the simulator moves KV between engines (after its transfer time)
+            lengths=config.lengths,
+            length_predictor=config.length_predictor(),
         )
         truth = config.truth or TruthModel(config.perf_model)
         self.runners = {
@@ -277,11 +318,17 @@ class Simulation(FastForward):
     # ------------------------------------------------------------------ events
 
     def _on_arrival(self, now_s: float, request: Request) -> None:
+        """The record keeps the true request (attainment is checked against it); the planner gets
+        what the length mode allows; the engine stops at the true length."""
         self.records[request.request_id] = RequestRecord(request)
         payload = EngineRequest(
-            request.request_id, request.num_prompt_tokens, request.num_output_tokens
+            request.request_id,
+            request.num_prompt_tokens,
+            request.num_output_tokens,
+            sim_thinking_tokens=request.num_thinking_tokens,
         )
-        self._handle(self.core.submit(request, now_s, payload), now_s)
+        planner_request = self.config.planner_request(request)
+        self._handle(self.core.submit(planner_request, now_s, payload), now_s)
 
     def _on_step(
         self,

@@ -18,8 +18,18 @@ plans to engines, tells clients the verdicts, and feeds engine reports back thro
   then it gets the fallback verdict at once, so every client hears back within its TTFT target.
 - Payloads: each request's `EngineRequest` (given at `submit`) rides in the first plan of the
   replica that runs it; after a move it is resumed (prompt + the output so far, recomputed).
-- Safety net: after two consecutive error reports from a replica (e.g. out of KV blocks), the core
-  itself preempts (by recompute) the newest running request that holds KV, best effort ones first.
+- Output lengths (formulations/lengths.py): before each plan the core gives every request the
+  planner's belief about its total output (`RequestState.predicted_output`) from its length
+  predictor, which learns from the requests that finish (`lengths="predicted"`, the default); a
+  request's cap (`Request.num_output_tokens`) is all the `oracle` and `max_tokens` modes use. The
+  core never reads an engine payload's `max_new_tokens` for planning. A reasoning request's thinking
+  length becomes known when its engine reports the end of its thinking.
+- Memory: a replica whose engine's free KV blocks could run out at the next step is re-planned at
+  that boundary (formulations with admission control), so that the formulation can preempt before
+  the engine refuses a step. Safety net: after two consecutive error reports from a replica (e.g.
+  out of KV blocks), the core itself preempts (by recompute) a running request that holds KV: best
+  effort ones first (the newest), then the admitted one with the most slack before its next
+  deadline.
 
 Only `time.perf_counter` is read, to measure how long formulations take (`stats`); it never
 influences a decision.
@@ -27,11 +37,13 @@ influences a decision.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from formulations.interface import Formulation
+from formulations.lengths import THINKING, LengthEstimate, LengthPredictor, make_predictor
 from formulations.plan import Verdict
 from formulations.request import Request
 from formulations.state import RequestState
@@ -49,6 +61,9 @@ _ERRORS_BEFORE_PREEMPT = 2
 _ERRORS_BEFORE_FAIL = 32
 # Re-plans one core call may make per replica before the core calls it a livelock.
 _MAX_REPLANS_PER_CALL = 10_000
+# A request's output-length prediction is refreshed after this many more tokens (or when it
+# outlives the expected length): survival conditioning changes slowly, and queries cost.
+PREDICTION_REFRESH_TOKENS = 16
 EXPIRED_REASON = "TTFT target passed before a verdict"
 
 
@@ -67,7 +82,9 @@ class PlannerCore:
     """See the module docstring. `formulation_factory(spec)` makes one formulation per replica.
     `kv_migration`: disaggregated requests move with their KV (the shell transfers it and calls
     `complete_migration`); off, they recompute on the decode replica. `announce_replans`: fill
-    `CoreOutput.replan_expected` (the daemon tells engines; the simulator needs no such hint)."""
+    `CoreOutput.replan_expected` (the daemon tells engines; the simulator needs no such hint).
+    `lengths`: what the planner knows of output lengths (formulations/lengths.py; a
+    `length_predictor` given replaces the mode's default one)."""
 
     def __init__(
         self,
@@ -80,6 +97,8 @@ class PlannerCore:
         check_plans: bool = True,
         kv_migration: bool = False,
         announce_replans: bool = False,
+        lengths: str = "predicted",
+        length_predictor: LengthPredictor | None = None,
     ) -> None:
         if not 0.0 <= spec_acceptance_prior <= 1.0:
             raise ValueError("spec_acceptance_prior must be in [0, 1]")
@@ -102,6 +121,8 @@ class PlannerCore:
         self._payloads: dict[str, EngineRequest] = {}  # unfinished request -> its engine payload
         self._token_ids: dict[str, list[int]] = {}  # output ids so far, for requests sent with ids
         self._pending_preempt: dict[int, list[str]] = {}  # core-made preemptions for the next plan
+        self.lengths = lengths
+        self.length_predictor = length_predictor or make_predictor(lengths)
         self.stats = ReplanStats()
         for spec in replicas:
             self._add(spec)
@@ -154,6 +175,8 @@ class PlannerCore:
             rep.num_consecutive_errors = 0
             rep.last_step_time_s = report.step_time_s / num_steps
             self._record_token_ids(report)
+            if report.thinking_ended:
+                self._thinking_ended(rep, report.thinking_ended)
             done, produced = rep.apply_report(report)
             for state in done:
                 self._finish(rep, state, out)
@@ -163,6 +186,8 @@ class PlannerCore:
                     self.placement.start_migration(rep, state, payload, out)
             if ran_slow(rep, report, num_steps, self.replan_policy.slow_step_ratio):
                 rep.replan_requested = True
+            if rep.admission_control and rep.num_free_blocks < len(rep.running):
+                rep.replan_requested = True  # the next step might not get its KV blocks
         self._dirty.add(rep.replica_id)
         self._settle(now_s, out, boundary=rep.replica_id)
         return out
@@ -291,6 +316,48 @@ class PlannerCore:
                 if kept is not None:
                     kept.extend(ids)
 
+    def _predict(self, rep: ReplicaState) -> None:
+        """Refresh the planner's belief about the output length of the replica's requests (each
+        time a request has produced `PREDICTION_REFRESH_TOKENS` more tokens, or outlived its
+        expectation)."""
+        predictor = self.length_predictor
+        for state in (*rep.running.values(), *rep.waiting.values()):
+            generated = state.num_generated_tokens
+            known = state.predicted_output
+            if (
+                known is not None
+                and generated < known.expected
+                and (generated - state.predicted_at < PREDICTION_REFRESH_TOKENS)
+            ):
+                continue
+            request = state.request
+            rest = predictor.remaining(
+                request.slo_class,
+                request.num_prompt_tokens,
+                generated,
+                hint=request.hint_output_tokens,
+            )
+            state.predicted_output = LengthEstimate(
+                generated + rest.expected, generated + rest.quantile
+            )
+            state.predicted_at = generated
+
+    def _thinking_ended(self, rep: ReplicaState, ended: dict[str, int]) -> None:
+        """The engine saw the end of these requests' thinking: the planner moves them to their
+        answer TPOT (a re-plan at this boundary) and learns the thinking length."""
+        for rid, num_in_step in ended.items():
+            state = rep.running.get(rid)
+            if state is None:
+                continue
+            request = state.request
+            num_thinking = min(request.num_output_tokens, state.num_generated_tokens + num_in_step)
+            if num_thinking != request.num_thinking_tokens:
+                state.request = dataclasses.replace(request, num_thinking_tokens=num_thinking)
+                rep.replan_requested = True
+            self.length_predictor.observe(
+                request.slo_class, request.num_prompt_tokens, num_thinking, THINKING
+            )
+
     def _forget(self, request_id: str) -> None:
         self._payloads.pop(request_id, None)
         self._token_ids.pop(request_id, None)
@@ -301,6 +368,10 @@ class PlannerCore:
 
     def _finish(self, rep: ReplicaState, state: RequestState, out: CoreOutput) -> None:
         rid = state.request_id
+        request = state.request
+        self.length_predictor.observe(
+            request.slo_class, request.num_prompt_tokens, state.num_generated_tokens
+        )
         rep.remove_running(rid)
         self.placement.where.pop(rid, None)
         self._forget(rid)
@@ -320,7 +391,7 @@ class PlannerCore:
                 f"{rep.num_consecutive_errors} consecutive steps could not be executed"
             )
         if rep.num_consecutive_errors >= _ERRORS_BEFORE_PREEMPT:
-            victim = _newest_with_kv(rep.running.values())
+            victim = _victim_with_kv(rep.running.values())
             if victim is not None:
                 rep.drop_kv(victim)
                 self._pending_preempt.setdefault(rep.replica_id, []).append(victim.request_id)
@@ -361,6 +432,7 @@ class PlannerCore:
             }
 
     def _replan(self, rep: ReplicaState, now_s: float, out: CoreOutput) -> None:
+        self._predict(rep)
         view = rep.view(now_s)
         start = time.perf_counter()
         plan = rep.formulation.plan(view)
@@ -401,13 +473,14 @@ class PlannerCore:
         out.put_plan(rep.replica_id, message)
 
 
-def _newest_with_kv(states) -> RequestState | None:
-    """The request to preempt: the newest best-effort one holding KV, else the newest admitted."""
+def _victim_with_kv(states) -> RequestState | None:
+    """The request the safety net preempts: the newest best-effort one holding KV, else the
+    admitted one with the most slack before its next token's deadline."""
     best_effort = admitted = None
     for state in states:  # dicts keep admission order, so the last match is the newest
         if state.num_blocks > 0 or state.num_computed_tokens > 0:
             if state.verdict is Verdict.BEST_EFFORT:
                 best_effort = state
-            else:
+            elif admitted is None or state.next_token_deadline_s > admitted.next_token_deadline_s:
                 admitted = state
     return best_effort or admitted

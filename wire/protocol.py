@@ -95,6 +95,9 @@ class EngineRequest(_Msg):
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
     seed: int | None = None
     ignore_eos: bool = True
+    # Simulated engines only: where the request's thinking ends (0: no thinking). Real engines see
+    # the end-of-thinking token; the simulator knows it from the trace. Never sent to the planner.
+    sim_thinking_tokens: NonNegInt = 0
 
     def __post_init__(self) -> None:
         if (
@@ -120,6 +123,7 @@ class EngineRequest(_Msg):
             num_prompt_tokens=self.num_prompt_tokens + num_generated,
             max_new_tokens=max(1, self.max_new_tokens - num_generated),
             prompt_token_ids=prompt_ids,
+            sim_thinking_tokens=max(0, self.sim_thinking_tokens - num_generated),
         )
 
 
@@ -162,6 +166,10 @@ class StepReport(_Msg):
     new_token_ids: dict[str, list[int]] = {}  # empty for the sim engine in the simulator
     num_free_blocks: NonNegInt = 0
     finished: tuple[str, ...] = ()  # produced their last token (or hit EOS / a stop) this step
+    # Reasoning requests whose thinking ended in this step: request -> how many of the tokens the
+    # step produced for it were thinking tokens, the last of them ending the thinking (the engine
+    # sees the end-of-thinking token; the planner cannot know where it comes before it does).
+    thinking_ended: dict[str, NonNegInt] = {}
     error: str = ""  # non-empty: the step was not executed (e.g. out of KV blocks)
     plan_id: NonNegInt = 0  # the plan the step came from (diagnostic)
     num_stale_plans: NonNegInt = 0  # plans dropped by the engine so far (diagnostic)

@@ -1,9 +1,11 @@
 """Helpers shared by the one-step baselines: memory-only admission, a KV block ledger with
 vLLM-style preemption by recompute, and the steady decode cycle.
 
-Memory-only admission: every waiting request whose whole context (prompt plus output) could ever fit
-in the replica's KV pool is ADMITTED at once (for these baselines "admitted" means "queued"; no SLO
-check); one that could never fit is REJECTED.
+Memory-only admission: every waiting request whose prompt (and first output token) could ever fit in
+the replica's KV pool is ADMITTED at once (for these baselines "admitted" means "queued"; no SLO
+check); one that could never fit is REJECTED. Like vLLM, the baselines never use a request's
+output length: not the true one, not a prediction, not the cap (a test runs them in the three length
+modes of formulations/lengths.py and compares the results).
 
 Steady decode (`plan_step`): when after the step every request is decoding and all of them fit one
 step, the one-step decision of these baselines is "decode everyone" at every later step until
@@ -26,10 +28,11 @@ ADMIT = Decision(Verdict.ADMITTED, "queued (memory-only admission)")
 
 
 def admit_by_memory(view: ReplicaView) -> dict[str, Decision]:
-    """ADMITTED for every waiting request that fits the KV pool alone, REJECTED otherwise."""
+    """ADMITTED for every waiting request whose prompt fits the KV pool alone, REJECTED
+    otherwise."""
     decisions: dict[str, Decision] = {}
     for state in view.waiting:
-        peak_blocks = state.num_peak_blocks(view.block_size)
+        peak_blocks = num_blocks_for(state.num_prompt_tokens + 1, view.block_size)
         if peak_blocks <= view.num_total_blocks:
             decisions[state.request_id] = ADMIT
         else:
@@ -187,8 +190,7 @@ def decode_all_plan(
                 tightest_tpot_s = tpot_s
         rid = request.request_id
         step[rid] = 1
-        if generated + 1 < request.num_output_tokens:
-            tail[rid] = 1
+        tail[rid] = 1  # the engine skips it in the cycle once it has finished
     if tpot_budget and len(queue) > max(1, view.perf_model.max_tokens(tightest_tpot_s)):
         return None
     return _with_tail(Step(step), tail, len(queue), decisions)
@@ -197,18 +199,15 @@ def decode_all_plan(
 def _decode_tail(
     queue: Sequence[RequestState], num_tokens: dict[str, int], max_num_decodes: int
 ) -> dict[str, int] | None:
-    """{rid: 1} for every request of `queue` still unfinished after the step, or None when one of
-    them would not be decoding then (or they would not fit one step)."""
+    """{rid: 1} for every request of `queue` (the engine skips those that finish in the step), or
+    None when one of them would not be decoding after the step (or they would not fit one)."""
     tail: dict[str, int] = {}
     for s in queue:
         request = s.request
         rid = request.request_id
         pending = s.num_pending_tokens
         n = num_tokens.get(rid, 0)
-        if n == pending:  # the step samples its next token
-            if s.num_generated_tokens + 1 >= request.num_output_tokens:
-                continue  # done after the step
-        elif n != 0 or not s.is_decoding:
+        if n != pending and (n != 0 or not s.is_decoding):
             return None  # a prompt (or recompute) stays unfinished
         tail[rid] = 1
     if len(tail) > max_num_decodes:

@@ -69,6 +69,7 @@ def test_admitted_requests_attain_on_random_bursts(seed):
         num_replicas=1 + seed % 3 // 2,
         num_blocks_per_replica=[None, 3000, 600, None][seed % 4],
         seed=seed,
+        lengths="oracle",
     )
     check(simulate(random_workload(seed, perf), config))
 
@@ -82,7 +83,10 @@ def test_admitted_requests_attain_in_every_scenario(scenario):
     )
     check(
         simulate(
-            workload, SimConfig(formulation="slos_dp", perf_model=OPT13B, fallback="best_effort")
+            workload,
+            SimConfig(
+                formulation="slos_dp", perf_model=OPT13B, fallback="best_effort", lengths="oracle"
+            ),
         )
     )
 
@@ -91,7 +95,8 @@ def test_rejections_do_happen_under_overload():
     """Overload: the guarantee holds because the planner refuses work, and it does refuse some."""
     workload = random_workload(99, OPT13B)
     result = simulate(
-        workload, SimConfig(formulation="slos_dp", perf_model=OPT13B, fallback="reject")
+        workload,
+        SimConfig(formulation="slos_dp", perf_model=OPT13B, fallback="reject", lengths="oracle"),
     )
     check(result)
     assert any(r.verdict is Verdict.REJECTED for r in result.records)

@@ -22,13 +22,13 @@ from lab.workloads.workload import Workload
 OPT13B = perf_model_preset("opt-13b-2xa100")
 
 
-def held_blocks(prints, t_s, now_s, rate, per_step, block_size) -> int:
-    """Sum of each request's bound at t, written out from the definition (no shared code)."""
+def held_blocks(prints, t_s, now_s, block_size) -> int:
+    """Sum of each request's footprint at t, written out from the definition (no shared code)."""
     total = 0
     for f in prints:
         if f.release_s is not None and t_s > f.release_s:
             continue
-        grown = math.floor((t_s - now_s) * rate + 1e-9) + 2 * per_step
+        grown = math.floor((t_s - now_s) * f.tokens_per_s + 1e-9) + f.num_extra_tokens
         tokens = min(f.num_peak_tokens, f.num_start_tokens + grown)
         total += -(-tokens // block_size)
     return total
@@ -36,46 +36,57 @@ def held_blocks(prints, t_s, now_s, rate, per_step, block_size) -> int:
 
 @st.composite
 def footprints(draw):
+    """Requests growing at their own pace (the trajectory description) or at one shared bound."""
+    shared = draw(st.booleans())
+    rate, per_step = draw(st.sampled_from((2.0, 33.3, 150.0))), draw(st.integers(1, 3))
     prints = []
     for i in range(draw(st.integers(0, 8))):
         start = draw(st.integers(1, 500))
+        if not shared:
+            rate, per_step = draw(st.floats(0.5, 200.0)), draw(st.integers(1, 5))
         prints.append(
             Footprint(
                 f"r{i}",
                 start,
                 start + draw(st.integers(0, 3000)),
                 draw(st.one_of(st.none(), st.floats(0.0, 60.0))),
+                rate,
+                2 * per_step,
             )
         )
     return prints
 
 
 @settings(max_examples=200, derandomize=True, deadline=None)
-@given(
-    footprints(), st.sampled_from((2.0, 33.3, 150.0)), st.integers(1, 3), st.sampled_from((1, 16))
-)
-def test_peak_is_the_supremum_over_time(prints, rate, per_step, block_size):
-    growth = Growth(rate, per_step)
-    peak = peak_blocks(prints, 0.0, growth, block_size)
+@given(footprints(), st.sampled_from((1, 16)))
+def test_peak_is_the_supremum_over_time(prints, block_size):
+    peak = peak_blocks(prints, 0.0, block_size)
     releases = [f.release_s for f in prints if f.release_s is not None]
     grid = list(np.linspace(0.0, 70.0, 1401)) + releases + [1e6]
-    direct = [held_blocks(prints, t, 0.0, rate, per_step, block_size) for t in grid]
+    direct = [held_blocks(prints, t, 0.0, block_size) for t in grid]
     assert peak >= max(direct, default=0)  # an upper bound at every instant...
     assert peak == max(direct, default=0)  # ...and reached (at a release or at infinity)
 
 
 def test_growth_and_release_cases_by_hand():
     growth = Growth(10.0, 1)  # 10 tokens/s, 1 per step
+
+    def fp(rid, start, peak, release_s):
+        return Footprint(rid, start, peak, release_s, growth.tokens_per_s, growth.num_extra_tokens)
+
     # Two requests of 10 tokens growing to 40; one freed at 1.0 s. Blocks of 10 tokens.
-    a = Footprint("a", 10, 40, 1.0)
-    b = Footprint("b", 10, 40, 5.0)
+    a = fp("a", 10, 40, 1.0)
+    b = fp("b", 10, 40, 5.0)
     # at 1.0 s: floor(10) + 2 = 12 tokens more -> 22 tokens -> 3 blocks each: 6.
     # at 5.0 s: only b, capped at 40 tokens -> 4 blocks.
-    assert peak_blocks([a, b], 0.0, growth, 10) == 6
+    assert peak_blocks([a, b], 0.0, 10) == 6
     # A request with no release bound grows to its peak and holds it for ever: 9 blocks at
     # infinity beat 3 + 3 at 1.0 s.
-    assert peak_blocks([a, Footprint("c", 10, 90, None)], 0.0, growth, 10) == 9
-    assert peak_blocks([a, Footprint("c", 10, 50, None)], 0.0, growth, 10) == 6
+    assert peak_blocks([a, fp("c", 10, 90, None)], 0.0, 10) == 9
+    assert peak_blocks([a, fp("c", 10, 50, None)], 0.0, 10) == 6
+    # On a slower trajectory (2 tokens/s, no steps in flight), a at 1.0 s holds 12 tokens: 2 blocks.
+    slow = Footprint("a", 10, 40, 1.0, 2.0, 0)
+    assert peak_blocks([slow, b], 0.0, 10) == 2 + 3
 
 
 def reasoning_workload(num_requests: int, gap_s: float) -> Workload:
@@ -99,7 +110,7 @@ def reasoning_workload(num_requests: int, gap_s: float) -> Workload:
     return Workload("reasoning-mixed-lengths", tuple(requests))
 
 
-def run(memory: str, errors: list[str]):
+def run(memory: str, errors: list[str], lengths: str = "oracle"):
     original = Simulation._on_step
 
     def on_step(self, now_s, event, run_ends_s=None):
@@ -113,6 +124,7 @@ def run(memory: str, errors: list[str]):
         perf_model=OPT13B,
         num_blocks_per_replica=1200,  # 19200 tokens
         formulation_params={"memory": memory},
+        lengths=lengths,
     )
     Simulation._on_step = on_step
     try:
@@ -144,3 +156,17 @@ def test_timeline_admits_more_long_reasoning_requests_than_peak_reservation():
         result = run(memory, [])
         counts[memory] = sum(r.verdict is Verdict.ADMITTED for r in result.records)
     assert counts["timeline"] > counts["peak"], counts
+
+
+def test_trajectories_admit_at_least_as_many_and_the_engine_never_overflows():
+    """With known lengths, KV counted on the trajectories the plan gives (the default) admits at
+    least what the timeline bound does; predictions that fall short are caught before an engine
+    runs out of blocks (no step refused), and every request ends."""
+    counts = {}
+    for memory in ("timeline", "trajectory"):
+        errors: list[str] = []
+        result = run(memory, errors)
+        counts[memory] = sum(r.verdict is Verdict.ADMITTED for r in result.records)
+        assert not errors, errors[:3]
+        assert all(r.finished or r.verdict is Verdict.REJECTED for r in result.records)
+    assert counts["trajectory"] >= counts["timeline"], counts

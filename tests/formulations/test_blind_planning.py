@@ -1,0 +1,168 @@
+"""Planning without the true output lengths (formulations/lengths.py): the predictor against an
+empirical reference, what the planner may see in each length mode, the overflow path when reality
+runs past the predictions, and the guarantee when it does not."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from formulations.lengths import (
+    LengthEstimate,
+    LengthPredictor,
+    LengthPrior,
+    OnlineLengthPredictor,
+)
+from formulations.perf_model import perf_model_preset
+from formulations.plan import Verdict
+from formulations.request import make_request
+from lab.simulator import SimConfig, Simulation
+from lab.workloads.workload import Workload
+
+OPT13B = perf_model_preset("opt-13b-2xa100")
+
+
+# ---------------------------------------------------------------- the predictor
+
+
+def empirical_rest(samples: np.ndarray, generated: int, q: float) -> tuple[float, float]:
+    """E[L - g | L > g] and the q-quantile of L - g given L > g, computed directly."""
+    longer = samples[samples > generated]
+    return float(longer.mean() - generated), float(
+        np.quantile(longer, q, method="inverted_cdf") - generated
+    )
+
+
+@settings(max_examples=30, derandomize=True, deadline=None)
+@given(
+    st.sampled_from(["lognormal", "exponential", "uniform"]),
+    st.integers(0, 600),
+    st.sampled_from([0.5, 0.9]),
+)
+def test_conditional_estimates_match_the_empirical_distribution(kind, generated, q):
+    rng = np.random.default_rng(7)
+    draw = {
+        "lognormal": lambda n: rng.lognormal(5.0, 0.8, n),
+        "exponential": lambda n: rng.exponential(300.0, n),
+        "uniform": lambda n: rng.uniform(1, 1200, n),
+    }[kind]
+    samples = np.maximum(1, draw(1500).astype(int))
+    predictor = OnlineLengthPredictor(quantile=q, max_samples=1500, min_bucket_samples=10**9)
+    for length in samples:
+        predictor.observe("c", 100, int(length))
+    estimate = predictor.remaining("c", 100, generated)
+    if not (samples > generated).any():
+        return
+    mean_rest, q_rest = empirical_rest(samples, generated, q)
+    assert estimate.expected == pytest.approx(max(1, mean_rest), abs=1.0)
+    assert estimate.quantile == max(estimate.expected, math.ceil(q_rest))
+
+
+def test_the_estimate_grows_as_a_heavy_tailed_request_outlives_it():
+    predictor = OnlineLengthPredictor()
+    rng = np.random.default_rng(0)
+    for length in rng.lognormal(5.5, 1.2, 2000):
+        predictor.observe("reasoning", 200, max(1, int(length)))
+    rests = [predictor.remaining("reasoning", 200, g).expected for g in (0, 200, 1000, 4000)]
+    assert rests == sorted(rests) and rests[-1] > 2 * rests[0]
+
+
+def test_memory_is_bounded_and_the_prior_gives_way_to_data():
+    predictor = OnlineLengthPredictor(default_prior=LengthPrior(50, 100, weight=20), max_samples=50)
+    before = predictor.remaining("chatbot", 10, 0)
+    for _ in range(500):
+        predictor.observe("chatbot", 10, 1000)
+    after = predictor.remaining("chatbot", 10, 0)
+    assert before.expected < 100 and after == LengthEstimate(1000, 1000)
+    assert all(len(s.sorted) <= 50 for s in predictor._samples.values())
+
+
+def test_a_client_hint_sets_the_expected_length():
+    predictor = OnlineLengthPredictor()
+    estimate = predictor.remaining("chatbot", 100, 10, hint=400)
+    assert estimate.expected == 390 and estimate.quantile >= 390
+
+
+# ---------------------------------------------------------------- the simulator's length modes
+
+
+class Fixed(LengthPredictor):
+    """Predicts the same total output for every request (a wrong predictor, for the tests)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def remaining(self, slo_class, num_prompt_tokens, num_generated, kind="output", hint=None):
+        rest = max(1, self.total - num_generated)
+        return LengthEstimate(rest, rest)
+
+    def observe(self, slo_class, num_prompt_tokens, length, kind="output") -> None:
+        pass
+
+
+def long_requests(n: int, gap_s: float, output: tuple[int, int]) -> Workload:
+    rng = np.random.default_rng(5)
+    requests = tuple(
+        make_request(
+            f"q{i}",
+            i * gap_s,
+            int(rng.integers(100, 400)),
+            int(rng.integers(*output)),
+            "chatbot",
+            OPT13B,
+        )
+        for i in range(n)
+    )
+    return Workload("long", requests)
+
+
+def run(workload: Workload, errors: list[str], **config):
+    original = Simulation._on_step
+
+    def on_step(self, now_s, event, run_ends_s=None):
+        if event[1].error:
+            errors.append(event[1].error)
+        return original(self, now_s, event, run_ends_s)
+
+    Simulation._on_step = on_step
+    try:
+        config = SimConfig(formulation="slos_dp", perf_model=OPT13B, **config)
+        return Simulation(workload, config).run()
+    finally:
+        Simulation._on_step = original
+
+
+def test_lengths_past_the_predictions_are_preempted_before_the_engine_overflows():
+    """Every request runs about 3x past what the planner predicts: memory planned on predictions
+    oversubscribes the replica, the planner preempts (most slack first) before any step is
+    refused, and every request ends."""
+    errors: list[str] = []
+    result = run(
+        long_requests(40, 0.25, (600, 900)),
+        errors,
+        num_blocks_per_replica=700,  # 11,200 tokens
+        predictor=lambda: Fixed(250),
+    )
+    assert not errors, errors[:3]
+    assert sum(r.num_preemptions for r in result.records) > 0
+    assert all(r.finished for r in result.records if r.verdict is not Verdict.REJECTED)
+    assert any(r.verdict is Verdict.ADMITTED for r in result.records)
+
+
+def test_predictions_that_hold_keep_the_guarantee_and_the_engine_never_overflows():
+    """Lengths hidden, truth = model, every true length at or under the predicted quantile: every
+    admitted request attains and no step is refused."""
+    errors: list[str] = []
+    result = run(
+        long_requests(40, 0.25, (300, 500)),
+        errors,
+        num_blocks_per_replica=700,
+        predictor=lambda: Fixed(500),
+    )
+    admitted = [r for r in result.records if r.verdict is Verdict.ADMITTED]
+    assert admitted and all(r.attainment.ok for r in admitted)
+    assert not errors, errors[:3]
