@@ -90,13 +90,22 @@ def _first_failing(jobs: Sequence[Job], curve: BudgetCurve) -> str | None:
 
 
 def burst_candidates(
-    problem: PlanningProblem, now_s: float, previous_end_s: float | None = None
+    problem: PlanningProblem,
+    now_s: float,
+    previous_end_s: float | None = None,
+    min_step_s: float = 0.0,
 ) -> list[Burst | None]:
     """No burst; the rest of the previous plan's burst (so that a re-plan can always continue
-    what the admitted requests were promised); and bursts ending at the earliest deadlines of jobs
-    that will decode (a job due before the burst ends could not decode, so later ends trade
-    admissions for longer steps)."""
+    what the admitted requests were promised); a burst ending at the earliest job deadline when it
+    is too close for the grid (before the shortest candidate step `min_step_s` can end, or within
+    half a burst step: a TTFT window shorter than a TPOT, or a prompt the grid's short steps would
+    prefill too slowly, is served by a first step of the window's own length); and bursts ending at
+    the earliest deadlines of jobs that will decode (a job due before the burst ends could not
+    decode, so later ends trade admissions for longer steps)."""
     jobs = problem.mandatory + problem.candidates
+    deadlines = {j.deadline_s for j in jobs if j.deadline_s is not None and j.deadline_s > now_s}
+    horizon_s = max(min_step_s, BURST_STEP_S / 2)
+    tight = sorted(d for d in deadlines if d - now_s < horizon_s)[:1]
     ends = sorted(
         {
             j.deadline_s
@@ -108,7 +117,8 @@ def burst_candidates(
     )
     if previous_end_s is not None and previous_end_s - now_s > 1e-6:
         ends = [previous_end_s] + [e for e in ends if e != previous_end_s]
-    return [None] + [_burst_until(end_s, now_s) for end_s in ends[:MAX_BURST_CANDIDATES]]
+    ends = tight + [e for e in ends if e not in tight][:MAX_BURST_CANDIDATES]
+    return [None] + [_burst_until(end_s, now_s) for end_s in ends]
 
 
 def _burst_until(end_s: float, now_s: float, max_step_s: float = BURST_STEP_S) -> Burst:
@@ -198,7 +208,9 @@ def solve_candidates(
     alpha = view.spec_acceptance_rate
     tpots = problem.tpots_s
     times = candidate_step_times(tpots, max_spec_tokens, alpha) if tpots else [PREFILL_ONLY_STEP_S]
-    bursts = burst_candidates(problem, view.now_s, previous_burst_end_s) if use_bursts else [None]
+    bursts = [None]
+    if use_bursts:
+        bursts = burst_candidates(problem, view.now_s, previous_burst_end_s, min(times))
     best: Choice | None = None
     for step_time_s, burst in itertools.product(times, bursts):
         choice = _solve_one(problem, view, step_time_s, burst, max_spec_tokens, memory, cache)

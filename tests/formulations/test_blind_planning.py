@@ -166,3 +166,78 @@ def test_predictions_that_hold_keep_the_guarantee_and_the_engine_never_overflows
     admitted = [r for r in result.records if r.verdict is Verdict.ADMITTED]
     assert admitted and all(r.attainment.ok for r in admitted)
     assert not errors, errors[:3]
+
+
+# ---------------------------------------------------------------- no false rejections when idle
+
+
+@st.composite
+def lone_requests(draw):
+    """A request alone on an idle replica: a preset class or explicit targets, any prompt length,
+    any shipped performance model."""
+    from formulations.perf_model import PERF_MODEL_PRESETS
+    from formulations.slo import SLO, SLO_PRESETS
+
+    perf = PERF_MODEL_PRESETS[draw(st.sampled_from(sorted(PERF_MODEL_PRESETS)))]
+    prompt = draw(st.integers(1, 6000))
+    output = draw(st.integers(1, 600))
+    if draw(st.booleans()):
+        slo = SLO_PRESETS[draw(st.sampled_from(sorted(SLO_PRESETS)))]
+    else:
+        slo = SLO(
+            tpot_s=draw(st.floats(0.02, 0.3)),
+            ttft_s=draw(st.floats(0.01, 3.0)),
+            thinking_tpot_s=draw(st.one_of(st.none(), st.floats(0.02, 0.3))),
+        )
+    thinking = draw(st.integers(0, output)) if slo.thinking_tpot_s else 0
+    request = make_request("r", 5.0, prompt, output, slo, perf, num_thinking_tokens=thinking)
+    return perf, request
+
+
+def servable_alone(perf, request) -> bool:
+    """Alone on a replica: the prompt prefills in one step within the TTFT target and a decode
+    step keeps the tightest TPOT."""
+    prefill_ok = perf.prefill_time_s(request.num_prompt_tokens) <= request.ttft_slo_s
+    decode_ok = request.num_output_tokens == 1 or perf.step_time_s(1) <= request.slo.min_tpot_s
+    return prefill_ok and decode_ok
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(lone_requests())
+def test_an_idle_replica_admits_every_request_it_could_serve_alone(case):
+    from formulations.slos_dp import SlosDP
+    from formulations.state import RequestState
+    from tests.formulations.factories import view
+
+    perf, request = case
+    if not servable_alone(perf, request):
+        return
+    plan = SlosDP().plan(view(perf, request.arrival_s, [], [RequestState(request)]))
+    decision = plan.decisions["r"]
+    assert decision.verdict is Verdict.ADMITTED, (
+        f"{request.slo} prompt {request.num_prompt_tokens}: {decision.reason} "
+        f"(prefill {perf.prefill_time_s(request.num_prompt_tokens):.4f} s, "
+        f"TTFT {request.ttft_slo_s:.4f} s, decode {perf.step_time_s(1):.4f} s)"
+    )
+
+
+def test_the_six_row_trace_of_the_issue_is_served_by_an_idle_h100():
+    """Short summarizer / chatbot / tool_final requests, five seconds apart, on opt-13b-h100: an
+    idle replica admits them all (they used to be rejected: no candidate step fit their TTFT)."""
+    from lab.simulator import SimConfig, simulate
+
+    perf = perf_model_preset("opt-13b-h100")
+    rows = [
+        (0, 100, "summarizer"),
+        (5, 100, "summarizer"),
+        (10, 140, "summarizer"),
+        (15, 160, "summarizer"),
+        (20, 100, "chatbot"),
+        (25, 60, "tool_final"),
+    ]
+    requests = tuple(
+        make_request(f"r{i}", float(t), p, 20, cls, perf) for i, (t, p, cls) in enumerate(rows)
+    )
+    result = simulate(Workload("six", requests), SimConfig(formulation="slos_dp", perf_model=perf))
+    assert [r.verdict for r in result.records] == [Verdict.ADMITTED] * 6
+    assert all(r.attainment.ok for r in result.records)
