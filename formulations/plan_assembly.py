@@ -34,26 +34,46 @@ class Choice:
     admission: Admission
     mandatory: tuple[Job, ...]  # with late ones relaxed
     num_relaxed: int = 0  # admitted jobs this candidate could not keep on time
+    decode_s: float = 0.0  # request-seconds of decoding it plans (`decode_seconds`)
 
     @property
     def uses_speculation(self) -> bool:
         return any(tier.num_spec_tokens for tier in self.curve.tiers)
 
-    def score(self) -> tuple[int, float, bool, float, int, float]:
+    def score(self) -> tuple[int, float, float, float, int, float]:
+        """Keep every admitted request on time, admit the most value; then, at equal value,
+        finish the decodes soonest: KV held for less time is memory for later requests (this is
+        where speculation pays even when it admits no more now); then the most prefill rate."""
         counts = [0] * self.curve.num_tiers
         for job in self.admission.admitted:
             if job.tpot_s is not None:
                 counts[self.curve.tier_index[job.tpot_s]] += 1
         rate = self.curve.budget(tuple(counts)) / self.curve.step_time_s
-        # Speculation only when it admits more (its TPOT holds in expectation, not for sure).
         return (
             -self.num_relaxed,
             self.admission.value,
-            not self.uses_speculation,
+            -self.decode_s,
             rate,
             self.admission.final_slack,
             -self.curve.step_time_s,
         )
+
+
+def decode_seconds(problem: PlanningProblem, curve: BudgetCurve, jobs: Sequence[Job]) -> float:
+    """Sum over the running decoders and `jobs` of the time each needs to produce its planned
+    output at the pace `curve` gives its tier (k T / E(s) per token)."""
+    total_s = 0.0
+    tpots = {j.request_id: j.tpot_s for j in jobs if j.tpot_s is not None}
+    tpots.update((d.request_id, d.tpot_s) for d in problem.decoders)  # deferred ones are jobs too
+    for rid, tpot_s in tpots.items():
+        tier_index = curve.tier_index.get(tpot_s)
+        if tier_index is None:
+            continue
+        tier = curve.tiers[tier_index]
+        gain = expected_tokens_per_step(tier.num_spec_tokens, curve.acceptance_rate)
+        seconds_per_token = tier.period_steps * curve.step_time_s / gain
+        total_s += problem.planned_remaining.get(rid, 1) * seconds_per_token
+    return total_s
 
 
 MEMORY_MODES = ("trajectory", "timeline", "peak")

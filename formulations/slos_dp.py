@@ -36,6 +36,7 @@ from formulations.plan_assembly import (
     PREFILL_ONLY_STEP_S,
     Choice,
     assemble_plan,
+    decode_seconds,
     timeline_blocks,
 )
 from formulations.planning_problem import PlanningProblem, extract_problem
@@ -264,7 +265,8 @@ def _solve_one(
     num_relaxed = sum(j.deadline_s is None for j in mandatory) - sum(
         j.deadline_s is None for j in problem.mandatory
     )
-    return Choice(curve, admission, mandatory, num_relaxed)
+    decode_s = decode_seconds(problem, curve, admission.admitted)
+    return Choice(curve, admission, mandatory, num_relaxed, decode_s)
 
 
 @register("slos_dp")
