@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from commands.cli import CliError
+from formulations.lengths import LENGTH_MODES
 
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,8 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     add("--arrivals", choices=("trace", "poisson", "bursty"), help="another arrival process")
     add("--burst-size", type=float, default=4.0, help="mean burst size of bursty arrivals")
     add("--max-model-len", type=int, default=8192, help="context length (longer: dropped)")
+    add("--lengths", choices=LENGTH_MODES, default="predicted", help="what the planner knows")
+    add("--kv-blocks", type=int, metavar="N", help="KV blocks per replica (a smaller GPU)")
 
 
 def add_formulation_argument(parser: argparse.ArgumentParser, repeatable: bool = False) -> None:
@@ -53,6 +56,8 @@ def experiment_from_args(args: argparse.Namespace):
         raise CliError(f"--num-requests must be at least 1, got {args.num_requests}")
     if args.start is not None and args.start < 0:
         raise CliError(f"--start must be non-negative, got {args.start}")
+    if args.kv_blocks is not None and args.kv_blocks < 1:
+        raise CliError(f"--kv-blocks must be at least 1, got {args.kv_blocks}")
     return Experiment(
         scenario=args.scenario,
         trace_path=args.trace,
@@ -66,6 +71,8 @@ def experiment_from_args(args: argparse.Namespace):
         mean_burst_size=args.burst_size,
         duration_s=args.duration,
         max_model_len=args.max_model_len,
+        lengths=args.lengths,
+        num_kv_blocks=args.kv_blocks,
     )
 
 

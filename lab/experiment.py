@@ -64,6 +64,8 @@ class Experiment:
     arrivals: str | None = None
     mean_burst_size: float = 4.0  # for bursty arrivals
     max_model_len: int = 8192
+    lengths: str = "predicted"  # what the planner knows of output lengths (SimConfig.lengths)
+    num_kv_blocks: int | None = None  # KV blocks per replica (None: the preset's GPU memory)
     sim_params: dict[str, Any] = field(default_factory=dict)  # extra SimConfig fields
 
     def __post_init__(self) -> None:
@@ -114,13 +116,16 @@ class Experiment:
     def sim_config(self, formulation: str):
         from lab.simulator import SimConfig
 
+        params = {"lengths": self.lengths, "max_model_len": self.max_model_len}
+        if self.num_kv_blocks is not None:
+            params["num_blocks_per_replica"] = self.num_kv_blocks
         return SimConfig(
             formulation=check_formulation(formulation),
             num_replicas=self.replicas_for(formulation),
             perf_model=self.perf_model_obj(),
             max_spec_tokens=self.max_spec_tokens,
             seed=self.seed,
-            **self.sim_params,
+            **{**params, **self.sim_params},
         )
 
     def num_gpus(self, formulation: str) -> int:

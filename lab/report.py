@@ -52,10 +52,17 @@ class ClassAttainment:
     num_attained: int
     num_ttft_ok: int
     num_tpot_ok: int
+    num_calls: int = 0  # LLM calls of the class (a tool chain's rounds count one each)
+    num_calls_attained: int = 0
+    num_preemptions: int = 0
 
     @property
     def attainment(self) -> float:
         return self.num_attained / self.num_items if self.num_items else 0.0
+
+    @property
+    def call_attainment(self) -> float:
+        return self.num_calls_attained / self.num_calls if self.num_calls else 0.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ class RunReport:
     num_ttft_ok: int
     num_tpot_ok: int
     num_calls: int  # LLM calls recorded (tool rounds count one each)
+    num_calls_attained: int  # calls that attained on their own (a tool round counts alone)
     total_input_tokens: int
     total_output_tokens: int
     ttft: LatencyStats
@@ -117,7 +125,10 @@ class RunReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["per_class"] = [{**asdict(c), "attainment": c.attainment} for c in self.per_class]
+        data["per_class"] = [
+            {**asdict(c), "attainment": c.attainment, "call_attainment": c.call_attainment}
+            for c in self.per_class
+        ]
         for key in (
             "attainment",
             "request_throughput_rps",
@@ -161,6 +172,7 @@ def build_report(
         num_ttft_ok=sum(o.attainment.ttft_ok for o in outcomes),
         num_tpot_ok=sum(o.attainment.tpot_ok for o in outcomes),
         num_calls=len(records),
+        num_calls_attained=sum(r.attainment.ok for r in records),
         total_input_tokens=sum(r.request.num_prompt_tokens for r in finished),
         total_output_tokens=sum(len(r.token_times_s) for r in calls),
         ttft=LatencyStats.of_seconds([r.token_times_s[0] - r.request.arrival_s for r in calls]),
@@ -173,7 +185,7 @@ def build_report(
         num_undecided=verdicts.count(None),
         num_dropped=workload.num_dropped if workload else 0,
         num_preemptions=sum(r.num_preemptions for r in records),
-        per_class=_per_class(outcomes),
+        per_class=_per_class(outcomes, records),
     )
 
 
@@ -244,10 +256,15 @@ def _observed_duration_s(records: Sequence[RequestRecord]) -> float:
     return end_s - start_s
 
 
-def _per_class(outcomes: Sequence[ItemOutcome]) -> tuple[ClassAttainment, ...]:
+def _per_class(
+    outcomes: Sequence[ItemOutcome], records: Sequence[RequestRecord]
+) -> tuple[ClassAttainment, ...]:
     groups: dict[str, list[ItemOutcome]] = defaultdict(list)
     for outcome in outcomes:
         groups[outcome.slo_class].append(outcome)
+    calls: dict[str, list[RequestRecord]] = defaultdict(list)
+    for record in records:
+        calls[record.request.slo_class].append(record)
     return tuple(
         ClassAttainment(
             slo_class,
@@ -255,6 +272,9 @@ def _per_class(outcomes: Sequence[ItemOutcome]) -> tuple[ClassAttainment, ...]:
             sum(o.attainment.ok for o in group),
             sum(o.attainment.ttft_ok for o in group),
             sum(o.attainment.tpot_ok for o in group),
+            len(calls[slo_class]),
+            sum(r.attainment.ok for r in calls[slo_class]),
+            sum(r.num_preemptions for r in calls[slo_class]),
         )
         for slo_class, group in sorted(groups.items())
     )
@@ -310,6 +330,7 @@ def format_report(report: RunReport) -> str:
         _row("TTFT attainment (%):", _percent(report.num_ttft_ok, report.num_items)),
         _row("TPOT attainment (%):", _percent(report.num_tpot_ok, report.num_items)),
         _row("LLM calls (tool rounds count each):", report.num_calls),
+        _row("Call SLO attainment (%):", _percent(report.num_calls_attained, report.num_calls)),
         _row("Admitted calls:", report.num_admitted),
         _row("Rejected calls:", report.num_rejected),
         _row("Best-effort calls:", report.num_best_effort),
@@ -317,14 +338,17 @@ def format_report(report: RunReport) -> str:
         _row("Dropped (longer than the context):", report.num_dropped),
         _row("Preemptions:", report.num_preemptions),
         _title("Attainment per SLO class", "-"),
-        f"{'class':<20}{'requests':>10}{'attained':>10}{'SLO %':>10}{'TTFT %':>10}{'TPOT %':>10}",
+        f"{'class':<14}{'items':>7}{'attained':>9}{'SLO %':>7}{'TTFT %':>8}{'TPOT %':>8}"
+        f"{'calls':>7}{'call %':>8}{'preempt':>8}",
     ]
     for c in report.per_class:
         lines.append(
-            f"{c.slo_class:<20}{c.num_items:>10}{c.num_attained:>10}"
-            f"{_percent(c.num_attained, c.num_items):>10.1f}"
-            f"{_percent(c.num_ttft_ok, c.num_items):>10.1f}"
-            f"{_percent(c.num_tpot_ok, c.num_items):>10.1f}"
+            f"{c.slo_class:<14}{c.num_items:>7}{c.num_attained:>9}"
+            f"{_percent(c.num_attained, c.num_items):>7.1f}"
+            f"{_percent(c.num_ttft_ok, c.num_items):>8.1f}"
+            f"{_percent(c.num_tpot_ok, c.num_items):>8.1f}"
+            f"{c.num_calls:>7}{_percent(c.num_calls_attained, c.num_calls):>8.1f}"
+            f"{c.num_preemptions:>8}"
         )
     lines.append("=" * WIDTH)
     return "\n".join(lines)

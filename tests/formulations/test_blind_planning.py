@@ -241,3 +241,93 @@ def test_the_six_row_trace_of_the_issue_is_served_by_an_idle_h100():
     result = simulate(Workload("six", requests), SimConfig(formulation="slos_dp", perf_model=perf))
     assert [r.verdict for r in result.records] == [Verdict.ADMITTED] * 6
     assert all(r.attainment.ok for r in result.records)
+
+
+# ---------------------------------------------------------------- baselines are length-blind
+
+
+@pytest.mark.parametrize("formulation", ["vllm_fcfs", "vllm_prefill_first", "sarathi", "edf"])
+def test_baselines_give_identical_results_in_every_length_mode(formulation):
+    """Like vLLM, the baselines never use output lengths: whatever the planner may know (the
+    truth, a prediction, the cap), they serve the same steps at the same times."""
+    from lab.experiment import Experiment
+
+    outcomes = []
+    for lengths in ("predicted", "oracle", "max_tokens"):
+        experiment = Experiment(
+            scenario="mixed", num_requests=60, seed=2, sim_params={"lengths": lengths}
+        )
+        _, result = experiment.run(formulation, 2.0)
+        outcomes.append(
+            [(r.request.request_id, r.verdict, tuple(r.token_times_s)) for r in result.records]
+        )
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+    assert any(times for _, _, times in outcomes[0])
+
+
+def test_distserve_gives_identical_results_in_every_length_mode():
+    from lab.experiment import Experiment
+
+    outcomes = []
+    for lengths in ("predicted", "oracle", "max_tokens"):
+        experiment = Experiment(
+            scenario="chatbot", num_requests=60, sim_params={"lengths": lengths}
+        )
+        _, result = experiment.run("distserve", 2.0)
+        outcomes.append([(r.request.request_id, tuple(r.token_times_s)) for r in result.records])
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+
+
+# ---------------------------------------------------------------- the end of thinking
+
+
+def test_the_planner_learns_where_thinking_ends_from_the_engine():
+    """Blind: a reasoning request's thinking TPOT applies to every token the planner has not
+    seen end; the engine reports the end of thinking and the planner switches to the answer TPOT
+    then (and re-plans)."""
+    from formulations.registry import create
+    from planner_svc.core import PlannerCore
+    from planner_svc.replica import ReplicaSpec
+    from wire.protocol import StepReport
+
+    true = make_request("q", 0.0, 100, 40, "reasoning", OPT13B, num_thinking_tokens=10)
+    config = SimConfig(formulation="slos_dp", perf_model=OPT13B)
+    blind = config.planner_request(true)
+    assert blind.num_thinking_tokens == blind.num_output_tokens > true.num_output_tokens
+    core = PlannerCore([ReplicaSpec(0, OPT13B, 1000)], lambda s: create("slos_dp"))
+    core.submit(blind, 0.0)
+    core.on_step(0, StepReport(0, 0.0, 0.05, {"q": 100}, {"q": 1}, num_free_blocks=990), 0.05)
+    state = core.request_state("q")
+    assert state.current_tpot_s == true.slo.thinking_tpot_s
+    # tokens 2..10 think; the step producing token 10 reports it as the end of the thinking
+    step_id = 1
+    for t in range(9):
+        ended = {"q": 1} if t == 8 else {}
+        report = StepReport(
+            step_id,
+            0.1 * t,
+            0.1 * t + 0.04,
+            {"q": 1},
+            {"q": 1},
+            num_free_blocks=990,
+            thinking_ended=ended,
+        )
+        core.on_step(0, report, 0.1 * t + 0.04)
+        step_id += 1
+    assert state.request.num_thinking_tokens == 10 and state.num_generated_tokens == 10
+    assert state.current_tpot_s == true.slo.tpot_s  # the answer TPOT from token 11 on
+
+
+def test_the_sim_engine_reports_the_end_of_thinking_also_in_a_fast_forward():
+    from engine_adapters.sim_engine import SimEngine
+    from formulations.plan import Step
+    from wire.protocol import EngineRequest
+
+    engine = SimEngine(OPT13B, 100)
+    engine.add_request(EngineRequest("a", 10, 30, sim_thinking_tokens=5))
+    first = engine.execute(Step({"a": 10}), 0)
+    assert first.thinking_ended == {}
+    runs = engine.repeatable_steps(Step({"a": 1}))
+    assert runs == 4  # a cruise stops where thinking ends (token 5)
+    report = engine.execute_repeated(Step({"a": 1}), 4, runs, first.end_s)
+    assert report.thinking_ended == {"a": 4}  # of the 4 tokens of the cruise, 4 were thinking
