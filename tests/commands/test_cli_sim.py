@@ -35,7 +35,7 @@ def test_simulate_prints_the_report(capsys):
     class_row = next(
         line.split()
         for line in out.splitlines()
-        if line.startswith("chatbot ") and len(line.split()) == 6
+        if line.startswith("chatbot ") and len(line.split()) == 9
     )
     assert class_row[1] == "20"
 
