@@ -21,6 +21,7 @@ _FORMULATIONS: Registry[type[Formulation]] = Registry(
     {
         "vllm_fcfs": "formulations.baselines.vllm",
         "vllm_prefill_first": "formulations.baselines.vllm",
+        "vllm_spec": "formulations.baselines.vllm",
         "sarathi": "formulations.baselines.sarathi",
         "edf": "formulations.baselines.edf",
         "distserve": "formulations.baselines.distserve",

@@ -25,10 +25,12 @@ from __future__ import annotations
 from formulations.baselines.batching import (
     BlockLedger,
     QueueingBaseline,
+    admit_by_memory,
     plan_step,
+    queue_order,
     schedule_in_order,
 )
-from formulations.plan import Decision, Plan
+from formulations.plan import Decision, Plan, Step
 from formulations.registry import register
 from formulations.state import ReplicaView, RequestState
 
@@ -115,3 +117,80 @@ class VllmPrefillFirst(TokenBudgetBaseline):
             num_tokens[state.request_id] = n
             budget -= n
         return num_tokens
+
+
+@register("vllm_spec")
+class VllmSpec(VllmFcfs):
+    """`vllm_fcfs` with a draft model at a fixed speculation length, as a vLLM user with a draft
+    model runs it: every decode verifies `num_spec_tokens` draft tokens (default: all the engine
+    allows), counted in the token budget and reserved in KV memory like vLLM's speculative decode.
+    Without a draft model on the engine it is `vllm_fcfs`."""
+
+    def __init__(
+        self,
+        num_spec_tokens: int | None = None,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+    ) -> None:
+        if num_spec_tokens is not None and num_spec_tokens < 1:
+            raise ValueError("num_spec_tokens must be at least 1")
+        super().__init__(max_num_batched_tokens, max_num_seqs)
+        self.num_spec_tokens = num_spec_tokens
+
+    def plan(self, view: ReplicaView) -> Plan:
+        drafts = min(self.num_spec_tokens or view.max_spec_tokens, view.max_spec_tokens)
+        if drafts == 0:
+            return super().plan(view)
+        decisions = admit_by_memory(view)
+        queue = queue_order(view, decisions)
+        if not queue:
+            return Plan(decisions=decisions)
+        return self._speculative_step(view, decisions, queue, drafts)
+
+    def _speculative_step(
+        self,
+        view: ReplicaView,
+        decisions: dict[str, Decision],
+        queue: list[RequestState],
+        drafts: int,
+    ) -> Plan:
+        """Started requests first (a decode takes 1 + `drafts` tokens of the budget), the newest
+        preempted by recompute when memory runs out; then new prompts FCFS in what is left."""
+        started = [s for s in queue if _started(s)]
+        ledger = BlockLedger(view)
+        victims = list(started)
+        num_tokens: dict[str, int] = {}
+        num_spec: dict[str, int] = {}
+        preempted: list[str] = []
+        budget = self.max_num_batched_tokens
+        for state in started:
+            if budget <= 0 or len(num_tokens) >= self.max_num_seqs:
+                break
+            rid = state.request_id
+            if rid in preempted:
+                continue
+            spec = drafts if state.is_decoding and budget > drafts else 0
+            n = min(state.num_pending_tokens, budget - spec)
+            if ledger.grow_or_preempt(state, n + spec, victims, preempted):
+                num_tokens[rid] = n
+                if spec:
+                    num_spec[rid] = spec
+                budget -= n + spec
+        if not preempted:
+            for state in queue:
+                if budget <= 0 or len(num_tokens) >= self.max_num_seqs:
+                    break
+                if _started(state):
+                    continue
+                n = min(state.num_pending_tokens, budget)
+                if not ledger.try_grow(state, n):
+                    break  # FCFS: the head of the queue waits for memory
+                num_tokens[state.request_id] = n
+                budget -= n
+        step = Step(num_tokens, num_spec)
+        if not num_tokens:
+            return Plan(decisions=decisions, preempt=tuple(preempted))
+        everyone_decodes = len(num_spec) == len(queue) and not preempted
+        if everyone_decodes:  # the same step is the decision at every later one: a cycle
+            return Plan(repeat=(step,), decisions=decisions)
+        return Plan(steps=(step,), decisions=decisions, preempt=tuple(preempted))

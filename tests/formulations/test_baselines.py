@@ -327,3 +327,24 @@ def test_decode_all_shortcut_equals_the_general_path(name, params, module, monke
             general = registry.create(name, **params).plan(v)
         assert _plan_shape(fast) == _plan_shape(general), (name, trial)
     assert 10 <= sum(taken) < len(taken)  # both paths were exercised
+
+
+def test_vllm_spec_verifies_a_fixed_number_of_drafts_within_the_token_budget():
+    """vLLM with a draft model: every decode verifies `num_spec_tokens` drafts, and drafts count
+    in the token budget (10 tokens: two decodes of 1 + 4)."""
+    import dataclasses
+
+    spec = registry.create("vllm_spec", num_spec_tokens=4, max_num_batched_tokens=10)
+    with_drafts = dataclasses.replace(
+        view(running=[decoding("a"), decoding("b"), decoding("c")]), max_spec_tokens=4
+    )
+    plan = spec.plan(with_drafts)
+    (step,) = plan.steps
+    assert step.num_tokens == {"a": 1, "b": 1} and step.num_spec_tokens == {"a": 4, "b": 4}
+    # Everyone decodes with its drafts when the budget allows: the step is the steady cycle.
+    roomy = registry.create("vllm_spec", num_spec_tokens=2)
+    (cycle,) = roomy.plan(with_drafts).repeat
+    assert cycle.num_spec_tokens == {"a": 2, "b": 2, "c": 2}
+    # No draft model on the engine: it is vllm_fcfs.
+    plain = view(running=[decoding("a")])
+    assert roomy.plan(plain) == registry.create("vllm_fcfs").plan(plain)

@@ -246,7 +246,9 @@ def test_the_six_row_trace_of_the_issue_is_served_by_an_idle_h100():
 # ---------------------------------------------------------------- baselines are length-blind
 
 
-@pytest.mark.parametrize("formulation", ["vllm_fcfs", "vllm_prefill_first", "sarathi", "edf"])
+@pytest.mark.parametrize(
+    "formulation", ["vllm_fcfs", "vllm_prefill_first", "vllm_spec", "sarathi", "edf"]
+)
 def test_baselines_give_identical_results_in_every_length_mode(formulation):
     """Like vLLM, the baselines never use output lengths: whatever the planner may know (the
     truth, a prediction, the cap), they serve the same steps at the same times."""
@@ -255,7 +257,7 @@ def test_baselines_give_identical_results_in_every_length_mode(formulation):
     outcomes = []
     for lengths in ("predicted", "oracle", "max_tokens"):
         experiment = Experiment(
-            scenario="mixed", num_requests=60, seed=2, sim_params={"lengths": lengths}
+            scenario="mixed", num_requests=60, seed=2, max_spec_tokens=3, lengths=lengths
         )
         _, result = experiment.run(formulation, 2.0)
         outcomes.append(
