@@ -86,6 +86,11 @@ def _run_demo(args: argparse.Namespace, rate: float, group: ProcessGroup) -> int
     engine_port, client_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="slos-demo-") as tmp:
         engine_args = _engine_args(args)  # may make a model first: before anything runs
+        # Sim engines stop at the trace's lengths, read from a file the planner never sees; the
+        # client asks for the rest of the context, as real clients do (lab/replay.py).
+        true_lengths = Path(tmp) / "true_lengths.jsonl" if args.engine == "sim" else None
+        if true_lengths is not None:
+            engine_args += ["--output-lengths", str(true_lengths)]
         planner_perf_model = args.perf_model
         slo_table, max_model_len = "", WorkloadOptions.max_model_len
         if args.engine == "torch":  # plans from the engine's own profile
@@ -141,7 +146,12 @@ def _run_demo(args: argparse.Namespace, rate: float, group: ProcessGroup) -> int
         with PlannerClient(f"tcp://127.0.0.1:{client_port}") as client:
             wait_for_engines(client, args.num_engines, group)
             result = replay(
-                client, workload, drain_timeout_s=args.drain_s, should_stop=group.any_died
+                client,
+                workload,
+                drain_timeout_s=args.drain_s,
+                should_stop=group.any_died,
+                true_lengths=true_lengths,
+                max_model_len=max_model_len,
             )
         if group.any_died():
             raise ValueError(f"a service process exited early: {group.died()}")

@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sim("--acceptance-rate", type=float, default=0.7)
     sim("--seed", type=int, default=0)
     sim("--advertise-perf-model", action="store_true", help="send the truth's base in READY")
+    sim("--output-lengths", metavar="FILE", help="a replay's true lengths (JSON lines)")
     torch = parser.add_argument_group("torch engine").add_argument
     torch("--model-dir", help="checkpoint directory (slos-serve make-model)")
     torch("--draft-dir", help="draft model checkpoint for speculative decoding")

@@ -30,6 +30,7 @@ class EngineOptions:
     acceptance_rate: float = 0.7
     seed: int = 0
     advertise_perf_model: bool = False
+    output_lengths: str | None = None  # a replay's true lengths (engine_adapters/sim_lengths.py)
     # torch and vllm
     model_dir: str | None = None
     draft_dir: str | None = None

@@ -36,6 +36,7 @@ import numpy as np
 
 from engine_adapters.engine import Engine, EngineInfo, EngineRequest
 from engine_adapters.registry import EngineOptions, register
+from engine_adapters.sim_lengths import TrueLengths
 from formulations.perf_model import PerfModel, TruthModel, perf_model_preset
 from formulations.plan import Step
 from formulations.progress import TokenProgress, num_blocks_for
@@ -93,6 +94,7 @@ class SimEngine(Engine):
         emit_token_ids: bool = False,
         advertised_perf_model: PerfModel | None = None,
         vocab_size: int = 50272,
+        true_lengths: TrueLengths | None = None,
     ) -> None:
         if num_total_blocks < 1 or block_size < 1:
             raise ValueError("the simulated engine needs at least one KV block of >= 1 token")
@@ -108,6 +110,7 @@ class SimEngine(Engine):
         self.emit_token_ids = emit_token_ids
         self.advertised_perf_model = advertised_perf_model
         self.vocab_size = vocab_size
+        self.true_lengths = true_lengths  # where replayed requests really stop (sim_lengths.py)
         self._rng = np.random.default_rng(seed)
         self._seqs: dict[str, _Sequence] = {}
         self._live_view = MappingProxyType(self._seqs)
@@ -134,7 +137,22 @@ class SimEngine(Engine):
     def add_request(self, request: EngineRequest) -> None:
         if request.request_id in self._seqs:
             raise ValueError(f"request {request.request_id!r} is already registered")
-        self._seqs[request.request_id] = _Sequence(request)
+        self._seqs[request.request_id] = _Sequence(self._with_true_length(request))
+
+    def _with_true_length(self, request: EngineRequest) -> EngineRequest:
+        """The payload with the replayed trace's true length, when the engine has one for it
+        (a moved request's payload already holds its output so far in its prompt)."""
+        if self.true_lengths is None:
+            return request
+        true = self.true_lengths.get(request.request_id)
+        if true is None:
+            return request
+        num_generated = max(0, request.num_prompt_tokens - true.num_prompt_tokens)
+        max_new_tokens = min(request.max_new_tokens, max(1, true.num_output_tokens - num_generated))
+        thinking = max(0, true.num_thinking_tokens - num_generated)
+        return msgspec.structs.replace(
+            request, max_new_tokens=max_new_tokens, sim_thinking_tokens=thinking
+        )
 
     @property
     def live_requests(self) -> Mapping[str, object]:
@@ -428,4 +446,5 @@ def build(options: EngineOptions) -> SimEngine:
         sleep=lambda time_s: time.sleep(time_s * scale),
         emit_token_ids=True,
         advertised_perf_model=base if options.advertise_perf_model else None,
+        true_lengths=TrueLengths(options.output_lengths) if options.output_lengths else None,
     )

@@ -4,17 +4,27 @@ Single requests are submitted at their arrival times (relative to the first arri
 chain runs in its own thread (`PlannerClient.run_tool_chain`: round k+1 goes out `tool_delay_s`
 after round k finished). A live summary line is printed every `summary_every_s`. The result holds
 the client-side records (client clock: what a user sees), ready for `lab.report`.
+
+Lengths: by default each request asks for its true output length as `max_tokens`, so the planner
+may plan with it (the oracle setting). With `true_lengths` (a file path) the replay writes every
+request's true length there for the simulated engines to read (`slos-serve engine --output-lengths`,
+engine_adapters/sim_lengths.py) and asks for what is left of `max_model_len` instead, as real
+clients do: the planner sees only the cap and predicts the rest. Either way the records carry the
+true lengths, so attainment is checked against them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
+from engine_adapters.sim_lengths import write_true_lengths
 from formulations.request import Request
 from lab.workloads.workload import Workload
 from planner_svc.client import PlannerClient, RequestHandle
@@ -37,17 +47,23 @@ def replay(
     show_summary: bool = True,
     out: TextIO | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    true_lengths: str | Path | None = None,
+    max_model_len: int = 8192,
 ) -> ReplayResult:
     """Submit `workload` in real time, wait up to `drain_timeout_s` after the last arrival for
     requests to finish, and return their records. The live summary goes to `out` (default: the
     current sys.stdout) unless `show_summary` is False."""
     out = (out or sys.stdout) if show_summary else None
+    cap = None
+    if true_lengths is not None:
+        write_true_lengths(true_lengths, _length_rows(workload))
+        cap = max_model_len
     start_s = time.monotonic()
     first_s = min(
         [r.arrival_s for r in workload.requests] + [c.arrival_s for c in workload.chains],
         default=0.0,
     )
-    chain_threads = _start_chains(client, workload, start_s, first_s, should_stop)
+    chain_threads = _start_chains(client, workload, start_s, first_s, should_stop, cap)
     next_summary_s = start_s + summary_every_s
     for request in workload.requests:
         due_s = start_s + request.arrival_s - first_s
@@ -56,7 +72,7 @@ def replay(
             next_summary_s = _maybe_summary(client, start_s, next_summary_s, summary_every_s, out)
         if should_stop():
             break
-        client.submit(**_submit_fields(request))
+        client.submit(**_submit_fields(request, cap))
     drain_end_s = time.monotonic() + drain_timeout_s
     while time.monotonic() < drain_end_s and not should_stop():
         if all(h.done for h in client.handles()) and not any(t.is_alive() for t in chain_threads):
@@ -65,26 +81,62 @@ def replay(
         next_summary_s = _maybe_summary(client, start_s, next_summary_s, summary_every_s, out)
     _print_summary(client, start_s, out)
     handles = client.handles()
+    true = {r.request_id: r for r in workload.requests}
     return ReplayResult(
-        records=[h.record() for h in handles],
+        records=[_with_true_lengths(h.record(), true) for h in handles],
         workload=workload,
         wall_s=time.monotonic() - start_s,
         num_unfinished=sum(not h.done for h in handles),
     )
 
 
-def _submit_fields(request: Request) -> dict:
+def _submit_fields(request: Request, max_model_len: int | None) -> dict:
+    if max_model_len is None:  # the true lengths go to the planner
+        return dict(
+            request_id=request.request_id,
+            num_prompt_tokens=request.num_prompt_tokens,
+            max_tokens=request.num_output_tokens,
+            slo_class=request.slo_class,
+            thinking_tokens=request.num_thinking_tokens,
+            value=request.value,
+        )
     return dict(
         request_id=request.request_id,
         num_prompt_tokens=request.num_prompt_tokens,
-        max_tokens=request.num_output_tokens,
+        max_tokens=max_model_len - request.num_prompt_tokens,
         slo_class=request.slo_class,
-        thinking_tokens=request.num_thinking_tokens,
         value=request.value,
     )
 
 
-def _start_chains(client, workload, start_s, first_s, should_stop) -> list[threading.Thread]:
+def _length_rows(workload: Workload) -> list[tuple[str, int, int, int]]:
+    rows = [
+        (r.request_id, r.num_prompt_tokens, r.num_output_tokens, r.num_thinking_tokens)
+        for r in workload.requests
+    ]
+    for chain in workload.chains:
+        for k, round_ in enumerate(chain.rounds):
+            rid = f"{chain.chain_id}#r{k}"
+            rows.append((rid, chain.round_prompt_tokens(k), round_.num_output_tokens, 0))
+    return rows
+
+
+def _with_true_lengths(record: RequestRecord, requests: dict[str, Request]) -> RequestRecord:
+    """The client's record with the request's true output and thinking lengths."""
+    true = requests.get(record.request.request_id)
+    if true is None:
+        return record
+    record.request = dataclasses.replace(
+        record.request,
+        num_output_tokens=true.num_output_tokens,
+        num_thinking_tokens=true.num_thinking_tokens,
+    )
+    return record
+
+
+def _start_chains(
+    client, workload, start_s, first_s, should_stop, max_model_len
+) -> list[threading.Thread]:
     threads = []
     for chain in workload.chains:
 
@@ -93,7 +145,7 @@ def _start_chains(client, workload, start_s, first_s, should_stop) -> list[threa
             if delay_s > 0:
                 time.sleep(delay_s)
             if not should_stop():
-                client.run_tool_chain(chain)
+                client.run_tool_chain(chain, max_model_len=max_model_len)
 
         thread = threading.Thread(target=run, daemon=True, name=f"chain-{chain.chain_id}")
         thread.start()

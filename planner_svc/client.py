@@ -51,6 +51,7 @@ class RequestHandle:
     arrival_s: float  # client clock
     verdict_msg: P.VerdictMsg | None = None
     error: str = ""
+    ended_with_last_token: bool = False  # the planner said the output is complete
     token_times_s: list[float] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     _events: queue.Queue = field(default_factory=queue.Queue, repr=False)
@@ -68,8 +69,9 @@ class RequestHandle:
 
     @property
     def finished(self) -> bool:
-        """All tokens arrived (as opposed to rejected, failed or aborted)."""
-        return self.done and len(self.token_times_s) >= self.submit.max_tokens
+        """All tokens arrived (the last one marked so: max_tokens, EOS or a stop), as opposed to
+        rejected, failed or aborted."""
+        return self.done and self.ended_with_last_token
 
     def verdict(self, timeout_s: float | None = 30.0) -> P.VerdictMsg:
         """Block until the verdict arrives."""
@@ -139,11 +141,15 @@ class RequestHandle:
             request_id=submit.request_id,
             arrival_s=self.arrival_s,
             num_prompt_tokens=submit.prompt_length,
-            num_output_tokens=submit.max_tokens,
+            # A request that ended early (EOS, a stop) is as long as what it produced.
+            num_output_tokens=len(self.token_times_s) if self.finished else submit.max_tokens,
             slo=slo,
             ttft_slo_s=ttft_slo_s,
             slo_class=submit.slo_class,
-            num_thinking_tokens=msg.num_thinking_tokens if msg else submit.thinking_tokens,
+            num_thinking_tokens=min(
+                msg.num_thinking_tokens if msg else submit.thinking_tokens,
+                len(self.token_times_s) if self.finished else submit.max_tokens,
+            ),
             value=submit.value,
             chain_id=submit.chain_id,
             round_index=submit.round_index,
@@ -157,6 +163,7 @@ class RequestHandle:
         elif isinstance(event, P.Tokens):
             self.token_times_s.extend([now_s] * event.num_tokens)
             self.token_ids.extend(event.token_ids)
+            self.ended_with_last_token = event.finished
         elif isinstance(event, P.ErrorMsg):
             self.error = event.reason
             self._decided.set()
@@ -249,6 +256,7 @@ class PlannerClient:
         chain: ToolChain,
         tool: Callable[[int, RequestHandle], None] | None = None,
         timeout_s: float = 120.0,
+        max_model_len: int | None = None,
         **fields,
     ) -> list[RequestHandle]:
         """Run an agent's rounds one after another (blocking; run it in a thread or executor).
@@ -256,8 +264,9 @@ class PlannerClient:
         Round k is submitted with the chain's prompt so far (`chain.round_prompt_tokens(k)`), the
         intermediate SLO for all but the last round and the final SLO for the last. Between rounds
         `tool(k, handle)` runs the tool (default: sleep the next round's `tool_delay_s`). The chain
-        stops at a round that is not served to the end (rejected, failed or timed out).
-        """
+        stops at a round that is not served to the end (rejected, failed or timed out). Each round
+        asks for its own output length as `max_tokens`, or, with `max_model_len`, for what is
+        left of the context (the engine knows where the round really stops)."""
         handles: list[RequestHandle] = []
         for k, round_ in enumerate(chain.rounds):
             if k > 0:
@@ -269,7 +278,9 @@ class PlannerClient:
             handle = self.submit(
                 request_id=f"{chain.chain_id}#r{k}",
                 num_prompt_tokens=chain.round_prompt_tokens(k),
-                max_tokens=round_.num_output_tokens,
+                max_tokens=round_.num_output_tokens
+                if max_model_len is None
+                else max_model_len - chain.round_prompt_tokens(k),
                 slo_class=chain.slo_class,
                 slo_targets=chain.final_slo if last else chain.intermediate_slo,
                 chain_id=chain.chain_id,

@@ -3,6 +3,13 @@
 formulation = "sarathi"            # any registered name; swapping it changes nothing else
 router = "round_robin"
 max_forwards = 1
+lengths = "predicted"              # what the planner knows of output lengths: "predicted"
+                                   # (learned from finished requests), "max_tokens" or
+                                   # "oracle" (both: plan with each request's max_tokens)
+
+[length_priors.reasoning]          # cold-start belief per class (or "class/thinking"):
+median = 2000                      # a log-normal by its median and 90th percentile,
+p90 = 6000                         # worth `weight` requests (default 20)
 
 [formulation_params]               # keyword arguments of the formulation's constructor
 
@@ -41,6 +48,7 @@ from typing import Any
 
 import tomllib
 
+from formulations.lengths import LENGTH_MODES, LengthPrior
 from formulations.perf_model import PerfModel, perf_model_preset
 from formulations.slo import SLO, SLO_PRESETS
 
@@ -70,12 +78,17 @@ class PlannerConfig:
     replica_perf_models: dict[str, PerfModel] = field(default_factory=dict)  # by engine id
     curve: CurveConfig | None = None
     core_params: dict[str, Any] = field(default_factory=dict)  # passed to the planner core
+    lengths: str = "predicted"
+    length_priors: dict[str, LengthPrior] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.liveness < 1 or self.tick_interval_s <= 0:
             raise ValueError("heartbeat_interval_s and tick_interval_s must be > 0, liveness >= 1")
         if self.max_frame_bytes < 1024:
             raise ValueError("max_frame_bytes must be at least 1024")
+        if self.lengths not in LENGTH_MODES:
+            known = ", ".join(LENGTH_MODES)
+            raise ValueError(f"lengths must be one of {known}, got {self.lengths!r}")
         _ = self.perf_model  # fails early on a bad name or file
 
     @property
@@ -94,6 +107,8 @@ class PlannerConfig:
 
 
 _TOP_KEYS = {
+    "lengths",
+    "length_priors",
     "formulation",
     "formulation_params",
     "router",
@@ -140,6 +155,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PlannerCon
             replica_perf_models=_replica_perf_models(data.get("replicas", []), source),
             curve=_curve(data.get("curve"), source),
             core_params=dict(data.get("core", {})),
+            lengths=str(data.get("lengths", "predicted")),
+            length_priors=_length_priors(data.get("length_priors", {}), source),
             **planner,
         )
     except TypeError as exc:
@@ -203,3 +220,17 @@ def _curve(table: dict[str, Any] | None, source: str) -> CurveConfig | None:
         )
     except KeyError as exc:
         raise ValueError(f"{source} [curve]: missing {exc}") from None
+
+
+def _length_priors(table: dict[str, Any], source: str) -> dict[str, LengthPrior]:
+    priors = {}
+    for name, spec in table.items():
+        where = f"{source} [length_priors.{name}]"
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where}: must be a table")
+        _check_keys(spec, {"median", "p90", "weight"}, where)
+        try:
+            priors[name] = LengthPrior(**spec)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return priors

@@ -30,6 +30,7 @@ import msgspec
 import zmq
 
 from formulations import registry
+from formulations.lengths import make_predictor
 from formulations.perf_model import PerfModel
 from formulations.plan import Decision, Verdict
 from planner_svc.config import PlannerConfig
@@ -568,6 +569,11 @@ def build_core(config: PlannerConfig, first_replica: ReplicaSpec) -> PlannerCore
         router=router,
         replan=replan,
         announce_replans=True,
+        lengths=config.lengths,
+        length_predictor=make_predictor(
+            config.lengths,
+            **({"priors": config.length_priors} if config.lengths == "predicted" else {}),
+        ),
         **params,
     )
 

@@ -5,6 +5,7 @@ ended. The daemon owns one `RequestBook`; it never touches sockets or the core.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -68,8 +69,14 @@ class RequestBook:
         return tracked
 
     def _request(self, submit: P.Submit, now_s: float) -> Request:
+        """The request as the planner sees it: `max_tokens` is its output cap (it may stop
+        earlier); a reasoning request without a thinking budget may think until its cap, as far
+        as the planner knows, until its engine reports the end of its thinking."""
         slo = resolve_slo(submit, self.slo_classes)
         num_prompt_tokens = submit.prompt_length
+        thinking = submit.thinking_tokens
+        if slo.thinking_tpot_s is not None and thinking == 0:
+            thinking = submit.max_tokens
         return Request(
             request_id=submit.request_id,
             arrival_s=now_s,
@@ -78,10 +85,11 @@ class RequestBook:
             slo=slo,
             ttft_slo_s=slo.ttft_budget_s(self.perf_model, num_prompt_tokens),
             slo_class=submit.slo_class,
-            num_thinking_tokens=min(submit.thinking_tokens, submit.max_tokens),
+            num_thinking_tokens=min(thinking, submit.max_tokens),
             value=submit.value,
             chain_id=submit.chain_id,
             round_index=submit.round_index,
+            hint_output_tokens=submit.expected_output_tokens,
         )
 
     # ------------------------------------------------------------------ engines
@@ -97,9 +105,11 @@ class RequestBook:
                 continue
             token_ids = list(report.new_token_ids.get(request_id, ()))
             tracked.generated_token_ids.extend(token_ids)
+            num_before = len(tracked.record.token_times_s)
             tracked.record.token_times_s.extend([now_s] * num_new)
             done = request_id in finished
             tracked.record.finished = done
+            self._learn_lengths(tracked, report, num_before, done)
             messages.append(
                 (
                     tracked,
@@ -114,6 +124,24 @@ class RequestBook:
                 )
             )
         return messages
+
+    @staticmethod
+    def _learn_lengths(tracked: Tracked, report: P.StepReport, num_before: int, done: bool) -> None:
+        """The record's request as it turned out: its thinking length once the engine saw it
+        end, its output length once it finished (before its cap: EOS or a stop)."""
+        request = tracked.record.request
+        num_in_step = report.thinking_ended.get(request.request_id)
+        if num_in_step is not None:
+            thinking = min(request.num_output_tokens, num_before + num_in_step)
+            request = dataclasses.replace(request, num_thinking_tokens=thinking)
+        if done:
+            length = len(tracked.record.token_times_s)
+            request = dataclasses.replace(
+                request,
+                num_output_tokens=length,
+                num_thinking_tokens=min(request.num_thinking_tokens, length),
+            )
+        tracked.record.request = request
 
     # ------------------------------------------------------------------ endings
 

@@ -224,6 +224,9 @@ class Submit(_Msg):
     chain_id: str | None = None
     round_index: NonNegInt = 0
     value: PosFloat = 1.0
+    # The client's expectation of the output length, if it has one: a hint the planner's length
+    # predictor uses (formulations/lengths.py); the engine still stops at EOS or max_tokens.
+    expected_output_tokens: PosInt | None = None
 
     @property
     def prompt_length(self) -> int:

@@ -42,6 +42,7 @@ ATTAINMENT_TOLERANCE = 0.2
 # (everything else is still checked).
 MAX_LOAD_PER_CORE = 4.0
 MAX_FRAME_BYTES = 65536
+MAX_MODEL_LEN = 4096
 
 CONFIG = """\
 formulation = "{formulation}"
@@ -60,6 +61,7 @@ pytestmark = pytest.mark.slow
 class Service:
     def __init__(self, tmp_path, formulation="slos_dp", num_engines=2):
         self.engine_port, self.client_port = free_port(), free_port()
+        self.true_lengths = tmp_path / f"lengths-{formulation}.jsonl"  # read by the engines only
         config = tmp_path / f"planner-{formulation}.toml"
         config.write_text(
             CONFIG.format(
@@ -94,6 +96,8 @@ class Service:
                     str(NUM_BLOCKS),
                     "--heartbeat-interval-s",
                     "0.1",
+                    "--output-lengths",
+                    str(self.true_lengths),
                 ],
             )
         self.client = PlannerClient(f"tcp://127.0.0.1:{self.client_port}")
@@ -142,9 +146,19 @@ def attainment(records) -> float:
 
 @pytest.mark.parametrize("formulation", ["slos_dp", "sarathi"])
 def test_service_attainment_matches_the_simulator(service_factory, formulation):
+    """Lengths hidden from the planner: the client asks for the rest of the context as max_tokens,
+    the simulated engines stop at the trace's lengths (read from a file the planner never sees),
+    and the planner plans with its predictions, as the simulator's "predicted" mode does."""
     workload = short_workload()
     service = service_factory(formulation=formulation)
-    result = replay(service.client, workload, drain_timeout_s=20, show_summary=False)
+    result = replay(
+        service.client,
+        workload,
+        drain_timeout_s=20,
+        show_summary=False,
+        true_lengths=service.true_lengths,
+        max_model_len=MAX_MODEL_LEN,
+    )
     assert result.num_unfinished == 0
     assert all(r.verdict is not None for r in result.records)
     assert all(r.finished for r in result.records if r.verdict.value != "rejected")
@@ -155,8 +169,14 @@ def test_service_attainment_matches_the_simulator(service_factory, formulation):
             num_replicas=2,
             perf_model=perf_model_preset(PERF_MODEL),
             num_blocks_per_replica=NUM_BLOCKS,
+            lengths="predicted",
+            max_model_len=MAX_MODEL_LEN,
         ),
     )
+    # What reached the planner: the caps, never the true lengths.
+    submits = [h.submit for h in service.client.handles()]
+    assert all(s.max_tokens == MAX_MODEL_LEN - s.num_prompt_tokens for s in submits)
+    assert all(s.expected_output_tokens is None for s in submits)
     measured = attainment(result.records)
     print(f"{formulation}: service {measured:.3f} simulator {predicted.attainment:.3f}")
     load_per_core = os.getloadavg()[0] / os.cpu_count()
