@@ -12,6 +12,9 @@ Extension fields (the openai client sends them with `extra_body={...}`):
                     "thinking_tokens": 256, "thinking_tpot_ms": 30, "value": 2.0}
     slo_targets    "tool_final"             take the targets of this class (tool-calling rounds)
     chain_id, round_index                   a tool-calling agent's round
+    expected_output_tokens  300             the client's expectation of the output length, a hint
+                                            for the planner's length predictor (max_tokens stays
+                                            the cap)
     ignore_eos     true                     run to max_tokens (vLLM's field)
 """
 
@@ -79,6 +82,7 @@ class SloRequest:
     value: float = 1.0
     chain_id: str | None = None
     round_index: int = 0
+    expected_output_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -281,6 +285,15 @@ def _max_tokens(body: dict[str, Any], chat: bool, config: ApiConfig) -> int:
     return int(value)
 
 
+def _positive_int(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise bad_request(f"'{name}' must be a positive integer, got {value!r}", name)
+    return int(value)
+
+
 def _slo(body: dict[str, Any], defaults: SloDefaults) -> SloRequest:
     slo = _optional(body, "slo", dict) or {}
     known = {"ttft_ms", "ttft_slowdown", "tpot_ms", "thinking_tokens", "thinking_tpot_ms", "value"}
@@ -317,6 +330,7 @@ def _slo(body: dict[str, Any], defaults: SloDefaults) -> SloRequest:
         value=_positive(slo, "value") or 1.0,
         chain_id=_optional(body, "chain_id", str),
         round_index=int(round_index),
+        expected_output_tokens=_positive_int(body, "expected_output_tokens"),
         **explicit,
     )
 

@@ -393,6 +393,7 @@ def _submit_message(request_id: str, job: GenerationJob) -> P.Submit:
         chain_id=slo.chain_id,
         round_index=slo.round_index,
         value=slo.value,
+        expected_output_tokens=slo.expected_output_tokens,
     )
 
 

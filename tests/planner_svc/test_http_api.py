@@ -187,6 +187,15 @@ def test_slo_class_and_explicit_targets_reach_the_planner(stack):
     assert request.num_thinking_tokens == 2 and request.slo.thinking_tpot_s == pytest.approx(0.02)
     assert explicit.slo["ttft_ms"] == pytest.approx(800.0)
 
+    hinted = client.completions.create(
+        model=MODEL, prompt=[5] * 20, max_tokens=40, extra_body={"expected_output_tokens": 12}
+    )
+    assert stack.tracked(hinted.id).submit.expected_output_tokens == 12
+    with pytest.raises(openai.BadRequestError, match="expected_output_tokens"):
+        client.completions.create(
+            model=MODEL, prompt=[5] * 20, max_tokens=4, extra_body={"expected_output_tokens": 0}
+        )
+
 
 def test_defaults_per_model_name_and_api_key(stack):
     by_model = stack.openai().completions.create(model="coder-model", prompt=[7] * 10, max_tokens=3)
