@@ -159,9 +159,21 @@ class _Filler:
                 s = s if s <= spec_cap else 0
                 if used + 1 + s <= cap:
                     used += self._decode(job.request_id, t, s, num_tokens, num_spec)
-        # 4. best effort
+        # 4. eager decodes: decoders not due here decode from what is left (a request that
+        # finishes early frees its KV early; its slots stay owed, so deadlines hold)
+        if self.eager_decodes:
+            for rid, t in self.tracks.items():
+                decoding = t.done_step is not None and t.done_step < m
+                if decoding and used < cap and self._may_decode_early(rid, t, num_tokens):
+                    used += self._decode(rid, t, 0, num_tokens, num_spec)
+        # 5. best effort
         used = self._fill_best_effort(num_tokens, used, cap, prefill=True)
         return Step(num_tokens, num_spec)
+
+    @staticmethod
+    def _may_decode_early(rid: str, t: _Track, num_tokens: dict) -> bool:
+        """A decoder with decodes left that this step does not compute yet."""
+        return rid not in num_tokens and t.tier is not None and t.num_decodes_left > 0
 
     @staticmethod
     def _decode(rid: str, t: _Track, s: int, num_tokens: dict, num_spec: dict) -> int:
@@ -231,6 +243,15 @@ class _Filler:
                 if s:
                     num_spec[rid] = min(s, spec_cap)
                 used += 1 + num_spec.get(rid, 0)
+        if self.eager_decodes:
+            for rid, t in self.tracks.items():
+                if (
+                    t.num_prefill_left == 0
+                    and used < cap
+                    and self._may_decode_early(rid, t, num_tokens)
+                ):
+                    num_tokens[rid] = 1
+                    used += 1
         for be in self.best_effort:
             # Best-effort decoders join the cycle only with their peak memory reserved.
             if be.is_decoding and used < cap and be.request_id in self.be_in_repeat:
@@ -239,6 +260,7 @@ class _Filler:
         return Step(num_tokens, num_spec)
 
     be_in_repeat: frozenset[str] = frozenset()
+    eager_decodes: bool = False
 
 
 def build_layout(
@@ -250,9 +272,11 @@ def build_layout(
     block_size: int = 16,
     max_best_effort_steps: int = 64,
     be_reserve: tuple[str | None, int] = (None, 0),
+    eager_decodes: bool = False,
 ) -> Layout:
     """Steps and steady cycle for the admitted `jobs` (EDF order) beside the running `decoders`."""
     filler = _Filler(curve, jobs, decoders, best_effort, be_headroom_blocks, block_size, be_reserve)
+    filler.eager_decodes = eager_decodes
     steps: list[Step] = []
     grid: list[int] = []
     m = 0

@@ -30,15 +30,27 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 LENGTH_MODES = ("predicted", "oracle", "max_tokens")
+NUM_ATOMS = 4  # values describing a length distribution (LengthEstimate.atoms)
 OUTPUT, THINKING = "output", "thinking"
 
 
 @dataclass(frozen=True, slots=True)
 class LengthEstimate:
-    """Tokens still to come: expected value and a (conservative) quantile, each >= 1."""
+    """Tokens still to come: expected value and a (conservative) quantile, each >= 1, and the
+    distribution as `NUM_ATOMS` equally likely values (the quantiles (i + 1/2) / NUM_ATOMS; empty
+    when unknown)."""
 
     expected: int
     quantile: int
+    atoms: tuple[int, ...] = ()
+
+    def shifted(self, num_tokens: int) -> LengthEstimate:
+        """The same belief counted from `num_tokens` earlier (remaining -> total)."""
+        return LengthEstimate(
+            self.expected + num_tokens,
+            self.quantile + num_tokens,
+            tuple(a + num_tokens for a in self.atoms),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,17 +201,30 @@ class OnlineLengthPredictor(LengthPredictor):
         num_longer, total, first = samples.beyond(num_generated)
         if num_longer:
             expected = total / num_longer - num_generated
-            index = first + max(0, math.ceil(self.quantile * num_longer) - 1)
-            quantile = samples.sorted[index] - num_generated
+
+            def at(q: float) -> float:
+                index = first + max(0, math.ceil(q * num_longer) - 1)
+                return samples.sorted[index] - num_generated
+
         else:  # outlived every sample seen: a heavy tail's residual life grows with age
             expected = self.tail_ratio * max(1, num_generated)
-            quantile = 2 * expected
-        if hint is not None and hint > num_generated:
-            spread = quantile / max(expected, 1e-9)
+
+            def at(q: float) -> float:  # exponential of that mean; its 90th percentile ~ 2.3 x
+                return expected * min(2.0, -math.log(1.0 - q))
+
+        quantile = at(self.quantile)
+        atoms = [at((i + 0.5) / NUM_ATOMS) for i in range(NUM_ATOMS)]
+        if hint is not None and hint > num_generated:  # the class's relative spread around it
+            scale = (hint - num_generated) / max(expected, 1e-9)
             expected = hint - num_generated
-            quantile = expected * max(1.0, spread)
+            quantile = max(expected, quantile * scale)
+            atoms = [a * scale for a in atoms]
         expected = max(1, round(expected))
-        return LengthEstimate(expected, max(expected, math.ceil(quantile)))
+        return LengthEstimate(
+            expected,
+            max(expected, math.ceil(quantile)),
+            tuple(max(1, round(a)) for a in atoms),
+        )
 
 
 def make_predictor(mode: str, **params) -> LengthPredictor:

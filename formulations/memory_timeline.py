@@ -39,9 +39,11 @@ just before a release (left limit: requests released exactly then still count), 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -51,6 +53,9 @@ from formulations.state import RequestState
 
 # Steps counted beyond floor((t - now) / step_min): the one in flight and the one starting at t.
 EXTRA_STEPS = 2
+# Distributed lengths: the sum of the alive requests' KV is planned at its 90th percentile (the
+# predictor's default quantile) under a normal approximation of the sum.
+SUM_QUANTILE_Z = NormalDist().inv_cdf(0.9)
 _NO_BOUND = 1 << 60  # growth without a lower bound on a step's length
 
 
@@ -64,6 +69,8 @@ class Footprint:
     release_s: float | None  # its KV is free by then; None: no bound (held for ever)
     tokens_per_s: float  # growth rate
     num_extra_tokens: int  # growth allowed beyond rate * elapsed (steps in flight)
+    num_remaining_outputs: int = 1  # output tokens still to come (to the planned length)
+    weight: float = 1.0  # the probability of this outcome of the request's length
 
     def num_tokens_at(self, t_s: float, now_s: float) -> int:
         """The tokens held at t_s (before the release)."""
@@ -98,49 +105,73 @@ class Growth:
         return EXTRA_STEPS * self.tokens_per_step
 
 
-def footprint(state: RequestState, now_s: float, growth: Growth) -> Footprint:
-    """The timeline bound for a running or waiting request (admitted or about to be)."""
+def footprints(
+    state: RequestState, now_s: float, growth: Growth, distributed: bool = False
+) -> tuple[Footprint, ...]:
+    """The timeline bound of a running or waiting request (admitted or about to be), one
+    footprint per outcome of its length (`planned_lengths`)."""
     request = state.request
     late = state.next_token_deadline_s < now_s
-    release_s = None
-    if not late:
-        release_s = token_deadline_s(request, state.num_planned_output_tokens, state.first_token_s)
-    return Footprint(
-        state.request_id,
-        num_start_tokens=state.num_tokens,
-        num_peak_tokens=state.num_prompt_tokens + state.num_planned_output_tokens - 1,
-        release_s=release_s,
-        tokens_per_s=growth.tokens_per_s,
-        num_extra_tokens=growth.num_extra_tokens,
-    )
+    prints = []
+    for num_output, weight in planned_lengths(state, distributed):
+        release_s = None
+        if not late:
+            release_s = token_deadline_s(request, num_output, state.first_token_s)
+        prints.append(
+            Footprint(
+                state.request_id,
+                num_start_tokens=state.num_tokens,
+                num_peak_tokens=state.num_prompt_tokens + num_output - 1,
+                release_s=release_s,
+                tokens_per_s=growth.tokens_per_s,
+                num_extra_tokens=growth.num_extra_tokens,
+                num_remaining_outputs=num_output - state.num_generated_tokens,
+                weight=weight,
+            )
+        )
+    return tuple(prints)
+
+
+def planned_lengths(state: RequestState, distributed: bool) -> list[tuple[int, float]]:
+    """The output lengths memory is planned for, with their probabilities.
+
+    One length (`distributed` False, or nothing predicted): the predicted quantile. Distributed:
+    the prediction's equally likely atoms (formulations/lengths.py), each within the cap and past
+    what is produced. `peak_blocks` then plans the *sum* over requests at its 90th percentile, its
+    mean plus z standard deviations at every instant: adding up every request's own quantile
+    would grow like n where the sum's spread grows like sqrt(n), and a single length per request
+    (even the mean) makes every request release at once, where real ones release spread out."""
+    prediction = state.predicted_output
+    if not distributed or prediction is None or not prediction.atoms:
+        return [(state.num_planned_output_tokens, 1.0)]
+    weight = 1.0 / len(prediction.atoms)
+    return [(state.within_cap(total), weight) for total in prediction.atoms]
 
 
 def paced(
-    bound: Footprint,
-    tokens_per_s: float,
-    num_extra_tokens: int,
-    num_planned_remaining: int,
-    decode_start_s: float,
+    bound: Footprint, tokens_per_s: float, num_extra_tokens: int, decode_start_s: float
 ) -> Footprint:
-    """The trajectory description of a request whose timeline bound is `bound`: it grows
-    `tokens_per_s` and produces its `num_planned_remaining` output tokens from `decode_start_s`
-    at that pace (its release, at the latest the bound's)."""
+    """The trajectory description of an outcome whose timeline bound is `bound`: it grows
+    `tokens_per_s` and produces its remaining output tokens from `decode_start_s` at that pace
+    (its release, at the latest the bound's)."""
     release_s = bound.release_s
     if release_s is not None and tokens_per_s > 0:
-        release_s = min(release_s, decode_start_s + num_planned_remaining / tokens_per_s)
-    return Footprint(
-        bound.request_id,
-        bound.num_start_tokens,
-        bound.num_peak_tokens,
-        release_s,
-        tokens_per_s,
-        num_extra_tokens,
+        release_s = min(release_s, decode_start_s + bound.num_remaining_outputs / tokens_per_s)
+    return dataclasses.replace(
+        bound,
+        release_s=release_s,
+        tokens_per_s=tokens_per_s,
+        num_extra_tokens=num_extra_tokens,
     )
 
 
 def peak_blocks(footprints: Iterable[Footprint], now_s: float, block_size: int) -> int:
-    """Supremum over t >= now of sum_r blocks(F_r(t)): the KV blocks these requests hold at once,
-    at most. Evaluated at every release time (rows: requests, columns: release times)."""
+    """Supremum over t >= now of the KV blocks these requests hold at once: sum_r blocks(F_r(t)),
+    evaluated at every release time (rows: outcomes, columns: release times, and infinity for
+    the never-released). With outcomes of a request's length (weights below 1), its blocks at t
+    are a random variable: the sum is its mean plus SUM_QUANTILE_Z standard deviations (requests
+    independent). Between releases means grow and the alive set is fixed, so the instants just
+    before releases (left limits) still give the supremum."""
     prints = list(footprints)
     if not prints:
         return 0
@@ -148,18 +179,29 @@ def peak_blocks(footprints: Iterable[Footprint], now_s: float, block_size: int) 
     start = np.array([f.num_start_tokens for f in prints], dtype=np.int64)
     extra = np.array([f.num_extra_tokens for f in prints], dtype=np.int64)
     rate = np.array([f.tokens_per_s for f in prints], dtype=np.float64)
+    weight = np.array([f.weight for f in prints], dtype=np.float64)
     release = np.array(
         [np.inf if f.release_s is None else f.release_s for f in prints], dtype=np.float64
     )
-    forever = int(np.sum(-(-peak[np.isinf(release)] // block_size)))
-    times_s = np.unique(release[np.isfinite(release)])
-    if times_s.size == 0:
-        return forever
+    times_s = np.unique(release)
+    if not np.isinf(times_s[-1]):
+        times_s = np.append(times_s, np.inf)
     elapsed = np.maximum(0.0, times_s - now_s)[None, :]
     with np.errstate(invalid="ignore", over="ignore"):
         grown = np.floor(elapsed * rate[:, None] + 1e-9)
     grown = np.where(np.isfinite(grown), grown, _NO_BOUND).astype(np.int64)
     tokens = np.minimum(peak[:, None], start[:, None] + grown + extra[:, None])
-    blocks = -(-tokens // block_size)
-    held = np.where(release[:, None] >= times_s[None, :], blocks, 0).sum(axis=0)
-    return max(forever, int(held.max()))
+    blocks = np.where(release[:, None] >= times_s[None, :], -(-tokens // block_size), 0)
+    if np.all(weight == 1.0):
+        return int(blocks.sum(axis=0).max())
+    ids = [f.request_id for f in prints]
+    index = {rid: i for i, rid in enumerate(dict.fromkeys(ids))}
+    group = np.array([index[rid] for rid in ids])
+    weighted = blocks * weight[:, None]
+    mean = np.zeros((len(index), times_s.size))
+    square = np.zeros_like(mean)
+    np.add.at(mean, group, weighted)
+    np.add.at(square, group, weighted * blocks)
+    spread = np.sqrt(np.maximum(0.0, square - mean * mean).sum(axis=0))
+    total = mean.sum(axis=0) + SUM_QUANTILE_Z * spread
+    return math.ceil(float(total.max()) - 1e-9)

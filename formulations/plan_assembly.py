@@ -85,35 +85,48 @@ def timeline_blocks(
     """Peak KV blocks over time (memory_timeline.py) of the running decoders plus `jobs`: on their
     trajectories under `curve` (the pace its tiers give them), else the timeline bound. A job
     whose deadline was relaxed (late) has no release bound: it is held at its peak for ever."""
-    prints: dict[str, Footprint] = {}
+    prints: dict[str, list[Footprint]] = {}  # a deferred decoder comes back as a job
+    eager_step_s = None
+    if curve is not None and problem.eager_decodes and problem.perf_model is not None:
+        ids = {d.request_id for d in problem.decoders}
+        ids.update(j.request_id for j in jobs if j.tpot_s is not None)
+        eager_step_s = min(curve.step_time_s, problem.perf_model.step_time_s(len(ids)))
     for d in problem.decoders:
-        fp = problem.footprints[d.request_id]
-        if curve is not None:
-            fp = _paced(fp, problem, curve, d.tpot_s, curve.grid_start_s)
-        prints[d.request_id] = fp
+        pace = _pace(curve, d.tpot_s, eager_step_s)
+        outcomes = problem.footprints[d.request_id]
+        if pace is not None:
+            outcomes = [paced(fp, *pace, curve.grid_start_s) for fp in outcomes]
+        prints[d.request_id] = list(outcomes)
     for job in jobs:
-        fp = problem.footprints[job.request_id]
+        pace = _pace(curve, job.tpot_s, eager_step_s)
+        outcomes = problem.footprints[job.request_id]
         if job.deadline_s is None:
-            fp = dataclasses.replace(fp, release_s=None)
-        elif curve is not None and job.tpot_s is not None:
-            fp = _paced(fp, problem, curve, job.tpot_s, max(job.deadline_s, curve.grid_start_s))
-        prints[job.request_id] = fp
-    return peak_blocks(prints.values(), problem.now_s, problem.block_size)
+            outcomes = [dataclasses.replace(fp, release_s=None) for fp in outcomes]
+        elif pace is not None:
+            start_s = max(job.deadline_s, curve.grid_start_s)
+            outcomes = [paced(fp, *pace, start_s) for fp in outcomes]
+        prints[job.request_id] = list(outcomes)
+    every = (fp for outcomes in prints.values() for fp in outcomes)
+    return peak_blocks(every, problem.now_s, problem.block_size)
 
 
-def _paced(
-    bound: Footprint, problem: PlanningProblem, curve: BudgetCurve, tpot_s: float, start_s: float
-) -> Footprint:
-    """`bound` on the trajectory `curve` plans for a request of this TPOT (memory_timeline.py)."""
+def _pace(
+    curve: BudgetCurve | None, tpot_s: float | None, eager_step_s: float | None
+) -> tuple[float, int] | None:
+    """Tokens per second and extra tokens of a request of this TPOT on the trajectory `curve`
+    plans for it (memory_timeline.py): its tier's pace, or with eager decodes at least one token
+    per `eager_step_s`; None without a curve (the timeline bound) or a tier."""
+    if curve is None or tpot_s is None:
+        return None
     tier_index = curve.tier_index.get(tpot_s)
     if tier_index is None:
-        return bound
+        return None
     tier = curve.tiers[tier_index]
     gain = expected_tokens_per_step(tier.num_spec_tokens, curve.acceptance_rate)
     rate = gain / (tier.period_steps * curve.step_time_s)
-    extra = EXTRA_STEPS * tier.tokens_per_decode
-    remaining = problem.planned_remaining.get(bound.request_id, 1)
-    return paced(bound, rate, extra, remaining, start_s)
+    if eager_step_s is not None:
+        rate = max(rate, 1.0 / eager_step_s)
+    return rate, EXTRA_STEPS * tier.tokens_per_decode
 
 
 def assemble_plan(
@@ -123,6 +136,7 @@ def assemble_plan(
     fallback: Fallback,
     memory: str = "trajectory",
     max_best_effort_steps: int = 4,
+    eager_decodes: bool = False,
 ) -> Plan:
     """Decisions, preemptions and steps for an admission (the DP's or CP-SAT's): admitted
     candidates get ADMITTED, the others the `fallback` verdict; the steps are laid out over the
@@ -144,7 +158,7 @@ def assemble_plan(
             decisions[job.request_id] = Decision(fallback.verdict, "cannot guarantee the SLOs")
     if choice is None:
         return _catch_up_plan(view, problem, decisions)
-    layout = _layout(view, problem, choice, decisions, memory, max_best_effort_steps)
+    layout = _layout(view, problem, choice, decisions, memory, max_best_effort_steps, eager_decodes)
     return Plan(layout[0].steps, layout[0].repeat, decisions, layout[1])
 
 
@@ -155,6 +169,7 @@ def _layout(
     decisions: dict[str, Decision],
     memory: str,
     max_best_effort_steps: int,
+    eager_decodes: bool,
 ) -> tuple[Layout, tuple[str, ...]]:
     if memory != "peak":
         new = tuple(j for j in choice.admission.admitted if not j.mandatory)
@@ -187,6 +202,7 @@ def _layout(
         view.block_size,
         max_best_effort_steps,
         (memory.oldest_id, memory.oldest_need_blocks),
+        eager_decodes,
     )
     return layout, memory.preempt
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from formulations.batch_planner import BestEffortWork
 from formulations.budget import Decoder, Job
-from formulations.memory_timeline import Footprint, Growth, footprint
+from formulations.memory_timeline import Footprint, Growth, footprints
+from formulations.perf_model import PerfModel
 from formulations.plan import Verdict
 from formulations.request import Request
 from formulations.state import ReplicaView, RequestState
@@ -40,10 +41,15 @@ class PlanningProblem:
     num_total_blocks: int
     block_size: int
     # Per-request KV bounds over time (decoders, admitted jobs and candidates; memory_timeline.py),
-    # the growth bound they use, and each one's planned output tokens still to come.
-    footprints: Mapping[str, Footprint] = field(default_factory=dict)
+    # one per outcome of its length, the growth bound they use, and each one's planned output
+    # tokens still to come (on average over its outcomes).
+    footprints: Mapping[str, tuple[Footprint, ...]] = field(default_factory=dict)
     growth: Growth | None = None
     planned_remaining: Mapping[str, int] = field(default_factory=dict)
+    # The layout decodes early from leftover budget (batch_planner.py): trajectories then run at
+    # least one token per step of every decoder together, on this performance model.
+    eager_decodes: bool = False
+    perf_model: PerfModel | None = None
 
     @property
     def tpots_s(self) -> set[float]:
@@ -82,12 +88,17 @@ def _decoder(state: RequestState) -> Decoder:
     )
 
 
-def extract_problem(view: ReplicaView) -> PlanningProblem:
+def extract_problem(
+    view: ReplicaView, distributed_lengths: bool = False, eager_decodes: bool = False
+) -> PlanningProblem:
+    """The problem of `view`; `distributed_lengths`: footprints on the predicted distribution of
+    each length (memory_timeline.planned_lengths), else on its predicted quantile;
+    `eager_decodes`: the layout will decode early (`PlanningProblem.eager_decodes`)."""
     decoders: list[Decoder] = []
     mandatory: list[Job] = []
     best_effort: list[RequestState] = []
     reserved = 0
-    footprints: dict[str, Footprint] = {}
+    prints: dict[str, tuple[Footprint, ...]] = {}
     growth = Growth.for_model(view.perf_model, view.max_spec_tokens)
     for state in view.running:
         if state.is_finished:
@@ -95,11 +106,11 @@ def extract_problem(view: ReplicaView) -> PlanningProblem:
         if state.verdict is Verdict.BEST_EFFORT:
             best_effort.append(state)
         elif state.is_decoding:
-            footprints[state.request_id] = footprint(state, view.now_s, growth)
+            prints[state.request_id] = footprints(state, view.now_s, growth, distributed_lengths)
             decoders.append(_decoder(state))
             reserved += state.num_peak_blocks(view.block_size)
         else:
-            footprints[state.request_id] = footprint(state, view.now_s, growth)
+            prints[state.request_id] = footprints(state, view.now_s, growth, distributed_lengths)
             mandatory.append(_job(state, view.block_size, mandatory=True))
     candidates: list[Job] = []
     too_large: list[str] = []
@@ -107,7 +118,7 @@ def extract_problem(view: ReplicaView) -> PlanningProblem:
         if state.num_peak_blocks(view.block_size) > view.num_total_blocks:
             too_large.append(state.request_id)
         else:
-            footprints[state.request_id] = footprint(state, view.now_s, growth)
+            prints[state.request_id] = footprints(state, view.now_s, growth, distributed_lengths)
             candidates.append(_job(state, view.block_size, mandatory=False))
     return PlanningProblem(
         now_s=view.now_s,
@@ -119,13 +130,14 @@ def extract_problem(view: ReplicaView) -> PlanningProblem:
         reserved_blocks=reserved,
         num_total_blocks=view.num_total_blocks,
         block_size=view.block_size,
-        footprints=footprints,
+        footprints=prints,
         growth=growth,
         planned_remaining={
-            s.request_id: s.num_planned_output_tokens - s.num_generated_tokens
-            for s in (*view.running, *view.waiting)
-            if s.request_id in footprints
+            rid: round(sum(f.weight * f.num_remaining_outputs for f in outcomes))
+            for rid, outcomes in prints.items()
         },
+        eager_decodes=eager_decodes,
+        perf_model=view.perf_model,
     )
 
 

@@ -298,6 +298,8 @@ class SlosDP(Formulation):
         prefill_bursts: bool = True,
         memory: str = "trajectory",
         decoder_bursts: bool = True,
+        eager_decodes: bool = False,
+        distributed_lengths: bool = False,
     ) -> None:
         if memory not in MEMORY_MODES:
             known = ", ".join(MEMORY_MODES)
@@ -312,6 +314,8 @@ class SlosDP(Formulation):
         self.prefill_bursts = bool(prefill_bursts)
         self.memory = memory
         self.decoder_bursts = bool(decoder_bursts)
+        self.eager_decodes = bool(eager_decodes)
+        self.distributed_lengths = bool(distributed_lengths)
         self._burst_end_s: float | None = None  # end of the last plan's prefill burst
 
     def plan(self, view: ReplicaView) -> Plan:
@@ -336,7 +340,7 @@ class SlosDP(Formulation):
         return plan
 
     def _plan(self, view: ReplicaView) -> Plan:
-        problem = extract_problem(view)
+        problem = extract_problem(view, self.distributed_lengths, self.eager_decodes)
         deferred = self._defer(problem)
         if deferred:
             kept = tuple(j for j in problem.candidates if j.request_id not in deferred)
@@ -356,6 +360,7 @@ class SlosDP(Formulation):
                 self.fallback,
                 self.memory,
                 self.max_best_effort_steps,
+                self.eager_decodes,
             )
         choice = solve_candidates(
             problem,
@@ -369,7 +374,13 @@ class SlosDP(Formulation):
         burst = choice.curve.burst if choice is not None else None
         self._burst_end_s = burst.end_s(view.now_s) if burst is not None else None
         return assemble_plan(
-            view, problem, choice, self.fallback, self.memory, self.max_best_effort_steps
+            view,
+            problem,
+            choice,
+            self.fallback,
+            self.memory,
+            self.max_best_effort_steps,
+            self.eager_decodes,
         )
 
     def _defer(self, problem: PlanningProblem) -> set[str]:

@@ -44,14 +44,16 @@ class RequestState(TokenProgress):
     def num_planned_output_tokens(self) -> int:
         """The output length memory is planned for: the predicted quantile, within the cap and
         beyond what is already produced."""
-        return self._within_cap(self.predicted_output.quantile if self.predicted_output else None)
+        return self.within_cap(self.predicted_output.quantile if self.predicted_output else None)
 
     @property
     def num_expected_output_tokens(self) -> int:
         """The expected output length, within the cap and beyond what is already produced."""
-        return self._within_cap(self.predicted_output.expected if self.predicted_output else None)
+        return self.within_cap(self.predicted_output.expected if self.predicted_output else None)
 
-    def _within_cap(self, total: int | None) -> int:
+    def within_cap(self, total: int | None) -> int:
+        """A total output length the request can still have: at most its cap, past what it has
+        produced (None: the cap)."""
         cap = self.request.num_output_tokens
         if total is None:
             return cap

@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from formulations.interface import Formulation
-from formulations.lengths import THINKING, LengthEstimate, LengthPredictor, make_predictor
+from formulations.lengths import THINKING, LengthPredictor, make_predictor
 from formulations.plan import Verdict
 from formulations.request import Request
 from formulations.state import RequestState
@@ -337,9 +337,7 @@ class PlannerCore:
                 generated,
                 hint=request.hint_output_tokens,
             )
-            state.predicted_output = LengthEstimate(
-                generated + rest.expected, generated + rest.quantile
-            )
+            state.predicted_output = rest.shifted(generated)
             state.predicted_at = generated
 
     def _thinking_ended(self, rep: ReplicaState, ended: dict[str, int]) -> None:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from formulations.lengths import (
+    NUM_ATOMS,
     LengthEstimate,
     LengthPredictor,
     LengthPrior,
@@ -60,6 +61,11 @@ def test_conditional_estimates_match_the_empirical_distribution(kind, generated,
     mean_rest, q_rest = empirical_rest(samples, generated, q)
     assert estimate.expected == pytest.approx(max(1, mean_rest), abs=1.0)
     assert estimate.quantile == max(estimate.expected, math.ceil(q_rest))
+    # the distribution: NUM_ATOMS equally likely values at the conditional (i + 1/2) / n quantiles
+    for i, atom in enumerate(estimate.atoms):
+        _, q_atom = empirical_rest(samples, generated, (i + 0.5) / NUM_ATOMS)
+        assert atom == max(1, math.ceil(q_atom))
+    assert len(estimate.atoms) == NUM_ATOMS
 
 
 def test_the_estimate_grows_as_a_heavy_tailed_request_outlives_it():
@@ -77,7 +83,7 @@ def test_memory_is_bounded_and_the_prior_gives_way_to_data():
     for _ in range(500):
         predictor.observe("chatbot", 10, 1000)
     after = predictor.remaining("chatbot", 10, 0)
-    assert before.expected < 100 and after == LengthEstimate(1000, 1000)
+    assert before.expected < 100 and after == LengthEstimate(1000, 1000, (1000,) * NUM_ATOMS)
     assert all(len(s.sorted) <= 50 for s in predictor._samples.values())
 
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from formulations.memory_timeline import Footprint, Growth, peak_blocks
+from formulations.memory_timeline import SUM_QUANTILE_Z, Footprint, Growth, peak_blocks
 from formulations.perf_model import perf_model_preset
 from formulations.plan import Verdict
 from formulations.request import make_request
@@ -66,6 +66,65 @@ def test_peak_is_the_supremum_over_time(prints, block_size):
     direct = [held_blocks(prints, t, 0.0, block_size) for t in grid]
     assert peak >= max(direct, default=0)  # an upper bound at every instant...
     assert peak == max(direct, default=0)  # ...and reached (at a release or at infinity)
+
+
+@st.composite
+def distributed_footprints(draw):
+    """Requests with 1..4 equally likely outcomes of their length: shared start, pace and steps in
+    flight, their own peak and release (as `footprints` and `paced` make them)."""
+    prints = []
+    for i in range(draw(st.integers(0, 6))):
+        start = draw(st.integers(1, 300))
+        rate, extra = draw(st.floats(0.5, 200.0)), draw(st.integers(0, 6))
+        num_outcomes = draw(st.integers(1, 4))
+        never = draw(st.booleans()) and draw(st.booleans())
+        for _ in range(num_outcomes):
+            release_s = None if never else draw(st.floats(0.0, 60.0))
+            peak = start + draw(st.integers(0, 3000))
+            prints.append(
+                Footprint(f"r{i}", start, peak, release_s, rate, extra, 1, 1 / num_outcomes)
+            )
+    return prints
+
+
+def mean_plus_spread(prints, t_s, now_s, block_size) -> float:
+    """Sum over requests of E[blocks at t] + z * sqrt(sum of Var[blocks at t]), by definition."""
+    by_request: dict[str, list[tuple[float, int]]] = {}
+    for f in prints:
+        blocks = held_blocks([f], t_s, now_s, block_size)
+        by_request.setdefault(f.request_id, []).append((f.weight, blocks))
+    mean = variance = 0.0
+    for outcomes in by_request.values():
+        m = sum(w * b for w, b in outcomes)
+        mean += m
+        variance += sum(w * b * b for w, b in outcomes) - m * m
+    return mean + SUM_QUANTILE_Z * math.sqrt(max(0.0, variance))
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(distributed_footprints(), st.sampled_from((1, 16)))
+def test_distributed_peak_is_the_worst_mean_plus_spread(prints, block_size):
+    peak = peak_blocks(prints, 0.0, block_size)
+    releases = [f.release_s for f in prints if f.release_s is not None]
+    grid = list(np.linspace(0.0, 70.0, 1401)) + releases + [1e6]
+    direct = max((mean_plus_spread(prints, t, 0.0, block_size) for t in grid), default=0.0)
+    assert math.ceil(direct - 1e-6) <= peak <= math.ceil(direct + 1e-6)
+
+
+def test_spread_of_independent_lengths_grows_like_the_square_root():
+    # n requests, each 0 or 100 blocks at t = 0 with probability 1/2: mean 50 n, sd 50 sqrt(n).
+    def prints(n):
+        return [
+            Footprint(f"r{i}", tokens, tokens, 1.0, 0.0, 0, 1, 0.5)
+            for i in range(n)
+            for tokens in (0, 100 * 16)
+        ]
+
+    for n in (1, 4, 64):
+        expected = 50 * n + SUM_QUANTILE_Z * 50 * math.sqrt(n)
+        assert peak_blocks(prints(n), 0.0, 16) == math.ceil(expected - 1e-9)
+    # the per-request 90th percentile would reserve 100 n
+    assert peak_blocks(prints(64), 0.0, 16) < 0.7 * 100 * 64
 
 
 def test_growth_and_release_cases_by_hand():

@@ -47,7 +47,13 @@ def scenes(draw):
         )
         for i in range(draw(st.integers(1, 10)))
     ]
-    return perf, running, waiting, draw(st.sampled_from(("reject", "best_effort")))
+    return (
+        perf,
+        running,
+        waiting,
+        draw(st.sampled_from(("reject", "best_effort"))),
+        draw(st.booleans()),
+    )
 
 
 @settings(
@@ -55,9 +61,9 @@ def scenes(draw):
 )
 @given(scenes())
 def test_admitted_requests_meet_every_deadline_on_the_plan(scene):
-    perf, running, waiting, fallback = scene
+    perf, running, waiting, fallback, eager = scene
     v = view(perf, 1.5, running, waiting, num_total_blocks=5000)
-    plan = create("slos_dp", fallback=fallback).plan(v)
+    plan = create("slos_dp", fallback=fallback, eager_decodes=eager).plan(v)
     assert set(plan.decisions) == {r.request_id for r in waiting}
     admitted = {rid for rid, d in plan.decisions.items() if d.verdict is Verdict.ADMITTED}
     assert not deadline_misses(plan, v, admitted | {s.request_id for s in running})
@@ -65,6 +71,23 @@ def test_admitted_requests_meet_every_deadline_on_the_plan(scene):
         assert not step.is_empty
     if fallback == "reject":
         assert all(d.verdict is not Verdict.BEST_EFFORT for d in plan.decisions.values())
+
+
+def test_eager_decodes_finish_decoders_sooner_and_keep_every_deadline():
+    running = [
+        decoding_state(request(f"d{i}", 0.0, 200, 60, 1.0, 0.15), 1, 1.5, 16) for i in range(3)
+    ]
+    waiting = [request("w", 1.5, 300, 40, 1.0, 0.05)]
+    v = view(PERF, 1.5, running, waiting, num_total_blocks=5000)
+    last = {}
+    for eager in (False, True):
+        plan = create("slos_dp", eager_decodes=eager).plan(v)
+        assert plan.decisions["w"].verdict is Verdict.ADMITTED
+        assert not deadline_misses(plan, v, {"w", "d0", "d1", "d2"})
+        times = replay(plan, v)
+        last[eager] = max(times[f"d{i}"][-1] for i in range(3))
+    # at a 150 ms TPOT the slots come every few steps; eager decodes use the leftover budget
+    assert last[True] < 0.6 * last[False]
 
 
 def test_best_effort_requests_use_leftover_budget_and_finish():
