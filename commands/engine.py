@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 
 from engine_adapters import registry
 from engine_adapters.adapter import AdapterConfig, EngineAdapter
 from engine_adapters.engine import Engine
 from engine_adapters.registry import EngineOptions
-from wire.security import CurveKeys
+from wire.security import CURVE_SECRET_ENV, CurveKeys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sec = parser.add_argument_group("CURVE (beyond loopback)").add_argument
     sec("--curve-public-key", default="")
-    sec("--curve-secret-key", default="")
+    sec("--curve-secret-key", default="", help=f"or the environment's {CURVE_SECRET_ENV}")
     sec("--curve-server-key", default="", help="the planner's public key")
     add("--log-level", default="WARNING")
 
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     engine = build_engine(args)
     curve = None
     if args.curve_server_key:
-        curve = CurveKeys(args.curve_public_key, args.curve_secret_key, args.curve_server_key)
+        secret = args.curve_secret_key or os.environ.get(CURVE_SECRET_ENV, "")
+        curve = CurveKeys(args.curve_public_key, secret, args.curve_server_key)
     config = AdapterConfig(
         connect=args.connect,
         engine_id=args.engine_id,
