@@ -137,6 +137,49 @@ class Deployment:
             planner["default_perf_model"] = str(profile.resolve())
         return tables
 
+    @property
+    def time_scale(self) -> float:
+        """Sim engines sleep this many times each step's modelled time (1: real time)."""
+        return float(self.engine_options.get("time_scale", 1.0)) if self.engine == "sim" else 1.0
+
+    def time_scaled(self, tables: dict[str, Any], directory: Path) -> dict[str, Any]:
+        """The planner tables for sim engines slowed down `time_scale` times: the planner plans
+        with the sim model's step times and every SLO's absolute targets (TPOTs, absolute TTFTs)
+        scaled alike, so that it makes the same decisions as at full speed (TTFT slowdowns are
+        relative to the model, so they scale by themselves). Writes the scaled model into
+        `directory`. Used where 16 real-time replicas would not fit the machine's cores."""
+        scale = self.time_scale
+        if scale == 1.0:
+            return tables
+        from formulations.perf_model import Line, PerfModel, perf_model_preset
+        from formulations.slo import SLO_PRESETS
+
+        base = perf_model_preset(str(self.engine_options.get("perf_model", "opt-13b-h100")))
+        lines = tuple(
+            Line(*(scale * x for x in (ln.k_token_s, ln.k_spec_s, ln.intercept_s)))
+            for ln in base.lines
+        )
+        scaled = PerfModel(lines, f"{base.name}-x{scale:g}")
+        path = directory / f"{scaled.name}.json"
+        path.write_text(json.dumps(scaled.to_dict()))
+        tables["planner"]["default_perf_model"] = str(path)
+        classes = {
+            name: {
+                "tpot_ms": 1000 * slo.tpot_s,
+                **({"ttft_slowdown": slo.ttft_slowdown} if slo.ttft_slowdown else {}),
+                **({"ttft_ms": 1000 * slo.ttft_s} if slo.ttft_s else {}),
+                **({"thinking_tpot_ms": 1000 * slo.thinking_tpot_s} if slo.thinking_tpot_s else {}),
+            }
+            for name, slo in SLO_PRESETS.items()
+        }
+        classes.update(tables.get("slo_classes", {}))
+        for spec in classes.values():
+            for key in ("tpot_ms", "ttft_ms", "thinking_tpot_ms"):
+                if key in spec:
+                    spec[key] = scale * spec[key]
+        tables["slo_classes"] = classes
+        return tables
+
     def planner_settings(self) -> PlannerConfig:
         """The planner config these tables make (validated; the ports do not matter here)."""
         return config_from_dict(self.planner_tables(1, 2), source=f"{self.source} [planner_config]")

@@ -26,6 +26,7 @@ from deploy.engine_processes import engine_id
 from engine_adapters.registry import EngineOptions
 from wire.security import CurveKeys
 
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's nodes use 127.0.0.1
 STOP_GRACE_S = 10.0  # a stopped actor that has not finished by then is killed
 MIN_BACKOFF_S, MAX_BACKOFF_S = 0.5, 30.0  # before relaunching a replica whose actor died
 STABLE_S = 60.0  # a replica that ran this long relaunches with the shortest backoff again
@@ -44,12 +45,12 @@ class EngineReplica:
         config = AdapterConfig(curve=curve, **adapter)
         self.adapter = EngineAdapter(registry.create(engine, options), config)
         self.thread = threading.Thread(target=self.adapter.run, name="adapter", daemon=True)
+        self.thread.start()  # here, so that `wait` (called concurrently) finds it started
 
-    def start(self) -> dict:
-        """Start serving; where this replica runs (Ray node, address, process, GPUs)."""
+    def where(self) -> dict:
+        """Where this replica runs (Ray node, address, process, GPUs)."""
         import ray
 
-        self.thread.start()
         context = ray.get_runtime_context()
         return {
             "node_id": context.get_node_id(),
@@ -76,7 +77,7 @@ class _Replica:
     index: int
     engine_id: str
     actor: object
-    started_ref: object  # resolves once Ray placed the actor and the adapter runs
+    started_ref: object  # resolves once Ray placed the actor and its adapter runs
     done_ref: object  # resolves (or fails) when the actor stops or dies
     launch: int
     placement: dict | None = None
@@ -87,6 +88,10 @@ class _Replica:
 
 class RayEngines:
     def __init__(self, deployment: Deployment, engine_port: int, curve: CurveKeys | None, log):
+        if not deployment.ray.address:
+            # A Ray of our own on this machine only: keep it on loopback (Ray otherwise binds
+            # this node's network address even for a single machine). Read when Ray is imported.
+            os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
         import ray
 
         self.ray = ray
@@ -128,7 +133,6 @@ class RayEngines:
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=True,
-            _node_ip_address="127.0.0.1",
         )
         self.started_ray = True
 
@@ -148,7 +152,7 @@ class RayEngines:
         name = engine_id(index, launch)
         actor_class = self.ray.remote(EngineReplica).options(
             name=f"slos-serve-{name}-{os.getpid()}",
-            max_concurrency=4,  # start / wait / stop / stats run side by side
+            max_concurrency=4,  # where / wait / stop / stats run side by side
             max_restarts=0,  # a new actor with a new engine id instead (see the module doc)
             **self.resources_per_replica(),
         )
@@ -158,7 +162,7 @@ class RayEngines:
             {**self.adapter, "engine_id": name},
             self.curve,
         )
-        replica = _Replica(index, name, actor, actor.start.remote(), actor.wait.remote(), launch)
+        replica = _Replica(index, name, actor, actor.where.remote(), actor.wait.remote(), launch)
         self.replicas_by_index[index] = replica
         self.log.line("serve", f"launched {name} as a Ray actor (waiting for placement)")
 

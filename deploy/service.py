@@ -103,9 +103,7 @@ class Service:
 
         self.control = ControlServer(self.control_port)
         self._start_planner()
-        self.client = PlannerClient(
-            f"tcp://127.0.0.1:{self.client_port}", curve=self._client_curve()
-        )
+        self.client = PlannerClient(self.client_endpoint, curve=self._client_curve())
         self.engines = self._make_engines()
         signal.signal(signal.SIGINT, self._on_signal)  # Ray installs its own on init
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -135,6 +133,13 @@ class Service:
 
     def _start_planner(self) -> None:
         tables = self.deployment.planner_tables(self.engine_port, self.client_port)
+        tables = self.deployment.time_scaled(tables, self.tmp)
+        if self.deployment.time_scale != 1.0:
+            self.log.line(
+                "serve",
+                f"sim engines slowed down x{self.deployment.time_scale:g}: the planner's step "
+                "times and SLO targets are scaled alike",
+            )
         if self.server_keys is not None:
             tables["curve"] = {
                 "public_key": self.server_keys.public_key,
@@ -162,7 +167,7 @@ class Service:
             *cli(),
             "api",
             "--planner",
-            f"tcp://127.0.0.1:{self.client_port}",
+            self.client_endpoint,
             "--host",
             d.network.api_host,
             "--port",
@@ -179,6 +184,10 @@ class Service:
         public_flags, secret_env = curve_flags(self._client_curve())
         env = {**os.environ, **secret_env} if secret_env else None
         self.supervisor.start("api", lambda generation: [*argv, *public_flags], env=env)
+
+    @property
+    def client_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.client_port}"
 
     def _client_curve(self) -> CurveKeys | None:
         return self.peer_keys
@@ -241,7 +250,8 @@ class Service:
         return (
             f"ready: send requests to {self.api_url}/v1 (OpenAI-compatible, model "
             f'"{d.model_name}"{prompts}); {replicas} as {where}, formulation '
-            f"{d.planner_settings().formulation}; scale with `slos-serve scale N --control "
+            f"{d.planner_settings().formulation}; Python clients: PlannerClient("
+            f'"{self.client_endpoint}"); scale with `slos-serve scale N --control '
             f"tcp://127.0.0.1:{self.control_port}`"
         )
 

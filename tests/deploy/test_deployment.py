@@ -115,3 +115,25 @@ def test_print_config_is_the_embedded_file(capsys):
 
     assert run(serve_args("--print-config")) == 0
     assert capsys.readouterr().out == DEFAULT_TOML.read_text()
+
+
+def test_time_scaled_sim_engines_get_a_planner_scaled_alike(tmp_path):
+    """Engines that sleep 4x each step and a planner that plans with 4x step times and 4x TPOT
+    targets: the same decisions as at full speed, a quarter of the planner's work per second."""
+    from formulations.perf_model import perf_model_preset
+    from planner_svc.config import config_from_dict
+
+    d = build_deployment(serve_args("--engine-option", "time_scale=4"), None)
+    assert d.time_scale == 4.0
+    tables = d.time_scaled(d.planner_tables(1, 2), tmp_path)
+    config = config_from_dict(tables)
+    base = perf_model_preset("opt-13b-h100")
+    for num_tokens in (1, 100, 2000):
+        assert config.perf_model.step_time_s(num_tokens) == pytest.approx(
+            4 * base.step_time_s(num_tokens)
+        )
+    assert config.slo_classes["chatbot"].tpot_s == pytest.approx(0.4)
+    assert config.slo_classes["chatbot"].ttft_slowdown == 5.0  # relative: scales by itself
+    assert config.slo_classes["reasoning"].thinking_tpot_s == pytest.approx(0.2)
+    plain = load_deployment()
+    assert plain.time_scaled(plain.planner_tables(1, 2), tmp_path) == plain.planner_tables(1, 2)

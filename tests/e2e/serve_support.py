@@ -12,14 +12,16 @@ import time
 import uuid
 from pathlib import Path
 
-READY = re.compile(r"ready: send requests to (http://\S+)/v1 .*--control (tcp://\S+)`")
+READY = re.compile(
+    r"ready: send requests to (http://\S+)/v1 .*PlannerClient\(\"(tcp://\S+)\"\).*--control (tcp://\S+)`"
+)
 
 
 class ServeProcess:
     def __init__(self, args: list[str], cwd: Path | None = None, env: dict | None = None) -> None:
         self.marker = uuid.uuid4().hex
         self.lines: list[str] = []
-        self.url = self.control = ""
+        self.url = self.planner = self.control = ""
         environ = {**os.environ, **(env or {}), "SLOS_SERVE_TEST_MARKER": self.marker}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "commands.cli", "serve", *args],
@@ -38,7 +40,7 @@ class ServeProcess:
             self.lines.append(line)
             match = READY.search(line)
             if match:
-                self.url, self.control = match.group(1), match.group(2)
+                self.url, self.planner, self.control = match.groups()
                 self._ready.set()
 
     def wait_ready(self, timeout_s: float = 90.0) -> None:
