@@ -137,12 +137,7 @@ class RayEngines:
         self.started_ray = True
 
     def resources_per_replica(self) -> dict:
-        options = self.deployment.ray
-        num_gpus = options.num_gpus
-        if num_gpus is None:
-            num_gpus = 0 if self.deployment.engine == "sim" else 1
-        num_cpus = 1 if options.num_cpus is None else options.num_cpus
-        return {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(options.resources)}
+        return replica_resources(self.deployment)
 
     # ------------------------------------------------------------------ launcher interface
 
@@ -276,3 +271,14 @@ class RayEngines:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def replica_resources(deployment: Deployment) -> dict:
+    """What Ray reserves for each replica: `[ray] num_gpus` (default 0 for sim engines, 1 for
+    the others), `num_cpus` (default 1) and custom `resources`."""
+    options = deployment.ray
+    num_gpus = options.num_gpus
+    if num_gpus is None:
+        num_gpus = 0 if deployment.engine == "sim" else 1
+    num_cpus = 1 if options.num_cpus is None else options.num_cpus
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(options.resources)}

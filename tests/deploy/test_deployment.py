@@ -137,3 +137,19 @@ def test_time_scaled_sim_engines_get_a_planner_scaled_alike(tmp_path):
     assert config.slo_classes["reasoning"].thinking_tpot_s == pytest.approx(0.2)
     plain = load_deployment()
     assert plain.time_scaled(plain.planner_tables(1, 2), tmp_path) == plain.planner_tables(1, 2)
+
+
+def test_each_ray_replica_asks_for_the_resources_configured(tmp_path):
+    from deploy.ray_engines import replica_resources
+
+    assert replica_resources(load_deployment()) == {"num_cpus": 1, "num_gpus": 0, "resources": {}}
+    d = build_deployment(serve_args("--cluster", "ray", "--num-gpus", "2", "--num-cpus", "4"), None)
+    assert replica_resources(d) == {"num_cpus": 4, "num_gpus": 2, "resources": {}}
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    d = build_deployment(serve_args("--engine", "torch", "--model-dir", str(model_dir)), None)
+    assert replica_resources(d)["num_gpus"] == 1  # a real engine gets a GPU by default
+    path = tmp_path / "d.toml"
+    path.write_text('cluster = "ray"\n[ray]\nnum_gpus = 0.5\nresources = { pool_a = 1 }\n')
+    d = load_deployment(path)
+    assert replica_resources(d) == {"num_cpus": 1, "num_gpus": 0.5, "resources": {"pool_a": 1}}
