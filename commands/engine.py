@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sec("--curve-secret-key", default="", help=f"or the environment's {CURVE_SECRET_ENV}")
     sec("--curve-server-key", default="", help="the planner's public key")
     add("--log-level", default="WARNING")
+    add("--stats-json", help="on exit, write where the engine's time went to this file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +84,40 @@ def run(args: argparse.Namespace) -> int:
         adapter.run()
     except KeyboardInterrupt:
         adapter.stop()
+    if args.stats_json:
+        write_stats(adapter, args.stats_json)
     return 0
+
+
+def write_stats(adapter: EngineAdapter, path: str) -> None:
+    """Busy / plan-wait / idle seconds, steps and the report -> answer round trips (for
+    benchmarks that run engines as processes)."""
+    import json
+
+    s = adapter.stats
+    latencies_s = sorted(s.answer_latencies_s)
+
+    def percentile(q: float) -> float | None:
+        return (
+            latencies_s[min(len(latencies_s) - 1, int(q * len(latencies_s)))]
+            if latencies_s
+            else None
+        )
+
+    stats = {
+        "engine_id": adapter.config.engine_id,
+        "num_steps": s.num_steps,
+        "busy_s": s.busy_s,
+        "plan_wait_s": s.plan_wait_s,
+        "idle_s": s.idle_s,
+        "num_answers": len(latencies_s),
+        "answer_p50_s": percentile(0.50),
+        "answer_p99_s": percentile(0.99),
+        "num_late_plans": s.num_late_plans + adapter.queue.num_late_plans,
+        "num_ack_timeouts": s.num_ack_timeouts,
+    }
+    with open(path, "w") as f:
+        json.dump(stats, f)
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
