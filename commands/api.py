@@ -6,11 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 
 from commands.cli import CliError
-from wire.security import CURVE_SECRET_ENV, CurveKeys
+from commands.curve_options import add_curve_arguments, curve_keys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,10 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-model-len", type=int, help="prompt + max_tokens limit")
     parser.add_argument("--log-level", default="INFO")
-    sec = parser.add_argument_group("CURVE (a planner beyond loopback)").add_argument
-    sec("--curve-public-key", default="")
-    sec("--curve-secret-key", default="", help=f"or the environment's {CURVE_SECRET_ENV}")
-    sec("--curve-server-key", default="", help="the planner's public key")
+    add_curve_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,11 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if names is None and args.config is None and tokenizer is not None:
         names = [tokenizer.name]
     config = load_api_config(args.config, names, max_model_len=args.max_model_len)
-    curve = None
-    if args.curve_server_key:
-        secret = args.curve_secret_key or os.environ.get(CURVE_SECRET_ENV, "")
-        curve = CurveKeys(args.curve_public_key, secret, args.curve_server_key)
-    with PlannerClient(args.planner, curve=curve) as client:
+    with PlannerClient(args.planner, curve=curve_keys(args)) as client:
         api = ApiServer(client, config, tokenizer)
         asyncio.run(_serve(api, args.host, args.port))
     return 0

@@ -12,7 +12,15 @@ from deploy.deployment import Deployment
 from deploy.processes import cli
 from deploy.supervisor import Supervisor
 from engine_adapters.registry import EngineOptions
-from wire.security import CURVE_SECRET_ENV, CurveKeys
+from wire.security import CurveKeys
+
+# What `slos-serve engine` and `api` read their CURVE keys from when no flag gives them
+# (commands/curve_options.py): keys never appear in the process list.
+CURVE_ENV = {
+    "public_key": "SLOS_SERVE_CURVE_PUBLIC_KEY",
+    "secret_key": "SLOS_SERVE_CURVE_SECRET_KEY",
+    "server_public_key": "SLOS_SERVE_CURVE_SERVER_KEY",
+}
 
 
 def engine_id(index: int, launch: int) -> str:
@@ -39,13 +47,11 @@ def engine_flags(options: EngineOptions) -> list[str]:
     return flags
 
 
-def curve_flags(curve: CurveKeys | None) -> tuple[list[str], dict[str, str]]:
-    """Flags for the public keys, and the environment that carries the secret one (a flag would
-    show it to every local user in the process list)."""
+def curve_env(curve: CurveKeys | None) -> dict[str, str]:
+    """The environment that hands a child its CURVE keys (empty without CURVE)."""
     if curve is None:
-        return [], {}
-    flags = ["--curve-public-key", curve.public_key, "--curve-server-key", curve.server_public_key]
-    return flags, {CURVE_SECRET_ENV: curve.secret_key}
+        return {}
+    return {variable: getattr(curve, field) for field, variable in CURVE_ENV.items()}
 
 
 class ProcessEngines:
@@ -73,7 +79,7 @@ class ProcessEngines:
     def start(self, index: int) -> None:
         first = self._launches.get(index, 0)
         flags = engine_flags(self.deployment.engine_options_for(index))
-        public_flags, secret_env = curve_flags(self.curve)
+        keys_env = curve_env(self.curve)
 
         def argv(generation: int) -> list[str]:
             self._launches[index] = first + generation + 1
@@ -87,11 +93,10 @@ class ProcessEngines:
                 "--engine-id",
                 engine_id(index, first + generation),
                 *self.heartbeat_flags,
-                *public_flags,
                 *flags,
             ]
 
-        env = {**os.environ, **secret_env} if secret_env else None
+        env = {**os.environ, **keys_env} if keys_env else None
         self.supervisor.start(_name(index), argv, env=env)
         self.indices.add(index)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from deploy.control import ControlReply, ControlServer, ScaleRequest, StatusRequest
 from deploy.deployment import Deployment
-from deploy.engine_processes import ProcessEngines, curve_flags
+from deploy.engine_processes import ProcessEngines, curve_env
 from deploy.processes import cli, free_port
 from deploy.supervisor import PrefixedLog, Supervisor
 from wire.security import CurveKeys, make_keypair
@@ -141,9 +141,10 @@ class Service:
                 "times and SLO targets are scaled alike",
             )
         if self.server_keys is not None:
+            public_key, secret_key = self.server_keys
             tables["curve"] = {
-                "public_key": self.server_keys.public_key,
-                "secret_key": self.server_keys.secret_key,
+                "public_key": public_key,
+                "secret_key": secret_key,
                 "allowed_client_keys": [self.peer_keys.public_key],
             }
         path = self.tmp / "planner.json"
@@ -181,9 +182,9 @@ class Service:
             argv += ["--config", d.api_config]
         if d.served_model_name or not d.model_dir:
             argv += ["--served-model-name", *(d.served_model_name or (d.model_name,))]
-        public_flags, secret_env = curve_flags(self._client_curve())
-        env = {**os.environ, **secret_env} if secret_env else None
-        self.supervisor.start("api", lambda generation: [*argv, *public_flags], env=env)
+        keys_env = curve_env(self._client_curve())
+        env = {**os.environ, **keys_env} if keys_env else None
+        self.supervisor.start("api", lambda generation: argv, env=env)
 
     @property
     def client_endpoint(self) -> str:
@@ -303,12 +304,9 @@ class Service:
         self.deployment = self.deployment.replace(replicas=new.replicas)
 
 
-def _curve_keys() -> tuple[CurveKeys, CurveKeys]:
-    """The planner's key pair, and the one pair every engine and the front door share (its public
-    key is the only client key the planner allows)."""
+def _curve_keys() -> tuple[tuple[str, str], CurveKeys]:
+    """The planner's (public, secret) key pair, and the one pair every engine and the front door
+    share (its public key is the only client key the planner allows)."""
     server_public, server_secret = make_keypair()
     peer_public, peer_secret = make_keypair()
-    return (
-        CurveKeys(server_public, server_secret),
-        CurveKeys(peer_public, peer_secret, server_public_key=server_public),
-    )
+    return (server_public, server_secret), CurveKeys(peer_public, peer_secret, server_public)

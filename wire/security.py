@@ -11,10 +11,6 @@ from dataclasses import dataclass
 
 import zmq
 
-# A peer's secret key may come from this environment variable instead of a flag, which every local
-# user could read in the process list (`slos-serve serve` hands keys to its children this way).
-CURVE_SECRET_ENV = "SLOS_SERVE_CURVE_SECRET_KEY"
-
 
 @dataclass(frozen=True, slots=True)
 class CurveKeys:

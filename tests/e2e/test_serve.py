@@ -170,3 +170,26 @@ def test_engine_torch_serves_a_real_model_as_text(tmp_path):
     finally:
         serve.stop()
     assert wait_until_gone(serve.marker) == [], serve.log()
+
+
+def test_curve_on_hands_the_keys_to_the_children_through_the_environment():
+    serve = ServeProcess([*FREE_PORTS, "--curve", "on", "--replicas", "1"])
+    try:
+        serve.wait_ready()
+        client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model="slos-serve", prompt=[1, 2, 3], max_tokens=4)
+        assert reply.usage.completion_tokens == 4  # through CURVE: api -> planner <- engine
+        from planner_svc.client import PlannerClient
+
+        with PlannerClient(serve.planner) as plain, pytest.raises(Exception):  # noqa: B017
+            plain.stats(timeout_s=2.0)  # a client without the keys gets nothing
+        for pid in [serve.pid_of("planner"), serve.pid_of("engine-0"), serve.pid_of("api")]:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert b"curve" not in f.read()  # no key on a command line
+        with open(f"/proc/{serve.pid_of('engine-0')}/environ", "rb") as f:
+            assert b"SLOS_SERVE_CURVE_SECRET_KEY=" in f.read()
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(30) == 0, serve.log()
+    finally:
+        serve.stop()
+    assert wait_until_gone(serve.marker) == [], serve.log()
