@@ -43,7 +43,11 @@ class ControlServer:
     def __init__(self, port: int, context: zmq.Context | None = None) -> None:
         self.socket = (context or zmq.Context.instance()).socket(zmq.REP)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(f"tcp://127.0.0.1:{port}")
+        try:
+            self.socket.bind(f"tcp://127.0.0.1:{port}")
+        except zmq.ZMQError as exc:
+            self.socket.close()
+            raise ValueError(f"cannot listen on the control port 127.0.0.1:{port}: {exc}") from None
 
     @property
     def endpoint(self) -> str:

@@ -76,7 +76,7 @@ class Service:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def run(self, on_ready=None) -> int:
+    def run(self) -> int:
         """Serve until stopped; 0 when stopped by a signal after a clean start."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -84,8 +84,6 @@ class Service:
             if self.stop_event.is_set():
                 return 0
             self.log.line("serve", self.ready_line())
-            if on_ready is not None:
-                on_ready(self)
             while not self.stop_event.is_set():
                 self.step()
             self.log.line("serve", "stopping: engines, front door, planner")

@@ -235,3 +235,42 @@ def wait_for_no_actor_processes(timeout_s: float = 20.0) -> list[int]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.5)
+
+
+def test_a_local_ray_of_its_own_scales_and_leaves_nothing():
+    """`--cluster ray` without an address: serve starts a Ray on this machine (loopback), runs
+    the replicas as actors, scales them up and down at runtime, and shuts all of it down."""
+    serve = ServeProcess(
+        [
+            "--cluster", "ray", "--replicas", "2", "--num-cpus", "0.5",
+            "--port", "0", "--engine-port", "0", "--client-port", "0", "--control-port", "0",
+        ]
+    )  # fmt: skip
+    try:
+        serve.wait_ready(timeout_s=180)
+        assert "Started a local Ray instance" in serve.log()
+        assert len(re.findall(r"engine-\d+ runs on node \w+ \(127\.0\.0\.1", serve.log())) == 2
+        client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model="slos-serve", prompt=[1, 2, 3], max_tokens=5)
+        assert reply.usage.completion_tokens == 5
+        subprocess.run(
+            [sys.executable, "-m", "commands.cli", "scale", "3", "--control", serve.control],
+            check=True,
+            timeout=60,
+        )
+        wait_registered(serve, 3)
+        mark = len(serve.lines)
+        subprocess.run(
+            [sys.executable, "-m", "commands.cli", "scale", "1", "--control", serve.control],
+            check=True,
+            timeout=60,
+        )
+        wait_registered(serve, 1)
+        serve.wait_for_line(r"engine-2 \(replica \d+\) is gone \(left: stopped\)", start=mark)
+        serve.wait_for_line(r"engine-1 \(replica \d+\) is gone \(left: stopped\)", start=mark)
+        serve.process.terminate()
+        assert serve.process.wait(60) == 0, serve.log()
+        assert wait_for_no_actor_processes() == [], serve.log()
+    finally:
+        serve.stop()
+    assert wait_until_gone(serve.marker) == [], serve.log()

@@ -193,3 +193,19 @@ def test_curve_on_hands_the_keys_to_the_children_through_the_environment():
     finally:
         serve.stop()
     assert wait_until_gone(serve.marker) == [], serve.log()
+
+
+def test_a_control_port_in_use_is_a_one_line_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["--port", "0", "--engine-port", "0", "--client-port", "0"]
+        done = subprocess.run(
+            [sys.executable, "-m", "commands.cli", "serve", *args, "--control-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2 and "cannot listen on the control port" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
