@@ -3,8 +3,9 @@ an engine process, as `slos-serve serve` runs them) at the replicas' capacity ra
 
 For each replica count N:
 1. capacity: the chatbot capacity of `slos_dp` on N x `opt-13b-h100` replicas, found in the
-   simulator (90% attainment) on the very arrival window served next; "linear" compares it with
-   N times the 1-replica capacity;
+   simulator (90% attainment) on the very workload served next (150 x N requests, so that every N
+   is judged on as many requests per replica, as bench_planner's scaling part does); "linear"
+   compares it with N times the 1-replica capacity;
 2. served: the daemon (its own process) and N sim engine processes serve that window at that rate
    through the Python client, and we measure attainment (client clock), the planner's CPU share
    (CPU seconds / wall seconds of serving, from /proc), the core's per-call time (p99, from the
@@ -57,12 +58,12 @@ NUM_BLOCKS = 3500
 IMG = Path(__file__).resolve().parent.parent / "docs" / "img" / "scaling.png"
 
 
-def workload(rate_rps: float, window_s: float):
-    options = WorkloadOptions(rate_rps=rate_rps, num_requests=None, duration_s=window_s, seed=0)
+def workload(rate_rps: float, num_requests: int):
+    options = WorkloadOptions(rate_rps=rate_rps, num_requests=num_requests, seed=0)
     return build_workload("chatbot", perf_model_preset(MODEL), options)
 
 
-def sim_capacity(num_replicas: int, window_s: float) -> float:
+def sim_capacity(num_replicas: int, num_requests: int) -> float:
     config = SimConfig(
         formulation=FORMULATION,
         num_replicas=num_replicas,
@@ -71,7 +72,7 @@ def sim_capacity(num_replicas: int, window_s: float) -> float:
     )
 
     def attainment(rate_rps: float) -> float:
-        return simulate(workload(rate_rps, window_s), config).attainment
+        return simulate(workload(rate_rps, num_requests), config).attainment
 
     guess = 5.5 * num_replicas
     params = SearchParams(
@@ -120,11 +121,11 @@ def p99_bucket_s(metrics_text: str) -> float:
 
 
 def serve_run(
-    tmp: Path, num_replicas: int, rate_rps: float, window_s: float, time_scale: float
+    tmp: Path, num_replicas: int, rate_rps: float, num_requests: int, time_scale: float
 ) -> dict:
     engine_port, client_port, metrics_port = free_port(), free_port(), free_port()
     config = planner_tables(tmp, time_scale, engine_port, client_port, metrics_port)
-    virtual = workload(rate_rps, window_s)
+    virtual = workload(rate_rps, num_requests)
     stretched = dataclasses.replace(
         virtual,
         requests=tuple(
@@ -196,15 +197,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="planner daemon scaling benchmark")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--time-scale", type=float, default=4.0)
-    parser.add_argument("--window-s", type=float, default=20.0, help="arrival window (model time)")
+    parser.add_argument(
+        "--requests-per-replica", type=int, default=150, help="workload size: this x replicas"
+    )
     parser.add_argument("--calibrate", action="store_true", help="also N=1,2,4 at time scale 1")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--from-rows", help="write the section from the JSON rows a run printed (no run)"
+    )
     args = parser.parse_args(argv)
+    if args.from_rows:
+        rows = [json.loads(line) for line in Path(args.from_rows).read_text().splitlines()]
+        rows = [r for r in rows if isinstance(r, dict) and "replicas" in r]
+        write_results(rows, {r["replicas"]: r["rate_rps"] for r in rows}, args)
+        return 0
 
     capacities = {}
     for n in sorted(set(args.replicas) | ({1, 2, 4} if args.calibrate else set())):
         start_s = time.perf_counter()
-        capacities[n] = sim_capacity(n, args.window_s)
+        capacities[n] = sim_capacity(n, args.requests_per_replica * n)
         print(f"capacity, {n} replica(s): {capacities[n]:.2f} req/s "
               f"({time.perf_counter() - start_s:.0f}s)", flush=True)  # fmt: skip
     runs = []
@@ -213,15 +224,21 @@ def main(argv: list[str] | None = None) -> int:
         plan += [(n, 1.0) for n in (1, 2, 4)]
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         for n, scale in plan:
-            row = serve_run(Path(tmp), n, capacities[n], args.window_s, scale)
+            num_requests = args.requests_per_replica * n
+            row = serve_run(Path(tmp), n, capacities[n], num_requests, scale)
             print(json.dumps(row), flush=True)
             runs.append(row)
+    write_results(runs, capacities, args)
+    return 0
+
+
+def write_results(runs: list[dict], capacities: dict[int, float], args) -> None:
     body = format_section(runs, capacities, args)
     print(body)
     if not args.no_write:
         plot(runs, capacities)
         write_section("scaling", body, "python benchmarks/bench_scaling.py --calibrate")
-    return 0
+        print(f"wrote the scaling section of docs/BENCHMARKS.md and {IMG}")
 
 
 def format_section(runs: list[dict], capacities: dict[int, float], args) -> str:
@@ -231,8 +248,8 @@ def format_section(runs: list[dict], capacities: dict[int, float], args) -> str:
         "",
         f"`{FORMULATION}`, chatbot scenario, `{MODEL}` sim engines ({NUM_BLOCKS} KV blocks each), "
         f"each replica an engine process, the planner daemon in its own process, the Python "
-        f"client replaying a {args.window_s:g} s arrival window (model time) at the capacity rate "
-        f"of N replicas. Engines sleep `time scale` x each modelled step, with the planner's model "
+        f"client replaying {runs[0]['num_requests'] // runs[0]['replicas']} x N requests (the same ones the simulator "
+        f"found the capacity on) at the capacity rate of N replicas. Engines sleep `time scale` x each modelled step, with the planner's model "
         f"and SLO targets scaled alike (the same decisions, `time scale` x fewer planner calls per "
         f"second): 16 real-time replicas do not fit {os.cpu_count()} shared cores. "
         "Projections to real time are estimates (same per-call cost; no extra queueing).",
@@ -269,9 +286,57 @@ def format_section(runs: list[dict], capacities: dict[int, float], args) -> str:
         "no step to run, over busy + plan-wait time, all engines together (target < 2% at 16 "
         "replicas); projected x1 divides the same wait per step by the unscaled step time.",
         "",
+        *verdicts(runs, capacities),
+        "",
         f"![capacity and planner load against replicas](img/{IMG.name})",
     ]
     return "\n".join(lines)
+
+
+def verdicts(runs: list[dict], capacities: dict[int, float]) -> list[str]:
+    """The targets, judged on these numbers, and the check of the projections at real time."""
+    lines = []
+    scaled = {r["replicas"]: r for r in runs if r["time_scale"] != 1}
+    real = {r["replicas"]: r for r in runs if r["time_scale"] == 1}
+    checks = [
+        f"N={n}: planner CPU {100 * real[n]['planner_cpu_share']:.1f}% measured vs "
+        f"{100 * scaled[n]['planner_cpu_share'] * scaled[n]['time_scale']:.1f}% projected, "
+        f"plan-wait {100 * real[n]['plan_wait_share']:.2f}% vs "
+        f"{100 * scaled[n]['plan_wait_share_real']:.2f}%"
+        for n in sorted(set(real) & set(scaled))
+    ]
+    if checks:
+        lines.append(
+            "Projections checked at real time (time scale 1) where it fits: "
+            + "; ".join(checks)
+            + "."
+        )
+    top = max(scaled, default=None)
+    if top is not None:
+        r = scaled[top]
+        met = "met" if r["plan_wait_share_real"] < 0.02 else "**not met**"
+        lines.append(
+            f"Target plan-wait share < 2% at {top} replicas: {100 * r['plan_wait_share']:.2f}% "
+            f"measured at time scale {r['time_scale']:g}; {100 * r['plan_wait_share_real']:.2f}% "
+            f"projected at real time: {met} at real time."
+        )
+    ns = sorted(capacities)
+    per_replica = {n: capacities[n] / n for n in ns}
+    base = ns[min(2, len(ns) - 1)]  # from a few replicas on: N=1 cannot share bursts
+    spread = max(abs(per_replica[n] / per_replica[base] - 1) for n in ns if n >= base)
+    lines.append(
+        "Target capacity linear in replicas within 10%: capacity per replica "
+        + ", ".join(f"{per_replica[n]:.2f} (N={n})" for n in ns)
+        + f" req/s; from N=1 it grows (one replica cannot absorb bursts that several share); "
+        f"from N={base} to N={ns[-1]} it stays within {100 * spread:.1f}% of N={base}'s: "
+        + ("met" if spread <= 0.10 else "**not met**")
+        + " (no capacity per replica is lost as replicas are added)."
+    )
+    lines.append(
+        f"The machine was shared with other work (load average {max(r['load_average'] for r in runs):.1f} "
+        f"on {os.cpu_count()} cores at the end of the runs): waits and round trips include waiting for a CPU."
+    )
+    return lines
 
 
 def plot(runs: list[dict], capacities: dict[int, float]) -> None:
