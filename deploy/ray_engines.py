@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from deploy.control import ReplicaStatus
 from deploy.deployment import Deployment
@@ -27,6 +28,8 @@ from engine_adapters.registry import EngineOptions
 from wire.security import CurveKeys
 
 LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's nodes use 127.0.0.1
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+AUTH_TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # where `ray start` keeps its token
 STOP_GRACE_S = 10.0  # a stopped actor that has not finished by then is killed
 MIN_BACKOFF_S, MAX_BACKOFF_S = 0.5, 30.0  # before relaunching a replica whose actor died
 STABLE_S = 60.0  # a replica that ran this long relaunches with the shortest backoff again
@@ -92,6 +95,11 @@ class RayEngines:
             # A Ray of our own on this machine only: keep it on loopback (Ray otherwise binds
             # this node's network address even for a single machine). Read when Ray is imported.
             os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
+        elif AUTH_MODE_ENV not in os.environ and AUTH_TOKEN_FILE.is_file():
+            # `ray start` turns on token authentication when a token exists, but a driver that
+            # connects must be told to send it (ray 2.60).
+            os.environ[AUTH_MODE_ENV] = "token"
+            log.line("serve", f"Ray: authenticating with the token in {AUTH_TOKEN_FILE}")
         import ray
 
         self.ray = ray
