@@ -71,7 +71,7 @@ def test_no_arguments_serves_the_openai_client_restarts_a_killed_engine_and_stop
             assert len(reply.choices[0].token_ids) == 150
         serve.wait_for_line(r"engine-0 exited with status -9; restarting")
         serve.wait_for_line(r"engine engine-0\.1 ready as replica")
-        serve.wait_for_line(r"engine engine-0 \(replica 0\) is gone \(silent\)")
+        serve.wait_for_line(r"engine engine-0 \(replica \d+\) is gone \(silent\)")
         assert serve.pid_of("engine-0") != victim
 
         serve.process.send_signal(signal.SIGTERM)

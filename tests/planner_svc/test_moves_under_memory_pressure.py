@@ -3,7 +3,9 @@ when an engine goes away while the others are short of KV blocks, the requests m
 (recomputed: prompt + generated) are planned into steps that need more blocks than the engine
 has ("out of KV blocks: step needs 64, 48 free" with 48 in all); every step is refused, the core
 gives up on the replica (`PlanError: ... consecutive steps could not be executed`) and some
-requests never get an ending. Strict xfail: it passes, and so fails here, once the core is fixed.
+requests never get an ending. It reproduces in about 2 runs out of 3 (it depends on where the
+stopped engine's requests stand), so it is skipped rather than an xfail that would flip at random:
+un-skip it (and run it a few times) when working on the core's moves.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from planner_svc.client import PlannerClient
 from tests.planner_svc.service_helpers import Service, make_config
 
 
-@pytest.mark.xfail(strict=True, reason="planner core: moved requests overfill a short KV pool")
+@pytest.mark.skip(reason="planner core bug, reproduces ~2 runs in 3: moved requests overfill KV")
 def test_requests_moved_onto_engines_short_of_kv_blocks_all_end():
     svc = Service(make_config(formulation="slos_dp", liveness=4), num_engines=0)
     try:
