@@ -23,7 +23,8 @@ planner has `time_scale` times fewer calls per second to make. What that changes
 - plan-wait share: the waits (network round trip + planner time) are not stretched but the steps
   are, so the measured share is diluted; the projection divides the same absolute wait per step by
   the unscaled step time. Queueing in the planner, which grows with its load, is not projected.
-`--calibrate` also runs N = 1, 2, 4 at real time (time scale 1) to check the projections there.
+It also runs N = 1, 2, 4 at real time (time scale 1) to check the projections there (skip with
+`--no-calibrate`). About 25 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -200,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--requests-per-replica", type=int, default=150, help="workload size: this x replicas"
     )
-    parser.add_argument("--calibrate", action="store_true", help="also N=1,2,4 at time scale 1")
+    parser.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="skip the runs of N=1,2,4 at time scale 1 that check the projections",
+    )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument(
         "--from-rows", help="write the section from the JSON rows a run printed (no run)"
@@ -237,7 +243,7 @@ def write_results(runs: list[dict], capacities: dict[int, float], args) -> None:
     print(body)
     if not args.no_write:
         plot(runs, capacities)
-        write_section("scaling", body, "python benchmarks/bench_scaling.py --calibrate")
+        write_section("scaling", body, "python benchmarks/bench_scaling.py")
         print(f"wrote the scaling section of docs/BENCHMARKS.md and {IMG}")
 
 
