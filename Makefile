@@ -51,3 +51,19 @@ $(VLLM_STAMP): pyproject.toml
 .PHONY: test-vllm
 test-vllm: $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_PY) -m pytest -q -m vllm tests/engine_adapters/
+
+# Ray tests in their own venv (ray is an optional extra, ~0.4 GB; see docs/DEPLOYMENT.md): a
+# multi-node Ray cluster on this machine (fake GPUs, sim engines) under slos-serve serve.
+RAY_VENV ?= .venv-ray
+RAY_PY := $(RAY_VENV)/bin/python
+RAY_STAMP := $(RAY_VENV)/.installed
+
+$(RAY_STAMP): pyproject.toml
+	test -x $(RAY_PY) || python3 -m venv $(RAY_VENV)
+	$(RAY_PY) -m pip install -q --upgrade pip
+	$(RAY_PY) -m pip install -q -e '.[ray,dev]'
+	touch $(RAY_STAMP)
+
+.PHONY: test-ray
+test-ray: $(RAY_STAMP)
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(RAY_PY) -m pytest -q -m ray tests/deploy/

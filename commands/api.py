@@ -9,6 +9,7 @@ import logging
 import signal
 
 from commands.cli import CliError
+from commands.curve_options import add_curve_arguments, curve_keys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-model-len", type=int, help="prompt + max_tokens limit")
     parser.add_argument("--log-level", default="INFO")
+    add_curve_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if names is None and args.config is None and tokenizer is not None:
         names = [tokenizer.name]
     config = load_api_config(args.config, names, max_model_len=args.max_model_len)
-    with PlannerClient(args.planner) as client:
+    with PlannerClient(args.planner, curve=curve_keys(args)) as client:
         api = ApiServer(client, config, tokenizer)
         asyncio.run(_serve(api, args.host, args.port))
     return 0

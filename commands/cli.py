@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("commands.profile", "profile an engine and fit the perf model"),
     "api": ("commands.api", "OpenAI-compatible HTTP front door"),
     "bench": ("commands.bench", "replay a scenario against an OpenAI-compatible server"),
+    "serve": ("commands.serve", "planner + engines + OpenAI-compatible API in one command"),
+    "scale": ("commands.scale", "change the number of replicas of a running serve"),
 }
 
 

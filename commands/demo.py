@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from deploy.processes import ProcessGroup, cli, free_port, wait_for_engines
 from lab.workloads import WorkloadOptions
 from planner_svc.config import load_config
 
@@ -108,13 +106,13 @@ def _run_demo(args: argparse.Namespace, rate: float, group: ProcessGroup) -> int
             + slo_table
         )
         group.start(
-            "planner", [*_cli(), "planner", "--config", str(config_path), "--log-level", "WARNING"]
+            "planner", [*cli(), "planner", "--config", str(config_path), "--log-level", "WARNING"]
         )
         for i in range(args.num_engines):
             group.start(
                 f"engine-{i}",
                 [
-                    *_cli(),
+                    *cli(),
                     "engine",
                     "--engine",
                     args.engine,
@@ -194,99 +192,11 @@ def _engine_args(args: argparse.Namespace) -> list[str]:
     if not (model_dir / "config.json").is_file():
         print(f"demo: making a tiny model in {model_dir} (and profiling it)", flush=True)
         subprocess.run(
-            [*_cli(), "make-model", "--preset", "tiny", "--out", str(model_dir)], check=True
+            [*cli(), "make-model", "--preset", "tiny", "--out", str(model_dir)], check=True
         )
-        subprocess.run([*_cli(), "profile", "--model", str(model_dir), "--quick"], check=True)
+        subprocess.run([*cli(), "profile", "--model", str(model_dir), "--quick"], check=True)
     return ["--model-dir", str(model_dir)]
-
-
-def wait_for_engines(client, count: int, group: ProcessGroup, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if group.any_died():
-            raise ValueError(f"a service process exited early: {group.died()}")
-        try:
-            if client.stats(timeout_s=1.0).num_engines >= count:
-                return
-        except Exception:  # the planner is still starting
-            pass
-        time.sleep(0.2)
-    raise ValueError(f"{count} engine(s) did not connect within {timeout_s:g}s")
-
-
-class ProcessGroup:
-    """Child processes, each in its own session (process group), stopped together."""
-
-    def __init__(self) -> None:
-        self.processes: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        process = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent)
-        self.processes[name] = process
-        print(f"demo: started {name} (pid {process.pid})", flush=True)
-        return process
-
-    def died(self) -> list[str]:
-        return [
-            f"{name} (exit {p.returncode})"
-            for name, p in self.processes.items()
-            if p.poll() is not None
-        ]
-
-    def any_died(self) -> bool:
-        return any(p.poll() is not None for p in self.processes.values())
-
-    def stop_all(self, grace_s: float = 5.0) -> None:
-        """SIGTERM every group (engines before the planner), SIGKILL what outlives `grace_s`."""
-        for process in reversed(list(self.processes.values())):
-            _signal_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
-                process.wait()
-
-
-def _load_libc():
-    if sys.platform != "linux":
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()  # loaded here: the child between fork and exec must not import anything
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: on Linux, get SIGTERM when the parent dies, so that a killed demo
-    (or test) cannot leave a planner or engine running (they live in their own sessions)."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
-
-
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    try:
-        os.killpg(process.pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
-
-
-def _cli() -> list[str]:
-    return [sys.executable, "-m", "commands.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

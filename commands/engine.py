@@ -13,11 +13,11 @@ import dataclasses
 import logging
 import signal
 
+from commands.curve_options import add_curve_arguments, curve_keys
 from engine_adapters import registry
 from engine_adapters.adapter import AdapterConfig, EngineAdapter
 from engine_adapters.engine import Engine
 from engine_adapters.registry import EngineOptions
-from wire.security import CurveKeys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,19 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a vLLM engine argument (value read as JSON when it parses), e.g. "
         "max_model_len=2048; repeatable; adds to SLOS_SERVE_VLLM_ARGS",
     )
-    sec = parser.add_argument_group("CURVE (beyond loopback)").add_argument
-    sec("--curve-public-key", default="")
-    sec("--curve-secret-key", default="")
-    sec("--curve-server-key", default="", help="the planner's public key")
+    add_curve_arguments(parser)
     add("--log-level", default="WARNING")
+    add("--stats-json", help="on exit, write where the engine's time went to this file")
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     engine = build_engine(args)
-    curve = None
-    if args.curve_server_key:
-        curve = CurveKeys(args.curve_public_key, args.curve_secret_key, args.curve_server_key)
     config = AdapterConfig(
         connect=args.connect,
         engine_id=args.engine_id,
@@ -74,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         liveness=args.liveness,
         plan_grace_s=args.plan_grace_ms / 1000,
         wait_only_when_expected=not args.wait_for_every_answer,
-        curve=curve,
+        curve=curve_keys(args),
     )
     adapter = EngineAdapter(engine, config)
     signal.signal(signal.SIGTERM, lambda *_: adapter.stop())
@@ -82,7 +77,40 @@ def run(args: argparse.Namespace) -> int:
         adapter.run()
     except KeyboardInterrupt:
         adapter.stop()
+    if args.stats_json:
+        write_stats(adapter, args.stats_json)
     return 0
+
+
+def write_stats(adapter: EngineAdapter, path: str) -> None:
+    """Busy / plan-wait / idle seconds, steps and the report -> answer round trips (for
+    benchmarks that run engines as processes)."""
+    import json
+
+    s = adapter.stats
+    latencies_s = sorted(s.answer_latencies_s)
+
+    def percentile(q: float) -> float | None:
+        return (
+            latencies_s[min(len(latencies_s) - 1, int(q * len(latencies_s)))]
+            if latencies_s
+            else None
+        )
+
+    stats = {
+        "engine_id": adapter.config.engine_id,
+        "num_steps": s.num_steps,
+        "busy_s": s.busy_s,
+        "plan_wait_s": s.plan_wait_s,
+        "idle_s": s.idle_s,
+        "num_answers": len(latencies_s),
+        "answer_p50_s": percentile(0.50),
+        "answer_p99_s": percentile(0.99),
+        "num_late_plans": s.num_late_plans + adapter.queue.num_late_plans,
+        "num_ack_timeouts": s.num_ack_timeouts,
+    }
+    with open(path, "w") as f:
+        json.dump(stats, f)
 
 
 def build_engine(args: argparse.Namespace) -> Engine:

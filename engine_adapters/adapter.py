@@ -10,7 +10,8 @@ Liveness (the ZeroMQ guide's reliable request-reply pattern): any message from t
 a heartbeat; the adapter sends HEARTBEAT when it has sent nothing for `heartbeat_interval_s`; when
 the planner has been silent for `liveness` intervals the adapter drops every request (the planner
 re-plans them elsewhere when it declares this engine dead), closes the socket, waits a backoff that
-doubles up to `reconnect_max_s`, and connects again on a fresh socket with a fresh READY.
+doubles up to `reconnect_max_s`, and connects again on a fresh socket with a fresh READY. Stopped
+(`stop()`), it says GOODBYE, so that the planner re-plans its requests at once.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class _Connection:
         self.last_sent_s = time.monotonic()
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        self.socket.close()  # LINGER is 0 unless a GOODBYE is on its way
 
 
 class EngineAdapter:
@@ -131,6 +132,8 @@ class EngineAdapter:
             self.stats.num_connects += 1
             try:
                 heard = self._serve(connection)
+                if self.stop_event.is_set():
+                    self._say_goodbye(connection)
             finally:
                 connection.close()
             self._drop_all_requests()
@@ -144,6 +147,18 @@ class EngineAdapter:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def _say_goodbye(self, connection: _Connection) -> None:
+        """Tell the planner this engine is leaving, so that it re-plans the engine's requests now
+        (not after `liveness` silent intervals). Best effort: the socket may be gone."""
+        try:
+            connection.socket.send_multipart(
+                P.encode(P.Goodbye(engine_id=self.config.engine_id, reason="stopped")),
+                zmq.NOBLOCK,
+            )
+            connection.socket.setsockopt(zmq.LINGER, 500)  # let the frame leave before close
+        except zmq.ZMQError:
+            pass
 
     def _reset_session(self) -> None:
         if hasattr(self, "queue"):  # keep the counts of the previous connection

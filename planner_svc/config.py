@@ -132,8 +132,14 @@ _PLANNER_KEYS = {
 
 
 def load_config(path: str | Path) -> PlannerConfig:
-    """Read and validate a planner TOML file; errors name the offending key."""
+    """Read and validate a planner TOML file (or the same tables as JSON, as `slos-serve serve`
+    writes them); errors name the offending key."""
     path = Path(path)
+    if path.suffix == ".json":
+        try:
+            return config_from_dict(json.loads(path.read_text()), source=str(path))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:

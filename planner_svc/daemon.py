@@ -15,7 +15,8 @@ Every frame is decoded against the types expected on its socket (`protocol.decod
 fails is counted (metrics `slos_rejected_frames`), answered with ERROR, and dropped: the daemon
 stays up. An engine that has been silent for `liveness` heartbeat intervals is declared dead and
 the core re-plans its requests on the remaining replicas (recompute): every request either
-finishes or gets an explicit verdict.
+finishes or gets an explicit verdict. An engine that leaves on purpose says GOODBYE and is removed
+the same way at once.
 """
 
 from __future__ import annotations
@@ -221,6 +222,8 @@ class PlannerDaemon:
         link.last_heard_s = now_s
         if isinstance(message, P.StepReport):
             self._on_progress(link, message, now_s)
+        elif isinstance(message, P.Goodbye):
+            self._declare_dead(link, now_s, f"left: {message.reason}" if message.reason else "left")
 
     def _on_ready(self, identity: bytes, ready: P.Ready, now_s: float) -> None:
         if ready.protocol_version != P.PROTOCOL_VERSION:
@@ -314,7 +317,8 @@ class PlannerDaemon:
             why,
         )
         self.engines.pop(link.identity, None)
-        self.metrics.engine_deaths.inc()
+        if not why.startswith("left"):  # a GOODBYE is a departure, not a death
+            self.metrics.engine_deaths.inc()
         self.metrics.engines.set(len(self.engines))
         self._apply("remove_replica", self.core.remove_replica, link.replica_id, now_s)
 

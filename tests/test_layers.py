@@ -1,9 +1,10 @@
 """The packages form layers whose imports only point down (docs/ARCHITECTURE.md):
 
-    formulations  <-  wire  <-  {planner_svc, engine_adapters}  <-  lab  <-  commands
+    formulations  <-  wire  <-  {planner_svc, engine_adapters}  <-  {lab, deploy}  <-  commands
 
 `planner_svc` (the service) and `engine_adapters` (the engine side) are siblings: neither imports
-the other, they meet only through `wire`. The test parses every module (imports inside functions
+the other, they meet only through `wire`. So are `lab` (the evaluation lab) and `deploy` (launching
+and supervising a deployment). The test parses every module (imports inside functions
 included) and fails on an upward or sideways edge, and on an import cycle between modules at
 module scope (where a cycle breaks at import time).
 """
@@ -20,6 +21,7 @@ LAYER = {
     "planner_svc": 2,
     "engine_adapters": 2,
     "lab": 3,
+    "deploy": 3,
     "commands": 4,
 }
 

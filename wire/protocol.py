@@ -11,6 +11,7 @@ Conversation (see docs/SERVICE.md):
     engine  --READY-->  planner            (first message; carries PROTOCOL_VERSION)
     engine <--PLAN---   planner            (steps from `start_step_id`, a repeat tail, payloads)
     engine  --PROGRESS-> planner           (after every step)
+    engine  --GOODBYE--> planner           (leaving on purpose: its requests are re-planned now)
     engine <-HEARTBEAT-> planner           (any message counts as a heartbeat)
     client  --SUBMIT-->  planner  --VERDICT--> client, then TOKENS... (last one has finished=True)
     client  --ABORT-->   planner  --ABORT--> engine
@@ -183,6 +184,14 @@ class StepReport(_Msg):
         return not self.error
 
 
+class Goodbye(_Msg):
+    """An engine leaving on purpose (stopped, or scaled down): the planner re-plans its requests
+    on the other replicas at once instead of after `liveness` silent heartbeat intervals."""
+
+    engine_id: Id
+    reason: str = ""
+
+
 class Heartbeat(_Msg):
     """Liveness. From the planner to an engine it may also acknowledge the engine's report of step
     `ack_step_id` when that report brought no new plan (see PlanMsg.ack_step_id), and say whether
@@ -307,6 +316,7 @@ class MessageType(bytes, enum.Enum):
     STATS_REQUEST = b"Q"
     STATS = b"s"
     ERROR = b"E"
+    GOODBYE = b"B"
 
 
 MESSAGE_CLASSES: dict[MessageType, type[_Msg]] = {
@@ -321,13 +331,16 @@ MESSAGE_CLASSES: dict[MessageType, type[_Msg]] = {
     MessageType.STATS_REQUEST: StatsRequest,
     MessageType.STATS: Stats,
     MessageType.ERROR: ErrorMsg,
+    MessageType.GOODBYE: Goodbye,
 }
 _TYPE_OF: dict[type[_Msg], MessageType] = {cls: t for t, cls in MESSAGE_CLASSES.items()}
 _DECODERS = {t: msgspec.msgpack.Decoder(cls) for t, cls in MESSAGE_CLASSES.items()}
 _ENCODER = msgspec.msgpack.Encoder()
 
 # What each side accepts.
-ENGINE_TO_PLANNER = frozenset({MessageType.READY, MessageType.PROGRESS, MessageType.HEARTBEAT})
+ENGINE_TO_PLANNER = frozenset(
+    {MessageType.READY, MessageType.PROGRESS, MessageType.HEARTBEAT, MessageType.GOODBYE}
+)
 PLANNER_TO_ENGINE = frozenset(
     {MessageType.PLAN, MessageType.HEARTBEAT, MessageType.ABORT, MessageType.ERROR}
 )

@@ -78,9 +78,12 @@ class Service:
             time.sleep(0.01)
 
     def close(self) -> None:
+        # The planner first: engines that stop while it runs say GOODBYE, and it would end their
+        # requests as lost before the tests that stop "the planner and its engines" look.
+        self.daemon.stop()
+        self._threads[0].join(5)  # the daemon's loop: it must not read a GOODBYE any more
         for adapter in self.adapters:
             adapter.stop()
-        self.daemon.stop()
         for thread in self._threads:
             thread.join(5)
         self.context.term()
