@@ -1,11 +1,10 @@
-"""Found while testing `slos-serve serve` on Ray (issue 15), left to the planner core's owner:
-when an engine goes away while the others are short of KV blocks, the requests moved to them
-(recomputed: prompt + generated) are planned into steps that need more blocks than the engine
-has ("out of KV blocks: step needs 64, 48 free" with 48 in all); every step is refused, the core
-gives up on the replica (`PlanError: ... consecutive steps could not be executed`) and some
-requests never get an ending. It reproduces in about 2 runs out of 3 (it depends on where the
-stopped engine's requests stand), so it is skipped rather than an xfail that would flip at random:
-un-skip it (and run it a few times) when working on the core's moves.
+"""Found while testing `slos-serve serve` on Ray (issue 15): when an engine goes away while the
+others are short of KV blocks, the requests moved to them (recomputed: prompt + generated) were
+planned into steps that needed more blocks than the engine had ("out of KV blocks: step needs 64,
+48 free" with 48 in all); every step was refused, the core gave up on the replica and some
+requests never got an ending (about 2 runs in 3). Plans are now checked against the replica's
+free blocks before they are sent (formulations/overflow.py for slos_dp: a resume waits, the
+request with the most slack is preempted); the baselines admit and resume by memory.
 """
 
 from __future__ import annotations
@@ -18,9 +17,9 @@ from planner_svc.client import PlannerClient
 from tests.planner_svc.service_helpers import Service, make_config
 
 
-@pytest.mark.skip(reason="planner core bug, reproduces ~2 runs in 3: moved requests overfill KV")
-def test_requests_moved_onto_engines_short_of_kv_blocks_all_end():
-    svc = Service(make_config(formulation="slos_dp", liveness=4), num_engines=0)
+@pytest.mark.parametrize("formulation", ["slos_dp", "vllm_fcfs", "sarathi"])
+def test_requests_moved_onto_engines_short_of_kv_blocks_all_end(formulation):
+    svc = Service(make_config(formulation=formulation, liveness=4), num_engines=0)
     try:
         for i in range(3):
             svc.add_engine(f"engine-{i}", num_blocks=48)  # ~3 requests of 248 tokens each
