@@ -1,5 +1,6 @@
-"""`slos-serve profile`: time a sweep of step compositions on an engine, fit the max-of-lines
-performance model, print R^2 / under-prediction / median error, and write the model as JSON
+"""`slos-serve profile`: time a sweep of step compositions (token counts, draft steps, cached
+contexts) on an engine, fit the max-of-lines performance model with its context term, print R^2 /
+under-prediction / median error in sample and on held-out compositions, and write the model as JSON
 (PerfModel.to_dict) that a planner config can name. By default it lands in MODEL/perf_model.json,
 where `TorchEngine.from_pretrained` picks it up for READY."""
 
@@ -36,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a short sweep (smoke test)")
     parser.add_argument(
         "--context-tokens",
-        type=int,
         default=None,
-        help="cached context of each decoding request in the sweep (default: 64; 16 with --quick)",
+        metavar="C[,C...]",
+        help="cached contexts of the decoding requests swept (default: 16,128,512,1536; "
+        "16,128 with --quick)",
     )
     parser.add_argument(
         "--num-threads",
@@ -69,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.num_threads)
     sweep = SweepConfig.quick() if args.quick else SweepConfig()
     if args.context_tokens is not None:
-        if args.context_tokens < 1:
-            raise ValueError("--context-tokens must be at least 1")
-        sweep = dataclasses.replace(sweep, context_tokens=args.context_tokens)
+        sweep = dataclasses.replace(sweep, context_sizes=_context_sizes(args.context_tokens))
     engine = TorchEngine.from_pretrained(
         args.model, args.draft, device=args.device, kv_memory_gb=args.kv_memory_gb, dtype=args.dtype
     )
@@ -81,17 +81,37 @@ def run(args: argparse.Namespace) -> int:
     )
     for m in result.measurements:
         s = m.sample
-        predicted_ms = 1e3 * result.model.step_time_s(s.num_tokens, s.spec_steps)
+        predicted_ms = 1e3 * result.model.step_time_s(
+            s.num_tokens, s.spec_steps, s.num_context_tokens
+        )
         print(
-            f"{m.label:>22}: tokens={s.num_tokens:5d} s={s.spec_steps} "
+            f"{m.label:>28}: tokens={s.num_tokens:5d} s={s.spec_steps} "
+            f"context={s.num_context_tokens:6d} "
             f"measured={1e3 * s.step_time_s:8.2f} ms  model={predicted_ms:8.2f} ms"
         )
+    if result.skipped:
+        print(f"skipped (KV or context length too small): {', '.join(result.skipped)}")
+    held_out = (
+        f"{result.held_out_error_pct:.1f}% on {result.num_held_out} held-out compositions"
+        if result.held_out_error_pct is not None
+        else "n/a"
+    )
     print(
         f"{len(result.model.lines)} line(s): R^2 = {result.fit.r2:.3f}; under-predicted "
         f"{100 * result.fit.under_prediction_fraction:.0f}% of {result.fit.num_samples} samples; "
-        f"median |error| = {result.median_abs_pct_error:.1f}%"
+        f"median |error| = {result.median_abs_pct_error:.1f}% in sample, {held_out}"
     )
     out = Path(args.out) if args.out else Path(args.model) / PERF_MODEL_FILE
     out.write_text(json.dumps(result.model.to_dict(), indent=2) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def _context_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--context-tokens takes numbers like 16,128; got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError("--context-tokens must be at least 1")
+    return sizes
