@@ -7,6 +7,7 @@ Our variant of the budget curve (chosen so that admission is exact and provably 
 - A plan runs steps of at most `T` seconds each (`T` is a candidate step time: a TPOT present, or a
   TPOT stretched by speculation). A step never holds more than `cap(s) = max_tokens(T, s)` tokens,
   so by the performance model it lasts at most `T`, and step m (0-based) ends by `now + (m + 1) T`.
+  (With a context term in the model, `cap` is taken at the view's estimated context per step.)
 - A TPOT tier with TPOT `tau` decodes once every `k = floor(E(s) tau / T)` steps (speculation.py);
   its requests are spread over the k residues of the step index (step m serves the requests whose
   residue is m mod k), least-loaded residue first. With `n` requests the busiest residue holds
@@ -107,8 +108,10 @@ class BudgetCurve:
         tiers: dict[float, TierChoice],
         decoders: Sequence[Decoder],
         burst: Burst | None = None,
+        num_context_tokens: int = 0,
     ) -> None:
         self.perf_model = perf_model
+        self.num_context_tokens = num_context_tokens  # every step's, estimated (state.py)
         self.now_s = now_s
         self.step_time_s = step_time_s
         self.burst = burst
@@ -201,6 +204,8 @@ class BudgetCurve:
 
     @property
     def burst_cap(self) -> int:
+        # Burst steps carry prefill chunks only: their context (earlier chunks of the same
+        # prompts) is small beside the decoders' that `num_context_tokens` counts, so none is.
         return self.perf_model.max_tokens(self.burst.step_time_s, 0) if self.burst else 0
 
     def cap_at(self, step: int, spec_steps: int) -> int:
@@ -231,7 +236,9 @@ class BudgetCurve:
     def step_cap(self, spec_steps: int) -> int:
         """Most tokens a step with `spec_steps` sequential draft steps may hold (lasts <= T)."""
         if spec_steps not in self._cap_memo:
-            self._cap_memo[spec_steps] = self.perf_model.max_tokens(self.step_time_s, spec_steps)
+            self._cap_memo[spec_steps] = self.perf_model.max_tokens(
+                self.step_time_s, spec_steps, self.num_context_tokens
+            )
         return self._cap_memo[spec_steps]
 
     def spec_steps(self, counts: Sequence[int]) -> int:
@@ -273,6 +280,7 @@ def make_budget_curve(
     max_spec_tokens: int,
     acceptance_rate: float,
     burst: Burst | None = None,
+    num_context_tokens: int = 0,
 ) -> BudgetCurve | None:
     """A budget curve for step time T, or None when a running decoder's tier cannot keep up at T.
     Job tiers that cannot keep up are left out (such jobs are not admissible at this T)."""
@@ -286,10 +294,12 @@ def make_budget_curve(
         choice = choose_tier(tpot_s, step_time_s, max_spec_tokens, acceptance_rate)
         if choice is not None:
             tiers[tpot_s] = choice
-    if perf_model.max_tokens(step_time_s, 0) < 0:
+    if perf_model.max_tokens(step_time_s, 0, num_context_tokens) < 0:
         return None
     try:
-        curve = BudgetCurve(perf_model, now_s, step_time_s, tiers, decoders, burst)
+        curve = BudgetCurve(
+            perf_model, now_s, step_time_s, tiers, decoders, burst, num_context_tokens
+        )
     except _NeedsDecodeInBurst:
         return None
     if burst is not None and curve.burst_cap <= 0:

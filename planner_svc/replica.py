@@ -7,6 +7,7 @@ only through the read-only `ReplicaView` that `view()` builds.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from formulations.interface import Formulation
@@ -106,6 +107,15 @@ class ReplicaState:
         """Requests on the replica (a cheap load measure for routing)."""
         return len(self.running) + len(self.waiting)
 
+    def context_estimate(self) -> int:
+        """Context a planned step attends over (the `c` of the performance model): the KV the
+        running requests hold, what a step that runs every one of them attends over (measured in
+        the simulator: a step's context is this sum in most steps). 0 when the model has no
+        context term: nothing to estimate."""
+        if not self.spec.perf_model.has_context_term:
+            return 0
+        return sum(state.num_computed_tokens for state in self.running.values())
+
     def view(self, now_s: float) -> ReplicaView:
         spec = self.spec
         return ReplicaView(
@@ -119,6 +129,7 @@ class ReplicaState:
             waiting=tuple(self.waiting.values()),
             max_spec_tokens=spec.max_spec_tokens,
             spec_acceptance_rate=self.spec_acceptance_rate if spec.max_spec_tokens else 0.0,
+            num_context_tokens=self.context_estimate(),
         )
 
     # -- updates
@@ -136,6 +147,11 @@ class ReplicaState:
         self.repeat_ids = frozenset(ids)
         self.num_live_repeat = len(running_ids & ids)
         self.uncovered = running_ids - ids
+
+    def set_perf_model(self, perf_model: PerfModel) -> None:
+        """Plan with another model from the next plan on (an online refit: planner_svc/refit.py);
+        the running plan is kept."""
+        self.spec = dataclasses.replace(self.spec, perf_model=perf_model)
 
     def remove_running(self, request_id: str) -> RequestState | None:
         state = self.running.pop(request_id, None)

@@ -88,3 +88,17 @@ def test_layout_fills_steps_in_edf_order_with_varying_chunks():
     assert layout.completion_step["b"] <= curve.deadline_step(0.3)
     # the repeat cycle decodes everyone still decoding
     assert set(layout.repeat[0].num_tokens) == {"d0", "a", "b"}
+
+
+def test_step_cap_takes_the_estimated_context_and_bursts_do_not():
+    from formulations.budget import Burst
+
+    model = PerfModel((Line(1e-4, 0.0, 0.02, 1e-6),))
+    plain = make_budget_curve(model, 0.0, 0.1, [], [0.1], 0, 0.7)
+    loaded = make_budget_curve(model, 0.0, 0.1, [], [0.1], 0, 0.7, None, 30_000)
+    assert plain.step_cap(0) == model.max_tokens(0.1) == 800
+    assert loaded.step_cap(0) == model.max_tokens(0.1, 0, 30_000) == 500
+    burst = Burst(2, 0.25)
+    bursting = make_budget_curve(model, 0.0, 0.1, [], [0.1], 0, 0.7, burst, 30_000)
+    assert bursting.burst_cap == model.max_tokens(0.25)  # prefill chunks only: no decoder context
+    assert make_budget_curve(model, 0.0, 0.1, [], [0.1], 0, 0.7, None, 90_000) is None
