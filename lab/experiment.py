@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from formulations import registry
-from formulations.perf_model import PerfModel, perf_model_preset
+from formulations.perf_model import PerfModel, TruthModel, perf_model_preset
+from formulations.refit import RefitParams
 from lab.report import RunReport, build_report
 from lab.workloads import (
     BurstParams,
@@ -64,6 +65,12 @@ class Experiment:
     arrivals: str | None = None
     mean_burst_size: float = 4.0  # for bursty arrivals
     max_model_len: int = 8192
+    # The engines' truth beyond the planner's model (TruthModel): seconds per context token
+    # attended and multiplicative noise; each run draws its noise from a fresh generator seeded
+    # with `seed`, so that a run is reproducible whatever ran before it.
+    truth_context_s: float = 0.0
+    truth_noise: float = 0.0
+    refit: RefitParams | None = None  # the planner refits its model online (planner_svc/refit.py)
     sim_params: dict[str, Any] = field(default_factory=dict)  # extra SimConfig fields
 
     def __post_init__(self) -> None:
@@ -71,6 +78,10 @@ class Experiment:
             raise ValueError(f"the number of replicas must be at least 1, got {self.num_replicas}")
         if self.max_spec_tokens < 0:
             raise ValueError(f"--spec must be non-negative, got {self.max_spec_tokens}")
+        if self.truth_context_s < 0:
+            raise ValueError(f"--truth-context-s must be >= 0, got {self.truth_context_s}")
+        if not 0 <= self.truth_noise < 1:
+            raise ValueError(f"--truth-noise must be in [0, 1), got {self.truth_noise}")
 
     @property
     def label(self) -> str:
@@ -111,16 +122,32 @@ class Experiment:
             return self.num_replicas
         return 2 if registry.formulation_class(formulation).disaggregated else 1
 
+    @property
+    def has_truth_error(self) -> bool:
+        return self.truth_context_s > 0 or self.truth_noise > 0
+
+    def truth(self, perf_model: PerfModel) -> TruthModel | None:
+        """The engines' truth (None: exactly the planner's model)."""
+        if not self.has_truth_error:
+            return None
+        return TruthModel(perf_model, self.truth_context_s, self.truth_noise, seed=self.seed)
+
     def sim_config(self, formulation: str):
         from lab.simulator import SimConfig
 
+        perf_model = self.perf_model_obj()
+        params = dict(self.sim_params)
+        if self.has_truth_error:
+            params["truth"] = self.truth(perf_model)
+        if self.refit is not None:
+            params["refit"] = self.refit
         return SimConfig(
             formulation=check_formulation(formulation),
             num_replicas=self.replicas_for(formulation),
-            perf_model=self.perf_model_obj(),
+            perf_model=perf_model,
             max_spec_tokens=self.max_spec_tokens,
             seed=self.seed,
-            **self.sim_params,
+            **params,
         )
 
     def num_gpus(self, formulation: str) -> int:
