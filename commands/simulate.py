@@ -54,7 +54,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="P",
-        help="with --refit: share of planned steps allowed to overrun (sets the margin; 0.2)",
+        help="with --refit: share of planned steps allowed to overrun (sets the margin; 0.5)",
     )
 
 

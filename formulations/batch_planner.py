@@ -130,7 +130,6 @@ class _Filler:
     def fill(self, m: int, counts: tuple[int, ...]) -> Step:
         in_burst = m < self.curve.num_burst_steps
         spec_cap = 0 if in_burst else self.curve.spec_steps(counts)
-        cap = self.curve.cap_at(m, spec_cap)
         num_tokens: dict[str, int] = {}
         num_spec: dict[str, int] = {}
         used = 0
@@ -140,6 +139,7 @@ class _Filler:
             if decoding and t.start_step <= m and self._decode_due(t, m):
                 s = self.curve.tiers[t.tier].num_spec_tokens
                 used += self._decode(rid, t, s, num_tokens, num_spec)
+        cap = self.curve.cap_at(m, spec_cap, len(num_tokens))  # each decode adds its context
         # 2. admitted prefill in EDF order
         for job in self.jobs:
             t = self.tracks[job.request_id]
@@ -157,9 +157,11 @@ class _Filler:
             if decoding and m < t.start_step and self._decode_due(t, m):
                 s = self.curve.tiers[t.tier].num_spec_tokens
                 s = s if s <= spec_cap else 0
-                if used + 1 + s <= cap:
+                if used + 1 + s <= self.curve.cap_at(m, spec_cap, len(num_tokens) + 1):
                     used += self._decode(job.request_id, t, s, num_tokens, num_spec)
-        # 4. best effort
+        # 4. best effort (its decoders, if they all join, add their context too)
+        num_be_decoding = sum(be.is_decoding for be in self.best_effort)
+        cap = self.curve.cap_at(m, spec_cap, len(num_tokens) + num_be_decoding)
         used = self._fill_best_effort(num_tokens, used, cap, prefill=True)
         return Step(num_tokens, num_spec)
 
@@ -282,7 +284,6 @@ def _repeat_cycle(filler: _Filler, first_step: int) -> tuple[Step, ...]:
     curve = filler.curve
     counts = filler._started_counts(1 << 30)
     spec_cap = curve.spec_steps(counts)
-    cap = curve.step_cap(spec_cap)
     periods = [
         curve.tiers[t.tier].period_steps for t in filler.tracks.values() if t.tier is not None
     ]
@@ -296,5 +297,6 @@ def _repeat_cycle(filler: _Filler, first_step: int) -> tuple[Step, ...]:
                 headroom -= growth
                 chosen.append(be.request_id)
     filler.be_in_repeat = frozenset(chosen)
+    cap = curve.step_cap(spec_cap, len(filler.tracks) + len(chosen))  # every decoder's context
     cycle = [filler.repeat_step(first_step + c, cap, spec_cap) for c in range(length)]
     return tuple(step for step in cycle if not step.is_empty)

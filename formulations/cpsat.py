@@ -235,7 +235,7 @@ class CpSat(Formulation):
                 job_tpots,
                 max_spec_tokens,
                 alpha,
-                num_context_tokens=view.num_context_tokens,
+                context_tokens_per_decode=view.context_tokens_per_decode,
             )
             if curve is None or not mandatory_tpots <= set(curve.tier_index):
                 continue

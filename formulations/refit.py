@@ -56,8 +56,13 @@ class RefitParams:
     huber_k: float = 1.5  # robust standard deviations before a residual is down-weighted
     bisquare_c: float = 4.685  # ... beyond which it gets no weight (after the Huber passes)
     num_reweights: int = 5  # the first two Huber, the others bisquare
-    prior_weight: float = 4.0  # the prior's pull, in steps' worth
-    overrun_target: float = 0.2  # planned steps may take longer than predicted this often
+    prior_weight: float = 4.0  # the prior's pull on the scale and context slope, in steps' worth
+    offset_prior_weight: float = 4.0  # ... on the offset
+    # Planned steps may take longer than predicted this often. 0.5 plans with the median: the SLO
+    # checks are cumulative, so symmetric step noise cancels, while every point of margin costs
+    # capacity steeply near the tightest TPOT (docs/PLANNER.md, "Robustness": measured 0.47 req/s
+    # at 0.5, 0.41 at 0.3, 0.28 at 0.2 on the robustness truth).
+    overrun_target: float = 0.5
     max_margin: float = 0.5
     drift_slack: float = 0.05  # |log ratio| the CUSUM tolerates per step
     drift_threshold: float = 0.6  # CUSUM level that signals a drift
@@ -225,7 +230,8 @@ class OnlineRefit:
             predicted = np.maximum(features @ coef, 1e-9)
             x, target = features / predicted[:, None], y / predicted
             # A pseudo-row per coefficient, scaled to that column's typical size.
-            ridge = np.diag(np.sqrt(np.mean(x**2, axis=0)) + 1e-30) * math.sqrt(p.prior_weight)
+            pull = np.sqrt([p.prior_weight, p.prior_weight, p.offset_prior_weight])
+            ridge = np.diag((np.sqrt(np.mean(x**2, axis=0)) + 1e-30) * pull)
             sw = np.sqrt(weights)
             xa = np.vstack([x * sw[:, None], ridge])
             ya = np.concatenate([target * sw, ridge @ anchor])

@@ -499,7 +499,9 @@ class PlannerDaemon:
         model, context = replica.spec.perf_model, replica.context_estimate()
         for step in plan.steps:
             self.metrics.step_time_predicted.labels(link.engine_id).observe(
-                model.step_time_s(step.num_batched_tokens, step.spec_steps, context)
+                model.step_time_s(
+                    step.num_batched_tokens, step.spec_steps, context * len(step.num_tokens)
+                )
             )
         return True
 

@@ -108,13 +108,13 @@ class ReplicaState:
         return len(self.running) + len(self.waiting)
 
     def context_estimate(self) -> int:
-        """Context a planned step attends over (the `c` of the performance model): the KV the
-        running requests hold, what a step that runs every one of them attends over (measured in
-        the simulator: a step's context is this sum in most steps). 0 when the model has no
-        context term: nothing to estimate."""
-        if not self.spec.perf_model.has_context_term:
+        """Cached context one decode of a planned step attends over (each decode adds it to the
+        `c` of the performance model): the mean KV of the running requests. 0 when the model has
+        no context term: nothing to estimate."""
+        if not self.spec.perf_model.has_context_term or not self.running:
             return 0
-        return sum(state.num_computed_tokens for state in self.running.values())
+        total = sum(state.num_computed_tokens for state in self.running.values())
+        return -(-total // len(self.running))
 
     def view(self, now_s: float) -> ReplicaView:
         spec = self.spec
@@ -129,7 +129,7 @@ class ReplicaState:
             waiting=tuple(self.waiting.values()),
             max_spec_tokens=spec.max_spec_tokens,
             spec_acceptance_rate=self.spec_acceptance_rate if spec.max_spec_tokens else 0.0,
-            num_context_tokens=self.context_estimate(),
+            context_tokens_per_decode=self.context_estimate(),
         )
 
     # -- updates

@@ -51,11 +51,13 @@ def test_step_sample_reads_tokens_drafts_and_the_context_before_the_step():
     assert mean.step_time_s == pytest.approx(0.05)
 
 
-def test_view_carries_the_context_only_for_a_context_model():
-    state = RequestState(make_req("d", prompt=300, output=50), Verdict.ADMITTED, 305, 5)
-    assert replica_with(state).view(0.0).num_context_tokens == 0
+def test_view_carries_the_context_per_decode_only_for_a_context_model():
+    short = RequestState(make_req("d", prompt=300, output=50), Verdict.ADMITTED, 305, 5)
+    long = RequestState(make_req("e", prompt=900, output=50), Verdict.ADMITTED, 900, 0)
+    assert replica_with(short, long).view(0.0).context_tokens_per_decode == 0
     context_model = PerfModel((Line(1e-4, 0.0, 0.02, 1e-6),))
-    assert replica_with(state, model=context_model).view(0.0).num_context_tokens == 305
+    view = replica_with(short, long, model=context_model).view(0.0)
+    assert view.context_tokens_per_decode == (305 + 900 + 1) // 2  # the mean KV, rounded up
 
 
 def test_core_swaps_the_replica_model_after_enough_reports():
