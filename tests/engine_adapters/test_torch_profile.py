@@ -117,6 +117,10 @@ def test_make_model_and_profile_commands(tmp_path, capsys):
                 "--quick",
                 "--context-tokens",
                 "20,40",
+                "--repeats",
+                "2",
+                "--stats-out",
+                str(tmp_path / "stats.json"),
             ]
         )
         == 0
@@ -125,6 +129,11 @@ def test_make_model_and_profile_commands(tmp_path, capsys):
     assert "R^2 =" in out and "held-out compositions" in out and "spec B=4 C=40 s=2" in out
     assert "decode B=4 C=20: tokens=    4" in out
     model = PerfModel.from_dict(json.loads((model_dir / PERF_MODEL_FILE).read_text()))
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert PerfModel.from_dict(stats["model"]) == model
+    assert stats["held_out_error_pct"] >= 0 and stats["num_held_out"] >= 3
+    assert stats["engine"]["num_total_blocks"] > 0 and stats["engine"]["block_size"] == 16
+    assert {m["label"] for m in stats["measurements"]} >= {"decode B=4 C=20", "chunk P=64 C=128"}
     engine = TorchEngine.from_pretrained(model_dir, model_dir / "draft", kv_memory_gb=0.01)
     assert engine.info().perf_model == model
     assert engine.info().max_spec_tokens > 0 and engine.info().num_total_blocks > 0
