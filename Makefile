@@ -51,3 +51,13 @@ $(VLLM_STAMP): pyproject.toml
 .PHONY: test-vllm
 test-vllm: $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_PY) -m pytest -q -m vllm tests/engine_adapters/
+
+# The GPU check (benchmarks/gpu_check.sh): one CUDA GPU, no network, under 8 minutes. Needs a Python
+# with CUDA torch (and one with vLLM for the vLLM half: VLLM_PYTHON=...). `make gpu-check-cpu` runs
+# the same plumbing on this CPU (tiny model, short runs).
+.PHONY: gpu-check gpu-check-cpu
+gpu-check: $(STAMP)
+	benchmarks/gpu_check.sh --python $(PY) $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON))
+
+gpu-check-cpu: $(STAMP)
+	benchmarks/gpu_check.sh --cpu --python $(PY) $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON))
