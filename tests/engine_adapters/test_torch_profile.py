@@ -148,3 +148,25 @@ def test_commands_refuse_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown model preset 'huge'" in err and "not 'sim'" in err and "config.json" in err
     assert "--timer cpu needs" in err and "--context-tokens must be" in err
+
+
+def test_torch_engine_steps_stay_within_the_fits_reported_error(tmp_path):
+    """A real (tiny) torch engine: the model fitted on one quick sweep predicts a second sweep's
+    measured step times about as well as its own reported error says (a loose bound: CPU times
+    vary, so 2x the reported error, and at least 25%)."""
+    import torch
+
+    from commands.make_model import make_model
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the cpu timer measures one thread's work
+    try:
+        make_model("tiny", tmp_path / "tiny")
+        engine = TorchEngine.from_pretrained(tmp_path / "tiny", kv_memory_gb=0.05)
+        result = Profiler(engine, SweepConfig.quick(), timer="cpu").run(max_num_lines=1)
+        again = Profiler(engine, SweepConfig.quick(), timer="cpu").measure()
+    finally:
+        torch.set_num_threads(before)
+    reported = max(result.median_abs_pct_error, result.held_out_error_pct)
+    assert result.model.has_context_term or result.model.lines[0].k_token_s > 0
+    assert median_abs_pct_error(result.model, [m.sample for m in again]) <= max(2 * reported, 25.0)
