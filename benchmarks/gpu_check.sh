@@ -79,7 +79,8 @@ if [[ "$MODE" == gpu ]]; then
   VLLM_ARGS=(--vllm-arg max_model_len=4096 --vllm-arg max_num_batched_tokens=16384
              --vllm-arg max_num_seqs=256 --vllm-arg gpu_memory_utilization=0.5
              --vllm-arg enable_prefix_caching=false --vllm-arg seed=0)
-  OVERHEAD_ARGS=(--vllm-arg block_size=16 --vllm-arg gpu_memory_utilization=0.2
+  OVERHEAD_ARGS=(--num-requests 16 --rounds 2
+                 --vllm-arg block_size=16 --vllm-arg gpu_memory_utilization=0.2
                  --vllm-arg kv_cache_memory_bytes=4294967296 --vllm-arg max_model_len=2048
                  --vllm-arg max_num_batched_tokens=2048)
 else
@@ -90,11 +91,11 @@ else
              --vllm-arg max_num_seqs=64 --vllm-arg block_size=32
              --vllm-arg gpu_memory_utilization=0.1 --vllm-arg kv_cache_memory_bytes=67108864
              --vllm-arg dtype=float32 --vllm-arg seed=0)
-  OVERHEAD_ARGS=()
+  OVERHEAD_ARGS=(--num-requests 4 --max-new-tokens 8 --rounds 1)
 fi
 log "mode $MODE, work dir $WORK, python $PY, vLLM python ${VLLM_PY:-none}"
 
-stage make_model 90 "$PY" -m commands.cli make-model --preset "$PRESET" --out "$WORK/model"
+stage make_model 75 "$PY" -m commands.cli make-model --preset "$PRESET" --out "$WORK/model"
 
 FIDELITY=(benchmarks/bench_fidelity.py --device "$DEVICE" --model-dir "$WORK/model"
           --scenario chatbot --rates auto --duration-s "$DURATION" --drain-s 20
@@ -102,9 +103,9 @@ FIDELITY=(benchmarks/bench_fidelity.py --device "$DEVICE" --model-dir "$WORK/mod
 stage torch 150 "$PY" "${FIDELITY[@]}" --engine torch "${TORCH_FLAGS[@]}" --work-dir "$WORK/torch" --json "$WORK/torch.json"
 
 if [[ -n "$VLLM_PY" ]]; then
-  stage vllm 170 "$VLLM_PY" "${FIDELITY[@]}" --engine vllm "${VLLM_ARGS[@]}" --work-dir "$WORK/vllm" --json "$WORK/vllm.json"
-  stage vllm_overhead 60 "$VLLM_PY" benchmarks/bench_vllm.py --model-dir "$WORK/model" \
-    --num-requests 16 --rounds 2 "${OVERHEAD_ARGS[@]}" --no-write
+  stage vllm 165 "$VLLM_PY" "${FIDELITY[@]}" --engine vllm "${VLLM_ARGS[@]}" --work-dir "$WORK/vllm" --json "$WORK/vllm.json"
+  stage vllm_overhead 90 "$VLLM_PY" benchmarks/bench_vllm.py --model-dir "$WORK/model" \
+    "${OVERHEAD_ARGS[@]}" --no-write
 else
   log "vllm: skipped, no Python with vLLM (give --vllm-python)"; echo "skipped: no vLLM" > "$WORK/vllm.status"
 fi
@@ -127,9 +128,11 @@ for engine in ("torch", "vllm"):
             "fit_error_in_sample_pct": data["profile"]["in_sample_error_pct"],
             "model": data["profile"]["model"],
             "runs": [
-                {k: run[k] for k in ("rate_rps", "num_requests", "attainment",
-                                     "predicted_attainment", "gap_points", "tokens_per_s",
-                                     "predicted_tokens_per_s", "plan_wait_share")}
+                {k: run.get(k) for k in ("rate_rps", "num_requests", "attainment",
+                                         "predicted_attainment", "gap_points",
+                                         "hindsight_attainment", "served_step_error_pct",
+                                         "tokens_per_s", "predicted_tokens_per_s",
+                                         "plan_wait_share")}
                 for run in data["runs"]
             ],
         }
