@@ -67,3 +67,13 @@ $(RAY_STAMP): pyproject.toml
 .PHONY: test-ray
 test-ray: $(RAY_STAMP)
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(RAY_PY) -m pytest -q -m ray tests/deploy/
+
+# The GPU check (benchmarks/gpu_check.sh): one CUDA GPU, no network, under 8 minutes. Needs a Python
+# with CUDA torch (and one with vLLM for the vLLM half: VLLM_PYTHON=...). `make gpu-check-cpu` runs
+# the same plumbing on this CPU (tiny model, short runs).
+.PHONY: gpu-check gpu-check-cpu
+gpu-check: $(STAMP)
+	benchmarks/gpu_check.sh --python $(PY) $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON))
+
+gpu-check-cpu: $(STAMP)
+	benchmarks/gpu_check.sh --cpu --python $(PY) $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON))

@@ -50,6 +50,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--model-dir", help="an existing model instead of a fresh --preset one")
+    parser.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override an engine argument of all three engines (e.g. on a GPU: block_size=16, "
+        "gpu_memory_utilization=0.25)",
+    )
     return parser.parse_args(argv)
 
 
@@ -176,15 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import LLM
 
     from commands.make_model import make_model
-    from engine_adapters.vllm.engine import VLLMEngine
+    from engine_adapters.vllm.engine import VLLMEngine, parse_engine_args
 
+    engine_args = {**ENGINE_ARGS, **parse_engine_args(args.vllm_arg)}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = str(Path(tmp) / args.preset)
-        make_model(args.preset, model_dir)
-        own = LLM(model=model_dir, **ENGINE_ARGS)
+        model_dir = args.model_dir or str(Path(tmp) / args.preset)
+        if args.model_dir is None:
+            make_model(args.preset, model_dir)
+        own = LLM(model=model_dir, **engine_args)
         # "control" is a second, identical planner-driven engine: the spread between it and
         # "plan" (an A/A comparison) shows how much of any difference is machine noise.
-        planned = {name: VLLMEngine(model_dir, ENGINE_ARGS) for name in ("plan", "control")}
+        planned = {name: VLLMEngine(model_dir, engine_args) for name in ("plan", "control")}
         timers = {
             "own": (
                 StepTimer(own.llm_engine.engine_core.engine_core.scheduler),

@@ -60,8 +60,15 @@ def run(args: argparse.Namespace) -> int:
         )
         for formulation in formulations
     ]
+    truth = ""
+    if experiment.has_truth_error:
+        truth = (
+            f", truth +{experiment.truth_context_s:g} s/context token, "
+            f"+-{100 * experiment.truth_noise:g}% noise"
+        )
+    refit = ", refit on" if experiment.refit is not None else ""
     print(
-        f"Serving capacity on {experiment.label} ({experiment.perf_model}, "
+        f"Serving capacity on {experiment.label} ({experiment.perf_model}{truth}{refit}, "
         f"target {100 * args.target:.0f}%):"
     )
     print(format_capacity_table(results))

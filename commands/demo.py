@@ -194,8 +194,13 @@ def _engine_args(args: argparse.Namespace) -> list[str]:
         subprocess.run(
             [*cli(), "make-model", "--preset", "tiny", "--out", str(model_dir)], check=True
         )
-        subprocess.run([*cli(), "profile", "--model", str(model_dir), "--quick"], check=True)
-    return ["--model-dir", str(model_dir)]
+        subprocess.run(
+            [*cli(), "profile", "--model", str(model_dir), "--quick", "--num-threads", "1"],
+            check=True,
+        )
+    # One torch thread per engine: the engines, the planner and the client share this host, and
+    # torch's default (a thread per core in every engine) makes steps many times slower.
+    return ["--model-dir", str(model_dir), "--num-threads", "1"]
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -45,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     torch("--model-dir", help="checkpoint directory (slos-serve make-model)")
     torch("--draft-dir", help="draft model checkpoint for speculative decoding")
     torch("--kv-memory-gb", type=float, default=0.25)
+    torch(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: all cores; 1 per engine when engines share a host)",
+    )
+    torch("--device", default="cpu", help="cpu or cuda")
     vllm = parser.add_argument_group("vllm engine").add_argument
     vllm(
         "--vllm-arg",

@@ -34,6 +34,31 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-model-len", type=int, default=8192, help="context length (longer: dropped)")
     add("--lengths", choices=LENGTH_MODES, default="predicted", help="what the planner knows")
     add("--kv-blocks", type=int, metavar="N", help="KV blocks per replica (a smaller GPU)")
+    truth = parser.add_argument_group(
+        "the engines' truth (robustness to a wrong model)"
+    ).add_argument
+    truth(
+        "--truth-context-s",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="engines also take S seconds per cached context token a step attends over",
+    )
+    truth(
+        "--truth-noise",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="engines' step times vary by a uniform factor in [1 - F, 1 + F]",
+    )
+    truth("--refit", action="store_true", help="the planner refits its model online")
+    truth(
+        "--overrun-target",
+        type=float,
+        default=None,
+        metavar="P",
+        help="with --refit: share of planned steps allowed to overrun (sets the margin; 0.5)",
+    )
 
 
 def add_formulation_argument(parser: argparse.ArgumentParser, repeatable: bool = False) -> None:
@@ -58,6 +83,12 @@ def experiment_from_args(args: argparse.Namespace):
         raise CliError(f"--start must be non-negative, got {args.start}")
     if args.kv_blocks is not None and args.kv_blocks < 1:
         raise CliError(f"--kv-blocks must be at least 1, got {args.kv_blocks}")
+    if args.truth_context_s < 0:
+        raise CliError(f"--truth-context-s must be >= 0, got {args.truth_context_s}")
+    if not 0 <= args.truth_noise < 1:
+        raise CliError(f"--truth-noise must be in [0, 1), got {args.truth_noise}")
+    if args.overrun_target is not None and not args.refit:
+        raise CliError("--overrun-target needs --refit")
     return Experiment(
         scenario=args.scenario,
         trace_path=args.trace,
@@ -73,7 +104,22 @@ def experiment_from_args(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         lengths=args.lengths,
         num_kv_blocks=args.kv_blocks,
+        truth_context_s=args.truth_context_s,
+        truth_noise=args.truth_noise,
+        refit=_refit_params(args),
     )
+
+
+def _refit_params(args: argparse.Namespace):
+    if not args.refit:
+        return None
+    from formulations.refit import RefitParams
+
+    if args.overrun_target is None:
+        return RefitParams()
+    if not 0 < args.overrun_target < 1:
+        raise CliError(f"--overrun-target must be in (0, 1), got {args.overrun_target}")
+    return RefitParams(overrun_target=args.overrun_target)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
             "num_steps": result.num_steps,
             "num_replans": result.num_replans,
             "wall_s": result.wall_s,
+            "truth": {"context_s": args.truth_context_s, "noise": args.truth_noise},
+            "refit": [_refit_dict(status) for status in result.refits],
         }
         import json
 
@@ -115,4 +163,25 @@ def run(args: argparse.Namespace) -> int:
             f"in {result.wall_s:.2f} s wall"
         )
         print(report.format_text())
+        for status in result.refits:
+            print(
+                f"refit, replica {status.replica_id}: {status.num_refits} refits, "
+                f"{status.num_drifts} drift(s); x{status.scale:.3f} the model, "
+                f"{status.k_context_s:.3g} s per context token, margin "
+                f"{100 * status.margin:.1f}%, planned steps overran "
+                f"{100 * status.overrun_rate:.0f}% of the time"
+            )
     return 0
+
+
+def _refit_dict(status) -> dict:
+    return {
+        "replica_id": status.replica_id,
+        "num_refits": status.num_refits,
+        "num_drifts": status.num_drifts,
+        "scale": status.scale,
+        "k_context_s": status.k_context_s,
+        "margin": status.margin,
+        "overrun_rate": status.overrun_rate,
+        "planning_model": status.planning_model.to_dict(),
+    }

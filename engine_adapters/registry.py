@@ -35,6 +35,9 @@ class EngineOptions:
     model_dir: str | None = None
     draft_dir: str | None = None
     kv_memory_gb: float = 0.25
+    # torch
+    num_threads: int | None = None  # torch CPU threads (None: torch's default, all cores)
+    device: str = "cpu"
     vllm_args: tuple[str, ...] = ()  # NAME=VALUE engine arguments
 
 

@@ -6,10 +6,14 @@ Step m of the grid (at most T seconds, at most `cap` tokens) is filled in this o
 2. prefill chunks of admitted jobs in EDF order, as much as the step's budget allows (so chunk
    sizes vary from step to step);
 3. early decodes of admitted jobs whose prefill is done but whose decode slots have not started;
-4. best-effort work from what is left: decodes first, then prefill chunks, within the best-effort
+4. with eager decodes (slos_dp's `eager_decodes`), every other decoder with decodes left, one
+   token each, while the budget lasts: a request that finishes sooner frees its KV sooner, and
+   its later slots stay in the plan, so no deadline moves;
+5. best-effort work from what is left: decodes first, then prefill chunks, within the best-effort
    memory headroom (admitted requests have their peak memory reserved).
 Explicit steps run until every admitted prefill is done (and best-effort prefill, up to a cap);
-then a decode-only cycle of lcm(periods) grid steps repeats until the next plan. Empty grid steps
+then a decode-only cycle of lcm(periods) grid steps repeats until the next plan (with eager
+decodes, every decoder in every cycle step the budget allows). Empty grid steps
 are dropped: that only makes later steps come earlier, which never breaks a deadline.
 """
 
@@ -130,7 +134,6 @@ class _Filler:
     def fill(self, m: int, counts: tuple[int, ...]) -> Step:
         in_burst = m < self.curve.num_burst_steps
         spec_cap = 0 if in_burst else self.curve.spec_steps(counts)
-        cap = self.curve.cap_at(m, spec_cap)
         num_tokens: dict[str, int] = {}
         num_spec: dict[str, int] = {}
         used = 0
@@ -140,6 +143,7 @@ class _Filler:
             if decoding and t.start_step <= m and self._decode_due(t, m):
                 s = self.curve.tiers[t.tier].num_spec_tokens
                 used += self._decode(rid, t, s, num_tokens, num_spec)
+        cap = self.curve.cap_at(m, spec_cap, len(num_tokens))  # each decode adds its context
         # 2. admitted prefill in EDF order
         for job in self.jobs:
             t = self.tracks[job.request_id]
@@ -157,16 +161,20 @@ class _Filler:
             if decoding and m < t.start_step and self._decode_due(t, m):
                 s = self.curve.tiers[t.tier].num_spec_tokens
                 s = s if s <= spec_cap else 0
-                if used + 1 + s <= cap:
+                if used + 1 + s <= self.curve.cap_at(m, spec_cap, len(num_tokens) + 1):
                     used += self._decode(job.request_id, t, s, num_tokens, num_spec)
         # 4. eager decodes: decoders not due here decode from what is left (a request that
         # finishes early frees its KV early; its slots stay owed, so deadlines hold)
         if self.eager_decodes:
             for rid, t in self.tracks.items():
                 decoding = t.done_step is not None and t.done_step < m
-                if decoding and used < cap and self._may_decode_early(rid, t, num_tokens):
+                if not (decoding and self._may_decode_early(rid, t, num_tokens)):
+                    continue
+                if used + 1 <= self.curve.cap_at(m, spec_cap, len(num_tokens) + 1):
                     used += self._decode(rid, t, 0, num_tokens, num_spec)
-        # 5. best effort
+        # 5. best effort (its decoders, if they all join, add their context too)
+        num_be_decoding = sum(be.is_decoding for be in self.best_effort)
+        cap = self.curve.cap_at(m, spec_cap, len(num_tokens) + num_be_decoding)
         used = self._fill_best_effort(num_tokens, used, cap, prefill=True)
         return Step(num_tokens, num_spec)
 
@@ -306,7 +314,6 @@ def _repeat_cycle(filler: _Filler, first_step: int) -> tuple[Step, ...]:
     curve = filler.curve
     counts = filler._started_counts(1 << 30)
     spec_cap = curve.spec_steps(counts)
-    cap = curve.step_cap(spec_cap)
     periods = [
         curve.tiers[t.tier].period_steps for t in filler.tracks.values() if t.tier is not None
     ]
@@ -320,5 +327,6 @@ def _repeat_cycle(filler: _Filler, first_step: int) -> tuple[Step, ...]:
                 headroom -= growth
                 chosen.append(be.request_id)
     filler.be_in_repeat = frozenset(chosen)
+    cap = curve.step_cap(spec_cap, len(filler.tracks) + len(chosen))  # every decoder's context
     cycle = [filler.repeat_step(first_step + c, cap, spec_cap) for c in range(length)]
     return tuple(step for step in cycle if not step.is_empty)

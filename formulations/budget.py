@@ -7,6 +7,9 @@ Our variant of the budget curve (chosen so that admission is exact and provably 
 - A plan runs steps of at most `T` seconds each (`T` is a candidate step time: a TPOT present, or a
   TPOT stretched by speculation). A step never holds more than `cap(s) = max_tokens(T, s)` tokens,
   so by the performance model it lasts at most `T`, and step m (0-based) ends by `now + (m + 1) T`.
+  With a context term in the model, each decode in a step adds its cached context, estimated as
+  the view's `context_tokens_per_decode`: a step with d decodes holds at most
+  `cap(s, d) = max_tokens(T, s, d * context_tokens_per_decode)` tokens.
 - A TPOT tier with TPOT `tau` decodes once every `k = floor(E(s) tau / T)` steps (speculation.py);
   its requests are spread over the k residues of the step index (step m serves the requests whose
   residue is m mod k), least-loaded residue first. With `n` requests the busiest residue holds
@@ -108,9 +111,11 @@ class BudgetCurve:
         decoders: Sequence[Decoder],
         burst: Burst | None = None,
         acceptance_rate: float = 0.0,
+        context_tokens_per_decode: int = 0,
     ) -> None:
         self.perf_model = perf_model
         self.acceptance_rate = acceptance_rate  # of draft tokens (the planned speculation's gain)
+        self.context_tokens_per_decode = context_tokens_per_decode  # estimated (state.py)
         self.now_s = now_s
         self.step_time_s = step_time_s
         self.burst = burst
@@ -125,7 +130,7 @@ class BudgetCurve:
         self._assign_decoders(immediate)
         self._max_load_tables: list[list[int]] = [[max(loads)] for loads in self.base_loads]
         self._budget_memo: dict[tuple[int, ...], int] = {}
-        self._cap_memo: dict[int, int] = {}
+        self._cap_memo: dict[tuple[int, int], int] = {}
 
     def _latest_step(self, decoder: Decoder) -> int:
         """Last T-grid step (counted from the grid's start, after any burst) whose end still meets
@@ -203,13 +208,14 @@ class BudgetCurve:
 
     @property
     def burst_cap(self) -> int:
+        # Burst steps carry prefill chunks only, no decodes: no decoder context.
         return self.perf_model.max_tokens(self.burst.step_time_s, 0) if self.burst else 0
 
-    def cap_at(self, step: int, spec_steps: int) -> int:
-        """Token cap of grid step `step`."""
+    def cap_at(self, step: int, spec_steps: int, num_decodes: int = 0) -> int:
+        """Token cap of grid step `step` with `num_decodes` decodes in it."""
         if step < self.num_burst_steps:
             return self.burst_cap
-        return self.step_cap(spec_steps)
+        return self.step_cap(spec_steps, num_decodes)
 
     def admissible(self, job: Job) -> bool:
         """With a burst, a job that would decode during it (deadline step before its last step)
@@ -230,11 +236,15 @@ class BudgetCurve:
                 table.append(max(loads))
         return table[num_new]
 
-    def step_cap(self, spec_steps: int) -> int:
-        """Most tokens a step with `spec_steps` sequential draft steps may hold (lasts <= T)."""
-        if spec_steps not in self._cap_memo:
-            self._cap_memo[spec_steps] = self.perf_model.max_tokens(self.step_time_s, spec_steps)
-        return self._cap_memo[spec_steps]
+    def step_cap(self, spec_steps: int, num_decodes: int = 0) -> int:
+        """Most tokens a step with `spec_steps` sequential draft steps and `num_decodes` decodes
+        may hold (lasts <= T)."""
+        key = (spec_steps, num_decodes * self.context_tokens_per_decode)
+        cap = self._cap_memo.get(key)
+        if cap is None:
+            cap = self.perf_model.max_tokens(self.step_time_s, *key)
+            self._cap_memo[key] = cap
+        return cap
 
     def spec_steps(self, counts: Sequence[int]) -> int:
         """Largest speculation length among tiers with a decoder (running or started)."""
@@ -249,16 +259,14 @@ class BudgetCurve:
 
     def budget(self, counts: tuple[int, ...]) -> int:
         """Prefill tokens every step keeps once `counts[i]` new requests of tier i decode beside the
-        running decoders: cap(s_max) - sum_i (1 + s_i) f_i(counts[i]). Negative: decode
+        running decoders: cap(s_max, sum_i f_i) - sum_i (1 + s_i) f_i(counts[i]). Negative: decode
         infeasible."""
         memo = self._budget_memo.get(counts)
         if memo is not None:
             return memo
-        decode_tokens = sum(
-            tier.tokens_per_decode * self.max_residue_load(i, counts[i])
-            for i, tier in enumerate(self.tiers)
-        )
-        value = self.step_cap(self.spec_steps(counts)) - decode_tokens
+        loads = [self.max_residue_load(i, counts[i]) for i in range(self.num_tiers)]
+        decode_tokens = sum(tier.tokens_per_decode * load for tier, load in zip(self.tiers, loads))
+        value = self.step_cap(self.spec_steps(counts), sum(loads)) - decode_tokens
         self._budget_memo[counts] = value
         return value
 
@@ -275,6 +283,7 @@ def make_budget_curve(
     max_spec_tokens: int,
     acceptance_rate: float,
     burst: Burst | None = None,
+    context_tokens_per_decode: int = 0,
 ) -> BudgetCurve | None:
     """A budget curve for step time T, or None when a running decoder's tier cannot keep up at T.
     Job tiers that cannot keep up are left out (such jobs are not admissible at this T)."""
@@ -291,7 +300,16 @@ def make_budget_curve(
     if perf_model.max_tokens(step_time_s, 0) < 0:
         return None
     try:
-        curve = BudgetCurve(perf_model, now_s, step_time_s, tiers, decoders, burst, acceptance_rate)
+        curve = BudgetCurve(
+            perf_model,
+            now_s,
+            step_time_s,
+            tiers,
+            decoders,
+            burst,
+            acceptance_rate,
+            context_tokens_per_decode,
+        )
     except _NeedsDecodeInBurst:
         return None
     if burst is not None and curve.burst_cap <= 0:

@@ -235,6 +235,7 @@ class CpSat(Formulation):
                 job_tpots,
                 max_spec_tokens,
                 alpha,
+                context_tokens_per_decode=view.context_tokens_per_decode,
             )
             if curve is None or not mandatory_tpots <= set(curve.tier_index):
                 continue

@@ -2,21 +2,30 @@
 
 The time of one engine step is a maximum of lines:
 
-    T(num_tokens, s) = max_l ( k_token_l * num_tokens + k_spec_l * s + intercept_l )
+    T(n, s, c) = max_l ( k_token_l * n + k_spec_l * s + k_context_l * c + intercept_l )
 
-`num_tokens` counts every token the step computes (prefill chunk tokens, one per plain decode, and
-the s draft tokens each speculating request verifies); `s` is the largest speculation length in the
-step. Its inverse is the largest token budget that fits in a time:
+`n` counts every token the step computes (prefill chunk tokens, one per plain decode, and the s
+draft tokens each speculating request verifies); `s` is the largest speculation length in the
+step; `c` is the context the step attends over: the sum, over the step's requests, of the tokens
+already in their KV cache when it starts (a decode reads its whole cached context; a prefill chunk
+reads the chunks before it). Its inverse is the largest token budget that fits in a time:
 
-    budget(t, s) = min_l floor((t - intercept_l - k_spec_l * s) / k_token_l)
+    budget(t, s, c) = min_l floor((t - intercept_l - k_spec_l * s - k_context_l * c) / k_token_l)
+
+`c` defaults to 0 everywhere, and a model without a context term (k_context = 0, the published
+presets) is exactly the older (n, s) model: `step_time_s(n, s)` and `max_tokens(t, s)` keep their
+meaning.
 
 The planner, the simulator and the baselines all share one `PerfModel`, so they cannot disagree
-about what a step costs. `TruthModel` is the richer model a simulated engine runs (context-length
-term, multiplicative noise) so that the planner can be measured against a model it does not know.
+about what a step costs. `TruthModel` is the richer model a simulated engine runs (an extra
+context-length term, multiplicative noise) so that the planner can be measured against a model it
+does not know. `fit_perf_model` fits a model to profiled steps (formulations/refit.py refits one
+online from engine reports).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,9 +41,28 @@ class Line:
     k_token_s: float
     k_spec_s: float
     intercept_s: float
+    k_context_s: float = 0.0  # seconds per cached context token the step attends over
 
-    def time_s(self, num_tokens: int, spec_steps: int) -> float:
-        return self.k_token_s * num_tokens + self.k_spec_s * spec_steps + self.intercept_s
+    def time_s(self, num_tokens: int, spec_steps: int, num_context_tokens: int = 0) -> float:
+        return (
+            self.k_token_s * num_tokens
+            + self.k_spec_s * spec_steps
+            + self.k_context_s * num_context_tokens
+            + self.intercept_s
+        )
+
+    def scaled(self, factor: float) -> Line:
+        return Line(
+            self.k_token_s * factor,
+            self.k_spec_s * factor,
+            self.intercept_s * factor,
+            self.k_context_s * factor,
+        )
+
+    def to_list(self) -> list[float]:
+        """[k_token_s, k_spec_s, intercept_s] (+ k_context_s when it is not 0)."""
+        coefs = [self.k_token_s, self.k_spec_s, self.intercept_s]
+        return coefs + [self.k_context_s] if self.k_context_s else coefs
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,21 +76,32 @@ class PerfModel:
         if not self.lines:
             raise ValueError("a performance model needs at least one line")
         for line in self.lines:
-            if line.k_token_s < 0 or line.k_spec_s < 0:
+            if line.k_token_s < 0 or line.k_spec_s < 0 or line.k_context_s < 0:
                 raise ValueError(f"performance model slopes must be non-negative: {line}")
 
-    def step_time_s(self, num_tokens: int, spec_steps: int = 0) -> float:
-        return max(line.time_s(num_tokens, spec_steps) for line in self.lines)
+    @property
+    def has_context_term(self) -> bool:
+        return any(line.k_context_s for line in self.lines)
+
+    def step_time_s(
+        self, num_tokens: int, spec_steps: int = 0, num_context_tokens: int = 0
+    ) -> float:
+        return max(line.time_s(num_tokens, spec_steps, num_context_tokens) for line in self.lines)
 
     def prefill_time_s(self, num_prompt_tokens: int) -> float:
         """Zero-load time to prefill a prompt in one step (the TTFT slowdown's denominator)."""
         return self.step_time_s(num_prompt_tokens, 0)
 
-    def max_tokens(self, time_s: float, spec_steps: int = 0) -> int:
+    def max_tokens(self, time_s: float, spec_steps: int = 0, num_context_tokens: int = 0) -> int:
         """Largest num_tokens whose step fits in `time_s`; -1 when not even an empty step fits."""
         budget = UNBOUNDED_TOKENS
         for line in self.lines:
-            slack_s = time_s - line.intercept_s - line.k_spec_s * spec_steps
+            slack_s = (
+                time_s
+                - line.intercept_s
+                - line.k_spec_s * spec_steps
+                - line.k_context_s * num_context_tokens
+            )
             if line.k_token_s == 0.0:
                 if slack_s < 0:
                     return -1
@@ -71,16 +110,23 @@ class PerfModel:
             budget = min(budget, math.floor(slack_s / line.k_token_s + 1e-9))
         return max(budget, -1)
 
+    def scaled(self, factor: float, name: str | None = None) -> PerfModel:
+        """Every step `factor` times longer (a safety margin: formulations/refit.py)."""
+        if not factor > 0:
+            raise ValueError(f"a performance model scale must be positive, got {factor}")
+        return PerfModel(tuple(ln.scaled(factor) for ln in self.lines), name or self.name)
+
     def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "lines": [[ln.k_token_s, ln.k_spec_s, ln.intercept_s] for ln in self.lines],
-        }
+        return {"name": self.name, "lines": [ln.to_list() for ln in self.lines]}
 
     @classmethod
     def from_dict(cls, data: dict) -> PerfModel:
+        """Lines of 3 numbers (k_token_s, k_spec_s, intercept_s) or 4 (+ k_context_s)."""
         try:
-            lines = tuple(Line(float(a), float(b), float(c)) for a, b, c in data["lines"])
+            rows = [[float(x) for x in row] for row in data["lines"]]
+            if any(len(row) not in (3, 4) for row in rows):
+                raise ValueError("each line needs 3 or 4 numbers")
+            lines = tuple(Line(*row) for row in rows)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed performance model {data!r}: {exc}") from None
         return cls(lines=lines, name=str(data.get("name", "custom")))
@@ -117,6 +163,7 @@ class StepSample:
     num_tokens: int
     spec_steps: int
     step_time_s: float
+    num_context_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,32 +174,47 @@ class FitResult:
     num_samples: int
 
 
-def fit_perf_model(
-    samples: Sequence[StepSample], num_lines: int = 1, name: str = "fitted", num_iters: int = 50
-) -> FitResult:
-    """Least-squares fit of a max-of-lines model.
+def design_matrix(samples: Sequence[StepSample]) -> np.ndarray:
+    """Rows [num_tokens, spec_steps, num_context_tokens, 1] (the order of `Line`'s slopes)."""
+    return np.array(
+        [[s.num_tokens, s.spec_steps, s.num_context_tokens, 1.0] for s in samples], dtype=float
+    )
 
-    One line is ordinary least squares. For several lines the fit alternates: assign each sample to
-    the line that is currently the maximum, then refit each line on its samples (a k-planes style
-    fit of a convex piecewise-linear function); started from a split on num_tokens.
+
+def fit_perf_model(
+    samples: Sequence[StepSample],
+    num_lines: int = 1,
+    name: str = "fitted",
+    num_iters: int = 50,
+    relative: bool = False,
+) -> FitResult:
+    """Least-squares fit of a max-of-lines model, with a context term when the samples carry
+    context (a column of zeros otherwise, fitted as 0).
+
+    One line is least squares with non-negative slopes. For several lines the fit alternates:
+    assign each sample to the line that is currently the maximum, then refit each line on its
+    samples (a k-planes style fit of a convex piecewise-linear function); started from a split on
+    num_tokens. `relative`: minimise squared *relative* errors (each sample weighted 1 / time^2),
+    what the median relative error rewards when step times span orders of magnitude.
     """
     if num_lines < 1:
         raise ValueError("num_lines must be at least 1")
     if len(samples) < 3 * num_lines:
         raise ValueError(f"need at least {3 * num_lines} samples to fit {num_lines} line(s)")
-    x = np.array([[s.num_tokens, s.spec_steps, 1.0] for s in samples], dtype=float)
+    x = design_matrix(samples)
     y = np.array([s.step_time_s for s in samples], dtype=float)
+    weights = 1.0 / np.maximum(y, 1e-12) ** 2 if relative else np.ones_like(y)
 
     order = np.argsort(x[:, 0] + x[:, 1] * 1e3, kind="stable")
     groups = np.empty(len(samples), dtype=int)
     for g, chunk in enumerate(np.array_split(order, num_lines)):
         groups[chunk] = g
-    coefs = np.zeros((num_lines, 3))
+    coefs = np.zeros((num_lines, x.shape[1]))
     for _ in range(num_iters):
         for g in range(num_lines):
             mask = groups == g
             if mask.sum() >= 3:
-                coefs[g] = _nonneg_lstsq(x[mask], y[mask])
+                coefs[g] = nonneg_lstsq(x[mask], y[mask], weights[mask])
         new_groups = np.argmax(x @ coefs.T, axis=1)
         if np.array_equal(new_groups, groups):
             break
@@ -162,7 +224,7 @@ def fit_perf_model(
     ss_res = float(np.sum((y - pred) ** 2))
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
-    lines = tuple(Line(float(a), float(b), float(c)) for a, b, c in coefs)
+    lines = tuple(Line(float(a), float(b), float(d), float(c)) for a, b, c, d in coefs)
     return FitResult(
         model=PerfModel(lines, name),
         r2=r2,
@@ -171,16 +233,26 @@ def fit_perf_model(
     )
 
 
-def _nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with the two slopes clamped at zero (a step never gets cheaper with work)."""
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-    for j in (0, 1):
-        if coef[j] < 0:
-            keep = [k for k in range(3) if k != j]
-            sub, *_ = np.linalg.lstsq(x[:, keep], y, rcond=None)
-            coef = np.zeros(3)
-            coef[keep] = sub
-    return np.maximum(coef, [0.0, 0.0, -np.inf])
+def nonneg_lstsq(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted least squares with the slopes (all columns but the last, the intercept) clamped
+    at zero: a step never gets cheaper with more work. Exact for these few columns: every subset
+    of slopes is tried free (the others at zero) and the best feasible solution kept."""
+    w = np.sqrt(weights) if weights is not None else np.ones(len(y))
+    xw, yw = x * w[:, None], y * w
+    num_slopes = x.shape[1] - 1
+    best, best_residual = np.zeros(x.shape[1]), math.inf
+    for size in range(num_slopes, -1, -1):
+        for free in itertools.combinations(range(num_slopes), size):
+            keep = [*free, num_slopes]
+            sub, *_ = np.linalg.lstsq(xw[:, keep], yw, rcond=None)
+            if np.any(sub[:-1] < 0):
+                continue
+            residual = float(np.sum((xw[:, keep] @ sub - yw) ** 2))
+            if residual < best_residual - 1e-18:
+                best = np.zeros(x.shape[1])
+                best[keep] = sub
+                best_residual = residual
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,8 +261,9 @@ def _nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TruthModel:
-    """What a simulated step really costs: the base model plus a term per context token attended
-    (the sum over the step's requests of their cached context length) and multiplicative noise.
+    """What a simulated step really costs: the base model (which may have its own context term)
+    plus `k_context_s` per context token attended (the sum over the step's requests of their cached
+    context length) and multiplicative noise, uniform in [1 - noise_frac, 1 + noise_frac].
 
     With `k_context_s = 0` and `noise_frac = 0` it equals the base model exactly, which is the
     setting in which the planner's guarantee must hold.
@@ -211,7 +284,8 @@ class TruthModel:
         self, num_tokens: int, spec_steps: int = 0, num_context_tokens: int = 0
     ) -> float:
         time_s = (
-            self.base.step_time_s(num_tokens, spec_steps) + self.k_context_s * num_context_tokens
+            self.base.step_time_s(num_tokens, spec_steps, num_context_tokens)
+            + self.k_context_s * num_context_tokens
         )
         if self.noise_frac > 0:
             time_s *= 1.0 + self.noise_frac * float(self._rng.uniform(-1.0, 1.0))
@@ -219,4 +293,5 @@ class TruthModel:
 
     @property
     def is_exact(self) -> bool:
-        return self.k_context_s == 0.0 and self.noise_frac == 0.0
+        """Equal to a context-free base model: identical steps take identical times."""
+        return self.k_context_s == 0.0 and self.noise_frac == 0.0 and not self.base.has_context_term

@@ -215,7 +215,8 @@ def _catch_up_plan(
     and gives what is left of a `PREFILL_ONLY_STEP_S` step to admitted prefill in EDF order;
     the core re-plans after it. Nothing new is admitted (decisions were made by the caller)."""
     tokens: dict[str, int] = {d.request_id: 1 for d in problem.decoders}
-    left = view.perf_model.max_tokens(PREFILL_ONLY_STEP_S) - len(tokens)
+    context = len(tokens) * view.context_tokens_per_decode
+    left = view.perf_model.max_tokens(PREFILL_ONLY_STEP_S, 0, context) - len(tokens)
     by_deadline = sorted(
         problem.mandatory,
         key=lambda j: (j.deadline_s is not None, j.deadline_s or 0.0, j.request_id),

@@ -250,6 +250,7 @@ def _solve_one(
         max_spec_tokens,
         view.spec_acceptance_rate,
         burst,
+        view.context_tokens_per_decode,
     )
     mandatory_tpots = {j.tpot_s for j in problem.mandatory if j.tpot_s is not None}
     if curve is None or not mandatory_tpots <= set(curve.tier_index):

@@ -105,3 +105,6 @@ class ReplicaView:
     waiting: Sequence[RequestState]  # new requests that need a verdict
     max_spec_tokens: int = 0  # 0: the engine has no draft model
     spec_acceptance_rate: float = 0.0  # online estimate of the per-token acceptance rate alpha
+    # Cached context one decode in a planned step attends over, as estimated by the core (each
+    # decode adds it to the `c` of perf_model; 0 when the model has no context term).
+    context_tokens_per_decode: int = 0

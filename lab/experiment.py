@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from formulations import registry
-from formulations.perf_model import PerfModel, perf_model_preset
+from formulations.perf_model import PerfModel, TruthModel, perf_model_preset
+from formulations.refit import RefitParams
 from lab.report import RunReport, build_report
 from lab.workloads import (
     BurstParams,
@@ -66,6 +67,12 @@ class Experiment:
     max_model_len: int = 8192
     lengths: str = "predicted"  # what the planner knows of output lengths (SimConfig.lengths)
     num_kv_blocks: int | None = None  # KV blocks per replica (None: the preset's GPU memory)
+    # The engines' truth beyond the planner's model (TruthModel): seconds per context token
+    # attended and multiplicative noise; each run draws its noise from a fresh generator seeded
+    # with `seed`, so that a run is reproducible whatever ran before it.
+    truth_context_s: float = 0.0
+    truth_noise: float = 0.0
+    refit: RefitParams | None = None  # the planner refits its model online (planner_svc/refit.py)
     sim_params: dict[str, Any] = field(default_factory=dict)  # extra SimConfig fields
 
     def __post_init__(self) -> None:
@@ -73,6 +80,10 @@ class Experiment:
             raise ValueError(f"the number of replicas must be at least 1, got {self.num_replicas}")
         if self.max_spec_tokens < 0:
             raise ValueError(f"--spec must be non-negative, got {self.max_spec_tokens}")
+        if self.truth_context_s < 0:
+            raise ValueError(f"--truth-context-s must be >= 0, got {self.truth_context_s}")
+        if not 0 <= self.truth_noise < 1:
+            raise ValueError(f"--truth-noise must be in [0, 1), got {self.truth_noise}")
 
     @property
     def label(self) -> str:
@@ -113,19 +124,35 @@ class Experiment:
             return self.num_replicas
         return 2 if registry.formulation_class(formulation).disaggregated else 1
 
+    @property
+    def has_truth_error(self) -> bool:
+        return self.truth_context_s > 0 or self.truth_noise > 0
+
+    def truth(self, perf_model: PerfModel) -> TruthModel | None:
+        """The engines' truth (None: exactly the planner's model)."""
+        if not self.has_truth_error:
+            return None
+        return TruthModel(perf_model, self.truth_context_s, self.truth_noise, seed=self.seed)
+
     def sim_config(self, formulation: str):
         from lab.simulator import SimConfig
 
-        params = {"lengths": self.lengths, "max_model_len": self.max_model_len}
+        perf_model = self.perf_model_obj()
+        params: dict[str, Any] = {"lengths": self.lengths, "max_model_len": self.max_model_len}
         if self.num_kv_blocks is not None:
             params["num_blocks_per_replica"] = self.num_kv_blocks
+        if self.has_truth_error:
+            params["truth"] = self.truth(perf_model)
+        if self.refit is not None:
+            params["refit"] = self.refit
+        params.update(self.sim_params)
         return SimConfig(
             formulation=check_formulation(formulation),
             num_replicas=self.replicas_for(formulation),
-            perf_model=self.perf_model_obj(),
+            perf_model=perf_model,
             max_spec_tokens=self.max_spec_tokens,
             seed=self.seed,
-            **{**params, **self.sim_params},
+            **params,
         )
 
     def num_gpus(self, formulation: str) -> int:

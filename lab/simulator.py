@@ -32,6 +32,7 @@ from engine_adapters.sim_engine import SimEngine, VirtualClock
 from formulations import registry
 from formulations.lengths import LENGTH_MODES, LengthPredictor, LengthPrior, make_predictor
 from formulations.perf_model import PERF_MODEL_NUM_GPUS, PerfModel, TruthModel, perf_model_preset
+from formulations.refit import RefitParams
 from formulations.request import Request, ToolChain
 from lab.fast_forward import CRUISE, Cruise, FastForward
 from lab.hardware import DEFAULT_LINK_BYTES_PER_S, default_kv_tokens, kv_bytes_per_token
@@ -39,6 +40,7 @@ from lab.workloads.workload import Workload
 from planner_svc.core import PlannerCore
 from planner_svc.outcome import CoreOutput
 from planner_svc.records import RequestRecord
+from planner_svc.refit import RefitStatus
 from planner_svc.replica import ReplicaSpec
 from planner_svc.router import make_router
 from planner_svc.triggers import ReplanPolicy
@@ -57,6 +59,7 @@ class SimConfig:
     num_replicas: int = 1
     perf_model: PerfModel = field(default_factory=_default_perf_model)  # what the planner believes
     truth: TruthModel | None = None  # what the engines run; None: exactly `perf_model`
+    refit: RefitParams | None = None  # refit the planner's model online (planner_svc/refit.py)
     num_blocks_per_replica: int | None = None  # None: DEFAULT_KV_TOKENS of the preset / block_size
     block_size: int = 16
     max_spec_tokens: int = 0
@@ -148,6 +151,7 @@ class SimResult:
     replan_wall_max_s: float
     num_gpus: int
     num_fast_forward_steps: int = 0  # steps applied in fast-forwarded cruises (in num_steps too)
+    refits: list[RefitStatus] = field(default_factory=list)  # per replica, with `config.refit`
 
     @property
     def speedup(self) -> float:
@@ -206,6 +210,7 @@ class Simulation(FastForward):
             kv_migration=True,  # the simulator moves KV between engines (after its transfer time)
             lengths=config.lengths,
             length_predictor=config.length_predictor(),
+            refit=config.refit,
         )
         truth = config.truth or TruthModel(config.perf_model)
         self.runners = {
@@ -286,6 +291,11 @@ class Simulation(FastForward):
             replan_wall_max_s=stats.max_wall_s,
             num_gpus=len(self.specs) * self.config.gpus_per_replica(),
             num_fast_forward_steps=self.num_fast_forward_steps,
+            refits=[
+                status
+                for i in self.core.replica_ids
+                if (status := self.core.refit_status(i)) is not None
+            ],
         )
 
     def _is_stale(self, kind: int, payload: Any) -> bool:

@@ -33,6 +33,9 @@ engine_id = "engine-0"
 perf_model = "opt-13b-h100"                # a preset name, or
 # perf_model_lines = [[4.18e-5, 0.0, 0.0274]]
 
+[core.refit]                               # optional: refit each engine's model online from its
+overrun_target = 0.5                       # step reports (formulations/refit.py RefitParams)
+
 [curve]                                    # optional CURVE encryption beyond loopback
 public_key = "..."
 secret_key = "..."

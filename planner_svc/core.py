@@ -45,11 +45,13 @@ from dataclasses import dataclass
 from formulations.interface import Formulation
 from formulations.lengths import THINKING, LengthPredictor, make_predictor
 from formulations.plan import Verdict
+from formulations.refit import RefitParams
 from formulations.request import Request
 from formulations.state import RequestState
 from planner_svc.outcome import CoreOutput, OnReplica, VerdictOut
 from planner_svc.placement import Placement
 from planner_svc.plan_check import PlanError, check_plan
+from planner_svc.refit import RefitStatus, ReplicaRefits
 from planner_svc.replica import ReplicaSpec, ReplicaState
 from planner_svc.router import RoundRobinRouter, Router
 from planner_svc.triggers import ReplanPolicy, expects_replan, ran_slow, should_replan
@@ -84,7 +86,9 @@ class PlannerCore:
     `complete_migration`); off, they recompute on the decode replica. `announce_replans`: fill
     `CoreOutput.replan_expected` (the daemon tells engines; the simulator needs no such hint).
     `lengths`: what the planner knows of output lengths (formulations/lengths.py; a
-    `length_predictor` given replaces the mode's default one)."""
+    `length_predictor` given replaces the mode's default one). `refit`: refit each replica's
+    performance model online from its step reports and plan with the refitted model and its
+    safety margin (planner_svc/refit.py); None: the models stay."""
 
     def __init__(
         self,
@@ -99,6 +103,7 @@ class PlannerCore:
         announce_replans: bool = False,
         lengths: str = "predicted",
         length_predictor: LengthPredictor | None = None,
+        refit: RefitParams | None = None,
     ) -> None:
         if not 0.0 <= spec_acceptance_prior <= 1.0:
             raise ValueError("spec_acceptance_prior must be in [0, 1]")
@@ -124,6 +129,7 @@ class PlannerCore:
         self.lengths = lengths
         self.length_predictor = length_predictor or make_predictor(lengths)
         self.stats = ReplanStats()
+        self.refits = ReplicaRefits(refit) if refit is not None else None
         for spec in replicas:
             self._add(spec)
         if not self._replicas:
@@ -174,6 +180,8 @@ class PlannerCore:
         else:
             rep.num_consecutive_errors = 0
             rep.last_step_time_s = report.step_time_s / num_steps
+            if self.refits is not None:  # before the report moves the requests' progress
+                self.refits.observe(rep, report, num_steps)
             self._record_token_ids(report)
             if report.thinking_ended:
                 self._thinking_ended(rep, report.thinking_ended)
@@ -245,6 +253,8 @@ class PlannerCore:
         if rep is None:
             raise ValueError(f"unknown replica {replica_id}")
         self._pending_preempt.pop(replica_id, None)
+        if self.refits is not None:
+            self.refits.remove(replica_id)
         out = CoreOutput()
         self.placement.remove_replica(rep, out)
         self._drop_failed(out)
@@ -299,10 +309,17 @@ class PlannerCore:
     def num_unfinished(self) -> int:
         return len(self.placement.where) + len(self.placement.migrating)
 
+    def refit_status(self, replica_id: int) -> RefitStatus | None:
+        """The replica's online refit (None without refit)."""
+        return self.refits.status(replica_id) if self.refits is not None else None
+
     # ------------------------------------------------------------------ internals
 
     def _add(self, spec: ReplicaSpec) -> None:
-        self._replicas[spec.replica_id] = ReplicaState(spec, self._factory(spec), self._prior)
+        rep = ReplicaState(spec, self._factory(spec), self._prior)
+        self._replicas[spec.replica_id] = rep
+        if self.refits is not None:
+            self.refits.add(rep)
 
     def _payload(self, state: RequestState) -> EngineRequest:
         """The request's engine payload as of now (resumed after output already produced)."""

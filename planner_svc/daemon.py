@@ -34,6 +34,7 @@ from formulations import registry
 from formulations.lengths import make_predictor
 from formulations.perf_model import PerfModel
 from formulations.plan import Decision, Verdict
+from formulations.refit import RefitParams
 from planner_svc.config import PlannerConfig
 from planner_svc.core import PlannerCore
 from planner_svc.metrics import PlannerMetrics
@@ -61,6 +62,7 @@ class EngineLink:
     sent_request_ids: set[str] = field(default_factory=set)
     last_step_time_s: float = 0.0
     replan_expected_sent: bool | None = None  # the last `replan_expected` told to the engine
+    num_drifts_exported: int = 0  # refit drifts already counted in the metrics
 
 
 class PlannerDaemon:
@@ -196,6 +198,12 @@ class PlannerDaemon:
         for replica_id, (num_running, num_waiting) in self.core.queue_lengths().items():
             self.metrics.replica_requests.labels(str(replica_id), "running").set(num_running)
             self.metrics.replica_requests.labels(str(replica_id), "waiting").set(num_waiting)
+        for link in self.engines.values():
+            status = self.core.refit_status(link.replica_id)
+            if status is not None:
+                new_drifts = status.num_drifts - link.num_drifts_exported
+                link.num_drifts_exported = status.num_drifts
+                self.metrics.record_refit(link.engine_id, status, new_drifts)
 
     # ------------------------------------------------------------------ engines
 
@@ -492,9 +500,13 @@ class PlannerDaemon:
             link.replan_expected_sent = flag if flag is not None else link.replan_expected_sent
         self._send_engine(link, plan)
         self.metrics.plans_sent.inc()
+        replica = self.core.replica(replica_id)  # its model may have been refitted since READY
+        model, context = replica.spec.perf_model, replica.context_estimate()
         for step in plan.steps:
             self.metrics.step_time_predicted.labels(link.engine_id).observe(
-                link.perf_model.step_time_s(step.num_batched_tokens, step.spec_steps)
+                model.step_time_s(
+                    step.num_batched_tokens, step.spec_steps, context * len(step.num_tokens)
+                )
             )
         return True
 
@@ -562,6 +574,7 @@ def build_core(config: PlannerConfig, first_replica: ReplicaSpec) -> PlannerCore
     the first engine that connected (the core needs at least one replica)."""
     params = dict(config.core_params)
     replan = ReplanPolicy(**params.pop("replan", {}))
+    refit = params.pop("refit", None)
     router = make_router(config.router, config.max_forwards)
 
     def formulation_factory(spec: ReplicaSpec):
@@ -578,6 +591,7 @@ def build_core(config: PlannerConfig, first_replica: ReplicaSpec) -> PlannerCore
             config.lengths,
             **({"priors": config.length_priors} if config.lengths == "predicted" else {}),
         ),
+        refit=RefitParams(**refit) if refit is not None else None,
         **params,
     )
 
@@ -587,6 +601,8 @@ def _check_core_params(params: dict) -> None:
     params = dict(params)
     try:
         ReplanPolicy(**params.pop("replan", {}))
+        if "refit" in params:
+            RefitParams(**params.pop("refit"))
         inspect.signature(PlannerCore).bind_partial(**params)
     except TypeError as exc:
         raise ValueError(f"bad [core] parameter: {exc}") from None

@@ -75,10 +75,50 @@ class PlannerMetrics:
         )
         self.core_errors = Counter("slos_core_errors", "Planner core calls that raised", registry=r)
         self.plans_sent = Counter("slos_plans_sent", "PLAN messages sent", registry=r)
+        # Online refit of each replica's performance model (planner_svc/refit.py).
+        self.model_scale = Gauge(
+            "slos_perf_model_scale",
+            "Refitted model / configured model, on the (tokens, draft steps) part",
+            ["engine_id"],
+            registry=r,
+        )
+        self.model_k_context = Gauge(
+            "slos_perf_model_context_seconds_per_token",
+            "Refitted cost per cached context token a step attends over",
+            ["engine_id"],
+            registry=r,
+        )
+        self.model_margin = Gauge(
+            "slos_perf_model_margin_ratio",
+            "Safety margin the planner adds to the refitted step times",
+            ["engine_id"],
+            registry=r,
+        )
+        self.model_overrun = Gauge(
+            "slos_perf_model_overrun_ratio",
+            "Share of recent steps longer than the planning model predicted",
+            ["engine_id"],
+            registry=r,
+        )
+        self.model_drifts = Counter(
+            "slos_perf_model_drifts",
+            "Drifts of the engine's step times away from the model (each refitted at once)",
+            ["engine_id"],
+            registry=r,
+        )
 
     def serve(self, port: int) -> None:
         """Start the /metrics HTTP server on `port` (loopback)."""
         start_http_server(port, addr="127.0.0.1", registry=self.registry)
+
+    def record_refit(self, engine_id: str, status, num_new_drifts: int) -> None:
+        """Export one replica's refit status (planner_svc.refit.RefitStatus)."""
+        self.model_scale.labels(engine_id).set(status.scale)
+        self.model_k_context.labels(engine_id).set(status.k_context_s)
+        self.model_margin.labels(engine_id).set(status.margin)
+        self.model_overrun.labels(engine_id).set(status.overrun_rate)
+        if num_new_drifts > 0:
+            self.model_drifts.labels(engine_id).inc(num_new_drifts)
 
     def record_attainment(self, slo_class: str, num_decided: int, num_attained: int) -> None:
         self.attainment.labels(slo_class).set(num_attained / num_decided if num_decided else 0.0)

@@ -7,6 +7,7 @@ only through the read-only `ReplicaView` that `view()` builds.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from formulations.interface import Formulation
@@ -106,6 +107,15 @@ class ReplicaState:
         """Requests on the replica (a cheap load measure for routing)."""
         return len(self.running) + len(self.waiting)
 
+    def context_estimate(self) -> int:
+        """Cached context one decode of a planned step attends over (each decode adds it to the
+        `c` of the performance model): the mean KV of the running requests. 0 when the model has
+        no context term: nothing to estimate."""
+        if not self.spec.perf_model.has_context_term or not self.running:
+            return 0
+        total = sum(state.num_computed_tokens for state in self.running.values())
+        return -(-total // len(self.running))
+
     def view(self, now_s: float) -> ReplicaView:
         spec = self.spec
         return ReplicaView(
@@ -119,6 +129,7 @@ class ReplicaState:
             waiting=tuple(self.waiting.values()),
             max_spec_tokens=spec.max_spec_tokens,
             spec_acceptance_rate=self.spec_acceptance_rate if spec.max_spec_tokens else 0.0,
+            context_tokens_per_decode=self.context_estimate(),
         )
 
     # -- updates
@@ -136,6 +147,11 @@ class ReplicaState:
         self.repeat_ids = frozenset(ids)
         self.num_live_repeat = len(running_ids & ids)
         self.uncovered = running_ids - ids
+
+    def set_perf_model(self, perf_model: PerfModel) -> None:
+        """Plan with another model from the next plan on (an online refit: planner_svc/refit.py);
+        the running plan is kept."""
+        self.spec = dataclasses.replace(self.spec, perf_model=perf_model)
 
     def remove_running(self, request_id: str) -> RequestState | None:
         state = self.running.pop(request_id, None)

@@ -64,10 +64,13 @@ class _Msg(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_field
 
 class PerfModelSpec(_Msg):
     """A performance model by preset name (`lines` empty) or by its max-of-lines coefficients,
-    each line `[k_token_s, k_spec_s, intercept_s]`."""
+    each line `[k_token_s, k_spec_s, intercept_s]`, with each line's context slope in
+    `k_context_s` (empty: no context term; a separate field so that planners that predate it
+    still read the lines)."""
 
     name: str = ""
     lines: list[tuple[NonNegFloat, NonNegFloat, float]] = []
+    k_context_s: list[NonNegFloat] = []
 
 
 class Ready(_Msg):
@@ -417,11 +420,18 @@ def _check_steps(plan: PlanMsg) -> None:
 
 def perf_model_to_wire(perf_model: PerfModel) -> PerfModelSpec:
     lines = [(ln.k_token_s, ln.k_spec_s, ln.intercept_s) for ln in perf_model.lines]
-    return PerfModelSpec(name=perf_model.name, lines=lines)
+    context = [ln.k_context_s for ln in perf_model.lines] if perf_model.has_context_term else []
+    return PerfModelSpec(name=perf_model.name, lines=lines, k_context_s=context)
 
 
 def perf_model_from_wire(spec: PerfModelSpec) -> PerfModel:
     """A PerfModel from its coefficients, or the preset of that name when no lines are given."""
     if not spec.lines:
         return perf_model_preset(spec.name)
-    return PerfModel.from_dict({"name": spec.name or "engine", "lines": spec.lines})
+    if spec.k_context_s and len(spec.k_context_s) != len(spec.lines):
+        raise ValueError(
+            f"performance model: {len(spec.k_context_s)} context slopes for {len(spec.lines)} lines"
+        )
+    context = spec.k_context_s or [0.0] * len(spec.lines)
+    rows = [[*line, k] for line, k in zip(spec.lines, context)]
+    return PerfModel.from_dict({"name": spec.name or "engine", "lines": rows})

@@ -444,6 +444,15 @@ def _split(items: list[int], sizes: list[int]) -> list[list[int]]:
 def build(options: EngineOptions) -> TorchEngine:
     if not options.model_dir:
         raise ValueError("--engine torch needs --model-dir (make one with `slos-serve make-model`)")
+    if options.num_threads is not None:
+        if options.num_threads < 1:
+            raise ValueError(f"--num-threads must be at least 1, got {options.num_threads}")
+        # One engine per core: torch's default (every core) oversubscribes a host that runs
+        # the planner or other engines beside it, and steps then take many times longer.
+        torch.set_num_threads(options.num_threads)
     return TorchEngine.from_pretrained(
-        options.model_dir, draft_dir=options.draft_dir, kv_memory_gb=options.kv_memory_gb
+        options.model_dir,
+        draft_dir=options.draft_dir,
+        device=options.device,
+        kv_memory_gb=options.kv_memory_gb,
     )

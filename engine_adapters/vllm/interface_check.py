@@ -11,6 +11,8 @@ installed vLLM (method signatures, attribute presence, dataclass fields) and is 
   (an AST scan; runs everywhere), so the recording cannot silently fall behind the code.
 
 Regenerate after a deliberate upgrade: `python -m engine_adapters.vllm.interface_check --write`.
+Compare another release without replacing the recording: `... --out FILE [--release vllm==X]`
+(how vllm 0.33.0 was checked, from its unpacked wheel: docs/VLLM_ADAPTER.md).
 This module imports vLLM only inside `record()`.
 """
 
@@ -340,16 +342,30 @@ def _dotted(node: ast.AST) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help=f"(re)write {RECORDING_PATH.name}")
+    parser.add_argument(
+        "--out", type=Path, help="write the recording here instead (a release being checked)"
+    )
+    parser.add_argument(
+        "--release",
+        metavar="DIST==VERSION",
+        help="the release recorded, when its sources are imported from a path that its "
+        "installed metadata does not describe (e.g. an unpacked wheel on PYTHONPATH)",
+    )
     args = parser.parse_args(argv)
     live = record()
-    if args.write:
-        RECORDING_PATH.write_text(json.dumps(live, indent=1, sort_keys=True) + "\n")
-        print(f"wrote {RECORDING_PATH}")
-        return 0
+    if args.release:
+        name, _, version = args.release.partition("==")
+        live["vllm"] = {name: version}
+    if args.write or args.out:
+        path = args.out or RECORDING_PATH
+        path.write_text(json.dumps(live, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {path}")
     problems = drift(load_recording(), live) + missing(live)
     for problem in problems:
         print(problem)
-    return 1 if problems else 0
+    if not problems:
+        print(f"{live['vllm']}: the interface the adapter uses equals {RECORDING_PATH.name}")
+    return 1 if problems and not args.write else 0
 
 
 if __name__ == "__main__":

@@ -263,3 +263,32 @@ def test_simulate_is_deterministic_for_a_seed(capsys):
         "reasoning",
         "tool_agent",
     }
+
+
+def test_truth_options_and_refit_on_simulate_and_capacity(capsys, tmp_path):
+    truth = ["--truth-context-s", "2e-7", "--truth-noise", "0.1"]
+    args = ["simulate", "--scenario", "chatbot", "--rate", "2", *SMALL, *truth, "--refit", "--json"]
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["simulation"]["truth"] == {"context_s": 2e-7, "noise": 0.1}
+    (refit,) = data["simulation"]["refit"]
+    assert refit["num_refits"] >= 1 and 0 <= refit["margin"] <= 0.5
+    capacity = ["capacity", "--scenario", "chatbot", *SMALL, *truth, "--no-progress"]
+    capacity += ["--min-rate", "1", "--max-rate", "2", "--tolerance", "0.5"]
+    assert main([*capacity, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "truth +2e-07 s/context token, +-10% noise" in out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--truth-noise", "1.5"], "--truth-noise must be in [0, 1)"),
+        (["--truth-context-s", "-1"], "--truth-context-s must be >= 0"),
+        (["--overrun-target", "0.2"], "--overrun-target needs --refit"),
+        (["--refit", "--overrun-target", "1"], "--overrun-target must be in (0, 1)"),
+    ],
+)
+def test_bad_truth_options_are_one_line_errors(capsys, flags, message):
+    assert main(["simulate", "--scenario", "chatbot", "--rate", "1", *SMALL, *flags]) == 2
+    assert message in capsys.readouterr().err

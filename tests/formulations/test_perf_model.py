@@ -98,3 +98,76 @@ def test_perf_model_round_trips_through_dict_and_rejects_garbage():
         PerfModel.from_dict({"lines": [[1, 2]]})
     with pytest.raises(ValueError):
         PerfModel((Line(-1.0, 0.0, 0.0),))
+
+
+CONTEXT_MODEL = PerfModel((Line(5e-5, 2e-3, 0.02, 3e-7), Line(1e-5, 0.0, 0.05, 1e-7)), "ctx")
+
+
+def test_context_term_defaults_to_zero_and_adds_per_context_token():
+    m = CONTEXT_MODEL
+    assert m.has_context_term and not perf_model_preset("opt-13b-h100").has_context_term
+    assert m.step_time_s(100) == m.step_time_s(100, 0, 0)
+    assert m.step_time_s(100, 1, 10_000) == pytest.approx(
+        max(5e-5 * 100 + 2e-3 + 3e-7 * 10_000 + 0.02, 1e-5 * 100 + 1e-7 * 10_000 + 0.05)
+    )
+
+
+@pytest.mark.parametrize("context", [0, 1_000, 50_000])
+@pytest.mark.parametrize("spec", [0, 2])
+def test_budget_is_the_inverse_of_step_time_with_context(context, spec):
+    m = CONTEXT_MODEL
+    for time_s in (0.03, 0.06, 0.1, 0.3):
+        budget = m.max_tokens(time_s, spec, context)
+        if budget < 0:
+            assert m.step_time_s(0, spec, context) > time_s
+            continue
+        assert m.step_time_s(budget, spec, context) <= time_s + 1e-12
+        assert m.step_time_s(budget + 1, spec, context) > time_s
+    assert m.max_tokens(0.1, spec, context) <= m.max_tokens(0.1, spec, 0)
+
+
+def test_scaled_model_is_slower_by_the_factor():
+    m = CONTEXT_MODEL.scaled(1.1, "margin")
+    assert m.name == "margin"
+    assert m.step_time_s(300, 1, 5_000) == pytest.approx(
+        1.1 * CONTEXT_MODEL.step_time_s(300, 1, 5_000)
+    )
+    with pytest.raises(ValueError):
+        CONTEXT_MODEL.scaled(0.0)
+
+
+def test_context_model_round_trips_through_dict_and_wire():
+    from wire.protocol import perf_model_from_wire, perf_model_to_wire
+
+    data = CONTEXT_MODEL.to_dict()
+    assert all(len(row) == 4 for row in data["lines"])
+    assert PerfModel.from_dict(data) == CONTEXT_MODEL
+    assert all(len(row) == 3 for row in perf_model_preset("opt-13b-h100").to_dict()["lines"])
+    assert perf_model_from_wire(perf_model_to_wire(CONTEXT_MODEL)) == CONTEXT_MODEL
+    plain = perf_model_preset("opt-6.7b-a100")
+    assert perf_model_to_wire(plain).k_context_s == []
+    assert perf_model_from_wire(perf_model_to_wire(plain)) == plain
+    with pytest.raises(ValueError):
+        PerfModel((Line(1e-5, 0.0, 0.01, -1e-7),))
+
+
+def test_fit_recovers_a_context_term_from_noisy_samples():
+    truth = PerfModel((Line(6e-5, 1.5e-3, 0.012, 2.5e-7),))
+    rng = np.random.default_rng(7)
+    samples = []
+    for _ in range(300):
+        n, s, c = int(rng.integers(1, 2000)), int(rng.integers(0, 4)), int(rng.integers(0, 60_000))
+        time_s = truth.step_time_s(n, s, c) * (1 + 0.05 * rng.uniform(-1, 1))
+        samples.append(StepSample(n, s, time_s, c))
+    (line,) = fit_perf_model(samples, relative=True).model.lines
+    assert line.k_token_s == pytest.approx(6e-5, rel=0.05)
+    assert line.k_context_s == pytest.approx(2.5e-7, rel=0.05)
+    assert line.intercept_s == pytest.approx(0.012, rel=0.1)
+    assert line.k_spec_s == pytest.approx(1.5e-3, rel=0.2)
+
+
+def test_truth_model_with_a_context_base_is_not_exact():
+    assert not TruthModel(CONTEXT_MODEL).is_exact
+    assert TruthModel(CONTEXT_MODEL).step_time_s(10, 0, 1000) == CONTEXT_MODEL.step_time_s(
+        10, 0, 1000
+    )

@@ -295,3 +295,57 @@ def test_bad_formulation_parameters_fail_at_startup():
 
     with pytest.raises(ValueError, match="bad parameters"):
         PlannerDaemon(make_config(formulation="sarathi", formulation_params={"no_such": 1}))
+
+
+def test_daemon_refits_the_engine_model_without_a_restart_and_exports_it():
+    """[core.refit]: the engine is 1.5x slower than the model it advertises, plus a context cost;
+    the daemon's core refits the model from the reports and serves its status as metrics."""
+    import time as time_module
+
+    from engine_adapters.sim_engine import SimEngine
+    from formulations.perf_model import TruthModel
+    from tests.planner_svc.service_helpers import FAST_MODEL
+
+    port = free_port()
+    refit = {"min_samples": 8, "refit_every": 4, "window": 64}
+    svc = Service(make_config(metrics_port=port, core_params={"refit": refit}), num_engines=0)
+    try:
+        svc.daemon.serve_metrics()
+        truth = TruthModel(FAST_MODEL.scaled(1.5), k_context_s=2e-6)
+        engine = SimEngine(
+            truth,
+            4096,
+            clock=time_module.monotonic,
+            sleep=time_module.sleep,
+            emit_token_ids=True,
+            advertised_perf_model=FAST_MODEL,
+        )
+        svc.start_engine("engine-0", engine)
+        svc.wait_for_engines(1)
+        with PlannerClient(svc.daemon.client_endpoint) as client:
+            handles = submit_all(client, 3, max_tokens=40)
+            assert all(handle.wait(20) for handle in handles)
+            time.sleep(0.2)  # a gauge refresh
+        status = svc.daemon.core.refit_status(0)
+        assert status.num_refits >= 1
+        assert svc.daemon.core.replica(0).spec.perf_model is status.planning_model
+        assert status.planning_model != FAST_MODEL
+        assert status.scale == pytest.approx(1.5, rel=0.2)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        scale_line = next(
+            line for line in text.splitlines() if line.startswith("slos_perf_model_scale{")
+        )
+        assert 'engine_id="engine-0"' in scale_line and float(scale_line.split()[-1]) > 1.2
+        assert "slos_perf_model_margin_ratio" in text and "slos_perf_model_overrun_ratio" in text
+        assert "slos_perf_model_drifts_total" in text
+    finally:
+        svc.close()
+
+
+def test_bad_refit_parameters_fail_at_startup():
+    from planner_svc.daemon import PlannerDaemon
+
+    with pytest.raises(ValueError, match=r"\[core\]"):
+        PlannerDaemon(make_config(core_params={"refit": {"no_such_knob": 1}}))
+    with pytest.raises(ValueError, match="overrun_target"):
+        PlannerDaemon(make_config(core_params={"refit": {"overrun_target": 2.0}}))
