@@ -9,6 +9,7 @@ import logging
 import signal
 
 from commands.cli import CliError
+from commands.curve_options import add_curve_arguments, curve_keys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "directory's name, else slos-serve)",
     )
     parser.add_argument("--max-model-len", type=int, help="prompt + max_tokens limit")
+    add_curve_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if names is None and args.config is None and tokenizer is not None:
         names = [tokenizer.name]
     config = load_api_config(args.config, names, max_model_len=args.max_model_len)
-    with PlannerClient(args.planner) as client:
+    with PlannerClient(args.planner, curve=curve_keys(args)) as client:
         api = ApiServer(client, config, tokenizer)
         asyncio.run(_serve(api, args.host, args.port))
     return 0
@@ -56,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(api, host: str, port: int) -> None:
     from planner_svc.http.server import start_site
 
-    runner, bound_port = await start_site(api, host, port)
+    try:
+        runner, bound_port = await start_site(api, host, port)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     print(
         f"api ready http://{host}:{bound_port} models={','.join(api.config.model_names)}",
         flush=True,

@@ -13,11 +13,11 @@ import dataclasses
 import logging
 import signal
 
+from commands.curve_options import add_curve_arguments, curve_keys
 from engine_adapters import registry
 from engine_adapters.adapter import AdapterConfig, EngineAdapter
 from engine_adapters.engine import Engine
 from engine_adapters.registry import EngineOptions
-from wire.security import CurveKeys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,29 +53,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a vLLM engine argument (value read as JSON when it parses), e.g. "
         "max_model_len=2048; repeatable; adds to SLOS_SERVE_VLLM_ARGS",
     )
-    sec = parser.add_argument_group("CURVE (beyond loopback)").add_argument
-    sec("--curve-public-key", default="")
-    sec("--curve-secret-key", default="")
-    sec("--curve-server-key", default="", help="the planner's public key")
+    add_curve_arguments(parser)
     add("--log-level", default="WARNING")
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    engine = build_engine(args)
-    curve = None
-    if args.curve_server_key:
-        curve = CurveKeys(args.curve_public_key, args.curve_secret_key, args.curve_server_key)
-    config = AdapterConfig(
+    config = AdapterConfig(  # checked before a (maybe slow) engine is built
         connect=args.connect,
         engine_id=args.engine_id,
         heartbeat_interval_s=args.heartbeat_interval_s,
         liveness=args.liveness,
         plan_grace_s=args.plan_grace_ms / 1000,
         wait_only_when_expected=not args.wait_for_every_answer,
-        curve=curve,
+        curve=curve_keys(args),
     )
-    adapter = EngineAdapter(engine, config)
+    adapter = EngineAdapter(build_engine(args), config)
     signal.signal(signal.SIGTERM, lambda *_: adapter.stop())
     try:
         adapter.run()

@@ -30,6 +30,7 @@ from engine_adapters.plan_queue import PlanQueue
 from formulations.plan import Step
 from formulations.progress import TokenProgress
 from wire import protocol as P
+from wire.endpoint import check_endpoint
 from wire.security import CurveKeys
 
 log = logging.getLogger("slos_serve.adapter")
@@ -52,6 +53,13 @@ class AdapterConfig:
     reconnect_max_s: float = 4.0
     max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES
     curve: CurveKeys | None = None
+
+    def __post_init__(self) -> None:
+        check_endpoint(self.connect, "the planner's engine endpoint")
+        if not self.engine_id:
+            raise ValueError("an engine needs a non-empty engine id")
+        if self.heartbeat_interval_s <= 0 or self.liveness < 1:
+            raise ValueError("heartbeat_interval_s must be > 0 and liveness >= 1")
 
 
 @dataclass

@@ -36,6 +36,7 @@ from formulations.request import Request, ToolChain
 from formulations.slo import SLO
 from planner_svc.records import RequestRecord
 from wire import protocol as P
+from wire.endpoint import check_endpoint
 from wire.security import CurveKeys
 
 
@@ -205,6 +206,7 @@ class PlannerClient:
         for later requests)."""
         if heartbeat_interval_s <= 0 or liveness < 1:
             raise ValueError("heartbeat_interval_s must be > 0 and liveness >= 1")
+        check_endpoint(endpoint, "the planner's client endpoint")
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness = liveness
         self.endpoint = endpoint
@@ -304,6 +306,8 @@ class PlannerClient:
 
     def send_raw(self, frames: list[bytes]) -> None:
         """Send arbitrary frames (tests of the daemon's input checking)."""
+        if self._stop.is_set():
+            raise ClientError("the planner client is closed")
         self._outbox.put(frames)
         os.write(self._wake_w, b"x")
 
@@ -321,6 +325,9 @@ class PlannerClient:
         self._handles.pop(request_id, None)
 
     def close(self) -> None:
+        """Stop the I/O thread and release the socket; calling it again does nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=5)
@@ -336,6 +343,8 @@ class PlannerClient:
     # ------------------------------------------------------------------ I/O thread
 
     def _send(self, message: P._Msg) -> None:
+        if self._stop.is_set():
+            raise ClientError("the planner client is closed")
         self._outbox.put(P.encode(message))
         os.write(self._wake_w, b"x")
 

@@ -10,6 +10,7 @@ max_forwards = 1
 engine_endpoint = "tcp://127.0.0.1:5557"   # engines connect here (ROUTER)
 client_endpoint = "tcp://127.0.0.1:5558"   # clients connect here (ROUTER)
 metrics_port = 0                           # Prometheus /metrics; 0 = off
+metrics_address = "127.0.0.1"              # where /metrics listens ("0.0.0.0": every interface)
 heartbeat_interval_s = 0.5
 liveness = 6                               # an engine silent this many intervals is dead
 tick_interval_s = 0.01                     # planner timer resolution
@@ -43,6 +44,8 @@ import tomllib
 
 from formulations.perf_model import PerfModel, perf_model_preset
 from formulations.slo import SLO, SLO_PRESETS
+from wire.endpoint import check_endpoint
+from wire.security import check_key, check_key_pair
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class CurveConfig:
     public_key: str
     secret_key: str
     allowed_client_keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_key_pair(self.public_key, self.secret_key, "[curve]")
+        for i, key in enumerate(self.allowed_client_keys):
+            check_key(key, f"[curve] allowed_client_keys[{i}]")
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class PlannerConfig:
     engine_endpoint: str = "tcp://127.0.0.1:5557"
     client_endpoint: str = "tcp://127.0.0.1:5558"
     metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
     heartbeat_interval_s: float = 0.5
     liveness: int = 6
     tick_interval_s: float = 0.01
@@ -76,6 +85,10 @@ class PlannerConfig:
             raise ValueError("heartbeat_interval_s and tick_interval_s must be > 0, liveness >= 1")
         if self.max_frame_bytes < 1024:
             raise ValueError("max_frame_bytes must be at least 1024")
+        check_endpoint(self.engine_endpoint, "[planner] engine_endpoint", bind=True)
+        check_endpoint(self.client_endpoint, "[planner] client_endpoint", bind=True)
+        if not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"[planner] metrics_port must be in [0, 65535]: {self.metrics_port!r}")
         _ = self.perf_model  # fails early on a bad name or file
 
     @property
@@ -108,6 +121,7 @@ _PLANNER_KEYS = {
     "engine_endpoint",
     "client_endpoint",
     "metrics_port",
+    "metrics_address",
     "heartbeat_interval_s",
     "liveness",
     "tick_interval_s",

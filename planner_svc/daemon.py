@@ -20,6 +20,7 @@ finishes or gets an explicit verdict.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import logging
 import threading
@@ -88,19 +89,32 @@ class PlannerDaemon:
         return time.monotonic() - self._t0
 
     def _bind(self) -> tuple[zmq.Socket, zmq.Socket]:
-        sockets = []
+        """Both ROUTER sockets, bound. A bind that fails (the port is taken) closes what was
+        opened and raises a one-line ValueError."""
+        sockets: list[zmq.Socket] = []
         if self.config.curve is not None:
             self._start_authenticator()
-        for endpoint in (self.config.engine_endpoint, self.config.client_endpoint):
+        endpoints = {"engine": self.config.engine_endpoint, "client": self.config.client_endpoint}
+        for side, endpoint in endpoints.items():
             socket = self.context.socket(zmq.ROUTER)
+            sockets.append(socket)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
             if self.config.curve is not None:
                 socket.curve_secretkey = self.config.curve.secret_key.encode()
                 socket.curve_publickey = self.config.curve.public_key.encode()
                 socket.curve_server = True
-            socket.bind(endpoint)
-            sockets.append(socket)
+            try:
+                socket.bind(endpoint)
+            except zmq.ZMQError as exc:
+                for opened in sockets:
+                    opened.close(linger=0)
+                if self._authenticator is not None:
+                    self._authenticator.stop()
+                hint = " (is another planner running?)" if exc.errno == errno.EADDRINUSE else ""
+                raise ValueError(
+                    f"cannot bind the {side} endpoint {endpoint}: {exc.strerror}{hint}"
+                ) from None
         return sockets[0], sockets[1]
 
     def _start_authenticator(self) -> None:
@@ -126,7 +140,7 @@ class PlannerDaemon:
 
     def serve_metrics(self) -> None:
         if self.config.metrics_port:
-            self.metrics.serve(self.config.metrics_port)
+            self.metrics.serve(self.config.metrics_port, self.config.metrics_address)
 
     def run(self) -> None:
         """Serve until `stop_event` is set."""

@@ -76,9 +76,15 @@ class PlannerMetrics:
         self.core_errors = Counter("slos_core_errors", "Planner core calls that raised", registry=r)
         self.plans_sent = Counter("slos_plans_sent", "PLAN messages sent", registry=r)
 
-    def serve(self, port: int) -> None:
-        """Start the /metrics HTTP server on `port` (loopback)."""
-        start_http_server(port, addr="127.0.0.1", registry=self.registry)
+    def serve(self, port: int, address: str = "127.0.0.1") -> None:
+        """Start the /metrics HTTP server on `address:port`; a taken port is a one-line
+        ValueError."""
+        try:
+            start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:
+            raise ValueError(
+                f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}"
+            ) from None
 
     def record_attainment(self, slo_class: str, num_decided: int, num_attained: int) -> None:
         self.attainment.labels(slo_class).set(num_attained / num_decided if num_decided else 0.0)

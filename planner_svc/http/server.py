@@ -428,7 +428,11 @@ async def start_site(api: ApiServer, host: str, port: int) -> tuple[web.AppRunne
     runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:  # the port is taken: the caller says so in one line
+        await runner.cleanup()
+        raise
     bound_port = runner.addresses[0][1]
     return runner, bound_port
 

@@ -44,3 +44,10 @@ def test_replay_scenario(endpoint, capsys):
     assert load("replay_scenario").main(argv) == 0
     out = capsys.readouterr().out
     assert "Serving Benchmark Result" in out and "submitted" in out
+
+
+def test_single_request_with_an_unknown_class_is_one_line(endpoint, capsys):
+    argv = ["--planner", endpoint, "--max-tokens", "2", "--slo-class", "no-such-class"]
+    assert load("single_request").main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown SLO class 'no-such-class'" in err
