@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
+import socket
 
+from commands.cli import CliError
 from commands.curve_options import add_curve_arguments, curve_keys
 from engine_adapters import registry
 from engine_adapters.adapter import AdapterConfig, EngineAdapter
@@ -24,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--engine", default="sim", help="sim, torch, vllm, or a module:builder of your own")
     add("--connect", default="tcp://127.0.0.1:5557", help="the planner's engine endpoint")
-    add("--engine-id", default="engine-0")
+    add(
+        "--engine-id",
+        default=f"{socket.gethostname()}-{os.getpid()}",
+        help="unique per engine (default: HOSTNAME-PID); the planner refuses a second engine "
+        "with the id of a live one",
+    )
     add("--heartbeat-interval-s", type=float, default=0.5)
     add("--liveness", type=int, default=6)
     add("--plan-grace-ms", type=float, default=10.0, help="wait for the answer to each report")
@@ -74,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         adapter.run()
     except KeyboardInterrupt:
         adapter.stop()
+    if adapter.fatal_error:
+        raise CliError(adapter.fatal_error)
     return 0
 
 

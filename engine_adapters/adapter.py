@@ -126,6 +126,11 @@ class EngineAdapter:
         self.context = context or zmq.Context.instance()
         self.stats = AdapterStats()
         self.stop_event = threading.Event()
+        # Constant across reconnects: the planner tells a reconnect of this engine (same
+        # instance) from a second engine that uses the same id (refused).
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.fatal_error = ""  # why the adapter gave up (run() returned for good)
+        self._refused_since_s: float | None = None  # refused as a duplicate id since then
         self._reset_session()
 
     # ------------------------------------------------------------------ lifecycle
@@ -144,6 +149,9 @@ class EngineAdapter:
             self._drop_all_requests()
             if self.stop_event.is_set():
                 return
+            if self._refused_since_s is not None:  # retry while a dead namesake times out
+                self.stop_event.wait(self.config.heartbeat_interval_s)
+                continue
             if heard:
                 backoff_s = self.config.reconnect_min_s
             log.warning("lost the planner; reconnecting in %.2fs", backoff_s)
@@ -164,6 +172,7 @@ class EngineAdapter:
         self._replan_expected = True  # until the planner says otherwise
         self._must_reconnect = False
         self._ack_deadline_s = 0.0
+        self._registered = False  # the planner answered this connection's READY
 
     def _drop_all_requests(self) -> None:
         for request_id in list(self.live):
@@ -206,6 +215,7 @@ class EngineAdapter:
             max_model_len=info.max_model_len,
             engine_name=info.name,
             next_step_id=self.queue.last_step_id + 1,
+            engine_instance=self.instance_id,
         )
 
     def _await_ack(self, connection: _Connection) -> bool:
@@ -266,9 +276,39 @@ class EngineAdapter:
         elif isinstance(message, P.Abort):
             self._abort(message.request_id)
         elif isinstance(message, P.ErrorMsg):
-            log.error("planner says: %s", message.reason)
-            if message.kind == "no_ready":  # the planner forgot us (it restarted): register again
-                self._must_reconnect = True
+            self._on_error(message)
+            return
+        self._refused_since_s = None  # the planner talks to us: we are registered
+        if not self._registered:
+            self._registered = True
+            log.info(
+                "engine %s registered with the planner at %s (planner %s)",
+                self.config.engine_id,
+                self.config.connect,
+                getattr(message, "planner_id", "") or "?",
+            )
+
+    def _on_error(self, error: P.ErrorMsg) -> None:
+        if error.kind == "duplicate_engine_id":
+            self._on_refused(error.reason)
+            return
+        log.error("planner says: %s", error.reason)
+        if error.kind == "no_ready":  # the planner forgot us (it restarted): register again
+            self._must_reconnect = True
+
+    def _on_refused(self, reason: str) -> None:
+        """Another live engine has our id. Retry for two liveness windows (a namesake that just
+        died is declared dead by then: this may be its restart), then give up for good."""
+        now_s = time.monotonic()
+        if self._refused_since_s is None:
+            self._refused_since_s = now_s
+            log.warning("the planner refused this engine (retrying for a while): %s", reason)
+        patience_s = 2 * self.config.liveness * self.config.heartbeat_interval_s
+        if now_s - self._refused_since_s > patience_s:
+            self.fatal_error = f"the planner refused this engine: {reason}"
+            log.error("%s", self.fatal_error)
+            self.stop()
+        self._must_reconnect = True
 
     # ------------------------------------------------------------------ plans and steps
 

@@ -25,6 +25,7 @@ import inspect
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import msgspec
@@ -59,6 +60,7 @@ class EngineLink:
     last_sent_s: float = 0.0
     sent_request_ids: set[str] = field(default_factory=set)
     last_step_time_s: float = 0.0
+    engine_instance: str = ""  # Ready.engine_instance
     replan_expected_sent: bool | None = None  # the last `replan_expected` told to the engine
 
 
@@ -69,6 +71,9 @@ class PlannerDaemon:
         make_router(config.router, config.max_forwards)
         _check_core_params(config.core_params)
         self.core: PlannerCore | None = None  # made when the first engine connects
+        # Says to clients and engines which planner process they talk to: a new id means a
+        # restart, and that requests known to the old one will never end here.
+        self.planner_id = uuid.uuid4().hex[:12]
         self.context = context or zmq.Context.instance()
         self.metrics = PlannerMetrics()
         self.stop_event = threading.Event()
@@ -87,6 +92,9 @@ class PlannerDaemon:
 
     def now_s(self) -> float:
         return time.monotonic() - self._t0
+
+    def _heartbeat(self, now_s: float, **fields) -> P.Heartbeat:
+        return P.Heartbeat(sender_id="planner", sent_s=now_s, planner_id=self.planner_id, **fields)
 
     def _bind(self) -> tuple[zmq.Socket, zmq.Socket]:
         """Both ROUTER sockets, bound. A bind that fails (the port is taken) closes what was
@@ -236,33 +244,12 @@ class PlannerDaemon:
             self._on_progress(link, message, now_s)
 
     def _on_ready(self, identity: bytes, ready: P.Ready, now_s: float) -> None:
-        if ready.protocol_version != P.PROTOCOL_VERSION:
-            self._reject_frame(
-                self.engine_socket,
-                "engine",
-                identity,
-                P.ProtocolError(
-                    f"protocol version {ready.protocol_version} != {P.PROTOCOL_VERSION}", "version"
-                ),
-            )
+        refusal = self._ready_refusal(identity, ready)
+        if refusal is not None:
+            self._reject_frame(self.engine_socket, "engine", identity, refusal)
             return
-        for old in [
-            lk
-            for lk in self.engines.values()
-            if lk.identity == identity or lk.engine_id == ready.engine_id
-        ]:
-            self._declare_dead(old, now_s, "reconnected")
-        perf_model = self.config.perf_model_for(ready.engine_id)
-        if perf_model is None and ready.perf_model is not None:
-            try:
-                perf_model = P.perf_model_from_wire(ready.perf_model)
-            except ValueError as exc:
-                self._reject_frame(
-                    self.engine_socket, "engine", identity, P.ProtocolError(str(exc), "bad_ready")
-                )
-                return
-        perf_model = perf_model or self.config.perf_model
         try:
+            perf_model = self._perf_model_of(ready)
             spec = ReplicaSpec(
                 replica_id=self._next_replica_id,
                 perf_model=perf_model,
@@ -275,14 +262,27 @@ class PlannerDaemon:
                 self.engine_socket, "engine", identity, P.ProtocolError(str(exc), "bad_ready")
             )
             return
+        for old in [
+            lk
+            for lk in self.engines.values()
+            if lk.identity == identity or lk.engine_id == ready.engine_id
+        ]:  # the same engine on a fresh socket: its old connection is over
+            self._declare_dead(old, now_s, "reconnected")
         self._next_replica_id += 1
-        link = EngineLink(identity, ready.engine_id, spec.replica_id, perf_model, now_s)
+        link = EngineLink(
+            identity,
+            ready.engine_id,
+            spec.replica_id,
+            perf_model,
+            last_heard_s=now_s,
+            engine_instance=ready.engine_instance,
+        )
         self.engines[identity] = link
         self.metrics.engines.set(len(self.engines))
         log.info(
             "engine %s ready as replica %d (%s)", ready.engine_id, spec.replica_id, perf_model.name
         )
-        self._send_engine(link, P.Heartbeat(sender_id="planner", sent_s=now_s))
+        self._send_engine(link, self._heartbeat(now_s))
         if self.core is None:
             try:
                 self.core = build_core(self.config, spec)
@@ -297,6 +297,42 @@ class PlannerDaemon:
                 )
         else:
             self._apply("add_replica", self.core.add_replica, spec, now_s)
+
+    def _ready_refusal(self, identity: bytes, ready: P.Ready) -> P.ProtocolError | None:
+        """Why a READY is refused, if it is: another protocol version, or an engine id that a
+        live engine of another process already uses (a reconnect of the same process, or an
+        engine that sends no instance, replaces its old connection instead)."""
+        if ready.protocol_version != P.PROTOCOL_VERSION:
+            return P.ProtocolError(
+                f"protocol version {ready.protocol_version} != {P.PROTOCOL_VERSION}", "version"
+            )
+        for link in self.engines.values():
+            if (
+                link.engine_id == ready.engine_id
+                and link.identity != identity
+                and ready.engine_instance
+                and link.engine_instance
+                and link.engine_instance != ready.engine_instance
+            ):
+                log.error(
+                    "refused a second engine with the id %r (replica %d has it): "
+                    "every engine needs its own --engine-id",
+                    ready.engine_id,
+                    link.replica_id,
+                )
+                return P.ProtocolError(
+                    f"engine id {ready.engine_id!r} is already used by a live engine "
+                    f"(replica {link.replica_id}); give every engine its own --engine-id",
+                    "duplicate_engine_id",
+                )
+        return None
+
+    def _perf_model_of(self, ready: P.Ready) -> PerfModel:
+        """The config's model for this engine id, else the engine's own, else the default."""
+        perf_model = self.config.perf_model_for(ready.engine_id)
+        if perf_model is None and ready.perf_model is not None:
+            perf_model = P.perf_model_from_wire(ready.perf_model)
+        return perf_model or self.config.perf_model
 
     def _on_progress(self, link: EngineLink, report: P.StepReport, now_s: float) -> None:
         """Feed the report to the core and answer it at once: with the new plan it caused, or
@@ -316,7 +352,7 @@ class PlannerDaemon:
             if now_s - link.last_heard_s > silence_limit_s:
                 self._declare_dead(link, now_s, "silent")
             elif now_s - link.last_sent_s >= self.config.heartbeat_interval_s:
-                self._send_engine(link, P.Heartbeat(sender_id="planner", sent_s=now_s))
+                self._send_engine(link, self._heartbeat(now_s))
 
     def _declare_dead(self, link: EngineLink, now_s: float, why: str) -> None:
         """Forget the engine; the core moves its requests to the other replicas (recompute)."""
@@ -329,7 +365,8 @@ class PlannerDaemon:
         self.engines.pop(link.identity, None)
         self.metrics.engine_deaths.inc()
         self.metrics.engines.set(len(self.engines))
-        self._apply("remove_replica", self.core.remove_replica, link.replica_id, now_s)
+        if self.core is not None:
+            self._apply("remove_replica", self.core.remove_replica, link.replica_id, now_s)
 
     def _send_engine(self, link: EngineLink, message: P._Msg) -> None:
         self.engine_socket.send_multipart([link.identity, *P.encode(message)])
@@ -356,12 +393,17 @@ class PlannerDaemon:
             stats = msgspec.structs.replace(self.stats(), query_id=message.query_id)
             self._send_client(identity, stats)
         elif isinstance(message, P.Heartbeat):
-            self._send_client(identity, P.Heartbeat(sender_id="planner", sent_s=now_s))
+            self._send_client(identity, self._heartbeat(now_s))
 
     def _on_submit(self, client: bytes, submit: P.Submit, now_s: float) -> None:
         if submit.request_id in self.book:
             self._send_client(
-                client, P.ErrorMsg(f"duplicate request id {submit.request_id!r}", submit.request_id)
+                client,
+                P.ErrorMsg(
+                    f"duplicate request id {submit.request_id!r}",
+                    submit.request_id,
+                    planner_id=self.planner_id,
+                ),
             )
             return
         try:
@@ -448,13 +490,13 @@ class PlannerDaemon:
             link, step_id = answer
             flag = output.replan_expected.get(link.replica_id)
             self._send_engine(
-                link, P.Heartbeat("planner", now_s, ack_step_id=step_id, replan_expected=flag)
+                link, self._heartbeat(now_s, ack_step_id=step_id, replan_expected=flag)
             )
             link.replan_expected_sent = flag
         for link in list(self.engines.values()):  # outlooks that changed without a plan
             flag = output.replan_expected.get(link.replica_id)
             if flag is not None and flag != link.replan_expected_sent:
-                self._send_engine(link, P.Heartbeat("planner", now_s, replan_expected=flag))
+                self._send_engine(link, self._heartbeat(now_s, replan_expected=flag))
                 link.replan_expected_sent = flag
 
     def _decide(self, tracked: Tracked, decision: Decision, replica_id: int | None) -> None:
@@ -475,6 +517,7 @@ class PlannerDaemon:
                 tpot_s=request.slo.tpot_s,
                 thinking_tpot_s=request.slo.thinking_tpot_s,
                 num_thinking_tokens=request.num_thinking_tokens,
+                planner_id=self.planner_id,
             ),
         )
         if decision.verdict is Verdict.REJECTED:
@@ -541,7 +584,11 @@ class PlannerDaemon:
         log.warning("rejected %s frame: %s", side, exc)
         try:
             socket.send_multipart(
-                [identity, *P.encode(P.ErrorMsg(str(exc)[:500], request_id, exc.kind))], zmq.NOBLOCK
+                [
+                    identity,
+                    *P.encode(P.ErrorMsg(str(exc)[:500], request_id, exc.kind, self.planner_id)),
+                ],
+                zmq.NOBLOCK,
             )
         except zmq.ZMQError:
             pass
@@ -556,7 +603,7 @@ class PlannerDaemon:
         return self.book.records()
 
     def stats(self) -> P.Stats:
-        return self.book.stats(
+        stats = self.book.stats(
             {
                 "num_rejected_frames": float(self.num_rejected_frames),
                 "num_engine_deaths": float(self.metrics.engine_deaths._value.get()),
@@ -564,6 +611,7 @@ class PlannerDaemon:
             },
             num_engines=len(self.engines),
         )
+        return msgspec.structs.replace(stats, planner_id=self.planner_id)
 
 
 def build_core(config: PlannerConfig, first_replica: ReplicaSpec) -> PlannerCore:

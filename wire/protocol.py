@@ -79,6 +79,9 @@ class Ready(_Msg):
     max_model_len: PosInt = 1 << 20
     engine_name: str = "engine"
     next_step_id: NonNegInt = 0
+    # Random per engine process, the same across its reconnects: a READY with a connected engine
+    # id but another instance is a second engine using the id (refused), not a reconnect.
+    engine_instance: str = ""
 
 
 class EngineRequest(_Msg):
@@ -185,6 +188,7 @@ class Heartbeat(_Msg):
     sent_s: float = 0.0
     ack_step_id: int | None = None
     replan_expected: bool | None = None
+    planner_id: str = ""  # from the planner: its instance id (see VerdictMsg.planner_id)
 
 
 # --------------------------------------------------------------------------- client <-> planner
@@ -242,6 +246,9 @@ class VerdictMsg(_Msg):
     tpot_s: float = 0.0
     thinking_tpot_s: float | None = None
     num_thinking_tokens: int = 0
+    # The planner process that decided (random per start): a client that hears another id knows
+    # the planner restarted and that requests decided by the old one will never end there.
+    planner_id: str = ""
 
 
 class Tokens(_Msg):
@@ -270,15 +277,20 @@ class Stats(_Msg):
     num_requests_by_class: dict[str, int] = {}
     num_engines: int = 0
     query_id: int = 0  # the StatsRequest's
+    planner_id: str = ""
 
 
 class ErrorMsg(_Msg):
     """A refusal. `kind` is ProtocolError.kind; an engine told `no_ready` (the planner does not
-    know it, e.g. after a planner restart) registers again with a fresh READY."""
+    know it, e.g. after a planner restart) registers again with a fresh READY; one told
+    `duplicate_engine_id` (another live engine has its id) retries for a while, then gives up.
+    Errors the client makes up itself (the planner restarted or went silent) carry the kinds
+    `planner_restarted` / `planner_unreachable`."""
 
     reason: str
     request_id: str = ""
     kind: str = ""
+    planner_id: str = ""
 
 
 # --------------------------------------------------------------------------- framing
