@@ -12,6 +12,12 @@ callers hand it messages through a queue and wake it through a pipe, so `submit`
 (or from an asyncio loop, see `RequestHandle.events_async`) never blocks on the network. The HTTP
 front door builds on this.
 
+Endings: every request ends, with its last tokens, a rejection, or an error. Errors the client
+makes up itself arrive as `ErrorMsg` events too: `planner_unreachable` when the planner has been
+silent for `liveness` heartbeat intervals, and `planner_restarted` when replies come from another
+planner process (each reply carries the planner's instance id): the new planner knows none of the
+old one's requests, so they would never end otherwise.
+
 Times: the client stamps a request's arrival when it is handed to the I/O thread and each token
 when its message is received, on its own monotonic clock (`client.now_s()`), so a client-side report
 measures what a user would see, network included.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -39,6 +46,8 @@ from wire import protocol as P
 from wire.endpoint import check_endpoint
 from wire.security import CurveKeys
 
+log = logging.getLogger("slos_serve.client")
+
 
 class ClientError(RuntimeError):
     """The planner refused a request or did not answer in time."""
@@ -50,6 +59,9 @@ class RequestHandle:
 
     submit: P.Submit
     arrival_s: float  # client clock
+    # The planner process the request lives in (P.VerdictMsg.planner_id): the one the client knew
+    # when it submitted, then the one that answered. "" : none known yet.
+    planner_id: str = ""
     verdict_msg: P.VerdictMsg | None = None
     error: str = ""
     token_times_s: list[float] = field(default_factory=list)
@@ -174,6 +186,13 @@ class RequestHandle:
         if ends:
             self._end(now_s)
 
+    def _fail(self, reason: str, kind: str, now_s: float) -> None:
+        """End the request with an error the client made up itself (the planner restarted or
+        went silent), delivered as an ErrorMsg event like the planner's own, so that every
+        consumer (token iterators, async streams, callbacks) sees why it ended."""
+        if not self._done.is_set():
+            self._deliver(P.ErrorMsg(reason, self.request_id, kind), now_s)
+
     def _end(self, now_s: float) -> None:
         if self._done.is_set():
             return
@@ -225,6 +244,10 @@ class PlannerClient:
         self._stats_lock = threading.Lock()
         self._next_query_id = itertools.count(1)
         self._errors: list[str] = []
+        # The planner process last heard (its id in every reply); "" until one answers. A new id
+        # means the planner restarted: requests of the old one are lost.
+        self.planner_id = ""
+        self.num_planner_restarts = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._io_loop, name="planner-client-io", daemon=True)
         self._thread.start()
@@ -241,7 +264,7 @@ class PlannerClient:
             fields.setdefault("request_id", f"{self.client_id}-{uuid.uuid4().hex[:12]}")
             request = P.Submit(**fields)
         _ = request.prompt_length  # a prompt is required: fail here, not at the planner
-        handle = RequestHandle(request, arrival_s=self.now_s())
+        handle = RequestHandle(request, arrival_s=self.now_s(), planner_id=self.planner_id)
         self._handles[request.request_id] = handle
         self._send(request)
         return handle
@@ -349,6 +372,14 @@ class PlannerClient:
         os.write(self._wake_w, b"x")
 
     def _io_loop(self) -> None:
+        try:
+            self._serve_socket()
+        except Exception as exc:  # a client bug must not leave requests hanging
+            log.exception("the planner client's I/O thread failed")
+            self._stop.set()
+            self._fail_open(f"planner client failed: {exc}", "client_error")
+
+    def _serve_socket(self) -> None:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.IDENTITY, self.client_id.encode())
         socket.setsockopt(zmq.LINGER, 0)
@@ -368,6 +399,7 @@ class PlannerClient:
                 self._flush(socket)
                 if socket in events:
                     self._drain(socket)
+                    self._flush(socket)  # what handling the replies queued (aborts)
                 self._keep_alive(socket)
         finally:
             socket.close(linger=0)
@@ -382,10 +414,14 @@ class PlannerClient:
                 pass  # nobody to talk to; liveness below decides
             self._last_sent_s = now
         if now - self._last_heard_s > self.liveness * self.heartbeat_interval_s:
-            for handle in list(self._handles.values()):
-                if not handle.done:
-                    handle.error = handle.error or "planner unreachable"
-                    handle._end(self.now_s())
+            self._fail_open("planner unreachable", "planner_unreachable")
+
+    def _fail_open(self, reason: str, kind: str, unless_planner: str | None = None) -> None:
+        """End every open request (except those of planner `unless_planner`) with an error."""
+        now_s = self.now_s()
+        for handle in list(self._handles.values()):
+            if not handle.done and (unless_planner is None or handle.planner_id != unless_planner):
+                handle._fail(reason, kind, now_s)
 
     def _flush(self, socket: zmq.Socket) -> None:
         """Send what callers queued. Never blocks: while the planner cannot take messages (not
@@ -419,15 +455,48 @@ class PlannerClient:
             self._route(message, now_s)
 
     def _route(self, message: P._Msg, now_s: float) -> None:
+        request_id = getattr(message, "request_id", "")
+        handle = self._handles.get(request_id) if request_id else None
+        planner_id = getattr(message, "planner_id", "")
+        if planner_id:
+            if handle is not None and not handle.done:
+                handle.planner_id = planner_id  # it lives there, whoever it was sent to
+            self._notice_planner(planner_id)
         if isinstance(message, P.Stats):
             with self._stats_lock:
                 waiter = self._stats_waiters.get(message.query_id)
             if waiter is not None:
                 waiter.put(message)
             return
-        request_id = getattr(message, "request_id", "")
-        handle = self._handles.get(request_id) if request_id else None
-        if handle is not None:
+        if handle is not None and not handle.done:
             handle._deliver(message, now_s)
-        elif isinstance(message, P.ErrorMsg):
+        elif isinstance(message, P.VerdictMsg) and message.verdict != Verdict.REJECTED.value:
+            # admitted for nobody (given up on, or failed by a restart meanwhile): stop it
+            self._send_now(P.Abort(request_id, "the client no longer waits for it"))
+        elif isinstance(message, P.ErrorMsg) and handle is None:
             self._errors.append(message.reason)
+
+    def _notice_planner(self, planner_id: str) -> None:
+        """A reply from planner `planner_id`. If it is not the one heard before, the planner
+        restarted: the new one knows none of the old one's requests, so they end now with an
+        error (and an ABORT, in case one reached the new planner after all)."""
+        previous = self.planner_id
+        self.planner_id = planner_id
+        if not previous or previous == planner_id:
+            return
+        self.num_planner_restarts += 1
+        log.warning(
+            "the planner restarted (%s -> %s); failing its open requests", previous, planner_id
+        )
+        lost = [h for h in self._handles.values() if not h.done and h.planner_id != planner_id]
+        self._fail_open(
+            f"the planner restarted (instance {previous} -> {planner_id}); the request was lost",
+            "planner_restarted",
+            unless_planner=planner_id,
+        )
+        for handle in lost:
+            self._send_now(P.Abort(handle.request_id, "lost in a planner restart"))
+
+    def _send_now(self, message: P._Msg) -> None:
+        """Queue a message from the I/O thread itself (it flushes on its next turn)."""
+        self._outbox.put(P.encode(message))

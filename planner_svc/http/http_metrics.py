@@ -54,6 +54,11 @@ class HttpMetrics:
             "Requests aborted because the client went away",
             registry=r,
         )
+        self.planner_restarts = Gauge(
+            "slos_http_planner_restarts",
+            "Planner restarts noticed (a new planner instance id); requests in flight were failed",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "slos_http_requests_in_flight", "Generation requests being served", registry=r
         )

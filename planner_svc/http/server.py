@@ -47,6 +47,8 @@ from wire import protocol as P
 log = logging.getLogger("slos_serve.http")
 
 VERDICT_HEADER = "X-SLO-Verdict"
+# ErrorMsg kinds the planner client makes up when the planner is gone or restarted: 503, not 400.
+CLIENT_SIDE_ERRORS = frozenset({"planner_restarted", "planner_unreachable", "client_error"})
 _JSON = msgspec.json.Encoder()
 
 
@@ -111,6 +113,7 @@ class ApiServer:
         return _json_response(body, 200 if stats.num_engines else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:
+        self.metrics.planner_restarts.set(self.client.num_planner_restarts)
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
     # ------------------------------------------------------------------ generation
@@ -177,6 +180,14 @@ class ApiServer:
                 error_type="server_error",
                 headers={"Retry-After": "1"},
             ) from None
+        if isinstance(event, P.ErrorMsg) and event.kind in CLIENT_SIDE_ERRORS:
+            raise ApiError(
+                503,
+                f"the planner is not available: {event.reason}",
+                code="planner_unavailable",
+                error_type="server_error",
+                headers={"Retry-After": "1"},
+            )
         if isinstance(event, P.ErrorMsg):
             raise ApiError(
                 400, f"the planner refused the request: {event.reason}", code="planner_refused"
@@ -221,16 +232,10 @@ class ApiServer:
         await response.prepare(request)
         output = OutputText(self.tokenizer, job.stop)
         slo = slo_info(verdict, job.slo.slo_class)
+        lost_reason = "the request ended before its last token"
         async for event in events:
             if isinstance(event, (P.ErrorMsg, P.VerdictMsg)):  # lost after admission
-                reason = getattr(event, "reason", "")
-                await response.write(
-                    _sse(
-                        ApiError(
-                            503, f"the request was lost: {reason}", error_type="server_error"
-                        ).body()
-                    )
-                )
+                lost_reason = getattr(event, "reason", "") or lost_reason
                 break
             if not isinstance(event, P.Tokens):
                 continue
@@ -250,6 +255,14 @@ class ApiServer:
             self._observe_token(progress, job)
             if finish_reason is not None:
                 break
+        if progress.finish_reason is None:  # never just stop: say why there is no more
+            error = ApiError(
+                503,
+                f"the request was lost: {lost_reason}",
+                code="request_lost",
+                error_type="server_error",
+            )
+            await response.write(_sse(error.body()))
         if progress.finish_reason is not None and job.include_usage:
             await response.write(
                 _sse(head.usage_chunk(usage(len(job.prompt_token_ids), len(progress.token_ids))))
