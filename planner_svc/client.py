@@ -33,10 +33,12 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from formulations.plan import Verdict
 from formulations.request import Request, ToolChain
@@ -44,7 +46,7 @@ from formulations.slo import SLO
 from planner_svc.records import RequestRecord
 from wire import protocol as P
 from wire.endpoint import check_endpoint
-from wire.security import CurveKeys
+from wire.security import HANDSHAKE_EVENTS, CurveKeys, handshake_failure_reason
 
 log = logging.getLogger("slos_serve.client")
 
@@ -243,7 +245,9 @@ class PlannerClient:
         self._stats_waiters: dict[int, queue.Queue] = {}
         self._stats_lock = threading.Lock()
         self._next_query_id = itertools.count(1)
-        self._errors: list[str] = []
+        self._errors: deque[str] = deque(maxlen=1000)  # the latest, not a flood's every line
+        self.num_handshake_failures = 0
+        self.connection_problem = ""  # why the planner may be silent, when the client knows
         # The planner process last heard (its id in every reply); "" until one answers. A new id
         # means the planner restarted: requests of the old one are lost.
         self.planner_id = ""
@@ -383,12 +387,15 @@ class PlannerClient:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.IDENTITY, self.client_id.encode())
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, P.socket_frame_limit(self.max_frame_bytes))
         if self._curve is not None:
             self._curve.apply_client(socket)
+        monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS)
         socket.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         self._last_heard_s = self._last_sent_s = time.monotonic()
         poll_ms = max(1, int(1000 * self.heartbeat_interval_s / 2))
         try:
@@ -400,9 +407,27 @@ class PlannerClient:
                 if socket in events:
                     self._drain(socket)
                     self._flush(socket)  # what handling the replies queued (aborts)
+                if monitor in events:
+                    self._note_handshake_failures(monitor)
                 self._keep_alive(socket)
         finally:
+            socket.disable_monitor()
+            monitor.close(linger=0)
             socket.close(linger=0)
+
+    def _note_handshake_failures(self, monitor: zmq.Socket) -> None:
+        """A failed handshake (wrong CURVE keys, CURVE on one side only) leaves the planner
+        silent: remember why, so that the requests that then fail say so."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            self.num_handshake_failures += 1
+            self.connection_problem = (
+                f"the handshake with the planner failed ({handshake_failure_reason(event)}): "
+                "check the CURVE keys"
+            )
 
     def _keep_alive(self, socket: zmq.Socket) -> None:
         """Heartbeat the planner (it echoes); fail open requests when it has gone silent."""
@@ -414,7 +439,8 @@ class PlannerClient:
                 pass  # nobody to talk to; liveness below decides
             self._last_sent_s = now
         if now - self._last_heard_s > self.liveness * self.heartbeat_interval_s:
-            self._fail_open("planner unreachable", "planner_unreachable")
+            problem = f" ({self.connection_problem})" if self.connection_problem else ""
+            self._fail_open(f"planner unreachable{problem}", "planner_unreachable")
 
     def _fail_open(self, reason: str, kind: str, unless_planner: str | None = None) -> None:
         """End every open request (except those of planner `unless_planner`) with an error."""
@@ -447,6 +473,7 @@ class PlannerClient:
                 return
             now_s = self.now_s()
             self._last_heard_s = time.monotonic()
+            self.connection_problem = ""
             try:
                 message = P.decode(frames, P.PLANNER_TO_CLIENT, self.max_frame_bytes)
             except P.ProtocolError as exc:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from formulations import registry
 from formulations.perf_model import PerfModel
@@ -44,8 +45,11 @@ from planner_svc.request_book import RequestBook, Tracked
 from planner_svc.router import make_router
 from planner_svc.triggers import ReplanPolicy
 from wire import protocol as P
+from wire.rate_limited_log import RateLimitedLog
+from wire.security import HANDSHAKE_EVENTS, handshake_failure_reason
 
 log = logging.getLogger("slos_serve.daemon")
+MONITORED_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
 
 
 @dataclass
@@ -86,7 +90,13 @@ class PlannerDaemon:
         self._last_tick_s = 0.0
         self._last_gauges_s = 0.0
         self._authenticator = None
+        self._log = RateLimitedLog(log)  # what peers can make us log at will
         self.engine_socket, self.client_socket = self._bind()
+        # socket-monitor PAIR socket -> the side it watches (failed handshakes, disconnects)
+        self._monitors = {
+            self.engine_socket.get_monitor_socket(MONITORED_EVENTS): "engine",
+            self.client_socket.get_monitor_socket(MONITORED_EVENTS): "client",
+        }
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -108,6 +118,10 @@ class PlannerDaemon:
             sockets.append(socket)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            # ZeroMQ drops a peer that sends a frame over this before reading it: a 100 MB frame
+            # never reaches memory. Frames a little over max_frame_bytes are still read, to be
+            # answered and counted as oversized.
+            socket.setsockopt(zmq.MAXMSGSIZE, P.socket_frame_limit(self.config.max_frame_bytes))
             if self.config.curve is not None:
                 socket.curve_secretkey = self.config.curve.secret_key.encode()
                 socket.curve_publickey = self.config.curve.public_key.encode()
@@ -155,6 +169,8 @@ class PlannerDaemon:
         poller = zmq.Poller()
         poller.register(self.engine_socket, zmq.POLLIN)
         poller.register(self.client_socket, zmq.POLLIN)
+        for monitor in self._monitors:
+            poller.register(monitor, zmq.POLLIN)
         try:
             while not self.stop_event.is_set():
                 events = dict(poller.poll(self._poll_timeout_ms()))
@@ -162,6 +178,9 @@ class PlannerDaemon:
                     self._drain(self.engine_socket, self._on_engine_frames)
                 if self.client_socket in events:
                     self._drain(self.client_socket, self._on_client_frames)
+                for monitor, side in self._monitors.items():
+                    if monitor in events:
+                        self._on_monitor_events(monitor, side)
                 self._housekeeping()
         finally:
             self.close()
@@ -170,6 +189,10 @@ class PlannerDaemon:
         self.stop_event.set()
 
     def close(self) -> None:
+        for socket in (self.engine_socket, self.client_socket):
+            socket.disable_monitor()
+        for monitor in self._monitors:
+            monitor.close(linger=0)
         self.engine_socket.close(linger=0)
         self.client_socket.close(linger=0)
         if self._authenticator is not None:
@@ -196,8 +219,31 @@ class PlannerDaemon:
                 return
             handle(frames)
 
+    def _on_monitor_events(self, monitor: zmq.Socket, side: str) -> None:
+        """Count (and log, rate-limited) failed handshakes and closed connections: a peer with
+        the wrong CURVE keys, or one that does not speak ZeroMQ, gets nothing back, so this is
+        the only place it shows."""
+        for _ in range(1000):
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_DISCONNECTED:
+                self.metrics.disconnects.labels(side).inc()
+                continue
+            reason = handshake_failure_reason(event)
+            self.metrics.handshake_failures.labels(side, reason).inc()
+            self._log.warning(
+                f"{side} handshake",
+                "a peer failed the %s socket's handshake (%s)%s",
+                side,
+                reason,
+                ": check its CURVE keys" if self.config.curve is not None else "",
+            )
+
     def _housekeeping(self) -> None:
         now_s = self.now_s()
+        self._log.tick()
         self._check_engines(now_s)
         if self.core is None:
             return
@@ -314,7 +360,8 @@ class PlannerDaemon:
                 and link.engine_instance
                 and link.engine_instance != ready.engine_instance
             ):
-                log.error(
+                self._log.error(
+                    "duplicate engine id",
                     "refused a second engine with the id %r (replica %d has it): "
                     "every engine needs its own --engine-id",
                     ready.engine_id,
@@ -581,7 +628,7 @@ class PlannerDaemon:
     ) -> None:
         self.num_rejected_frames += 1
         self.metrics.rejected_frames.labels(side, exc.kind).inc()
-        log.warning("rejected %s frame: %s", side, exc)
+        self._log.warning(f"rejected {side} frame", "rejected %s frame: %s", side, exc)
         try:
             socket.send_multipart(
                 [

@@ -73,6 +73,19 @@ class PlannerMetrics:
             ["socket", "reason"],
             registry=r,
         )
+        self.handshake_failures = Counter(
+            "slos_handshake_failures",
+            "Connections whose handshake failed (wrong CURVE keys, not ZeroMQ), by socket and "
+            "reason (auth, protocol, no_detail)",
+            ["socket", "reason"],
+            registry=r,
+        )
+        self.disconnects = Counter(
+            "slos_peer_disconnects",
+            "Peer connections closed (also those ZeroMQ drops for a frame over the limit)",
+            ["socket"],
+            registry=r,
+        )
         self.core_errors = Counter("slos_core_errors", "Planner core calls that raised", registry=r)
         self.plans_sent = Counter("slos_plans_sent", "PLAN messages sent", registry=r)
 

@@ -36,6 +36,9 @@ from formulations.plan import Step
 
 PROTOCOL_VERSION = 2
 DEFAULT_MAX_FRAME_BYTES = 8 << 20  # a larger payload is rejected before decoding
+# Frames up to this much over the limit are still read (and answered as oversized); ZeroMQ drops
+# the connection of a peer that sends a larger one before reading it (see socket_frame_limit).
+FRAME_LIMIT_SLACK_BYTES = 64 << 10
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -344,6 +347,11 @@ PLANNER_TO_CLIENT = frozenset(
         MessageType.ERROR,
     }
 )
+
+
+def socket_frame_limit(max_frame_bytes: int) -> int:
+    """ZeroMQ's MAXMSGSIZE for a socket that accepts payloads of up to `max_frame_bytes`."""
+    return max_frame_bytes + FRAME_LIMIT_SLACK_BYTES
 
 
 def encode(message: _Msg) -> list[bytes]:
