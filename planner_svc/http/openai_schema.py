@@ -116,6 +116,8 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         body = _JSON_DECODER.decode(raw)
     except msgspec.DecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
@@ -133,8 +135,11 @@ def parse_job(
     for name, refused in _REFUSED.items():
         if refused(body.get(name)):
             raise bad_request(f"'{name}' is not supported by this server", name, "unsupported")
-    prompt_ids = _chat_prompt(body, tokenizer) if chat else _completion_prompt(body, tokenizer)
     max_model_len = _max_model_len(config, tokenizer)
+    if chat:
+        prompt_ids = _chat_prompt(body, tokenizer, max_model_len)
+    else:
+        prompt_ids = _completion_prompt(body, tokenizer, max_model_len)
     max_tokens = _max_tokens(body, chat, config)
     if len(prompt_ids) + max_tokens > max_model_len:
         raise bad_request(
@@ -178,12 +183,14 @@ def _model(body: dict[str, Any], config: ApiConfig) -> str:
     return model
 
 
-def _completion_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) -> list[int]:
+def _completion_prompt(
+    body: dict[str, Any], tokenizer: TextTokenizer | None, max_model_len: int
+) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        return _encode(prompt, tokenizer, "prompt")
+        return _encode(prompt, tokenizer, "prompt", max_model_len)
     if isinstance(prompt, list) and prompt and set(map(type, prompt)) == {int}:  # C-speed check
         return _check_token_ids(prompt, tokenizer)
     if isinstance(prompt, list) and len(prompt) > 1:
@@ -197,7 +204,9 @@ def _completion_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) ->
     )
 
 
-def _chat_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) -> list[int]:
+def _chat_prompt(
+    body: dict[str, Any], tokenizer: TextTokenizer | None, max_model_len: int
+) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "messages")
@@ -214,7 +223,7 @@ def _chat_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) -> list[
             "messages",
             "no_tokenizer",
         )
-    return _encode(tokenizer.render_chat(rendered), tokenizer, "messages")
+    return _encode(tokenizer.render_chat(rendered), tokenizer, "messages", max_model_len)
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -234,13 +243,24 @@ def _content_text(content: Any, where: str) -> str:
     raise bad_request(f"{where}.content must be a string or a list of text parts", where)
 
 
-def _encode(text: str, tokenizer: TextTokenizer | None, param: str) -> list[int]:
+def _encode(
+    text: str, tokenizer: TextTokenizer | None, param: str, max_model_len: int
+) -> list[int]:
     if tokenizer is None:
         raise bad_request(
             "this server has no tokenizer (start it with --model-dir): send the "
             "prompt as a list of token ids",
             param,
             "no_tokenizer",
+        )
+    max_chars = max_model_len * tokenizer.max_token_bytes
+    if len(text) > max_chars:  # certainly too long: no need to spend seconds tokenizing it
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens, and a token covers "
+            f"at most {tokenizer.max_token_bytes} bytes: a {param} of {len(text)} characters "
+            f"(more than {max_chars}) cannot fit. Please reduce the {param}.",
+            param,
+            "context_length_exceeded",
         )
     ids = tokenizer.encode(text)
     if not ids:

@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
@@ -47,6 +48,10 @@ from wire import protocol as P
 log = logging.getLogger("slos_serve.http")
 
 VERDICT_HEADER = "X-SLO-Verdict"
+# Bodies up to this size are parsed on the event loop (a few hundred microseconds at most); larger
+# ones, which may carry a long text prompt, in one of PARSE_THREADS worker threads.
+INLINE_PARSE_BYTES = 16 << 10
+PARSE_THREADS = 2
 # ErrorMsg kinds the planner client makes up when the planner is gone or restarted: 503, not 400.
 CLIENT_SIDE_ERRORS = frozenset({"planner_restarted", "planner_unreachable", "client_error"})
 _JSON = msgspec.json.Encoder()
@@ -77,6 +82,8 @@ class ApiServer:
         self.tokenizer = tokenizer
         self.metrics = HttpMetrics()
         self.created_s = int(time.time())
+        # Few threads: a burst of huge prompts queues here instead of taking every core.
+        self._parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="http-parse")
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -128,8 +135,7 @@ class ApiServer:
         arrival_s = time.monotonic()
         arrival_client_s = self.client.now_s()  # the same instant on the planner client's clock
         api_key = self._check_api_key(request)
-        body = parse_json_body(await request.read())
-        job = parse_job(body, chat, self.config, self.tokenizer, api_key)
+        job = await self._parse(await request.read(), chat, api_key)
         head = ResponseHead(
             f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             int(time.time()),
@@ -164,6 +170,18 @@ class ApiServer:
                 self.client.abort(handle.request_id, abort_reason[:200])
             self.client.forget(handle.request_id)
             await events.aclose()
+
+    async def _parse(self, raw: bytes, chat: bool, api_key: str | None) -> GenerationJob:
+        """The body as a job. Large bodies are decoded and tokenized in a worker thread (the
+        tokenizer releases the GIL): tokenizing a long prompt takes seconds, during which the
+        event loop must keep serving everyone else."""
+        if len(raw) <= INLINE_PARSE_BYTES:
+            return parse_job(parse_json_body(raw), chat, self.config, self.tokenizer, api_key)
+
+        def parse() -> GenerationJob:
+            return parse_job(parse_json_body(raw), chat, self.config, self.tokenizer, api_key)
+
+        return await asyncio.get_running_loop().run_in_executor(self._parse_pool, parse)
 
     async def _verdict(
         self, handle: RequestHandle, events: AsyncIterator[P._Msg], job: GenerationJob

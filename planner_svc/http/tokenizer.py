@@ -8,6 +8,7 @@ model's own Jinja chat template; the random-weight models of this project have n
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +52,19 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token covers (an upper bound: the longest entry of
+        the vocabulary, in UTF-8). A text of more than `n * max_token_bytes` characters has more
+        than n tokens, assuming the normalizer deletes no characters (ours deletes none)."""
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        return max((len(token.encode()) for token in vocab), default=1)
+
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`. Through `encode_batch`, which releases the GIL while it works,
+        unlike `encode`: a long prompt tokenized in a worker thread then does not stall the
+        server's event loop."""
+        return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of `token_ids`; special tokens (EOS) and ids outside the vocabulary are skipped."""
