@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "max_model_len=2048; repeatable; adds to SLOS_SERVE_VLLM_ARGS",
     )
     add_curve_arguments(parser)
-    add("--log-level", default="WARNING")
+    add("--log-level", default="INFO", help="INFO: connects and reconnects, nothing per step")
 
 
 def run(args: argparse.Namespace) -> int:

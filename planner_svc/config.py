@@ -15,6 +15,8 @@ heartbeat_interval_s = 0.5
 liveness = 6                               # an engine silent this many intervals is dead
 tick_interval_s = 0.01                     # planner timer resolution
 max_frame_bytes = 8388608
+max_ended_history = 10000                  # ended requests kept for STATS and duplicate-id checks
+client_timeout_s = 10.0                    # a client silent this long: its requests are aborted
 default_perf_model = "opt-13b-h100"        # for engines that send none and for TTFT slowdowns
                                            # (a preset name or a profile's perf_model.json)
 
@@ -74,6 +76,8 @@ class PlannerConfig:
     liveness: int = 6
     tick_interval_s: float = 0.01
     max_frame_bytes: int = 8 << 20
+    max_ended_history: int = 10_000
+    client_timeout_s: float = 10.0
     default_perf_model: str = "opt-13b-h100"
     slo_classes: dict[str, SLO] = field(default_factory=lambda: dict(SLO_PRESETS))
     replica_perf_models: dict[str, PerfModel] = field(default_factory=dict)  # by engine id
@@ -85,6 +89,8 @@ class PlannerConfig:
             raise ValueError("heartbeat_interval_s and tick_interval_s must be > 0, liveness >= 1")
         if self.max_frame_bytes < 1024:
             raise ValueError("max_frame_bytes must be at least 1024")
+        if self.max_ended_history < 0 or not self.client_timeout_s > 0:
+            raise ValueError("max_ended_history must be >= 0 and client_timeout_s > 0")
         check_endpoint(self.engine_endpoint, "[planner] engine_endpoint", bind=True)
         check_endpoint(self.client_endpoint, "[planner] client_endpoint", bind=True)
         if not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port < 65536:
@@ -126,6 +132,8 @@ _PLANNER_KEYS = {
     "liveness",
     "tick_interval_s",
     "max_frame_bytes",
+    "max_ended_history",
+    "client_timeout_s",
     "default_perf_model",
 }
 

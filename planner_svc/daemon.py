@@ -36,12 +36,12 @@ from formulations import registry
 from formulations.perf_model import PerfModel
 from formulations.plan import Decision, Verdict
 from planner_svc.config import PlannerConfig
-from planner_svc.core import PlannerCore
+from planner_svc.core import EXPIRED_REASON, PlannerCore
 from planner_svc.metrics import PlannerMetrics
 from planner_svc.outcome import CoreOutput
 from planner_svc.records import RequestRecord
 from planner_svc.replica import ReplicaSpec
-from planner_svc.request_book import RequestBook, Tracked
+from planner_svc.request_book import Judgement, RequestBook, Tracked
 from planner_svc.router import make_router
 from planner_svc.triggers import ReplanPolicy
 from wire import protocol as P
@@ -82,13 +82,16 @@ class PlannerDaemon:
         self.metrics = PlannerMetrics()
         self.stop_event = threading.Event()
         self.engines: dict[bytes, EngineLink] = {}  # by identity
-        self.book = RequestBook(config.slo_classes, config.perf_model)
+        self.book = RequestBook(config.slo_classes, config.perf_model, config.max_ended_history)
         self.num_rejected_frames = 0
         self.num_moved_requests = 0  # registered on another engine after theirs died
         self._next_replica_id = 0
         self._t0 = time.monotonic()
         self._last_tick_s = 0.0
         self._last_gauges_s = 0.0
+        self._last_client_check_s = 0.0
+        self._client_heard_s: dict[bytes, float] = {}  # client identity -> last frame from it
+        self._open_by_client: dict[bytes, set[str]] = {}  # its requests not yet ended
         self._authenticator = None
         self._log = RateLimitedLog(log)  # what peers can make us log at will
         self.engine_socket, self.client_socket = self._bind()
@@ -245,6 +248,7 @@ class PlannerDaemon:
         now_s = self.now_s()
         self._log.tick()
         self._check_engines(now_s)
+        self._check_clients(now_s)
         if self.core is None:
             return
         if now_s - self._last_gauges_s >= self.config.heartbeat_interval_s / 2:
@@ -412,6 +416,7 @@ class PlannerDaemon:
         self.engines.pop(link.identity, None)
         self.metrics.engine_deaths.inc()
         self.metrics.engines.set(len(self.engines))
+        self.metrics.forget_engine(link.engine_id, link.replica_id)
         if self.core is not None:
             self._apply("remove_replica", self.core.remove_replica, link.replica_id, now_s)
 
@@ -419,7 +424,7 @@ class PlannerDaemon:
         self.engine_socket.send_multipart([link.identity, *P.encode(message)])
         link.last_sent_s = self.now_s()
 
-    def _link_of(self, replica_id: int) -> EngineLink | None:
+    def _link_of(self, replica_id: int | None) -> EngineLink | None:
         return next((lk for lk in self.engines.values() if lk.replica_id == replica_id), None)
 
     # ------------------------------------------------------------------ clients
@@ -432,6 +437,7 @@ class PlannerDaemon:
             self._reject_frame(self.client_socket, "client", identity, exc)
             return
         now_s = self.now_s()
+        self._client_heard_s[identity] = now_s
         if isinstance(message, P.Submit):
             self._on_submit(identity, message, now_s)
         elif isinstance(message, P.Abort):
@@ -455,6 +461,7 @@ class PlannerDaemon:
             return
         try:
             tracked = self.book.add(submit, client, now_s)
+            self._open_by_client.setdefault(client, set()).add(submit.request_id)
         except ValueError as exc:
             self._reject_frame(
                 self.client_socket,
@@ -465,7 +472,8 @@ class PlannerDaemon:
             )
             return
         if not self.engines or self.core is None:
-            self._decide(tracked, Decision(Verdict.REJECTED, "no engine is connected"), None)
+            decision = Decision(Verdict.REJECTED, "no engine is connected")
+            self._decide(tracked, decision, None, P.VERDICT_NO_ENGINE)
             return
         payload = P.EngineRequest(
             request_id=submit.request_id,
@@ -485,9 +493,40 @@ class PlannerDaemon:
         tracked = self.book.get(abort.request_id)
         if tracked is None or tracked.done:
             return
-        self._finish(tracked)
+        self._abort(tracked, now_s)
+
+    def _abort(self, tracked: Tracked, now_s: float) -> None:
+        """End a request its client gave up on, and free its engine (the core's output tells
+        the engine, before `_finish` forgets where the request was sent)."""
         if self.core is not None:
-            self._apply("abort", self.core.abort, abort.request_id, now_s)
+            self._apply("abort", self.core.abort, tracked.request.request_id, now_s)
+        self._finish(tracked, aborted=True)
+
+    def _check_clients(self, now_s: float) -> None:
+        """Abort the open requests of clients silent for `client_timeout_s` (a client process
+        that died, or a network that went away): nobody would read their tokens. Clients
+        heartbeat while idle, so a live one is never that silent."""
+        if now_s - self._last_client_check_s < self.config.heartbeat_interval_s:
+            return
+        self._last_client_check_s = now_s
+        for client, last_heard_s in list(self._client_heard_s.items()):
+            if now_s - last_heard_s <= self.config.client_timeout_s:
+                continue
+            del self._client_heard_s[client]
+            open_ids = self._open_by_client.pop(client, set())
+            if open_ids:
+                self.metrics.client_timeouts.inc()
+                self._log.warning(
+                    "client timeout",
+                    "client %r silent for %.0f s: aborting its %d open request(s)",
+                    client[:64],
+                    now_s - last_heard_s,
+                    len(open_ids),
+                )
+            for request_id in open_ids:
+                tracked = self.book.get(request_id)
+                if tracked is not None and not tracked.done:
+                    self._abort(tracked, now_s)
 
     def _send_client(self, client: bytes, message: P._Msg) -> None:
         self.client_socket.send_multipart([client, *P.encode(message)])
@@ -523,7 +562,8 @@ class PlannerDaemon:
         for request_id, reason in output.failed:  # nowhere left to run it: an explicit verdict
             tracked = self.book.get(request_id)
             if tracked is not None and not tracked.done:
-                self._decide(tracked, Decision(Verdict.REJECTED, f"lost: {reason}"), None)
+                decision = Decision(Verdict.REJECTED, f"lost: {reason}")
+                self._decide(tracked, decision, None, P.VERDICT_LOST)
         for request_id, replica_id in output.aborts:
             link = self._link_of(replica_id)
             if link is not None and request_id in link.sent_request_ids:
@@ -546,12 +586,19 @@ class PlannerDaemon:
                 self._send_engine(link, self._heartbeat(now_s, replan_expected=flag))
                 link.replan_expected_sent = flag
 
-    def _decide(self, tracked: Tracked, decision: Decision, replica_id: int | None) -> None:
+    def _decide(
+        self, tracked: Tracked, decision: Decision, replica_id: int | None, code: str = ""
+    ) -> None:
+        """Tell the client; `code` names a rejection the service caused (VerdictMsg.code)."""
         record = tracked.record
         record.verdict = decision.verdict
         record.replica_id = replica_id if replica_id is not None else record.replica_id
         request = tracked.request
-        self.metrics.verdicts.labels(decision.verdict.value, request.slo_class).inc()
+        self.book.count_verdict(decision.verdict)
+        label = self.book.class_label(request.slo_class)
+        self.metrics.verdicts.labels(decision.verdict.value, label).inc()
+        if decision.reason == EXPIRED_REASON:
+            code = P.VERDICT_TTFT_PASSED
         self._send_client(
             tracked.client,
             P.VerdictMsg(
@@ -565,6 +612,7 @@ class PlannerDaemon:
                 thinking_tpot_s=request.slo.thinking_tpot_s,
                 num_thinking_tokens=request.num_thinking_tokens,
                 planner_id=self.planner_id,
+                code=code,
             ),
         )
         if decision.verdict is Verdict.REJECTED:
@@ -603,20 +651,29 @@ class PlannerDaemon:
             if message.finished:
                 self._finish(tracked)
 
-    def _finish(self, tracked: Tracked) -> None:
-        """The request is over (finished, rejected or aborted): count it once."""
-        if not self.book.finish(tracked):
+    def _finish(self, tracked: Tracked, aborted: bool = False) -> None:
+        """The request is over (finished, rejected, lost, or `aborted` by its client): judge and
+        count it once (planner_svc/request_book.py says how endings count)."""
+        judgement = self.book.finish(tracked, self.now_s(), aborted)
+        if judgement is None:
             return
-        slo_class = tracked.request.slo_class
+        link = self._link_of(tracked.record.replica_id)
+        if link is not None:
+            link.sent_request_ids.discard(tracked.request.request_id)
+        open_ids = self._open_by_client.get(tracked.client)
+        if open_ids is not None:
+            open_ids.discard(tracked.request.request_id)
+            if not open_ids:
+                del self._open_by_client[tracked.client]
+        label = self.book.class_label(tracked.request.slo_class)
         if tracked.record.finished:
-            self.metrics.finished.labels(slo_class).inc()
-            if tracked.record.attainment.ok:
-                self.metrics.attained.labels(slo_class).inc()
-        self.metrics.record_attainment(
-            slo_class,
-            self.book.num_done_by_class[slo_class],
-            self.book.num_attained_by_class[slo_class],
-        )
+            self.metrics.finished.labels(label).inc()
+        if judgement is Judgement.ATTAINED:
+            self.metrics.attained.labels(label).inc()
+        if aborted:
+            self.metrics.aborted.labels(label).inc()
+        counts = self.book.class_counts(label)
+        self.metrics.record_attainment(label, counts.num_judged, counts.num_attained)
 
     def _reject_frame(
         self,

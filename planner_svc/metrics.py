@@ -31,7 +31,14 @@ class PlannerMetrics:
         )
         self.attainment = Gauge(
             "slos_attainment_ratio",
-            "Attained / decided requests, by SLO class",
+            "Attained / judged requests, by SLO class (rejections and lost requests count as "
+            "misses; client aborts only when a deadline had already passed unmet)",
+            ["slo_class"],
+            registry=r,
+        )
+        self.aborted = Counter(
+            "slos_requests_aborted",
+            "Requests ended by their client (disconnect, stop string, client gone)",
             ["slo_class"],
             registry=r,
         )
@@ -86,6 +93,11 @@ class PlannerMetrics:
             ["socket"],
             registry=r,
         )
+        self.client_timeouts = Counter(
+            "slos_client_timeouts",
+            "Clients that went silent with requests open (their requests were aborted)",
+            registry=r,
+        )
         self.core_errors = Counter("slos_core_errors", "Planner core calls that raised", registry=r)
         self.plans_sent = Counter("slos_plans_sent", "PLAN messages sent", registry=r)
 
@@ -98,6 +110,20 @@ class PlannerMetrics:
             raise ValueError(
                 f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}"
             ) from None
+
+    def forget_engine(self, engine_id: str, replica_id: int) -> None:
+        """Drop the label sets of a gone engine, so that engine churn (every restart brings a new
+        replica id) does not grow the metrics without bound."""
+        for metric, labels in (
+            (self.step_time_measured, (engine_id,)),
+            (self.step_time_predicted, (engine_id,)),
+            (self.replica_requests, (str(replica_id), "running")),
+            (self.replica_requests, (str(replica_id), "waiting")),
+        ):
+            try:
+                metric.remove(*labels)
+            except KeyError:  # never observed
+                pass
 
     def record_attainment(self, slo_class: str, num_decided: int, num_attained: int) -> None:
         self.attainment.labels(slo_class).set(num_attained / num_decided if num_decided else 0.0)

@@ -252,6 +252,14 @@ class VerdictMsg(_Msg):
     # The planner process that decided (random per start): a client that hears another id knows
     # the planner restarted and that requests decided by the old one will never end there.
     planner_id: str = ""
+    # Why a rejection happened, for machines: "" (the SLOs cannot be met), or one of the VERDICT_*
+    # codes below (the service could not serve it; HTTP answers those with 503, not 429).
+    code: str = ""
+
+
+VERDICT_NO_ENGINE = "no_engine"  # no engine is connected
+VERDICT_LOST = "lost"  # admitted, but its engine died and no other can take it
+VERDICT_TTFT_PASSED = "ttft_target_passed"  # undecided when its TTFT target passed
 
 
 class Tokens(_Msg):

@@ -36,7 +36,6 @@ from aiohttp import web
 
 from formulations.plan import Verdict
 from planner_svc.client import PlannerClient, RequestHandle
-from planner_svc.core import EXPIRED_REASON
 from planner_svc.http.api_config import ApiConfig
 from planner_svc.http.http_metrics import CONTENT_TYPE, HttpMetrics
 from planner_svc.http.openai_responses import ResponseHead, slo_info, usage
@@ -46,6 +45,8 @@ from planner_svc.http.tokenizer import TextTokenizer
 from wire import protocol as P
 
 log = logging.getLogger("slos_serve.http")
+ACCESS_LOG = logging.getLogger("slos_serve.http.access")
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf %{X-Request-Id}o %{X-SLO-Verdict}o'
 
 VERDICT_HEADER = "X-SLO-Verdict"
 # Bodies up to this size are parsed on the event loop (a few hundred microseconds at most); larger
@@ -218,14 +219,22 @@ class ApiServer:
                 code="no_verdict",
                 error_type="server_error",
             )
-        self.metrics.verdicts.labels(event.verdict, job.slo.slo_class).inc()
+        label = self.metrics.class_label(job.slo.slo_class)
+        self.metrics.verdicts.labels(event.verdict, label).inc()
         if event.verdict == Verdict.REJECTED.value:
-            self.metrics.rejected.labels(job.slo.slo_class).inc()
-            expired = event.reason == EXPIRED_REASON
+            self.metrics.rejected.labels(label).inc()
+            if event.code in (P.VERDICT_NO_ENGINE, P.VERDICT_LOST):  # the service's fault
+                raise ApiError(
+                    503,
+                    f"the service cannot serve the request now: {event.reason}",
+                    code=event.code,
+                    error_type="server_error",
+                    headers={"Retry-After": "1"},
+                )
             raise _too_many(
                 f"the planner rejected the request: {event.reason or 'no reason'}",
                 retry_after_s=event.ttft_slo_s,
-                code="ttft_target_passed" if expired else "slo_rejected",
+                code=event.code or "slo_rejected",
             )
         return event
 
@@ -352,7 +361,9 @@ class ApiServer:
         now_s = time.monotonic()
         if progress.first_token_s is None:
             progress.first_token_s = now_s
-            self.metrics.ttft.labels(job.slo.slo_class).observe(now_s - progress.arrival_s)
+            self.metrics.ttft.labels(self.metrics.class_label(job.slo.slo_class)).observe(
+                now_s - progress.arrival_s
+            )
         else:
             self.metrics.itl.observe(now_s - progress.last_token_s)
         progress.last_token_s = now_s
@@ -361,7 +372,7 @@ class ApiServer:
         self.metrics.prompt_tokens.inc(len(job.prompt_token_ids))
         self.metrics.completion_tokens.inc(len(progress.token_ids))
         if progress.last_token_s is not None:
-            self.metrics.e2e.labels(job.slo.slo_class).observe(
+            self.metrics.e2e.labels(self.metrics.class_label(job.slo.slo_class)).observe(
                 progress.last_token_s - progress.arrival_s
             )
 
@@ -453,10 +464,19 @@ def _json_response(
 # ---------------------------------------------------------------------- running
 
 
-async def start_site(api: ApiServer, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_site(
+    api: ApiServer, host: str, port: int, access_log: bool = True
+) -> tuple[web.AppRunner, int]:
     """Serve `api` on host:port (0: any free port); returns the runner and the bound port.
-    Handlers are cancelled when their client disconnects (that is how aborts are noticed)."""
-    runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
+    Handlers are cancelled when their client disconnects (that is how aborts are noticed). The
+    access log (logger `slos_serve.http.access`, INFO) has one line per request: peer, request
+    line, status, bytes, seconds (for a stream: until its end), request id, verdict."""
+    runner = web.AppRunner(
+        api.app(),
+        handler_cancellation=True,
+        access_log=ACCESS_LOG if access_log else None,
+        access_log_format=ACCESS_LOG_FORMAT,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
