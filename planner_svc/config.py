@@ -24,8 +24,8 @@ default_perf_model = "opt-13b-h100"        # for engines that send none and for 
 ttft_slowdown = 5.0                        # or ttft_ms = 800
 tpot_ms = 100                              # thinking_tpot_ms = 50 for reasoning classes
 
-[[replicas]]                               # optional: per-engine settings, by engine id
-engine_id = "engine-0"
+[[replicas]]                               # optional: per-engine models, by engine id, for
+engine_id = "engine-0"                     # engines that send none (their own model wins)
 perf_model = "opt-13b-h100"                # a preset name, or
 # perf_model_lines = [[4.18e-5, 0.0, 0.0274]]
 

@@ -379,11 +379,18 @@ class PlannerDaemon:
         return None
 
     def _perf_model_of(self, ready: P.Ready) -> PerfModel:
-        """The config's model for this engine id, else the engine's own, else the default."""
-        perf_model = self.config.perf_model_for(ready.engine_id)
-        if perf_model is None and ready.perf_model is not None:
-            perf_model = P.perf_model_from_wire(ready.perf_model)
-        return perf_model or self.config.perf_model
+        """The engine's own model (a profiled engine knows its step times best), else the
+        config's `[[replicas]]` row for its id, else the default."""
+        configured = self.config.perf_model_for(ready.engine_id)
+        if ready.perf_model is None:
+            return configured or self.config.perf_model
+        if configured is not None:
+            log.warning(
+                "engine %s sent its own performance model; the config's [[replicas]] row for "
+                "it applies only to engines that send none",
+                ready.engine_id,
+            )
+        return P.perf_model_from_wire(ready.perf_model)
 
     def _on_progress(self, link: EngineLink, report: P.StepReport, now_s: float) -> None:
         """Feed the report to the core and answer it at once: with the new plan it caused, or
