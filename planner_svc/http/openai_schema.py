@@ -135,7 +135,7 @@ def parse_job(
     for name, refused in _REFUSED.items():
         if refused(body.get(name)):
             raise bad_request(f"'{name}' is not supported by this server", name, "unsupported")
-    max_model_len = _max_model_len(config, tokenizer)
+    max_model_len = context_length(config, tokenizer)
     if chat:
         prompt_ids = _chat_prompt(body, tokenizer, max_model_len)
     else:
@@ -279,7 +279,8 @@ def _check_token_ids(ids: list[int], tokenizer: TextTokenizer | None) -> list[in
     return ids
 
 
-def _max_model_len(config: ApiConfig, tokenizer: TextTokenizer | None) -> int:
+def context_length(config: ApiConfig, tokenizer: TextTokenizer | None) -> int:
+    """The most prompt + max_tokens a request may ask for (also told by GET /v1/models)."""
     if config.max_model_len is not None:
         return config.max_model_len
     if tokenizer is not None and tokenizer.max_model_len is not None:

@@ -39,7 +39,13 @@ from planner_svc.client import PlannerClient, RequestHandle
 from planner_svc.http.api_config import ApiConfig
 from planner_svc.http.http_metrics import CONTENT_TYPE, HttpMetrics
 from planner_svc.http.openai_responses import ResponseHead, slo_info, usage
-from planner_svc.http.openai_schema import ApiError, GenerationJob, parse_job, parse_json_body
+from planner_svc.http.openai_schema import (
+    ApiError,
+    GenerationJob,
+    context_length,
+    parse_job,
+    parse_json_body,
+)
 from planner_svc.http.output_text import OutputText
 from planner_svc.http.tokenizer import TextTokenizer
 from wire import protocol as P
@@ -101,8 +107,15 @@ class ApiServer:
 
     async def models(self, request: web.Request) -> web.Response:
         self._check_api_key(request)
-        data = [
-            {"id": name, "object": "model", "created": self.created_s, "owned_by": "slos-serve"}
+        max_model_len = context_length(self.config, self.tokenizer)
+        data = [  # max_model_len as vLLM gives it: benchmark clients size their requests by it
+            {
+                "id": name,
+                "object": "model",
+                "created": self.created_s,
+                "owned_by": "slos-serve",
+                "max_model_len": max_model_len,
+            }
             for name in self.config.model_names
         ]
         return _json_response({"object": "list", "data": data})
