@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import msgspec
@@ -35,6 +36,7 @@ from zmq.utils.monitor import recv_monitor_message
 from formulations import registry
 from formulations.perf_model import PerfModel
 from formulations.plan import Decision, Verdict
+from formulations.request import Request
 from planner_svc.config import PlannerConfig
 from planner_svc.core import EXPIRED_REASON, PlannerCore
 from planner_svc.metrics import PlannerMetrics
@@ -50,6 +52,12 @@ from wire.security import HANDSHAKE_EVENTS, handshake_failure_reason
 
 log = logging.getLogger("slos_serve.daemon")
 MONITORED_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
+# A verdict needs this long after it is made to reach its client: the rest of the loop turn and
+# a loopback hop (well under a millisecond when idle; a few milliseconds on a busy 2-core
+# machine in a burst, docs/BENCHMARKS.md, section soak).
+VERDICT_DELIVERY_SLACK_S = 0.010
+RECENT_CALLS = 32  # core calls whose longest duration predicts the next one's
+POLL_WAITED_S = 0.0005  # a poll that took longer found nothing to read at first
 
 
 @dataclass
@@ -90,10 +98,13 @@ class PlannerDaemon:
         self._last_tick_s = 0.0
         self._last_gauges_s = 0.0
         self._last_client_check_s = 0.0
+        self._recent_call_s: deque[float] = deque(maxlen=RECENT_CALLS)  # core call durations
+        self._seen_empty_s: dict[zmq.Socket, float] = {}  # socket -> when last seen empty
         self._client_heard_s: dict[bytes, float] = {}  # client identity -> last frame from it
         self._open_by_client: dict[bytes, set[str]] = {}  # its requests not yet ended
         self._authenticator = None
         self._log = RateLimitedLog(log)  # what peers can make us log at will
+        warm_up(config)
         self.engine_socket, self.client_socket = self._bind()
         # socket-monitor PAIR socket -> the side it watches (failed handshakes, disconnects)
         self._monitors = {
@@ -176,7 +187,9 @@ class PlannerDaemon:
             poller.register(monitor, zmq.POLLIN)
         try:
             while not self.stop_event.is_set():
+                poll_start_s = self.now_s()
                 events = dict(poller.poll(self._poll_timeout_ms()))
+                self._note_empty_sockets(events, poll_start_s)
                 if self.engine_socket in events:
                     self._drain(self.engine_socket, self._on_engine_frames)
                 if self.client_socket in events:
@@ -206,12 +219,27 @@ class PlannerDaemon:
         tick, so that a timer the core leaves due cannot spin the loop), at most half a
         heartbeat interval."""
         wait_s = self.config.heartbeat_interval_s / 2
-        due_s = self.core.next_timer_s() if self.core is not None else None
+        if self.core is None:
+            return int(wait_s * 1000) + 1
+        now_s = self.now_s()
+        due_s = self.core.next_timer_s()
         if due_s is not None:
-            now_s = self.now_s()
             next_tick_s = max(due_s, self._last_tick_s + self.config.tick_interval_s)
             wait_s = min(wait_s, max(0.0, next_tick_s - now_s))
+        verdict_due_s = self.core.next_verdict_deadline_s()
+        if verdict_due_s is not None:  # wake for _expire_soon
+            wait_s = min(wait_s, max(0.0, verdict_due_s - self._verdict_margin_s() - now_s))
         return int(wait_s * 1000) + 1
+
+    def _note_empty_sockets(self, events: dict, poll_start_s: float) -> None:
+        """Remember when each socket was last seen empty: a message received later arrived
+        after that (`_arrival_floor_s`). A socket that is not readable is empty now; after a
+        poll that had to wait, the one that ended the wait was empty until just now."""
+        now_s = self.now_s()
+        waited = now_s - poll_start_s > POLL_WAITED_S
+        for socket in (self.engine_socket, self.client_socket):
+            if socket not in events or waited:
+                self._seen_empty_s[socket] = now_s
 
     def _drain(self, socket: zmq.Socket, handle, max_messages: int = 1000) -> None:
         """Receive what is queued (bounded, so that one flooding peer cannot starve the loop)."""
@@ -219,6 +247,7 @@ class PlannerDaemon:
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                self._seen_empty_s[socket] = self.now_s()
                 return
             handle(frames)
 
@@ -249,6 +278,7 @@ class PlannerDaemon:
         self._log.tick()
         self._check_engines(now_s)
         self._check_clients(now_s)
+        self._expire_soon(now_s)
         if self.core is None:
             return
         if now_s - self._last_gauges_s >= self.config.heartbeat_interval_s / 2:
@@ -405,9 +435,13 @@ class PlannerDaemon:
         self.metrics.step_time_measured.labels(link.engine_id).observe(step_time_s)
 
     def _check_engines(self, now_s: float) -> None:
+        """Declare dead the engines silent for `liveness` heartbeat intervals, measured up to the
+        last time the engine socket was seen empty: while long core calls keep the loop from
+        reading, an engine's heartbeats wait unread in the socket and it is not silent."""
         silence_limit_s = self.config.liveness * self.config.heartbeat_interval_s
+        read_up_to_s = min(now_s, self._seen_empty_s.get(self.engine_socket, now_s))
         for link in list(self.engines.values()):
-            if now_s - link.last_heard_s > silence_limit_s:
+            if read_up_to_s - link.last_heard_s > silence_limit_s:
                 self._declare_dead(link, now_s, "silent")
             elif now_s - link.last_sent_s >= self.config.heartbeat_interval_s:
                 self._send_engine(link, self._heartbeat(now_s))
@@ -467,7 +501,11 @@ class PlannerDaemon:
             )
             return
         try:
-            tracked = self.book.add(submit, client, now_s)
+            # Its arrival: the last time the socket was seen empty. It may have waited in the
+            # socket behind a long core call; that wait counts against its TTFT budget, as it
+            # does for the client, so that its verdict still comes in time (docs/SERVICE.md).
+            arrival_s = self._seen_empty_s.get(self.client_socket, now_s)
+            tracked = self.book.add(submit, client, arrival_s)
             self._open_by_client.setdefault(client, set()).add(submit.request_id)
         except ValueError as exc:
             self._reject_frame(
@@ -482,6 +520,9 @@ class PlannerDaemon:
             decision = Decision(Verdict.REJECTED, "no engine is connected")
             self._decide(tracked, decision, None, P.VERDICT_NO_ENGINE)
             return
+        if self._too_late_to_decide(tracked.request, now_s):
+            self._decide(tracked, Decision(Verdict.REJECTED, EXPIRED_REASON), None)
+            return
         payload = P.EngineRequest(
             request_id=submit.request_id,
             num_prompt_tokens=tracked.request.num_prompt_tokens,
@@ -494,6 +535,19 @@ class PlannerDaemon:
         )
         self._send_output(
             self._call("submit", self.core.submit, tracked.request, now_s, payload), now_s
+        )
+
+    def _too_late_to_decide(self, request: Request, now_s: float) -> bool:
+        """A request that arrives (it waited in the socket behind core calls) with less than the
+        verdict margin of its TTFT budget left cannot be decided and started in time: with the
+        default fallback ("reject") and a formulation with admission control it is rejected at
+        once, as the core would do at its deadline (a best-effort fallback is the core's to
+        apply)."""
+        core = self.core
+        return (
+            core.fallback == "reject"
+            and any(core.replica(i).admission_control for i in core.replica_ids)
+            and request.ttft_deadline_s <= now_s + self._verdict_margin_s()
         )
 
     def _on_abort(self, abort: P.Abort, now_s: float) -> None:
@@ -541,6 +595,12 @@ class PlannerDaemon:
     # ------------------------------------------------------------------ core output
 
     def _call(self, event: str, call, *args) -> CoreOutput:
+        """Run one core call (first giving the fallback verdict to requests the call would
+        leave without one past their TTFT target)."""
+        self._expire_soon(self.now_s())
+        return self._timed_call(event, call, *args)
+
+    def _timed_call(self, event: str, call, *args) -> CoreOutput:
         """Run one core call and time it. A planner bug must not take the service down: it is
         logged loudly and counted, and the call decides nothing."""
         start_s = time.perf_counter()
@@ -550,8 +610,28 @@ class PlannerDaemon:
             log.exception("planner core failed on %s", event)
             self.metrics.core_errors.inc()
             return CoreOutput()
-        self.metrics.replan_time.labels(event).observe(time.perf_counter() - start_s)
+        elapsed_s = time.perf_counter() - start_s
+        self._recent_call_s.append(elapsed_s)
+        self.metrics.replan_time.labels(event).observe(elapsed_s)
         return output
+
+    def _verdict_margin_s(self) -> float:
+        """How long before a request's TTFT deadline it must be decided for the verdict to reach
+        its client in time: the longest recent core call (the next one may take as long, and
+        nothing is sent meanwhile) plus the loop turn and the loopback hop."""
+        return VERDICT_DELIVERY_SLACK_S + max(self._recent_call_s, default=0.0)
+
+    def _expire_soon(self, now_s: float) -> None:
+        """Timely verdicts: a request still undecided within the verdict margin of its TTFT
+        deadline gets the fallback verdict now (PlannerCore.expire_undecided) rather than
+        after the deadline (at the core's own expiry, or from a re-plan that ends too late)."""
+        if self.core is None:
+            return
+        due_s = self.core.next_verdict_deadline_s()
+        margin_s = self._verdict_margin_s()
+        if due_s is not None and due_s <= now_s + margin_s:
+            output = self._timed_call("expire", self.core.expire_undecided, now_s + margin_s, now_s)
+            self._send_output(output, now_s)
 
     def _apply(self, event: str, call, *args) -> None:
         """Run one core call and send what it decided (`args[-1]` is the time)."""
@@ -743,6 +823,23 @@ def build_core(config: PlannerConfig, first_replica: ReplicaSpec) -> PlannerCore
         announce_replans=True,
         **params,
     )
+
+
+def warm_up(config: PlannerConfig) -> None:
+    """Plan two made-up requests once, on a throwaway core, so that the formulation's one-time
+    costs (for slos_dp, numpy's lazy set-up: ~60 ms on the first plan) are paid at startup, not
+    by the first real request while a burst queues behind it. Failures are left to the real
+    core (it reports them)."""
+    spec = ReplicaSpec(replica_id=0, perf_model=config.perf_model, num_total_blocks=1024)
+    slo = next(iter(config.slo_classes.values()))
+    try:
+        core = build_core(config, spec)
+        for i, num_prompt_tokens in enumerate((64, 512)):
+            ttft_slo_s = slo.ttft_budget_s(config.perf_model, num_prompt_tokens)
+            request = Request(f"warm-up-{i}", 0.0, num_prompt_tokens, 16, slo, ttft_slo_s)
+            core.submit(request, 0.0)
+    except Exception:
+        log.debug("warm-up failed", exc_info=True)
 
 
 def _check_core_params(params: dict) -> None:
