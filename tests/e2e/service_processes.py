@@ -5,6 +5,7 @@ restarted (the planner on the same ports) and their Prometheus metrics read."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -152,3 +153,12 @@ def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.05) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout_s:g} s: {what}")
         time.sleep(poll_s)
+
+
+def record_fault_counts(fault: str, **counts: float) -> None:
+    """Append what a fault test read from the metrics to the file SLOS_FAULT_COUNTS names (the
+    soak benchmark tabulates them); nothing without it."""
+    path = os.environ.get("SLOS_FAULT_COUNTS")
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps({"fault": fault, "counts": counts}) + "\n")

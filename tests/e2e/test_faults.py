@@ -24,7 +24,7 @@ from commands.demo import wait_for_engines
 from planner_svc.client import PlannerClient
 from planner_svc.http.api_config import ApiConfig
 from planner_svc.http.server import ApiServer, ServerThread
-from tests.e2e.service_processes import CLI, ServiceProcesses, wait_until
+from tests.e2e.service_processes import CLI, ServiceProcesses, record_fault_counts, wait_until
 from wire import protocol as P
 from wire.security import CurveKeys, make_keypair
 
@@ -95,6 +95,12 @@ def test_planner_kill_9_and_restart_ends_every_request_with_an_error(service_fac
         assert again.wait(END_WITHIN_S) and again.finished
         text = urllib.request.urlopen(f"{server.url}/metrics", timeout=5).read().decode()
         assert "slos_http_planner_restarts 1.0" in text
+        record_fault_counts(
+            "planner kill -9 + restart, 13 requests in flight",
+            slos_http_planner_restarts=1,
+            requests_failed_with_planner_restarted=len(handles) + 1,
+            client_num_planner_restarts=client.num_planner_restarts,
+        )
     finally:
         server.close()
         front_client.close()
@@ -110,7 +116,13 @@ def test_engine_kill_9_mid_run_loses_no_request(service_factory):
     assert all(h.finished and len(h.token_ids) == 80 for h in handles)  # moved to engine-0
     assert service.metric("slos_engine_deaths_total") == 1
     assert service.metric("slos_engines_alive") == 1
-    assert service.client.stats().counters["num_moved_requests"] >= 1
+    moved = service.client.stats().counters["num_moved_requests"]
+    assert moved >= 1
+    record_fault_counts(
+        "engine kill -9, 10 requests in flight",
+        slos_engine_deaths_total=service.metric("slos_engine_deaths_total"),
+        num_moved_requests=moved,
+    )
 
 
 def test_engine_stopped_longer_than_the_liveness_window_then_resumed(service_factory):
@@ -130,6 +142,11 @@ def test_engine_stopped_longer_than_the_liveness_window_then_resumed(service_fac
     later = [service.client.submit(num_prompt_tokens=100, max_tokens=5) for _ in range(6)]
     assert all(h.wait(END_WITHIN_S) and h.finished for h in later)
     assert service.metric("slos_engine_deaths_total") == 1
+    record_fault_counts(
+        "engine SIGSTOP past the liveness window, then SIGCONT",
+        slos_engine_deaths_total=service.metric("slos_engine_deaths_total"),
+        slos_engines_alive=service.metric("slos_engines_alive"),
+    )
 
 
 GONE_CLIENT = """
@@ -159,6 +176,11 @@ def test_a_client_that_disappears_mid_stream_has_its_requests_aborted(service_fa
         )
         assert service.metric("slos_client_timeouts_total") == 1
         assert service.client.stats().counters["num_in_flight"] == 0
+        record_fault_counts(
+            "client process kill -9 with 4 streams open",
+            slos_client_timeouts_total=service.metric("slos_client_timeouts_total"),
+            slos_requests_aborted_total=service.metric("slos_requests_aborted_total"),
+        )
         again = service.client.submit(num_prompt_tokens=100, max_tokens=5)
         assert again.wait(END_WITHIN_S) and again.finished
     finally:
@@ -187,6 +209,13 @@ def test_duplicate_engine_ids(service_factory):
     assert service.metric("slos_engine_deaths_total") == 0
     handles = [service.client.submit(num_prompt_tokens=50, max_tokens=4) for _ in range(6)]
     assert all(h.wait(END_WITHIN_S) and h.finished for h in handles)
+    record_fault_counts(
+        "a second engine with a live engine's id",
+        refused_duplicate_engine_id=service.metric(
+            "slos_rejected_frames_total", reason="duplicate_engine_id"
+        ),
+        slos_engine_deaths_total=service.metric("slos_engine_deaths_total"),
+    )
 
 
 def engine_argv(service: ServiceProcesses) -> list[str]:
@@ -208,7 +237,7 @@ def bad_frames(max_frame_bytes: int) -> list[list[bytes]]:
     """Random, truncated, wrong-type and oversized frames (each one is rejected and counted)."""
     submit = P.encode(P.Submit(request_id="x", max_tokens=1, num_prompt_tokens=1))
     return [
-        [os.urandom(1), os.urandom(100)],  # random
+        [b"\x00", os.urandom(100)],  # random (an unknown type byte, random bytes)
         [b"S", os.urandom(100)],
         [submit[0], submit[1][: len(submit[1]) // 2]],  # truncated
         [b"S", b"", b""],  # a wrong number of frames
@@ -244,13 +273,20 @@ def test_garbage_at_every_socket(service_factory):
             sock.close()
             port = int(endpoint.rsplit(":", 1)[1])
             with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:  # not ZeroMQ
-                raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(64))
+                raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             wait_until(
                 lambda side=side: service.metric("slos_handshake_failures_total", socket=side) >= 1,
                 10,
                 f"the {side} socket counts the failed handshake",
             )
-        assert service.metric("slos_rejected_frames_total") == 2 * len(bad_frames(1024))
+        rejected = {k: v for k, v in service.metrics().items() if "rejected_frames" in k}
+        assert service.metric("slos_rejected_frames_total") == 2 * len(bad_frames(1024)), rejected
+        record_fault_counts(
+            "6 bad frames, 1 frame of 4 MB and non-ZeroMQ bytes at each planner socket",
+            slos_rejected_frames_total=service.metric("slos_rejected_frames_total"),
+            slos_peer_disconnects_total=service.metric("slos_peer_disconnects_total"),
+            slos_handshake_failures_total=service.metric("slos_handshake_failures_total"),
+        )
         handle = service.client.submit(num_prompt_tokens=100, max_tokens=5)
         assert handle.wait(END_WITHIN_S) and handle.finished  # still serving
         assert not service.group.any_died()
@@ -294,6 +330,11 @@ def test_garbage_from_the_planner_side_leaves_an_engine_serving():
     assert engine.returncode == 0
     rejected_lines = [line for line in err.splitlines() if "rejected frame from planner" in line]
     assert 1 <= len(rejected_lines) <= 5  # 1,200 bad frames, a few lines
+    record_fault_counts(
+        "1,200 bad frames from a fake planner at an engine",
+        engine_log_lines=len(rejected_lines),
+        heartbeats_after=heard,
+    )
 
 
 def test_garbage_at_the_http_front_door(service_factory):
@@ -322,6 +363,11 @@ def test_garbage_at_the_http_front_door(service_factory):
         )
         with urllib.request.urlopen(request, timeout=20) as response:
             assert len(json.loads(response.read())["choices"][0]["token_ids"]) == 3
+        record_fault_counts(
+            "garbage at the HTTP front door (non-HTTP bytes, truncated JSON, deep nesting, 2 MB)",
+            http_400=2,
+            http_413=1,
+        )
     finally:
         server.close()
         front.close()
@@ -362,3 +408,8 @@ def test_curve_with_wrong_keys(service_factory, tmp_path):
     for name in ("lost", "stranger"):  # refused engines still stop on SIGTERM
         service.signal(name, signal.SIGTERM)
         assert service.group.processes[name].wait(5) == 0
+    record_fault_counts(
+        "CURVE: an engine with a wrong server key, one with an unknown key, a plain client",
+        engine_handshake_failures=service.metric("slos_handshake_failures_total", socket="engine"),
+        client_handshake_failures=service.metric("slos_handshake_failures_total", socket="client"),
+    )
