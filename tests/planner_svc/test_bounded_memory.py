@@ -75,9 +75,16 @@ def test_a_gone_engine_leaves_no_metric_labels_behind():
                 if s.labels.get("engine_id") == engine_id or s.labels.get("replica") == replica
             ]
 
-        assert samples("engine-1", "1")
+        (replica,) = [
+            str(link.replica_id)
+            for link in service.daemon.engines.values()
+            if link.engine_id == "engine-1"
+        ]
+        assert samples("engine-1", replica)
         service.adapters[1].stop()
         wait_until(lambda: len(service.daemon.engines) == 1, 10, "engine-1 declared dead")
-        assert not samples("engine-1", "1")
+        wait_until(lambda: not samples("engine-1", replica), 5, "engine-1's labels dropped")
+        service.daemon._update_queue_gauges()
+        assert not samples("engine-1", replica)
     finally:
         service.close()
