@@ -471,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     body = format_section(capacity_rps, runs, bursts, faults, fronts)
     print(body)
     if not args.no_write:
-        write_section("soak", body, "python benchmarks/bench_soak.py")
+        options = " ".join(sys.argv[1:] if argv is None else argv)
+        write_section("soak", body, f"python benchmarks/bench_soak.py {options}".strip())
     return 0
 
 
