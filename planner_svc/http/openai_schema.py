@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from planner_svc.http.api_config import ApiConfig, SloDefaults
-from planner_svc.http.tokenizer import TextTokenizer
+from planner_svc.http.tokenizer import PromptTooLong, TextTokenizer
 
 DEFAULT_MAX_MODEL_LEN = 8192
 _JSON_DECODER = msgspec.json.Decoder()  # several times faster than json.loads on token lists
@@ -262,7 +262,15 @@ def _encode(
             param,
             "context_length_exceeded",
         )
-    ids = tokenizer.encode(text)
+    try:
+        ids = tokenizer.encode(text, max_tokens=max_model_len)
+    except PromptTooLong as exc:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"{param} has {exc.num_tokens} tokens. Please reduce the {param}.",
+            param,
+            "context_length_exceeded",
+        ) from None
     if not ids:
         raise bad_request(f"'{param}' is empty after tokenization", param)
     return ids

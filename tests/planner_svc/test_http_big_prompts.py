@@ -28,11 +28,11 @@ class WatchedTokenizer(TextTokenizer):
         self.release = threading.Event()
         self.num_encodes = 0
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
         self.num_encodes += 1
         if len(text) >= BIG_PROMPT_CHARS:
             self.release.wait(30)
-        return super().encode(text)
+        return super().encode(text, max_tokens)
 
 
 @pytest.fixture(scope="module")
