@@ -237,6 +237,7 @@ def soak(tmp: Path, num_requests: int, speedup: float, capacity_rps: float, hist
         "attainment": stats.attainment_by_class.get("chatbot"),
         "records_kept": stats.counters.get("num_records_kept"),
         "client_timeouts": _sample(metrics, "slos_client_timeouts_total"),
+        "load_average": os.getloadavg()[0],
     }
 
 
@@ -352,6 +353,7 @@ def burst(tmp: Path, capacity_rps: float, factor: float, duration_s: float, seed
         "p99": float(np.percentile(ratios, 99)),
         "max": float(ratios.max()),
         "num_late": int((ratios > 1).sum()),
+        "load_average": os.getloadavg()[0],
     }
 
 
@@ -443,10 +445,15 @@ def front_door(tmp: Path, num_idle: int = 20) -> dict:
         "num_during": len(during),
         "big_s": big_result[0][0],
         "big_status": big_result[0][1],
+        "load_average": os.getloadavg()[0],
     }
 
 
 # ---- main -----------------------------------------------------------------------------------
+
+
+PARTS = ("front", "burst", "faults", "soak")
+RESULTS = ROOT / "out" / "bench_soak.json"  # raw results of the last run (gitignored)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,31 +463,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eviction-off", type=int, default=20_000, help="requests (0: skip)")
     parser.add_argument("--capacity-rps", type=float, help="default: searched in the simulator")
     parser.add_argument("--burst-runs", type=int, default=3)
-    parser.add_argument("--skip-faults", action="store_true")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"what to run ({', '.join(PARTS)}); the others are taken from {RESULTS.name} of "
+        "an earlier run",
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        raise SystemExit(f"unknown part(s): {', '.join(sorted(parts - set(PARTS)))}")
 
-    capacity_rps = args.capacity_rps or chatbot_capacity(20.0)
+    results = json.loads(RESULTS.read_text()) if parts != set(PARTS) else {}
+    capacity_rps = args.capacity_rps or results.get("capacity_rps") or chatbot_capacity(20.0)
+    results["capacity_rps"] = capacity_rps
     print(
         f"chatbot capacity (slos_dp, 2 replicas, simulator): {capacity_rps:.2f} req/s", flush=True
     )
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp_name:
         tmp = Path(tmp_name)
-        fronts = front_door(tmp)
-        print("front door:", fronts, flush=True)
-        bursts = [burst(tmp, capacity_rps, 10.0, 5.0, seed) for seed in range(args.burst_runs)]
-        for row in bursts:
-            print("burst:", row, flush=True)
-        faults = None if args.skip_faults else fault_suite(tmp)
-        if faults:
-            print("faults:", faults["summary"], flush=True)
-        runs = [soak(tmp, args.num_requests, args.speedup, capacity_rps, 10_000)]
-        print("soak:", {k: v for k, v in runs[0].items() if k != "samples"}, flush=True)
-        if args.eviction_off:
-            runs.append(soak(tmp, args.eviction_off, args.speedup, capacity_rps, 10**9))
-            print("soak, eviction off:", {k: v for k, v in runs[1].items() if k != "samples"})
-    plot_rss(runs)
-    body = format_section(capacity_rps, runs, bursts, faults, fronts)
+        if "front" in parts:
+            results["front"] = front_door(tmp)
+            print("front door:", results["front"], flush=True)
+        if "burst" in parts:
+            results["bursts"] = [
+                burst(tmp, capacity_rps, 10.0, 5.0, seed) for seed in range(args.burst_runs)
+            ]
+            for row in results["bursts"]:
+                print("burst:", row, flush=True)
+        if "faults" in parts:
+            results["faults"] = fault_suite(tmp)
+            print("faults:", results["faults"]["summary"], flush=True)
+        if "soak" in parts:
+            runs = [soak(tmp, args.num_requests, args.speedup, capacity_rps, 10_000)]
+            print("soak:", {k: v for k, v in runs[0].items() if k != "samples"}, flush=True)
+            if args.eviction_off:
+                runs.append(soak(tmp, args.eviction_off, args.speedup, capacity_rps, 10**9))
+                print("soak, eviction off:", {k: v for k, v in runs[1].items() if k != "samples"})
+            results["runs"] = runs
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results))
+    plot_rss(results["runs"])
+    body = format_section(
+        capacity_rps, results["runs"], results["bursts"], results["faults"], results["front"]
+    )
     print(body)
     if not args.no_write:
         options = " ".join(sys.argv[1:] if argv is None else argv)
@@ -506,8 +533,8 @@ def format_section(capacity_rps, runs, bursts, faults, fronts) -> str:
         "the arrival gaps are scaled alike), through a bare ZeroMQ client.",
         "",
         "| run | requests | wall | planner CPU | RSS at 10k | RSS at the end | admitted / rejected "
-        "| finished | attainment (planner) | records kept |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| finished | attainment (planner) | records kept | load average |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         c = run["counts"]
@@ -520,7 +547,8 @@ def format_section(capacity_rps, runs, bursts, faults, fronts) -> str:
         lines.append(
             f"| {name} | {run['num_requests']:,} | {run['wall_s']:.0f} s | {run['planner_cpu_s']:.0f} s "
             f"| {rss_10k} | {run['rss_last_mb']:.1f} MB | {c['admitted']:,} / {c['rejected']:,} "
-            f"| {c['finished']:,} | {100 * (run['attainment'] or 0):.1f}% | {run['records_kept']:.0f} |"
+            f"| {c['finished']:,} | {100 * (run['attainment'] or 0):.1f}% | {run['records_kept']:.0f} "
+            f"| {run['load_average']:.1f} |"
         )
     lines += [
         "",
@@ -541,13 +569,15 @@ def format_section(capacity_rps, runs, bursts, faults, fronts) -> str:
         "client; latency = the client's submit to the verdict's arrival, on its clock, as a "
         "fraction of the request's TTFT budget (the planner's).",
         "",
-        "| run | requests | admitted | rejected | p50 | **p99** | max | after the budget |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | requests | admitted | rejected | p50 | **p99** | max | after the budget "
+        "| load average |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, b in enumerate(bursts):
         lines.append(
             f"| {i + 1} | {b['num_requests']} | {b['num_admitted']} | {b['num_rejected']} "
-            f"| {b['p50']:.2f} | **{b['p99']:.2f}** | {b['max']:.3f} | {b['num_late']} |"
+            f"| {b['p50']:.2f} | **{b['p99']:.2f}** | {b['max']:.3f} | {b['num_late']} "
+            f"| {b['load_average']:.1f} |"
         )
     lines += [
         "",
@@ -563,7 +593,8 @@ def format_section(capacity_rps, runs, bursts, faults, fronts) -> str:
         f"{fronts['during_p99_ms']:.1f} ms, max {fronts['during_max_ms']:.1f} ms over "
         f"{fronts['num_during']} requests; with nothing else going on: p50 "
         f"{fronts['idle_p50_ms']:.1f} ms, max {fronts['idle_max_ms']:.1f} ms. The front door in "
-        "one process (the bench's), the planner and a sim engine in their own.",
+        "one process (the bench's), the planner and a sim engine in their own; load average "
+        f"{fronts['load_average']:.1f}.",
     ]
     if faults:
         lines += [
