@@ -37,6 +37,7 @@ from formulations import registry
 from formulations.perf_model import PerfModel
 from formulations.plan import Decision, Verdict
 from formulations.request import Request
+from planner_svc.client_liveness import ClientLiveness
 from planner_svc.config import PlannerConfig
 from planner_svc.core import EXPIRED_REASON, PlannerCore
 from planner_svc.metrics import PlannerMetrics
@@ -100,8 +101,7 @@ class PlannerDaemon:
         self._last_client_check_s = 0.0
         self._recent_call_s: deque[float] = deque(maxlen=RECENT_CALLS)  # core call durations
         self._seen_empty_s: dict[zmq.Socket, float] = {}  # socket -> when last seen empty
-        self._client_heard_s: dict[bytes, float] = {}  # client identity -> last frame from it
-        self._open_by_client: dict[bytes, set[str]] = {}  # its requests not yet ended
+        self.clients = ClientLiveness(config.client_timeout_s)
         self._authenticator = None
         self._log = RateLimitedLog(log)  # what peers can make us log at will
         warm_up(config)
@@ -478,7 +478,7 @@ class PlannerDaemon:
             self._reject_frame(self.client_socket, "client", identity, exc)
             return
         now_s = self.now_s()
-        self._client_heard_s[identity] = now_s
+        self.clients.heard(identity, now_s)
         if isinstance(message, P.Submit):
             self._on_submit(identity, message, now_s)
         elif isinstance(message, P.Abort):
@@ -506,7 +506,7 @@ class PlannerDaemon:
             # does for the client, so that its verdict still comes in time (docs/SERVICE.md).
             arrival_s = self._seen_empty_s.get(self.client_socket, now_s)
             tracked = self.book.add(submit, client, arrival_s)
-            self._open_by_client.setdefault(client, set()).add(submit.request_id)
+            self.clients.opened(client, submit.request_id)
         except ValueError as exc:
             self._reject_frame(
                 self.client_socket,
@@ -564,26 +564,23 @@ class PlannerDaemon:
         self._finish(tracked, aborted=True)
 
     def _check_clients(self, now_s: float) -> None:
-        """Abort the open requests of clients silent for `client_timeout_s` (a client process
-        that died, or a network that went away): nobody would read their tokens. Clients
-        heartbeat while idle, so a live one is never that silent."""
+        """Abort the open requests of clients silent for `client_timeout_s`
+        (planner_svc/client_liveness.py)."""
         if now_s - self._last_client_check_s < self.config.heartbeat_interval_s:
             return
         self._last_client_check_s = now_s
-        for client, last_heard_s in list(self._client_heard_s.items()):
-            if now_s - last_heard_s <= self.config.client_timeout_s:
+        read_up_to_s = min(now_s, self._seen_empty_s.get(self.client_socket, now_s))
+        for client, silent_s, open_ids in self.clients.silent(read_up_to_s):
+            if not open_ids:
                 continue
-            del self._client_heard_s[client]
-            open_ids = self._open_by_client.pop(client, set())
-            if open_ids:
-                self.metrics.client_timeouts.inc()
-                self._log.warning(
-                    "client timeout",
-                    "client %r silent for %.0f s: aborting its %d open request(s)",
-                    client[:64],
-                    now_s - last_heard_s,
-                    len(open_ids),
-                )
+            self.metrics.client_timeouts.inc()
+            self._log.warning(
+                "client timeout",
+                "client %r silent for %.0f s: aborting its %d open request(s)",
+                client[:64],
+                silent_s,
+                len(open_ids),
+            )
             for request_id in open_ids:
                 tracked = self.book.get(request_id)
                 if tracked is not None and not tracked.done:
@@ -747,11 +744,7 @@ class PlannerDaemon:
         link = self._link_of(tracked.record.replica_id)
         if link is not None:
             link.sent_request_ids.discard(tracked.request.request_id)
-        open_ids = self._open_by_client.get(tracked.client)
-        if open_ids is not None:
-            open_ids.discard(tracked.request.request_id)
-            if not open_ids:
-                del self._open_by_client[tracked.client]
+        self.clients.ended(tracked.client, tracked.request.request_id)
         label = self.book.class_label(tracked.request.slo_class)
         if tracked.record.finished:
             self.metrics.finished.labels(label).inc()
