@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from formulations.deadlines import TOLERANCE, decode_offset_s
 from formulations.perf_model import PerfModel
@@ -41,14 +41,14 @@ class Judgement(enum.Enum):
     NOT_COUNTED = "not_counted"  # aborted by the client while on track
 
 
-@dataclass
+@dataclass(slots=True)
 class Tracked:
-    """A request being served: who asked, what the engine needs, what happened."""
+    """A request being served: who asked and what happened (its record). Kept small: the book
+    holds thousands of ended ones (neither the prompt nor the output ids are kept: the engine
+    payload went to the core, the tokens to the client)."""
 
-    submit: P.Submit
     client: bytes
     record: RequestRecord
-    generated_token_ids: list[int] = field(default_factory=list)
     done: bool = False  # finished, rejected or aborted
     aborted: bool = False  # ended by its client
 
@@ -120,7 +120,7 @@ class RequestBook:
     def add(self, submit: P.Submit, client: bytes, now_s: float) -> Tracked:
         """Register a SUBMIT that arrived at `now_s`. Raises ValueError for an unknown SLO class
         without explicit targets (the caller has checked the id is new)."""
-        tracked = Tracked(submit, client, RequestRecord(self._request(submit, now_s)))
+        tracked = Tracked(client, RequestRecord(self._request(submit, now_s)))
         self.requests[submit.request_id] = tracked
         self.counters["num_requests"] += 1
         self.class_counts(submit.slo_class).num_requests += 1
@@ -158,7 +158,6 @@ class RequestBook:
             if tracked is None or tracked.done or (num_new == 0 and request_id not in finished):
                 continue
             token_ids = list(report.new_token_ids.get(request_id, ()))
-            tracked.generated_token_ids.extend(token_ids)
             tracked.record.token_times_s.extend([now_s] * num_new)
             done = request_id in finished
             tracked.record.finished = done
