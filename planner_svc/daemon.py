@@ -58,6 +58,7 @@ MONITORED_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
 # machine in a burst, docs/BENCHMARKS.md, section soak).
 VERDICT_DELIVERY_SLACK_S = 0.010
 RECENT_CALLS = 32  # core calls whose longest duration predicts the next one's
+CALL_SAFETY_FACTOR = 2.0  # measured at 10x the chatbot capacity: 1.0 left 4 of 468 verdicts late
 POLL_WAITED_S = 0.0005  # a poll that took longer found nothing to read at first
 
 
@@ -614,9 +615,10 @@ class PlannerDaemon:
 
     def _verdict_margin_s(self) -> float:
         """How long before a request's TTFT deadline it must be decided for the verdict to reach
-        its client in time: the longest recent core call (the next one may take as long, and
-        nothing is sent meanwhile) plus the loop turn and the loopback hop."""
-        return VERDICT_DELIVERY_SLACK_S + max(self._recent_call_s, default=0.0)
+        its client in time: twice the longest recent core call (nothing is sent during a call,
+        and in a burst the next one may take longer than any before: a DP's cost grows with the
+        queue) plus the loop turn and the loopback hop."""
+        return VERDICT_DELIVERY_SLACK_S + CALL_SAFETY_FACTOR * max(self._recent_call_s, default=0.0)
 
     def _expire_soon(self, now_s: float) -> None:
         """Timely verdicts: a request still undecided within the verdict margin of its TTFT
@@ -675,9 +677,12 @@ class PlannerDaemon:
     ) -> None:
         """Tell the client; `code` names a rejection the service caused (VerdictMsg.code)."""
         record = tracked.record
+        request = tracked.request
+        if record.verdict is None:  # the first verdict (a request lost later gets a second)
+            delay_s = self.now_s() - request.arrival_s
+            self.metrics.verdict_delay.observe(delay_s / request.ttft_slo_s)
         record.verdict = decision.verdict
         record.replica_id = replica_id if replica_id is not None else record.replica_id
-        request = tracked.request
         self.book.count_verdict(decision.verdict)
         label = self.book.class_label(request.slo_class)
         self.metrics.verdicts.labels(decision.verdict.value, label).inc()

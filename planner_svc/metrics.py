@@ -8,6 +8,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _TIME_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+_BUDGET_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0, 1.1, 1.5, 2.0)
 
 
 class PlannerMetrics:
@@ -34,6 +35,13 @@ class PlannerMetrics:
             "Attained / judged requests, by SLO class (rejections and lost requests count as "
             "misses; client aborts only when a deadline had already passed unmet)",
             ["slo_class"],
+            registry=r,
+        )
+        self.verdict_delay = Histogram(
+            "slos_verdict_delay_budget_fraction",
+            "Arrival to verdict on the planner's clock, as a fraction of the request's TTFT "
+            "budget (over 1: the verdict came after the TTFT target)",
+            buckets=_BUDGET_FRACTIONS,
             registry=r,
         )
         self.aborted = Counter(

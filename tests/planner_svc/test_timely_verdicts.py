@@ -56,6 +56,10 @@ def test_verdicts_in_a_burst_arrive_within_the_ttft_budget():
                 if received_s[h.request_id] - h.arrival_s > TTFT_MS / 1000
             ]
             assert not late, f"verdicts after the {TTFT_MS:g} ms budget: {late}"
+        delay = service.daemon.metrics.verdict_delay  # the same on the planner's clock
+        within = delay.collect()[0].samples
+        counts = {s.labels.get("le"): s.value for s in within if s.name.endswith("_bucket")}
+        assert counts["1.0"] == counts["+Inf"] == NUM_REQUESTS
     finally:
         service.close()
 
