@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "directory's name, else slos-serve)",
     )
     parser.add_argument("--max-model-len", type=int, help="prompt + max_tokens limit")
-    parser.add_argument("--log-level", default="INFO")
     add_curve_arguments(parser)
+    parser.add_argument("--no-access-log", action="store_true", help="no line per HTTP request")
+    parser.add_argument("--log-level", default="INFO")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,14 +52,17 @@ def run(args: argparse.Namespace) -> int:
     config = load_api_config(args.config, names, max_model_len=args.max_model_len)
     with PlannerClient(args.planner, curve=curve_keys(args)) as client:
         api = ApiServer(client, config, tokenizer)
-        asyncio.run(_serve(api, args.host, args.port))
+        asyncio.run(_serve(api, args.host, args.port, not args.no_access_log))
     return 0
 
 
-async def _serve(api, host: str, port: int) -> None:
+async def _serve(api, host: str, port: int, access_log: bool) -> None:
     from planner_svc.http.server import start_site
 
-    runner, bound_port = await start_site(api, host, port)
+    try:
+        runner, bound_port = await start_site(api, host, port, access_log)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     print(
         f"api ready http://{host}:{bound_port} models={','.join(api.config.model_names)}",
         flush=True,

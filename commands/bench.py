@@ -11,6 +11,8 @@ from pathlib import Path
 
 from commands.cli import CliError
 
+DEFAULT_MAX_MODEL_LEN = 8192  # when the server does not say its context length
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8000")
@@ -21,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rate", type=float, required=True, help="arrivals per second")
     parser.add_argument("--num-requests", type=int, default=100, help="items (a chain is one)")
-    parser.add_argument("--model", default="slos-serve", help="the model name to request")
+    parser.add_argument(
+        "--model", help="the model name to request (default: the server's first, /v1/models)"
+    )
     parser.add_argument("--api-key", default=None)
     parser.add_argument(
         "--perf-model",
@@ -29,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="resolves the scenario's TTFT slowdowns for servers that report no SLO",
     )
     parser.add_argument(
-        "--max-model-len", type=int, default=8192, help="drop scenario requests longer than this"
+        "--max-model-len",
+        type=int,
+        help="drop scenario requests longer than this (default: the server's context length "
+        f"from /v1/models, else {DEFAULT_MAX_MODEL_LEN})",
     )
     parser.add_argument(
         "--max-token-id",
@@ -60,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--url must start with http:// or https://, got {args.url!r}")
     if args.max_token_id <= 10:
         raise CliError("--max-token-id must be above 10")
+    url = args.url.rstrip("/")
+    model, max_model_len = _served_model(url, args)
     workload = build_workload(
         args.scenario,
         perf_model_preset(args.perf_model),
@@ -67,12 +76,12 @@ def run(args: argparse.Namespace) -> int:
             rate_rps=args.rate,
             num_requests=args.num_requests,
             seed=args.seed,
-            max_model_len=args.max_model_len,
+            max_model_len=max_model_len,
         ),
     )
     options = BenchOptions(
-        url=args.url.rstrip("/"),
-        model=args.model,
+        url=url,
+        model=model,
         api_key=args.api_key,
         send_slo_fields=not args.no_slo_fields,
         max_token_id=args.max_token_id,
@@ -83,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         print(
             f"bench: {args.scenario} at {args.rate:g} req/s, {workload.num_items} items "
-            f"against {options.url}",
+            f"against {options.url} (model {model}, requests up to {max_model_len} tokens)",
             file=sys.stderr,
             flush=True,
         )
@@ -110,4 +119,32 @@ def run(args: argparse.Namespace) -> int:
             print(f"{result.num_errors} call(s) failed; first errors: {errors[:3]}")
     if result.calls and all(c.status == 0 for c in result.calls):
         raise CliError(f"no answer from {options.url}: {errors[:1]}")
+    if result.num_errors:  # a report over failed calls must not pass for a measurement
+        print(
+            f"slos-serve bench: error: {result.num_errors} of {len(result.calls)} calls failed "
+            f"(not counting rejections); first: {errors[:1]}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _served_model(url: str, args: argparse.Namespace) -> tuple[str, int]:
+    """The model to request and the longest request to send, from the server's /v1/models
+    unless the options say."""
+    from lab.bench_client import served_models
+
+    try:
+        models = served_models(url, args.api_key)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    names = [m.name for m in models]
+    if not models:
+        raise CliError(f"{url} serves no model")
+    if args.model is not None and args.model not in names:
+        raise CliError(
+            f"{url} does not serve the model {args.model!r} (it serves: {', '.join(names)})"
+        )
+    chosen = next(m for m in models if m.name == (args.model or names[0]))
+    max_model_len = args.max_model_len or chosen.max_model_len or DEFAULT_MAX_MODEL_LEN
+    return chosen.name, max_model_len

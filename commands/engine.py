@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
+import socket
 
+from commands.cli import CliError
 from commands.curve_options import add_curve_arguments, curve_keys
 from engine_adapters import registry
 from engine_adapters.adapter import AdapterConfig, EngineAdapter
@@ -24,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--engine", default="sim", help="sim, torch, vllm, or a module:builder of your own")
     add("--connect", default="tcp://127.0.0.1:5557", help="the planner's engine endpoint")
-    add("--engine-id", default="engine-0")
+    add(
+        "--engine-id",
+        default=f"{socket.gethostname()}-{os.getpid()}",
+        help="unique per engine (default: HOSTNAME-PID); the planner refuses a second engine "
+        "with the id of a live one",
+    )
     add("--heartbeat-interval-s", type=float, default=0.5)
     add("--liveness", type=int, default=6)
     add("--plan-grace-ms", type=float, default=10.0, help="wait for the answer to each report")
@@ -62,14 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "max_model_len=2048; repeatable; adds to SLOS_SERVE_VLLM_ARGS",
     )
     add_curve_arguments(parser)
-    add("--log-level", default="WARNING")
+    add("--log-level", default="INFO", help="INFO: connects and reconnects, nothing per step")
     add("--stats-json", help="on exit, write where the engine's time went to this file")
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    engine = build_engine(args)
-    config = AdapterConfig(
+    config = AdapterConfig(  # checked before a (maybe slow) engine is built
         connect=args.connect,
         engine_id=args.engine_id,
         heartbeat_interval_s=args.heartbeat_interval_s,
@@ -78,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         wait_only_when_expected=not args.wait_for_every_answer,
         curve=curve_keys(args),
     )
-    adapter = EngineAdapter(engine, config)
+    adapter = EngineAdapter(build_engine(args), config)
     signal.signal(signal.SIGTERM, lambda *_: adapter.stop())
     try:
         adapter.run()
@@ -86,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         adapter.stop()
     if args.stats_json:
         write_stats(adapter, args.stats_json)
+    if adapter.fatal_error:
+        raise CliError(adapter.fatal_error)
     return 0
 
 

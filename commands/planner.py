@@ -34,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
     daemon = PlannerDaemon(config)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: daemon.stop())
-    daemon.serve_metrics()
+    try:
+        daemon.serve_metrics()
+    except ValueError:
+        daemon.close()
+        raise
     logging.getLogger("slos_serve.daemon").info(
         "planner up: formulation %s, engines at %s, clients at %s",
         config.formulation,

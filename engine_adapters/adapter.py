@@ -25,13 +25,16 @@ from dataclasses import dataclass, field
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from engine_adapters.engine import Engine
 from engine_adapters.plan_queue import PlanQueue
 from formulations.plan import Step
 from formulations.progress import TokenProgress
 from wire import protocol as P
-from wire.security import CurveKeys
+from wire.endpoint import check_endpoint
+from wire.rate_limited_log import RateLimitedLog
+from wire.security import HANDSHAKE_EVENTS, CurveKeys, handshake_failure_reason
 
 log = logging.getLogger("slos_serve.adapter")
 
@@ -54,6 +57,13 @@ class AdapterConfig:
     max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES
     curve: CurveKeys | None = None
 
+    def __post_init__(self) -> None:
+        check_endpoint(self.connect, "the planner's engine endpoint")
+        if not self.engine_id:
+            raise ValueError("an engine needs a non-empty engine id")
+        if self.heartbeat_interval_s <= 0 or self.liveness < 1:
+            raise ValueError("heartbeat_interval_s must be > 0 and liveness >= 1")
+
 
 @dataclass
 class AdapterStats:
@@ -64,13 +74,15 @@ class AdapterStats:
     num_step_errors: int = 0
     num_connects: int = 0
     num_rejected_frames: int = 0
+    num_handshake_failures: int = 0  # e.g. wrong CURVE keys: the planner never hears us
+    num_dropped_sends: int = 0  # messages the socket could not take (no planner to send to)
     num_late_plans: int = 0  # of finished connections (see PlanQueue for the current one)
     num_duplicate_plans: int = 0
     num_ack_timeouts: int = 0  # reports the planner did not answer within plan_grace_s
     busy_s: float = 0.0
     plan_wait_s: float = 0.0
     idle_s: float = 0.0
-    rejected_reasons: list[str] = field(default_factory=list)
+    rejected_reasons: deque = field(default_factory=lambda: deque(maxlen=100))  # the last ones
     # Report -> answer (plan or acknowledgement) round trips, engine clock; the last 100k kept.
     answer_latencies_s: deque = field(default_factory=lambda: deque(maxlen=100_000))
 
@@ -92,23 +104,45 @@ class _Tally(TokenProgress):
 
 
 class _Connection:
-    """One connected DEALER socket and what was exchanged on it."""
+    """One connected DEALER socket and what was exchanged on it. Sends never block: a socket
+    whose handshake failed has nobody to send to, and a blocked send would make the engine deaf
+    to SIGTERM; a message that cannot go out is dropped (the planner's silence then makes the
+    adapter reconnect)."""
 
     def __init__(self, context: zmq.Context, config: AdapterConfig) -> None:
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, f"{config.engine_id}/{uuid.uuid4().hex[:8]}".encode())
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, P.socket_frame_limit(config.max_frame_bytes))
         if config.curve is not None:
             config.curve.apply_client(self.socket)
+        self.monitor = self.socket.get_monitor_socket(HANDSHAKE_EVENTS)
         self.socket.connect(config.connect)
         self.last_heard_s = time.monotonic()
         self.last_sent_s = 0.0
+        self.num_dropped_sends = 0
 
     def send(self, message: P._Msg) -> None:
-        self.socket.send_multipart(P.encode(message), copy=False)
+        try:
+            self.socket.send_multipart(P.encode(message), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.num_dropped_sends += 1
+            return
         self.last_sent_s = time.monotonic()
 
+    def handshake_failures(self) -> list[str]:
+        """The reasons of the handshakes that failed since the last call."""
+        reasons = []
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return reasons
+            reasons.append(handshake_failure_reason(event))
+
     def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
         self.socket.close()  # LINGER is 0 unless a GOODBYE is on its way
 
 
@@ -119,6 +153,12 @@ class EngineAdapter:
         self.context = context or zmq.Context.instance()
         self.stats = AdapterStats()
         self.stop_event = threading.Event()
+        self._log = RateLimitedLog(log)  # what the planner side can make us log at will
+        # Constant across reconnects: the planner tells a reconnect of this engine (same
+        # instance) from a second engine that uses the same id (refused).
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.fatal_error = ""  # why the adapter gave up (run() returned for good)
+        self._refused_since_s: float | None = None  # refused as a duplicate id since then
         self._reset_session()
 
     # ------------------------------------------------------------------ lifecycle
@@ -135,10 +175,14 @@ class EngineAdapter:
                 if self.stop_event.is_set():
                     self._say_goodbye(connection)
             finally:
+                self.stats.num_dropped_sends += connection.num_dropped_sends
                 connection.close()
             self._drop_all_requests()
             if self.stop_event.is_set():
                 return
+            if self._refused_since_s is not None:  # retry while a dead namesake times out
+                self.stop_event.wait(self.config.heartbeat_interval_s)
+                continue
             if heard:
                 backoff_s = self.config.reconnect_min_s
             log.warning("lost the planner; reconnecting in %.2fs", backoff_s)
@@ -171,6 +215,7 @@ class EngineAdapter:
         self._replan_expected = True  # until the planner says otherwise
         self._must_reconnect = False
         self._ack_deadline_s = 0.0
+        self._registered = False  # the planner answered this connection's READY
 
     def _drop_all_requests(self) -> None:
         for request_id in list(self.live):
@@ -192,6 +237,7 @@ class EngineAdapter:
             wait_ms = 0 if step is not None else int(1000 * self.config.heartbeat_interval_s / 2)
             heard |= self._receive(connection, wait_ms, waiting_for_plan=step is None)
             if time.monotonic() - connection.last_heard_s > silence_limit_s or self._must_reconnect:
+                self._note_handshake_failures(connection)
                 return heard
             if step is None:  # re-read: the messages just received may have brought a plan
                 step = self.queue.next_step(self.live.__contains__, self._adopt)
@@ -200,6 +246,20 @@ class EngineAdapter:
             if time.monotonic() - connection.last_sent_s >= self.config.heartbeat_interval_s:
                 connection.send(P.Heartbeat(sender_id=self.config.engine_id, sent_s=time.time()))
         return heard
+
+    def _note_handshake_failures(self, connection: _Connection) -> None:
+        """Say why the planner stayed silent when the handshake failed (wrong CURVE keys, or
+        CURVE on one side only): ZeroMQ itself says nothing."""
+        reasons = connection.handshake_failures()
+        self.stats.num_handshake_failures += len(reasons)
+        if reasons:
+            self._log.error(
+                "handshake",
+                "the handshake with the planner at %s failed (%s): check the CURVE keys "
+                "(this engine's pair and --curve-server-key) and whether the planner uses CURVE",
+                self.config.connect,
+                ", ".join(sorted(set(reasons))),
+            )
 
     def _ready(self) -> P.Ready:
         info = self.engine.info()
@@ -213,6 +273,7 @@ class EngineAdapter:
             max_model_len=info.max_model_len,
             engine_name=info.name,
             next_step_id=self.queue.last_step_id + 1,
+            engine_instance=self.instance_id,
         )
 
     def _await_ack(self, connection: _Connection) -> bool:
@@ -258,7 +319,7 @@ class EngineAdapter:
         except P.ProtocolError as exc:
             self.stats.num_rejected_frames += 1
             self.stats.rejected_reasons.append(str(exc))
-            log.warning("rejected frame from planner: %s", exc)
+            self._log.warning("rejected frame", "rejected frame from planner: %s", exc)
             return
         expected = getattr(message, "replan_expected", None)
         if expected is not None:
@@ -273,9 +334,39 @@ class EngineAdapter:
         elif isinstance(message, P.Abort):
             self._abort(message.request_id)
         elif isinstance(message, P.ErrorMsg):
-            log.error("planner says: %s", message.reason)
-            if message.kind == "no_ready":  # the planner forgot us (it restarted): register again
-                self._must_reconnect = True
+            self._on_error(message)
+            return
+        self._refused_since_s = None  # the planner talks to us: we are registered
+        if not self._registered:
+            self._registered = True
+            log.info(
+                "engine %s registered with the planner at %s (planner %s)",
+                self.config.engine_id,
+                self.config.connect,
+                getattr(message, "planner_id", "") or "?",
+            )
+
+    def _on_error(self, error: P.ErrorMsg) -> None:
+        if error.kind == "duplicate_engine_id":
+            self._on_refused(error.reason)
+            return
+        log.error("planner says: %s", error.reason)
+        if error.kind == "no_ready":  # the planner forgot us (it restarted): register again
+            self._must_reconnect = True
+
+    def _on_refused(self, reason: str) -> None:
+        """Another live engine has our id. Retry for two liveness windows (a namesake that just
+        died is declared dead by then: this may be its restart), then give up for good."""
+        now_s = time.monotonic()
+        if self._refused_since_s is None:
+            self._refused_since_s = now_s
+            log.warning("the planner refused this engine (retrying for a while): %s", reason)
+        patience_s = 2 * self.config.liveness * self.config.heartbeat_interval_s
+        if now_s - self._refused_since_s > patience_s:
+            self.fatal_error = f"the planner refused this engine: {reason}"
+            log.error("%s", self.fatal_error)
+            self.stop()
+        self._must_reconnect = True
 
     # ------------------------------------------------------------------ plans and steps
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import uuid
 
 from formulations.request import ToolChain, ToolRound
 from planner_svc.client import PlannerClient, RequestHandle
@@ -34,12 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         ToolRound(num_new_prompt_tokens=300, num_output_tokens=40, tool_delay_s=0.5)
         for _ in range(args.rounds - 1)
     ]
-    chain = ToolChain(f"agent-{int(time.time())}", 0.0, tuple(rounds))
+    chain = ToolChain(f"agent-{uuid.uuid4().hex[:12]}", 0.0, tuple(rounds))  # unique per run
     with PlannerClient(args.planner) as client:
         handles = client.run_tool_chain(chain, tool=run_tool)
     for handle in handles:
         record = handle.record()
         verdict = handle.verdict_msg.verdict if handle.verdict_msg else "no verdict"
+        if handle.error:
+            verdict = f"{verdict} (error: {handle.error})"
         ttft_ms = f"{record.ttft_s * 1000:.0f} ms" if record.ttft_s is not None else "-"
         print(
             f"{handle.request_id}: {verdict}, prompt {handle.submit.num_prompt_tokens} tokens, "

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -121,6 +123,40 @@ class BenchResult:
                 for c in self.calls
             ],
         }
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One entry of the server's GET /v1/models."""
+
+    name: str
+    max_model_len: int | None  # None: the server does not say (OpenAI's own API does not)
+
+
+def served_models(
+    url: str, api_key: str | None = None, timeout_s: float = 10.0
+) -> list[ServedModel]:
+    """The models the server at `url` serves (GET /v1/models), with their context length when it
+    says (vLLM and slos-serve do). Raises ValueError with the reason when it cannot be read."""
+    request = urllib.request.Request(f"{url}/v1/models")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            entries = json.loads(response.read())["data"]
+    except urllib.error.HTTPError as exc:
+        raise ValueError(f"GET {url}/v1/models answered {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ValueError(f"cannot reach {url}/v1/models: {reason}") from None
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{url}/v1/models did not answer an OpenAI model list") from None
+    models = []
+    for entry in entries:
+        max_model_len = entry.get("max_model_len")
+        valid = isinstance(max_model_len, int) and max_model_len > 1
+        models.append(ServedModel(str(entry["id"]), max_model_len if valid else None))
+    return models
 
 
 def run_bench(workload: Workload, options: BenchOptions) -> BenchResult:

@@ -12,6 +12,12 @@ callers hand it messages through a queue and wake it through a pipe, so `submit`
 (or from an asyncio loop, see `RequestHandle.events_async`) never blocks on the network. The HTTP
 front door builds on this.
 
+Endings: every request ends, with its last tokens, a rejection, or an error. Errors the client
+makes up itself arrive as `ErrorMsg` events too: `planner_unreachable` when the planner has been
+silent for `liveness` heartbeat intervals, and `planner_restarted` when replies come from another
+planner process (each reply carries the planner's instance id): the new planner knows none of the
+old one's requests, so they would never end otherwise.
+
 Times: the client stamps a request's arrival when it is handed to the I/O thread and each token
 when its message is received, on its own monotonic clock (`client.now_s()`), so a client-side report
 measures what a user would see, network included.
@@ -21,22 +27,28 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from formulations.plan import Verdict
 from formulations.request import Request, ToolChain
 from formulations.slo import SLO
 from planner_svc.records import RequestRecord
 from wire import protocol as P
-from wire.security import CurveKeys
+from wire.endpoint import check_endpoint
+from wire.security import HANDSHAKE_EVENTS, CurveKeys, handshake_failure_reason
+
+log = logging.getLogger("slos_serve.client")
 
 
 class ClientError(RuntimeError):
@@ -49,6 +61,9 @@ class RequestHandle:
 
     submit: P.Submit
     arrival_s: float  # client clock
+    # The planner process the request lives in (P.VerdictMsg.planner_id): the one the client knew
+    # when it submitted, then the one that answered. "" : none known yet.
+    planner_id: str = ""
     verdict_msg: P.VerdictMsg | None = None
     error: str = ""
     ended_with_last_token: bool = False  # the planner said the output is complete
@@ -180,6 +195,13 @@ class RequestHandle:
         if ends:
             self._end(now_s)
 
+    def _fail(self, reason: str, kind: str, now_s: float) -> None:
+        """End the request with an error the client made up itself (the planner restarted or
+        went silent), delivered as an ErrorMsg event like the planner's own, so that every
+        consumer (token iterators, async streams, callbacks) sees why it ended."""
+        if not self._done.is_set():
+            self._deliver(P.ErrorMsg(reason, self.request_id, kind), now_s)
+
     def _end(self, now_s: float) -> None:
         if self._done.is_set():
             return
@@ -212,6 +234,7 @@ class PlannerClient:
         for later requests)."""
         if heartbeat_interval_s <= 0 or liveness < 1:
             raise ValueError("heartbeat_interval_s must be > 0 and liveness >= 1")
+        check_endpoint(endpoint, "the planner's client endpoint")
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness = liveness
         self.endpoint = endpoint
@@ -229,7 +252,13 @@ class PlannerClient:
         self._stats_waiters: dict[int, queue.Queue] = {}
         self._stats_lock = threading.Lock()
         self._next_query_id = itertools.count(1)
-        self._errors: list[str] = []
+        self._errors: deque[str] = deque(maxlen=1000)  # the latest, not a flood's every line
+        self.num_handshake_failures = 0
+        self.connection_problem = ""  # why the planner may be silent, when the client knows
+        # The planner process last heard (its id in every reply); "" until one answers. A new id
+        # means the planner restarted: requests of the old one are lost.
+        self.planner_id = ""
+        self.num_planner_restarts = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._io_loop, name="planner-client-io", daemon=True)
         self._thread.start()
@@ -246,7 +275,7 @@ class PlannerClient:
             fields.setdefault("request_id", f"{self.client_id}-{uuid.uuid4().hex[:12]}")
             request = P.Submit(**fields)
         _ = request.prompt_length  # a prompt is required: fail here, not at the planner
-        handle = RequestHandle(request, arrival_s=self.now_s())
+        handle = RequestHandle(request, arrival_s=self.now_s(), planner_id=self.planner_id)
         self._handles[request.request_id] = handle
         self._send(request)
         return handle
@@ -315,6 +344,8 @@ class PlannerClient:
 
     def send_raw(self, frames: list[bytes]) -> None:
         """Send arbitrary frames (tests of the daemon's input checking)."""
+        if self._stop.is_set():
+            raise ClientError("the planner client is closed")
         self._outbox.put(frames)
         os.write(self._wake_w, b"x")
 
@@ -332,6 +363,9 @@ class PlannerClient:
         self._handles.pop(request_id, None)
 
     def close(self) -> None:
+        """Stop the I/O thread and release the socket; calling it again does nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=5)
@@ -347,19 +381,32 @@ class PlannerClient:
     # ------------------------------------------------------------------ I/O thread
 
     def _send(self, message: P._Msg) -> None:
+        if self._stop.is_set():
+            raise ClientError("the planner client is closed")
         self._outbox.put(P.encode(message))
         os.write(self._wake_w, b"x")
 
     def _io_loop(self) -> None:
+        try:
+            self._serve_socket()
+        except Exception as exc:  # a client bug must not leave requests hanging
+            log.exception("the planner client's I/O thread failed")
+            self._stop.set()
+            self._fail_open(f"planner client failed: {exc}", "client_error")
+
+    def _serve_socket(self) -> None:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.IDENTITY, self.client_id.encode())
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, P.socket_frame_limit(self.max_frame_bytes))
         if self._curve is not None:
             self._curve.apply_client(socket)
+        monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS)
         socket.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         self._last_heard_s = self._last_sent_s = time.monotonic()
         poll_ms = max(1, int(1000 * self.heartbeat_interval_s / 2))
         try:
@@ -370,9 +417,28 @@ class PlannerClient:
                 self._flush(socket)
                 if socket in events:
                     self._drain(socket)
+                    self._flush(socket)  # what handling the replies queued (aborts)
+                if monitor in events:
+                    self._note_handshake_failures(monitor)
                 self._keep_alive(socket)
         finally:
+            socket.disable_monitor()
+            monitor.close(linger=0)
             socket.close(linger=0)
+
+    def _note_handshake_failures(self, monitor: zmq.Socket) -> None:
+        """A failed handshake (wrong CURVE keys, CURVE on one side only) leaves the planner
+        silent: remember why, so that the requests that then fail say so."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            self.num_handshake_failures += 1
+            self.connection_problem = (
+                f"the handshake with the planner failed ({handshake_failure_reason(event)}): "
+                "check the CURVE keys"
+            )
 
     def _keep_alive(self, socket: zmq.Socket) -> None:
         """Heartbeat the planner (it echoes); fail open requests when it has gone silent."""
@@ -384,10 +450,15 @@ class PlannerClient:
                 pass  # nobody to talk to; liveness below decides
             self._last_sent_s = now
         if now - self._last_heard_s > self.liveness * self.heartbeat_interval_s:
-            for handle in list(self._handles.values()):
-                if not handle.done:
-                    handle.error = handle.error or "planner unreachable"
-                    handle._end(self.now_s())
+            problem = f" ({self.connection_problem})" if self.connection_problem else ""
+            self._fail_open(f"planner unreachable{problem}", "planner_unreachable")
+
+    def _fail_open(self, reason: str, kind: str, unless_planner: str | None = None) -> None:
+        """End every open request (except those of planner `unless_planner`) with an error."""
+        now_s = self.now_s()
+        for handle in list(self._handles.values()):
+            if not handle.done and (unless_planner is None or handle.planner_id != unless_planner):
+                handle._fail(reason, kind, now_s)
 
     def _flush(self, socket: zmq.Socket) -> None:
         """Send what callers queued. Never blocks: while the planner cannot take messages (not
@@ -413,6 +484,7 @@ class PlannerClient:
                 return
             now_s = self.now_s()
             self._last_heard_s = time.monotonic()
+            self.connection_problem = ""
             try:
                 message = P.decode(frames, P.PLANNER_TO_CLIENT, self.max_frame_bytes)
             except P.ProtocolError as exc:
@@ -421,15 +493,48 @@ class PlannerClient:
             self._route(message, now_s)
 
     def _route(self, message: P._Msg, now_s: float) -> None:
+        request_id = getattr(message, "request_id", "")
+        handle = self._handles.get(request_id) if request_id else None
+        planner_id = getattr(message, "planner_id", "")
+        if planner_id:
+            if handle is not None and not handle.done:
+                handle.planner_id = planner_id  # it lives there, whoever it was sent to
+            self._notice_planner(planner_id)
         if isinstance(message, P.Stats):
             with self._stats_lock:
                 waiter = self._stats_waiters.get(message.query_id)
             if waiter is not None:
                 waiter.put(message)
             return
-        request_id = getattr(message, "request_id", "")
-        handle = self._handles.get(request_id) if request_id else None
-        if handle is not None:
+        if handle is not None and not handle.done:
             handle._deliver(message, now_s)
-        elif isinstance(message, P.ErrorMsg):
+        elif isinstance(message, P.VerdictMsg) and message.verdict != Verdict.REJECTED.value:
+            # admitted for nobody (given up on, or failed by a restart meanwhile): stop it
+            self._send_now(P.Abort(request_id, "the client no longer waits for it"))
+        elif isinstance(message, P.ErrorMsg) and handle is None:
             self._errors.append(message.reason)
+
+    def _notice_planner(self, planner_id: str) -> None:
+        """A reply from planner `planner_id`. If it is not the one heard before, the planner
+        restarted: the new one knows none of the old one's requests, so they end now with an
+        error (and an ABORT, in case one reached the new planner after all)."""
+        previous = self.planner_id
+        self.planner_id = planner_id
+        if not previous or previous == planner_id:
+            return
+        self.num_planner_restarts += 1
+        log.warning(
+            "the planner restarted (%s -> %s); failing its open requests", previous, planner_id
+        )
+        lost = [h for h in self._handles.values() if not h.done and h.planner_id != planner_id]
+        self._fail_open(
+            f"the planner restarted (instance {previous} -> {planner_id}); the request was lost",
+            "planner_restarted",
+            unless_planner=planner_id,
+        )
+        for handle in lost:
+            self._send_now(P.Abort(handle.request_id, "lost in a planner restart"))
+
+    def _send_now(self, message: P._Msg) -> None:
+        """Queue a message from the I/O thread itself (it flushes on its next turn)."""
+        self._outbox.put(P.encode(message))

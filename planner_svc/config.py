@@ -17,10 +17,13 @@ p90 = 6000                         # worth `weight` requests (default 20)
 engine_endpoint = "tcp://127.0.0.1:5557"   # engines connect here (ROUTER)
 client_endpoint = "tcp://127.0.0.1:5558"   # clients connect here (ROUTER)
 metrics_port = 0                           # Prometheus /metrics; 0 = off
+metrics_address = "127.0.0.1"              # where /metrics listens ("0.0.0.0": every interface)
 heartbeat_interval_s = 0.5
 liveness = 6                               # an engine silent this many intervals is dead
 tick_interval_s = 0.01                     # planner timer resolution
 max_frame_bytes = 8388608
+max_ended_history = 10000                  # ended requests kept for STATS and duplicate-id checks
+client_timeout_s = 10.0                    # a client silent this long: its requests are aborted
 default_perf_model = "opt-13b-h100"        # for engines that send none and for TTFT slowdowns
                                            # (a preset name or a profile's perf_model.json)
 
@@ -28,8 +31,8 @@ default_perf_model = "opt-13b-h100"        # for engines that send none and for 
 ttft_slowdown = 5.0                        # or ttft_ms = 800
 tpot_ms = 100                              # thinking_tpot_ms = 50 for reasoning classes
 
-[[replicas]]                               # optional: per-engine settings, by engine id
-engine_id = "engine-0"
+[[replicas]]                               # optional: per-engine models, by engine id, for
+engine_id = "engine-0"                     # engines that send none (their own model wins)
 perf_model = "opt-13b-h100"                # a preset name, or
 # perf_model_lines = [[4.18e-5, 0.0, 0.0274]]
 
@@ -54,6 +57,8 @@ import tomllib
 from formulations.lengths import LENGTH_MODES, LengthPrior
 from formulations.perf_model import PerfModel, perf_model_preset
 from formulations.slo import SLO, SLO_PRESETS
+from wire.endpoint import check_endpoint
+from wire.security import check_key, check_key_pair
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,11 @@ class CurveConfig:
     public_key: str
     secret_key: str
     allowed_client_keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_key_pair(self.public_key, self.secret_key, "[curve]")
+        for i, key in enumerate(self.allowed_client_keys):
+            check_key(key, f"[curve] allowed_client_keys[{i}]")
 
 
 @dataclass(frozen=True)
@@ -72,10 +82,13 @@ class PlannerConfig:
     engine_endpoint: str = "tcp://127.0.0.1:5557"
     client_endpoint: str = "tcp://127.0.0.1:5558"
     metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
     heartbeat_interval_s: float = 0.5
     liveness: int = 6
     tick_interval_s: float = 0.01
     max_frame_bytes: int = 8 << 20
+    max_ended_history: int = 10_000
+    client_timeout_s: float = 10.0
     default_perf_model: str = "opt-13b-h100"
     slo_classes: dict[str, SLO] = field(default_factory=lambda: dict(SLO_PRESETS))
     replica_perf_models: dict[str, PerfModel] = field(default_factory=dict)  # by engine id
@@ -92,6 +105,12 @@ class PlannerConfig:
         if self.lengths not in LENGTH_MODES:
             known = ", ".join(LENGTH_MODES)
             raise ValueError(f"lengths must be one of {known}, got {self.lengths!r}")
+        if self.max_ended_history < 0 or not self.client_timeout_s > 0:
+            raise ValueError("max_ended_history must be >= 0 and client_timeout_s > 0")
+        check_endpoint(self.engine_endpoint, "[planner] engine_endpoint", bind=True)
+        check_endpoint(self.client_endpoint, "[planner] client_endpoint", bind=True)
+        if not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"[planner] metrics_port must be in [0, 65535]: {self.metrics_port!r}")
         _ = self.perf_model  # fails early on a bad name or file
 
     @property
@@ -126,10 +145,13 @@ _PLANNER_KEYS = {
     "engine_endpoint",
     "client_endpoint",
     "metrics_port",
+    "metrics_address",
     "heartbeat_interval_s",
     "liveness",
     "tick_interval_s",
     "max_frame_bytes",
+    "max_ended_history",
+    "client_timeout_s",
     "default_perf_model",
 }
 

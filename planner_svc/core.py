@@ -222,6 +222,32 @@ class PlannerCore:
         ]
         return min(due, default=None)
 
+    def next_verdict_deadline_s(self) -> float | None:
+        """The earliest TTFT deadline of a request still waiting for a verdict on a replica whose
+        formulation has admission control (None: there is none)."""
+        return min(
+            (
+                state.request.ttft_deadline_s
+                for rep in self._replicas.values()
+                if rep.admission_control
+                for state in rep.waiting.values()
+            ),
+            default=None,
+        )
+
+    def expire_undecided(self, due_s: float, now_s: float) -> CoreOutput:
+        """The fallback verdict, now, for waiting requests whose TTFT deadline comes before
+        `due_s` (at or after `now_s`). A shell calls it with `due_s` = now + what its next call
+        and the verdict's delivery may take, so that the verdict still reaches the client within
+        the TTFT target: a request decided after its deadline could not be started in time
+        anyway (added for the daemon's timely verdicts in bursts; see docs/SERVICE.md)."""
+        out = CoreOutput()
+        for rep in self._replicas.values():
+            if rep.admission_control and rep.waiting:
+                self._expire(rep, due_s, out)
+        self._settle(now_s, out, boundary=None)
+        return out
+
     def abort(self, request_id: str, now_s: float) -> CoreOutput:
         """The client gave up on a request. Unknown ids are ignored."""
         out = CoreOutput()

@@ -21,32 +21,48 @@ the same way at once.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import logging
 import threading
 import time
+import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from formulations import registry
 from formulations.lengths import make_predictor
 from formulations.perf_model import PerfModel
 from formulations.plan import Decision, Verdict
 from formulations.refit import RefitParams
+from formulations.request import Request
+from planner_svc.client_liveness import ClientLiveness
 from planner_svc.config import PlannerConfig
-from planner_svc.core import PlannerCore
+from planner_svc.core import EXPIRED_REASON, PlannerCore
 from planner_svc.metrics import PlannerMetrics
 from planner_svc.outcome import CoreOutput
 from planner_svc.records import RequestRecord
 from planner_svc.replica import ReplicaSpec
-from planner_svc.request_book import RequestBook, Tracked
+from planner_svc.request_book import Judgement, RequestBook, Tracked
 from planner_svc.router import make_router
 from planner_svc.triggers import ReplanPolicy
 from wire import protocol as P
+from wire.rate_limited_log import RateLimitedLog
+from wire.security import HANDSHAKE_EVENTS, handshake_failure_reason
 
 log = logging.getLogger("slos_serve.daemon")
+MONITORED_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
+# A verdict needs this long after it is made to reach its client: the rest of the loop turn and
+# a loopback hop (well under a millisecond when idle; a few milliseconds on a busy 2-core
+# machine in a burst, docs/BENCHMARKS.md, section soak).
+VERDICT_DELIVERY_SLACK_S = 0.010
+RECENT_CALLS = 32  # core calls whose longest duration predicts the next one's
+CALL_SAFETY_FACTOR = 2.0  # measured at 10x the chatbot capacity: 1.0 left 4 of 468 verdicts late
+POLL_WAITED_S = 0.0005  # a poll that took longer found nothing to read at first
 
 
 @dataclass
@@ -61,6 +77,7 @@ class EngineLink:
     last_sent_s: float = 0.0
     sent_request_ids: set[str] = field(default_factory=set)
     last_step_time_s: float = 0.0
+    engine_instance: str = ""  # Ready.engine_instance
     replan_expected_sent: bool | None = None  # the last `replan_expected` told to the engine
     num_drifts_exported: int = 0  # refit drifts already counted in the metrics
 
@@ -72,39 +89,73 @@ class PlannerDaemon:
         make_router(config.router, config.max_forwards)
         _check_core_params(config.core_params)
         self.core: PlannerCore | None = None  # made when the first engine connects
+        # Says to clients and engines which planner process they talk to: a new id means a
+        # restart, and that requests known to the old one will never end here.
+        self.planner_id = uuid.uuid4().hex[:12]
         self.context = context or zmq.Context.instance()
         self.metrics = PlannerMetrics()
         self.stop_event = threading.Event()
         self.engines: dict[bytes, EngineLink] = {}  # by identity
-        self.book = RequestBook(config.slo_classes, config.perf_model)
+        self.book = RequestBook(config.slo_classes, config.perf_model, config.max_ended_history)
         self.num_rejected_frames = 0
         self.num_moved_requests = 0  # registered on another engine after theirs died
         self._next_replica_id = 0
         self._t0 = time.monotonic()
         self._last_tick_s = 0.0
         self._last_gauges_s = 0.0
+        self._last_client_check_s = 0.0
+        self._recent_call_s: deque[float] = deque(maxlen=RECENT_CALLS)  # core call durations
+        self._seen_empty_s: dict[zmq.Socket, float] = {}  # socket -> when last seen empty
+        self.clients = ClientLiveness(config.client_timeout_s)
         self._authenticator = None
+        self._log = RateLimitedLog(log)  # what peers can make us log at will
+        warm_up(config)
         self.engine_socket, self.client_socket = self._bind()
+        # socket-monitor PAIR socket -> the side it watches (failed handshakes, disconnects)
+        self._monitors = {
+            self.engine_socket.get_monitor_socket(MONITORED_EVENTS): "engine",
+            self.client_socket.get_monitor_socket(MONITORED_EVENTS): "client",
+        }
 
     # ------------------------------------------------------------------ lifecycle
 
     def now_s(self) -> float:
         return time.monotonic() - self._t0
 
+    def _heartbeat(self, now_s: float, **fields) -> P.Heartbeat:
+        return P.Heartbeat(sender_id="planner", sent_s=now_s, planner_id=self.planner_id, **fields)
+
     def _bind(self) -> tuple[zmq.Socket, zmq.Socket]:
-        sockets = []
+        """Both ROUTER sockets, bound. A bind that fails (the port is taken) closes what was
+        opened and raises a one-line ValueError."""
+        sockets: list[zmq.Socket] = []
         if self.config.curve is not None:
             self._start_authenticator()
-        for endpoint in (self.config.engine_endpoint, self.config.client_endpoint):
+        endpoints = {"engine": self.config.engine_endpoint, "client": self.config.client_endpoint}
+        for side, endpoint in endpoints.items():
             socket = self.context.socket(zmq.ROUTER)
+            sockets.append(socket)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            # ZeroMQ drops a peer that sends a frame over this before reading it: a 100 MB frame
+            # never reaches memory. Frames a little over max_frame_bytes are still read, to be
+            # answered and counted as oversized.
+            socket.setsockopt(zmq.MAXMSGSIZE, P.socket_frame_limit(self.config.max_frame_bytes))
             if self.config.curve is not None:
                 socket.curve_secretkey = self.config.curve.secret_key.encode()
                 socket.curve_publickey = self.config.curve.public_key.encode()
                 socket.curve_server = True
-            socket.bind(endpoint)
-            sockets.append(socket)
+            try:
+                socket.bind(endpoint)
+            except zmq.ZMQError as exc:
+                for opened in sockets:
+                    opened.close(linger=0)
+                if self._authenticator is not None:
+                    self._authenticator.stop()
+                hint = " (is another planner running?)" if exc.errno == errno.EADDRINUSE else ""
+                raise ValueError(
+                    f"cannot bind the {side} endpoint {endpoint}: {exc.strerror}{hint}"
+                ) from None
         return sockets[0], sockets[1]
 
     def _start_authenticator(self) -> None:
@@ -130,20 +181,27 @@ class PlannerDaemon:
 
     def serve_metrics(self) -> None:
         if self.config.metrics_port:
-            self.metrics.serve(self.config.metrics_port)
+            self.metrics.serve(self.config.metrics_port, self.config.metrics_address)
 
     def run(self) -> None:
         """Serve until `stop_event` is set."""
         poller = zmq.Poller()
         poller.register(self.engine_socket, zmq.POLLIN)
         poller.register(self.client_socket, zmq.POLLIN)
+        for monitor in self._monitors:
+            poller.register(monitor, zmq.POLLIN)
         try:
             while not self.stop_event.is_set():
+                poll_start_s = self.now_s()
                 events = dict(poller.poll(self._poll_timeout_ms()))
+                self._note_empty_sockets(events, poll_start_s)
                 if self.engine_socket in events:
                     self._drain(self.engine_socket, self._on_engine_frames)
                 if self.client_socket in events:
                     self._drain(self.client_socket, self._on_client_frames)
+                for monitor, side in self._monitors.items():
+                    if monitor in events:
+                        self._on_monitor_events(monitor, side)
                 self._housekeeping()
         finally:
             self.close()
@@ -152,6 +210,10 @@ class PlannerDaemon:
         self.stop_event.set()
 
     def close(self) -> None:
+        for socket in (self.engine_socket, self.client_socket):
+            socket.disable_monitor()
+        for monitor in self._monitors:
+            monitor.close(linger=0)
         self.engine_socket.close(linger=0)
         self.client_socket.close(linger=0)
         if self._authenticator is not None:
@@ -162,12 +224,27 @@ class PlannerDaemon:
         tick, so that a timer the core leaves due cannot spin the loop), at most half a
         heartbeat interval."""
         wait_s = self.config.heartbeat_interval_s / 2
-        due_s = self.core.next_timer_s() if self.core is not None else None
+        if self.core is None:
+            return int(wait_s * 1000) + 1
+        now_s = self.now_s()
+        due_s = self.core.next_timer_s()
         if due_s is not None:
-            now_s = self.now_s()
             next_tick_s = max(due_s, self._last_tick_s + self.config.tick_interval_s)
             wait_s = min(wait_s, max(0.0, next_tick_s - now_s))
+        verdict_due_s = self.core.next_verdict_deadline_s()
+        if verdict_due_s is not None:  # wake for _expire_soon
+            wait_s = min(wait_s, max(0.0, verdict_due_s - self._verdict_margin_s() - now_s))
         return int(wait_s * 1000) + 1
+
+    def _note_empty_sockets(self, events: dict, poll_start_s: float) -> None:
+        """Remember when each socket was last seen empty: a message received later arrived
+        after that (`_arrival_floor_s`). A socket that is not readable is empty now; after a
+        poll that had to wait, the one that ended the wait was empty until just now."""
+        now_s = self.now_s()
+        waited = now_s - poll_start_s > POLL_WAITED_S
+        for socket in (self.engine_socket, self.client_socket):
+            if socket not in events or waited:
+                self._seen_empty_s[socket] = now_s
 
     def _drain(self, socket: zmq.Socket, handle, max_messages: int = 1000) -> None:
         """Receive what is queued (bounded, so that one flooding peer cannot starve the loop)."""
@@ -175,12 +252,38 @@ class PlannerDaemon:
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                self._seen_empty_s[socket] = self.now_s()
                 return
             handle(frames)
 
+    def _on_monitor_events(self, monitor: zmq.Socket, side: str) -> None:
+        """Count (and log, rate-limited) failed handshakes and closed connections: a peer with
+        the wrong CURVE keys, or one that does not speak ZeroMQ, gets nothing back, so this is
+        the only place it shows."""
+        for _ in range(1000):
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_DISCONNECTED:
+                self.metrics.disconnects.labels(side).inc()
+                continue
+            reason = handshake_failure_reason(event)
+            self.metrics.handshake_failures.labels(side, reason).inc()
+            self._log.warning(
+                f"{side} handshake",
+                "a peer failed the %s socket's handshake (%s)%s",
+                side,
+                reason,
+                ": check its CURVE keys" if self.config.curve is not None else "",
+            )
+
     def _housekeeping(self) -> None:
         now_s = self.now_s()
+        self._log.tick()
         self._check_engines(now_s)
+        self._check_clients(now_s)
+        self._expire_soon(now_s)
         if self.core is None:
             return
         if now_s - self._last_gauges_s >= self.config.heartbeat_interval_s / 2:
@@ -234,33 +337,12 @@ class PlannerDaemon:
             self._declare_dead(link, now_s, f"left: {message.reason}" if message.reason else "left")
 
     def _on_ready(self, identity: bytes, ready: P.Ready, now_s: float) -> None:
-        if ready.protocol_version != P.PROTOCOL_VERSION:
-            self._reject_frame(
-                self.engine_socket,
-                "engine",
-                identity,
-                P.ProtocolError(
-                    f"protocol version {ready.protocol_version} != {P.PROTOCOL_VERSION}", "version"
-                ),
-            )
+        refusal = self._ready_refusal(identity, ready)
+        if refusal is not None:
+            self._reject_frame(self.engine_socket, "engine", identity, refusal)
             return
-        for old in [
-            lk
-            for lk in self.engines.values()
-            if lk.identity == identity or lk.engine_id == ready.engine_id
-        ]:
-            self._declare_dead(old, now_s, "reconnected")
-        perf_model = self.config.perf_model_for(ready.engine_id)
-        if perf_model is None and ready.perf_model is not None:
-            try:
-                perf_model = P.perf_model_from_wire(ready.perf_model)
-            except ValueError as exc:
-                self._reject_frame(
-                    self.engine_socket, "engine", identity, P.ProtocolError(str(exc), "bad_ready")
-                )
-                return
-        perf_model = perf_model or self.config.perf_model
         try:
+            perf_model = self._perf_model_of(ready)
             spec = ReplicaSpec(
                 replica_id=self._next_replica_id,
                 perf_model=perf_model,
@@ -273,14 +355,27 @@ class PlannerDaemon:
                 self.engine_socket, "engine", identity, P.ProtocolError(str(exc), "bad_ready")
             )
             return
+        for old in [
+            lk
+            for lk in self.engines.values()
+            if lk.identity == identity or lk.engine_id == ready.engine_id
+        ]:  # the same engine on a fresh socket: its old connection is over
+            self._declare_dead(old, now_s, "reconnected")
         self._next_replica_id += 1
-        link = EngineLink(identity, ready.engine_id, spec.replica_id, perf_model, now_s)
+        link = EngineLink(
+            identity,
+            ready.engine_id,
+            spec.replica_id,
+            perf_model,
+            last_heard_s=now_s,
+            engine_instance=ready.engine_instance,
+        )
         self.engines[identity] = link
         self.metrics.engines.set(len(self.engines))
         log.info(
             "engine %s ready as replica %d (%s)", ready.engine_id, spec.replica_id, perf_model.name
         )
-        self._send_engine(link, P.Heartbeat(sender_id="planner", sent_s=now_s))
+        self._send_engine(link, self._heartbeat(now_s))
         if self.core is None:
             try:
                 self.core = build_core(self.config, spec)
@@ -296,6 +391,50 @@ class PlannerDaemon:
         else:
             self._apply("add_replica", self.core.add_replica, spec, now_s)
 
+    def _ready_refusal(self, identity: bytes, ready: P.Ready) -> P.ProtocolError | None:
+        """Why a READY is refused, if it is: another protocol version, or an engine id that a
+        live engine of another process already uses (a reconnect of the same process, or an
+        engine that sends no instance, replaces its old connection instead)."""
+        if ready.protocol_version != P.PROTOCOL_VERSION:
+            return P.ProtocolError(
+                f"protocol version {ready.protocol_version} != {P.PROTOCOL_VERSION}", "version"
+            )
+        for link in self.engines.values():
+            if (
+                link.engine_id == ready.engine_id
+                and link.identity != identity
+                and ready.engine_instance
+                and link.engine_instance
+                and link.engine_instance != ready.engine_instance
+            ):
+                self._log.error(
+                    "duplicate engine id",
+                    "refused a second engine with the id %r (replica %d has it): "
+                    "every engine needs its own --engine-id",
+                    ready.engine_id,
+                    link.replica_id,
+                )
+                return P.ProtocolError(
+                    f"engine id {ready.engine_id!r} is already used by a live engine "
+                    f"(replica {link.replica_id}); give every engine its own --engine-id",
+                    "duplicate_engine_id",
+                )
+        return None
+
+    def _perf_model_of(self, ready: P.Ready) -> PerfModel:
+        """The engine's own model (a profiled engine knows its step times best), else the
+        config's `[[replicas]]` row for its id, else the default."""
+        configured = self.config.perf_model_for(ready.engine_id)
+        if ready.perf_model is None:
+            return configured or self.config.perf_model
+        if configured is not None:
+            log.warning(
+                "engine %s sent its own performance model; the config's [[replicas]] row for "
+                "it applies only to engines that send none",
+                ready.engine_id,
+            )
+        return P.perf_model_from_wire(ready.perf_model)
+
     def _on_progress(self, link: EngineLink, report: P.StepReport, now_s: float) -> None:
         """Feed the report to the core and answer it at once: with the new plan it caused, or
         with an acknowledgement, so that the engine need not wait out its grace period. The
@@ -309,12 +448,16 @@ class PlannerDaemon:
         self.metrics.step_time_measured.labels(link.engine_id).observe(step_time_s)
 
     def _check_engines(self, now_s: float) -> None:
+        """Declare dead the engines silent for `liveness` heartbeat intervals, measured up to the
+        last time the engine socket was seen empty: while long core calls keep the loop from
+        reading, an engine's heartbeats wait unread in the socket and it is not silent."""
         silence_limit_s = self.config.liveness * self.config.heartbeat_interval_s
+        read_up_to_s = min(now_s, self._seen_empty_s.get(self.engine_socket, now_s))
         for link in list(self.engines.values()):
-            if now_s - link.last_heard_s > silence_limit_s:
+            if read_up_to_s - link.last_heard_s > silence_limit_s:
                 self._declare_dead(link, now_s, "silent")
             elif now_s - link.last_sent_s >= self.config.heartbeat_interval_s:
-                self._send_engine(link, P.Heartbeat(sender_id="planner", sent_s=now_s))
+                self._send_engine(link, self._heartbeat(now_s))
 
     def _declare_dead(self, link: EngineLink, now_s: float, why: str) -> None:
         """Forget the engine; the core moves its requests to the other replicas (recompute)."""
@@ -328,13 +471,15 @@ class PlannerDaemon:
         if not why.startswith("left"):  # a GOODBYE is a departure, not a death
             self.metrics.engine_deaths.inc()
         self.metrics.engines.set(len(self.engines))
-        self._apply("remove_replica", self.core.remove_replica, link.replica_id, now_s)
+        self.metrics.forget_engine(link.engine_id, link.replica_id)
+        if self.core is not None:
+            self._apply("remove_replica", self.core.remove_replica, link.replica_id, now_s)
 
     def _send_engine(self, link: EngineLink, message: P._Msg) -> None:
         self.engine_socket.send_multipart([link.identity, *P.encode(message)])
         link.last_sent_s = self.now_s()
 
-    def _link_of(self, replica_id: int) -> EngineLink | None:
+    def _link_of(self, replica_id: int | None) -> EngineLink | None:
         return next((lk for lk in self.engines.values() if lk.replica_id == replica_id), None)
 
     # ------------------------------------------------------------------ clients
@@ -347,6 +492,7 @@ class PlannerDaemon:
             self._reject_frame(self.client_socket, "client", identity, exc)
             return
         now_s = self.now_s()
+        self.clients.heard(identity, now_s)
         if isinstance(message, P.Submit):
             self._on_submit(identity, message, now_s)
         elif isinstance(message, P.Abort):
@@ -355,16 +501,26 @@ class PlannerDaemon:
             stats = msgspec.structs.replace(self.stats(), query_id=message.query_id)
             self._send_client(identity, stats)
         elif isinstance(message, P.Heartbeat):
-            self._send_client(identity, P.Heartbeat(sender_id="planner", sent_s=now_s))
+            self._send_client(identity, self._heartbeat(now_s))
 
     def _on_submit(self, client: bytes, submit: P.Submit, now_s: float) -> None:
         if submit.request_id in self.book:
             self._send_client(
-                client, P.ErrorMsg(f"duplicate request id {submit.request_id!r}", submit.request_id)
+                client,
+                P.ErrorMsg(
+                    f"duplicate request id {submit.request_id!r}",
+                    submit.request_id,
+                    planner_id=self.planner_id,
+                ),
             )
             return
         try:
-            tracked = self.book.add(submit, client, now_s)
+            # Its arrival: the last time the socket was seen empty. It may have waited in the
+            # socket behind a long core call; that wait counts against its TTFT budget, as it
+            # does for the client, so that its verdict still comes in time (docs/SERVICE.md).
+            arrival_s = self._seen_empty_s.get(self.client_socket, now_s)
+            tracked = self.book.add(submit, client, arrival_s)
+            self.clients.opened(client, submit.request_id)
         except ValueError as exc:
             self._reject_frame(
                 self.client_socket,
@@ -375,7 +531,11 @@ class PlannerDaemon:
             )
             return
         if not self.engines or self.core is None:
-            self._decide(tracked, Decision(Verdict.REJECTED, "no engine is connected"), None)
+            decision = Decision(Verdict.REJECTED, "no engine is connected")
+            self._decide(tracked, decision, None, P.VERDICT_NO_ENGINE)
+            return
+        if self._too_late_to_decide(tracked.request, now_s):
+            self._decide(tracked, Decision(Verdict.REJECTED, EXPIRED_REASON), None)
             return
         payload = P.EngineRequest(
             request_id=submit.request_id,
@@ -391,13 +551,54 @@ class PlannerDaemon:
             self._call("submit", self.core.submit, tracked.request, now_s, payload), now_s
         )
 
+    def _too_late_to_decide(self, request: Request, now_s: float) -> bool:
+        """A request that arrives (it waited in the socket behind core calls) with less than the
+        verdict margin of its TTFT budget left cannot be decided and started in time: with the
+        default fallback ("reject") and a formulation with admission control it is rejected at
+        once, as the core would do at its deadline (a best-effort fallback is the core's to
+        apply)."""
+        core = self.core
+        return (
+            core.fallback == "reject"
+            and any(core.replica(i).admission_control for i in core.replica_ids)
+            and request.ttft_deadline_s <= now_s + self._verdict_margin_s()
+        )
+
     def _on_abort(self, abort: P.Abort, now_s: float) -> None:
         tracked = self.book.get(abort.request_id)
         if tracked is None or tracked.done:
             return
-        self._finish(tracked)
+        self._abort(tracked, now_s)
+
+    def _abort(self, tracked: Tracked, now_s: float) -> None:
+        """End a request its client gave up on, and free its engine (the core's output tells
+        the engine, before `_finish` forgets where the request was sent)."""
         if self.core is not None:
-            self._apply("abort", self.core.abort, abort.request_id, now_s)
+            self._apply("abort", self.core.abort, tracked.request.request_id, now_s)
+        self._finish(tracked, aborted=True)
+
+    def _check_clients(self, now_s: float) -> None:
+        """Abort the open requests of clients silent for `client_timeout_s`
+        (planner_svc/client_liveness.py)."""
+        if now_s - self._last_client_check_s < self.config.heartbeat_interval_s:
+            return
+        self._last_client_check_s = now_s
+        read_up_to_s = min(now_s, self._seen_empty_s.get(self.client_socket, now_s))
+        for client, silent_s, open_ids in self.clients.silent(read_up_to_s):
+            if not open_ids:
+                continue
+            self.metrics.client_timeouts.inc()
+            self._log.warning(
+                "client timeout",
+                "client %r silent for %.0f s: aborting its %d open request(s)",
+                client[:64],
+                silent_s,
+                len(open_ids),
+            )
+            for request_id in open_ids:
+                tracked = self.book.get(request_id)
+                if tracked is not None and not tracked.done:
+                    self._abort(tracked, now_s)
 
     def _send_client(self, client: bytes, message: P._Msg) -> None:
         self.client_socket.send_multipart([client, *P.encode(message)])
@@ -405,6 +606,12 @@ class PlannerDaemon:
     # ------------------------------------------------------------------ core output
 
     def _call(self, event: str, call, *args) -> CoreOutput:
+        """Run one core call (first giving the fallback verdict to requests the call would
+        leave without one past their TTFT target)."""
+        self._expire_soon(self.now_s())
+        return self._timed_call(event, call, *args)
+
+    def _timed_call(self, event: str, call, *args) -> CoreOutput:
         """Run one core call and time it. A planner bug must not take the service down: it is
         logged loudly and counted, and the call decides nothing."""
         start_s = time.perf_counter()
@@ -414,8 +621,29 @@ class PlannerDaemon:
             log.exception("planner core failed on %s", event)
             self.metrics.core_errors.inc()
             return CoreOutput()
-        self.metrics.replan_time.labels(event).observe(time.perf_counter() - start_s)
+        elapsed_s = time.perf_counter() - start_s
+        self._recent_call_s.append(elapsed_s)
+        self.metrics.replan_time.labels(event).observe(elapsed_s)
         return output
+
+    def _verdict_margin_s(self) -> float:
+        """How long before a request's TTFT deadline it must be decided for the verdict to reach
+        its client in time: twice the longest recent core call (nothing is sent during a call,
+        and in a burst the next one may take longer than any before: a DP's cost grows with the
+        queue) plus the loop turn and the loopback hop."""
+        return VERDICT_DELIVERY_SLACK_S + CALL_SAFETY_FACTOR * max(self._recent_call_s, default=0.0)
+
+    def _expire_soon(self, now_s: float) -> None:
+        """Timely verdicts: a request still undecided within the verdict margin of its TTFT
+        deadline gets the fallback verdict now (PlannerCore.expire_undecided) rather than
+        after the deadline (at the core's own expiry, or from a re-plan that ends too late)."""
+        if self.core is None:
+            return
+        due_s = self.core.next_verdict_deadline_s()
+        margin_s = self._verdict_margin_s()
+        if due_s is not None and due_s <= now_s + margin_s:
+            output = self._timed_call("expire", self.core.expire_undecided, now_s + margin_s, now_s)
+            self._send_output(output, now_s)
 
     def _apply(self, event: str, call, *args) -> None:
         """Run one core call and send what it decided (`args[-1]` is the time)."""
@@ -433,7 +661,8 @@ class PlannerDaemon:
         for request_id, reason in output.failed:  # nowhere left to run it: an explicit verdict
             tracked = self.book.get(request_id)
             if tracked is not None and not tracked.done:
-                self._decide(tracked, Decision(Verdict.REJECTED, f"lost: {reason}"), None)
+                decision = Decision(Verdict.REJECTED, f"lost: {reason}")
+                self._decide(tracked, decision, None, P.VERDICT_LOST)
         for request_id, replica_id in output.aborts:
             link = self._link_of(replica_id)
             if link is not None and request_id in link.sent_request_ids:
@@ -447,21 +676,31 @@ class PlannerDaemon:
             link, step_id = answer
             flag = output.replan_expected.get(link.replica_id)
             self._send_engine(
-                link, P.Heartbeat("planner", now_s, ack_step_id=step_id, replan_expected=flag)
+                link, self._heartbeat(now_s, ack_step_id=step_id, replan_expected=flag)
             )
             link.replan_expected_sent = flag
         for link in list(self.engines.values()):  # outlooks that changed without a plan
             flag = output.replan_expected.get(link.replica_id)
             if flag is not None and flag != link.replan_expected_sent:
-                self._send_engine(link, P.Heartbeat("planner", now_s, replan_expected=flag))
+                self._send_engine(link, self._heartbeat(now_s, replan_expected=flag))
                 link.replan_expected_sent = flag
 
-    def _decide(self, tracked: Tracked, decision: Decision, replica_id: int | None) -> None:
+    def _decide(
+        self, tracked: Tracked, decision: Decision, replica_id: int | None, code: str = ""
+    ) -> None:
+        """Tell the client; `code` names a rejection the service caused (VerdictMsg.code)."""
         record = tracked.record
+        request = tracked.request
+        if record.verdict is None:  # the first verdict (a request lost later gets a second)
+            delay_s = self.now_s() - request.arrival_s
+            self.metrics.verdict_delay.observe(delay_s / request.ttft_slo_s)
         record.verdict = decision.verdict
         record.replica_id = replica_id if replica_id is not None else record.replica_id
-        request = tracked.request
-        self.metrics.verdicts.labels(decision.verdict.value, request.slo_class).inc()
+        self.book.count_verdict(decision.verdict)
+        label = self.book.class_label(request.slo_class)
+        self.metrics.verdicts.labels(decision.verdict.value, label).inc()
+        if decision.reason == EXPIRED_REASON:
+            code = P.VERDICT_TTFT_PASSED
         self._send_client(
             tracked.client,
             P.VerdictMsg(
@@ -474,6 +713,8 @@ class PlannerDaemon:
                 tpot_s=request.slo.tpot_s,
                 thinking_tpot_s=request.slo.thinking_tpot_s,
                 num_thinking_tokens=request.num_thinking_tokens,
+                planner_id=self.planner_id,
+                code=code,
             ),
         )
         if decision.verdict is Verdict.REJECTED:
@@ -516,20 +757,25 @@ class PlannerDaemon:
             if message.finished:
                 self._finish(tracked)
 
-    def _finish(self, tracked: Tracked) -> None:
-        """The request is over (finished, rejected or aborted): count it once."""
-        if not self.book.finish(tracked):
+    def _finish(self, tracked: Tracked, aborted: bool = False) -> None:
+        """The request is over (finished, rejected, lost, or `aborted` by its client): judge and
+        count it once (planner_svc/request_book.py says how endings count)."""
+        judgement = self.book.finish(tracked, self.now_s(), aborted)
+        if judgement is None:
             return
-        slo_class = tracked.request.slo_class
+        link = self._link_of(tracked.record.replica_id)
+        if link is not None:
+            link.sent_request_ids.discard(tracked.request.request_id)
+        self.clients.ended(tracked.client, tracked.request.request_id)
+        label = self.book.class_label(tracked.request.slo_class)
         if tracked.record.finished:
-            self.metrics.finished.labels(slo_class).inc()
-            if tracked.record.attainment.ok:
-                self.metrics.attained.labels(slo_class).inc()
-        self.metrics.record_attainment(
-            slo_class,
-            self.book.num_done_by_class[slo_class],
-            self.book.num_attained_by_class[slo_class],
-        )
+            self.metrics.finished.labels(label).inc()
+        if judgement is Judgement.ATTAINED:
+            self.metrics.attained.labels(label).inc()
+        if aborted:
+            self.metrics.aborted.labels(label).inc()
+        counts = self.book.class_counts(label)
+        self.metrics.record_attainment(label, counts.num_judged, counts.num_attained)
 
     def _reject_frame(
         self,
@@ -541,10 +787,14 @@ class PlannerDaemon:
     ) -> None:
         self.num_rejected_frames += 1
         self.metrics.rejected_frames.labels(side, exc.kind).inc()
-        log.warning("rejected %s frame: %s", side, exc)
+        self._log.warning(f"rejected {side} frame", "rejected %s frame: %s", side, exc)
         try:
             socket.send_multipart(
-                [identity, *P.encode(P.ErrorMsg(str(exc)[:500], request_id, exc.kind))], zmq.NOBLOCK
+                [
+                    identity,
+                    *P.encode(P.ErrorMsg(str(exc)[:500], request_id, exc.kind, self.planner_id)),
+                ],
+                zmq.NOBLOCK,
             )
         except zmq.ZMQError:
             pass
@@ -559,7 +809,7 @@ class PlannerDaemon:
         return self.book.records()
 
     def stats(self) -> P.Stats:
-        return self.book.stats(
+        stats = self.book.stats(
             {
                 "num_rejected_frames": float(self.num_rejected_frames),
                 "num_engine_deaths": float(self.metrics.engine_deaths._value.get()),
@@ -567,6 +817,7 @@ class PlannerDaemon:
             },
             num_engines=len(self.engines),
         )
+        return msgspec.structs.replace(stats, planner_id=self.planner_id)
 
 
 def build_core(config: PlannerConfig, first_replica: ReplicaSpec) -> PlannerCore:
@@ -594,6 +845,23 @@ def build_core(config: PlannerConfig, first_replica: ReplicaSpec) -> PlannerCore
         refit=RefitParams(**refit) if refit is not None else None,
         **params,
     )
+
+
+def warm_up(config: PlannerConfig) -> None:
+    """Plan two made-up requests once, on a throwaway core, so that the formulation's one-time
+    costs (for slos_dp, numpy's lazy set-up: ~60 ms on the first plan) are paid at startup, not
+    by the first real request while a burst queues behind it. Failures are left to the real
+    core (it reports them)."""
+    spec = ReplicaSpec(replica_id=0, perf_model=config.perf_model, num_total_blocks=1024)
+    slo = next(iter(config.slo_classes.values()))
+    try:
+        core = build_core(config, spec)
+        for i, num_prompt_tokens in enumerate((64, 512)):
+            ttft_slo_s = slo.ttft_budget_s(config.perf_model, num_prompt_tokens)
+            request = Request(f"warm-up-{i}", 0.0, num_prompt_tokens, 16, slo, ttft_slo_s)
+            core.submit(request, 0.0)
+    except Exception:
+        log.debug("warm-up failed", exc_info=True)
 
 
 def _check_core_params(params: dict) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _TIME_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+_BUDGET_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0, 1.1, 1.5, 2.0)
 
 
 class PlannerMetrics:
@@ -31,7 +32,21 @@ class PlannerMetrics:
         )
         self.attainment = Gauge(
             "slos_attainment_ratio",
-            "Attained / decided requests, by SLO class",
+            "Attained / judged requests, by SLO class (rejections and lost requests count as "
+            "misses; client aborts only when a deadline had already passed unmet)",
+            ["slo_class"],
+            registry=r,
+        )
+        self.verdict_delay = Histogram(
+            "slos_verdict_delay_budget_fraction",
+            "Arrival to verdict on the planner's clock, as a fraction of the request's TTFT "
+            "budget (over 1: the verdict came after the TTFT target)",
+            buckets=_BUDGET_FRACTIONS,
+            registry=r,
+        )
+        self.aborted = Counter(
+            "slos_requests_aborted",
+            "Requests ended by their client (disconnect, stop string, client gone)",
             ["slo_class"],
             registry=r,
         )
@@ -73,6 +88,24 @@ class PlannerMetrics:
             ["socket", "reason"],
             registry=r,
         )
+        self.handshake_failures = Counter(
+            "slos_handshake_failures",
+            "Connections whose handshake failed (wrong CURVE keys, not ZeroMQ), by socket and "
+            "reason (auth, protocol, no_detail)",
+            ["socket", "reason"],
+            registry=r,
+        )
+        self.disconnects = Counter(
+            "slos_peer_disconnects",
+            "Peer connections closed (also those ZeroMQ drops for a frame over the limit)",
+            ["socket"],
+            registry=r,
+        )
+        self.client_timeouts = Counter(
+            "slos_client_timeouts",
+            "Clients that went silent with requests open (their requests were aborted)",
+            registry=r,
+        )
         self.core_errors = Counter("slos_core_errors", "Planner core calls that raised", registry=r)
         self.plans_sent = Counter("slos_plans_sent", "PLAN messages sent", registry=r)
         # Online refit of each replica's performance model (planner_svc/refit.py).
@@ -107,9 +140,29 @@ class PlannerMetrics:
             registry=r,
         )
 
-    def serve(self, port: int) -> None:
-        """Start the /metrics HTTP server on `port` (loopback)."""
-        start_http_server(port, addr="127.0.0.1", registry=self.registry)
+    def serve(self, port: int, address: str = "127.0.0.1") -> None:
+        """Start the /metrics HTTP server on `address:port`; a taken port is a one-line
+        ValueError."""
+        try:
+            start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:
+            raise ValueError(
+                f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}"
+            ) from None
+
+    def forget_engine(self, engine_id: str, replica_id: int) -> None:
+        """Drop the label sets of a gone engine, so that engine churn (every restart brings a new
+        replica id) does not grow the metrics without bound."""
+        for metric, labels in (
+            (self.step_time_measured, (engine_id,)),
+            (self.step_time_predicted, (engine_id,)),
+            (self.replica_requests, (str(replica_id), "running")),
+            (self.replica_requests, (str(replica_id), "waiting")),
+        ):
+            try:
+                metric.remove(*labels)
+            except KeyError:  # never observed
+                pass
 
     def record_refit(self, engine_id: str, status, num_new_drifts: int) -> None:
         """Export one replica's refit status (planner_svc.refit.RefitStatus)."""

@@ -1,15 +1,30 @@
 """What the planner daemon knows of each request it serves: who asked, the request as the planner
-sees it (its SLO resolved, once, here), the tokens produced so far, and how it
-ended. The daemon owns one `RequestBook`; it never touches sockets or the core.
+sees it (its SLO resolved, once, here), the tokens produced so far, and how it ended. The daemon
+owns one `RequestBook`; it never touches sockets or the core.
+
+Endings are judged once, when a request ends (`finish`), into running counts per SLO class; STATS
+and the attainment gauge read those counts, so that the book need not keep every request:
+- finished with all its tokens: attained when it met every SLO (RequestRecord.attainment);
+- finished early at the engine (EOS, a stop): judged on the tokens it produced;
+- rejected, or lost after admission: a miss;
+- aborted by its client (a disconnect, a stop string cut at the front door, a client that went
+  silent): a miss if a deadline had already passed unmet, else not counted either way (the client
+  ended it, not the service) — only tallied as aborted.
+Records of ended requests are kept for the last `max_ended_history` of them (for STATS queries of
+recent requests and duplicate-id checks within that window), then forgotten: memory stays flat.
+SLO classes that the config does not name are counted under one label, "custom", so that clients
+cannot make the counters grow without bound.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import enum
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
+from formulations.deadlines import TOLERANCE, decode_offset_s
 from formulations.perf_model import PerfModel
 from formulations.plan import Verdict
 from formulations.request import Request
@@ -17,16 +32,26 @@ from formulations.slo import SLO
 from planner_svc.records import RequestRecord
 from wire import protocol as P
 
+CUSTOM_CLASS = "custom"  # the counting label of a class the config does not name
+DEFAULT_MAX_ENDED_HISTORY = 10_000
 
-@dataclass
+
+class Judgement(enum.Enum):
+    ATTAINED = "attained"
+    MISSED = "missed"
+    NOT_COUNTED = "not_counted"  # aborted by the client while on track
+
+
+@dataclass(slots=True)
 class Tracked:
-    """A request being served: who asked, what the engine needs, what happened."""
+    """A request being served: who asked and what happened (its record). Kept small: the book
+    holds thousands of ended ones (neither the prompt nor the output ids are kept: the engine
+    payload went to the core, the tokens to the client)."""
 
-    submit: P.Submit
     client: bytes
     record: RequestRecord
-    generated_token_ids: list[int] = field(default_factory=list)
     done: bool = False  # finished, rejected or aborted
+    aborted: bool = False  # ended by its client
 
     @property
     def request(self) -> Request:
@@ -37,14 +62,37 @@ class Tracked:
         return len(self.record.token_times_s)
 
 
+@dataclass
+class ClassCounts:
+    """Running counts of one SLO class (label)."""
+
+    num_requests: int = 0
+    num_judged: int = 0  # ended and counted for attainment
+    num_attained: int = 0
+    num_aborted: int = 0  # ended by the client (judged only when a deadline was already missed)
+
+    @property
+    def attainment(self) -> float:
+        return self.num_attained / self.num_judged if self.num_judged else 0.0
+
+
 class RequestBook:
-    def __init__(self, slo_classes: Mapping[str, SLO], perf_model: PerfModel) -> None:
+    def __init__(
+        self,
+        slo_classes: Mapping[str, SLO],
+        perf_model: PerfModel,
+        max_ended_history: int = DEFAULT_MAX_ENDED_HISTORY,
+    ) -> None:
+        if max_ended_history < 0:
+            raise ValueError("max_ended_history must be >= 0")
         self.slo_classes = slo_classes
         self.perf_model = perf_model  # turns TTFT slowdowns into seconds
-        self.requests: dict[str, Tracked] = {}
+        self.max_ended_history = max_ended_history
+        self.requests: dict[str, Tracked] = {}  # in flight, plus the latest ended ones
+        self._ended: deque[str] = deque()  # ended ids still in `requests`, oldest first
         self.num_done = 0
-        self.num_done_by_class: Counter[str] = Counter()
-        self.num_attained_by_class: Counter[str] = Counter()
+        self.counts: dict[str, ClassCounts] = {}  # by class label
+        self.counters: Counter[str] = Counter()  # requests, verdicts, finished (STATS counters)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.requests
@@ -54,18 +102,29 @@ class RequestBook:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self.requests) - self.num_done
+        return self.counters["num_requests"] - self.num_done
 
     def records(self) -> list[RequestRecord]:
+        """The records still kept: every request in flight and the latest ended ones."""
         return [t.record for t in self.requests.values()]
+
+    def class_label(self, slo_class: str) -> str:
+        """The label `slo_class` is counted under (CUSTOM_CLASS when the config does not name
+        it)."""
+        return slo_class if slo_class in self.slo_classes else CUSTOM_CLASS
+
+    def class_counts(self, slo_class: str) -> ClassCounts:
+        return self.counts.setdefault(self.class_label(slo_class), ClassCounts())
 
     # ------------------------------------------------------------------ arrivals
 
     def add(self, submit: P.Submit, client: bytes, now_s: float) -> Tracked:
         """Register a SUBMIT that arrived at `now_s`. Raises ValueError for an unknown SLO class
         without explicit targets (the caller has checked the id is new)."""
-        tracked = Tracked(submit, client, RequestRecord(self._request(submit, now_s)))
+        tracked = Tracked(client, RequestRecord(self._request(submit, now_s)))
         self.requests[submit.request_id] = tracked
+        self.counters["num_requests"] += 1
+        self.class_counts(submit.slo_class).num_requests += 1
         return tracked
 
     def _request(self, submit: P.Submit, now_s: float) -> Request:
@@ -92,6 +151,9 @@ class RequestBook:
             hint_output_tokens=submit.expected_output_tokens,
         )
 
+    def count_verdict(self, verdict: Verdict) -> None:
+        self.counters[f"num_{verdict.value}"] += 1
+
     # ------------------------------------------------------------------ engines
 
     def record_tokens(self, report: P.StepReport, now_s: float) -> list[tuple[Tracked, P.Tokens]]:
@@ -104,7 +166,6 @@ class RequestBook:
             if tracked is None or tracked.done or (num_new == 0 and request_id not in finished):
                 continue
             token_ids = list(report.new_token_ids.get(request_id, ()))
-            tracked.generated_token_ids.extend(token_ids)
             num_before = len(tracked.record.token_times_s)
             tracked.record.token_times_s.extend([now_s] * num_new)
             done = request_id in finished
@@ -145,40 +206,84 @@ class RequestBook:
 
     # ------------------------------------------------------------------ endings
 
-    def finish(self, tracked: Tracked) -> bool:
-        """Mark the request over (finished, rejected or aborted). Returns False if it already
-        was."""
+    def finish(self, tracked: Tracked, now_s: float, aborted: bool = False) -> Judgement | None:
+        """Mark the request over (finished, rejected, lost, or `aborted` by its client) and
+        judge it; None if it already was over."""
         if tracked.done:
-            return False
+            return None
         tracked.done = True
-        slo_class = tracked.request.slo_class
+        tracked.aborted = aborted
         self.num_done += 1
-        self.num_done_by_class[slo_class] += 1
-        self.num_attained_by_class[slo_class] += tracked.record.attainment.ok
-        return True
+        counts = self.class_counts(tracked.request.slo_class)
+        judgement = judge(tracked.record, now_s, aborted)
+        if aborted:
+            counts.num_aborted += 1
+            self.counters["num_aborted"] += 1
+        if tracked.record.finished:
+            self.counters["num_finished"] += 1
+        if judgement is not Judgement.NOT_COUNTED:
+            counts.num_judged += 1
+            counts.num_attained += judgement is Judgement.ATTAINED
+        self._remember_ended(tracked.request.request_id)
+        return judgement
+
+    def _remember_ended(self, request_id: str) -> None:
+        self._ended.append(request_id)
+        while len(self._ended) > self.max_ended_history:
+            self.requests.pop(self._ended.popleft(), None)
 
     def stats(self, extra_counters: Mapping[str, float], num_engines: int) -> P.Stats:
-        by_class: dict[str, list[RequestRecord]] = {}
-        for record in self.records():
-            by_class.setdefault(record.request.slo_class, []).append(record)
-        verdicts = [r.verdict for r in self.records()]
         counters = {
-            "num_requests": float(len(self.requests)),
-            "num_admitted": float(verdicts.count(Verdict.ADMITTED)),
-            "num_rejected": float(verdicts.count(Verdict.REJECTED)),
-            "num_best_effort": float(verdicts.count(Verdict.BEST_EFFORT)),
-            "num_finished": float(sum(r.finished for r in self.records())),
+            "num_requests": float(self.counters["num_requests"]),
+            "num_admitted": float(self.counters["num_admitted"]),
+            "num_rejected": float(self.counters["num_rejected"]),
+            "num_best_effort": float(self.counters["num_best_effort"]),
+            "num_finished": float(self.counters["num_finished"]),
+            "num_aborted": float(self.counters["num_aborted"]),
             "num_in_flight": float(self.num_in_flight),
+            "num_records_kept": float(len(self.requests)),
             **extra_counters,
         }
         return P.Stats(
             counters=counters,
-            attainment_by_class={
-                c: sum(r.attainment.ok for r in rs) / len(rs) for c, rs in by_class.items()
-            },
-            num_requests_by_class={c: len(rs) for c, rs in by_class.items()},
+            attainment_by_class={c: n.attainment for c, n in self.counts.items()},
+            num_requests_by_class={c: n.num_requests for c, n in self.counts.items()},
             num_engines=num_engines,
         )
+
+
+def judge(record: RequestRecord, now_s: float, aborted: bool) -> Judgement:
+    """How an ended request counts for attainment (see the module docstring)."""
+    admitted = record.verdict is Verdict.ADMITTED
+    request, times = record.request, record.token_times_s
+    if aborted:
+        on_track = admitted and met_so_far(request, times, now_s)
+        return Judgement.NOT_COUNTED if on_track else Judgement.MISSED
+    if record.finished and times and len(times) < request.num_output_tokens:  # EOS or a stop
+        return Judgement.ATTAINED if admitted and met_so_far(request, times) else Judgement.MISSED
+    return Judgement.ATTAINED if record.attainment.ok else Judgement.MISSED
+
+
+def met_so_far(
+    request: Request, token_times_s: Sequence[float], now_s: float | None = None
+) -> bool:
+    """Did every token produced so far meet its deadline (with the attainment check's
+    tolerance), and, when none was produced, had the TTFT deadline not yet passed at `now_s`?"""
+    ttft_limit_s = (1 + TOLERANCE) * request.ttft_slo_s
+    if not token_times_s:
+        return now_s is not None and now_s - request.arrival_s <= ttft_limit_s
+    first_s = token_times_s[0]
+    if first_s - request.arrival_s > ttft_limit_s:
+        return False
+    start_s = max(request.ttft_deadline_s, first_s)
+    produced_on_time = all(
+        t - start_s <= (1 + TOLERANCE) * decode_offset_s(request, n)
+        for n, t in enumerate(token_times_s, start=1)
+    )
+    if now_s is None or not produced_on_time:
+        return produced_on_time
+    next_n = len(token_times_s) + 1  # was the next token already overdue (a stall)?
+    return now_s - start_s <= (1 + TOLERANCE) * decode_offset_s(request, next_n)
 
 
 def resolve_slo(submit: P.Submit, slo_classes: Mapping[str, SLO]) -> SLO:

@@ -37,6 +37,9 @@ from formulations.plan import Step
 
 PROTOCOL_VERSION = 2
 DEFAULT_MAX_FRAME_BYTES = 8 << 20  # a larger payload is rejected before decoding
+# Frames up to this much over the limit are still read (and answered as oversized); ZeroMQ drops
+# the connection of a peer that sends a larger one before reading it (see socket_frame_limit).
+FRAME_LIMIT_SLACK_BYTES = 64 << 10
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -83,6 +86,9 @@ class Ready(_Msg):
     max_model_len: PosInt = 1 << 20
     engine_name: str = "engine"
     next_step_id: NonNegInt = 0
+    # Random per engine process, the same across its reconnects: a READY with a connected engine
+    # id but another instance is a second engine using the id (refused), not a reconnect.
+    engine_instance: str = ""
 
 
 class EngineRequest(_Msg):
@@ -205,6 +211,7 @@ class Heartbeat(_Msg):
     sent_s: float = 0.0
     ack_step_id: int | None = None
     replan_expected: bool | None = None
+    planner_id: str = ""  # from the planner: its instance id (see VerdictMsg.planner_id)
 
 
 # --------------------------------------------------------------------------- client <-> planner
@@ -265,6 +272,17 @@ class VerdictMsg(_Msg):
     tpot_s: float = 0.0
     thinking_tpot_s: float | None = None
     num_thinking_tokens: int = 0
+    # The planner process that decided (random per start): a client that hears another id knows
+    # the planner restarted and that requests decided by the old one will never end there.
+    planner_id: str = ""
+    # Why a rejection happened, for machines: "" (the SLOs cannot be met), or one of the VERDICT_*
+    # codes below (the service could not serve it; HTTP answers those with 503, not 429).
+    code: str = ""
+
+
+VERDICT_NO_ENGINE = "no_engine"  # no engine is connected
+VERDICT_LOST = "lost"  # admitted, but its engine died and no other can take it
+VERDICT_TTFT_PASSED = "ttft_target_passed"  # undecided when its TTFT target passed
 
 
 class Tokens(_Msg):
@@ -293,15 +311,20 @@ class Stats(_Msg):
     num_requests_by_class: dict[str, int] = {}
     num_engines: int = 0
     query_id: int = 0  # the StatsRequest's
+    planner_id: str = ""
 
 
 class ErrorMsg(_Msg):
     """A refusal. `kind` is ProtocolError.kind; an engine told `no_ready` (the planner does not
-    know it, e.g. after a planner restart) registers again with a fresh READY."""
+    know it, e.g. after a planner restart) registers again with a fresh READY; one told
+    `duplicate_engine_id` (another live engine has its id) retries for a while, then gives up.
+    Errors the client makes up itself (the planner restarted or went silent) carry the kinds
+    `planner_restarted` / `planner_unreachable`."""
 
     reason: str
     request_id: str = ""
     kind: str = ""
+    planner_id: str = ""
 
 
 # --------------------------------------------------------------------------- framing
@@ -359,6 +382,11 @@ PLANNER_TO_CLIENT = frozenset(
         MessageType.ERROR,
     }
 )
+
+
+def socket_frame_limit(max_frame_bytes: int) -> int:
+    """ZeroMQ's MAXMSGSIZE for a socket that accepts payloads of up to `max_frame_bytes`."""
+    return max_frame_bytes + FRAME_LIMIT_SLACK_BYTES
 
 
 def encode(message: _Msg) -> list[bytes]:

@@ -25,11 +25,13 @@ _OVERHEAD_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02
 _ITL_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MAX_CLASS_LABELS = 32
 
 
 class HttpMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._class_labels: set[str] = set()
         r = self.registry
         self.requests = Counter(
             "slos_http_requests",
@@ -52,6 +54,11 @@ class HttpMetrics:
         self.disconnects = Counter(
             "slos_http_client_disconnects",
             "Requests aborted because the client went away",
+            registry=r,
+        )
+        self.planner_restarts = Gauge(
+            "slos_http_planner_restarts",
+            "Planner restarts noticed (a new planner instance id); requests in flight were failed",
             registry=r,
         )
         self.in_flight = Gauge(
@@ -97,6 +104,16 @@ class HttpMetrics:
             buckets=_OVERHEAD_BUCKETS_S,
             registry=r,
         )
+
+    def class_label(self, slo_class: str) -> str:
+        """`slo_class` as a label: the first MAX_CLASS_LABELS distinct names keep their own, later
+        ones share "other" (clients name the class: the label set must stay bounded)."""
+        if slo_class in self._class_labels:
+            return slo_class
+        if len(self._class_labels) < MAX_CLASS_LABELS:
+            self._class_labels.add(slo_class)
+            return slo_class
+        return "other"
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

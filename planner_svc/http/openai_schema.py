@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 
 from planner_svc.http.api_config import ApiConfig, SloDefaults
-from planner_svc.http.tokenizer import TextTokenizer
+from planner_svc.http.tokenizer import PromptTooLong, TextTokenizer
 
 DEFAULT_MAX_MODEL_LEN = 8192
 _JSON_DECODER = msgspec.json.Decoder()  # several times faster than json.loads on token lists
@@ -120,6 +120,8 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         body = _JSON_DECODER.decode(raw)
     except msgspec.DecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
@@ -137,8 +139,11 @@ def parse_job(
     for name, refused in _REFUSED.items():
         if refused(body.get(name)):
             raise bad_request(f"'{name}' is not supported by this server", name, "unsupported")
-    prompt_ids = _chat_prompt(body, tokenizer) if chat else _completion_prompt(body, tokenizer)
-    max_model_len = _max_model_len(config, tokenizer)
+    max_model_len = context_length(config, tokenizer)
+    if chat:
+        prompt_ids = _chat_prompt(body, tokenizer, max_model_len)
+    else:
+        prompt_ids = _completion_prompt(body, tokenizer, max_model_len)
     max_tokens = _max_tokens(body, chat, config)
     if len(prompt_ids) + max_tokens > max_model_len:
         raise bad_request(
@@ -182,12 +187,14 @@ def _model(body: dict[str, Any], config: ApiConfig) -> str:
     return model
 
 
-def _completion_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) -> list[int]:
+def _completion_prompt(
+    body: dict[str, Any], tokenizer: TextTokenizer | None, max_model_len: int
+) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        return _encode(prompt, tokenizer, "prompt")
+        return _encode(prompt, tokenizer, "prompt", max_model_len)
     if isinstance(prompt, list) and prompt and set(map(type, prompt)) == {int}:  # C-speed check
         return _check_token_ids(prompt, tokenizer)
     if isinstance(prompt, list) and len(prompt) > 1:
@@ -201,7 +208,9 @@ def _completion_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) ->
     )
 
 
-def _chat_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) -> list[int]:
+def _chat_prompt(
+    body: dict[str, Any], tokenizer: TextTokenizer | None, max_model_len: int
+) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "messages")
@@ -218,7 +227,7 @@ def _chat_prompt(body: dict[str, Any], tokenizer: TextTokenizer | None) -> list[
             "messages",
             "no_tokenizer",
         )
-    return _encode(tokenizer.render_chat(rendered), tokenizer, "messages")
+    return _encode(tokenizer.render_chat(rendered), tokenizer, "messages", max_model_len)
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -238,7 +247,9 @@ def _content_text(content: Any, where: str) -> str:
     raise bad_request(f"{where}.content must be a string or a list of text parts", where)
 
 
-def _encode(text: str, tokenizer: TextTokenizer | None, param: str) -> list[int]:
+def _encode(
+    text: str, tokenizer: TextTokenizer | None, param: str, max_model_len: int
+) -> list[int]:
     if tokenizer is None:
         raise bad_request(
             "this server has no tokenizer (start it with --model-dir): send the "
@@ -246,7 +257,24 @@ def _encode(text: str, tokenizer: TextTokenizer | None, param: str) -> list[int]
             param,
             "no_tokenizer",
         )
-    ids = tokenizer.encode(text)
+    max_chars = max_model_len * tokenizer.max_token_bytes
+    if len(text) > max_chars:  # certainly too long: no need to spend seconds tokenizing it
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens, and a token covers "
+            f"at most {tokenizer.max_token_bytes} bytes: a {param} of {len(text)} characters "
+            f"(more than {max_chars}) cannot fit. Please reduce the {param}.",
+            param,
+            "context_length_exceeded",
+        )
+    try:
+        ids = tokenizer.encode(text, max_tokens=max_model_len)
+    except PromptTooLong as exc:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"{param} has {exc.num_tokens} tokens. Please reduce the {param}.",
+            param,
+            "context_length_exceeded",
+        ) from None
     if not ids:
         raise bad_request(f"'{param}' is empty after tokenization", param)
     return ids
@@ -263,7 +291,8 @@ def _check_token_ids(ids: list[int], tokenizer: TextTokenizer | None) -> list[in
     return ids
 
 
-def _max_model_len(config: ApiConfig, tokenizer: TextTokenizer | None) -> int:
+def context_length(config: ApiConfig, tokenizer: TextTokenizer | None) -> int:
+    """The most prompt + max_tokens a request may ask for (also told by GET /v1/models)."""
     if config.max_model_len is not None:
         return config.max_model_len
     if tokenizer is not None and tokenizer.max_model_len is not None:

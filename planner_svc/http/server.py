@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
@@ -35,18 +36,31 @@ from aiohttp import web
 
 from formulations.plan import Verdict
 from planner_svc.client import PlannerClient, RequestHandle
-from planner_svc.core import EXPIRED_REASON
 from planner_svc.http.api_config import ApiConfig
 from planner_svc.http.http_metrics import CONTENT_TYPE, HttpMetrics
 from planner_svc.http.openai_responses import ResponseHead, slo_info, usage
-from planner_svc.http.openai_schema import ApiError, GenerationJob, parse_job, parse_json_body
+from planner_svc.http.openai_schema import (
+    ApiError,
+    GenerationJob,
+    context_length,
+    parse_job,
+    parse_json_body,
+)
 from planner_svc.http.output_text import OutputText
 from planner_svc.http.tokenizer import TextTokenizer
 from wire import protocol as P
 
 log = logging.getLogger("slos_serve.http")
+ACCESS_LOG = logging.getLogger("slos_serve.http.access")
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf %{X-Request-Id}o %{X-SLO-Verdict}o'
 
 VERDICT_HEADER = "X-SLO-Verdict"
+# Bodies up to this size are parsed on the event loop (a few hundred microseconds at most); larger
+# ones, which may carry a long text prompt, in one of PARSE_THREADS worker threads.
+INLINE_PARSE_BYTES = 16 << 10
+PARSE_THREADS = 2
+# ErrorMsg kinds the planner client makes up when the planner is gone or restarted: 503, not 400.
+CLIENT_SIDE_ERRORS = frozenset({"planner_restarted", "planner_unreachable", "client_error"})
 _JSON = msgspec.json.Encoder()
 
 
@@ -75,6 +89,8 @@ class ApiServer:
         self.tokenizer = tokenizer
         self.metrics = HttpMetrics()
         self.created_s = int(time.time())
+        # Few threads: a burst of huge prompts queues here instead of taking every core.
+        self._parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="http-parse")
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -91,8 +107,15 @@ class ApiServer:
 
     async def models(self, request: web.Request) -> web.Response:
         self._check_api_key(request)
-        data = [
-            {"id": name, "object": "model", "created": self.created_s, "owned_by": "slos-serve"}
+        max_model_len = context_length(self.config, self.tokenizer)
+        data = [  # max_model_len as vLLM gives it: benchmark clients size their requests by it
+            {
+                "id": name,
+                "object": "model",
+                "created": self.created_s,
+                "owned_by": "slos-serve",
+                "max_model_len": max_model_len,
+            }
             for name in self.config.model_names
         ]
         return _json_response({"object": "list", "data": data})
@@ -111,6 +134,7 @@ class ApiServer:
         return _json_response(body, 200 if stats.num_engines else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:
+        self.metrics.planner_restarts.set(self.client.num_planner_restarts)
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
     # ------------------------------------------------------------------ generation
@@ -125,8 +149,7 @@ class ApiServer:
         arrival_s = time.monotonic()
         arrival_client_s = self.client.now_s()  # the same instant on the planner client's clock
         api_key = self._check_api_key(request)
-        body = parse_json_body(await request.read())
-        job = parse_job(body, chat, self.config, self.tokenizer, api_key)
+        job = await self._parse(await request.read(), chat, api_key)
         head = ResponseHead(
             f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             int(time.time()),
@@ -162,6 +185,18 @@ class ApiServer:
             self.client.forget(handle.request_id)
             await events.aclose()
 
+    async def _parse(self, raw: bytes, chat: bool, api_key: str | None) -> GenerationJob:
+        """The body as a job. Large bodies are decoded and tokenized in a worker thread (the
+        tokenizer releases the GIL): tokenizing a long prompt takes seconds, during which the
+        event loop must keep serving everyone else."""
+        if len(raw) <= INLINE_PARSE_BYTES:
+            return parse_job(parse_json_body(raw), chat, self.config, self.tokenizer, api_key)
+
+        def parse() -> GenerationJob:
+            return parse_job(parse_json_body(raw), chat, self.config, self.tokenizer, api_key)
+
+        return await asyncio.get_running_loop().run_in_executor(self._parse_pool, parse)
+
     async def _verdict(
         self, handle: RequestHandle, events: AsyncIterator[P._Msg], job: GenerationJob
     ) -> P.VerdictMsg:
@@ -177,6 +212,14 @@ class ApiServer:
                 error_type="server_error",
                 headers={"Retry-After": "1"},
             ) from None
+        if isinstance(event, P.ErrorMsg) and event.kind in CLIENT_SIDE_ERRORS:
+            raise ApiError(
+                503,
+                f"the planner is not available: {event.reason}",
+                code="planner_unavailable",
+                error_type="server_error",
+                headers={"Retry-After": "1"},
+            )
         if isinstance(event, P.ErrorMsg):
             raise ApiError(
                 400, f"the planner refused the request: {event.reason}", code="planner_refused"
@@ -189,14 +232,22 @@ class ApiServer:
                 code="no_verdict",
                 error_type="server_error",
             )
-        self.metrics.verdicts.labels(event.verdict, job.slo.slo_class).inc()
+        label = self.metrics.class_label(job.slo.slo_class)
+        self.metrics.verdicts.labels(event.verdict, label).inc()
         if event.verdict == Verdict.REJECTED.value:
-            self.metrics.rejected.labels(job.slo.slo_class).inc()
-            expired = event.reason == EXPIRED_REASON
+            self.metrics.rejected.labels(label).inc()
+            if event.code in (P.VERDICT_NO_ENGINE, P.VERDICT_LOST):  # the service's fault
+                raise ApiError(
+                    503,
+                    f"the service cannot serve the request now: {event.reason}",
+                    code=event.code,
+                    error_type="server_error",
+                    headers={"Retry-After": "1"},
+                )
             raise _too_many(
                 f"the planner rejected the request: {event.reason or 'no reason'}",
                 retry_after_s=event.ttft_slo_s,
-                code="ttft_target_passed" if expired else "slo_rejected",
+                code=event.code or "slo_rejected",
             )
         return event
 
@@ -221,16 +272,10 @@ class ApiServer:
         await response.prepare(request)
         output = OutputText(self.tokenizer, job.stop)
         slo = slo_info(verdict, job.slo.slo_class)
+        lost_reason = "the request ended before its last token"
         async for event in events:
             if isinstance(event, (P.ErrorMsg, P.VerdictMsg)):  # lost after admission
-                reason = getattr(event, "reason", "")
-                await response.write(
-                    _sse(
-                        ApiError(
-                            503, f"the request was lost: {reason}", error_type="server_error"
-                        ).body()
-                    )
-                )
+                lost_reason = getattr(event, "reason", "") or lost_reason
                 break
             if not isinstance(event, P.Tokens):
                 continue
@@ -250,6 +295,14 @@ class ApiServer:
             self._observe_token(progress, job)
             if finish_reason is not None:
                 break
+        if progress.finish_reason is None:  # never just stop: say why there is no more
+            error = ApiError(
+                503,
+                f"the request was lost: {lost_reason}",
+                code="request_lost",
+                error_type="server_error",
+            )
+            await response.write(_sse(error.body()))
         if progress.finish_reason is not None and job.include_usage:
             await response.write(
                 _sse(head.usage_chunk(usage(len(job.prompt_token_ids), len(progress.token_ids))))
@@ -321,7 +374,9 @@ class ApiServer:
         now_s = time.monotonic()
         if progress.first_token_s is None:
             progress.first_token_s = now_s
-            self.metrics.ttft.labels(job.slo.slo_class).observe(now_s - progress.arrival_s)
+            self.metrics.ttft.labels(self.metrics.class_label(job.slo.slo_class)).observe(
+                now_s - progress.arrival_s
+            )
         else:
             self.metrics.itl.observe(now_s - progress.last_token_s)
         progress.last_token_s = now_s
@@ -330,7 +385,7 @@ class ApiServer:
         self.metrics.prompt_tokens.inc(len(job.prompt_token_ids))
         self.metrics.completion_tokens.inc(len(progress.token_ids))
         if progress.last_token_s is not None:
-            self.metrics.e2e.labels(job.slo.slo_class).observe(
+            self.metrics.e2e.labels(self.metrics.class_label(job.slo.slo_class)).observe(
                 progress.last_token_s - progress.arrival_s
             )
 
@@ -423,13 +478,26 @@ def _json_response(
 # ---------------------------------------------------------------------- running
 
 
-async def start_site(api: ApiServer, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_site(
+    api: ApiServer, host: str, port: int, access_log: bool = True
+) -> tuple[web.AppRunner, int]:
     """Serve `api` on host:port (0: any free port); returns the runner and the bound port.
-    Handlers are cancelled when their client disconnects (that is how aborts are noticed)."""
-    runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
+    Handlers are cancelled when their client disconnects (that is how aborts are noticed). The
+    access log (logger `slos_serve.http.access`, INFO) has one line per request: peer, request
+    line, status, bytes, seconds (for a stream: until its end), request id, verdict."""
+    runner = web.AppRunner(
+        api.app(),
+        handler_cancellation=True,
+        access_log=ACCESS_LOG if access_log else None,
+        access_log_format=ACCESS_LOG_FORMAT,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:  # the port is taken: the caller says so in one line
+        await runner.cleanup()
+        raise
     bound_port = runner.addresses[0][1]
     return runner, bound_port
 

@@ -8,6 +8,7 @@ model's own Jinja chat template; the random-weight models of this project have n
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,14 @@ if TYPE_CHECKING:  # the `tokenizers` library is needed only when a model direct
 
 TOKENIZER_FILE = "tokenizer.json"
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for an incomplete UTF-8 sequence
+
+
+class PromptTooLong(ValueError):
+    """A text with more tokens than allowed; `num_tokens` says how many."""
+
+    def __init__(self, num_tokens: int) -> None:
+        super().__init__(f"{num_tokens} tokens")
+        self.num_tokens = num_tokens
 
 
 class TextTokenizer:
@@ -51,8 +60,23 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token covers (an upper bound: the longest entry of
+        the vocabulary, in UTF-8). A text of more than `n * max_token_bytes` characters has more
+        than n tokens, assuming the normalizer deletes no characters (ours deletes none)."""
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        return max((len(token.encode()) for token in vocab), default=1)
+
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """Token ids of `text`; `PromptTooLong` when there are more than `max_tokens`. Through
+        `encode_batch`, which releases the GIL while it works, unlike `encode`: a long prompt
+        tokenized in a worker thread then does not stall the server's event loop. The length is
+        checked before the ids become a Python list (~50 ms with the GIL held for 650k ids)."""
+        encoding = self.tokenizer.encode_batch([text], add_special_tokens=False)[0]
+        if max_tokens is not None and len(encoding) > max_tokens:
+            raise PromptTooLong(len(encoding))
+        return encoding.ids
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of `token_ids`; special tokens (EOS) and ids outside the vocabulary are skipped."""

@@ -44,3 +44,20 @@ def test_replay_scenario(endpoint, capsys):
     assert load("replay_scenario").main(argv) == 0
     out = capsys.readouterr().out
     assert "Serving Benchmark Result" in out and "submitted" in out
+
+
+def test_single_request_with_an_unknown_class_is_one_line(endpoint, capsys):
+    argv = ["--planner", endpoint, "--max-tokens", "2", "--slo-class", "no-such-class"]
+    assert load("single_request").main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown SLO class 'no-such-class'" in err
+
+
+def test_tool_agent_runs_started_in_the_same_second_do_not_collide(endpoint, capsys, monkeypatch):
+    agent = load("tool_agent")
+    monkeypatch.setattr(agent.time, "time", lambda: 1_700_000_000.0)  # the same second
+    monkeypatch.setattr(agent.time, "sleep", lambda s: None)
+    for _ in range(2):
+        assert agent.main(["--planner", endpoint, "--rounds", "2"]) == 0
+        out = capsys.readouterr().out
+        assert "#r0: admitted" in out and "#r1: admitted" in out and "error" not in out

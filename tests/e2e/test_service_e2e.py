@@ -1,38 +1,27 @@
 """End to end with real processes on loopback: `slos-serve planner` + two `slos-serve engine
---engine
-sim` + the Python client in the test process.
+--engine sim` + the Python client in the test process (tests/e2e/service_processes.py).
 
-- The same short workload is served under two formulations that differ only by the config line;
-  the attainment the client measures is compared with what the virtual-time simulator predicts for
-  the same workload, within ATTAINMENT_TOLERANCE (the service runs on a busy wall clock with
-  network hops and OS scheduling noise; the simulator does not).
-- kill -9 of one engine mid-run loses no request: each finishes (moved to the other engine) or
-  gets an explicit verdict.
-- random bytes, wrong types and oversized frames on both sockets leave the daemon serving, and are
-  counted.
+The same short workload is served under two formulations that differ only by the config line;
+the attainment the client measures is compared with what the virtual-time simulator predicts for
+the same workload, within ATTAINMENT_TOLERANCE (the service runs on a busy wall clock with network
+hops and OS scheduling noise; the simulator does not). Faults (kill -9, SIGSTOP, garbage frames,
+restarts, ...) are in tests/e2e/test_faults.py.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import time
 
 import numpy as np
 import pytest
-import zmq
 
-from commands.demo import ProcessGroup, free_port, wait_for_engines
 from formulations.perf_model import perf_model_preset
 from formulations.request import make_request
 from lab.replay import replay
 from lab.simulator import SimConfig, simulate
 from lab.workloads.workload import Workload
-from planner_svc.client import PlannerClient
-from wire import protocol as P
+from tests.e2e.service_processes import NUM_BLOCKS, PERF_MODEL
 
-PERF_MODEL = "opt-13b-h100"
-NUM_BLOCKS = 3500
 # Absolute, on the fraction of requests that attain every SLO. Observed on a shared 2-core
 # machine under load average 5-7: the service 0 to 0.17 below the simulator (30 requests, so one
 # request is 0.033).
@@ -41,84 +30,9 @@ ATTAINMENT_TOLERANCE = 0.2
 # descheduled so much that the wall clock no longer follows the model: the comparison is skipped
 # (everything else is still checked).
 MAX_LOAD_PER_CORE = 4.0
-MAX_FRAME_BYTES = 65536
 MAX_MODEL_LEN = 4096
 
-CONFIG = """\
-formulation = "{formulation}"
-[planner]
-engine_endpoint = "tcp://127.0.0.1:{engine_port}"
-client_endpoint = "tcp://127.0.0.1:{client_port}"
-heartbeat_interval_s = 0.1
-liveness = 5
-max_frame_bytes = {max_frame_bytes}
-default_perf_model = "{perf_model}"
-"""
-
 pytestmark = pytest.mark.slow
-
-
-class Service:
-    def __init__(self, tmp_path, formulation="slos_dp", num_engines=2):
-        self.engine_port, self.client_port = free_port(), free_port()
-        self.true_lengths = tmp_path / f"lengths-{formulation}.jsonl"  # read by the engines only
-        config = tmp_path / f"planner-{formulation}.toml"
-        config.write_text(
-            CONFIG.format(
-                formulation=formulation,
-                engine_port=self.engine_port,
-                client_port=self.client_port,
-                perf_model=PERF_MODEL,
-                max_frame_bytes=MAX_FRAME_BYTES,
-            )
-        )
-        self.group = ProcessGroup()
-        cli = ["python", "-m", "commands.cli"]
-        cli[0] = __import__("sys").executable
-        self.group.start(
-            "planner", [*cli, "planner", "--config", str(config), "--log-level", "WARNING"]
-        )
-        for i in range(num_engines):
-            self.group.start(
-                f"engine-{i}",
-                [
-                    *cli,
-                    "engine",
-                    "--engine",
-                    "sim",
-                    "--engine-id",
-                    f"engine-{i}",
-                    "--connect",
-                    f"tcp://127.0.0.1:{self.engine_port}",
-                    "--perf-model",
-                    PERF_MODEL,
-                    "--num-blocks",
-                    str(NUM_BLOCKS),
-                    "--heartbeat-interval-s",
-                    "0.1",
-                    "--output-lengths",
-                    str(self.true_lengths),
-                ],
-            )
-        self.client = PlannerClient(f"tcp://127.0.0.1:{self.client_port}")
-        wait_for_engines(self.client, num_engines, self.group, timeout_s=60)
-
-    def close(self):
-        self.client.close()
-        self.group.stop_all()
-
-
-@pytest.fixture
-def service_factory(tmp_path):
-    services = []
-
-    def make(**kwargs):
-        services.append(Service(tmp_path, **kwargs))
-        return services[-1]
-
-    yield make
-    for service in services:
-        service.close()
 
 
 def short_workload(num_requests=30, rate_rps=40.0, seed=0) -> Workload:
@@ -190,60 +104,3 @@ def test_service_attainment_matches_the_simulator(service_factory, formulation):
     )
     stats = service.client.stats()
     assert stats.counters["num_requests"] == len(workload.requests)
-
-
-def test_kill_9_of_an_engine_loses_no_request(service_factory):
-    service = service_factory()
-    handles = [service.client.submit(num_prompt_tokens=300, max_tokens=80) for _ in range(10)]
-    time.sleep(1.0)  # every request is running, on both engines
-    assert sum(len(h.token_times_s) > 0 for h in handles) >= 2
-    victim = service.group.processes["engine-1"]
-    os.killpg(victim.pid, signal.SIGKILL)
-    for handle in handles:
-        assert handle.wait(30), f"{handle.request_id} neither finished nor got a verdict"
-    assert all(h.finished or h.verdict_msg.verdict == "rejected" for h in handles)
-    assert all(h.finished for h in handles)  # the surviving engine has room for all of them
-    stats = service.client.stats()
-    assert stats.counters["num_engine_deaths"] == 1 and stats.num_engines == 1
-    assert stats.counters["num_moved_requests"] >= 1
-    assert all(len(h.token_ids) == 80 for h in handles)
-
-
-def test_garbage_frames_leave_the_daemon_serving_and_are_counted(service_factory):
-    service = service_factory(num_engines=1)
-    context = zmq.Context()
-    try:
-        bad_client = [
-            [os.urandom(1), os.urandom(100)],
-            [b"S", os.urandom(100)],
-            [b"G", P.encode(P.Heartbeat("x"))[1]],  # an engine message on the client socket
-            [b"S", b"\x00" * (MAX_FRAME_BYTES + 1)],  # oversized
-            [b"S", b"", b""],
-        ]
-        bad_engine = [
-            [b"R", os.urandom(50)],
-            [b"S", P.encode(P.Submit(request_id="x", max_tokens=1, num_prompt_tokens=1))[1]],
-            P.encode(P.StepReport(step_id=0, plan_id=0)),
-        ]
-        for endpoint, frames_list in (
-            (service.client_port, bad_client),
-            (service.engine_port, bad_engine),
-        ):
-            sock = context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://127.0.0.1:{endpoint}")
-            for frames in frames_list:
-                sock.send_multipart(frames)
-            replies = 0
-            while replies < len(frames_list) and sock.poll(3000):
-                sock.recv_multipart()
-                replies += 1
-            assert replies == len(frames_list)  # every bad frame was answered with ERROR
-            sock.close()
-        handle = service.client.submit(num_prompt_tokens=100, max_tokens=5)
-        assert handle.wait(10) and handle.finished
-        stats = service.client.stats()
-        assert stats.counters["num_rejected_frames"] == len(bad_client) + len(bad_engine)
-        assert not service.group.any_died()
-    finally:
-        context.term()

@@ -128,7 +128,7 @@ def test_bench_command_errors(capsys):
         )
         == 2
     )  # nothing listens there
-    assert "no answer" in capsys.readouterr().err
+    assert "cannot reach http://127.0.0.1:1/v1/models" in capsys.readouterr().err
 
 
 def test_bench_runs_tool_chains_round_by_round(stack):
@@ -165,3 +165,46 @@ def test_bench_runs_tool_chains_round_by_round(stack):
             )
     report = build_report(result.records, workload)
     assert report.num_items == 1 and report.num_calls == 3 and report.num_completed_items == 1
+
+
+# ---- what the bench takes from the server, and failing loudly -------------------------------
+
+
+@pytest.fixture(scope="module")
+def named_stack(tmp_path_factory):
+    """A server whose model is not called slos-serve, with a tokenizer (ids below 512) and a
+    context of 1500 tokens."""
+    from planner_svc.http.api_config import ApiConfig, SloDefaults
+    from tests.planner_svc.http_support import make_model_dir
+
+    config = ApiConfig(model_defaults={"tiny": SloDefaults()}, max_model_len=1500)
+    s = Stack(make_model_dir(tmp_path_factory.mktemp("model")), config, num_engines=1)
+    yield s
+    s.close()
+
+
+def bench_json(url: str, capsys, *extra: str) -> tuple[int, dict | None]:
+    argv = ["bench", "--url", url, "--scenario", "chatbot", "--rate", "50", "--json"]
+    status = main([*argv, "--num-requests", "8", "--drain-s", "20", *extra])
+    out = capsys.readouterr().out
+    return status, (json.loads(out) if out.strip() else None)
+
+
+def test_bench_takes_the_model_and_context_length_from_the_server(named_stack, capsys):
+    from lab.bench_client import served_models
+
+    assert [(m.name, m.max_model_len) for m in served_models(named_stack.url)] == [("tiny", 1500)]
+    status, report = bench_json(named_stack.url, capsys)
+    assert status == 0 and report["num_errors"] == 0  # the calls used "tiny", not slos-serve
+    assert 0 < report["num_items"] <= 8  # requests over 1500 tokens were dropped, not failed
+    assert report["num_completed_items"] == report["num_items"]
+
+
+def test_bench_refuses_a_model_the_server_does_not_serve(named_stack, capsys):
+    assert main(["bench", "--url", named_stack.url, "--rate", "5", "--model", "gpt-9"]) == 2
+    assert "does not serve the model 'gpt-9' (it serves: tiny)" in capsys.readouterr().err
+
+
+def test_bench_exits_non_zero_when_calls_fail(named_stack, capsys):
+    status, report = bench_json(named_stack.url, capsys, "--max-token-id", "5000")  # ids >= 512
+    assert status == 1 and report["num_errors"] > 0

@@ -147,3 +147,18 @@ def test_open_requests_fail_when_the_planner_goes_away():
         assert handle.verdict(5).verdict == "admitted"
         svc.close()  # the planner and its engine are gone
         assert handle.wait(3) and handle.error == "planner unreachable" and not handle.finished
+
+
+def test_a_request_failed_by_the_client_ends_with_an_error_event():
+    """Consumers of the event stream (the HTTP front door) learn why a request ended when the
+    client itself ends it (planner gone): an ErrorMsg event, not a silent end."""
+    svc = Service(num_engines=1)
+    svc.wait_for_engines(1)
+    with PlannerClient(svc.daemon.client_endpoint, heartbeat_interval_s=0.1, liveness=3) as client:
+        handle = client.submit(num_prompt_tokens=30, max_tokens=5000)
+        assert handle.verdict(5).verdict == "admitted"
+        assert client.planner_id == svc.daemon.planner_id == handle.planner_id
+        svc.close()
+        assert handle.wait(3)
+        events = list(handle._events.queue)
+        assert isinstance(events[-2], P.ErrorMsg) and events[-2].kind == "planner_unreachable"

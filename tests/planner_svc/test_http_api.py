@@ -190,7 +190,7 @@ def test_slo_class_and_explicit_targets_reach_the_planner(stack):
     hinted = client.completions.create(
         model=MODEL, prompt=[5] * 20, max_tokens=40, extra_body={"expected_output_tokens": 12}
     )
-    assert stack.tracked(hinted.id).submit.expected_output_tokens == 12
+    assert stack.tracked(hinted.id).request.hint_output_tokens == 12
     with pytest.raises(openai.BadRequestError, match="expected_output_tokens"):
         client.completions.create(
             model=MODEL, prompt=[5] * 20, max_tokens=4, extra_body={"expected_output_tokens": 0}
