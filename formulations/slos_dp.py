@@ -286,7 +286,13 @@ class SlosDP(Formulation):
     `memory` (memory_timeline.py: "trajectory", the default: the peak over time of every admitted
     request's KV on the trajectory the plan gives it, growing at its tier's pace to its planned
     length; "timeline": the same with the growth bound and release at the last deadline;
-    "peak": each admitted request reserves its planned full-length KV from admission).
+    "peak": each admitted request reserves its planned full-length KV from admission);
+    `eager_decodes` (decoders also decode from a step's leftover token budget, their later slots
+    still owed: they finish, and free their KV, sooner; batch_planner.py fill step 4);
+    `distributed_lengths` (memory is planned on each request's predicted length distribution,
+    the sum of the requests' KV at its 90th percentile, instead of every request at its own
+    quantile; memory_timeline.planned_lengths and peak_blocks). Both are on by default (measured
+    in docs/PLANNER.md section 13); off, they are the ablations.
     """
 
     def __init__(
@@ -299,8 +305,8 @@ class SlosDP(Formulation):
         prefill_bursts: bool = True,
         memory: str = "trajectory",
         decoder_bursts: bool = True,
-        eager_decodes: bool = False,
-        distributed_lengths: bool = False,
+        eager_decodes: bool = True,
+        distributed_lengths: bool = True,
     ) -> None:
         if memory not in MEMORY_MODES:
             known = ", ".join(MEMORY_MODES)

@@ -218,6 +218,7 @@ def formulation_capacity(
     show_progress: bool | None = None,
     progress_file: TextIO | None = None,
     num_seeds: int = 1,
+    early_stop: bool = True,
 ) -> CapacityResult:
     """Capacity of `formulation` on `experiment` (a `lab.experiment.Experiment`): every rate
     the search tries is simulated with the experiment's workload rescaled to that rate, once per
@@ -235,9 +236,25 @@ def formulation_capacity(
     ]
 
     def evaluate(rate_rps: float) -> float:
-        reports = [e.run(formulation, rate_rps)[0] for e in experiments]
-        num_items = sum(r.num_items for r in reports)
-        return sum(r.num_attained for r in reports) / num_items if num_items else 0.0
+        """Pooled attainment at `rate_rps`. The runs stop as soon as more items have failed
+        than the target allows over all seeds (SimConfig.stop_after_failed_items): the rate
+        fails either way, and its point records an upper bound of its attainment."""
+        num_items = sum(e.workload(rate_rps).num_items for e in experiments)
+        allowed = math.floor((1 - params.target) * num_items + 1e-9) if early_stop else None
+        num_attained = num_failed = 0
+        for e in experiments:
+            if allowed is not None:
+                e = dataclasses.replace(
+                    e, sim_params={**e.sim_params, "stop_after_failed_items": allowed - num_failed}
+                )
+            report, result = e.run(formulation, rate_rps)
+            if getattr(result, "stopped_early", False):
+                return 1 - (allowed + 1) / num_items  # more than `allowed` failed
+            num_attained += report.num_attained
+            num_failed += report.num_items - report.num_attained
+            if allowed is not None and num_failed > allowed:
+                return 1 - num_failed / num_items  # the seeds left could all attain
+        return num_attained / num_items if num_items else 0.0
 
     extra = {
         "formulation": formulation,

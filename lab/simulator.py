@@ -30,8 +30,10 @@ from typing import Any
 
 from engine_adapters.sim_engine import SimEngine, VirtualClock
 from formulations import registry
+from formulations.deadlines import TOLERANCE
 from formulations.lengths import LENGTH_MODES, LengthPredictor, LengthPrior, make_predictor
 from formulations.perf_model import PERF_MODEL_NUM_GPUS, PerfModel, TruthModel, perf_model_preset
+from formulations.plan import Verdict
 from formulations.refit import RefitParams
 from formulations.request import Request, ToolChain
 from lab.fast_forward import CRUISE, Cruise, FastForward
@@ -95,6 +97,11 @@ class SimConfig:
     # The cap a client sets (max_tokens): what is left of the served model's context after the
     # prompt (and the speculation lookahead). The workload must be filtered to this context.
     max_model_len: int = 8192
+    # Stop once more than this many items (a request, or a whole tool chain) are known to fail:
+    # rejected, or a first token past its TTFT target. The capacity search sets it to what the
+    # attainment target allows, so that a rate far past capacity is not simulated to the end;
+    # the result is then `stopped_early` (its attainment an upper bound). None: run to the end.
+    stop_after_failed_items: int | None = None
 
     def __post_init__(self) -> None:
         if self.lengths not in LENGTH_MODES:
@@ -152,6 +159,7 @@ class SimResult:
     num_gpus: int
     num_fast_forward_steps: int = 0  # steps applied in fast-forwarded cruises (in num_steps too)
     refits: list[RefitStatus] = field(default_factory=list)  # per replica, with `config.refit`
+    stopped_early: bool = False  # `config.stop_after_failed_items` was passed
 
     @property
     def speedup(self) -> float:
@@ -238,6 +246,7 @@ class Simulation(FastForward):
         self.num_steps = 0
         self.num_fast_forward_steps = 0
         self.last_event_s = 0.0
+        self._failed_items: set[str] = set()  # see SimConfig.stop_after_failed_items
 
     # ------------------------------------------------------------------ driving
 
@@ -264,9 +273,14 @@ class Simulation(FastForward):
             _CRUISE: self._on_cruise_end,
         }
         heap = self._heap
+        max_failed = self.config.stop_after_failed_items
+        stopped_early = False
         while heap:
             now_s, _, kind, payload = heapq.heappop(heap)
             if now_s > end_s:
+                break
+            if max_failed is not None and len(self._failed_items) > max_failed:
+                stopped_early = True
                 break
             if self._is_stale(kind, payload):
                 continue  # a superseded timer or cruise end: nothing happens then
@@ -291,6 +305,7 @@ class Simulation(FastForward):
             replan_wall_max_s=stats.max_wall_s,
             num_gpus=len(self.specs) * self.config.gpus_per_replica(),
             num_fast_forward_steps=self.num_fast_forward_steps,
+            stopped_early=stopped_early,
             refits=[
                 status
                 for i in self.core.replica_ids
@@ -399,6 +414,8 @@ class Simulation(FastForward):
             record = records[rid]
             record.verdict = decision.verdict
             record.replica_id = replica_id
+            if decision.verdict is Verdict.REJECTED:
+                self._fail(record)
         for rid, _from, _to in out.forwards:
             records[rid].num_forwards += 1
         for rid, _replica in out.preempted:
@@ -445,6 +462,10 @@ class Simulation(FastForward):
         self.num_steps += 1
         self._push(report.end_s, _STEP, (runner.replica_id, report))
 
+    def _fail(self, record: RequestRecord) -> None:
+        request = record.request
+        self._failed_items.add(request.chain_id or request.request_id)
+
     def _record_tokens(self, report: StepReport, run_ends_s: list[float] | None) -> None:
         records = self.records
         if run_ends_s:  # a cruise: one token per run
@@ -453,6 +474,11 @@ class Simulation(FastForward):
             return
         end_s = report.end_s
         for rid, num_new in report.num_new_tokens.items():
+            record = records[rid]
+            if not record.token_times_s and num_new:
+                request = record.request
+                if end_s - request.arrival_s > (1 + TOLERANCE) * request.ttft_slo_s:
+                    self._fail(record)  # judged as check_attainment does
             if num_new == 1:
                 records[rid].token_times_s.append(end_s)
             else:

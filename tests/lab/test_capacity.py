@@ -177,3 +177,57 @@ def test_capacity_bars_png(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError):
         plot_capacity_bars({}, tmp_path / "none.png")
+
+
+# ------------------------------------------------------------------ stopping a failing rate early
+
+
+def _overloaded():
+    from lab.experiment import Experiment
+
+    return Experiment(scenario="chatbot", num_requests=60, perf_model="opt-13b-2xa100")
+
+
+@pytest.mark.parametrize("formulation", ["slos_dp", "vllm_fcfs"])
+def test_a_run_stops_once_more_items_failed_than_allowed(formulation):
+    import dataclasses
+
+    from formulations.deadlines import check_attainment
+
+    experiment = _overloaded()
+    rate_rps = 40.0  # ~10x the capacity: most requests fail
+    _, full = experiment.run(formulation, rate_rps)
+    num_failed = sum(not r.attainment.ok for r in full.records)
+    assert not full.stopped_early and num_failed > 10
+    stopping = dataclasses.replace(experiment, sim_params={"stop_after_failed_items": 5})
+    _, cut = stopping.run(formulation, rate_rps)
+    assert cut.stopped_early
+    # what made it stop: more than 5 items known to fail (rejected, or a late first token)
+    known = [
+        r
+        for r in cut.records
+        if r.verdict is not None
+        and (
+            r.verdict.value == "rejected"
+            or (r.token_times_s and not check_attainment(r.request, r.token_times_s).ttft_ok)
+        )
+    ]
+    assert len(known) > 5
+    assert cut.sim_duration_s < full.sim_duration_s
+
+
+@pytest.mark.parametrize("formulation", ["slos_dp", "vllm_fcfs"])
+def test_early_stop_finds_the_same_capacity(formulation):
+    from lab.capacity import formulation_capacity
+
+    params = SearchParams(min_rate_rps=1.0, max_rate_rps=16.0, tolerance_rps=0.5)
+    results = [
+        formulation_capacity(_overloaded(), formulation, params, num_seeds=2, early_stop=early)
+        for early in (True, False)
+    ]
+    assert results[0].capacity_rps == results[1].capacity_rps
+    for with_stop, without in zip(results[0].points, results[1].points):
+        assert with_stop.rate_rps == without.rate_rps
+        # a stopped rate records an upper bound of its attainment, below the target
+        assert with_stop.attainment >= without.attainment - 1e-9
+        assert (with_stop.attainment >= 0.9) == (without.attainment >= 0.9)
