@@ -332,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(args, body, time.perf_counter() - start_s)
     print(text, flush=True)
     if not args.no_write:
-        from lab.plots import plot_capacity_bars
         from report_section import write_section
+
+        from lab.plots import plot_capacity_bars
 
         plot_capacity_bars(
             per_gpu, PLOT_PATH, title=f"Capacity per GPU without known lengths, {PERF_MODEL}"
