@@ -360,26 +360,18 @@ class SlosDP(Formulation):
             problem = dataclasses.replace(
                 problem, mandatory=problem.mandatory[: -len(forced) or None], candidates=forced
             )
-            return assemble_plan(
-                view,
+        else:
+            choice = solve_candidates(
                 problem,
-                choice,
-                self.fallback,
+                view,
+                max_spec,
+                self.prefill_bursts,
+                self._burst_end_s,
                 self.memory,
-                self.max_best_effort_steps,
-                self.eager_decodes,
+                self.decoder_bursts,
             )
-        choice = solve_candidates(
-            problem,
-            view,
-            max_spec,
-            self.prefill_bursts,
-            self._burst_end_s,
-            self.memory,
-            self.decoder_bursts,
-        )
-        burst = choice.curve.burst if choice is not None else None
-        self._burst_end_s = burst.end_s(view.now_s) if burst is not None else None
+            burst = choice.curve.burst if choice is not None else None
+            self._burst_end_s = burst.end_s(view.now_s) if burst is not None else None
         return assemble_plan(
             view,
             problem,

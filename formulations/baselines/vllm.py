@@ -52,6 +52,27 @@ class TokenBudgetBaseline(QueueingBaseline):
     def max_num_decodes(self) -> int:
         return min(self.max_num_batched_tokens, self.max_num_seqs)
 
+    def _start_new_fcfs(
+        self,
+        queue: list[RequestState],
+        ledger: BlockLedger,
+        num_tokens: dict[str, int],
+        budget: int,
+    ) -> None:
+        """The requests that have not started, in queue order, chunked into what is left of the
+        token budget; the first whose chunk's blocks are not free stops the queue (FCFS: the head
+        waits for memory, nobody overtakes it)."""
+        for state in queue:
+            if budget <= 0 or len(num_tokens) >= self.max_num_seqs:
+                return
+            if _started(state):
+                continue
+            n = min(state.num_pending_tokens, budget)
+            if not ledger.try_grow(state, n):
+                return
+            num_tokens[state.request_id] = n
+            budget -= n
+
 
 @register("vllm_fcfs")
 class VllmFcfs(TokenBudgetBaseline):
@@ -68,16 +89,7 @@ class VllmFcfs(TokenBudgetBaseline):
         )
         if not preempted:
             budget = self.max_num_batched_tokens - sum(num_tokens.values())
-            for state in queue:
-                if budget <= 0 or len(num_tokens) >= self.max_num_seqs:
-                    break
-                if _started(state):
-                    continue
-                n = min(state.num_pending_tokens, budget)
-                if not ledger.try_grow(state, n):
-                    break  # FCFS: the head of the queue waits for memory, nobody overtakes it
-                num_tokens[state.request_id] = n
-                budget -= n
+            self._start_new_fcfs(queue, ledger, num_tokens, budget)
         return plan_step(queue, num_tokens, ledger, decisions, preempted, self.max_num_decodes)
 
 
@@ -177,16 +189,7 @@ class VllmSpec(VllmFcfs):
                     num_spec[rid] = spec
                 budget -= n + spec
         if not preempted:
-            for state in queue:
-                if budget <= 0 or len(num_tokens) >= self.max_num_seqs:
-                    break
-                if _started(state):
-                    continue
-                n = min(state.num_pending_tokens, budget)
-                if not ledger.try_grow(state, n):
-                    break  # FCFS: the head of the queue waits for memory
-                num_tokens[state.request_id] = n
-                budget -= n
+            self._start_new_fcfs(queue, ledger, num_tokens, budget)
         step = Step(num_tokens, num_spec)
         if not num_tokens:
             return Plan(decisions=decisions, preempt=tuple(preempted))
