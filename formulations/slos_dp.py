@@ -313,6 +313,7 @@ class SlosDP(Formulation):
         decoder_bursts: bool = True,
         eager_decodes: bool = True,
         distributed_lengths: bool = True,
+        pin_kv: bool = True,
     ) -> None:
         if memory not in MEMORY_MODES:
             known = ", ".join(MEMORY_MODES)
@@ -329,6 +330,7 @@ class SlosDP(Formulation):
         self.decoder_bursts = bool(decoder_bursts)
         self.eager_decodes = bool(eager_decodes)
         self.distributed_lengths = bool(distributed_lengths)
+        self.pin_kv = bool(pin_kv)
         self._burst_end_s: float | None = None  # end of the last plan's prefill burst
 
     def plan(self, view: ReplicaView) -> Plan:
@@ -359,6 +361,8 @@ class SlosDP(Formulation):
         recomputing the context takes its prefill time of the GPU. Pinned KV stays under
         MAX_PINNED_SHARE of the blocks. Otherwise it is left evictable (the engine's prefix cache
         may still have it when the round comes back; nothing is reserved for it)."""
+        if not self.pin_kv:
+            return "evictable"
         num_tokens = state.num_prompt_tokens + state.num_expected_output_tokens - 1
         num_blocks = num_blocks_for(num_tokens, view.block_size)
         num_total = view.num_total_blocks + view.num_kept_blocks

@@ -10,8 +10,9 @@ Counting rules:
   (last token - first token) / (output tokens - 1), ITL is every gap between consecutive tokens.
 - Request throughput counts completed items, goodput attained items, both per second of run.
 - Tool chains (docs/AGENTS.md): KV hit rate = prompt tokens of rounds >= 2 found cached (kept from
-  the previous round) / all prompt tokens of rounds >= 2; tokens recomputed = the rest of those
-  prompts (context prefilled again); KV held in pauses = pinned KV block-seconds (the simulator's).
+  the previous round) / all prompt tokens of rounds >= 2; tokens recomputed = context of rounds >= 2
+  that the previous round had computed (its prompt and output but the last token) and that was
+  prefilled again, not found cached; KV held in pauses = pinned KV block-seconds (the simulator's).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class RunReport:
     per_class: tuple[ClassAttainment, ...] = field(default_factory=tuple)
     num_later_round_prompt_tokens: int = 0  # prompt tokens of tool rounds >= 2
     num_later_round_cached_tokens: int = 0  # of which cached from the previous round
+    num_recomputed_tokens: int = 0  # context of rounds >= 2 computed before and again
     kv_pinned_block_s: float = 0.0  # KV pinned over tool pauses, block-seconds
 
     @property
@@ -114,9 +116,11 @@ class RunReport:
         return self.num_later_round_cached_tokens / self.num_later_round_prompt_tokens
 
     @property
-    def num_recomputed_tokens(self) -> int:
-        """Prompt tokens of rounds >= 2 prefilled again (not found cached)."""
-        return self.num_later_round_prompt_tokens - self.num_later_round_cached_tokens
+    def recompute_share(self) -> float | None:
+        """Recomputed context / prompt tokens of rounds >= 2 (None: no such round)."""
+        if not self.num_later_round_prompt_tokens:
+            return None
+        return self.num_recomputed_tokens / self.num_later_round_prompt_tokens
 
     @property
     def attainment(self) -> float:
@@ -149,7 +153,7 @@ class RunReport:
         ]
         for key in (
             "kv_hit_rate",
-            "num_recomputed_tokens",
+            "recompute_share",
             "attainment",
             "request_throughput_rps",
             "goodput_rps",
@@ -211,6 +215,7 @@ def build_report(
         per_class=_per_class(outcomes, records),
         num_later_round_prompt_tokens=sum(r.request.num_prompt_tokens for r in later),
         num_later_round_cached_tokens=sum(r.num_cached_tokens for r in later),
+        num_recomputed_tokens=_recomputed_tokens(records),
         kv_pinned_block_s=kv_pinned_block_s,
     )
 
@@ -259,6 +264,24 @@ def _chain_outcome(
         Attainment(all(a.ttft_ok for a in attainments), all(a.tpot_ok for a in attainments)),
         completed=all(_is_complete(r) for r in by_round.values()),
     )
+
+
+def _recomputed_tokens(records: Sequence[RequestRecord]) -> int:
+    """Context of rounds >= 2 that their previous round had computed (prompt and output but the
+    last token, which is never cached) and that was not found cached."""
+    by_round = {
+        (r.request.chain_id, r.request.round_index): r
+        for r in records
+        if r.request.chain_id is not None
+    }
+    total = 0
+    for (chain_id, k), record in by_round.items():
+        previous = by_round.get((chain_id, k - 1))
+        if k == 0 or previous is None:
+            continue
+        computed = previous.request.num_prompt_tokens + len(previous.token_times_s) - 1
+        total += max(0, min(computed, record.request.num_prompt_tokens) - record.num_cached_tokens)
+    return total
 
 
 def _missing(item_id: str, slo_class: str) -> ItemOutcome:
@@ -342,7 +365,7 @@ def _chain_rows(report: RunReport) -> list[str]:
     return [
         _title("Tool chains: KV across pauses", "-"),
         _row("KV hit rate, rounds >= 2 (%):", 100.0 * hit_rate),
-        _row("Prompt tokens recomputed, rounds >= 2:", report.num_recomputed_tokens),
+        _row("Context tokens recomputed, rounds >= 2:", report.num_recomputed_tokens),
         _row("KV held in pauses (block-s):", report.kv_pinned_block_s),
     ]
 

@@ -186,13 +186,14 @@ def test_tool_chain_kv_metrics():
     records = []
     for k, cached in ((0, 0), (1, 109), (2, 0)):
         request = chain.round_request(k, float(k), SIMPLE_MODEL)
-        records.append(
-            RequestRecord(request, Verdict.ADMITTED, 0, [float(k)], num_cached_tokens=cached)
-        )
+        times = [float(k)] * request.num_output_tokens
+        records.append(RequestRecord(request, Verdict.ADMITTED, 0, times, num_cached_tokens=cached))
     report = build_report(records, kv_pinned_block_s=12.5)
     prompts = chain.round_prompt_tokens(1) + chain.round_prompt_tokens(2)
     assert report.kv_hit_rate == pytest.approx(109 / prompts)
-    assert report.num_recomputed_tokens == prompts - 109
+    # Round 1 found round 0's 109 tokens cached; round 2 recomputed round 1's 50 + 5 - 1 more.
+    assert report.num_recomputed_tokens == chain.round_prompt_tokens(1) + 5 - 1
+    assert report.recompute_share == pytest.approx(report.num_recomputed_tokens / prompts)
     assert report.to_dict()["kv_hit_rate"] == report.kv_hit_rate
     assert "KV hit rate" in report.format_text() and "12.50" in report.format_text()
     assert build_report(records[:1]).kv_hit_rate is None  # no round >= 2
