@@ -192,3 +192,28 @@ def drive(core, engine, out, now_s):
         report = engine.execute(step[1], step[0])
         now_s = report.end_s
         out = core.on_step(0, report, now_s)
+
+
+@pytest.mark.parametrize("formulation", ["vllm_fcfs", "sarathi", "edf"])
+def test_baselines_under_memory_pressure_never_preempt_a_round_holding_claimed_kv(formulation):
+    """A round waiting for its verdict that holds its chain's kept KV is a new request to the
+    baselines (vLLM's prefix hit): preempting it would be a plan error. A small KV pool makes
+    preemptions frequent; every block still comes back."""
+    sim, result = run(tool_agent(200, 0.6), formulation=formulation, num_blocks_per_replica=1500)
+    assert sum(r.num_preemptions for r in result.records) > 0
+    assert hit_rate(result) > 0
+    assert_no_leak(sim)
+
+
+def test_slos_dp_pins_kv_when_memory_is_tight():
+    """With a small KV pool the LRU cache loses entries that pinning keeps (slos_dp's per-pause
+    decision against its pin_kv=False ablation)."""
+    workload = tool_agent(60, 0.6)
+    _, pinned = run(workload, formulation="slos_dp", num_blocks_per_replica=1500)
+    _, lru = run(
+        workload,
+        formulation="slos_dp",
+        num_blocks_per_replica=1500,
+        formulation_params={"pin_kv": False},
+    )
+    assert hit_rate(pinned) > hit_rate(lru)
