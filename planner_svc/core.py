@@ -185,6 +185,12 @@ class PlannerCore:
             return out
         rep.next_step_id = report.step_id + 1
         rep.num_free_blocks = report.num_free_blocks
+        # Kept-KV news ride on any report, a refused step's too; misses before the report's
+        # counts are added to those requests'.
+        if report.kv_misses:
+            self.chains.missed(rep, report.kv_misses)
+        if report.kv_evicted:
+            self.chains.evicted(rep, report.kv_evicted)
         if report.error:
             self._on_error(rep, out)
         else:
@@ -193,10 +199,6 @@ class PlannerCore:
             if self.refits is not None:  # before the report moves the requests' progress
                 self.refits.observe(rep, report, num_steps)
             self._record_token_ids(report)
-            if report.kv_misses:  # before the report's counts are added to theirs
-                self.chains.missed(rep, report.kv_misses)
-            if report.kv_evicted:
-                self.chains.evicted(rep, report.kv_evicted)
             if report.thinking_ended:
                 self._thinking_ended(rep, report.thinking_ended)
             done, produced = rep.apply_report(report)

@@ -18,6 +18,7 @@ from planner_svc.core import PlannerCore
 from planner_svc.replica import ReplicaSpec
 from tests.factories import SIMPLE_MODEL, make_req
 from wire.plan_cursor import PlanCursor
+from wire.protocol import StepReport
 
 MODEL = perf_model_preset("opt-13b-2xa100")
 
@@ -217,3 +218,26 @@ def test_slos_dp_pins_kv_when_memory_is_tight():
         formulation_params={"pin_kv": False},
     )
     assert hit_rate(pinned) > hit_rate(lru)
+
+
+def test_a_miss_reported_with_a_refused_step_resets_the_round():
+    """The engine reports a miss (the kept KV a round claimed was evicted before it registered)
+    with its next step, even a refused one: the core then plans the whole prompt again."""
+    spec = ReplicaSpec(0, SIMPLE_MODEL, num_total_blocks=100, kv_retention=True)
+    core = PlannerCore([spec], lambda s: registry.create("vllm_fcfs"))
+    engine = SimEngine(SIMPLE_MODEL, 100, clock=VirtualClock(0.0))
+    chain = two_round_chain(1.0)
+    now_s = drive(core, engine, core.submit(chain.round_request(0, 0.0, SIMPLE_MODEL), 0.0), 0.0)
+    assert core.replica(0).kept["c"].num_tokens == 1019 and not core.replica(0).kept["c"].pinned
+    round1 = chain.round_request(1, now_s + 1.0, SIMPLE_MODEL)
+    core.submit(round1, now_s + 1.0)
+    assert core.request_state(round1.request_id).num_computed_tokens == 1019
+    refused = StepReport(
+        step_id=core.replica(0).next_step_id,
+        num_free_blocks=100,
+        error="out of KV blocks",
+        kv_misses=(round1.request_id,),
+    )
+    core.on_step(0, refused, now_s + 1.1)
+    state = core.request_state(round1.request_id)
+    assert state.num_computed_tokens == 0 and state.num_blocks == 0
