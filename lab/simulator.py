@@ -429,6 +429,7 @@ class Simulation(FastForward):
         for rid, replica_id, decision in out.verdicts:
             record = records[rid]
             record.verdict = decision.verdict
+            record.reason = decision.reason
             record.replica_id = replica_id
             if decision.verdict is Verdict.REJECTED:
                 self._fail(record)

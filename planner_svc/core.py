@@ -560,7 +560,7 @@ class PlannerCore:
         for rid, decision in plan.decisions.items():
             state = rep.waiting.pop(rid)
             if decision.verdict is Verdict.REJECTED:
-                self.placement.reject(state, rep.replica_id, out)
+                self.placement.reject(state, rep.replica_id, out, decision.reason)
                 continue
             self.placement.tried.pop(rid, None)
             state.verdict = decision.verdict

@@ -68,6 +68,7 @@ class Placement:
         tried: tuple[int, ...],
         out: CoreOutput,
         count_as_try: bool = True,
+        last_reason: str = "",
     ) -> None:
         """Put a waiting request on the replica the router picks next (a tool round: the one that
         keeps its chain's KV first, claiming it), or fall back."""
@@ -79,7 +80,8 @@ class Placement:
             home = self.chains.home(request, self.replicas)
             target = self.router.choose(request, loads, tried, home)
         if target is None or target not in loads:
-            self.fall_back(state, out, "rejected by every replica tried")
+            reason = "rejected by every replica tried"
+            self.fall_back(state, out, f"{reason} ({last_reason})" if last_reason else reason)
             return
         if tried and count_as_try:
             out.forwards.append(Forward(request.request_id, tried[-1], target))
@@ -93,12 +95,15 @@ class Placement:
             rep.replan_requested = True
         self.dirty.add(target)
 
-    def reject(self, state: RequestState, replica_id: int, out: CoreOutput) -> None:
-        """A replica's formulation rejected a waiting request: forward it or fall back."""
+    def reject(
+        self, state: RequestState, replica_id: int, out: CoreOutput, reason: str = ""
+    ) -> None:
+        """A replica's formulation rejected a waiting request (for `reason`): forward it or fall
+        back (the final verdict carries the last replica's reason)."""
         rid = state.request_id
         del self.where[rid]
         self.chains.unclaim(state, self.replicas, out)
-        self.route(state, self.tried.pop(rid, ()) + (replica_id,), out)
+        self.route(state, self.tried.pop(rid, ()) + (replica_id,), out, last_reason=reason)
 
     def fall_back(self, state: RequestState, out: CoreOutput, reason: str) -> None:
         """Best effort on the least loaded replica, or a final rejection."""

@@ -22,6 +22,7 @@ class RequestRecord:
     # Prompt tokens whose KV its engine had kept from the chain's previous round (not prefilled).
     # A round whose kept KV was lost after it was sent (evicted: a miss) still recomputes them.
     num_cached_tokens: int = 0
+    reason: str = ""  # the verdict's reason (a chain-level rejection says so: docs/AGENTS.md)
 
     @property
     def attainment(self) -> Attainment:

@@ -241,3 +241,14 @@ def test_a_miss_reported_with_a_refused_step_resets_the_round():
     core.on_step(0, refused, now_s + 1.1)
     state = core.request_state(round1.request_id)
     assert state.num_computed_tokens == 0 and state.num_blocks == 0
+
+
+def test_a_chain_level_rejection_is_named_in_the_record():
+    """The only rejection of a later round of an admitted chain: its KV can never fit the
+    replica (100 blocks of 16 tokens; round 1's context is 1720 tokens)."""
+    chain = ToolChain("c", 0.0, (ToolRound(1000, 20), ToolRound(700, 10, tool_delay_s=1.0)))
+    params = {"perf_model": SIMPLE_MODEL, "num_blocks_per_replica": 100, "lengths": "oracle"}
+    _, result = run(Workload("big", (), (chain,)), formulation="slos_dp", **params)
+    first, second = sorted(result.records, key=lambda r: r.request.round_index)
+    assert first.verdict is Verdict.ADMITTED and first.finished
+    assert second.verdict is Verdict.REJECTED and "chain rejected" in second.reason
