@@ -340,8 +340,15 @@ class SlosDP(Formulation):
         plan = self._plan(view)
         resumes = waiting_resumes(view, plan)
         if resumes:
-            view = set_aside(view, resumes, drop_kv=False)
-            plan = self._plan(view)
+            aside = set_aside(view, resumes, drop_kv=False)
+            plan = self._plan(aside)
+            if not plan.steps and not plan.repeat:
+                # Liveness: nothing else runs, so the earliest-due resume runs alone (it fits the
+                # replica alone, or it would have been rejected as too large).
+                first = min(resumes, key=lambda s: (s.next_token_deadline_s, s.request_id))
+                aside = set_aside(view, [s for s in resumes if s is not first], drop_kv=False)
+                plan = self._plan(aside)
+            view = aside
         preempted: list[str] = []
         for _ in range(MAX_VICTIMS_PER_PLAN):
             victim = overflow_victim(view, plan)

@@ -252,3 +252,14 @@ def test_a_chain_level_rejection_is_named_in_the_record():
     first, second = sorted(result.records, key=lambda r: r.request.round_index)
     assert first.verdict is Verdict.ADMITTED and first.finished
     assert second.verdict is Verdict.REJECTED and "chain rejected" in second.reason
+
+
+def test_slos_dp_resumes_work_when_every_admitted_round_lost_its_kv():
+    """A small KV pool, KV left evictable, protected rounds admitted beyond memory: once every
+    admitted round had been preempted, the overflow path set them all aside and planned nothing
+    (a stall until the run's end). The earliest-due one now runs alone, and all finish."""
+    params = {"num_blocks_per_replica": 1500, "formulation_params": {"pin_kv": False}}
+    sim, result = run(tool_agent(60, 1.0), formulation="slos_dp", **params)
+    admitted = [r for r in result.records if r.verdict is Verdict.ADMITTED]
+    assert admitted and all(r.finished for r in admitted)
+    assert_no_leak(sim)
