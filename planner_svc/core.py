@@ -237,6 +237,7 @@ class PlannerCore:
             for rep in self._replicas.values()
             if rep.admission_control
             for state in rep.waiting.values()
+            if not state.protected  # never expired: it waits for the next plan
         ]
         expiry_s = self.chains.next_expiry_s(self._replicas)
         if expiry_s is not None:
@@ -252,6 +253,7 @@ class PlannerCore:
                 for rep in self._replicas.values()
                 if rep.admission_control
                 for state in rep.waiting.values()
+                if not state.protected
             ),
             default=None,
         )
