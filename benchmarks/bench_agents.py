@@ -35,12 +35,14 @@ def main() -> int:
     parser.add_argument("--out", default="out/bench_agents.json")
     parser.add_argument("--kv-blocks", type=int, default=None, help="KV blocks per replica")
     parser.add_argument("--no-pin", action="store_true", help="slos_dp's pin_kv=False ablation")
+    parser.add_argument("--spec", type=int, default=0, help="draft tokens per step (0: none)")
     args = parser.parse_args()
     sim_params = {"formulation_params": {"pin_kv": False}} if args.no_pin else {}
     experiment = Experiment(
         scenario="tool_agent",
         num_requests=args.num_chains,
         num_kv_blocks=args.kv_blocks,
+        max_spec_tokens=args.spec,
         sim_params=sim_params,
     )
     rows = []
