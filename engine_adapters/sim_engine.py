@@ -7,7 +7,15 @@ cache when the step starts (the truth model's attention-context term).
 KV memory: a request holds ceil(computed tokens / block_size) blocks out of a fixed pool. A step
 first reserves blocks for every token it may write (its computed tokens plus its draft tokens); if
 the pool cannot cover the whole step, nothing runs and the report carries `error` (all or nothing).
-A finished request frees its blocks at once.
+A finished request frees its blocks at once, unless its payload asks to keep them for its tool
+chain's next round (`EngineRequest.retain_kv`, docs/AGENTS.md): "pinned" blocks stay held under
+the chain id until the next round attaches them (`num_cached_tokens`) or the planner releases them
+(`release_kv`); "evictable" blocks count as free, like vLLM's automatic prefix cache: a step that
+needs more blocks than are truly free evicts the least recently finished entries first (reported
+in `StepReport.kv_evicted`), and a round that comes back before its entry was evicted attaches it.
+A round registered with cached tokens the engine no longer holds recomputes its whole prompt
+(`StepReport.kv_misses`). Every block is always exactly one of: free, evictable, pinned, or held
+by a registered request (`kv_blocks` tells the split).
 
 Speculative decoding: a request verifying s draft tokens accepts each one with the true rate alpha,
 independently, and keeps the leading accepted run:
@@ -28,6 +36,7 @@ The planner learns the truth only through the reports.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
@@ -57,12 +66,14 @@ class VirtualClock:
 
 class _Sequence(TokenProgress):
     __slots__ = (
+        "chain_id",
         "max_new_tokens",
         "num_blocks",
         "num_computed_tokens",
         "num_generated_tokens",
         "num_prompt_tokens",
         "num_thinking_tokens",
+        "retain_kv",
     )
 
     def __init__(self, request: EngineRequest) -> None:
@@ -72,6 +83,8 @@ class _Sequence(TokenProgress):
         self.num_computed_tokens = 0
         self.num_generated_tokens = 0
         self.num_blocks = 0
+        self.chain_id: str | None = None
+        self.retain_kv = "drop"
 
     def thinking_in(self, num_before: int, num_after: int) -> int:
         """How many of the output tokens num_before+1..num_after were thinking tokens, when the
@@ -118,6 +131,16 @@ class SimEngine(Engine):
         self._pending_repeat: tuple[Step, int] | None = None  # see reserve_repeat
         self._num_reserved_blocks: int | None = None
         self.num_steps = 0
+        # Kept KV of tool chains between rounds: chain id -> (tokens, blocks). Evictable entries
+        # in LRU order (oldest first) and counted in `_num_free_blocks`; pinned ones are not.
+        self._pinned: dict[str, tuple[int, int]] = {}
+        self._evictable: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._num_pinned_blocks = 0
+        self._num_evictable_blocks = 0
+        self._evicted: list[str] = []  # since the last report
+        self._misses: list[str] = []  # since the last report
+        self.pinned_block_s = 0.0  # integral of pinned blocks over the engine's clock
+        self._pinned_since_s = self.clock()
 
     # ------------------------------------------------------------------ Engine API
 
@@ -134,10 +157,102 @@ class SimEngine(Engine):
     def num_free_blocks(self) -> int:
         return self._num_free_blocks
 
-    def add_request(self, request: EngineRequest) -> None:
+    def add_request(self, request: EngineRequest) -> int:
+        """Register a request; returns the prompt tokens it found cached (its chain's kept KV)."""
         if request.request_id in self._seqs:
             raise ValueError(f"request {request.request_id!r} is already registered")
-        self._seqs[request.request_id] = _Sequence(self._with_true_length(request))
+        seq = _Sequence(self._with_true_length(request))
+        self._seqs[request.request_id] = seq
+        seq.retain_kv = request.retain_kv
+        seq.chain_id = request.chain_id
+        if request.num_cached_tokens:
+            self._attach(request, seq)
+        return seq.num_computed_tokens
+
+    def _attach(self, request: EngineRequest, seq: _Sequence) -> None:
+        """Give the request its chain's kept KV, or count a miss (it recomputes)."""
+        chain_id = request.chain_id
+        entry = self._take_kept(chain_id) if chain_id is not None else None
+        if entry is None or entry[0] != request.num_cached_tokens:
+            self._misses.append(request.request_id)  # an entry of another length is dropped
+            return
+        num_tokens, num_blocks = entry
+        self._num_free_blocks -= num_blocks
+        self._evict_to_fit()
+        seq.num_computed_tokens = num_tokens
+        seq.num_blocks = num_blocks
+
+    def _take_kept(self, chain_id: str) -> tuple[int, int] | None:
+        """Remove a chain's kept entry; its blocks are counted as free (the caller uses them)."""
+        entry = self._pinned.pop(chain_id, None)
+        if entry is not None:
+            self._add_pinned(-entry[1])
+            self._num_free_blocks += entry[1]
+            return entry
+        entry = self._evictable.pop(chain_id, None)
+        if entry is not None:
+            self._num_evictable_blocks -= entry[1]
+        return entry
+
+    def release_kv(self, chain_id: str) -> None:
+        """The planner no longer wants the chain's kept KV (a time-to-live, the chain ended, its
+        next round went elsewhere). Unknown chains are ignored."""
+        self._take_kept(chain_id)
+
+    def kv_blocks(self) -> dict[str, int]:
+        """Blocks by use: free (not evictable), evictable, pinned, held by requests."""
+        held = sum(seq.num_blocks for seq in self._seqs.values())
+        return {
+            "free": self._num_free_blocks - self._num_evictable_blocks,
+            "evictable": self._num_evictable_blocks,
+            "pinned": self._num_pinned_blocks,
+            "held": held,
+        }
+
+    def kept_chains(self) -> dict[str, tuple[int, int]]:
+        """Chain id -> (tokens, blocks) of every kept entry, pinned and evictable."""
+        return {**self._pinned, **self._evictable}
+
+    def pinned_block_seconds(self) -> float:
+        """Pinned KV held so far, in block-seconds of the engine's clock (up to now)."""
+        held_s = max(0.0, self.clock() - self._pinned_since_s)
+        return self.pinned_block_s + self._num_pinned_blocks * held_s
+
+    def _add_pinned(self, num_blocks: int) -> None:
+        now_s = self.clock()
+        self.pinned_block_s += self._num_pinned_blocks * max(0.0, now_s - self._pinned_since_s)
+        self._pinned_since_s = now_s
+        self._num_pinned_blocks += num_blocks
+
+    def _keep(self, seq: _Sequence) -> None:
+        """A finished request's blocks stay for its chain's next round (pinned or evictable)."""
+        chain_id = seq.chain_id
+        self._take_kept(chain_id)  # an older entry of the chain is superseded
+        entry = (seq.num_computed_tokens, seq.num_blocks)
+        if seq.retain_kv == "pinned":
+            self._pinned[chain_id] = entry
+            self._add_pinned(seq.num_blocks)
+        else:
+            self._evictable[chain_id] = entry
+            self._num_evictable_blocks += seq.num_blocks
+            self._num_free_blocks += seq.num_blocks
+
+    def _evict_to_fit(self) -> None:
+        """Evict the least recently kept evictable entries until the truly free blocks are not
+        negative (a step took blocks that were counted free as evictable)."""
+        while self._num_free_blocks < self._num_evictable_blocks and self._evictable:
+            chain_id, (_, num_blocks) = self._evictable.popitem(last=False)
+            self._num_evictable_blocks -= num_blocks
+            self._evicted.append(chain_id)
+
+    def _kv_news(self) -> dict[str, tuple[str, ...]]:
+        """Evictions and misses since the last report, for the next report (then cleared)."""
+        if not self._evicted and not self._misses:
+            return {}
+        news = {"kv_evicted": tuple(self._evicted), "kv_misses": tuple(self._misses)}
+        self._evicted.clear()
+        self._misses.clear()
+        return news
 
     def _with_true_length(self, request: EngineRequest) -> EngineRequest:
         """The payload with the replayed trace's true length, when the engine has one for it
@@ -187,6 +302,7 @@ class SimEngine(Engine):
             seq.num_computed_tokens = num_computed_tokens
             seq.num_blocks = num_blocks
             self._num_free_blocks -= num_blocks
+            self._evict_to_fit()
         self._seqs[request.request_id] = seq
         return seq.num_computed_tokens
 
@@ -200,6 +316,7 @@ class SimEngine(Engine):
                 end_s=start_s,
                 num_free_blocks=self._num_free_blocks,
                 error=problem,
+                **self._kv_news(),
             )
         time_s = self.truth.step_time_s(
             step.num_batched_tokens, step.spec_steps, num_context_tokens
@@ -301,6 +418,8 @@ class SimEngine(Engine):
                 blocks = seq.num_blocks_after(0, self.block_size)
                 self._num_free_blocks -= blocks - seq.num_blocks
                 seq.num_blocks = blocks
+        if self._num_free_blocks < self._num_evictable_blocks:
+            self._evict_to_fit()
         self.num_steps += num_steps
         counts = dict.fromkeys(step.num_tokens, num_steps)
         return StepReport(
@@ -312,6 +431,7 @@ class SimEngine(Engine):
             num_free_blocks=self._num_free_blocks,
             finished=tuple(finished),
             thinking_ended=thinking_ended,
+            **self._kv_news(),
         )
 
     # ------------------------------------------------------------------ internals
@@ -391,6 +511,8 @@ class SimEngine(Engine):
             blocks = -(-seq.num_computed_tokens // block_size)  # num_blocks_for, inlined: hot
             self._num_free_blocks -= blocks - seq.num_blocks
             seq.num_blocks = blocks
+        if self._num_free_blocks < self._num_evictable_blocks:
+            self._evict_to_fit()
         return StepReport(
             step_id=step_id,
             start_s=start_s,
@@ -403,11 +525,16 @@ class SimEngine(Engine):
             num_free_blocks=self._num_free_blocks,
             finished=tuple(finished),
             thinking_ended=thinking_ended,
+            **self._kv_news(),
         )
 
     def _finish(self, rid: str, seq: _Sequence, finished: list[str]) -> None:
-        """The request produced its last token: free its KV and forget it."""
-        self._num_free_blocks += seq.num_blocks
+        """The request produced its last token: free its KV (or keep it for its chain's next
+        round) and forget it."""
+        if seq.retain_kv != "drop" and seq.chain_id is not None and seq.num_blocks:
+            self._keep(seq)
+        else:
+            self._num_free_blocks += seq.num_blocks
         del self._seqs[rid]
         finished.append(rid)
 

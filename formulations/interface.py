@@ -23,8 +23,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from formulations.pauses import PauseEstimate
 from formulations.plan import Plan
-from formulations.state import ReplicaView
+from formulations.state import ReplicaView, RequestState
+
+KV_RETENTIONS = ("drop", "pinned", "evictable")
 
 
 class Formulation(ABC):
@@ -42,3 +45,10 @@ class Formulation(ABC):
     @abstractmethod
     def plan(self, view: ReplicaView) -> Plan:
         """Plan the replica's next steps and decide on its waiting requests."""
+
+    def kv_retention(self, view: ReplicaView, state: RequestState, pause: PauseEstimate) -> str:
+        """What happens to the KV of `state`, a round of a tool chain being admitted, when it
+        finishes and the chain pauses for a tool call (`pause`: the predicted pause): one of
+        KV_RETENTIONS. The default is vLLM's automatic prefix caching: the blocks stay cached but
+        count as free and are evicted least recently used first ("evictable")."""
+        return "evictable"

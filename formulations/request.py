@@ -30,6 +30,7 @@ class Request:
     chain_id: str | None = None  # set for tool-chain rounds
     round_index: int = 0
     hint_output_tokens: int | None = None  # the client's expected output length, if it gave one
+    chain_last_round: bool = False  # the chain's last round: nothing follows to keep KV for
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 1:
@@ -72,6 +73,7 @@ def make_request(
     value: float = 1.0,
     chain_id: str | None = None,
     round_index: int = 0,
+    chain_last_round: bool = False,
 ) -> Request:
     """Build a request, resolving a slowdown TTFT target with `perf_model`."""
     if isinstance(slo, str):
@@ -89,6 +91,7 @@ def make_request(
         value=value,
         chain_id=chain_id,
         round_index=round_index,
+        chain_last_round=chain_last_round,
     )
 
 
@@ -137,4 +140,5 @@ class ToolChain:
             slo_class=self.slo_class,
             chain_id=self.chain_id,
             round_index=k,
+            chain_last_round=k == self.num_rounds - 1,
         )

@@ -30,7 +30,8 @@ from formulations.overflow import (
     set_aside,
     waiting_resumes,
 )
-from formulations.plan import Plan
+from formulations.pauses import PauseEstimate
+from formulations.plan import Decision, Plan, Verdict
 from formulations.plan_assembly import (
     MEMORY_MODES,
     PREFILL_ONLY_STEP_S,
@@ -40,9 +41,10 @@ from formulations.plan_assembly import (
     timeline_blocks,
 )
 from formulations.planning_problem import PlanningProblem, extract_problem
+from formulations.progress import num_blocks_for
 from formulations.registry import register
 from formulations.speculation import candidate_step_times
-from formulations.state import ReplicaView
+from formulations.state import ReplicaView, RequestState
 
 # Target length of a prefill-burst step (longer steps amortise the step's fixed cost), and how many
 # burst ends (the earliest deadlines of requests that will decode) are tried per step time.
@@ -57,6 +59,10 @@ DECODER_BURST_TTFT_FRACTION = 0.4
 # than modelled still leave the first decoder its grid step (measured: without it, the robustness
 # part's capacity under a 10%-noise truth fell from 0.62 to 0.47 req/s; with it 0.62).
 DECODER_BURST_MARGIN = 0.1
+# Pinned KV of paused tool chains may hold at most this share of a replica's blocks; beyond it a
+# round's KV is left evictable (docs/AGENTS.md).
+MAX_PINNED_SHARE = 0.5
+CHAIN_REJECTED = "chain rejected: the next round's KV cannot fit the replica"
 
 
 def relax_late(mandatory: Sequence[Job], curve: BudgetCurve) -> tuple[Job, ...]:
@@ -307,6 +313,7 @@ class SlosDP(Formulation):
         decoder_bursts: bool = True,
         eager_decodes: bool = True,
         distributed_lengths: bool = True,
+        pin_kv: bool = True,
     ) -> None:
         if memory not in MEMORY_MODES:
             known = ", ".join(MEMORY_MODES)
@@ -323,6 +330,7 @@ class SlosDP(Formulation):
         self.decoder_bursts = bool(decoder_bursts)
         self.eager_decodes = bool(eager_decodes)
         self.distributed_lengths = bool(distributed_lengths)
+        self.pin_kv = bool(pin_kv)
         self._burst_end_s: float | None = None  # end of the last plan's prefill burst
 
     def plan(self, view: ReplicaView) -> Plan:
@@ -332,8 +340,15 @@ class SlosDP(Formulation):
         plan = self._plan(view)
         resumes = waiting_resumes(view, plan)
         if resumes:
-            view = set_aside(view, resumes, drop_kv=False)
-            plan = self._plan(view)
+            aside = set_aside(view, resumes, drop_kv=False)
+            plan = self._plan(aside)
+            if not plan.steps and not plan.repeat:
+                # Liveness: nothing else runs, so the earliest-due resume runs alone (it fits the
+                # replica alone, or it would have been rejected as too large).
+                first = min(resumes, key=lambda s: (s.next_token_deadline_s, s.request_id))
+                aside = set_aside(view, [s for s in resumes if s is not first], drop_kv=False)
+                plan = self._plan(aside)
+            view = aside
         preempted: list[str] = []
         for _ in range(MAX_VICTIMS_PER_PLAN):
             victim = overflow_victim(view, plan)
@@ -346,8 +361,52 @@ class SlosDP(Formulation):
             plan = dataclasses.replace(plan, preempt=tuple(preempted) + plan.preempt)
         return plan
 
+    def kv_retention(self, view: ReplicaView, state: RequestState, pause: PauseEstimate) -> str:
+        """Pin the round's KV over the chain's pause when holding it costs less than recomputing
+        it: holding b of the replica's B blocks for the pause's 90th percentile d takes b/B of
+        the memory for d seconds, worth (b/B) d seconds of the whole replica when memory binds;
+        recomputing the context takes its prefill time of the GPU. Pinned KV stays under
+        MAX_PINNED_SHARE of the blocks. Otherwise it is left evictable (the engine's prefix cache
+        may still have it when the round comes back; nothing is reserved for it)."""
+        if not self.pin_kv:
+            return "evictable"
+        num_tokens = state.num_prompt_tokens + state.num_expected_output_tokens - 1
+        num_blocks = num_blocks_for(num_tokens, view.block_size)
+        num_total = view.num_total_blocks + view.num_kept_blocks
+        hold_s = num_blocks / num_total * pause.quantile_s
+        recompute_s = view.perf_model.prefill_time_s(num_tokens)
+        within_share = view.num_kept_blocks + num_blocks <= MAX_PINNED_SHARE * num_total
+        return "pinned" if hold_s < recompute_s and within_share else "evictable"
+
     def _plan(self, view: ReplicaView) -> Plan:
         problem = extract_problem(view, self.distributed_lengths, self.eager_decodes)
+        protected = {s.request_id for s in view.waiting if s.protected}
+        if not protected:
+            return self._plan_problem(view, problem)
+        # Later rounds of admitted chains are admitted as if already running (mandatory: a late
+        # one loses its deadline check and is served first); only one whose KV can never fit is
+        # rejected, and that verdict names the chain.
+        kept = tuple(j for j in problem.candidates if j.request_id not in protected)
+        forced = tuple(
+            dataclasses.replace(j, mandatory=True)
+            for j in problem.candidates
+            if j.request_id in protected
+        )
+        problem = dataclasses.replace(
+            problem, candidates=kept, mandatory=problem.mandatory + forced
+        )
+        plan = self._plan_problem(view, problem)
+        decisions = dict(plan.decisions)
+        for job in forced:
+            decisions[job.request_id] = Decision(
+                Verdict.ADMITTED, "a later round of an admitted chain"
+            )
+        for rid in problem.too_large:
+            if rid in protected:
+                decisions[rid] = Decision(Verdict.REJECTED, CHAIN_REJECTED)
+        return dataclasses.replace(plan, decisions=decisions)
+
+    def _plan_problem(self, view: ReplicaView, problem: PlanningProblem) -> Plan:
         deferred = self._defer(problem)
         if deferred:
             kept = tuple(j for j in problem.candidates if j.request_id not in deferred)

@@ -31,6 +31,9 @@ class RequestState(TokenProgress):
     # before each plan; None: nothing better than the cap, `request.num_output_tokens`.
     predicted_output: LengthEstimate | None = None  # total output tokens, expected and quantile
     predicted_at: int = -1  # output tokens produced when `predicted_output` was made
+    # A later round of a tool chain whose first round was admitted: the planner admits it unless
+    # it rejects the whole chain (an explicit chain-level verdict; docs/AGENTS.md).
+    protected: bool = False
     num_prompt_tokens: int = field(init=False)  # the request's, kept here for the hot loops
 
     def __post_init__(self) -> None:
@@ -108,3 +111,5 @@ class ReplicaView:
     # Cached context one decode in a planned step attends over, as estimated by the core (each
     # decode adds it to the `c` of perf_model; 0 when the model has no context term).
     context_tokens_per_decode: int = 0
+    # KV pinned for paused tool chains (docs/AGENTS.md), already left out of `num_total_blocks`.
+    num_kept_blocks: int = 0

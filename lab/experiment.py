@@ -167,7 +167,13 @@ class Experiment:
         workload = self.workload(rate_rps)
         result = simulate(workload, config)
         name = f"{self.label} / {formulation}" + (f" @ {rate_rps:g} req/s" if rate_rps else "")
-        report = build_report(result.records, workload, duration_s=result.sim_duration_s, name=name)
+        report = build_report(
+            result.records,
+            workload,
+            duration_s=result.sim_duration_s,
+            name=name,
+            kv_pinned_block_s=result.kv_pinned_block_s,
+        )
         return report, result
 
     def attainment(self, formulation: str, rate_rps: float) -> float:

@@ -9,6 +9,10 @@ Counting rules:
 - Latencies (TTFT, TPOT, ITL, E2EL) are per LLM call, like vLLM's; TPOT of a call is
   (last token - first token) / (output tokens - 1), ITL is every gap between consecutive tokens.
 - Request throughput counts completed items, goodput attained items, both per second of run.
+- Tool chains (docs/AGENTS.md): KV hit rate = prompt tokens of rounds >= 2 found cached (kept from
+  the previous round) / all prompt tokens of rounds >= 2; tokens recomputed = context of rounds >= 2
+  that the previous round had computed (its prompt and output but the last token) and that was
+  prefilled again, not found cached; KV held in pauses = pinned KV block-seconds (the simulator's).
 """
 
 from __future__ import annotations
@@ -99,6 +103,24 @@ class RunReport:
     num_dropped: int
     num_preemptions: int
     per_class: tuple[ClassAttainment, ...] = field(default_factory=tuple)
+    num_later_round_prompt_tokens: int = 0  # prompt tokens of tool rounds >= 2
+    num_later_round_cached_tokens: int = 0  # of which cached from the previous round
+    num_recomputed_tokens: int = 0  # context of rounds >= 2 computed before and again
+    kv_pinned_block_s: float = 0.0  # KV pinned over tool pauses, block-seconds
+
+    @property
+    def kv_hit_rate(self) -> float | None:
+        """Cached prompt tokens / prompt tokens of rounds >= 2 (None: no such round)."""
+        if not self.num_later_round_prompt_tokens:
+            return None
+        return self.num_later_round_cached_tokens / self.num_later_round_prompt_tokens
+
+    @property
+    def recompute_share(self) -> float | None:
+        """Recomputed context / prompt tokens of rounds >= 2 (None: no such round)."""
+        if not self.num_later_round_prompt_tokens:
+            return None
+        return self.num_recomputed_tokens / self.num_later_round_prompt_tokens
 
     @property
     def attainment(self) -> float:
@@ -130,6 +152,8 @@ class RunReport:
             for c in self.per_class
         ]
         for key in (
+            "kv_hit_rate",
+            "recompute_share",
             "attainment",
             "request_throughput_rps",
             "goodput_rps",
@@ -154,8 +178,10 @@ def build_report(
     workload: Workload | None = None,
     duration_s: float | None = None,
     name: str | None = None,
+    kv_pinned_block_s: float = 0.0,
 ) -> RunReport:
-    """Summarise a run. `duration_s` defaults to first arrival .. last token."""
+    """Summarise a run. `duration_s` defaults to first arrival .. last token;
+    `kv_pinned_block_s`: the KV pinned over tool pauses (the simulator's `SimResult`)."""
     records = list(records)
     outcomes = item_outcomes(records, workload)
     if duration_s is None:
@@ -163,6 +189,7 @@ def build_report(
     calls = [r for r in records if r.token_times_s]
     finished = [r for r in calls if len(r.token_times_s) >= r.request.num_output_tokens]
     verdicts = [r.verdict for r in records]
+    later = [r for r in records if r.request.round_index > 0]
     return RunReport(
         name=name or (workload.name if workload else "run"),
         duration_s=duration_s,
@@ -186,6 +213,10 @@ def build_report(
         num_dropped=workload.num_dropped if workload else 0,
         num_preemptions=sum(r.num_preemptions for r in records),
         per_class=_per_class(outcomes, records),
+        num_later_round_prompt_tokens=sum(r.request.num_prompt_tokens for r in later),
+        num_later_round_cached_tokens=sum(r.num_cached_tokens for r in later),
+        num_recomputed_tokens=_recomputed_tokens(records),
+        kv_pinned_block_s=kv_pinned_block_s,
     )
 
 
@@ -233,6 +264,24 @@ def _chain_outcome(
         Attainment(all(a.ttft_ok for a in attainments), all(a.tpot_ok for a in attainments)),
         completed=all(_is_complete(r) for r in by_round.values()),
     )
+
+
+def _recomputed_tokens(records: Sequence[RequestRecord]) -> int:
+    """Context of rounds >= 2 that their previous round had computed (prompt and output but the
+    last token, which is never cached) and that was not found cached."""
+    by_round = {
+        (r.request.chain_id, r.request.round_index): r
+        for r in records
+        if r.request.chain_id is not None
+    }
+    total = 0
+    for (chain_id, k), record in by_round.items():
+        previous = by_round.get((chain_id, k - 1))
+        if k == 0 or previous is None:
+            continue
+        computed = previous.request.num_prompt_tokens + len(previous.token_times_s) - 1
+        total += max(0, min(computed, record.request.num_prompt_tokens) - record.num_cached_tokens)
+    return total
 
 
 def _missing(item_id: str, slo_class: str) -> ItemOutcome:
@@ -308,6 +357,19 @@ def _percent(count: int, total: int) -> float:
     return 100.0 * count / total if total else 0.0
 
 
+def _chain_rows(report: RunReport) -> list[str]:
+    """KV reuse across tool pauses, when the run had rounds >= 2."""
+    hit_rate = report.kv_hit_rate
+    if hit_rate is None:
+        return []
+    return [
+        _title("Tool chains: KV across pauses", "-"),
+        _row("KV hit rate, rounds >= 2 (%):", 100.0 * hit_rate),
+        _row("Context tokens recomputed, rounds >= 2:", report.num_recomputed_tokens),
+        _row("KV held in pauses (block-s):", report.kv_pinned_block_s),
+    ]
+
+
 def format_report(report: RunReport) -> str:
     """vLLM's "Serving Benchmark Result" block (same labels), then SLO attainment per class."""
     lines = [
@@ -337,6 +399,7 @@ def format_report(report: RunReport) -> str:
         _row("Undecided calls:", report.num_undecided),
         _row("Dropped (longer than the context):", report.num_dropped),
         _row("Preemptions:", report.num_preemptions),
+        *_chain_rows(report),
         _title("Attainment per SLO class", "-"),
         f"{'class':<14}{'items':>7}{'attained':>9}{'SLO %':>7}{'TTFT %':>8}{'TPOT %':>8}"
         f"{'calls':>7}{'call %':>8}{'preempt':>8}",

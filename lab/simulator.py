@@ -102,6 +102,12 @@ class SimConfig:
     # attainment target allows, so that a rate far past capacity is not simulated to the end;
     # the result is then `stopped_early` (its attainment an upper bound). None: run to the end.
     stop_after_failed_items: int | None = None
+    # Tool chains (docs/AGENTS.md): the engines keep a round's KV for the chain's next round as the
+    # formulation decides (pinned, or evictable as vLLM's prefix cache); False: every round
+    # re-prefills its whole context (the behaviour before issue 12). `kv_ttl_s`: pinned KV is
+    # released this long after its round finished if the next round has not taken it.
+    kv_reuse: bool = True
+    kv_ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.lengths not in LENGTH_MODES:
@@ -160,6 +166,8 @@ class SimResult:
     num_fast_forward_steps: int = 0  # steps applied in fast-forwarded cruises (in num_steps too)
     refits: list[RefitStatus] = field(default_factory=list)  # per replica, with `config.refit`
     stopped_early: bool = False  # `config.stop_after_failed_items` was passed
+    kv_pinned_block_s: float = 0.0  # pinned KV held in tool pauses, block-seconds (all engines)
+    num_kv_misses: int = 0  # rounds whose claimed kept KV was evicted before they registered
 
     @property
     def speedup(self) -> float:
@@ -219,6 +227,7 @@ class Simulation(FastForward):
             lengths=config.lengths,
             length_predictor=config.length_predictor(),
             refit=config.refit,
+            kv_ttl_s=config.kv_ttl_s,
         )
         truth = config.truth or TruthModel(config.perf_model)
         self.runners = {
@@ -247,6 +256,7 @@ class Simulation(FastForward):
         self.num_fast_forward_steps = 0
         self.last_event_s = 0.0
         self._failed_items: set[str] = set()  # see SimConfig.stop_after_failed_items
+        self._dead_pinned_block_s = 0.0  # pinned block-seconds of engines that died
 
     # ------------------------------------------------------------------ driving
 
@@ -306,6 +316,9 @@ class Simulation(FastForward):
             num_gpus=len(self.specs) * self.config.gpus_per_replica(),
             num_fast_forward_steps=self.num_fast_forward_steps,
             stopped_early=stopped_early,
+            kv_pinned_block_s=self._dead_pinned_block_s
+            + sum(r.engine.pinned_block_seconds() for r in self.runners.values()),
+            num_kv_misses=self.core.chains.stats.num_misses,
             refits=[
                 status
                 for i in self.core.replica_ids
@@ -385,6 +398,9 @@ class Simulation(FastForward):
         if runner is None:
             return
         self._stop_cruise(runner, now_s)
+        self._cruising.pop(replica_id, None)  # the stopped cruise's report may have begun one
+        runner.cruise = None
+        self._dead_pinned_block_s += runner.engine.pinned_block_seconds()
         del self.runners[replica_id]
         self._handle(self.core.remove_replica(replica_id, now_s), now_s)
 
@@ -413,6 +429,7 @@ class Simulation(FastForward):
         for rid, replica_id, decision in out.verdicts:
             record = records[rid]
             record.verdict = decision.verdict
+            record.reason = decision.reason
             record.replica_id = replica_id
             if decision.verdict is Verdict.REJECTED:
                 self._fail(record)
@@ -424,6 +441,10 @@ class Simulation(FastForward):
             runner = self.runners.get(replica_id)
             if runner is not None:
                 runner.engine.abort(rid)
+        for chain_id, replica_id in out.kv_releases:
+            runner = self.runners.get(replica_id)
+            if runner is not None:
+                runner.engine.release_kv(chain_id)
         for migration in out.migrations:
             self.runners[migration.from_replica].detached.add(migration.request_id)
             self._push(
@@ -442,7 +463,9 @@ class Simulation(FastForward):
         for rid in plan.preemptions:
             engine.preempt(rid)
         for request in plan.new_requests:
-            engine.add_request(request)
+            num_cached = engine.add_request(request)
+            if num_cached:
+                self.records[request.request_id].num_cached_tokens = num_cached
         runner.cursor = PlanCursor(plan)
         self._start_step(runner, now_s)
 
@@ -525,6 +548,7 @@ def _replica_specs(config: SimConfig) -> list[ReplicaSpec]:
             max_spec_tokens=config.max_spec_tokens,
             role=role,
             num_gpus=config.gpus_per_replica(),
+            kv_retention=config.kv_reuse,
         )
         for i, role in enumerate(roles)
     ]

@@ -42,12 +42,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from formulations.interface import Formulation
+import msgspec
+
+from formulations.interface import KV_RETENTIONS, Formulation
 from formulations.lengths import THINKING, LengthPredictor, make_predictor
+from formulations.pauses import PausePredictor
 from formulations.plan import Verdict
 from formulations.refit import RefitParams
 from formulations.request import Request
 from formulations.state import RequestState
+from planner_svc.chains import ChainBook
 from planner_svc.outcome import CoreOutput, OnReplica, VerdictOut
 from planner_svc.placement import Placement
 from planner_svc.plan_check import PlanError, check_plan
@@ -104,6 +108,8 @@ class PlannerCore:
         lengths: str = "predicted",
         length_predictor: LengthPredictor | None = None,
         refit: RefitParams | None = None,
+        kv_ttl_s: float = 30.0,
+        pause_predictor: PausePredictor | None = None,
     ) -> None:
         if not 0.0 <= spec_acceptance_prior <= 1.0:
             raise ValueError("spec_acceptance_prior must be in [0, 1]")
@@ -115,6 +121,7 @@ class PlannerCore:
         self._prior = spec_acceptance_prior
         self._replicas: dict[int, ReplicaState] = {}
         self._dirty: set[int] = set()
+        self.chains = ChainBook(kv_ttl_s, pause_predictor)
         self.placement = Placement(
             self._replicas,
             router or RoundRobinRouter(),
@@ -122,6 +129,7 @@ class PlannerCore:
             self._dirty,
             replan.on_arrival,
             kv_migration,
+            self.chains,
         )
         self._payloads: dict[str, EngineRequest] = {}  # unfinished request -> its engine payload
         self._token_ids: dict[str, list[int]] = {}  # output ids so far, for requests sent with ids
@@ -159,7 +167,9 @@ class PlannerCore:
         if payload.prompt_token_ids is not None:
             self._token_ids[rid] = []
         out = CoreOutput()
-        self.placement.route(RequestState(request), (), out)
+        state = RequestState(request)
+        self.chains.arrived(state, now_s)
+        self.placement.route(state, (), out)
         self._settle(now_s, out, boundary=None)
         return out
 
@@ -175,6 +185,12 @@ class PlannerCore:
             return out
         rep.next_step_id = report.step_id + 1
         rep.num_free_blocks = report.num_free_blocks
+        # Kept-KV news ride on any report, a refused step's too; misses before the report's
+        # counts are added to those requests'.
+        if report.kv_misses:
+            self.chains.missed(rep, report.kv_misses)
+        if report.kv_evicted:
+            self.chains.evicted(rep, report.kv_evicted)
         if report.error:
             self._on_error(rep, out)
         else:
@@ -187,7 +203,7 @@ class PlannerCore:
                 self._thinking_ended(rep, report.thinking_ended)
             done, produced = rep.apply_report(report)
             for state in done:
-                self._finish(rep, state, out)
+                self._finish(rep, state, out, now_s)
             if rep.spec.role == "prefill":
                 for state in produced:
                     payload = self._payloads[state.request_id]
@@ -204,6 +220,8 @@ class PlannerCore:
         """Timers: re-plan idle replicas whose timer is due, expire verdicts past their TTFT."""
         out = CoreOutput()
         self._dirty.update(self._replicas)
+        for replica_id in self.chains.expire(self._replicas, now_s, out):
+            self._replicas[replica_id].replan_requested = True  # memory came back
         self._settle(now_s, out, boundary=None)
         return out
 
@@ -219,7 +237,11 @@ class PlannerCore:
             for rep in self._replicas.values()
             if rep.admission_control
             for state in rep.waiting.values()
+            if not state.protected  # never expired: it waits for the next plan
         ]
+        expiry_s = self.chains.next_expiry_s(self._replicas)
+        if expiry_s is not None:
+            due.append(expiry_s)
         return min(due, default=None)
 
     def next_verdict_deadline_s(self) -> float | None:
@@ -231,6 +253,7 @@ class PlannerCore:
                 for rep in self._replicas.values()
                 if rep.admission_control
                 for state in rep.waiting.values()
+                if not state.protected
             ),
             default=None,
         )
@@ -259,8 +282,12 @@ class PlannerCore:
         rep.unsent.pop(request_id, None)
         state = rep.remove_running(request_id)
         if state is None:
-            rep.waiting.pop(request_id, None)
+            waiting = rep.waiting.pop(request_id, None)
+            if waiting is not None:
+                self.chains.unclaim(waiting, self._replicas, out)
+                self._end_chain(waiting.request)
         else:
+            self._end_chain(state.request)  # the client gave up on the chain
             rep.num_free_blocks += state.num_blocks  # until the engine's next report says
         out.aborts.append(OnReplica(request_id, replica_id))
         self._dirty.add(replica_id)
@@ -348,9 +375,27 @@ class PlannerCore:
             self.refits.add(rep)
 
     def _payload(self, state: RequestState) -> EngineRequest:
-        """The request's engine payload as of now (resumed after output already produced)."""
+        """The request's engine payload as of now (resumed after output already produced; with
+        no cached tokens once its claimed KV was lost, e.g. after a move)."""
         rid = state.request_id
-        return self._payloads[rid].resumed(self._token_ids.get(rid), state.num_generated_tokens)
+        payload = self._payloads[rid]
+        if payload.num_cached_tokens and state.num_computed_tokens != payload.num_cached_tokens:
+            payload = msgspec.structs.replace(payload, num_cached_tokens=0)
+        return payload.resumed(self._token_ids.get(rid), state.num_generated_tokens)
+
+    def _admit_round(self, rep: ReplicaState, state: RequestState, now_s: float) -> None:
+        """A tool round got its verdict: its payload names its chain, the kept tokens its engine
+        attaches, and what to do with its KV when it finishes."""
+        rid = state.request_id
+        request = state.request
+        self.chains.admitted_round(request, now_s)
+        num_cached = self.chains.attach(rid)
+        self._payloads[rid] = msgspec.structs.replace(
+            self._payloads[rid],
+            chain_id=request.chain_id,
+            num_cached_tokens=num_cached,
+            retain_kv=self._retention(rep, state, now_s),
+        )
 
     def _record_token_ids(self, report: StepReport) -> None:
         if self._token_ids:
@@ -399,6 +444,26 @@ class PlannerCore:
                 request.slo_class, request.num_prompt_tokens, num_thinking, THINKING
             )
 
+    def _end_chain(self, request: Request) -> None:
+        """The chain of `request` ended early (aborted): nothing more is kept for it."""
+        chain_id = request.chain_id
+        if chain_id is None:
+            return
+        self.chains.end(chain_id)
+
+    def _retention(self, rep: ReplicaState, state: RequestState, now_s: float) -> str:
+        """What the engine does with an admitted round's KV when it finishes (KV_RETENTIONS):
+        the formulation decides for a chain's rounds before its last, on an engine that keeps KV;
+        everything else drops it."""
+        request = state.request
+        if request.chain_id is None or request.chain_last_round or not rep.spec.kv_retention:
+            return "drop"
+        pause = self.chains.pauses.predict(request.slo_class)
+        mode = rep.formulation.kv_retention(rep.view(now_s), state, pause)
+        if mode not in KV_RETENTIONS:
+            raise PlanError(f"formulation {rep.formulation.name!r}: unknown KV retention {mode!r}")
+        return mode
+
     def _forget(self, request_id: str) -> None:
         self._payloads.pop(request_id, None)
         self._token_ids.pop(request_id, None)
@@ -407,12 +472,18 @@ class PlannerCore:
         for failure in out.failed:
             self._forget(failure.request_id)
 
-    def _finish(self, rep: ReplicaState, state: RequestState, out: CoreOutput) -> None:
+    def _finish(
+        self, rep: ReplicaState, state: RequestState, out: CoreOutput, now_s: float
+    ) -> None:
         rid = state.request_id
         request = state.request
         self.length_predictor.observe(
             request.slo_class, request.num_prompt_tokens, state.num_generated_tokens
         )
+        if request.chain_id is not None:
+            payload = self._payloads.get(rid)
+            retain_kv = payload.retain_kv if payload is not None else "drop"
+            self.chains.finished(rep, state, retain_kv, now_s)
         rep.remove_running(rid)
         self.placement.where.pop(rid, None)
         self._forget(rid)
@@ -440,7 +511,11 @@ class PlannerCore:
 
     def _expire(self, rep: ReplicaState, now_s: float, out: CoreOutput) -> None:
         """Waiting requests whose TTFT deadline passed get the fallback verdict now."""
-        expired = [s for s in rep.waiting.values() if s.request.ttft_deadline_s <= now_s]
+        expired = [
+            s
+            for s in rep.waiting.values()
+            if s.request.ttft_deadline_s <= now_s and not s.protected
+        ]
         for state in expired:
             del rep.waiting[state.request_id]
             self.placement.fall_back(state, out, EXPIRED_REASON)
@@ -487,10 +562,12 @@ class PlannerCore:
         for rid, decision in plan.decisions.items():
             state = rep.waiting.pop(rid)
             if decision.verdict is Verdict.REJECTED:
-                self.placement.reject(state, rep.replica_id, out)
+                self.placement.reject(state, rep.replica_id, out, decision.reason)
                 continue
             self.placement.tried.pop(rid, None)
             state.verdict = decision.verdict
+            if state.request.chain_id is not None:
+                self._admit_round(rep, state, now_s)
             rep.add_running(state)
             rep.unsent[rid] = None
             out.verdicts.append(VerdictOut(rid, rep.replica_id, decision))

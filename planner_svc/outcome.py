@@ -64,6 +64,8 @@ class CoreOutput:
     aborts: list[OnReplica] = field(default_factory=list)  # the engine drops the request
     migrations: list[Migration] = field(default_factory=list)  # KV to move (kv_migration on)
     failed: list[Failure] = field(default_factory=list)
+    # Kept KV of tool chains the engine must drop: (chain id, replica id) (planner_svc/chains.py).
+    kv_releases: list[OnReplica] = field(default_factory=list)
     # Per replica, whether the core expects to re-plan at its engine's next report (only when the
     # core was made with `announce_replans`; see planner_svc/triggers.py).
     replan_expected: dict[int, bool] = field(default_factory=dict)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from formulations.plan import Decision, Verdict
 from formulations.state import RequestState
+from planner_svc.chains import ChainBook
 from planner_svc.outcome import CoreOutput, Failure, Forward, Migration, OnReplica, VerdictOut
 from planner_svc.replica import ReplicaState
 from planner_svc.router import Router
@@ -37,6 +38,7 @@ class Placement:
         dirty: set[int],
         replan_on_arrival: bool,
         kv_migration: bool,
+        chains: ChainBook | None = None,
     ) -> None:
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
@@ -49,6 +51,7 @@ class Placement:
         self.where: dict[str, int] = {}  # unfinished request id -> replica holding it
         self.tried: dict[str, tuple[int, ...]] = {}  # waiting request -> replicas that rejected it
         self.migrating: dict[str, tuple[RequestState, Migration]] = {}
+        self.chains = chains or ChainBook(kv_ttl_s=30.0)  # tool chains' kept KV (chains.py)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.where or request_id in self.migrating
@@ -65,18 +68,26 @@ class Placement:
         tried: tuple[int, ...],
         out: CoreOutput,
         count_as_try: bool = True,
+        last_reason: str = "",
     ) -> None:
-        """Put a waiting request on the replica the router picks next, or fall back."""
+        """Put a waiting request on the replica the router picks next (a tool round: the one that
+        keeps its chain's KV first, claiming it), or fall back."""
         request = state.request
         loads = self.entry_loads()
         can_try = len(tried) <= self.router.max_forwards or not count_as_try
-        target = self.router.route(request, loads, tried) if can_try else None
+        target = None
+        if can_try:
+            home = self.chains.home(request, self.replicas)
+            target = self.router.choose(request, loads, tried, home)
         if target is None or target not in loads:
-            self.fall_back(state, out, "rejected by every replica tried")
+            reason = "rejected by every replica tried"
+            self.fall_back(state, out, f"{reason} ({last_reason})" if last_reason else reason)
             return
         if tried and count_as_try:
             out.forwards.append(Forward(request.request_id, tried[-1], target))
         rep = self.replicas[target]
+        if rep.kept:
+            self.chains.claim(rep, state)
         rep.waiting[request.request_id] = state
         self.where[request.request_id] = target
         self.tried[request.request_id] = tried
@@ -84,17 +95,22 @@ class Placement:
             rep.replan_requested = True
         self.dirty.add(target)
 
-    def reject(self, state: RequestState, replica_id: int, out: CoreOutput) -> None:
-        """A replica's formulation rejected a waiting request: forward it or fall back."""
+    def reject(
+        self, state: RequestState, replica_id: int, out: CoreOutput, reason: str = ""
+    ) -> None:
+        """A replica's formulation rejected a waiting request (for `reason`): forward it or fall
+        back (the final verdict carries the last replica's reason)."""
         rid = state.request_id
         del self.where[rid]
-        self.route(state, self.tried.pop(rid, ()) + (replica_id,), out)
+        self.chains.unclaim(state, self.replicas, out)
+        self.route(state, self.tried.pop(rid, ()) + (replica_id,), out, last_reason=reason)
 
     def fall_back(self, state: RequestState, out: CoreOutput, reason: str) -> None:
         """Best effort on the least loaded replica, or a final rejection."""
         rid = state.request_id
         self.tried.pop(rid, None)
         self.where.pop(rid, None)
+        self.chains.unclaim(state, self.replicas, out)
         loads = self.entry_loads()
         if self.fallback == "best_effort" and loads:
             target = min((load, i) for i, load in loads.items())[1]
@@ -104,6 +120,8 @@ class Placement:
             return
         if not loads:
             reason = "no replica takes new requests"
+        if state.request.chain_id is not None:
+            self.chains.end(state.request.chain_id)  # a rejected round ends its chain
         out.verdicts.append(VerdictOut(rid, None, Decision(Verdict.REJECTED, reason)))
 
     def place_running(self, rep: ReplicaState, state: RequestState, unsent: bool) -> None:
@@ -136,6 +154,7 @@ class Placement:
             self.move_running(state, rep.spec.role, out)
         for state in rep.waiting.values():
             del self.where[state.request_id]
+            self.chains.unclaim(state, self.replicas, out)  # its replica is gone: nothing to free
             self.route(state, self.tried.pop(state.request_id, ()), out, count_as_try=False)
 
     def start_migration(

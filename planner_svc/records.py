@@ -19,6 +19,10 @@ class RequestRecord:
     num_preemptions: int = 0
     num_forwards: int = 0  # times the router forwarded it after a rejection
     finished: bool = False
+    # Prompt tokens whose KV its engine had kept from the chain's previous round (not prefilled).
+    # A round whose kept KV was lost after it was sent (evicted: a miss) still recomputes them.
+    num_cached_tokens: int = 0
+    reason: str = ""  # the verdict's reason (a chain-level rejection says so: docs/AGENTS.md)
 
     @property
     def attainment(self) -> Attainment:

@@ -19,6 +19,17 @@ from wire.protocol import PlanMsg, StepReport
 ROLES = ("mixed", "prefill", "decode")
 
 
+@dataclass(slots=True)
+class KeptKV:
+    """KV an engine keeps for a paused tool chain (planner_svc/chains.py)."""
+
+    chain_id: str
+    num_tokens: int
+    num_blocks: int
+    pinned: bool  # held until attached or released; else evictable (counted free by the engine)
+    expires_s: float | None  # pinned: released then; evictable: None (the engine's LRU decides)
+
+
 @dataclass(frozen=True)
 class ReplicaSpec:
     """One engine replica as the planner sees it."""
@@ -30,6 +41,9 @@ class ReplicaSpec:
     max_spec_tokens: int = 0  # 0: no draft model
     role: str = "mixed"  # "prefill" / "decode" replicas for disaggregated (DistServe) policies
     num_gpus: int = 1  # GPUs this replica occupies (capacity per GPU)
+    # The engine keeps a tool chain's KV between rounds when asked (EngineRequest.retain_kv): the
+    # sim engine does; the torch and vLLM engines do not yet, and always recompute.
+    kv_retention: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -66,6 +80,7 @@ class ReplicaState:
         self.repeat_ids: frozenset[str] = frozenset()
         self.num_live_repeat = 0  # running requests the repeat cycle still serves
         self.uncovered: set[str] = set()  # running requests the plan's repeat does not serve
+        self.kept: dict[str, KeptKV] = {}  # chain id -> KV the engine keeps for the paused chain
         # Online acceptance-rate estimate (`observe_spec`): successes / trials, with a prior worth
         # `_PRIOR_WEIGHT` trials.
         self._spec_accepted = spec_prior * _PRIOR_WEIGHT
@@ -116,20 +131,29 @@ class ReplicaState:
         total = sum(state.num_computed_tokens for state in self.running.values())
         return -(-total // len(self.running))
 
+    def num_pinned_blocks(self) -> int:
+        """Blocks held for paused chains (pinned kept KV no waiting round has claimed yet)."""
+        return sum(entry.num_blocks for entry in self.kept.values() if entry.pinned)
+
     def view(self, now_s: float) -> ReplicaView:
+        """The formulation's view. Pinned KV of paused chains is left out of the replica's
+        blocks: planned as held for the whole horizon (a simplification: it is released when the
+        next round arrives, predicted after the chain's pause)."""
         spec = self.spec
+        pinned = self.num_pinned_blocks() if self.kept else 0
         return ReplicaView(
             replica_id=spec.replica_id,
             now_s=now_s,
             perf_model=spec.perf_model,
             block_size=spec.block_size,
-            num_total_blocks=spec.num_total_blocks,
+            num_total_blocks=max(1, spec.num_total_blocks - pinned),
             num_free_blocks=self.num_free_blocks,
             running=tuple(self.running.values()),
             waiting=tuple(self.waiting.values()),
             max_spec_tokens=spec.max_spec_tokens,
             spec_acceptance_rate=self.spec_acceptance_rate if spec.max_spec_tokens else 0.0,
             context_tokens_per_decode=self.context_estimate(),
+            num_kept_blocks=pinned,
         )
 
     # -- updates

@@ -10,6 +10,9 @@ request; the router returns a replica id or None (nowhere left to try). The core
   after the one that rejected it (ring order), skipping those already tried.
 - `least_loaded`: every try goes to the untried replica with the fewest requests (lowest id on
 ties).
+
+Session affinity (`Router.choose`, every router): a tool chain's round goes first to the replica
+that keeps its chain's KV (docs/AGENTS.md).
 """
 
 from __future__ import annotations
@@ -33,6 +36,20 @@ class Router(ABC):
     def route(self, request: Request, loads: Mapping[int, int], tried: Sequence[int]) -> int | None:
         """Replica to try next. `loads`: candidate replica id -> requests on it (ids ascending);
         `tried`: replicas that already rejected the request, in order."""
+
+    def choose(
+        self,
+        request: Request,
+        loads: Mapping[int, int],
+        tried: Sequence[int],
+        home: int | None = None,
+    ) -> int | None:
+        """Session affinity: a tool round goes first to `home`, the replica that keeps its chain's
+        KV, when that replica takes new requests and has not rejected it; otherwise (no home, home
+        dead or rejected it) the router's own choice, the round recomputing its context there."""
+        if home is not None and home in loads and home not in tried:
+            return home
+        return self.route(request, loads, tried)
 
 
 ROUTERS: Registry[type[Router]] = Registry("router")

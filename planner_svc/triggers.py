@@ -42,7 +42,9 @@ def should_replan(rep: ReplicaState, policy: ReplanPolicy, now_s: float, at_boun
     """Re-plan `rep` now? `at_boundary`: the call is its engine's step report."""
     if not rep.has_work:
         return False
-    timer_due = now_s - rep.last_plan_s >= policy.timer_s
+    # The same sum as PlannerCore.next_timer_s, so that a tick at the time it names is due (a
+    # difference can round below timer_s and leave the timer due for ever at that instant).
+    timer_due = now_s >= rep.last_plan_s + policy.timer_s
     if rep.is_busy():
         return at_boundary and (rep.replan_requested or (timer_due and rep.has_unplanned_work))
     plan = rep.plan  # idle: a non-empty last plan has run out

@@ -28,7 +28,7 @@ fields may be added (with defaults) without a version bump.
 from __future__ import annotations
 
 import enum
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -108,6 +108,15 @@ class EngineRequest(_Msg):
     # Simulated engines only: where the request's thinking ends (0: no thinking). Real engines see
     # the end-of-thinking token; the simulator knows it from the trace. Never sent to the planner.
     sim_thinking_tokens: NonNegInt = 0
+    # Tool chains (docs/AGENTS.md). `chain_id`: the chain this round belongs to.
+    # `num_cached_tokens`: the leading prompt tokens whose KV the engine kept for the chain after
+    # its previous round (attach them; only the rest is prefilled). `retain_kv`: what the engine
+    # does with this round's KV when it finishes: "drop" it, keep it "pinned" under the chain id
+    # until the planner releases it, or keep it "evictable" (a prefix-cache entry, LRU). Only
+    # engines that keep KV (the sim engine) are ever sent anything but the defaults.
+    chain_id: str | None = None
+    num_cached_tokens: NonNegInt = 0
+    retain_kv: Literal["drop", "pinned", "evictable"] = "drop"
 
     def __post_init__(self) -> None:
         if (
@@ -117,6 +126,8 @@ class EngineRequest(_Msg):
             raise ValueError(f"request {self.request_id}: prompt length mismatch")
         if self.num_prompt_tokens < 1 or self.max_new_tokens < 1:
             raise ValueError(f"request {self.request_id}: empty prompt or output")
+        if self.num_cached_tokens >= self.num_prompt_tokens:
+            raise ValueError(f"request {self.request_id}: cached tokens must leave a prompt token")
 
     def resumed(self, generated_token_ids: list[int] | None, num_generated: int) -> EngineRequest:
         """The request as another engine must run it after `num_generated` output tokens: prompt
@@ -134,6 +145,7 @@ class EngineRequest(_Msg):
             max_new_tokens=max(1, self.max_new_tokens - num_generated),
             prompt_token_ids=prompt_ids,
             sim_thinking_tokens=max(0, self.sim_thinking_tokens - num_generated),
+            num_cached_tokens=0,
         )
 
 
@@ -181,6 +193,11 @@ class StepReport(_Msg):
     # sees the end-of-thinking token; the planner cannot know where it comes before it does).
     thinking_ended: dict[str, NonNegInt] = {}
     error: str = ""  # non-empty: the step was not executed (e.g. out of KV blocks)
+    # Engines that keep KV across tool pauses (EngineRequest.retain_kv): chains whose evictable KV
+    # the engine evicted since its last report, and requests registered with cached tokens that it
+    # no longer held (they recompute their whole prompt).
+    kv_evicted: tuple[str, ...] = ()
+    kv_misses: tuple[str, ...] = ()
     plan_id: NonNegInt = 0  # the plan the step came from (diagnostic)
     num_stale_plans: NonNegInt = 0  # plans dropped by the engine so far (diagnostic)
 

@@ -27,6 +27,13 @@ from formulations.state import ReplicaView, RequestState
 ADMIT = Decision(Verdict.ADMITTED, "queued (memory-only admission)")
 
 
+def is_started(state: RequestState) -> bool:
+    """A running request that holds KV. A tool round waiting for its verdict may already hold its
+    chain's kept KV (docs/AGENTS.md): it is still a new request, as a prefix-cache hit is in vLLM's
+    waiting queue (never preempted before it runs)."""
+    return state.num_computed_tokens > 0 and state.verdict is not None
+
+
 def admit_by_memory(view: ReplicaView) -> dict[str, Decision]:
     """ADMITTED for every waiting request whose prompt fits the KV pool alone, REJECTED
     otherwise."""
@@ -244,11 +251,11 @@ def schedule_in_order(
         # Fast path (most decodes): the blocks it holds already have room for n more tokens.
         if rid not in touched and -(-(computed + n) // block_size) <= state.num_blocks:
             granted = True
-        elif computed == 0:
+        elif computed == 0 or state.verdict is None:
             granted = ledger.try_grow(state, n)
         else:
             if victims is None:  # popped from the end
-                victims = [s for s in order if s.num_computed_tokens > 0]
+                victims = [s for s in order if is_started(s)]
             granted = ledger.grow_or_preempt(state, n, victims, preempted)
         if granted:
             num_tokens[rid] = n

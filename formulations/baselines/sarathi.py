@@ -18,6 +18,7 @@ from __future__ import annotations
 from formulations.baselines.batching import (
     BlockLedger,
     QueueingBaseline,
+    is_started,
     plan_step,
     schedule_in_order,
 )
@@ -67,7 +68,7 @@ def decode_first_step(
     """Stall-free batching: every decoding request first (newest started preempted by recompute
     when memory runs out), then FCFS prefill chunks in what is left of `budget`."""
     ledger = BlockLedger(view)
-    started = [s for s in queue if s.num_computed_tokens > 0]
+    started = [s for s in queue if is_started(s)]
     decodes = [s for s in started if s.is_decoding]
     num_tokens, preempted = schedule_in_order(decodes, ledger, budget, max_num_seqs, started)
     left = budget - len(num_tokens)

@@ -26,6 +26,7 @@ from formulations.baselines.batching import (
     BlockLedger,
     QueueingBaseline,
     admit_by_memory,
+    is_started,
     plan_step,
     queue_order,
     schedule_in_order,
@@ -33,10 +34,6 @@ from formulations.baselines.batching import (
 from formulations.plan import Decision, Plan, Step
 from formulations.registry import register
 from formulations.state import ReplicaView, RequestState
-
-
-def _started(state: RequestState) -> bool:
-    return state.num_computed_tokens > 0
 
 
 class TokenBudgetBaseline(QueueingBaseline):
@@ -65,7 +62,7 @@ class TokenBudgetBaseline(QueueingBaseline):
         for state in queue:
             if budget <= 0 or len(num_tokens) >= self.max_num_seqs:
                 return
-            if _started(state):
+            if is_started(state):
                 continue
             n = min(state.num_pending_tokens, budget)
             if not ledger.try_grow(state, n):
@@ -82,7 +79,7 @@ class VllmFcfs(TokenBudgetBaseline):
     def schedule(
         self, view: ReplicaView, decisions: dict[str, Decision], queue: list[RequestState]
     ) -> Plan:
-        started = [s for s in queue if _started(s)]
+        started = [s for s in queue if is_started(s)]
         ledger = BlockLedger(view)
         num_tokens, preempted = schedule_in_order(
             started, ledger, self.max_num_batched_tokens, self.max_num_seqs
@@ -102,7 +99,7 @@ class VllmPrefillFirst(TokenBudgetBaseline):
         self, view: ReplicaView, decisions: dict[str, Decision], queue: list[RequestState]
     ) -> Plan:
         ledger = BlockLedger(view)
-        started = [s for s in queue if _started(s)]
+        started = [s for s in queue if is_started(s)]
         prefills = self._prefills(queue, ledger, len(started))
         if prefills:
             return plan_step(queue, prefills, ledger, decisions, (), self.max_num_decodes)
@@ -118,7 +115,7 @@ class VllmPrefillFirst(TokenBudgetBaseline):
         num_tokens: dict[str, int] = {}
         budget = self.max_num_batched_tokens
         for state in queue:
-            if _started(state):
+            if is_started(state):
                 continue
             n = state.num_pending_tokens
             too_big = n > budget and bool(num_tokens)  # a long prompt may run alone
@@ -168,7 +165,7 @@ class VllmSpec(VllmFcfs):
     ) -> Plan:
         """Started requests first (a decode takes 1 + `drafts` tokens of the budget), the newest
         preempted by recompute when memory runs out; then new prompts FCFS in what is left."""
-        started = [s for s in queue if _started(s)]
+        started = [s for s in queue if is_started(s)]
         ledger = BlockLedger(view)
         victims = list(started)
         num_tokens: dict[str, int] = {}

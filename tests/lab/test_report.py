@@ -13,6 +13,7 @@ from formulations.slo import SLO
 from lab.report import build_report, format_report
 from lab.workloads.workload import Workload
 from planner_svc.records import RequestRecord
+from tests.factories import SIMPLE_MODEL
 
 SLO_1S = SLO(ttft_s=1.0, tpot_s=0.1)
 
@@ -177,3 +178,22 @@ def test_empty_run_prints_without_numbers():
     assert report.num_items == 0 and report.ttft.mean_ms is None
     assert "Mean TTFT (ms):                          n/a" in format_report(report)
     assert json.loads(report.to_json())["ttft"]["mean_ms"] is None
+
+
+def test_tool_chain_kv_metrics():
+    """KV hit rate over the prompts of rounds >= 2, the tokens recomputed, the pinned KV."""
+    chain = ToolChain("c", 0.0, (ToolRound(100, 10), ToolRound(50, 5), ToolRound(40, 5)))
+    records = []
+    for k, cached in ((0, 0), (1, 109), (2, 0)):
+        request = chain.round_request(k, float(k), SIMPLE_MODEL)
+        times = [float(k)] * request.num_output_tokens
+        records.append(RequestRecord(request, Verdict.ADMITTED, 0, times, num_cached_tokens=cached))
+    report = build_report(records, kv_pinned_block_s=12.5)
+    prompts = chain.round_prompt_tokens(1) + chain.round_prompt_tokens(2)
+    assert report.kv_hit_rate == pytest.approx(109 / prompts)
+    # Round 1 found round 0's 109 tokens cached; round 2 recomputed round 1's 50 + 5 - 1 more.
+    assert report.num_recomputed_tokens == chain.round_prompt_tokens(1) + 5 - 1
+    assert report.recompute_share == pytest.approx(report.num_recomputed_tokens / prompts)
+    assert report.to_dict()["kv_hit_rate"] == report.kv_hit_rate
+    assert "KV hit rate" in report.format_text() and "12.50" in report.format_text()
+    assert build_report(records[:1]).kv_hit_rate is None  # no round >= 2

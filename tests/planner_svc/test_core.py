@@ -450,3 +450,37 @@ def test_a_prefilled_request_leaves_the_prefill_replica(kv_migration):
         (payload,) = out.plans[1].new_requests
         assert (payload.num_prompt_tokens, payload.max_new_tokens) == (51, 4)
         assert core.request_state("a").num_computed_tokens == 0  # recomputed on replica 1
+
+
+def test_a_timer_is_due_at_the_time_next_timer_names():
+    """next_timer_s names last_plan_s + timer_s; a tick at exactly that float re-plans (the
+    difference now - last_plan_s can round below timer_s, which left the simulator ticking at one
+    instant for ever)."""
+    from planner_svc.triggers import should_replan
+
+    core = PlannerCore(
+        [ReplicaSpec(0, SIMPLE_MODEL, num_total_blocks=100)], lambda s: registry.create("slos_dp")
+    )
+    rep = core.replica(0)
+    rep.waiting["r"] = None  # work, and no plan running
+    rep.last_plan_s = 77.39213956933683
+    due_s = rep.last_plan_s + 0.1
+    assert due_s - rep.last_plan_s < 0.1  # the rounding that hid it
+    assert should_replan(rep, ReplanPolicy(timer_s=0.1), due_s, at_boundary=False)
+
+
+def test_a_protected_round_past_its_ttft_sets_no_timer():
+    """A later round of an admitted chain is never expired for want of a verdict (it waits for
+    the next plan), so its TTFT deadline must not be a timer: on a busy replica a past deadline
+    would be due at every instant."""
+    from formulations.state import RequestState
+
+    core = PlannerCore(
+        [ReplicaSpec(0, SIMPLE_MODEL, num_total_blocks=100)], lambda s: registry.create("slos_dp")
+    )
+    rep = core.replica(0)
+    rep.num_live_repeat = 1  # busy: re-planned only at its next step boundary
+    rep.waiting["r"] = RequestState(make_req("r", 0.0, ttft_s=1.0), protected=True)
+    assert core.next_timer_s() is None and core.next_verdict_deadline_s() is None
+    out = core.tick(5.0)
+    assert not out.verdicts and "r" in rep.waiting

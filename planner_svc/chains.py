@@ -1,0 +1,190 @@
+"""What the planner core knows of tool chains (docs/AGENTS.md): which chains were admitted (their
+later rounds are protected), when each paused for a tool call (the pauses it learns from), the KV
+each replica keeps for a paused chain, and the kept KV a waiting round has claimed.
+
+Kept KV (`KeptKV`, in `ReplicaState.kept` by chain id) is the core's mirror of what the replica's
+engine keeps after a round finished with `EngineRequest.retain_kv`: "pinned" entries are held
+(not free) until the next round attaches them or the core releases them at their time-to-live;
+"evictable" entries count as free and the engine evicts them least recently used first (its
+reports say which). A round routed to the replica that keeps its chain's KV claims the entry
+while it waits for its verdict: its state starts with those tokens computed, so that the
+formulation plans only the new ones. If it leaves that replica unadmitted (rejected, expired,
+aborted) the entry is released; if it is admitted its payload tells the engine to attach it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from formulations.pauses import PausePredictor
+from formulations.request import Request
+from formulations.state import RequestState
+from planner_svc.outcome import CoreOutput, OnReplica
+from planner_svc.replica import KeptKV, ReplicaState
+
+# A chain not heard of for this long is forgotten (its protection and its pause start), so that
+# chains whose last round never comes (a client gone) do not accumulate.
+CHAIN_IDLE_S = 600.0
+
+
+@dataclass
+class ChainStats:
+    num_claims: int = 0  # rounds that found their chain's KV kept on the replica they went to
+    num_misses: int = 0  # claimed KV the engine no longer held (recomputed)
+    num_releases: int = 0  # kept entries released by the core (time-to-live, unused, ended)
+
+
+class ChainBook:
+    def __init__(self, kv_ttl_s: float, pauses: PausePredictor | None = None) -> None:
+        if kv_ttl_s <= 0:
+            raise ValueError("kv_ttl_s must be positive")
+        self.kv_ttl_s = kv_ttl_s
+        self.pauses = pauses or PausePredictor()
+        self.admitted: dict[str, float] = {}  # chain id -> last time it was heard of
+        self.paused_at: dict[str, float] = {}  # chain id -> when its last round finished
+        self.claims: dict[str, tuple[int, KeptKV]] = {}  # waiting round -> (replica, entry)
+        self.stats = ChainStats()
+
+    # ------------------------------------------------------------------ rounds arriving
+
+    def arrived(self, state: RequestState, now_s: float) -> None:
+        """A round arrived: learn the pause it ended; a later round of an admitted chain is
+        protected."""
+        request = state.request
+        chain_id = request.chain_id
+        if chain_id is None:
+            return
+        paused_s = self.paused_at.pop(chain_id, None)
+        if paused_s is not None:
+            self.pauses.observe(request.slo_class, now_s - paused_s)
+        if request.round_index > 0 and chain_id in self.admitted:
+            state.protected = True
+            self.admitted[chain_id] = now_s
+
+    def home(self, request: Request, replicas: dict[int, ReplicaState]) -> int | None:
+        """The replica that keeps the chain's KV (None: none does)."""
+        if request.chain_id is None:
+            return None
+        for replica_id, rep in replicas.items():
+            if request.chain_id in rep.kept:
+                return replica_id
+        return None
+
+    def claim(self, rep: ReplicaState, state: RequestState) -> None:
+        """A round placed on `rep` takes its chain's kept KV there (when it leaves a token to
+        compute): its state starts with those tokens computed."""
+        chain_id = state.request.chain_id
+        entry = rep.kept.get(chain_id) if chain_id is not None else None
+        if entry is None or entry.num_tokens >= state.num_prompt_tokens:
+            return
+        del rep.kept[chain_id]
+        if not entry.pinned:  # the engine counted it free until now
+            rep.num_free_blocks -= entry.num_blocks
+        state.num_computed_tokens = entry.num_tokens
+        state.num_blocks = entry.num_blocks
+        self.claims[state.request_id] = (rep.replica_id, entry)
+        self.stats.num_claims += 1
+
+    def unclaim(
+        self, state: RequestState, replicas: dict[int, ReplicaState], out: CoreOutput
+    ) -> None:
+        """A waiting round leaves the replica whose kept KV it claimed, unadmitted: the entry is
+        released (its next home, if any, recomputes)."""
+        claim = self.claims.pop(state.request_id, None)
+        if claim is None:
+            return
+        replica_id, entry = claim
+        state.num_computed_tokens = 0
+        state.num_blocks = 0
+        rep = replicas.get(replica_id)
+        if rep is not None:
+            rep.num_free_blocks += entry.num_blocks
+            out.kv_releases.append(OnReplica(entry.chain_id, replica_id))
+            self.stats.num_releases += 1
+
+    def attach(self, request_id: str) -> int:
+        """An admitted round: the tokens its engine attaches from the kept KV (0: none)."""
+        claim = self.claims.pop(request_id, None)
+        return claim[1].num_tokens if claim is not None else 0
+
+    # ------------------------------------------------------------------ rounds ending
+
+    def admitted_round(self, request: Request, now_s: float) -> None:
+        if request.chain_id is not None and request.round_index == 0:
+            self.admitted[request.chain_id] = now_s
+
+    def finished(
+        self, rep: ReplicaState, state: RequestState, retain_kv: str, now_s: float
+    ) -> None:
+        """A round finished on `rep`: keep its KV as its engine does, or end the chain."""
+        request = state.request
+        chain_id = request.chain_id
+        if chain_id is None:
+            return
+        if request.chain_last_round:
+            self.end(chain_id)
+            return
+        self.paused_at[chain_id] = now_s
+        if retain_kv == "drop" or state.num_blocks == 0:
+            return
+        pinned = retain_kv == "pinned"
+        rep.kept[chain_id] = KeptKV(
+            chain_id,
+            state.num_computed_tokens,
+            state.num_blocks,
+            pinned,
+            now_s + self.kv_ttl_s if pinned else None,
+        )
+
+    def end(self, chain_id: str) -> None:
+        """The chain ended (its last round finished, a round was rejected or aborted)."""
+        self.admitted.pop(chain_id, None)
+        self.paused_at.pop(chain_id, None)
+
+    # ------------------------------------------------------------------ engines' news, timers
+
+    def evicted(self, rep: ReplicaState, chain_ids: tuple[str, ...]) -> None:
+        for chain_id in chain_ids:
+            entry = rep.kept.get(chain_id)
+            if entry is not None and not entry.pinned:
+                del rep.kept[chain_id]
+
+    def missed(self, rep: ReplicaState, request_ids: tuple[str, ...]) -> None:
+        """The engine no longer held the KV these rounds claimed: they recompute everything."""
+        for rid in request_ids:
+            state = rep.running.get(rid)
+            if state is not None:
+                state.num_computed_tokens = 0
+                state.num_blocks = 0
+                self.stats.num_misses += 1
+
+    def next_expiry_s(self, replicas: dict[int, ReplicaState]) -> float | None:
+        return min(
+            (
+                entry.expires_s
+                for rep in replicas.values()
+                for entry in rep.kept.values()
+                if entry.expires_s is not None
+            ),
+            default=None,
+        )
+
+    def expire(self, replicas: dict[int, ReplicaState], now_s: float, out: CoreOutput) -> set[int]:
+        """Release pinned KV past its time-to-live, and forget chains idle for CHAIN_IDLE_S.
+        Returns the replicas that gained free blocks."""
+        changed: set[int] = set()
+        for replica_id, rep in replicas.items():
+            due = [
+                c for c, e in rep.kept.items() if e.expires_s is not None and e.expires_s <= now_s
+            ]
+            for chain_id in due:
+                entry = rep.kept.pop(chain_id)
+                rep.num_free_blocks += entry.num_blocks
+                out.kv_releases.append(OnReplica(chain_id, replica_id))
+                self.stats.num_releases += 1
+                changed.add(replica_id)
+        idle = [c for c, t in self.admitted.items() if t + CHAIN_IDLE_S <= now_s]
+        idle += [c for c, t in self.paused_at.items() if t + CHAIN_IDLE_S <= now_s]
+        for chain_id in idle:
+            self.end(chain_id)
+        return changed
