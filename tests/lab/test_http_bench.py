@@ -25,7 +25,10 @@ from tests.planner_svc.http_support import SLOW_MODEL, Stack
 
 MAX_EXTRA_TTFT_S = 0.15
 MEDIAN_EXTRA_TTFT_S = 0.02
-CLOCK_SLACK_S = 0.002  # two monotonic clocks read in different threads
+# The planner stamps a request's arrival with the last time its socket was seen empty, so that a
+# wait behind a core call counts against its budget (docs/SERVICE.md): on a busy host that stamp
+# may precede the client's send by up to one pass of the daemon's loop.
+EARLY_ARRIVAL_S = 0.05
 ATTAINMENT_TOLERANCE = 0.15
 
 
@@ -54,11 +57,11 @@ def test_bench_numbers_match_the_planner(stack):
         extra_ttft_s.append(bench_ttft_s - planner.ttft_s)
         bench_e2e_s = call.token_times_s[-1] - call.request.arrival_s
         planner_e2e_s = planner.token_times_s[-1] - planner.request.arrival_s
-        assert -CLOCK_SLACK_S <= bench_e2e_s - planner_e2e_s <= MAX_EXTRA_TTFT_S
+        assert -EARLY_ARRIVAL_S <= bench_e2e_s - planner_e2e_s <= MAX_EXTRA_TTFT_S
         # the deadline the client checks is the one the planner resolved
         assert call.record().request.ttft_slo_s == pytest.approx(planner.request.ttft_slo_s)
         agree += call.record().attainment.ok == planner.attainment.ok
-    assert min(extra_ttft_s) >= -CLOCK_SLACK_S
+    assert min(extra_ttft_s) >= -EARLY_ARRIVAL_S
     assert max(extra_ttft_s) <= MAX_EXTRA_TTFT_S
     assert float(np.median(extra_ttft_s)) <= MEDIAN_EXTRA_TTFT_S
     assert agree >= (1 - ATTAINMENT_TOLERANCE) * len(result.calls)
