@@ -169,7 +169,8 @@ def save_results(results: dict[str, dict]) -> None:
     RESULTS_PATH.write_text(json.dumps(results, indent=1, sort_keys=True))
 
 
-def run_jobs(args: argparse.Namespace, results: dict[str, dict]) -> None:
+def run_jobs(args: argparse.Namespace, results: dict[str, dict]) -> int:
+    """Run the searches not in `results` yet; returns how many were reused."""
     jobs = [
         (s, c, args.num_requests, args.seeds)
         for s in args.scenarios
@@ -178,7 +179,8 @@ def run_jobs(args: argparse.Namespace, results: dict[str, dict]) -> None:
     ]
     # the slowest first (slos_dp on reasoning), so that two processes end together
     jobs.sort(key=lambda j: (j[0] != "reasoning", not j[1].startswith("slos_dp")))
-    print(f"{len(jobs)} capacity searches to run ({len(results)} reused)", flush=True)
+    num_reused = len(args.scenarios) * len(args.columns) - len(jobs)
+    print(f"{len(jobs)} capacity searches to run ({num_reused} reused)", flush=True)
     start_s = time.perf_counter()
     with Pool(max(1, args.processes)) as pool:
         for done, entry in enumerate(pool.imap_unordered(measure, jobs), 1):
@@ -191,6 +193,7 @@ def run_jobs(args: argparse.Namespace, results: dict[str, dict]) -> None:
                 f"{entry['capacity_per_gpu_rps']:.3f} req/s/GPU ({entry['wall_s']:.0f} s)",
                 flush=True,
             )
+    return num_reused
 
 
 def geometric_mean(values: list[float]) -> float:
@@ -293,7 +296,9 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}x" if math.isfinite(value) else "-"
 
 
-def markdown(args: argparse.Namespace, body: str, wall_s: float) -> str:
+def markdown(
+    args: argparse.Namespace, body: str, wall_s: float, num_reused: int, search_s: float
+) -> str:
     reduced = []
     if args.num_requests < 400:
         reduced.append(f"{args.num_requests}-request windows (protocol: 400)")
@@ -318,8 +323,10 @@ vllm_prefill_first, sarathi, edf, distserve). {reduced_line}
 
 {body}
 
-Plot: `docs/img/capacity_blind.png`. Raw results: `out/bench_blind.json`. Wall time of this
-run: {wall_s / 60:.0f} min.
+Plot: `docs/img/capacity_blind.png`. Raw results: `out/bench_blind.json`. The searches took
+{search_s / 60:.0f} min of process time in all ({args.processes} processes); {num_reused} of them
+were reused from an earlier run of this command (out/bench_blind.json), this run took
+{wall_s / 60:.0f} min.
 """
 
 
@@ -327,9 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     results = load_results(args.fresh)
     start_s = time.perf_counter()
-    run_jobs(args, results)
+    num_reused = run_jobs(args, results)
     body, per_gpu = table(args, results)
-    text = markdown(args, body, time.perf_counter() - start_s)
+    keys = [
+        result_key(s, c, args.num_requests, args.seeds)
+        for s in args.scenarios
+        for c in args.columns
+    ]
+    search_s = sum(results[k]["wall_s"] for k in keys if k in results)
+    text = markdown(args, body, time.perf_counter() - start_s, num_reused, search_s)
     print(text, flush=True)
     if not args.no_write:
         from report_section import write_section
