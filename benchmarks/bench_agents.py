@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from lab.capacity import SearchParams, formulation_capacity
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_blind import SEARCH as PARAMS
+
+from lab.capacity import formulation_capacity
 from lab.experiment import Experiment
 
-PARAMS = SearchParams(
-    min_rate_rps=0.25,
-    max_rate_rps=8.0,
-    tolerance_rps=0.5,
-    relative_tolerance=0.06,
-    min_rate_floor_rps=0.02,
-)
 
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formulations", nargs="+", default=["slos_dp", "vllm_fcfs", "sarathi"])
     parser.add_argument("--seeds", type=int, default=2)
@@ -36,7 +32,7 @@ def main() -> int:
     parser.add_argument("--kv-blocks", type=int, default=None, help="KV blocks per replica")
     parser.add_argument("--no-pin", action="store_true", help="slos_dp's pin_kv=False ablation")
     parser.add_argument("--spec", type=int, default=0, help="draft tokens per step (0: none)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sim_params = {"formulation_params": {"pin_kv": False}} if args.no_pin else {}
     experiment = Experiment(
         scenario="tool_agent",
