@@ -141,9 +141,16 @@ class _Connection:
             reasons.append(handshake_failure_reason(event))
 
     def close(self) -> None:
-        self.socket.disable_monitor()
-        self.monitor.close(linger=0)
-        self.socket.close()  # LINGER is 0 unless a GOODBYE is on its way
+        """Close both sockets whatever happens: a context being terminated (the process or a
+        test shutting down) makes `disable_monitor` raise, and a socket left open would block
+        that termination for ever."""
+        try:
+            self.socket.disable_monitor()
+        except zmq.ZMQError:
+            pass  # ContextTerminated: the monitor goes with the sockets below
+        finally:
+            self.monitor.close(linger=0)
+            self.socket.close()  # LINGER is 0 unless a GOODBYE is on its way
 
 
 class EngineAdapter:
@@ -174,6 +181,8 @@ class EngineAdapter:
                 heard = self._serve(connection)
                 if self.stop_event.is_set():
                     self._say_goodbye(connection)
+            except zmq.ContextTerminated:  # the owner of the context shut it down: stop
+                return
             finally:
                 self.stats.num_dropped_sends += connection.num_dropped_sends
                 connection.close()

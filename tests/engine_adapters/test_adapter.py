@@ -226,3 +226,19 @@ def test_engine_registers_again_when_the_planner_does_not_know_it(planner):
         assert isinstance(ready, P.Ready) and second_identity != first_identity
     finally:
         stop(adapter, thread)
+
+
+def test_terminating_the_context_under_a_running_adapter_does_not_hang(planner):
+    """The owner of the context (a process or a test shutting down) may terminate it while the
+    adapter still runs: the adapter closes its sockets and stops, so the termination returns
+    (before, closing the monitor raised first and the socket left open blocked it for ever)."""
+    adapter, thread = start_adapter(planner.endpoint, heartbeat_interval_s=0.05)
+    planner.recv()  # READY: the adapter is connected and polling
+    terminated = threading.Event()
+    terminator = threading.Thread(
+        target=lambda: (adapter.context.term(), terminated.set()), daemon=True
+    )
+    terminator.start()
+    assert terminated.wait(10), "context.term() hung: a socket of the adapter stayed open"
+    thread.join(5)
+    assert not thread.is_alive()
