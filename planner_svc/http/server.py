@@ -189,12 +189,12 @@ class ApiServer:
         """The body as a job. Large bodies are decoded and tokenized in a worker thread (the
         tokenizer releases the GIL): tokenizing a long prompt takes seconds, during which the
         event loop must keep serving everyone else."""
-        if len(raw) <= INLINE_PARSE_BYTES:
-            return parse_job(parse_json_body(raw), chat, self.config, self.tokenizer, api_key)
 
         def parse() -> GenerationJob:
             return parse_job(parse_json_body(raw), chat, self.config, self.tokenizer, api_key)
 
+        if len(raw) <= INLINE_PARSE_BYTES:
+            return parse()
         return await asyncio.get_running_loop().run_in_executor(self._parse_pool, parse)
 
     async def _verdict(
