@@ -26,6 +26,10 @@ class EngineInfo:
     max_spec_tokens: int = 0  # 0: no draft model
     max_model_len: int = 1 << 20
     name: str = "engine"
+    # Keeps a tool chain's KV after a round finishes when EngineRequest.retain_kv asks, attaches it
+    # to the chain's next round (EngineRequest.num_cached_tokens) and honours `release_kv`;
+    # reports evictions and misses in StepReport.kv_evicted / kv_misses (docs/AGENTS.md).
+    kv_retention: bool = False
 
 
 class Engine(ABC):
@@ -47,6 +51,11 @@ class Engine(ABC):
     @abstractmethod
     def preempt(self, request_id: str) -> None:
         """Drop a request's KV cache; its tokens are recomputed when a later step names it."""
+
+    def release_kv(self, chain_id: str) -> None:
+        """Drop a chain's kept KV (unknown chains are ignored). An engine whose info() says
+        `kv_retention=False` keeps nothing, so there is nothing to drop."""
+        return None
 
     @property
     @abstractmethod

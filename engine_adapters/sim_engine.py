@@ -151,6 +151,7 @@ class SimEngine(Engine):
             perf_model=self.advertised_perf_model,
             max_spec_tokens=self.max_spec_tokens,
             name="sim",
+            kv_retention=True,
         )
 
     @property
