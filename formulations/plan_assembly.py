@@ -107,7 +107,9 @@ def timeline_blocks(
             outcomes = [paced(fp, *pace, start_s) for fp in outcomes]
         prints[job.request_id] = list(outcomes)
     every = (fp for outcomes in prints.values() for fp in outcomes)
-    return peak_blocks(every, problem.now_s, problem.block_size)
+    # Tool chains' expected later rounds are held from now on (a simplification: they come after
+    # the chain's pause), so that the rounds the planner protects find room.
+    return peak_blocks(every, problem.now_s, problem.block_size) + problem.tail_blocks(prints)
 
 
 def _pace(

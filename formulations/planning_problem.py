@@ -17,6 +17,7 @@ from formulations.budget import Decoder, Job
 from formulations.memory_timeline import Footprint, Growth, footprints
 from formulations.perf_model import PerfModel
 from formulations.plan import Verdict
+from formulations.progress import num_blocks_for
 from formulations.request import Request
 from formulations.state import ReplicaView, RequestState
 
@@ -50,6 +51,14 @@ class PlanningProblem:
     # least one token per step of every decoder together, on this performance model.
     eager_decodes: bool = False
     perf_model: PerfModel | None = None
+    # Tool chains planned as programs (docs/AGENTS.md): blocks each chain round's later rounds are
+    # expected to add (RequestState.chain_tail_tokens), reserved from now on beside its own KV.
+    chain_tail_blocks: Mapping[str, int] = field(default_factory=dict)
+
+    def tail_blocks(self, request_ids) -> int:
+        """Chain tails of these requests, in blocks."""
+        tails = self.chain_tail_blocks
+        return sum(tails.get(rid, 0) for rid in request_ids) if tails else 0
 
     @property
     def tpots_s(self) -> set[float]:
@@ -62,7 +71,7 @@ class PlanningProblem:
         return self.num_total_blocks - self.reserved_blocks
 
 
-def _job(state: RequestState, block_size: int, mandatory: bool) -> Job:
+def _job(state: RequestState, block_size: int, mandatory: bool, tail_blocks: int = 0) -> Job:
     request = state.request
     num_after = state.num_remaining_output_tokens - 1  # decodes after the next (prefill) token
     next_token = state.num_generated_tokens + 1
@@ -72,7 +81,7 @@ def _job(state: RequestState, block_size: int, mandatory: bool) -> Job:
         deadline_s=state.next_token_deadline_s,
         tpot_s=remaining_tpot_s(request, next_token + 1) if num_after > 0 else None,
         num_decode_tokens=num_after,
-        peak_blocks=state.num_peak_blocks(block_size),
+        peak_blocks=state.num_peak_blocks(block_size) + tail_blocks,
         value=request.value,
         mandatory=mandatory,
         arrival_s=request.arrival_s,
@@ -89,11 +98,21 @@ def _decoder(state: RequestState) -> Decoder:
 
 
 def extract_problem(
-    view: ReplicaView, distributed_lengths: bool = False, eager_decodes: bool = False
+    view: ReplicaView,
+    distributed_lengths: bool = False,
+    eager_decodes: bool = False,
+    plan_chains: bool = False,
 ) -> PlanningProblem:
     """The problem of `view`; `distributed_lengths`: footprints on the predicted distribution of
     each length (memory_timeline.planned_lengths), else on its predicted quantile;
-    `eager_decodes`: the layout will decode early (`PlanningProblem.eager_decodes`)."""
+    `eager_decodes`: the layout will decode early (`PlanningProblem.eager_decodes`);
+    `plan_chains`: tool chains' expected later rounds are reserved (their rounds' tails and the
+    paused chains' `ReplicaView.num_chain_reserve_blocks`)."""
+    tails: dict[str, int] = {}
+    if plan_chains:
+        for state in (*view.running, *view.waiting):
+            if state.chain_tail_tokens > 0:
+                tails[state.request_id] = num_blocks_for(state.chain_tail_tokens, view.block_size)
     decoders: list[Decoder] = []
     mandatory: list[Job] = []
     best_effort: list[RequestState] = []
@@ -108,10 +127,11 @@ def extract_problem(
         elif state.is_decoding:
             prints[state.request_id] = footprints(state, view.now_s, growth, distributed_lengths)
             decoders.append(_decoder(state))
-            reserved += state.num_peak_blocks(view.block_size)
+            reserved += state.num_peak_blocks(view.block_size) + tails.get(state.request_id, 0)
         else:
             prints[state.request_id] = footprints(state, view.now_s, growth, distributed_lengths)
-            mandatory.append(_job(state, view.block_size, mandatory=True))
+            tail = tails.get(state.request_id, 0)
+            mandatory.append(_job(state, view.block_size, mandatory=True, tail_blocks=tail))
     candidates: list[Job] = []
     too_large: list[str] = []
     for state in view.waiting:
@@ -119,7 +139,8 @@ def extract_problem(
             too_large.append(state.request_id)
         else:
             prints[state.request_id] = footprints(state, view.now_s, growth, distributed_lengths)
-            candidates.append(_job(state, view.block_size, mandatory=False))
+            tail = tails.get(state.request_id, 0)
+            candidates.append(_job(state, view.block_size, mandatory=False, tail_blocks=tail))
     return PlanningProblem(
         now_s=view.now_s,
         decoders=tuple(decoders),
@@ -128,7 +149,9 @@ def extract_problem(
         best_effort=tuple(best_effort),
         too_large=tuple(too_large),
         reserved_blocks=reserved,
-        num_total_blocks=view.num_total_blocks,
+        num_total_blocks=max(
+            1, view.num_total_blocks - (view.num_chain_reserve_blocks if plan_chains else 0)
+        ),
         block_size=view.block_size,
         footprints=prints,
         growth=growth,
@@ -138,6 +161,7 @@ def extract_problem(
         },
         eager_decodes=eager_decodes,
         perf_model=view.perf_model,
+        chain_tail_blocks=tails,
     )
 
 

@@ -299,6 +299,10 @@ class SlosDP(Formulation):
     the sum of the requests' KV at its 90th percentile, instead of every request at its own
     quantile; memory_timeline.planned_lengths and peak_blocks). Both are on by default (measured
     in docs/PLANNER.md section 13); off, they are the ablations.
+    Tool chains (docs/AGENTS.md): `pin_kv` (keep a round's KV pinned over its chain's pause when
+    that costs less than recomputing it; off: left evictable) and `plan_chains` (reserve each
+    chain's expected later rounds, formulations/chain_forecast.py, when admitting its rounds;
+    off: only the round at hand is planned). Both on by default; off, they are the ablations.
     """
 
     def __init__(
@@ -314,6 +318,7 @@ class SlosDP(Formulation):
         eager_decodes: bool = True,
         distributed_lengths: bool = True,
         pin_kv: bool = True,
+        plan_chains: bool = True,
     ) -> None:
         if memory not in MEMORY_MODES:
             known = ", ".join(MEMORY_MODES)
@@ -331,6 +336,7 @@ class SlosDP(Formulation):
         self.eager_decodes = bool(eager_decodes)
         self.distributed_lengths = bool(distributed_lengths)
         self.pin_kv = bool(pin_kv)
+        self.plan_chains = bool(plan_chains)
         self._burst_end_s: float | None = None  # end of the last plan's prefill burst
 
     def plan(self, view: ReplicaView) -> Plan:
@@ -365,21 +371,26 @@ class SlosDP(Formulation):
         """Pin the round's KV over the chain's pause when holding it costs less than recomputing
         it: holding b of the replica's B blocks for the pause's 90th percentile d takes b/B of
         the memory for d seconds, worth (b/B) d seconds of the whole replica when memory binds;
-        recomputing the context takes its prefill time of the GPU. Pinned KV stays under
+        recomputing the context takes its prefill time of the GPU, saved only if a next round
+        comes (its predicted chance, with `plan_chains`). Pinned KV stays under
         MAX_PINNED_SHARE of the blocks. Otherwise it is left evictable (the engine's prefix cache
-        may still have it when the round comes back; nothing is reserved for it)."""
+        may still have it when the round comes back)."""
         if not self.pin_kv:
             return "evictable"
         num_tokens = state.num_prompt_tokens + state.num_expected_output_tokens - 1
         num_blocks = num_blocks_for(num_tokens, view.block_size)
         num_total = view.num_total_blocks + view.num_kept_blocks
         hold_s = num_blocks / num_total * pause.quantile_s
-        recompute_s = view.perf_model.prefill_time_s(num_tokens)
+        # Recomputing is saved only if the next round comes (chain_forecast.py).
+        next_p = state.chain_next_p if self.plan_chains else 1.0
+        recompute_s = next_p * view.perf_model.prefill_time_s(num_tokens)
         within_share = view.num_kept_blocks + num_blocks <= MAX_PINNED_SHARE * num_total
         return "pinned" if hold_s < recompute_s and within_share else "evictable"
 
     def _plan(self, view: ReplicaView) -> Plan:
-        problem = extract_problem(view, self.distributed_lengths, self.eager_decodes)
+        problem = extract_problem(
+            view, self.distributed_lengths, self.eager_decodes, self.plan_chains
+        )
         protected = {s.request_id for s in view.waiting if s.protected}
         if not protected:
             return self._plan_problem(view, problem)

@@ -34,6 +34,11 @@ class RequestState(TokenProgress):
     # A later round of a tool chain whose first round was admitted: the planner admits it unless
     # it rejects the whole chain (an explicit chain-level verdict; docs/AGENTS.md).
     protected: bool = False
+    # Set by the core for a tool chain's rounds (formulations/chain_forecast.py): the KV tokens the
+    # chain's later rounds are expected to add after this one, and the chance that a next round
+    # comes at all. Formulations that plan chains reserve the tail (docs/AGENTS.md).
+    chain_tail_tokens: int = 0
+    chain_next_p: float = 1.0
     num_prompt_tokens: int = field(init=False)  # the request's, kept here for the hot loops
 
     def __post_init__(self) -> None:
@@ -113,3 +118,7 @@ class ReplicaView:
     context_tokens_per_decode: int = 0
     # KV pinned for paused tool chains (docs/AGENTS.md), already left out of `num_total_blocks`.
     num_kept_blocks: int = 0
+    # KV expected back from paused tool chains whose KV the replica keeps (their next rounds'
+    # context and tails beyond what is pinned; planner_svc/chains.py): not left out of
+    # `num_total_blocks`; formulations that plan chains reserve it.
+    num_chain_reserve_blocks: int = 0

@@ -123,7 +123,9 @@ class SimConfig:
         return make_predictor(self.lengths)
 
     def planner_request(self, request: Request) -> Request:
-        """The request as the planner sees it in this length mode (the true one in `oracle`)."""
+        """The request as the planner sees it in this length mode (the true one in `oracle`):
+        the cap as its output length, and never whether a chain round is its chain's last
+        (chain_forecast.py predicts whether another follows)."""
         if self.lengths == "oracle":
             return request
         cap = self.max_model_len - request.num_prompt_tokens - self.max_spec_tokens
@@ -133,7 +135,9 @@ class SimConfig:
                 " allows: filter the workload to the same context length"
             )
         thinking = cap if request.slo.thinking_tpot_s is not None else 0
-        return dataclasses.replace(request, num_output_tokens=cap, num_thinking_tokens=thinking)
+        return dataclasses.replace(
+            request, num_output_tokens=cap, num_thinking_tokens=thinking, chain_last_round=False
+        )
 
     def num_blocks(self) -> int:
         if self.num_blocks_per_replica is not None:

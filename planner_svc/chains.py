@@ -10,21 +10,50 @@ reports say which). A round routed to the replica that keeps its chain's KV clai
 while it waits for its verdict: its state starts with those tokens computed, so that the
 formulation plans only the new ones. If it leaves that replica unadmitted (rejected, expired,
 aborted) the entry is released; if it is admitted its payload tells the engine to attach it.
+
+The book also keeps the chain forecast (formulations/chain_forecast.py): every round that arrives
+learns whether its chain continued and how many tokens it added, every round that finishes how
+many it generated, and a chain whose next round has not come within `kv_ttl_s` of its last round
+counts as ended (a client may also say a round is its chain's last). Each arriving round carries
+its chain's expected tail and the chance of a next round (`RequestState.chain_tail_tokens`,
+`chain_next_p`), and each kept entry the blocks the chain is expected to need back
+(`KeptKV.num_reserve_blocks`), so that a formulation can plan the chain, not only the call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from formulations.chain_forecast import ChainForecast
 from formulations.pauses import PausePredictor
+from formulations.progress import num_blocks_for
 from formulations.request import Request
 from formulations.state import RequestState
 from planner_svc.outcome import CoreOutput, OnReplica
 from planner_svc.replica import KeptKV, ReplicaState
 
+# Pinned KV of paused chains never holds more than this share of a replica's blocks: the oldest
+# entries are released first (formulations decide to pin when a round is admitted, and rounds
+# admitted together may finish together; a replica whose blocks were all pinned would stall).
+MAX_PINNED_SHARE = 0.5
+# A round's tail covers the chain's next round only (chain_forecast.py): reserving every expected
+# later round at once held memory for peaks that never coincide (tool_agent at 1500 KV blocks,
+# 1.0 chains/s: 65-70 of 200 first rounds admitted against 98 with one round; docs/AGENTS.md).
+TAIL_ROUNDS = 1
 # A chain not heard of for this long is forgotten (its protection and its pause start), so that
 # chains whose last round never comes (a client gone) do not accumulate.
 CHAIN_IDLE_S = 600.0
+
+
+@dataclass(slots=True)
+class _Pause:
+    """A chain between rounds: its last round finished at `since_s`."""
+
+    since_s: float
+    slo_class: str
+    round_index: int  # of the round that finished
+    num_context_tokens: int  # its prompt and output: the context the next round extends
+    counted_ended: bool = False  # no round came within the time-to-live (chain_forecast.py)
 
 
 @dataclass
@@ -35,28 +64,43 @@ class ChainStats:
 
 
 class ChainBook:
-    def __init__(self, kv_ttl_s: float, pauses: PausePredictor | None = None) -> None:
+    def __init__(
+        self,
+        kv_ttl_s: float,
+        pauses: PausePredictor | None = None,
+        forecast: ChainForecast | None = None,
+    ) -> None:
         if kv_ttl_s <= 0:
             raise ValueError("kv_ttl_s must be positive")
         self.kv_ttl_s = kv_ttl_s
         self.pauses = pauses or PausePredictor()
+        self.forecast = forecast or ChainForecast()
         self.admitted: dict[str, float] = {}  # chain id -> last time it was heard of
-        self.paused_at: dict[str, float] = {}  # chain id -> when its last round finished
+        self.paused: dict[str, _Pause] = {}  # chain id -> its pause, while between rounds
         self.claims: dict[str, tuple[int, KeptKV]] = {}  # waiting round -> (replica, entry)
         self.stats = ChainStats()
 
     # ------------------------------------------------------------------ rounds arriving
 
     def arrived(self, state: RequestState, now_s: float) -> None:
-        """A round arrived: learn the pause it ended; a later round of an admitted chain is
-        protected."""
+        """A round arrived: learn the pause it ended and that its chain continued; give it its
+        chain's forecast; a later round of an admitted chain is protected."""
         request = state.request
         chain_id = request.chain_id
         if chain_id is None:
             return
-        paused_s = self.paused_at.pop(chain_id, None)
-        if paused_s is not None:
-            self.pauses.observe(request.slo_class, now_s - paused_s)
+        pause = self.paused.pop(chain_id, None)
+        if pause is not None:
+            self.pauses.observe(request.slo_class, now_s - pause.since_s)
+            if pause.counted_ended:
+                self.forecast.ended(pause.slo_class, pause.round_index, count=-1)
+            num_added = request.num_prompt_tokens - pause.num_context_tokens
+            self.forecast.continued(pause.slo_class, pause.round_index, num_added)
+        forecast = self.forecast
+        state.chain_tail_tokens = forecast.tail_tokens(
+            request.slo_class, request.round_index, TAIL_ROUNDS
+        )
+        state.chain_next_p = forecast.continue_probability(request.slo_class, request.round_index)
         if request.round_index > 0 and chain_id in self.admitted:
             state.protected = True
             self.admitted[chain_id] = now_s
@@ -114,17 +158,25 @@ class ChainBook:
             self.admitted[request.chain_id] = now_s
 
     def finished(
-        self, rep: ReplicaState, state: RequestState, retain_kv: str, now_s: float
+        self,
+        rep: ReplicaState,
+        state: RequestState,
+        retain_kv: str,
+        now_s: float,
+        out: CoreOutput,
     ) -> None:
         """A round finished on `rep`: keep its KV as its engine does, or end the chain."""
         request = state.request
         chain_id = request.chain_id
         if chain_id is None:
             return
-        if request.chain_last_round:
+        self.forecast.generated(request.slo_class, state.num_generated_tokens)
+        if request.chain_last_round:  # only a client (or the oracle ablation) can say so
+            self.forecast.ended(request.slo_class, request.round_index)
             self.end(chain_id)
             return
-        self.paused_at[chain_id] = now_s
+        num_context = state.num_prompt_tokens + state.num_generated_tokens
+        self.paused[chain_id] = _Pause(now_s, request.slo_class, request.round_index, num_context)
         if retain_kv == "drop" or state.num_blocks == 0:
             return
         pinned = retain_kv == "pinned"
@@ -134,12 +186,41 @@ class ChainBook:
             state.num_blocks,
             pinned,
             now_s + self.kv_ttl_s if pinned else None,
+            self._reserve_blocks(state, rep.spec.block_size, pinned),
+            now_s + self.kv_ttl_s,
         )
+        if pinned:
+            self.release_pinned(rep, out, MAX_PINNED_SHARE * rep.spec.num_total_blocks)
+
+    def release_pinned(self, rep: ReplicaState, out: CoreOutput, max_blocks: float = 0) -> int:
+        """Release pinned entries of `rep`, oldest first, until at most `max_blocks` stay
+        pinned; returns the blocks released (its engine frees them when told)."""
+        pinned = sorted((e for e in rep.kept.values() if e.pinned), key=lambda e: e.expires_s)
+        num_pinned = sum(e.num_blocks for e in pinned)
+        num_released = 0
+        for entry in pinned:
+            if num_pinned <= max_blocks:
+                break
+            del rep.kept[entry.chain_id]
+            num_pinned -= entry.num_blocks
+            num_released += entry.num_blocks
+            rep.num_free_blocks += entry.num_blocks
+            out.kv_releases.append(OnReplica(entry.chain_id, rep.replica_id))
+            self.stats.num_releases += 1
+        return num_released
+
+    def _reserve_blocks(self, state: RequestState, block_size: int, pinned: bool) -> int:
+        """Blocks the chain is expected to need back for its later rounds: its context, if a
+        next round comes, and its tail; less what stays pinned."""
+        num_context = state.num_prompt_tokens + state.num_generated_tokens
+        expected = state.chain_next_p * num_context + state.chain_tail_tokens
+        held = state.num_blocks if pinned else 0
+        return max(0, num_blocks_for(round(expected), block_size) - held)
 
     def end(self, chain_id: str) -> None:
         """The chain ended (its last round finished, a round was rejected or aborted)."""
         self.admitted.pop(chain_id, None)
-        self.paused_at.pop(chain_id, None)
+        self.paused.pop(chain_id, None)
 
     # ------------------------------------------------------------------ engines' news, timers
 
@@ -183,8 +264,12 @@ class ChainBook:
                 out.kv_releases.append(OnReplica(chain_id, replica_id))
                 self.stats.num_releases += 1
                 changed.add(replica_id)
+        for pause in self.paused.values():
+            if not pause.counted_ended and pause.since_s + self.kv_ttl_s <= now_s:
+                pause.counted_ended = True  # no next round within the time-to-live: ended
+                self.forecast.ended(pause.slo_class, pause.round_index)
         idle = [c for c, t in self.admitted.items() if t + CHAIN_IDLE_S <= now_s]
-        idle += [c for c, t in self.paused_at.items() if t + CHAIN_IDLE_S <= now_s]
+        idle += [c for c, p in self.paused.items() if p.since_s + CHAIN_IDLE_S <= now_s]
         for chain_id in idle:
             self.end(chain_id)
         return changed

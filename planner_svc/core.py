@@ -483,7 +483,7 @@ class PlannerCore:
         if request.chain_id is not None:
             payload = self._payloads.get(rid)
             retain_kv = payload.retain_kv if payload is not None else "drop"
-            self.chains.finished(rep, state, retain_kv, now_s)
+            self.chains.finished(rep, state, retain_kv, now_s, out)
         rep.remove_running(rid)
         self.placement.where.pop(rid, None)
         self._forget(rid)
@@ -502,6 +502,8 @@ class PlannerCore:
                 f"formulation {rep.formulation.name!r} on replica {rep.replica_id}: "
                 f"{rep.num_consecutive_errors} consecutive steps could not be executed"
             )
+        if self.chains.release_pinned(rep, out):
+            return  # the engine ran out of blocks: the paused chains' pinned KV gives way first
         if rep.num_consecutive_errors >= _ERRORS_BEFORE_PREEMPT:
             victim = _victim_with_kv(rep.running.values())
             if victim is not None:

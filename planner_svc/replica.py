@@ -28,6 +28,10 @@ class KeptKV:
     num_blocks: int
     pinned: bool  # held until attached or released; else evictable (counted free by the engine)
     expires_s: float | None  # pinned: released then; evictable: None (the engine's LRU decides)
+    # Blocks the chain's next rounds are expected to need beyond the pinned ones (the context back
+    # and the chain's tail, weighted by the chance they come: chains.py), until `reserve_until_s`.
+    num_reserve_blocks: int = 0
+    reserve_until_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -135,12 +139,21 @@ class ReplicaState:
         """Blocks held for paused chains (pinned kept KV no waiting round has claimed yet)."""
         return sum(entry.num_blocks for entry in self.kept.values() if entry.pinned)
 
+    def chain_reserve_blocks(self, now_s: float) -> int:
+        """Blocks expected back from the paused chains whose KV this replica keeps."""
+        return sum(
+            entry.num_reserve_blocks
+            for entry in self.kept.values()
+            if entry.reserve_until_s > now_s
+        )
+
     def view(self, now_s: float) -> ReplicaView:
         """The formulation's view. Pinned KV of paused chains is left out of the replica's
         blocks: planned as held for the whole horizon (a simplification: it is released when the
         next round arrives, predicted after the chain's pause)."""
         spec = self.spec
         pinned = self.num_pinned_blocks() if self.kept else 0
+        reserve = self.chain_reserve_blocks(now_s) if self.kept else 0
         return ReplicaView(
             replica_id=spec.replica_id,
             now_s=now_s,
@@ -154,6 +167,7 @@ class ReplicaState:
             spec_acceptance_rate=self.spec_acceptance_rate if spec.max_spec_tokens else 0.0,
             context_tokens_per_decode=self.context_estimate(),
             num_kept_blocks=pinned,
+            num_chain_reserve_blocks=reserve,
         )
 
     # -- updates

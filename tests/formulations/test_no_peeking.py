@@ -61,3 +61,15 @@ def test_the_spy_sees_the_true_lengths_in_the_oracle_ablation():
         and request.num_thinking_tokens == truth[request.request_id].num_thinking_tokens
         for request, _ in seen
     )
+
+
+@pytest.mark.parametrize("lengths", ["predicted", "oracle"])
+def test_the_planner_is_not_told_which_round_ends_a_chain(lengths):
+    """Whether a tool chain's round is its last is the trace's, not the planner's: it predicts
+    whether another round follows (chain_forecast.py). The oracle ablation is told."""
+    Spy.seen = []
+    experiment = Experiment(scenario="tool_agent", num_requests=20, lengths=lengths)
+    _, result = experiment.run(f"{__name__}:Spy", 0.2)
+    assert any(r.request.chain_last_round for r in result.records)
+    told = any(request.chain_last_round for request, _ in Spy.seen)
+    assert told == (lengths == "oracle")

@@ -158,9 +158,9 @@ class _PinningFcfs(registry.formulation_class("vllm_fcfs")):
 def test_abort_of_a_round_that_holds_kept_kv_frees_it():
     """Core and engine driven by hand: round 0 finishes with its KV pinned; round 1 attaches it;
     the client aborts round 1: every block comes back."""
-    spec = ReplicaSpec(0, SIMPLE_MODEL, num_total_blocks=100, kv_retention=True)
+    spec = ReplicaSpec(0, SIMPLE_MODEL, num_total_blocks=200, kv_retention=True)
     core = PlannerCore([spec], lambda s: _PinningFcfs())
-    engine = SimEngine(SIMPLE_MODEL, 100, clock=VirtualClock(0.0))
+    engine = SimEngine(SIMPLE_MODEL, 200, clock=VirtualClock(0.0))
     chain = two_round_chain(1.0)
     now_s = drive(core, engine, core.submit(chain.round_request(0, 0.0, SIMPLE_MODEL), 0.0), 0.0)
     assert engine.kv_blocks()["pinned"] == 64 and core.replica(0).kept["c"].pinned
@@ -172,7 +172,7 @@ def test_abort_of_a_round_that_holds_kept_kv_frees_it():
     out = core.abort(round1.request_id, now_s + 1.0)
     for rid, _ in out.aborts:
         engine.abort(rid)
-    assert engine.num_free_blocks == 100 and not core.replica(0).kept
+    assert engine.num_free_blocks == 200 and not core.replica(0).kept
 
 
 def drive(core, engine, out, now_s):
@@ -208,14 +208,20 @@ def test_baselines_under_memory_pressure_never_preempt_a_round_holding_claimed_k
 
 def test_slos_dp_pins_kv_when_memory_is_tight():
     """With a small KV pool the LRU cache loses entries that pinning keeps (slos_dp's per-pause
-    decision against its pin_kv=False ablation)."""
+    decision against its pin_kv=False ablation; both without the chain reserve, which keeps
+    room for the evictable entries too)."""
     workload = tool_agent(60, 0.6)
-    _, pinned = run(workload, formulation="slos_dp", num_blocks_per_replica=1500)
+    _, pinned = run(
+        workload,
+        formulation="slos_dp",
+        num_blocks_per_replica=1500,
+        formulation_params={"plan_chains": False},
+    )
     _, lru = run(
         workload,
         formulation="slos_dp",
         num_blocks_per_replica=1500,
-        formulation_params={"pin_kv": False},
+        formulation_params={"pin_kv": False, "plan_chains": False},
     )
     assert hit_rate(pinned) > hit_rate(lru)
 
@@ -262,4 +268,62 @@ def test_slos_dp_resumes_work_when_every_admitted_round_lost_its_kv():
     sim, result = run(tool_agent(60, 1.0), formulation="slos_dp", **params)
     admitted = [r for r in result.records if r.verdict is Verdict.ADMITTED]
     assert admitted and all(r.finished for r in admitted)
+    assert_no_leak(sim)
+
+
+def test_planning_the_chain_keeps_room_for_its_later_rounds():
+    """slos_dp reserves each admitted chain's expected next round (chain_forecast.py, learned,
+    never read from the trace): with memory tight, no later round of an admitted chain misses
+    and nothing is preempted, where planning only the round at hand (the plan_chains=False
+    ablation) admits more first rounds whose later rounds then miss."""
+    workload = tool_agent(100, 1.0)
+    results = {}
+    for plan_chains in (False, True):
+        _, results[plan_chains] = run(
+            workload,
+            formulation="slos_dp",
+            num_blocks_per_replica=1500,
+            formulation_params={"plan_chains": plan_chains},
+        )
+    missed = {
+        k: sum(not r.attainment.ok for r in later_rounds(result)) for k, result in results.items()
+    }
+    preempted = {
+        k: sum(r.num_preemptions for r in result.records) for k, result in results.items()
+    }
+    assert missed[False] > 0 and preempted[False] > 0
+    assert missed[True] == 0 and preempted[True] == 0
+    assert later_rounds(results[True])
+
+
+def test_pinned_kv_never_takes_more_than_its_share_of_a_replica():
+    """Rounds admitted together may all be told to pin and finish together: the core releases
+    the oldest pinned entries beyond MAX_PINNED_SHARE (before, a replica whose blocks were all
+    pinned refused every step and stalled). The planner cannot know which round is a chain's
+    last, so its KV is pinned too until its time-to-live."""
+    from planner_svc.chains import MAX_PINNED_SHARE
+
+    workload = tool_agent(100, 1.0)
+    sim = Simulation(
+        workload,
+        SimConfig(
+            perf_model=MODEL,
+            formulation="slos_dp",
+            num_blocks_per_replica=1500,
+            formulation_params={"plan_chains": False},
+        ),
+    )
+    engine = sim.runners[0].engine
+    most_pinned = 0
+    execute = engine.execute
+
+    def watched(step, step_id):
+        nonlocal most_pinned
+        most_pinned = max(most_pinned, engine.kv_blocks()["pinned"])
+        return execute(step, step_id)
+
+    engine.execute = watched
+    result = sim.run()
+    assert 0 < most_pinned <= MAX_PINNED_SHARE * 1500
+    assert all(r.verdict is not None for r in result.records)
     assert_no_leak(sim)
