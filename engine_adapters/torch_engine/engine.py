@@ -5,6 +5,15 @@ One `execute` = one ragged forward pass of the target model over every request t
 speculates, by up to `spec_steps` ragged passes of the draft model. A step either runs exactly as
 planned or not at all: every check (names, token counts, speculation, KV blocks) happens before
 anything changes, and a failure inside the forward pass rolls the requests back.
+
+Tool chains (docs/AGENTS.md): a finished round whose request asks to keep its KV (`retain_kv`
+"pinned" or "evictable", with a `chain_id`) leaves its paged blocks kept under the chain id
+(kept_kv.py); the chain's next round, registered with `num_cached_tokens`, starts with them
+attached when the kept tokens are exactly its prompt's first `num_cached_tokens` tokens, and
+otherwise recomputes from 0 and is reported in the next StepReport's `kv_misses`. Evictable blocks
+count as free and are evicted (least recently kept first, reported in `kv_evicted`) when a step
+needs them. Only the target model's KV is kept: a speculating round's draft cache catches up from
+0, as after a preemption.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import torch
 from engine_adapters.engine import Engine, EngineInfo, EngineRequest
 from engine_adapters.registry import EngineOptions, register
 from engine_adapters.torch_engine.checkpoint import load_model, parse_dtype
+from engine_adapters.torch_engine.kept_kv import KeptEntry, KeptKV
 from engine_adapters.torch_engine.kv_cache import (
     BLOCK_SIZE,
     num_blocks_for_budget,
@@ -73,7 +83,12 @@ class _Outcome:
     finished: list[str] = field(default_factory=list)
 
     def report(
-        self, step_id: int, start_s: float, end_s: float, num_free_blocks: int
+        self,
+        step_id: int,
+        start_s: float,
+        end_s: float,
+        num_free_blocks: int,
+        kv_news: dict[str, tuple[str, ...]],
     ) -> StepReport:
         return StepReport(
             step_id=step_id,
@@ -86,6 +101,7 @@ class _Outcome:
             new_token_ids=self.new_token_ids,
             num_free_blocks=num_free_blocks,
             finished=tuple(self.finished),
+            **kv_news,
         )
 
 
@@ -117,6 +133,8 @@ class TorchEngine(Engine):
         self._seqs: dict[str, Sequence] = {}
         # Recently finished ids (insertion-ordered, bounded), to word refusals of late steps.
         self._finished_ids: dict[str, None] = {}
+        self._kept = KeptKV(self.target.blocks)  # tool chains' KV between rounds
+        self._misses: list[str] = []  # registered with cached tokens not held, since the report
 
     # ------------------------------------------------------------------ construction
 
@@ -175,26 +193,36 @@ class TorchEngine(Engine):
             max_spec_tokens=self.max_spec_tokens,
             max_model_len=self.config.max_position_embeddings,
             name=self.name,
+            kv_retention=True,
         )
 
     @property
     def num_free_blocks(self) -> int:
-        return self.target.blocks.num_free_blocks
+        """Truly free blocks plus kept evictable ones (a step may evict them)."""
+        return self.target.blocks.num_free_blocks + self._kept.num_evictable_blocks
 
-    def add_request(self, request: EngineRequest) -> None:
+    def add_request(self, request: EngineRequest) -> int:
+        """Register a request; returns the prompt tokens it starts with cached (its chain's kept
+        KV, attached), 0 when it has none or the kept entry is gone or does not match."""
         rid = request.request_id
         if rid in self._seqs:
             raise ValueError(f"request {rid!r} is already registered")
-        prompt = list(request.prompt_token_ids or self._placeholder_prompt(request))
-        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        ids = request.prompt_token_ids
+        bad = [t for t in ids or () if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"request {rid!r}: token id {bad[0]} outside the vocabulary")
-        if len(prompt) >= self.config.max_position_embeddings:
+        if request.num_prompt_tokens >= self.config.max_position_embeddings:
             raise ValueError(
-                f"request {rid!r}: prompt of {len(prompt)} tokens exceeds max_model_len"
+                f"request {rid!r}: prompt of {request.num_prompt_tokens} tokens exceeds "
+                "max_model_len"
             )
+        # Checked above, so a failure below cannot lose the chain's kept entry.
+        entry = None
+        if request.num_cached_tokens and request.chain_id is not None:
+            entry = self._kept.take(request.chain_id)
+        prompt = list(ids) if ids else self._placeholder_prompt(request, entry)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(7), "little")
-        self._seqs[rid] = Sequence(
+        seq = self._seqs[rid] = Sequence(
             request_id=rid,
             token_ids=prompt,
             num_prompt_tokens=len(prompt),
@@ -202,8 +230,49 @@ class TorchEngine(Engine):
             params=SamplingParams(request.temperature, request.top_p),
             generator=torch.Generator(self.device).manual_seed(seed),
             ignore_eos=request.ignore_eos,
+            chain_id=request.chain_id,
+            retain_kv=request.retain_kv,
         )
         self._finished_ids.pop(rid, None)
+        if request.num_cached_tokens:
+            self._attach(seq, request.num_cached_tokens, entry)
+        return seq.num_computed_tokens
+
+    def _attach(self, seq: Sequence, num_cached_tokens: int, entry: KeptEntry | None) -> None:
+        """Start the request with its chain's kept blocks when they hold exactly its first
+        `num_cached_tokens` prompt tokens (the HTTP path may tokenize a context differently from
+        how the previous round produced it); otherwise free them and count a miss."""
+        kept = entry.token_ids if entry is not None else None
+        if (
+            kept is None
+            or len(kept) != num_cached_tokens
+            or tuple(seq.token_ids[: len(kept)]) != kept
+        ):
+            if entry is not None:
+                self.target.blocks.release(list(entry.block_table))
+            self._misses.append(seq.request_id)
+            return
+        self.target.blocks.attach(seq.request_id, list(entry.block_table))
+        seq.num_computed_tokens = num_cached_tokens
+
+    def release_kv(self, chain_id: str) -> None:
+        """Free a chain's kept KV (unknown chains are ignored)."""
+        self._kept.release(chain_id)
+
+    def kv_blocks(self) -> dict[str, int]:
+        """Target KV blocks by use: free (not evictable), evictable, pinned, held by requests.
+        Counted from separate books (the free list, kept entries, request tables), so a lost or
+        double-owned block shows as a sum other than the total."""
+        return {
+            "free": self.target.blocks.num_free_blocks,
+            "evictable": self._kept.num_evictable_blocks,
+            "pinned": self._kept.num_pinned_blocks,
+            "held": self.target.blocks.num_used_blocks,
+        }
+
+    def kept_chains(self) -> dict[str, tuple[int, int]]:
+        """Chain id -> (tokens, blocks) of every kept entry, pinned and evictable."""
+        return self._kept.chains()
 
     def abort(self, request_id: str) -> None:
         if self._seqs.pop(request_id, None) is not None:
@@ -220,10 +289,13 @@ class TorchEngine(Engine):
     def execute(self, step: Step, step_id: int) -> StepReport:
         start_s = self.clock()
         if step.is_empty:
-            return _Outcome().report(step_id, start_s, start_s, self.num_free_blocks)
+            return _Outcome().report(
+                step_id, start_s, start_s, self.num_free_blocks, self._kv_news()
+            )
         try:
             works = self._check(step)
-            self._check_blocks(works)
+            num_blocks_needed = self._check_blocks(works)
+            self._kept.make_room(num_blocks_needed)  # evicts only once the step is sure to run
             report = self._run(works, step_id, start_s)
         except StepRefused as exc:
             return self._refusal(step_id, start_s, str(exc))
@@ -282,17 +354,22 @@ class TorchEngine(Engine):
                 f"request {rid!r}: speculation needs a step that finishes its pending tokens"
             )
 
-    def _check_blocks(self, works: list[_Work]) -> None:
+    def _check_blocks(self, works: list[_Work]) -> int:
+        """Refuse the step unless its blocks can be had (evicting kept evictable KV if need be);
+        returns the target blocks it allocates."""
         needed = self.target.num_blocks_needed([self._chunk_shape(w) for w in works])
-        free = self.target.blocks.num_free_blocks
+        free = self.num_free_blocks
         if needed > free:
             raise StepRefused(f"out of KV blocks: step needs {needed} more, {free} free")
         spec = [(w.seq, w.num_spec_tokens) for w in works if w.num_spec_tokens]
         if self.draft is not None and spec:
-            needed = self.draft.num_blocks_needed(spec)
-            free = self.draft.runner.blocks.num_free_blocks
-            if needed > free:
-                raise StepRefused(f"out of draft KV blocks: step needs {needed} more, {free} free")
+            draft_needed = self.draft.num_blocks_needed(spec)
+            draft_free = self.draft.runner.blocks.num_free_blocks
+            if draft_needed > draft_free:
+                raise StepRefused(
+                    f"out of draft KV blocks: step needs {draft_needed} more, {draft_free} free"
+                )
+        return needed
 
     @staticmethod
     def _chunk_shape(work: _Work) -> Chunk:
@@ -323,7 +400,7 @@ class TorchEngine(Engine):
         for request_id in outcome.finished:
             self._release(request_id)
         self._sync()
-        return outcome.report(step_id, start_s, self.clock(), self.num_free_blocks)
+        return outcome.report(step_id, start_s, self.clock(), self.num_free_blocks, self._kv_news())
 
     def _propose(self, works: list[_Work]) -> None:
         spec = [w for w in works if w.num_spec_tokens]
@@ -386,9 +463,17 @@ class TorchEngine(Engine):
         return new
 
     def _release(self, request_id: str) -> None:
-        """Forget a finished request and free its blocks (after the whole step succeeded)."""
-        del self._seqs[request_id]
-        self._free(request_id)
+        """Forget a finished request and free its blocks, or keep them for its chain's next
+        round (after the whole step succeeded)."""
+        seq = self._seqs.pop(request_id)
+        if seq.retain_kv != "drop" and seq.chain_id is not None and seq.num_computed_tokens:
+            if self.draft is not None:
+                self.draft.free(request_id)
+            # The cache holds every known token but the last (sampled, never fed back).
+            kept = seq.token_ids[: seq.num_computed_tokens]
+            self._kept.keep(seq.chain_id, request_id, kept, pinned=seq.retain_kv == "pinned")
+        else:
+            self._free(request_id)
         self._finished_ids[request_id] = None
         if len(self._finished_ids) > MAX_REMEMBERED_FINISHED:
             del self._finished_ids[next(iter(self._finished_ids))]
@@ -420,15 +505,28 @@ class TorchEngine(Engine):
             end_s=self.clock(),
             num_free_blocks=self.num_free_blocks,
             error=error,
+            **self._kv_news(),
         )
 
-    def _placeholder_prompt(self, request: EngineRequest) -> list[int]:
+    def _kv_news(self) -> dict[str, tuple[str, ...]]:
+        """Evictions and misses since the last report, for this report (then forgotten)."""
+        evicted, misses = self._kept.pop_evicted(), tuple(self._misses)
+        self._misses.clear()
+        return {"kv_evicted": evicted, "kv_misses": misses}
+
+    def _placeholder_prompt(self, request: EngineRequest, kept: KeptEntry | None) -> list[int]:
         """Deterministic pseudo-random prompt tokens (avoiding BOS and EOS) for requests that
-        come with a token count only."""
+        come with a token count only. A later round of a chain that says its first
+        `num_cached_tokens` are its chain's kept context begins with the kept tokens, when the
+        engine holds that many (a count-only round has no ids of its own to compare)."""
         rng = random.Random(zlib.crc32(request.request_id.encode()))
         low = max(self.config.bos_token_id, self.config.eos_token_id) + 1
-        return [
-            rng.randrange(low, self.config.vocab_size) for _ in range(request.num_prompt_tokens)
+        prefix = []
+        if kept is not None and len(kept.token_ids) == request.num_cached_tokens:
+            prefix = list(kept.token_ids)
+        return prefix + [
+            rng.randrange(low, self.config.vocab_size)
+            for _ in range(request.num_prompt_tokens - len(prefix))
         ]
 
 

@@ -66,6 +66,22 @@ class BlockManager:
     def free(self, request_id: str) -> None:
         self.truncate(request_id, 0)
 
+    def detach(self, request_id: str) -> list[int]:
+        """Take a request's block table away from it without freeing the blocks: the caller owns
+        them now (and must `attach` or `release` them)."""
+        return self._tables.pop(request_id, [])
+
+    def attach(self, request_id: str, table: list[int]) -> None:
+        """Give a request (holding no blocks) a detached table as its first blocks."""
+        if request_id in self._tables:
+            raise ValueError(f"request {request_id} already holds KV blocks")
+        if table:
+            self._tables[request_id] = list(table)
+
+    def release(self, table: list[int]) -> None:
+        """Free a detached table's blocks."""
+        self._free.extend(reversed(table))
+
     @property
     def num_used_blocks(self) -> int:
         return sum(len(t) for t in self._tables.values())

@@ -21,6 +21,8 @@ class Sequence:
     num_computed_tokens: int = 0  # target KV cache holds token_ids[:num_computed_tokens]
     num_draft_computed_tokens: int = 0  # draft KV cache holds token_ids[:this]
     is_finished: bool = False
+    chain_id: str | None = None  # the tool chain it is a round of (docs/AGENTS.md)
+    retain_kv: str = "drop"  # at its end: "drop" its KV, or keep it "pinned" / "evictable"
 
     @property
     def num_tokens(self) -> int:
