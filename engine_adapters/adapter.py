@@ -12,6 +12,11 @@ the planner has been silent for `liveness` intervals the adapter drops every req
 re-plans them elsewhere when it declares this engine dead), closes the socket, waits a backoff that
 doubles up to `reconnect_max_s`, and connects again on a fresh socket with a fresh READY. Stopped
 (`stop()`), it says GOODBYE, so that the planner re-plans its requests at once.
+
+Kept KV of tool chains (engines whose `info().kv_retention` is set, docs/AGENTS.md): READY says
+so, RELEASE_KV calls `engine.release_kv` for each chain, and the engine's evictions and misses ride
+on its step reports. The planner forgets a replica's kept KV when it loses the engine, so the
+adapter drops the kept KV of every chain it was asked to keep whenever it loses the planner.
 """
 
 from __future__ import annotations
@@ -166,6 +171,10 @@ class EngineAdapter:
         self.instance_id = uuid.uuid4().hex[:12]
         self.fatal_error = ""  # why the adapter gave up (run() returned for good)
         self._refused_since_s: float | None = None  # refused as a duplicate id since then
+        # Chains whose KV the engine may keep (a round registered asking to keep it), until the
+        # planner releases them or a later round of the chain attached and kept nothing; an
+        # ordered set. Across connections: the engine's kept KV outlives them.
+        self.kept_chains: dict[str, None] = {}
         self._reset_session()
 
     # ------------------------------------------------------------------ lifecycle
@@ -227,8 +236,11 @@ class EngineAdapter:
         self._registered = False  # the planner answered this connection's READY
 
     def _drop_all_requests(self) -> None:
+        """The planner is gone (or forgot us): drop every request and every chain's kept KV, which
+        a planner that registers this engine anew knows nothing of (pinned KV would leak)."""
         for request_id in list(self.live):
             self.engine.abort(request_id)
+        self._release_kv(tuple(self.kept_chains))
         self._reset_session()
 
     # ------------------------------------------------------------------ one connection
@@ -283,6 +295,7 @@ class EngineAdapter:
             engine_name=info.name,
             next_step_id=self.queue.last_step_id + 1,
             engine_instance=self.instance_id,
+            kv_retention=info.kv_retention,
         )
 
     def _await_ack(self, connection: _Connection) -> bool:
@@ -342,6 +355,8 @@ class EngineAdapter:
             self._on_plan(message)
         elif isinstance(message, P.Abort):
             self._abort(message.request_id)
+        elif isinstance(message, P.ReleaseKV):
+            self._release_kv(message.chain_ids)
         elif isinstance(message, P.ErrorMsg):
             self._on_error(message)
             return
@@ -402,7 +417,19 @@ class EngineAdapter:
             self.stats.num_rejected_frames += 1
             log.warning("bad request payload %s: %s", new.request_id, exc)
             return
-        self.live[new.request_id] = _Tally(new.num_prompt_tokens)
+        tally = _Tally(new.num_prompt_tokens)
+        tally.num_computed_tokens = new.num_cached_tokens  # a miss resets it (_execute)
+        self.live[new.request_id] = tally
+        if new.chain_id is not None:
+            if new.retain_kv != "drop":
+                self.kept_chains[new.chain_id] = None
+            elif new.num_cached_tokens:  # it takes the chain's kept KV and keeps nothing after
+                self.kept_chains.pop(new.chain_id, None)
+
+    def _release_kv(self, chain_ids: tuple[str, ...]) -> None:
+        for chain_id in chain_ids:
+            self.engine.release_kv(chain_id)
+            self.kept_chains.pop(chain_id, None)
 
     def _abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -414,6 +441,9 @@ class EngineAdapter:
         report = self.engine.execute(step, step_id)
         self.stats.busy_s += time.monotonic() - start_s
         self.stats.num_steps += 1
+        for request_id in report.kv_misses:  # registered with cached KV it no longer held
+            if request_id in self.live:
+                self.live[request_id].num_computed_tokens = 0
         if report.ok:
             for request_id, num_computed in report.num_computed_tokens.items():
                 if request_id in self.live:

@@ -168,6 +168,7 @@ class RequestHandle:
             value=submit.value,
             chain_id=submit.chain_id,
             round_index=submit.round_index,
+            chain_last_round=submit.chain_last_round and submit.chain_id is not None,
         )
 
     def _deliver(self, event: P._Msg | object, now_s: float) -> None:
@@ -314,6 +315,7 @@ class PlannerClient:
                 slo_targets=chain.final_slo if last else chain.intermediate_slo,
                 chain_id=chain.chain_id,
                 round_index=k,
+                chain_last_round=last,
                 **fields,
             )
             handles.append(handle)

@@ -6,6 +6,8 @@ max_forwards = 1
 lengths = "predicted"              # what the planner knows of output lengths: "predicted"
                                    # (learned from finished requests), "max_tokens" or
                                    # "oracle" (both: plan with each request's max_tokens)
+kv_retention = true                # keep tool chains' KV between rounds on engines that can
+                                   # (their READY says so); false: every round recomputes
 
 [length_priors.reasoning]          # cold-start belief per class (or "class/thinking"):
 median = 2000                      # a log-normal by its median and 90th percentile,
@@ -96,6 +98,7 @@ class PlannerConfig:
     core_params: dict[str, Any] = field(default_factory=dict)  # passed to the planner core
     lengths: str = "predicted"
     length_priors: dict[str, LengthPrior] = field(default_factory=dict)
+    kv_retention: bool = True  # engines that keep KV keep tool chains' KV (docs/AGENTS.md)
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.liveness < 1 or self.tick_interval_s <= 0:
@@ -105,6 +108,8 @@ class PlannerConfig:
         if self.lengths not in LENGTH_MODES:
             known = ", ".join(LENGTH_MODES)
             raise ValueError(f"lengths must be one of {known}, got {self.lengths!r}")
+        if not isinstance(self.kv_retention, bool):
+            raise ValueError(f"kv_retention must be true or false, got {self.kv_retention!r}")
         if self.max_ended_history < 0 or not self.client_timeout_s > 0:
             raise ValueError("max_ended_history must be >= 0 and client_timeout_s > 0")
         check_endpoint(self.engine_endpoint, "[planner] engine_endpoint", bind=True)
@@ -129,6 +134,7 @@ class PlannerConfig:
 
 
 _TOP_KEYS = {
+    "kv_retention",
     "lengths",
     "length_priors",
     "formulation",
@@ -188,6 +194,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> PlannerCon
             core_params=dict(data.get("core", {})),
             lengths=str(data.get("lengths", "predicted")),
             length_priors=_length_priors(data.get("length_priors", {}), source),
+            kv_retention=data.get("kv_retention", True),
             **planner,
         )
     except TypeError as exc:

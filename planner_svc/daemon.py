@@ -17,6 +17,10 @@ stays up. An engine that has been silent for `liveness` heartbeat intervals is d
 the core re-plans its requests on the remaining replicas (recompute): every request either
 finishes or gets an explicit verdict. An engine that leaves on purpose says GOODBYE and is removed
 the same way at once.
+
+Tool chains' kept KV (docs/AGENTS.md): an engine whose READY says `kv_retention` (and the config's
+`kv_retention`, default on) gets a replica that keeps KV between a chain's rounds; the core's
+`kv_releases` go to it as RELEASE_KV. A dead engine's kept KV dies with its replica in the core.
 """
 
 from __future__ import annotations
@@ -349,6 +353,7 @@ class PlannerDaemon:
                 num_total_blocks=ready.num_total_blocks,
                 block_size=ready.block_size,
                 max_spec_tokens=ready.max_spec_tokens,
+                kv_retention=ready.kv_retention and self.config.kv_retention,
             )
         except ValueError as exc:
             self._reject_frame(
@@ -667,6 +672,7 @@ class PlannerDaemon:
             link = self._link_of(replica_id)
             if link is not None and request_id in link.sent_request_ids:
                 self._send_engine(link, P.Abort(request_id, "planner abort"))
+        self._send_releases(output)
         answered = None
         for replica_id, plan in output.plans.items():
             ack = answer[1] if answer is not None and answer[0].replica_id == replica_id else None
@@ -684,6 +690,18 @@ class PlannerDaemon:
             if flag is not None and flag != link.replan_expected_sent:
                 self._send_engine(link, self._heartbeat(now_s, replan_expected=flag))
                 link.replan_expected_sent = flag
+
+    def _send_releases(self, output: CoreOutput) -> None:
+        """Kept KV the core released, one RELEASE_KV per engine, sent before this output's plans
+        (an engine gone has taken its KV with it)."""
+        by_replica: dict[int, list[str]] = {}
+        for chain_id, replica_id in output.kv_releases:
+            by_replica.setdefault(replica_id, []).append(chain_id)
+        for replica_id, chain_ids in by_replica.items():
+            link = self._link_of(replica_id)
+            if link is not None:
+                self._send_engine(link, P.ReleaseKV(tuple(dict.fromkeys(chain_ids))))
+                self.metrics.kv_releases.inc(len(chain_ids))
 
     def _decide(
         self, tracked: Tracked, decision: Decision, replica_id: int | None, code: str = ""

@@ -108,6 +108,11 @@ class PlannerMetrics:
         )
         self.core_errors = Counter("slos_core_errors", "Planner core calls that raised", registry=r)
         self.plans_sent = Counter("slos_plans_sent", "PLAN messages sent", registry=r)
+        self.kv_releases = Counter(
+            "slos_kv_releases",
+            "Tool chains' kept KV entries the planner told engines to drop (RELEASE_KV)",
+            registry=r,
+        )
         # Online refit of each replica's performance model (planner_svc/refit.py).
         self.model_scale = Gauge(
             "slos_perf_model_scale",

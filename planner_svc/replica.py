@@ -46,7 +46,7 @@ class ReplicaSpec:
     role: str = "mixed"  # "prefill" / "decode" replicas for disaggregated (DistServe) policies
     num_gpus: int = 1  # GPUs this replica occupies (capacity per GPU)
     # The engine keeps a tool chain's KV between rounds when asked (EngineRequest.retain_kv): the
-    # sim engine does; the torch and vLLM engines do not yet, and always recompute.
+    # simulator sets it (SimConfig.kv_reuse), the daemon when the engine's READY says so.
     kv_retention: bool = False
 
     def __post_init__(self) -> None:

@@ -148,6 +148,7 @@ class RequestBook:
             value=submit.value,
             chain_id=submit.chain_id,
             round_index=submit.round_index,
+            chain_last_round=submit.chain_last_round and submit.chain_id is not None,
             hint_output_tokens=submit.expected_output_tokens,
         )
 

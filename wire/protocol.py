@@ -12,6 +12,7 @@ Conversation (see docs/SERVICE.md):
     engine <--PLAN---   planner            (steps from `start_step_id`, a repeat tail, payloads)
     engine  --PROGRESS-> planner           (after every step)
     engine  --GOODBYE--> planner           (leaving on purpose: its requests are re-planned now)
+    engine <-RELEASE_KV- planner           (drop tool chains' kept KV; engines that keep KV only)
     engine <-HEARTBEAT-> planner           (any message counts as a heartbeat)
     client  --SUBMIT-->  planner  --VERDICT--> client, then TOKENS... (last one has finished=True)
     client  --ABORT-->   planner  --ABORT--> engine
@@ -22,7 +23,9 @@ The engine-side structs (`PlanMsg`, `EngineRequest`, `StepReport`) are also what
 and the engines exchange in process (the simulator), so nothing is converted on the way.
 
 Version 2. A receiver rejects a READY of another version; unknown fields are ignored so that
-fields may be added (with defaults) without a version bump.
+fields may be added (with defaults) without a version bump. RELEASE_KV, a type added in version
+2, goes only to engines whose READY set `kv_retention` (a field older engines do not send), so an
+older engine never sees it.
 """
 
 from __future__ import annotations
@@ -89,6 +92,9 @@ class Ready(_Msg):
     # Random per engine process, the same across its reconnects: a READY with a connected engine
     # id but another instance is a second engine using the id (refused), not a reconnect.
     engine_instance: str = ""
+    # The engine keeps a tool chain's KV between rounds when a payload asks (`retain_kv`) and
+    # honours RELEASE_KV; False (older engines): the planner sends only the defaults.
+    kv_retention: bool = False
 
 
 class EngineRequest(_Msg):
@@ -210,6 +216,15 @@ class StepReport(_Msg):
         return not self.error
 
 
+class ReleaseKV(_Msg):
+    """Drop the KV the engine keeps for these tool chains (a time-to-live passed, the chain's next
+    round went elsewhere or ended). Applied on receipt, in socket order: it reaches the engine
+    before any plan the planner sent after it, so it can never drop KV a later round keeps. Sent
+    only to engines whose READY said `kv_retention`; unknown chains are ignored."""
+
+    chain_ids: tuple[Id, ...]
+
+
 class Goodbye(_Msg):
     """An engine leaving on purpose (stopped, or scaled down): the planner re-plans its requests
     on the other replicas at once instead of after `liveness` silent heartbeat intervals."""
@@ -239,8 +254,9 @@ class Submit(_Msg):
     (the planner treats it as the known output length). SLOs come from `slo_class` (a preset or a
     class of the planner's config) unless explicit targets are given: `ttft_ms` or
     `ttft_slowdown`, and `tpot_ms`; a reasoning request sets `thinking_tokens` (its thinking
-    budget) and `thinking_tpot_ms`. A tool-calling round sets `chain_id` and `round_index`; the
-    client runs the tools and submits the next round when this one finishes."""
+    budget) and `thinking_tpot_ms`. A tool-calling round sets `chain_id` and `round_index` (and
+    `chain_last_round` on its last); the client runs the tools and submits the next round when
+    this one finishes."""
 
     request_id: Id
     max_tokens: PosInt
@@ -259,6 +275,9 @@ class Submit(_Msg):
     ignore_eos: bool = True
     chain_id: str | None = None
     round_index: NonNegInt = 0
+    # The chain's last round: nothing follows, so its engine keeps none of its KV (without it the
+    # planner keeps the KV for a next round that never comes, until its time-to-live).
+    chain_last_round: bool = False
     value: PosFloat = 1.0
     # The client's expectation of the output length, if it has one: a hint the planner's length
     # predictor uses (formulations/lengths.py); the engine still stops at EOS or max_tokens.
@@ -360,6 +379,7 @@ class MessageType(bytes, enum.Enum):
     STATS = b"s"
     ERROR = b"E"
     GOODBYE = b"B"
+    RELEASE_KV = b"K"
 
 
 MESSAGE_CLASSES: dict[MessageType, type[_Msg]] = {
@@ -375,6 +395,7 @@ MESSAGE_CLASSES: dict[MessageType, type[_Msg]] = {
     MessageType.STATS: Stats,
     MessageType.ERROR: ErrorMsg,
     MessageType.GOODBYE: Goodbye,
+    MessageType.RELEASE_KV: ReleaseKV,
 }
 _TYPE_OF: dict[type[_Msg], MessageType] = {cls: t for t, cls in MESSAGE_CLASSES.items()}
 _DECODERS = {t: msgspec.msgpack.Decoder(cls) for t, cls in MESSAGE_CLASSES.items()}
@@ -385,7 +406,13 @@ ENGINE_TO_PLANNER = frozenset(
     {MessageType.READY, MessageType.PROGRESS, MessageType.HEARTBEAT, MessageType.GOODBYE}
 )
 PLANNER_TO_ENGINE = frozenset(
-    {MessageType.PLAN, MessageType.HEARTBEAT, MessageType.ABORT, MessageType.ERROR}
+    {
+        MessageType.PLAN,
+        MessageType.HEARTBEAT,
+        MessageType.ABORT,
+        MessageType.ERROR,
+        MessageType.RELEASE_KV,
+    }
 )
 CLIENT_TO_PLANNER = frozenset(
     {MessageType.SUBMIT, MessageType.ABORT, MessageType.STATS_REQUEST, MessageType.HEARTBEAT}

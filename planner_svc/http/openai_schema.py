@@ -12,6 +12,7 @@ Extension fields (the openai client sends them with `extra_body={...}`):
                     "thinking_tokens": 256, "thinking_tpot_ms": 30, "value": 2.0}
     slo_targets    "tool_final"             take the targets of this class (tool-calling rounds)
     chain_id, round_index                   a tool-calling agent's round
+    chain_last_round  true                  the chain's last round: its KV is not kept after it
     expected_output_tokens  300             the client's expectation of the output length, a hint
                                             for the planner's length predictor (max_tokens stays
                                             the cap)
@@ -82,6 +83,7 @@ class SloRequest:
     value: float = 1.0
     chain_id: str | None = None
     round_index: int = 0
+    chain_last_round: bool = False
     expected_output_tokens: int | None = None
 
 
@@ -359,6 +361,7 @@ def _slo(body: dict[str, Any], defaults: SloDefaults) -> SloRequest:
         value=_positive(slo, "value") or 1.0,
         chain_id=_optional(body, "chain_id", str),
         round_index=int(round_index),
+        chain_last_round=bool(_optional(body, "chain_last_round", bool)),
         expected_output_tokens=_positive_int(body, "expected_output_tokens"),
         **explicit,
     )

@@ -447,6 +447,7 @@ def _submit_message(request_id: str, job: GenerationJob) -> P.Submit:
         ignore_eos=job.ignore_eos,
         chain_id=slo.chain_id,
         round_index=slo.round_index,
+        chain_last_round=slo.chain_last_round,
         value=slo.value,
         expected_output_tokens=slo.expected_output_tokens,
     )

@@ -124,6 +124,7 @@ def test_extension_fields(tokenizer):
             "slo_targets": "tool_final",
             "chain_id": "c1",
             "round_index": 2,
+            "chain_last_round": True,
             "ignore_eos": True,
             "stop": "END",
             "seed": 3,
@@ -143,6 +144,7 @@ def test_extension_fields(tokenizer):
     )
     assert slo.tpot_ms is None  # a class named in the body brings its own targets, not the key's
     assert (slo.slo_targets, slo.chain_id, slo.round_index) == ("tool_final", "c1", 2)
+    assert slo.chain_last_round
     assert job.ignore_eos and job.stop == ("END",) and job.seed == 3 and job.temperature == 0.0
 
 
@@ -156,6 +158,7 @@ def test_extension_fields(tokenizer):
             "slo",
         ),
         ({"model": "m", "prompt": "x", "round_index": -1}, False, 400, "round_index"),
+        ({"model": "m", "prompt": "x", "chain_last_round": 1}, False, 400, "chain_last_round"),
         ({"model": "m", "prompt": "x", "top_p": 0}, False, 400, "top_p"),
         ({"model": "m", "prompt": "x", "stream": "yes"}, False, 400, "stream"),
         ({"model": "m", "prompt": "x", "logprobs": 2}, False, 400, "logprobs"),

@@ -53,6 +53,7 @@ SAMPLES = [
         thinking_tpot_ms=50.0,
         chain_id="c",
         round_index=2,
+        chain_last_round=True,
     ),
     P.VerdictMsg("r1", "admitted", "fits", replica_id=1, arrival_s=1.0, ttft_slo_s=0.5, tpot_s=0.1),
     P.Tokens("r1", 2, [5, 6], num_generated_tokens=10, finished=True),
@@ -60,6 +61,7 @@ SAMPLES = [
     P.StatsRequest(),
     P.Stats(counters={"x": 1.0}, attainment_by_class={"chatbot": 0.5}, num_engines=2),
     P.ErrorMsg("bad", "r1"),
+    P.ReleaseKV(("chain-1", "chain-2")),
 ]
 
 
@@ -195,3 +197,18 @@ def test_a_resumed_payload_recomputes_the_output_so_far():
     assert request.resumed([7], 2).prompt_token_ids is None
     with pytest.raises(ValueError, match="length"):
         P.EngineRequest("b", 2, 1, prompt_token_ids=[1])
+
+
+def test_kv_retention_fields_default_to_the_old_behaviour():
+    """A READY from an engine that predates kv_retention says it keeps nothing; RELEASE_KV goes
+    only to engines and needs chain ids."""
+    old_ready = msgpack.packb(
+        {"protocol_version": 2, "engine_id": "e", "num_total_blocks": 8, "block_size": 16}
+    )
+    assert P.decode([b"R", old_ready], P.ENGINE_TO_PLANNER).kv_retention is False
+    release = P.encode(P.ReleaseKV(("c",)))
+    assert P.decode(release, P.PLANNER_TO_ENGINE) == P.ReleaseKV(("c",))
+    with pytest.raises(P.ProtocolError, match="not expected"):
+        P.decode(release, P.ENGINE_TO_PLANNER)
+    with pytest.raises(P.ProtocolError, match="malformed"):
+        P.decode([b"K", msgpack.packb({"chain_ids": [""]})], P.PLANNER_TO_ENGINE)
