@@ -288,9 +288,7 @@ def test_planning_the_chain_keeps_room_for_its_later_rounds():
     missed = {
         k: sum(not r.attainment.ok for r in later_rounds(result)) for k, result in results.items()
     }
-    preempted = {
-        k: sum(r.num_preemptions for r in result.records) for k, result in results.items()
-    }
+    preempted = {k: sum(r.num_preemptions for r in result.records) for k, result in results.items()}
     assert missed[False] > 0 and preempted[False] > 0
     assert missed[True] == 0 and preempted[True] == 0
     assert later_rounds(results[True])
