@@ -832,6 +832,11 @@ class PlannerDaemon:
                 "num_rejected_frames": float(self.num_rejected_frames),
                 "num_engine_deaths": float(self.metrics.engine_deaths._value.get()),
                 "num_moved_requests": float(self.num_moved_requests),
+                # tool chains' kept KV (planner_svc/chains.py): rounds that found it, claimed
+                # KV their engine no longer held, entries released
+                "num_kv_claims": float(self.core.chains.stats.num_claims),
+                "num_kv_misses": float(self.core.chains.stats.num_misses),
+                "num_kv_releases": float(self.core.chains.stats.num_releases),
             },
             num_engines=len(self.engines),
         )
