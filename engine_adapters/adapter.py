@@ -296,6 +296,8 @@ class EngineAdapter:
             next_step_id=self.queue.last_step_id + 1,
             engine_instance=self.instance_id,
             kv_retention=info.kv_retention,
+            kv_host_blocks=info.kv_host_blocks,
+            kv_swap_s_per_token=info.kv_swap_s_per_token,
         )
 
     def _await_ack(self, connection: _Connection) -> bool:

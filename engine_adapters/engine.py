@@ -30,6 +30,10 @@ class EngineInfo:
     # to the chain's next round (EngineRequest.num_cached_tokens) and honours `release_kv`;
     # reports evictions and misses in StepReport.kv_evicted / kv_misses (docs/AGENTS.md).
     kv_retention: bool = False
+    # Host memory for kept KV, in blocks (0: none), and the time to copy one token's KV back in:
+    # an engine with host memory also honours EngineRequest.retain_kv "host" (docs/AGENTS.md).
+    kv_host_blocks: int = 0
+    kv_swap_s_per_token: float = 0.0
 
 
 class Engine(ABC):

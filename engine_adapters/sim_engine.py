@@ -15,7 +15,13 @@ needs more blocks than are truly free evicts the least recently finished entries
 in `StepReport.kv_evicted`), and a round that comes back before its entry was evicted attaches it.
 A round registered with cached tokens the engine no longer holds recomputes its whole prompt
 (`StepReport.kv_misses`). Every block is always exactly one of: free, evictable, pinned, or held
-by a registered request (`kv_blocks` tells the split).
+by a registered request (`kv_blocks` tells the split). An engine given host memory for KV
+(`host_blocks`) also honours "host": the finished round's KV is copied to host memory and its GPU
+blocks freed (a simplification: the copy out is taken as overlapped with compute and finished
+before the blocks are reused); the round that attaches it gets fresh GPU blocks and its copy in
+takes `swap_s_per_token` per token from registration, so the first step that names the round
+waits for it if it is not done (the step's time grows by the wait). Host entries beyond the host
+pool are evicted least recently kept first (reported in `kv_evicted`).
 
 Speculative decoding: a request verifying s draft tokens accepts each one with the true rate alpha,
 independently, and keeps the leading accepted run:
@@ -74,6 +80,7 @@ class _Sequence(TokenProgress):
         "num_prompt_tokens",
         "num_thinking_tokens",
         "retain_kv",
+        "swap_ready_s",
     )
 
     def __init__(self, request: EngineRequest) -> None:
@@ -85,6 +92,7 @@ class _Sequence(TokenProgress):
         self.num_blocks = 0
         self.chain_id: str | None = None
         self.retain_kv = "drop"
+        self.swap_ready_s = 0.0  # its kept KV copied in from host memory by then
 
     def thinking_in(self, num_before: int, num_after: int) -> int:
         """How many of the output tokens num_before+1..num_after were thinking tokens, when the
@@ -108,11 +116,20 @@ class SimEngine(Engine):
         advertised_perf_model: PerfModel | None = None,
         vocab_size: int = 50272,
         true_lengths: TrueLengths | None = None,
+        host_blocks: int = 0,
+        swap_s_per_token: float = 0.0,
     ) -> None:
         if num_total_blocks < 1 or block_size < 1:
             raise ValueError("the simulated engine needs at least one KV block of >= 1 token")
         if not 0.0 <= true_acceptance_rate <= 1.0:
             raise ValueError("true_acceptance_rate must be in [0, 1]")
+        if host_blocks < 0 or swap_s_per_token < 0:
+            raise ValueError("host_blocks and swap_s_per_token must be >= 0")
+        self.host_blocks = host_blocks
+        self.swap_s_per_token = swap_s_per_token
+        self._host: OrderedDict[str, tuple[int, int]] = OrderedDict()  # LRU, oldest first
+        self._num_host_blocks = 0
+        self._num_swapping = 0  # registered rounds whose copy in may not be done yet
         self.truth = truth if isinstance(truth, TruthModel) else TruthModel(truth)
         self.num_total_blocks = num_total_blocks
         self.block_size = block_size
@@ -152,6 +169,8 @@ class SimEngine(Engine):
             max_spec_tokens=self.max_spec_tokens,
             name="sim",
             kv_retention=True,
+            kv_host_blocks=self.host_blocks,
+            kv_swap_s_per_token=self.swap_s_per_token,
         )
 
     @property
@@ -173,11 +192,18 @@ class SimEngine(Engine):
     def _attach(self, request: EngineRequest, seq: _Sequence) -> None:
         """Give the request its chain's kept KV, or count a miss (it recomputes)."""
         chain_id = request.chain_id
+        on_host = chain_id in self._host
         entry = self._take_kept(chain_id) if chain_id is not None else None
         if entry is None or entry[0] != request.num_cached_tokens:
             self._misses.append(request.request_id)  # an entry of another length is dropped
             return
         num_tokens, num_blocks = entry
+        if on_host:
+            if num_blocks > self._num_free_blocks:  # no GPU room to copy it into: recompute
+                self._misses.append(request.request_id)
+                return
+            seq.swap_ready_s = self.clock() + num_tokens * self.swap_s_per_token
+            self._num_swapping += 1
         self._num_free_blocks -= num_blocks
         self._evict_to_fit()
         seq.num_computed_tokens = num_tokens
@@ -193,6 +219,10 @@ class SimEngine(Engine):
         entry = self._evictable.pop(chain_id, None)
         if entry is not None:
             self._num_evictable_blocks -= entry[1]
+            return entry
+        entry = self._host.pop(chain_id, None)
+        if entry is not None:  # off the GPU: the caller allocates its blocks anew
+            self._num_host_blocks -= entry[1]
         return entry
 
     def release_kv(self, chain_id: str) -> None:
@@ -210,9 +240,14 @@ class SimEngine(Engine):
             "held": held,
         }
 
+    @property
+    def num_host_blocks(self) -> int:
+        """Blocks of kept KV in host memory (not of the GPU pool `kv_blocks` splits)."""
+        return self._num_host_blocks
+
     def kept_chains(self) -> dict[str, tuple[int, int]]:
-        """Chain id -> (tokens, blocks) of every kept entry, pinned and evictable."""
-        return {**self._pinned, **self._evictable}
+        """Chain id -> (tokens, blocks) of every kept entry, pinned, evictable and on host."""
+        return {**self._pinned, **self._evictable, **self._host}
 
     def pinned_block_seconds(self) -> float:
         """Pinned KV held so far, in block-seconds of the engine's clock (up to now)."""
@@ -230,7 +265,18 @@ class SimEngine(Engine):
         chain_id = seq.chain_id
         self._take_kept(chain_id)  # an older entry of the chain is superseded
         entry = (seq.num_computed_tokens, seq.num_blocks)
-        if seq.retain_kv == "pinned":
+        if seq.retain_kv == "host":
+            self._num_free_blocks += seq.num_blocks  # copied out: the GPU blocks are free
+            if seq.num_blocks > self.host_blocks:
+                self._evicted.append(chain_id)
+                return
+            self._host[chain_id] = entry
+            self._num_host_blocks += seq.num_blocks
+            while self._num_host_blocks > self.host_blocks:
+                evicted, (_, num_blocks) = self._host.popitem(last=False)
+                self._num_host_blocks -= num_blocks
+                self._evicted.append(evicted)
+        elif seq.retain_kv == "pinned":
             self._pinned[chain_id] = entry
             self._add_pinned(seq.num_blocks)
         else:
@@ -283,6 +329,7 @@ class SimEngine(Engine):
         seq = self._seqs.pop(request_id, None)
         if seq is not None:
             self._num_free_blocks += seq.num_blocks
+            self._no_swap(seq)
 
     def preempt(self, request_id: str) -> None:
         seq = self._seqs.get(request_id)
@@ -290,6 +337,13 @@ class SimEngine(Engine):
             self._num_free_blocks += seq.num_blocks
             seq.num_blocks = 0
             seq.num_computed_tokens = 0
+            self._no_swap(seq)
+
+    def _no_swap(self, seq: _Sequence) -> None:
+        """The round's copy in from host memory no longer matters (its KV was dropped)."""
+        if seq.swap_ready_s:
+            seq.swap_ready_s = 0.0
+            self._num_swapping -= 1
 
     def import_request(
         self, request: EngineRequest, num_computed_tokens: int, num_generated_tokens: int
@@ -322,12 +376,25 @@ class SimEngine(Engine):
         time_s = self.truth.step_time_s(
             step.num_batched_tokens, step.spec_steps, num_context_tokens
         )
+        if self._num_swapping:  # a round's KV still being copied in from host memory
+            time_s += self._swap_wait_s(step, start_s)
         report = self._apply(step, step_id, start_s, start_s + time_s)
         if self.sleep is not None:
             self.sleep(time_s)
             report = msgspec.structs.replace(report, end_s=self.clock())
         self.num_steps += 1
         return report
+
+    def _swap_wait_s(self, step: Step, start_s: float) -> float:
+        """How long the step waits for copies in from host memory of the rounds it names."""
+        wait_s = 0.0
+        for rid in step.num_tokens:
+            seq = self._seqs[rid]
+            if seq.swap_ready_s > start_s:
+                wait_s = max(wait_s, seq.swap_ready_s - start_s)
+                seq.swap_ready_s = 0.0
+                self._num_swapping -= 1
+        return wait_s
 
     # ------------------------------------------------------------------ fast-forward (simulator)
 
@@ -337,7 +404,7 @@ class SimEngine(Engine):
         drafts); else the runs until the first of its requests finishes or until the free blocks
         would not cover the next run (the most runs r with sum_i max(0, ceil((c_i + r) / B) - b_i)
         <= free, found by bisection: the sum grows with r)."""
-        if not self.truth.is_exact or step.num_spec_tokens:
+        if not self.truth.is_exact or step.num_spec_tokens or self._num_swapping:
             return 0
         seqs = self._seqs
         num_runs = 1 << 30

@@ -27,7 +27,8 @@ from formulations.pauses import PauseEstimate
 from formulations.plan import Plan
 from formulations.state import ReplicaView, RequestState
 
-KV_RETENTIONS = ("drop", "pinned", "evictable")
+# "host": copied to host memory, only where the engine offers it (ReplicaView.num_host_free_blocks)
+KV_RETENTIONS = ("drop", "pinned", "evictable", "host")
 
 
 class Formulation(ABC):

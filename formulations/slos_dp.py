@@ -368,24 +368,25 @@ class SlosDP(Formulation):
         return plan
 
     def kv_retention(self, view: ReplicaView, state: RequestState, pause: PauseEstimate) -> str:
-        """Pin the round's KV over the chain's pause when holding it costs less than recomputing
-        it: holding b of the replica's B blocks for the pause's 90th percentile d takes b/B of
-        the memory for d seconds, worth (b/B) d seconds of the whole replica when memory binds;
-        recomputing the context takes its prefill time of the GPU, saved only if a next round
-        comes (its predicted chance, with `plan_chains`). Pinned KV stays under
-        MAX_PINNED_SHARE of the blocks. Otherwise it is left evictable (the engine's prefix cache
-        may still have it when the round comes back)."""
+        """Keep the round's KV over the chain's pause the cheapest way, in seconds of the
+        replica: pinned, holding b of its B blocks for the pause's 90th percentile d costs
+        (b/B) d when memory binds; copied to host memory (engines that offer it, with room),
+        copying it back in costs its copy time; left to recompute costs its prefill time, only
+        if a next round comes (its predicted chance, with `plan_chains`). Pinned KV stays under
+        MAX_PINNED_SHARE of the blocks. When recomputing is cheapest the KV is left evictable
+        (the engine's prefix cache may still have it when the round comes back)."""
         if not self.pin_kv:
             return "evictable"
         num_tokens = state.num_prompt_tokens + state.num_expected_output_tokens - 1
         num_blocks = num_blocks_for(num_tokens, view.block_size)
         num_total = view.num_total_blocks + view.num_kept_blocks
-        hold_s = num_blocks / num_total * pause.quantile_s
-        # Recomputing is saved only if the next round comes (chain_forecast.py).
         next_p = state.chain_next_p if self.plan_chains else 1.0
-        recompute_s = next_p * view.perf_model.prefill_time_s(num_tokens)
-        within_share = view.num_kept_blocks + num_blocks <= MAX_PINNED_SHARE * num_total
-        return "pinned" if hold_s < recompute_s and within_share else "evictable"
+        costs_s = {"evictable": next_p * view.perf_model.prefill_time_s(num_tokens)}
+        if view.num_kept_blocks + num_blocks <= MAX_PINNED_SHARE * num_total:
+            costs_s["pinned"] = num_blocks / num_total * pause.quantile_s
+        if num_blocks <= view.num_host_free_blocks:
+            costs_s["host"] = next_p * num_tokens * view.kv_swap_s_per_token
+        return min(costs_s, key=lambda mode: (costs_s[mode], mode != "evictable"))
 
     def _plan(self, view: ReplicaView) -> Plan:
         problem = extract_problem(

@@ -122,3 +122,7 @@ class ReplicaView:
     # context and tails beyond what is pinned; planner_svc/chains.py): not left out of
     # `num_total_blocks`; formulations that plan chains reserve it.
     num_chain_reserve_blocks: int = 0
+    # Host memory the engine still offers for kept KV (blocks; 0: none or full) and the seconds
+    # to copy one token's KV back in from it.
+    num_host_free_blocks: int = 0
+    kv_swap_s_per_token: float = 0.0

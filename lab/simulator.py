@@ -108,6 +108,10 @@ class SimConfig:
     # released this long after its round finished if the next round has not taken it.
     kv_reuse: bool = True
     kv_ttl_s: float = 30.0
+    # Host memory per replica for kept KV, in blocks (0: none), and the time to copy one token's
+    # KV back in from it (engines honour retain_kv "host"; bench_agents.py --host-blocks).
+    kv_host_blocks: int = 0
+    kv_swap_s_per_token: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lengths not in LENGTH_MODES:
@@ -245,6 +249,8 @@ class Simulation(FastForward):
                     config.true_acceptance_rate,
                     seed=config.seed * 1000 + spec.replica_id,
                     clock=self.clock,
+                    host_blocks=spec.kv_host_blocks,
+                    swap_s_per_token=spec.kv_swap_s_per_token,
                 ),
             )
             for spec in self.specs
@@ -553,6 +559,8 @@ def _replica_specs(config: SimConfig) -> list[ReplicaSpec]:
             role=role,
             num_gpus=config.gpus_per_replica(),
             kv_retention=config.kv_reuse,
+            kv_host_blocks=config.kv_host_blocks if config.kv_reuse else 0,
+            kv_swap_s_per_token=config.kv_swap_s_per_token,
         )
         for i, role in enumerate(roles)
     ]

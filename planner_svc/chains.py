@@ -122,7 +122,7 @@ class ChainBook:
         if entry is None or entry.num_tokens >= state.num_prompt_tokens:
             return
         del rep.kept[chain_id]
-        if not entry.pinned:  # the engine counted it free until now
+        if not entry.pinned:  # counted free by the engine until now, or to be copied in
             rep.num_free_blocks -= entry.num_blocks
         state.num_computed_tokens = entry.num_tokens
         state.num_blocks = entry.num_blocks
@@ -180,14 +180,17 @@ class ChainBook:
         if retain_kv == "drop" or state.num_blocks == 0:
             return
         pinned = retain_kv == "pinned"
+        on_host = retain_kv == "host"  # the engine's LRU of host memory may also drop it
         rep.kept[chain_id] = KeptKV(
             chain_id,
             state.num_computed_tokens,
             state.num_blocks,
             pinned,
-            now_s + self.kv_ttl_s if pinned else None,
+            now_s + self.kv_ttl_s if pinned or on_host else None,
             self._reserve_blocks(state, rep.spec.block_size, pinned),
-            now_s + self.kv_ttl_s,
+            # Reserved while the next round is expected: up to the pause's 90th percentile.
+            now_s + self.pauses.predict(request.slo_class).quantile_s,
+            on_host,
         )
         if pinned:
             self.release_pinned(rep, out, MAX_PINNED_SHARE * rep.spec.num_total_blocks)
@@ -260,7 +263,8 @@ class ChainBook:
             ]
             for chain_id in due:
                 entry = rep.kept.pop(chain_id)
-                rep.num_free_blocks += entry.num_blocks
+                if entry.pinned:  # a host entry holds no GPU blocks
+                    rep.num_free_blocks += entry.num_blocks
                 out.kv_releases.append(OnReplica(chain_id, replica_id))
                 self.stats.num_releases += 1
                 changed.add(replica_id)

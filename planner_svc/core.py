@@ -460,8 +460,11 @@ class PlannerCore:
             return "drop"
         pause = self.chains.pauses.predict(request.slo_class)
         mode = rep.formulation.kv_retention(rep.view(now_s), state, pause)
-        if mode not in KV_RETENTIONS:
-            raise PlanError(f"formulation {rep.formulation.name!r}: unknown KV retention {mode!r}")
+        if mode not in KV_RETENTIONS or (mode == "host" and not rep.spec.kv_host_blocks):
+            raise PlanError(
+                f"formulation {rep.formulation.name!r}: KV retention {mode!r} unknown or not "
+                "offered by the engine"
+            )
         return mode
 
     def _forget(self, request_id: str) -> None:

@@ -354,6 +354,8 @@ class PlannerDaemon:
                 block_size=ready.block_size,
                 max_spec_tokens=ready.max_spec_tokens,
                 kv_retention=ready.kv_retention and self.config.kv_retention,
+                kv_host_blocks=ready.kv_host_blocks,
+                kv_swap_s_per_token=ready.kv_swap_s_per_token,
             )
         except ValueError as exc:
             self._reject_frame(

@@ -32,6 +32,7 @@ class KeptKV:
     # and the chain's tail, weighted by the chance they come: chains.py), until `reserve_until_s`.
     num_reserve_blocks: int = 0
     reserve_until_s: float = 0.0
+    on_host: bool = False  # copied to the engine's host memory: no GPU blocks held (expires too)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class ReplicaSpec:
     # The engine keeps a tool chain's KV between rounds when asked (EngineRequest.retain_kv): the
     # simulator sets it (SimConfig.kv_reuse), the daemon when the engine's READY says so.
     kv_retention: bool = False
+    # Host memory the engine offers for kept KV (blocks; 0: none) and its copy-in time per token.
+    kv_host_blocks: int = 0
+    kv_swap_s_per_token: float = 0.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -154,6 +158,7 @@ class ReplicaState:
         spec = self.spec
         pinned = self.num_pinned_blocks() if self.kept else 0
         reserve = self.chain_reserve_blocks(now_s) if self.kept else 0
+        on_host = sum(e.num_blocks for e in self.kept.values() if e.on_host) if self.kept else 0
         return ReplicaView(
             replica_id=spec.replica_id,
             now_s=now_s,
@@ -168,6 +173,8 @@ class ReplicaState:
             context_tokens_per_decode=self.context_estimate(),
             num_kept_blocks=pinned,
             num_chain_reserve_blocks=reserve,
+            num_host_free_blocks=max(0, spec.kv_host_blocks - on_host),
+            kv_swap_s_per_token=spec.kv_swap_s_per_token,
         )
 
     # -- updates

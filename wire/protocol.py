@@ -95,6 +95,10 @@ class Ready(_Msg):
     # The engine keeps a tool chain's KV between rounds when a payload asks (`retain_kv`) and
     # honours RELEASE_KV; False (older engines): the planner sends only the defaults.
     kv_retention: bool = False
+    # With kv_retention: host memory for kept KV in blocks (0: none; then "host" is never sent)
+    # and the seconds to copy one token's KV back in.
+    kv_host_blocks: NonNegInt = 0
+    kv_swap_s_per_token: NonNegFloat = 0.0
 
 
 class EngineRequest(_Msg):
@@ -122,7 +126,7 @@ class EngineRequest(_Msg):
     # engines that keep KV (the sim engine) are ever sent anything but the defaults.
     chain_id: str | None = None
     num_cached_tokens: NonNegInt = 0
-    retain_kv: Literal["drop", "pinned", "evictable"] = "drop"
+    retain_kv: Literal["drop", "pinned", "evictable", "host"] = "drop"
 
     def __post_init__(self) -> None:
         if (

@@ -74,3 +74,54 @@ def test_evictable_kv_counts_free_and_is_evicted_lru_first():
         engine.abort(rid)
     assert engine.num_free_blocks == 10
     assert engine.kv_blocks()["held"] == 0
+
+
+def make_host_engine(num_blocks=100, host_blocks=6, swap_s_per_token=0.001):
+    return SimEngine(
+        SIMPLE_MODEL,
+        num_blocks,
+        16,
+        clock=VirtualClock(0.0),
+        host_blocks=host_blocks,
+        swap_s_per_token=swap_s_per_token,
+    )
+
+
+def test_host_kv_frees_the_gpu_and_its_copy_in_delays_the_first_step():
+    engine = make_host_engine()
+    assert engine.info().kv_host_blocks == 6
+    run_round(engine, "r0", 40, 5, retain="host")
+    assert engine.kept_chains() == {"c": (44, 3)}
+    assert engine.num_free_blocks == 100 and engine.num_host_blocks == 3  # off the GPU
+    plain = make_engine()  # the same round with its KV recomputed-free: no copy to wait for
+    plain.add_request(EngineRequest("r1", 55, 4))
+    plain_s = plain.execute(Step({"r1": 11}), 0).end_s
+    engine.clock.now_s = 0.0
+    num_attached = engine.add_request(
+        EngineRequest("r1", 55, 4, chain_id="c", num_cached_tokens=44)
+    )
+    assert num_attached == 44 and engine.num_free_blocks == 97 and engine.num_host_blocks == 0
+    first = engine.execute(Step({"r1": 11}), 0)
+    waited_s = (first.end_s - first.start_s) - (plain_s - 0.0)
+    assert waited_s > 0.044 - 1e-9  # 44 tokens at 1 ms each, minus nothing: it started at once
+    engine.clock.now_s = first.end_s
+    second = engine.execute(Step({"r1": 1}), 1)
+    assert second.end_s - second.start_s < first.end_s - first.start_s  # waited once only
+
+
+def test_host_kv_is_evicted_lru_first_and_released_and_nothing_leaks():
+    engine = make_host_engine(host_blocks=6)
+    run_round(engine, "a0", 40, 5, retain="host", chain="a")  # 3 blocks
+    run_round(engine, "b0", 40, 5, retain="host", chain="b")  # 3 blocks: host full
+    report = run_round(engine, "c0", 40, 5, retain="host", chain="c")[1][-1]
+    assert report.kv_evicted == ("a",)  # the least recently kept left host memory
+    assert set(engine.kept_chains()) == {"b", "c"}
+    run_round(engine, "big", 120, 5, retain="host", chain="big")  # 8 blocks > the host pool
+    assert "big" not in engine.kept_chains()
+    engine.release_kv("b")
+    num_attached, _ = run_round(engine, "c1", 60, 3, cached=44, chain="c")
+    assert num_attached == 44
+    num_attached, _ = run_round(engine, "a1", 60, 3, cached=44, chain="a")
+    assert num_attached == 0  # evicted from host memory: a miss, recomputed
+    assert engine.num_host_blocks == 0 and engine.kept_chains() == {}
+    assert engine.num_free_blocks == 100 and engine.kv_blocks()["held"] == 0

@@ -4,6 +4,8 @@ time out, are aborted or lose their engine; rounds go home (session affinity) an
 home died; later rounds of admitted chains are not rejected; the vLLM-style prefix cache hits
 before eviction and misses after."""
 
+import dataclasses
+
 import pytest
 
 from engine_adapters.sim_engine import SimEngine, VirtualClock
@@ -15,6 +17,7 @@ from lab.experiment import Experiment
 from lab.simulator import SimConfig, Simulation
 from lab.workloads.workload import Workload
 from planner_svc.core import PlannerCore
+from planner_svc.plan_check import PlanError
 from planner_svc.replica import ReplicaSpec
 from tests.factories import SIMPLE_MODEL, make_req
 from wire.plan_cursor import PlanCursor
@@ -325,3 +328,67 @@ def test_pinned_kv_never_takes_more_than_its_share_of_a_replica():
     assert 0 < most_pinned <= MAX_PINNED_SHARE * 1500
     assert all(r.verdict is not None for r in result.records)
     assert_no_leak(sim)
+
+
+def test_slos_dp_keeps_kv_the_cheapest_way():
+    """Pinned while holding is cheaper than recomputing; on host when the engine offers host
+    memory and copying back in is cheaper still; evictable when recomputing is cheapest (a next
+    round unlikely) or nothing else fits."""
+    from formulations.pauses import PauseEstimate
+    from formulations.slos_dp import SlosDP
+    from formulations.state import ReplicaView, RequestState
+
+    state = RequestState(make_req("r", 0.0, prompt=2000, output=100))
+    view = ReplicaView(0, 0.0, MODEL, 16, 9000, 9000, (), ())
+    short, long = PauseEstimate(1.0, 2.0), PauseEstimate(60.0, 120.0)
+    formulation = SlosDP()
+    assert formulation.kv_retention(view, state, short) == "pinned"
+    assert formulation.kv_retention(view, state, long) == "evictable"
+    with_host = dataclasses.replace(view, num_host_free_blocks=1000, kv_swap_s_per_token=1e-6)
+    assert formulation.kv_retention(with_host, state, long) == "host"
+    assert formulation.kv_retention(with_host, state, short) == "host"  # cheaper than holding
+    full = dataclasses.replace(with_host, num_host_free_blocks=10)
+    assert formulation.kv_retention(full, state, long) == "evictable"
+    state.chain_next_p = 0.0  # no next round expected: nothing is worth keeping
+    assert formulation.kv_retention(with_host, state, short) == "evictable"
+
+
+def test_kv_on_host_memory_serves_later_rounds_and_nothing_leaks():
+    """Engines with host memory for KV: slos_dp keeps paused chains' KV there, later rounds
+    attach it, host memory and GPU blocks all come back. The core refuses "host" from a
+    formulation when the engine offers no host memory."""
+    sim = Simulation(
+        tool_agent(40, 0.6),
+        SimConfig(
+            perf_model=MODEL,
+            formulation="slos_dp",
+            num_blocks_per_replica=1500,
+            kv_host_blocks=2000,
+            kv_swap_s_per_token=16e-6,
+        ),
+    )
+    engine = sim.runners[0].engine
+    kept_as = []
+    keep = engine._keep
+
+    def watched(seq):
+        kept_as.append(seq.retain_kv)
+        keep(seq)
+
+    engine._keep = watched
+    result = sim.run()
+    assert kept_as.count("host") > len(kept_as) / 2
+    assert hit_rate(result) > 0.8
+    assert all(r.num_cached_tokens > 0 for r in later_rounds(result) if r.attainment.ok)
+    assert_no_leak(sim)
+    assert all(runner.engine.num_host_blocks == 0 for runner in sim.runners.values())
+
+    class HostAlways(registry.formulation_class("vllm_fcfs")):
+        def kv_retention(self, view, state, pause):
+            return "host"
+
+    spec = ReplicaSpec(0, SIMPLE_MODEL, num_total_blocks=200, kv_retention=True)
+    core = PlannerCore([spec], lambda s: HostAlways())
+    chain = two_round_chain(1.0)
+    with pytest.raises(PlanError, match="not offered"):
+        core.submit(chain.round_request(0, 0.0, SIMPLE_MODEL), 0.0)
