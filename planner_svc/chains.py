@@ -32,6 +32,9 @@ class ChainStats:
     num_claims: int = 0  # rounds that found their chain's KV kept on the replica they went to
     num_misses: int = 0  # claimed KV the engine no longer held (recomputed)
     num_releases: int = 0  # kept entries released by the core (time-to-live, unused, ended)
+    # rounds >= 1 of a chain not admitted here (never seen, ended by a rejection, forgotten after
+    # CHAIN_IDLE_S, or a planner restart): served as fresh requests, unprotected
+    num_unknown_rounds: int = 0
 
 
 class ChainBook:
@@ -60,6 +63,8 @@ class ChainBook:
         if request.round_index > 0 and chain_id in self.admitted:
             state.protected = True
             self.admitted[chain_id] = now_s
+        elif request.round_index > 0:
+            self.stats.num_unknown_rounds += 1
 
     def home(self, request: Request, replicas: dict[int, ReplicaState]) -> int | None:
         """The replica that keeps the chain's KV (None: none does)."""
