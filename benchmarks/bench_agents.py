@@ -84,15 +84,18 @@ def _at_rate(experiment: Experiment, formulation: str, rate_rps: float, num_seed
         ),
         0,
     )
+    per_seed = []  # chain attainment of each seed: how noisy the pooled figure is
     for k in range(num_seeds):
         seeded = dataclasses.replace(experiment, seed=experiment.seed + k)
         report, _ = seeded.run(formulation, rate_rps)
         for key in totals:
             totals[key] += getattr(report, key)
+        per_seed.append(round(report.attainment, 3))
     later = totals["num_later_round_prompt_tokens"]
     return {
         "rate_rps": rate_rps,
         **totals,
+        "chain_attainment_per_seed": per_seed,
         "chain_attainment": totals["num_attained"] / max(1, totals["num_items"]),
         "call_attainment": totals["num_calls_attained"] / max(1, totals["num_calls"]),
         "kv_hit_rate": totals["num_later_round_cached_tokens"] / later if later else None,
@@ -104,7 +107,9 @@ def _format(at_capacity: dict) -> str:
     if not at_capacity:
         return "-"
     text = (
-        f"chains {at_capacity['chain_attainment']:.3f}, calls {at_capacity['call_attainment']:.3f}"
+        f"chains {at_capacity['chain_attainment']:.3f} "
+        f"(per seed {at_capacity['chain_attainment_per_seed']}), "
+        f"calls {at_capacity['call_attainment']:.3f}"
     )
     if at_capacity["kv_hit_rate"] is not None:
         text += (
