@@ -239,6 +239,10 @@ def test_session_header_makes_successive_chats_rounds_of_one_chain(stack):
     assert [stack.tracked(r.id).request.round_index for r in (explicit, after)] == [5, 6]
     # every round above belonged to a chain the planner admitted: none was an unknown one
     assert stack.service.daemon.core.chains.stats.num_unknown_rounds == unknown_before
+    _, _, metrics = get(f"{stack.url}/metrics")
+    for kind in ("counted", "new", "explicit"):
+        assert f'slos_http_session_rounds_total{{kind="{kind}"}}'.encode() in metrics
+    assert b"slos_http_sessions " in metrics
 
 
 def test_a_later_round_of_a_session_unknown_to_the_planner_is_served_and_counted(stack):
