@@ -115,7 +115,10 @@ class ChainBook:
     # ------------------------------------------------------------------ rounds ending
 
     def admitted_round(self, request: Request, now_s: float) -> None:
-        if request.chain_id is not None and request.round_index == 0:
+        """A round got an admitting verdict: its chain's later rounds are protected from now on.
+        Usually round 0; a later round of a chain unknown here (served as a fresh request: after a
+        restart, a rejection, or CHAIN_IDLE_S) starts the protection the same way."""
+        if request.chain_id is not None:
             self.admitted[request.chain_id] = now_s
 
     def finished(

@@ -259,6 +259,12 @@ def test_a_later_round_of_a_session_unknown_to_the_planner_is_served_and_counted
     request = stack.tracked(response.id).request
     assert (request.chain_id, request.round_index) == ("never-seen", 3)
     assert stats.num_unknown_rounds == unknown_before + 1
+    # admitted, that round made the chain known: its next round is a protected later round
+    following = stack.openai().completions.create(
+        model=MODEL, prompt=[4] * 14, max_tokens=3, extra_headers={"x-session-id": "never-seen"}
+    )
+    assert stack.tracked(following.id).request.round_index == 4
+    assert stats.num_unknown_rounds == unknown_before + 1
 
 
 @pytest.mark.parametrize(
