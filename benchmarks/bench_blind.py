@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from lab.capacity import SearchParams, formulation_capacity  # noqa: E402
 from lab.experiment import Experiment  # noqa: E402
-from lab.workloads import SCENARIO_NAMES  # noqa: E402
+from lab.workloads import EVALUATION_SCENARIOS, SCENARIO_NAMES  # noqa: E402
 
 PERF_MODEL = "opt-13b-2xa100"
 SPEC_TOKENS = 4  # draft tokens per step at most (true acceptance 0.7)
@@ -89,7 +89,7 @@ VLLM_BUDGETS = ("vllm_fcfs@2048", "vllm_fcfs@8192")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenarios", default=",".join(SCENARIO_NAMES))
+    parser.add_argument("--scenarios", default=",".join(EVALUATION_SCENARIOS))
     parser.add_argument("--columns", default=",".join(COLUMNS), help="which capacities to measure")
     parser.add_argument("--num-requests", type=int, default=400, help="trace window per run")
     parser.add_argument("--seeds", type=int, default=3, help="seeds pooled per rate")

@@ -23,7 +23,7 @@ from formulations import registry  # noqa: E402
 from lab.capacity import SearchParams, formulation_capacity  # noqa: E402
 from lab.experiment import Experiment  # noqa: E402
 from lab.plots import plot_capacity_bars  # noqa: E402
-from lab.workloads import SCENARIO_NAMES  # noqa: E402
+from lab.workloads import EVALUATION_SCENARIOS  # noqa: E402
 
 BASELINES = ("vllm_fcfs", "vllm_prefill_first", "sarathi", "edf", "distserve")
 OURS = "slos_dp"
@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--formulations", default=None, help="comma-separated (default: the baselines + slos_dp)"
     )
-    parser.add_argument("--scenarios", default=",".join(SCENARIO_NAMES))
+    parser.add_argument("--scenarios", default=",".join(EVALUATION_SCENARIOS))
     parser.add_argument("--num-requests", type=int, default=200, help="trace window per run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-rate", type=float, default=0.5)

@@ -32,7 +32,7 @@ from formulations.slos_dp import SlosDP  # noqa: E402
 from formulations.state import ReplicaView, RequestState  # noqa: E402
 from lab.capacity import SearchParams, formulation_capacity  # noqa: E402
 from lab.experiment import Experiment  # noqa: E402
-from lab.workloads import SCENARIO_NAMES  # noqa: E402
+from lab.workloads import EVALUATION_SCENARIOS  # noqa: E402
 
 PERF_MODEL = "opt-13b-2xa100"
 BASELINES = ("vllm_fcfs", "vllm_prefill_first", "sarathi", "edf", "distserve")
@@ -48,7 +48,7 @@ PARTS = ("capacity", "ablations", "scaling", "robustness", "overhead", "oracle")
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS))
-    parser.add_argument("--scenarios", default=",".join(SCENARIO_NAMES))
+    parser.add_argument("--scenarios", default=",".join(EVALUATION_SCENARIOS))
     parser.add_argument("--num-requests", type=int, default=120, help="trace window per run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")

@@ -61,6 +61,9 @@ class ChainStats:
     num_claims: int = 0  # rounds that found their chain's KV kept on the replica they went to
     num_misses: int = 0  # claimed KV the engine no longer held (recomputed)
     num_releases: int = 0  # kept entries released by the core (time-to-live, unused, ended)
+    # rounds >= 1 of a chain not admitted here (never seen, ended by a rejection, forgotten after
+    # CHAIN_IDLE_S, or a planner restart): served as fresh requests, unprotected
+    num_unknown_rounds: int = 0
 
 
 class ChainBook:
@@ -104,6 +107,8 @@ class ChainBook:
         if request.round_index > 0 and chain_id in self.admitted:
             state.protected = True
             self.admitted[chain_id] = now_s
+        elif request.round_index > 0:
+            self.stats.num_unknown_rounds += 1
 
     def home(self, request: Request, replicas: dict[int, ReplicaState]) -> int | None:
         """The replica that keeps the chain's KV (None: none does)."""
@@ -154,7 +159,10 @@ class ChainBook:
     # ------------------------------------------------------------------ rounds ending
 
     def admitted_round(self, request: Request, now_s: float) -> None:
-        if request.chain_id is not None and request.round_index == 0:
+        """A round got an admitting verdict: its chain's later rounds are protected from now on.
+        Usually round 0; a later round of a chain unknown here (served as a fresh request: after a
+        restart, a rejection, or CHAIN_IDLE_S) starts the protection the same way."""
+        if request.chain_id is not None:
             self.admitted[request.chain_id] = now_s
 
     def finished(

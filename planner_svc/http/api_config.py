@@ -6,6 +6,8 @@ and per API key. One TOML file (`slos-serve api --config FILE`), every key optio
     max_model_len = 2048              # prompt + max_tokens; default: the model dir's config.json
     verdict_timeout_s = 5.0           # no verdict by then: 503 and the request is aborted
     require_api_key = false           # true: only the keys below may call /v1/*
+    max_sessions = 65536              # sessions whose round count the front door keeps (LRU)
+    session_ttl_s = 600.0             # a session silent this long restarts at round 0
 
     [models.slos-tiny]                # served model names (the first is the default)
     slo_class = "chatbot"
@@ -77,6 +79,12 @@ class ApiConfig:
     verdict_timeout_s: float = 5.0
     require_api_key: bool = False
     max_body_bytes: int = 8 << 20
+    # The round count per session (x-session-id / chain_id without round_index), bounded:
+    # least recently used sessions beyond max_sessions are forgotten (at most ~20 MB with ids at
+    # their 128-character limit), and so is a session silent for session_ttl_s (the planner's
+    # CHAIN_IDLE_S: it has forgotten the chain by then too). A forgotten session starts at 0.
+    max_sessions: int = 65536
+    session_ttl_s: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.model_defaults:
@@ -87,6 +95,8 @@ class ApiConfig:
             raise ValueError("max_model_len must be at least 2")
         if not self.verdict_timeout_s > 0:
             raise ValueError("verdict_timeout_s must be positive")
+        if self.max_sessions < 1 or not self.session_ttl_s > 0:
+            raise ValueError("max_sessions must be at least 1 and session_ttl_s positive")
         if self.require_api_key and not self.api_keys:
             raise ValueError("require_api_key is set but no [api_keys] are configured")
 
@@ -110,6 +120,8 @@ _TOP_KEYS = {
     "verdict_timeout_s",
     "require_api_key",
     "max_body_bytes",
+    "max_sessions",
+    "session_ttl_s",
     "models",
     "api_keys",
 }

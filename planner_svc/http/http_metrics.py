@@ -90,6 +90,22 @@ class HttpMetrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.session_rounds = Counter(
+            "slos_http_session_rounds",
+            "Requests with a session id, by how their round index was set: counted (the "
+            "session's next), new (a session the front door does not know: round 0), explicit",
+            ["kind"],
+            registry=r,
+        )
+        self.sessions = Gauge(
+            "slos_http_sessions", "Sessions whose round count the front door keeps", registry=r
+        )
+        self.sessions_forgotten = Counter(
+            "slos_http_sessions_forgotten",
+            "Sessions forgotten, by reason: ttl (silent for session_ttl_s), lru (max_sessions)",
+            ["reason"],
+            registry=r,
+        )
 
         self.ingress = Histogram(
             "slos_http_ingress_seconds",

@@ -11,12 +11,18 @@ Extension fields (the openai client sends them with `extra_body={...}`):
     slo            {"ttft_ms": 800, "tpot_ms": 50, "ttft_slowdown": 3,
                     "thinking_tokens": 256, "thinking_tpot_ms": 30, "value": 2.0}
     slo_targets    "tool_final"             take the targets of this class (tool-calling rounds)
-    chain_id, round_index                   a tool-calling agent's round
+    chain_id, round_index                   a session's (agent's, conversation's) round; without
+                                            round_index the front door counts the session's
+                                            rounds itself: 0, 1, 2, ... (session_rounds.py)
     chain_last_round  true                  the chain's last round: its KV is not kept after it
     expected_output_tokens  300             the client's expectation of the output length, a hint
                                             for the planner's length predictor (max_tokens stays
                                             the cap)
     ignore_eos     true                     run to max_tokens (vLLM's field)
+
+Header: `x-session-id: <id>` is another way to give `chain_id` (1 to MAX_SESSION_ID_CHARS
+printable ASCII characters, as the body field must be too). Given both, they must be equal: a
+request naming two sessions is refused (400) rather than served under either.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from planner_svc.http.api_config import ApiConfig, SloDefaults
 from planner_svc.http.tokenizer import PromptTooLong, TextTokenizer
 
 DEFAULT_MAX_MODEL_LEN = 8192
+SESSION_HEADER = "x-session-id"
+MAX_SESSION_ID_CHARS = 128  # a UUID is 36; bounds the front door's session table (ApiConfig)
 _JSON_DECODER = msgspec.json.Decoder()  # several times faster than json.loads on token lists
 
 
@@ -81,8 +89,8 @@ class SloRequest:
     thinking_tokens: int = 0
     thinking_tpot_ms: float | None = None
     value: float = 1.0
-    chain_id: str | None = None
-    round_index: int = 0
+    chain_id: str | None = None  # the session (body chain_id or the x-session-id header)
+    round_index: int | None = None  # None: not given (the front door counts a session's rounds)
     chain_last_round: bool = False
     expected_output_tokens: int | None = None
 
@@ -135,8 +143,10 @@ def parse_job(
     config: ApiConfig,
     tokenizer: TextTokenizer | None,
     api_key: str | None,
+    session_header: str | None = None,
 ) -> GenerationJob:
-    """Validate a /v1/completions (`chat` False) or /v1/chat/completions body."""
+    """Validate a /v1/completions (`chat` False) or /v1/chat/completions body, with the value
+    of its x-session-id header (None: no such header)."""
     model = _model(body, config)
     for name, refused in _REFUSED.items():
         if refused(body.get(name)):
@@ -161,7 +171,7 @@ def parse_job(
         model=model,
         prompt_token_ids=prompt_ids,
         max_tokens=max_tokens,
-        slo=_slo(body, config.slo_defaults(model, api_key)),
+        slo=_slo(body, config.slo_defaults(model, api_key), session_header),
         stream=bool(_optional(body, "stream", bool)),
         include_usage=bool(stream_options.get("include_usage", False)),
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
@@ -325,7 +335,9 @@ def _positive_int(body: dict[str, Any], name: str) -> int | None:
     return int(value)
 
 
-def _slo(body: dict[str, Any], defaults: SloDefaults) -> SloRequest:
+def _slo(
+    body: dict[str, Any], defaults: SloDefaults, session_header: str | None = None
+) -> SloRequest:
     slo = _optional(body, "slo", dict) or {}
     known = {"ttft_ms", "ttft_slowdown", "tpot_ms", "thinking_tokens", "thinking_tpot_ms", "value"}
     unknown = sorted(set(slo) - known)
@@ -351,20 +363,48 @@ def _slo(body: dict[str, Any], defaults: SloDefaults) -> SloRequest:
     thinking_tokens = slo.get("thinking_tokens", 0)
     if not _is_int(thinking_tokens) or thinking_tokens < 0:
         raise bad_request("slo.thinking_tokens must be a non-negative integer", "slo")
-    round_index = body.get("round_index", 0)
-    if not _is_int(round_index) or round_index < 0:
+    round_index = body.get("round_index")
+    if round_index is not None and (not _is_int(round_index) or round_index < 0):
         raise bad_request("'round_index' must be a non-negative integer", "round_index")
     return SloRequest(
         slo_class=slo_class,
         slo_targets=_optional(body, "slo_targets", str),
         thinking_tokens=int(thinking_tokens),
         value=_positive(slo, "value") or 1.0,
-        chain_id=_optional(body, "chain_id", str),
-        round_index=int(round_index),
+        chain_id=_session_id(body, session_header),
+        round_index=None if round_index is None else int(round_index),
         chain_last_round=bool(_optional(body, "chain_last_round", bool)),
         expected_output_tokens=_positive_int(body, "expected_output_tokens"),
         **explicit,
     )
+
+
+def _session_id(body: dict[str, Any], session_header: str | None) -> str | None:
+    """The request's session: the body's chain_id, the x-session-id header, or None; both given
+    and different is an error."""
+    from_body = _optional(body, "chain_id", str)
+    if from_body is not None:
+        _check_session_id(from_body, "chain_id")
+    if session_header is not None:
+        _check_session_id(session_header, SESSION_HEADER)
+        if from_body is not None and from_body != session_header:
+            raise bad_request(
+                f"the {SESSION_HEADER} header ({session_header!r}) and the body's chain_id "
+                f"({from_body!r}) name different sessions: give one, or the same in both",
+                SESSION_HEADER,
+            )
+    return from_body if from_body is not None else session_header
+
+
+def _check_session_id(value: str, param: str) -> None:
+    if not value:
+        raise bad_request(f"'{param}' must not be empty", param)
+    if len(value) > MAX_SESSION_ID_CHARS:
+        raise bad_request(
+            f"'{param}' has {len(value)} characters, more than {MAX_SESSION_ID_CHARS}", param
+        )
+    if not (value.isascii() and value.isprintable()):
+        raise bad_request(f"'{param}' must be printable ASCII, got {ascii(value)}", param)
 
 
 def _stop(body: dict[str, Any]) -> tuple[str, ...]:

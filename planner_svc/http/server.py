@@ -22,6 +22,7 @@ The event loop never blocks on the planner: the client's I/O thread hands events
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import threading
@@ -40,6 +41,7 @@ from planner_svc.http.api_config import ApiConfig
 from planner_svc.http.http_metrics import CONTENT_TYPE, HttpMetrics
 from planner_svc.http.openai_responses import ResponseHead, slo_info, usage
 from planner_svc.http.openai_schema import (
+    SESSION_HEADER,
     ApiError,
     GenerationJob,
     context_length,
@@ -47,6 +49,7 @@ from planner_svc.http.openai_schema import (
     parse_json_body,
 )
 from planner_svc.http.output_text import OutputText
+from planner_svc.http.session_rounds import SessionRounds
 from planner_svc.http.tokenizer import TextTokenizer
 from wire import protocol as P
 
@@ -88,6 +91,7 @@ class ApiServer:
         self.config = config or ApiConfig()
         self.tokenizer = tokenizer
         self.metrics = HttpMetrics()
+        self.sessions = SessionRounds(self.config.max_sessions, self.config.session_ttl_s)
         self.created_s = int(time.time())
         # Few threads: a burst of huge prompts queues here instead of taking every core.
         self._parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="http-parse")
@@ -149,7 +153,10 @@ class ApiServer:
         arrival_s = time.monotonic()
         arrival_client_s = self.client.now_s()  # the same instant on the planner client's clock
         api_key = self._check_api_key(request)
-        job = await self._parse(await request.read(), chat, api_key)
+        job = await self._parse(
+            await request.read(), chat, api_key, request.headers.get(SESSION_HEADER)
+        )
+        job = self._number_round(job)
         head = ResponseHead(
             f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             int(time.time()),
@@ -185,17 +192,41 @@ class ApiServer:
             self.client.forget(handle.request_id)
             await events.aclose()
 
-    async def _parse(self, raw: bytes, chat: bool, api_key: str | None) -> GenerationJob:
+    async def _parse(
+        self, raw: bytes, chat: bool, api_key: str | None, session_header: str | None
+    ) -> GenerationJob:
         """The body as a job. Large bodies are decoded and tokenized in a worker thread (the
         tokenizer releases the GIL): tokenizing a long prompt takes seconds, during which the
         event loop must keep serving everyone else."""
 
         def parse() -> GenerationJob:
-            return parse_job(parse_json_body(raw), chat, self.config, self.tokenizer, api_key)
+            body = parse_json_body(raw)
+            return parse_job(body, chat, self.config, self.tokenizer, api_key, session_header)
 
         if len(raw) <= INLINE_PARSE_BYTES:
             return parse()
         return await asyncio.get_running_loop().run_in_executor(self._parse_pool, parse)
+
+    def _number_round(self, job: GenerationJob) -> GenerationJob:
+        """The job with its round index: the client's, or for a session the front door's count
+        (on the event loop: one thread counts, so two requests never get the same index)."""
+        slo = job.slo
+        if slo.chain_id is None:
+            round_index = slo.round_index or 0
+        else:
+            sessions = self.sessions
+            expired_before, evicted_before = sessions.num_expired, sessions.num_evicted
+            round_index = sessions.assign(slo.chain_id, slo.round_index)
+            if slo.round_index is not None:
+                kind = "explicit"
+            else:
+                kind = "counted" if round_index > 0 else "new"
+            metrics = self.metrics
+            metrics.session_rounds.labels(kind).inc()
+            metrics.sessions.set(len(sessions))
+            metrics.sessions_forgotten.labels("ttl").inc(sessions.num_expired - expired_before)
+            metrics.sessions_forgotten.labels("lru").inc(sessions.num_evicted - evicted_before)
+        return dataclasses.replace(job, slo=dataclasses.replace(slo, round_index=round_index))
 
     async def _verdict(
         self, handle: RequestHandle, events: AsyncIterator[P._Msg], job: GenerationJob

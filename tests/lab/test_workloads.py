@@ -75,6 +75,7 @@ EXPECTED_CLASSES = {
     "summarizer": {"summarizer"},
     "reasoning": {"reasoning"},
     "tool_agent": set(),
+    "multi_turn_chat": set(),
     "mixed": {"chatbot", "coder", "summarizer", "reasoning"},
 }
 
@@ -92,7 +93,7 @@ def test_every_scenario_builds_deterministically(name):
     assert arrivals == sorted(arrivals)
     ids = [r.request_id for r in first.requests] + [c.chain_id for c in first.chains]
     assert len(set(ids)) == len(ids)
-    if name in ("summarizer", "reasoning", "tool_agent", "mixed"):  # seeded parts
+    if name in ("summarizer", "reasoning", "tool_agent", "multi_turn_chat", "mixed"):  # seeded
         assert first != other_seed
 
 

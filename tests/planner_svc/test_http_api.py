@@ -197,6 +197,92 @@ def test_slo_class_and_explicit_targets_reach_the_planner(stack):
         )
 
 
+# ---- sessions (x-session-id) -------------------------------------------------------------------
+
+
+def test_session_header_makes_successive_chats_rounds_of_one_chain(stack):
+    unknown_before = stack.service.daemon.core.chains.stats.num_unknown_rounds
+    chat = openai.OpenAI(
+        base_url=f"{stack.url}/v1",
+        api_key="none",
+        max_retries=0,
+        timeout=20.0,
+        default_headers={"x-session-id": "conversation-1"},
+    )
+    messages = [{"role": "user", "content": "Hello there."}]
+    first = chat.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And then?"},
+    ]
+    second = chat.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+    rounds = [stack.tracked(r.id).request for r in (first, second)]
+    assert [(r.chain_id, r.round_index) for r in rounds] == [
+        ("conversation-1", 0),
+        ("conversation-1", 1),
+    ]
+    assert rounds[1].num_prompt_tokens > rounds[0].num_prompt_tokens
+    # another session starts at 0, and the body's chain_id is the same session as the header's
+    other = stack.openai().completions.create(
+        model=MODEL, prompt=[3] * 10, max_tokens=2, extra_body={"chain_id": "conversation-2"}
+    )
+    assert stack.tracked(other.id).request.round_index == 0
+    same = chat.completions.create(
+        model=MODEL, prompt=[3] * 10, max_tokens=2, extra_body={"chain_id": "conversation-1"}
+    )
+    assert stack.tracked(same.id).request.round_index == 2
+    # an explicit round index is used as given, and the count goes on after it
+    explicit = chat.completions.create(
+        model=MODEL, prompt=[3] * 10, max_tokens=2, extra_body={"round_index": 5}
+    )
+    after = chat.completions.create(model=MODEL, prompt=[3] * 10, max_tokens=2)
+    assert [stack.tracked(r.id).request.round_index for r in (explicit, after)] == [5, 6]
+    # every round above belonged to a chain the planner admitted: none was an unknown one
+    assert stack.service.daemon.core.chains.stats.num_unknown_rounds == unknown_before
+    _, _, metrics = get(f"{stack.url}/metrics")
+    for kind in ("counted", "new", "explicit"):
+        assert f'slos_http_session_rounds_total{{kind="{kind}"}}'.encode() in metrics
+    assert b"slos_http_sessions " in metrics
+
+
+def test_a_later_round_of_a_session_unknown_to_the_planner_is_served_and_counted(stack):
+    stats = stack.service.daemon.core.chains.stats
+    unknown_before = stats.num_unknown_rounds
+    response = stack.openai().completions.create(
+        model=MODEL,
+        prompt=[4] * 10,
+        max_tokens=3,
+        extra_headers={"x-session-id": "never-seen"},
+        extra_body={"round_index": 3},  # e.g. after a restart of the front door or the planner
+    )
+    assert response.choices[0].finish_reason == "length" and len(response.choices[0].token_ids) == 3
+    request = stack.tracked(response.id).request
+    assert (request.chain_id, request.round_index) == ("never-seen", 3)
+    assert stats.num_unknown_rounds == unknown_before + 1
+    # admitted, that round made the chain known: its next round is a protected later round
+    following = stack.openai().completions.create(
+        model=MODEL, prompt=[4] * 14, max_tokens=3, extra_headers={"x-session-id": "never-seen"}
+    )
+    assert stack.tracked(following.id).request.round_index == 4
+    assert stats.num_unknown_rounds == unknown_before + 1
+
+
+@pytest.mark.parametrize(
+    "headers, body, message",
+    [
+        ({"x-session-id": ""}, {}, "must not be empty"),
+        ({"x-session-id": "s" * 129}, {}, "more than 128"),
+        ({"x-session-id": "caf\u00e9"}, {}, "printable ASCII"),  # sent as latin-1 by urllib
+        ({"x-session-id": "a"}, {"chain_id": "b"}, "different sessions"),
+    ],
+)
+def test_malformed_session_headers_are_a_400(stack, headers, body, message):
+    payload = json.dumps({"model": MODEL, "prompt": [1, 2], "max_tokens": 1, **body}).encode()
+    code, _, error = post(f"{stack.url}/v1/completions", payload, headers)
+    assert code == 400 and error["error"]["param"] == "x-session-id"
+    assert message in error["error"]["message"] and "\n" not in error["error"]["message"]
+
+
 def test_defaults_per_model_name_and_api_key(stack):
     by_model = stack.openai().completions.create(model="coder-model", prompt=[7] * 10, max_tokens=3)
     assert stack.tracked(by_model.id).request.slo_class == "coder"

@@ -182,6 +182,39 @@ def test_invalid_requests(tokenizer, body, chat, status, param):
     assert info.value.body()["error"]["message"]
 
 
+def test_session_header_is_an_alias_of_chain_id(tokenizer):
+    def parse(body_fields, header):
+        body = {"model": "m", "prompt": [1, 2], **body_fields}
+        return parse_job(body, False, CONFIG, tokenizer, None, header).slo
+
+    assert (parse({}, "s-1").chain_id, parse({}, "s-1").round_index) == ("s-1", None)
+    assert parse({"chain_id": "s-1"}, "s-1").chain_id == "s-1"  # the same in both: fine
+    assert parse({"chain_id": "c", "round_index": 3}, None).round_index == 3
+    assert (parse({}, None).chain_id, parse({}, None).round_index) == (None, None)
+    with pytest.raises(ApiError, match="different sessions") as info:
+        parse({"chain_id": "c-1"}, "s-1")
+    assert (info.value.status, info.value.param) == (400, "x-session-id")
+
+
+@pytest.mark.parametrize(
+    "body_fields, header, param, message",
+    [
+        ({}, "", "x-session-id", "must not be empty"),
+        ({}, "x" * 129, "x-session-id", "more than 128"),
+        ({}, "caf\u00e9", "x-session-id", "printable ASCII"),
+        ({}, "a\tb", "x-session-id", "printable ASCII"),
+        ({"chain_id": ""}, None, "chain_id", "must not be empty"),
+        ({"chain_id": "y" * 200}, None, "chain_id", "more than 128"),
+    ],
+)
+def test_malformed_session_ids_are_refused(tokenizer, body_fields, header, param, message):
+    body = {"model": "m", "prompt": [1, 2], **body_fields}
+    with pytest.raises(ApiError, match=message) as info:
+        parse_job(body, False, CONFIG, tokenizer, None, header)
+    assert (info.value.status, info.value.param) == (400, param)
+    assert "\n" not in info.value.message
+
+
 def test_text_needs_a_tokenizer():
     for body, chat in (
         ({"model": "m", "prompt": "text"}, False),
@@ -206,11 +239,13 @@ def test_config_file(tmp_path):
     path = tmp_path / "api.toml"
     path.write_text(
         'default_slo_class = "coder"\nmax_model_len = 512\n'
+        "max_sessions = 100\nsession_ttl_s = 30.0\n"
         '[models.a]\n[models.b]\nslo_class = "summarizer"\nttft_ms = 700\n'
         '[api_keys."sk-1"]\ntpot_ms = 20\n'
     )
     config = load_api_config(path)
     assert config.model_names == ("a", "b") and config.max_model_len == 512
+    assert (config.max_sessions, config.session_ttl_s) == (100, 30.0)
     assert config.slo_defaults("a", None) == SloDefaults(slo_class="coder")
     assert config.slo_defaults("b", "sk-1") == SloDefaults("summarizer", ttft_ms=700, tpot_ms=20)
     renamed = load_api_config(path, ["b", "c"], max_model_len=64)
@@ -226,6 +261,8 @@ def test_config_file(tmp_path):
         ("[models.a]\ntpot_ms = -1\n", "positive"),
         ("require_api_key = true\n", "no [api_keys]"),
         ("verdict_timeout_s = 0\n", "verdict_timeout_s"),
+        ("max_sessions = 0\n", "max_sessions"),
+        ("session_ttl_s = 0\n", "session_ttl_s"),
         ("max_model_len = [\n", "not valid TOML"),
         ('planner_config = "planner.toml"\n', "unknown key"),  # the front door resolves no SLO
     ],
