@@ -839,6 +839,8 @@ class PlannerDaemon:
                 "num_kv_claims": float(self.core.chains.stats.num_claims),
                 "num_kv_misses": float(self.core.chains.stats.num_misses),
                 "num_kv_releases": float(self.core.chains.stats.num_releases),
+                # later rounds of chains the planner did not know (served as fresh requests)
+                "num_unknown_chain_rounds": float(self.core.chains.stats.num_unknown_rounds),
             },
             num_engines=len(self.engines),
         )

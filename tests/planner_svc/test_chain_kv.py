@@ -118,6 +118,7 @@ def test_later_rounds_attach_the_kept_kv_and_nothing_leaks(formulation, kept_as)
         assert svc.daemon.core.chains.stats.num_claims == 2
         counters = svc.daemon.stats().counters  # what STATS tells an operator
         assert counters["num_kv_claims"] == 2 and counters["num_kv_misses"] == 0
+        assert counters["num_unknown_chain_rounds"] == 0
         assert wait_for(lambda: engine.kv_blocks() == engine.start_blocks), engine.kv_blocks()
         assert not engine.kept_chains()
     finally:
