@@ -9,6 +9,7 @@ import time
 
 from engine_adapters.sim_engine import SimEngine
 from tests.engine_adapters.test_adapter import FAST, plan, planner, start_adapter, stop
+from tests.planner_svc.service_helpers import wait_for
 from wire import protocol as P
 
 __all__ = ["planner"]  # the fixture, imported
@@ -16,15 +17,6 @@ __all__ = ["planner"]  # the fixture, imported
 
 def sim_engine() -> SimEngine:
     return SimEngine(FAST, 64, block_size=16, clock=time.monotonic, sleep=time.sleep)
-
-
-def wait_for(condition, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def keep_a_round(planner, identity) -> list[P.StepReport]:

@@ -87,3 +87,13 @@ class Service:
         for thread in self._threads:
             thread.join(5)
         self.context.term()
+
+
+def wait_for(condition, timeout_s: float = 5.0) -> bool:
+    """Poll `condition` until it holds (True) or `timeout_s` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -15,7 +15,7 @@ from engine_adapters.engine import EngineInfo
 from engine_adapters.sim_engine import SimEngine
 from formulations.request import ToolChain, ToolRound
 from planner_svc.client import PlannerClient
-from tests.planner_svc.service_helpers import FAST_MODEL, Service, make_config
+from tests.planner_svc.service_helpers import FAST_MODEL, Service, make_config, wait_for
 from wire.protocol import EngineRequest, StepReport
 
 # Many blocks: holding a round's KV over the pause prior costs slos_dp less than recomputing it,
@@ -77,15 +77,6 @@ def start(config, *engines: RecordingEngine) -> Service:
         svc.start_engine(f"engine-{i}", engine)
     svc.wait_for_engines(len(engines))
     return svc
-
-
-def wait_for(condition, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def round_id(k: int) -> str:

@@ -14,7 +14,7 @@ from commands.make_model import make_model  # noqa: E402
 from engine_adapters.adapter import AdapterConfig, EngineAdapter  # noqa: E402
 from engine_adapters.torch_engine.engine import TorchEngine  # noqa: E402
 from planner_svc.client import PlannerClient  # noqa: E402
-from tests.planner_svc.service_helpers import Service, make_config  # noqa: E402
+from tests.planner_svc.service_helpers import Service, make_config, wait_for  # noqa: E402
 from tests.planner_svc.test_http_torch import greedy_reference  # noqa: E402
 
 LOOSE_SLO = {"ttft_ms": 30000.0, "tpot_ms": 5000.0}  # the check is tokens and KV, not latency
@@ -68,10 +68,6 @@ def test_next_round_from_kept_kv_is_greedy_identical(tmp_path, formulation):
         assert Recording.found["c#r0"] == 0
         for k in (1, 2):
             assert Recording.found[f"c#r{k}"] > 0  # attached, not recomputed
-        deadline = 50
-        while engine.kv_blocks() != start_blocks and deadline:
-            threading.Event().wait(0.1)
-            deadline -= 1
-        assert engine.kv_blocks() == start_blocks
+        assert wait_for(lambda: engine.kv_blocks() == start_blocks), engine.kv_blocks()
     finally:
         service.close()
