@@ -446,6 +446,9 @@ class EngineAdapter:
         for request_id in report.kv_misses:  # registered with cached KV it no longer held
             if request_id in self.live:
                 self.live[request_id].num_computed_tokens = 0
+        for request_id, num_found in report.kv_found.items():  # held only a part of it
+            if request_id in self.live:
+                self.live[request_id].num_computed_tokens = num_found
         if report.ok:
             for request_id, num_computed in report.num_computed_tokens.items():
                 if request_id in self.live:

@@ -60,6 +60,7 @@ class _Pause:
 class ChainStats:
     num_claims: int = 0  # rounds that found their chain's KV kept on the replica they went to
     num_misses: int = 0  # claimed KV the engine no longer held (recomputed)
+    num_partial_hits: int = 0  # claimed KV the engine held only a leading part of
     num_releases: int = 0  # kept entries released by the core (time-to-live, unused, ended)
     # rounds >= 1 of a chain not admitted here (never seen, ended by a rejection, forgotten after
     # CHAIN_IDLE_S, or a planner restart): served as fresh requests, unprotected
@@ -249,6 +250,16 @@ class ChainBook:
                 state.num_computed_tokens = 0
                 state.num_blocks = 0
                 self.stats.num_misses += 1
+
+    def found(self, rep: ReplicaState, num_found: dict[str, int]) -> None:
+        """The engine held only the first tokens these rounds claimed (whole blocks, for vLLM):
+        they start with those computed and compute the rest."""
+        for rid, num_tokens in num_found.items():
+            state = rep.running.get(rid)
+            if state is not None and num_tokens < state.num_computed_tokens:
+                state.num_computed_tokens = num_tokens
+                state.num_blocks = num_blocks_for(num_tokens, rep.spec.block_size)
+                self.stats.num_partial_hits += 1
 
     def next_expiry_s(self, replicas: dict[int, ReplicaState]) -> float | None:
         return min(

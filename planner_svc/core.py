@@ -189,6 +189,10 @@ class PlannerCore:
         # counts are added to those requests'.
         if report.kv_misses:
             self.chains.missed(rep, report.kv_misses)
+        if report.kv_found:
+            self.chains.found(rep, report.kv_found)
+        if report.kv_misses or report.kv_found:
+            rep.replan_requested = True  # the plan counted on KV the engine did not hold
         if report.kv_evicted:
             self.chains.evicted(rep, report.kv_evicted)
         if report.error:

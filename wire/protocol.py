@@ -208,6 +208,11 @@ class StepReport(_Msg):
     # no longer held (they recompute their whole prompt).
     kv_evicted: tuple[str, ...] = ()
     kv_misses: tuple[str, ...] = ()
+    # Requests registered with cached tokens of which the engine held only a leading part (vLLM's
+    # prefix cache keeps whole blocks only): request -> the tokens it held, fewer than claimed.
+    # They start there and compute the rest; the core applies this as a miss does, before the
+    # report's counts (a hold of 0 tokens is a miss).
+    kv_found: dict[str, NonNegInt] = {}
     plan_id: NonNegInt = 0  # the plan the step came from (diagnostic)
     num_stale_plans: NonNegInt = 0  # plans dropped by the engine so far (diagnostic)
 

@@ -252,6 +252,53 @@ def test_a_miss_reported_with_a_refused_step_resets_the_round():
     assert state.num_computed_tokens == 0 and state.num_blocks == 0
 
 
+def claimed_second_round(core, engine):
+    """Round 0 of two_round_chain(1.0) served; round 1 submitted, claiming its 1019 kept tokens
+    of a 1120-token prompt. Returns round 1 and the core's first plan for it."""
+    now_s = drive(
+        core,
+        engine,
+        core.submit(two_round_chain(1.0).round_request(0, 0.0, SIMPLE_MODEL), 0.0),
+        0.0,
+    )
+    round1 = two_round_chain(1.0).round_request(1, now_s + 1.0, SIMPLE_MODEL)
+    plan = core.submit(round1, now_s + 1.0).plans[0]
+    assert core.request_state(round1.request_id).num_computed_tokens == 1019
+    return round1, plan
+
+
+@pytest.mark.parametrize("num_found", [1008, 0])
+def test_a_partial_hit_starts_the_round_at_the_tokens_found_and_replans_it(num_found):
+    """An engine that keeps whole blocks only (vLLM's prefix cache) held 1008 of the 1019 tokens
+    round 1 claimed (kv_found), or none (kv_misses): the step computed the planned 101 tokens from
+    there, so 11 (or 1019) prompt tokens are left, and the core re-plans them at once instead of
+    leaving the round to the plan's one-token repeat."""
+    spec = ReplicaSpec(0, SIMPLE_MODEL, num_total_blocks=100, kv_retention=True)
+    core = PlannerCore([spec], lambda s: registry.create("vllm_fcfs"))
+    round1, plan = claimed_second_round(core, SimEngine(SIMPLE_MODEL, 100, clock=VirtualClock(0.0)))
+    rid = round1.request_id
+    assert plan.steps[0].num_tokens == {rid: 101} and plan.repeat[0].num_tokens == {rid: 1}
+    news = {"kv_found": {rid: num_found}} if num_found else {"kv_misses": (rid,)}
+    report = StepReport(
+        step_id=core.replica(0).next_step_id,
+        start_s=plan_start_s(core),
+        end_s=plan_start_s(core) + 0.05,
+        num_computed_tokens={rid: 101},
+        num_free_blocks=100 - -(-(num_found + 101) // 16),
+        **news,
+    )
+    out = core.on_step(0, report, report.end_s)
+    state = core.request_state(rid)
+    assert state.num_computed_tokens == num_found + 101 and state.num_generated_tokens == 0
+    assert state.num_blocks == -(-(num_found + 101) // 16)
+    assert out.plans[0].steps[0].num_tokens[rid] > 1
+    assert core.chains.stats.num_partial_hits == (1 if num_found else 0)
+
+
+def plan_start_s(core):
+    return core.replica(0).last_plan_s
+
+
 def test_a_chain_level_rejection_is_named_in_the_record():
     """The only rejection of a later round of an admitted chain: its KV can never fit the
     replica (100 blocks of 16 tokens; round 1's context is 1720 tokens)."""
