@@ -7,6 +7,13 @@ scheduler object is reachable directly; no plan crosses a process boundary.
 
 vLLM appends a random suffix to request ids; this class maps our ids to vLLM's and back.
 vLLM is imported only when an engine is built, so this module imports without vLLM installed.
+
+Tool chains keep their KV through vLLM's prefix cache (on by default; docs/AGENTS.md "The vLLM
+engine keeps KV"): a round with `retain_kv` leaves its blocks cached ("evictable": in vLLM's LRU;
+"pinned": also held by a reference until the next round or `release_kv`), and the chain's next
+round, registered with `num_cached_tokens`, starts with the cached whole blocks of its prompt found
+at its first step, at most that many tokens. Fewer found are reported in that step's
+`kv_found` (none at all: `kv_misses`); chains whose evictable prefix left the cache in `kv_evicted`.
 """
 
 from __future__ import annotations
@@ -38,11 +45,11 @@ SCHEDULER_CLS = "engine_adapters.vllm.scheduler.PlanScheduler"
 # Engine arguments the planner-driven scheduler needs; a caller may not override them.
 REQUIRED_ENGINE_ARGS: dict[str, Any] = {
     "scheduler_cls": SCHEDULER_CLS,
-    "enable_prefix_caching": False,
     "async_scheduling": False,
 }
-# Defaults a caller may override.
-DEFAULT_ENGINE_ARGS: dict[str, Any] = {"enforce_eager": True}
+# Defaults a caller may override. Prefix caching keeps tool chains' KV between rounds; without it
+# the engine keeps nothing (info().kv_retention is False).
+DEFAULT_ENGINE_ARGS: dict[str, Any] = {"enforce_eager": True, "enable_prefix_caching": True}
 # vLLM engine args for `slos-serve engine --engine vllm`, as one JSON object (the command passes
 # only the model directory).
 ENGINE_ARGS_ENV = "SLOS_SERVE_VLLM_ARGS"
@@ -113,6 +120,8 @@ class VLLMEngine(Engine):
         # Our ids that finished or were aborted here: plan entries naming them are skipped (a
         # repeat tail outlives its requests; a plan may cross an abort on the wire).
         self._gone: set[str] = set()
+        # Our ids registered with cached tokens, until their first step says what was found.
+        self._num_claimed: dict[str, int] = {}
 
     @classmethod
     def from_pretrained(
@@ -134,6 +143,7 @@ class VLLMEngine(Engine):
             max_spec_tokens=scheduler.num_spec_tokens,
             max_model_len=scheduler.max_model_len,
             name=self._name,
+            kv_retention=scheduler.prefix_caching,
         )
 
     def add_request(self, request: EngineRequest) -> None:
@@ -151,17 +161,37 @@ class VLLMEngine(Engine):
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
         )
-        prompt_token_ids = list(request.prompt_token_ids or self._placeholder_prompt(request))
-        self._check_token_ids(request.request_id, prompt_token_ids)
+        kept = self._scheduler.kept
+        entry = None
+        if request.num_cached_tokens and request.chain_id is not None:
+            entry = kept.take(request.chain_id)  # the round takes its chain's kept prefix
+        kept_ids = entry.token_ids if entry is not None else ()
+        prompt_token_ids = list(
+            request.prompt_token_ids or self._placeholder_prompt(request, kept_ids)
+        )
         try:
-            vllm_id = self._llm_engine.add_request(
-                request.request_id, {"prompt_token_ids": prompt_token_ids}, params
-            )
-        except self._request_errors as exc:  # e.g. a prompt longer than max_model_len
-            raise ValueError(f"vllm engine: request {request.request_id}: {exc}") from None
+            vllm_id = self._add_to_vllm(request.request_id, prompt_token_ids, params)
+        except ValueError:
+            if entry is not None:
+                kept.unpin(entry)  # a refused round leaves its chain's blocks to the cache
+            raise
         self._vllm_ids[request.request_id] = vllm_id
         self._our_ids[vllm_id] = request.request_id
         self._gone.discard(request.request_id)
+        if request.num_cached_tokens:
+            self._scheduler.claim(vllm_id, request.num_cached_tokens, entry)
+            self._num_claimed[request.request_id] = request.num_cached_tokens
+        if request.chain_id is not None and request.retain_kv != "drop":
+            self._scheduler.retain(vllm_id, request.chain_id, request.retain_kv == "pinned")
+
+    def _add_to_vllm(self, request_id: str, prompt_token_ids: list[int], params) -> str:
+        self._check_token_ids(request_id, prompt_token_ids)
+        try:
+            return self._llm_engine.add_request(
+                request_id, {"prompt_token_ids": prompt_token_ids}, params
+            )
+        except self._request_errors as exc:  # e.g. a prompt longer than max_model_len
+            raise ValueError(f"vllm engine: request {request_id}: {exc}") from None
 
     def execute(self, step: Step, step_id: int) -> StepReport:
         vllm_step, error = self._to_vllm_step(step)
@@ -176,6 +206,7 @@ class VLLMEngine(Engine):
                 end_s=now_s,
                 num_free_blocks=self.num_free_blocks,
                 error=error,
+                kv_evicted=self._scheduler.kept.pop_evicted(),
             )
         start_s = time.monotonic()
         self._llm_engine.step()  # schedule (our step) -> model -> update_from_output
@@ -195,8 +226,14 @@ class VLLMEngine(Engine):
         if vllm_id is not None:
             self._scheduler.preempt(vllm_id)
 
+    def release_kv(self, chain_id: str) -> None:
+        """Drop a chain's kept prefix: a pinned one's blocks go back to vLLM's cache (free, and
+        findable until reused); an evictable one is left to the cache (nothing is held)."""
+        self._scheduler.kept.release(chain_id)
+
     @property
     def num_free_blocks(self) -> int:
+        """vLLM's free blocks, cached (evictable) ones included."""
         return self._scheduler.num_free_blocks
 
     # ----- helpers ------------------------------------------------------------------------------
@@ -219,10 +256,17 @@ class VLLMEngine(Engine):
                 f"(size {vocab_size})"
             )
 
-    def _placeholder_prompt(self, request: EngineRequest) -> list[int]:
-        # Planner workloads carry lengths, not text: any in-vocabulary ids will do.
+    def kept_chains(self) -> dict[str, tuple[int, bool]]:
+        """Chain id -> (kept tokens, pinned) of every kept prefix (tests, diagnostics)."""
+        return self._scheduler.kept.chains()
+
+    def _placeholder_prompt(self, request: EngineRequest, kept_ids: tuple[int, ...]) -> list[int]:
+        # Planner workloads carry lengths, not text: any in-vocabulary ids will do; a chain's
+        # round begins with the tokens its previous round left (its context).
         vocab_size = self._llm_engine.model_config.get_vocab_size()
-        return [1 + (i * 7919) % (vocab_size - 1) for i in range(request.num_prompt_tokens)]
+        kept_ids = kept_ids[: request.num_prompt_tokens - 1]
+        rest = range(len(kept_ids), request.num_prompt_tokens)
+        return [*kept_ids, *(1 + (i * 7919) % (vocab_size - 1) for i in rest)]
 
     def _to_vllm_step(self, step: Step) -> tuple[Step, str]:
         """Our ids -> vLLM ids; entries of requests finished or aborted here are skipped."""
@@ -251,6 +295,7 @@ class VLLMEngine(Engine):
         for vllm_id, reason in outcome.finished.items():
             if reason not in NORMAL_FINISH_REASONS:  # StepReport has no field for these
                 log.warning("vLLM ended request %s early: %s", to_ours.get(vllm_id), reason)
+        kv_misses, kv_found = self._found(outcome, to_ours)  # before finished ones are forgotten
         for request_id in finished:
             self._forget(request_id)
         return StepReport(
@@ -271,11 +316,30 @@ class VLLMEngine(Engine):
             new_token_ids=new_token_ids,
             num_free_blocks=self.num_free_blocks,
             finished=finished,
+            kv_evicted=self._scheduler.kept.pop_evicted(),
+            kv_misses=kv_misses,
+            kv_found=kv_found,
         )
+
+    def _found(
+        self, outcome: StepOutcome, to_ours: dict[str, str]
+    ) -> tuple[tuple[str, ...], dict[str, int]]:
+        """Requests admitted this step with fewer cached tokens than they were registered with:
+        none found (misses) and some (request -> tokens found)."""
+        misses, found = [], {}
+        for vllm_id, num_found in outcome.num_found_tokens.items():
+            request_id = to_ours[vllm_id]
+            num_claimed = self._num_claimed.pop(request_id, 0)
+            if num_found == 0:
+                misses.append(request_id)
+            elif num_found < num_claimed:
+                found[request_id] = num_found
+        return tuple(misses), found
 
     def _forget(self, request_id: str) -> str | None:
         """Drop the id maps of a finished or aborted request; return its vLLM id."""
         self._gone.add(request_id)
+        self._num_claimed.pop(request_id, None)
         vllm_id = self._vllm_ids.pop(request_id, None)
         if vllm_id is not None:
             self._our_ids.pop(vllm_id, None)

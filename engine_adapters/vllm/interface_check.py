@@ -7,8 +7,8 @@ installed vLLM (method signatures, attribute presence, dataclass fields) and is 
 - `drift(recorded, live)`: the installed vLLM differs from the recording (run where vLLM is
   installed, by `make test-vllm`);
 - `missing(recorded)`: the recording does not cover `REQUIRED` (runs everywhere);
-- `undeclared_uses()`: scheduler.py or engine.py touch a vLLM member not listed in `REQUIRED`
-  (an AST scan; runs everywhere), so the recording cannot silently fall behind the code.
+- `undeclared_uses()`: scheduler.py, kept_prefix.py or engine.py touch a vLLM member not listed in
+  `REQUIRED` (an AST scan; runs everywhere), so the recording cannot silently fall behind the code.
 
 Regenerate after a deliberate upgrade: `python -m engine_adapters.vllm.interface_check --write`.
 Compare another release without replacing the recording: `... --out FILE [--release vllm==X]`
@@ -42,6 +42,7 @@ REQUIRED: dict[str, dict[str, list[str]]] = {
             "_update_after_schedule",
             "_preempt_request",
             "_get_new_block_ids_to_zero",
+            "_free_blocks",
         ],
         "attributes": [
             "requests",
@@ -75,6 +76,7 @@ REQUIRED: dict[str, dict[str, list[str]]] = {
             "is_encoder_decoder",
             "use_pp",
             "has_mamba_layers",
+            "hash_block_size",
         ],
     },
     "vllm.v1.core.sched.output.SchedulerOutput": {
@@ -100,13 +102,20 @@ REQUIRED: dict[str, dict[str, list[str]]] = {
             "get_block_ids",
             "new_step_starts",
             "take_kv_cache_block_copies",
+            "create_kv_cache_blocks",
         ],
-        "attributes": ["block_pool", "watermark_blocks"],
+        "attributes": ["block_pool", "watermark_blocks", "coordinator"],
+    },
+    # The coordinator vLLM uses for one KV cache group with prefix caching on.
+    "vllm.v1.core.kv_cache_coordinator.UnitaryKVCacheCoordinator": {
+        "methods": ["find_longest_cache_hit"],
     },
     "vllm.v1.core.block_pool.BlockPool": {
-        "methods": ["get_num_free_blocks"],
+        "methods": ["get_num_free_blocks", "touch", "free_blocks", "get_cached_block"],
         "attributes": ["num_gpu_blocks"],
     },
+    "vllm.v1.core.kv_cache_manager.KVCacheBlocks": {"fields": ["blocks"]},
+    "vllm.v1.core.kv_cache_utils.KVCacheBlock": {"fields": ["block_id", "ref_cnt"]},
     "vllm.v1.core.sched.request_queue.RequestQueue": {"methods": ["remove_request"]},
     "vllm.v1.request.Request": {
         "methods": ["is_finished", "record_event"],
@@ -117,9 +126,19 @@ REQUIRED: dict[str, dict[str, list[str]]] = {
             "num_computed_tokens",
             "spec_token_ids",
             "_all_token_ids",
+            "all_token_ids",
+            "block_hashes",
         ],
     },
-    "vllm.v1.request.RequestStatus": {"attributes": ["RUNNING", "PREEMPTED", "WAITING"]},
+    "vllm.v1.request.RequestStatus": {
+        "attributes": [
+            "RUNNING",
+            "PREEMPTED",
+            "WAITING",
+            "FINISHED_STOPPED",
+            "FINISHED_LENGTH_CAPPED",
+        ]
+    },
     "vllm.v1.engine.EngineCoreOutput": {"fields": ["request_id", "new_token_ids", "finish_reason"]},
     "vllm.v1.engine.EngineCoreOutputs": {"fields": ["outputs"]},
     "vllm.v1.engine.llm_engine.LLMEngine": {
@@ -156,11 +175,18 @@ SCANNED_RECEIVERS: dict[str, dict[str, str]] = {
         "scheduler": _SCHEDULER,
         "self.kv_cache_manager": _KV_MANAGER,
         "self.kv_cache_manager.block_pool": _BLOCK_POOL,
+        "self.kv_cache_manager.coordinator": (
+            "vllm.v1.core.kv_cache_coordinator.UnitaryKVCacheCoordinator"
+        ),
         "self.waiting": "vllm.v1.core.sched.request_queue.RequestQueue",
         "request": "vllm.v1.request.Request",
         "outputs": "vllm.v1.engine.EngineCoreOutputs",
         "core_output": "vllm.v1.engine.EngineCoreOutput",
         "scheduler_output": "vllm.v1.core.sched.output.SchedulerOutput",
+    },
+    "kept_prefix.py": {
+        "self._pool": _BLOCK_POOL,
+        "request": "vllm.v1.request.Request",
     },
     "engine.py": {
         "self._scheduler": _SCHEDULER,
@@ -310,12 +336,14 @@ def _own_members(tree: ast.Module) -> set[str]:
             for item in node.body:
                 if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     names.add(item.name)
-        if isinstance(node, ast.Assign):
-            for target in node.targets:
-                elements = target.elts if isinstance(target, ast.Tuple) else [target]
-                for element in elements:
-                    if isinstance(element, ast.Attribute) and _is_name(element.value, "self"):
-                        names.add(element.attr)
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        for target in targets:
+            elements = target.elts if isinstance(target, ast.Tuple) else [target]
+            for element in elements:
+                if isinstance(element, ast.Attribute) and _is_name(element.value, "self"):
+                    names.add(element.attr)
     return names
 
 

@@ -118,8 +118,11 @@ def test_engine_args_keep_the_scheduler_requirements():
     assert merged["max_model_len"] == 512 and merged["enforce_eager"] is False
     for name, value in REQUIRED_ENGINE_ARGS.items():
         assert merged[name] == value
-    with pytest.raises(ValueError, match="enable_prefix_caching=True is not supported"):
-        engine_args_for({"enable_prefix_caching": True})
+    # Prefix caching keeps tool chains' KV (docs/AGENTS.md): on by default, a caller may say off.
+    assert merged["enable_prefix_caching"] is True
+    assert engine_args_for({"enable_prefix_caching": False})["enable_prefix_caching"] is False
+    with pytest.raises(ValueError, match="async_scheduling=True is not supported"):
+        engine_args_for({"async_scheduling": True})
     with pytest.raises(ValueError, match="scheduler_cls"):
         engine_args_for({"scheduler_cls": "vllm.v1.core.sched.scheduler.Scheduler"})
 

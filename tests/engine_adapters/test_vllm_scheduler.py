@@ -273,9 +273,10 @@ def test_a_step_larger_than_vllm_token_budget_is_refused(engine, planned_run):
 def test_unsupported_configurations_are_named(engine, monkeypatch):
     scheduler = engine.scheduler
     assert unsupported_features(scheduler) == []
-    monkeypatch.setattr(scheduler.cache_config, "enable_prefix_caching", True)
+    assert scheduler.cache_config.enable_prefix_caching  # supported: tool chains' kept KV
+    monkeypatch.setattr(scheduler, "hash_block_size", scheduler.block_size // 2)
     assert unsupported_features(scheduler) == [
-        "prefix caching (start vLLM with enable_prefix_caching=False)"
+        "prefix caching hashed by blocks of another size than the KV blocks"
     ]
 
 
