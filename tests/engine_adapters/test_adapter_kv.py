@@ -78,3 +78,44 @@ def test_losing_the_planner_drops_the_kept_kv(planner):
         assert engine.kv_blocks()["pinned"] == 0 and engine.kv_blocks()["free"] == 64
     finally:
         stop(adapter, thread)
+
+
+class WholeBlocksEngine(SimEngine):
+    """A stand-in for vLLM's prefix cache in the sim engine: of a chain's kept KV it attaches only
+    the whole blocks and says how many tokens those hold (StepReport.kv_found)."""
+
+    def __init__(self) -> None:
+        super().__init__(FAST, 64, block_size=16, clock=time.monotonic, sleep=time.sleep)
+        self.found: dict[str, int] = {}
+
+    def _attach(self, request, seq) -> None:
+        super()._attach(request, seq)
+        num_whole = seq.num_computed_tokens // 16 * 16
+        if 0 < num_whole < seq.num_computed_tokens:
+            seq.num_computed_tokens = num_whole  # its blocks stay: the last one is refilled
+            self.found[request.request_id] = num_whole
+
+    def _kv_news(self) -> dict:
+        news = {**super()._kv_news(), "kv_found": dict(self.found)}
+        self.found.clear()
+        return news
+
+
+def test_a_partial_hit_is_clamped_to_the_tokens_found(planner):
+    """Round b claims 41 kept tokens, the engine holds 32 (two whole blocks): after the report
+    that says so, the adapter lets the next plan step compute the 9 tokens that are really left
+    (counting from 41, it would cut the step to one token)."""
+    engine = WholeBlocksEngine()
+    adapter, thread = start_adapter(planner.endpoint, engine)
+    try:
+        identity, _ = planner.recv()
+        keep_a_round(planner, identity)
+        second = P.EngineRequest("b", 50, 1, chain_id="c", num_cached_tokens=41)
+        planner.send(identity, plan(1, 2, [{"b": 50}, {"b": 50}], [], [second]))
+        reports = [planner.recv()[1] for _ in range(2)]
+        assert [r.error for r in reports] == ["", ""]
+        assert reports[0].num_computed_tokens == {"b": 9} and reports[0].kv_found == {"b": 32}
+        assert reports[1].num_computed_tokens == {"b": 9} and reports[1].finished == ("b",)
+        assert engine.kv_blocks()["free"] == 64
+    finally:
+        stop(adapter, thread)
