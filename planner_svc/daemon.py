@@ -838,6 +838,7 @@ class PlannerDaemon:
                 # KV their engine no longer held, entries released
                 "num_kv_claims": float(self.core.chains.stats.num_claims),
                 "num_kv_misses": float(self.core.chains.stats.num_misses),
+                "num_kv_partial_hits": float(self.core.chains.stats.num_partial_hits),
                 "num_kv_releases": float(self.core.chains.stats.num_releases),
                 # later rounds of chains the planner did not know (served as fresh requests)
                 "num_unknown_chain_rounds": float(self.core.chains.stats.num_unknown_rounds),

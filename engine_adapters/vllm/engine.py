@@ -181,6 +181,7 @@ class VLLMEngine(Engine):
         if request.num_cached_tokens:
             self._scheduler.claim(vllm_id, request.num_cached_tokens, entry)
             self._num_claimed[request.request_id] = request.num_cached_tokens
+        # "host" is never sent here (info() offers no host memory); it would be kept evictable.
         if request.chain_id is not None and request.retain_kv != "drop":
             self._scheduler.retain(vllm_id, request.chain_id, request.retain_kv == "pinned")
 

@@ -285,8 +285,10 @@ class PlanScheduler(Scheduler):
         hit_blocks, num_hit_tokens = [], 0
         if claim is not None:
             hit_blocks, num_hit_tokens = self._prefix_hit(request, claim)
-            # An earlier admission of this step may have reused some of the blocks the check
-            # found (never more are found: the check counted the step's tokens from its hit).
+            # Found again now: an earlier admission of this step may have reused some of the
+            # blocks the check found (the step still fits: the check counted them as taken from
+            # the free queue), but never start past the check's hit, which the step's count of
+            # tokens was checked against.
             num_checked = self._hits.get(request.request_id, ([], 0))[1]
             if num_hit_tokens > num_checked:
                 hit_blocks = hit_blocks[: num_checked // self.block_size]

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -60,7 +61,16 @@ def test_later_rounds_start_from_the_cached_blocks_and_are_greedy_identical(
     adapter = EngineAdapter(
         engine, AdapterConfig(service.daemon.engine_endpoint, "vllm-0"), service.context
     )
-    thread = threading.Thread(target=adapter.run, daemon=True)
+    # vLLM's CPU attention checks that the thread running it has the OpenMP thread count its
+    # metadata was built with; other test modules set torch's count in the main thread at import
+    # (`slos-serve engine` runs the adapter in the main thread, so this is the test's concern).
+    num_threads = torch.get_num_threads()
+
+    def run_adapter() -> None:
+        torch.set_num_threads(num_threads)
+        adapter.run()
+
+    thread = threading.Thread(target=run_adapter, daemon=True)
     thread.start()
     service.adapters.append(adapter)
     service._threads.append(thread)
@@ -88,6 +98,7 @@ def test_later_rounds_start_from_the_cached_blocks_and_are_greedy_identical(
         assert engine.kv_found == {"c#r1": 64, "c#r2": 96} and engine.kv_misses == []
         stats = service.daemon.core.chains.stats  # the core claimed, then started them there
         assert (stats.num_claims, stats.num_partial_hits, stats.num_misses) == (2, 2, 0)
+        assert service.daemon.stats().counters["num_kv_partial_hits"] == 2  # what STATS says
         deadline_s = time.monotonic() + 5
         while engine.num_free_blocks != start_free and time.monotonic() < deadline_s:
             time.sleep(0.05)
