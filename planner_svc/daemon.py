@@ -44,6 +44,7 @@ from formulations.perf_model import PerfModel
 from formulations.plan import Decision, Verdict
 from formulations.refit import RefitParams
 from formulations.request import Request
+from planner_svc.chains import ChainStats
 from planner_svc.client_liveness import ClientLiveness
 from planner_svc.config import PlannerConfig
 from planner_svc.core import EXPIRED_REASON, PlannerCore
@@ -829,6 +830,8 @@ class PlannerDaemon:
         return self.book.records()
 
     def stats(self) -> P.Stats:
+        # No core before the first engine connects: no chain has been seen.
+        chains = self.core.chains.stats if self.core is not None else ChainStats()
         stats = self.book.stats(
             {
                 "num_rejected_frames": float(self.num_rejected_frames),
@@ -836,12 +839,12 @@ class PlannerDaemon:
                 "num_moved_requests": float(self.num_moved_requests),
                 # tool chains' kept KV (planner_svc/chains.py): rounds that found it, claimed
                 # KV their engine no longer held, entries released
-                "num_kv_claims": float(self.core.chains.stats.num_claims),
-                "num_kv_misses": float(self.core.chains.stats.num_misses),
-                "num_kv_partial_hits": float(self.core.chains.stats.num_partial_hits),
-                "num_kv_releases": float(self.core.chains.stats.num_releases),
+                "num_kv_claims": float(chains.num_claims),
+                "num_kv_misses": float(chains.num_misses),
+                "num_kv_partial_hits": float(chains.num_partial_hits),
+                "num_kv_releases": float(chains.num_releases),
                 # later rounds of chains the planner did not know (served as fresh requests)
-                "num_unknown_chain_rounds": float(self.core.chains.stats.num_unknown_rounds),
+                "num_unknown_chain_rounds": float(chains.num_unknown_rounds),
             },
             num_engines=len(self.engines),
         )

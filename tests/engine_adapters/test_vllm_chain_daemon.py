@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
 
 from engine_adapters.adapter import AdapterConfig, EngineAdapter
 from engine_adapters.vllm.engine import VLLMEngine
@@ -49,34 +49,10 @@ class Recording(VLLMEngine):
         return report
 
 
-@pytest.mark.parametrize("formulation", ["slos_dp", "vllm_fcfs"])
-def test_later_rounds_start_from_the_cached_blocks_and_are_greedy_identical(
-    model_dir, reference, formulation
-):
-    """Round 0: 70 prompt tokens, 8 out: 77 tokens kept, 64 in whole blocks. Round 1 (prompt 78 +
-    20 tool tokens = 98, 8 out) claims 77 and starts at 64; round 2 claims 105 and starts at 96."""
-    engine = Recording(model_dir, ENGINE_ARGS)
-    start_free = engine.num_free_blocks
-    service = Service(make_config(formulation=formulation, liveness=30), num_engines=0)
-    adapter = EngineAdapter(
-        engine, AdapterConfig(service.daemon.engine_endpoint, "vllm-0"), service.context
-    )
-    # vLLM's CPU attention checks that the thread running it has the OpenMP thread count its
-    # metadata was built with; other test modules set torch's count in the main thread at import
-    # (`slos-serve engine` runs the adapter in the main thread, so this is the test's concern).
-    num_threads = torch.get_num_threads()
-
-    def run_adapter() -> None:
-        torch.set_num_threads(num_threads)
-        adapter.run()
-
-    thread = threading.Thread(target=run_adapter, daemon=True)
-    thread.start()
-    service.adapters.append(adapter)
-    service._threads.append(thread)
+def run_chain(service, outputs: dict, errors: list) -> None:
+    """The client's side: three rounds, each prompt the previous context plus a tool's output."""
     try:
         service.wait_for_engines(1, timeout_s=60)
-        assert service.daemon.core.replica(0).spec.kv_retention  # the vLLM engine says so
         prompt = make_prompt(21, 70)
         with PlannerClient(service.daemon.client_endpoint) as client:
             for k in range(3):
@@ -91,17 +67,64 @@ def test_later_rounds_start_from_the_cached_blocks_and_are_greedy_identical(
                     chain_last_round=k == 2,
                     **LOOSE_SLO,
                 )
-                assert handle.wait(120) and handle.finished
-                output = list(handle.token_ids)
-                assert output == reference({rid: (prompt, 8)})[rid], rid
-                prompt = prompt + output + make_prompt(30 + k, 20)  # the tool's output
+                if not (handle.wait(120) and handle.finished):
+                    errors.append(f"{rid} did not finish: {handle}")
+                    return
+                outputs[rid] = (prompt, list(handle.token_ids))
+                prompt = prompt + outputs[rid][1] + make_prompt(30 + k, 20)  # the tool's output
+    except Exception as exc:  # reported by the test's main thread
+        errors.append(repr(exc))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return Recording(model_dir, ENGINE_ARGS)
+
+
+@pytest.mark.parametrize("formulation", ["slos_dp", "vllm_fcfs"])
+def test_later_rounds_start_from_the_cached_blocks_and_are_greedy_identical(
+    engine, reference, formulation
+):
+    """Round 0: 70 prompt tokens, 8 out: 77 tokens kept, 64 in whole blocks. Round 1 (prompt 78 +
+    20 tool tokens = 98, 8 out) claims 77 and starts at 64; round 2 claims 105 and starts at 96.
+    The adapter runs in this (the main) thread, as `slos-serve engine` runs it: vLLM's CPU
+    attention checks that the thread running it has the OpenMP thread count the engine was built
+    with."""
+    engine.kv_found, engine.kv_misses = {}, []
+    start_free = engine.num_free_blocks
+    service = Service(make_config(formulation=formulation, liveness=30), num_engines=0)
+    adapter = EngineAdapter(
+        engine, AdapterConfig(service.daemon.engine_endpoint, "vllm-0"), service.context
+    )
+    outputs: dict[str, tuple[list[int], list[int]]] = {}
+    errors: list[str] = []
+
+    after: list[tuple[int, dict]] = []  # free blocks and kept chains once the chain ended
+    kv_retention: list[bool] = []
+
+    def client_side() -> None:
+        run_chain(service, outputs, errors)
+        kv_retention.append(service.daemon.core.replica(0).spec.kv_retention)
+        deadline_s = time.monotonic() + 5  # before the adapter stops (it drops kept KV then)
+        while engine.num_free_blocks != start_free and time.monotonic() < deadline_s:
+            time.sleep(0.05)
+        after.append((engine.num_free_blocks, engine.kept_chains()))
+        adapter.stop()
+
+    client = threading.Thread(target=client_side, daemon=True)
+    try:
+        client.start()
+        adapter.run()
+        client.join(10)
+        assert errors == []
+        assert kv_retention == [True]  # the vLLM engine says so in READY
+        for rid, (prompt, output) in outputs.items():
+            assert output == reference({rid: (prompt, 8)})[rid], rid
+        assert len(outputs) == 3
         assert engine.kv_found == {"c#r1": 64, "c#r2": 96} and engine.kv_misses == []
         stats = service.daemon.core.chains.stats  # the core claimed, then started them there
         assert (stats.num_claims, stats.num_partial_hits, stats.num_misses) == (2, 2, 0)
         assert service.daemon.stats().counters["num_kv_partial_hits"] == 2  # what STATS says
-        deadline_s = time.monotonic() + 5
-        while engine.num_free_blocks != start_free and time.monotonic() < deadline_s:
-            time.sleep(0.05)
-        assert engine.num_free_blocks == start_free and engine.kept_chains() == {}
+        assert after == [(start_free, {})]
     finally:
         service.close()

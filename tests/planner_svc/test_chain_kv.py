@@ -200,3 +200,16 @@ def test_a_chain_whose_next_round_never_comes_frees_its_kv_at_the_time_to_live()
         assert not svc.daemon.core.replica(0).kept
     finally:
         svc.close()
+
+
+def test_stats_before_any_engine_connected_count_no_kept_kv():
+    """STATS before the first engine connects (no planner core yet) answered nothing: the planner
+    process died reading the core's chain counters (seen in the vLLM end-to-end test)."""
+    svc = Service(make_config(), num_engines=0)
+    try:
+        counters = svc.daemon.stats().counters
+        assert counters["num_kv_claims"] == 0 and counters["num_kv_partial_hits"] == 0
+        with PlannerClient(svc.daemon.client_endpoint) as client:
+            assert client.stats(timeout_s=5).counters["num_kv_misses"] == 0
+    finally:
+        svc.close()
