@@ -3,11 +3,9 @@ chain"), learned per class from the chains it serves, never read from a trace: w
 round follows round k, how many tokens a round adds to the chain's context (the tool's output and
 the new instructions), and how many it generates.
 
-A chain's *tail* after round k is the KV its later rounds are expected to add beyond the context
-at the end of round k: the sum over rounds j > k of P(round j comes | round k ended) times the
-tokens a round adds (its new prompt tokens and its output). The planner reserves the tail when it
-admits a round (so that the later rounds it protects find room) and weighs keeping a paused
-chain's KV by the chance that its next round comes at all.
+The planner (planner_svc/chains.py) expects a paused chain's next round with the chance that it
+comes, holding its context back and the tokens a round adds, and weighs keeping the chain's KV
+over the pause by that chance.
 
 Continuation is learned as a hazard per round index: of the chains whose round k ended, how many
 sent round k+1 and how many ended (a chain is counted as ended when its next round did not come
@@ -25,7 +23,6 @@ from dataclasses import dataclass, field
 CONTINUE_PRIOR = 0.5
 PRIOR_WEIGHT = 4.0
 MAX_TRACKED_ROUND = 16
-MAX_TAIL_ROUNDS = 32  # the tail's sum stops here (the chance of reaching further is negligible)
 
 
 @dataclass
@@ -101,20 +98,3 @@ class ChainForecast:
         added = sum(stats.added_tokens) / len(stats.added_tokens)
         output = sum(stats.output_tokens) / len(stats.output_tokens) if stats.output_tokens else 0
         return added + output
-
-    def tail_tokens(
-        self, slo_class: str, round_index: int, num_rounds: int = MAX_TAIL_ROUNDS
-    ) -> int:
-        """Expected KV tokens the chain's next `num_rounds` rounds after `round_index` add (see
-        module doc)."""
-        per_round = self.tokens_per_round(slo_class)
-        if per_round <= 0:
-            return 0
-        reach = 1.0
-        total = 0.0
-        for k in range(round_index, round_index + min(num_rounds, MAX_TAIL_ROUNDS)):
-            reach *= self.continue_probability(slo_class, k)
-            total += reach * per_round
-            if reach < 1e-3:
-                break
-        return round(total)

@@ -70,6 +70,7 @@ class Footprint:
     num_extra_tokens: int  # growth allowed beyond rate * elapsed (steps in flight)
     num_remaining_outputs: int = 1  # output tokens still to come (to the planned length)
     weight: float = 1.0  # the probability of this outcome of the request's length
+    start_s: float = -math.inf  # holds nothing before (a round expected later: tool chains)
 
     def num_tokens_at(self, t_s: float, now_s: float) -> int:
         """The tokens held at t_s (before the release)."""
@@ -173,8 +174,9 @@ def peak_blocks(footprints: Iterable[Footprint], now_s: float, block_size: int) 
     evaluated at every release time (rows: outcomes, columns: release times, and infinity for
     the never-released). With outcomes of a request's length (weights below 1), its blocks at t
     are a random variable: the sum is its mean plus SUM_QUANTILE_Z standard deviations (requests
-    independent). Between releases means grow and the alive set is fixed, so the instants just
-    before releases (left limits) still give the supremum."""
+    independent). Between releases means grow and the alive set only gains footprints that start
+    later (`start_s`), so the instants just before releases (left limits) still give the
+    supremum."""
     prints = list(footprints)
     if not prints:
         return 0
@@ -186,6 +188,7 @@ def peak_blocks(footprints: Iterable[Footprint], now_s: float, block_size: int) 
     release = np.array(
         [np.inf if f.release_s is None else f.release_s for f in prints], dtype=np.float64
     )
+    start_s = np.array([f.start_s for f in prints], dtype=np.float64)
     times_s = np.unique(release)
     if not np.isinf(times_s[-1]):
         times_s = np.append(times_s, np.inf)
@@ -194,7 +197,8 @@ def peak_blocks(footprints: Iterable[Footprint], now_s: float, block_size: int) 
         grown = np.floor(elapsed * rate[:, None] + 1e-9)
     grown = np.where(np.isfinite(grown), grown, _NO_BOUND).astype(np.int64)
     tokens = np.minimum(peak[:, None], start[:, None] + grown + extra[:, None])
-    blocks = np.where(release[:, None] >= times_s[None, :], -(-tokens // block_size), 0)
+    alive = (release[:, None] >= times_s[None, :]) & (start_s[:, None] <= times_s[None, :])
+    blocks = np.where(alive, -(-tokens // block_size), 0)
     if np.all(weight == 1.0):
         return int(blocks.sum(axis=0).max())
     ids = [f.request_id for f in prints]

@@ -51,6 +51,20 @@ class PausePredictor:
         recent.append(pause_s)
         bisect.insort(ordered, pause_s)
 
+    def atoms(self, slo_class: str, num_atoms: int = 4) -> list[float]:
+        """`num_atoms` equally likely pauses: the observed pauses' quantiles (k + 1/2) / n, or,
+        while fewer than `min_samples` were seen, n evenly spaced from half the prior's expected
+        pause to its 90th percentile (a stated guess, like the prior)."""
+        ordered = self._sorted.get(slo_class)
+        if not ordered or len(ordered) < self.min_samples:
+            low, high = 0.5 * self.prior.expected_s, self.prior.quantile_s
+            step = (high - low) / max(1, num_atoms - 1)
+            return [low + k * step for k in range(num_atoms)]
+        last = len(ordered) - 1
+        return [
+            ordered[min(last, int((k + 0.5) / num_atoms * len(ordered)))] for k in range(num_atoms)
+        ]
+
     def predict(self, slo_class: str) -> PauseEstimate:
         ordered = self._sorted.get(slo_class)
         if not ordered or len(ordered) < self.min_samples:

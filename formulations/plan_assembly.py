@@ -106,10 +106,9 @@ def timeline_blocks(
             start_s = max(job.deadline_s, curve.grid_start_s)
             outcomes = [paced(fp, *pace, start_s) for fp in outcomes]
         prints[job.request_id] = list(outcomes)
-    every = (fp for outcomes in prints.values() for fp in outcomes)
-    # Tool chains' expected later rounds are held from now on (a simplification: they come after
-    # the chain's pause), so that the rounds the planner protects find room.
-    return peak_blocks(every, problem.now_s, problem.block_size) + problem.tail_blocks(prints)
+    every = [fp for outcomes in prints.values() for fp in outcomes]
+    every.extend(problem.expected_rounds)  # paused tool chains' next rounds, in time
+    return peak_blocks(every, problem.now_s, problem.block_size)
 
 
 def _pace(

@@ -17,9 +17,8 @@ from formulations.budget import Decoder, Job
 from formulations.memory_timeline import Footprint, Growth, footprints
 from formulations.perf_model import PerfModel
 from formulations.plan import Verdict
-from formulations.progress import num_blocks_for
 from formulations.request import Request
-from formulations.state import ReplicaView, RequestState
+from formulations.state import ExpectedRound, ReplicaView, RequestState
 
 
 def remaining_tpot_s(request: Request, first_gap_token: int) -> float:
@@ -51,14 +50,9 @@ class PlanningProblem:
     # least one token per step of every decoder together, on this performance model.
     eager_decodes: bool = False
     perf_model: PerfModel | None = None
-    # Tool chains planned as programs (docs/AGENTS.md): blocks each chain round's later rounds are
-    # expected to add (RequestState.chain_tail_tokens), reserved from now on beside its own KV.
-    chain_tail_blocks: Mapping[str, int] = field(default_factory=dict)
-
-    def tail_blocks(self, request_ids) -> int:
-        """Chain tails of these requests, in blocks."""
-        tails = self.chain_tail_blocks
-        return sum(tails.get(rid, 0) for rid in request_ids) if tails else 0
+    # Tool chains planned as programs (docs/AGENTS.md): the paused chains' expected next rounds,
+    # footprints from their expected arrivals.
+    expected_rounds: tuple[Footprint, ...] = ()
 
     @property
     def tpots_s(self) -> set[float]:
@@ -71,7 +65,7 @@ class PlanningProblem:
         return self.num_total_blocks - self.reserved_blocks
 
 
-def _job(state: RequestState, block_size: int, mandatory: bool, tail_blocks: int = 0) -> Job:
+def _job(state: RequestState, block_size: int, mandatory: bool) -> Job:
     request = state.request
     num_after = state.num_remaining_output_tokens - 1  # decodes after the next (prefill) token
     next_token = state.num_generated_tokens + 1
@@ -81,7 +75,7 @@ def _job(state: RequestState, block_size: int, mandatory: bool, tail_blocks: int
         deadline_s=state.next_token_deadline_s,
         tpot_s=remaining_tpot_s(request, next_token + 1) if num_after > 0 else None,
         num_decode_tokens=num_after,
-        peak_blocks=state.num_peak_blocks(block_size) + tail_blocks,
+        peak_blocks=state.num_peak_blocks(block_size),
         value=request.value,
         mandatory=mandatory,
         arrival_s=request.arrival_s,
@@ -106,13 +100,8 @@ def extract_problem(
     """The problem of `view`; `distributed_lengths`: footprints on the predicted distribution of
     each length (memory_timeline.planned_lengths), else on its predicted quantile;
     `eager_decodes`: the layout will decode early (`PlanningProblem.eager_decodes`);
-    `plan_chains`: tool chains' expected later rounds are reserved (their rounds' tails and the
-    paused chains' `ReplicaView.num_chain_reserve_blocks`)."""
-    tails: dict[str, int] = {}
-    if plan_chains:
-        for state in (*view.running, *view.waiting):
-            if state.chain_tail_tokens > 0:
-                tails[state.request_id] = num_blocks_for(state.chain_tail_tokens, view.block_size)
+    `plan_chains`: the paused tool chains' next rounds are planned for
+    (`ReplicaView.expected_rounds`, footprints in time)."""
     decoders: list[Decoder] = []
     mandatory: list[Job] = []
     best_effort: list[RequestState] = []
@@ -127,11 +116,10 @@ def extract_problem(
         elif state.is_decoding:
             prints[state.request_id] = footprints(state, view.now_s, growth, distributed_lengths)
             decoders.append(_decoder(state))
-            reserved += state.num_peak_blocks(view.block_size) + tails.get(state.request_id, 0)
+            reserved += state.num_peak_blocks(view.block_size)
         else:
             prints[state.request_id] = footprints(state, view.now_s, growth, distributed_lengths)
-            tail = tails.get(state.request_id, 0)
-            mandatory.append(_job(state, view.block_size, mandatory=True, tail_blocks=tail))
+            mandatory.append(_job(state, view.block_size, mandatory=True))
     candidates: list[Job] = []
     too_large: list[str] = []
     for state in view.waiting:
@@ -139,8 +127,7 @@ def extract_problem(
             too_large.append(state.request_id)
         else:
             prints[state.request_id] = footprints(state, view.now_s, growth, distributed_lengths)
-            tail = tails.get(state.request_id, 0)
-            candidates.append(_job(state, view.block_size, mandatory=False, tail_blocks=tail))
+            candidates.append(_job(state, view.block_size, mandatory=False))
     return PlanningProblem(
         now_s=view.now_s,
         decoders=tuple(decoders),
@@ -149,9 +136,7 @@ def extract_problem(
         best_effort=tuple(best_effort),
         too_large=tuple(too_large),
         reserved_blocks=reserved,
-        num_total_blocks=max(
-            1, view.num_total_blocks - (view.num_chain_reserve_blocks if plan_chains else 0)
-        ),
+        num_total_blocks=view.num_total_blocks,
         block_size=view.block_size,
         footprints=prints,
         growth=growth,
@@ -161,7 +146,24 @@ def extract_problem(
         },
         eager_decodes=eager_decodes,
         perf_model=view.perf_model,
-        chain_tail_blocks=tails,
+        expected_rounds=tuple(_expected_footprint(r) for r in view.expected_rounds)
+        if plan_chains
+        else (),
+    )
+
+
+def _expected_footprint(expected: ExpectedRound) -> Footprint:
+    """A paused chain's next round: its KV from its expected arrival to its expected end, an
+    outcome of the chance that it comes (memory_timeline.peak_blocks plans the sum's quantile)."""
+    return Footprint(
+        f"{expected.chain_id}#next",
+        num_start_tokens=expected.num_tokens,
+        num_peak_tokens=expected.num_tokens,
+        release_s=expected.end_s,
+        tokens_per_s=0.0,
+        num_extra_tokens=0,
+        weight=expected.probability,
+        start_s=expected.start_s,
     )
 
 

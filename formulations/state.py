@@ -34,10 +34,8 @@ class RequestState(TokenProgress):
     # A later round of a tool chain whose first round was admitted: the planner admits it unless
     # it rejects the whole chain (an explicit chain-level verdict; docs/AGENTS.md).
     protected: bool = False
-    # Set by the core for a tool chain's rounds (formulations/chain_forecast.py): the KV tokens the
-    # chain's later rounds are expected to add after this one, and the chance that a next round
-    # comes at all. Formulations that plan chains reserve the tail (docs/AGENTS.md).
-    chain_tail_tokens: int = 0
+    # Set by the core for a tool chain's rounds: the chance that a next round comes at all
+    # (formulations/chain_forecast.py; docs/AGENTS.md).
     chain_next_p: float = 1.0
     num_prompt_tokens: int = field(init=False)  # the request's, kept here for the hot loops
 
@@ -100,6 +98,19 @@ class RequestState(TokenProgress):
 
 
 @dataclass(frozen=True, slots=True)
+class ExpectedRound:
+    """A paused tool chain's next round as the planner expects it: `num_tokens` of KV beyond what
+    the replica keeps pinned for it, held from its expected arrival to its expected end, with the
+    chance that it comes at all (formulations/chain_forecast.py)."""
+
+    chain_id: str
+    num_tokens: int
+    start_s: float
+    end_s: float
+    probability: float
+
+
+@dataclass(frozen=True, slots=True)
 class ReplicaView:
     """A snapshot of one replica at `now_s`, handed to `Formulation.plan`."""
 
@@ -118,10 +129,9 @@ class ReplicaView:
     context_tokens_per_decode: int = 0
     # KV pinned for paused tool chains (docs/AGENTS.md), already left out of `num_total_blocks`.
     num_kept_blocks: int = 0
-    # KV expected back from paused tool chains whose KV the replica keeps (their next rounds'
-    # context and tails beyond what is pinned; planner_svc/chains.py): not left out of
-    # `num_total_blocks`; formulations that plan chains reserve it.
-    num_chain_reserve_blocks: int = 0
+    # The next rounds expected back from paused tool chains whose KV the replica keeps
+    # (planner_svc/chains.py): formulations that plan chains make room for them in time.
+    expected_rounds: Sequence[ExpectedRound] = ()
     # Host memory the engine still offers for kept KV (blocks; 0: none or full) and the seconds
     # to copy one token's KV back in from it.
     num_host_free_blocks: int = 0

@@ -15,9 +15,10 @@ The book also keeps the chain forecast (formulations/chain_forecast.py): every r
 learns whether its chain continued and how many tokens it added, every round that finishes how
 many it generated, and a chain whose next round has not come within `kv_ttl_s` of its last round
 counts as ended (a client may also say a round is its chain's last). Each arriving round carries
-its chain's expected tail and the chance of a next round (`RequestState.chain_tail_tokens`,
-`chain_next_p`), and each kept entry the blocks the chain is expected to need back
-(`KeptKV.num_reserve_blocks`), so that a formulation can plan the chain, not only the call.
+the chance of a next round (`RequestState.chain_next_p`), and each kept entry the blocks the
+chain is expected to need back
+(`KeptKV.next_round`: from one predicted pause on, for as long as the finished round took), so
+that a formulation can plan the chain, not only the call.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from formulations.chain_forecast import ChainForecast
 from formulations.pauses import PausePredictor
 from formulations.progress import num_blocks_for
 from formulations.request import Request
-from formulations.state import RequestState
+from formulations.state import ExpectedRound, RequestState
 from planner_svc.outcome import CoreOutput, OnReplica
 from planner_svc.replica import KeptKV, ReplicaState
 
@@ -36,10 +37,8 @@ from planner_svc.replica import KeptKV, ReplicaState
 # entries are released first (formulations decide to pin when a round is admitted, and rounds
 # admitted together may finish together; a replica whose blocks were all pinned would stall).
 MAX_PINNED_SHARE = 0.5
-# A round's tail covers the chain's next round only (chain_forecast.py): reserving every expected
-# later round at once held memory for peaks that never coincide (tool_agent at 1500 KV blocks,
-# 1.0 chains/s: 65-70 of 200 first rounds admitted against 98 with one round; docs/AGENTS.md).
-TAIL_ROUNDS = 1
+# A paused chain's next round is planned at this many equally likely pauses (chains._next_round).
+PAUSE_ATOMS = 4
 # A chain not heard of for this long is forgotten (its protection and its pause start), so that
 # chains whose last round never comes (a client gone) do not accumulate.
 CHAIN_IDLE_S = 600.0
@@ -100,11 +99,9 @@ class ChainBook:
                 self.forecast.ended(pause.slo_class, pause.round_index, count=-1)
             num_added = request.num_prompt_tokens - pause.num_context_tokens
             self.forecast.continued(pause.slo_class, pause.round_index, num_added)
-        forecast = self.forecast
-        state.chain_tail_tokens = forecast.tail_tokens(
-            request.slo_class, request.round_index, TAIL_ROUNDS
+        state.chain_next_p = self.forecast.continue_probability(
+            request.slo_class, request.round_index
         )
-        state.chain_next_p = forecast.continue_probability(request.slo_class, request.round_index)
         if request.round_index > 0 and chain_id in self.admitted:
             state.protected = True
             self.admitted[chain_id] = now_s
@@ -196,10 +193,8 @@ class ChainBook:
             state.num_blocks,
             pinned,
             now_s + self.kv_ttl_s if pinned or on_host else None,
-            self._reserve_blocks(state, rep.spec.block_size, pinned),
-            # Reserved while the next round is expected: up to the pause's 90th percentile.
-            now_s + self.pauses.predict(request.slo_class).quantile_s,
             on_host,
+            self._next_round(state, pinned, now_s),
         )
         if pinned:
             self.release_pinned(rep, out, MAX_PINNED_SHARE * rep.spec.num_total_blocks)
@@ -221,13 +216,30 @@ class ChainBook:
             self.stats.num_releases += 1
         return num_released
 
-    def _reserve_blocks(self, state: RequestState, block_size: int, pinned: bool) -> int:
-        """Blocks the chain is expected to need back for its later rounds: its context, if a
-        next round comes, and its tail; less what stays pinned."""
+    def _next_round(
+        self, state: RequestState, pinned: bool, now_s: float
+    ) -> tuple[ExpectedRound, ...]:
+        """The chain's next round as expected when this one finished: the context back and the
+        tokens a round adds (less what stays pinned), for as long as this round took, from one
+        of PAUSE_ATOMS equally likely pauses (pauses.py), with the chance that it comes shared
+        among them."""
+        request = state.request
         num_context = state.num_prompt_tokens + state.num_generated_tokens
-        expected = state.chain_next_p * num_context + state.chain_tail_tokens
-        held = state.num_blocks if pinned else 0
-        return max(0, num_blocks_for(round(expected), block_size) - held)
+        num_tokens = num_context + round(self.forecast.tokens_per_round(request.slo_class))
+        if pinned:
+            num_tokens -= state.num_computed_tokens
+        duration_s = max(0.0, now_s - request.arrival_s)
+        probability = state.chain_next_p / PAUSE_ATOMS
+        return tuple(
+            ExpectedRound(
+                request.chain_id,
+                max(0, num_tokens),
+                now_s + pause_s,
+                now_s + pause_s + duration_s,
+                probability,
+            )
+            for pause_s in self.pauses.atoms(request.slo_class, PAUSE_ATOMS)
+        )
 
     def end(self, chain_id: str) -> None:
         """The chain ended (its last round finished, a round was rejected or aborted)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from formulations.interface import Formulation
 from formulations.perf_model import PerfModel
 from formulations.progress import num_blocks_for
-from formulations.state import ReplicaView, RequestState
+from formulations.state import ExpectedRound, ReplicaView, RequestState
 from wire.protocol import PlanMsg, StepReport
 
 ROLES = ("mixed", "prefill", "decode")
@@ -28,11 +28,9 @@ class KeptKV:
     num_blocks: int
     pinned: bool  # held until attached or released; else evictable (counted free by the engine)
     expires_s: float | None  # pinned: released then; evictable: None (the engine's LRU decides)
-    # Blocks the chain's next rounds are expected to need beyond the pinned ones (the context back
-    # and the chain's tail, weighted by the chance they come: chains.py), until `reserve_until_s`.
-    num_reserve_blocks: int = 0
-    reserve_until_s: float = 0.0
     on_host: bool = False  # copied to the engine's host memory: no GPU blocks held (expires too)
+    # the chain's next round as expected, one per equally likely pause (chains.py)
+    next_round: tuple[ExpectedRound, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,21 +141,13 @@ class ReplicaState:
         """Blocks held for paused chains (pinned kept KV no waiting round has claimed yet)."""
         return sum(entry.num_blocks for entry in self.kept.values() if entry.pinned)
 
-    def chain_reserve_blocks(self, now_s: float) -> int:
-        """Blocks expected back from the paused chains whose KV this replica keeps."""
-        return sum(
-            entry.num_reserve_blocks
-            for entry in self.kept.values()
-            if entry.reserve_until_s > now_s
-        )
-
     def view(self, now_s: float) -> ReplicaView:
         """The formulation's view. Pinned KV of paused chains is left out of the replica's
         blocks: planned as held for the whole horizon (a simplification: it is released when the
         next round arrives, predicted after the chain's pause)."""
         spec = self.spec
         pinned = self.num_pinned_blocks() if self.kept else 0
-        reserve = self.chain_reserve_blocks(now_s) if self.kept else 0
+        expected = tuple(r for e in self.kept.values() for r in e.next_round)
         on_host = sum(e.num_blocks for e in self.kept.values() if e.on_host) if self.kept else 0
         return ReplicaView(
             replica_id=spec.replica_id,
@@ -172,7 +162,7 @@ class ReplicaState:
             spec_acceptance_rate=self.spec_acceptance_rate if spec.max_spec_tokens else 0.0,
             context_tokens_per_decode=self.context_estimate(),
             num_kept_blocks=pinned,
-            num_chain_reserve_blocks=reserve,
+            expected_rounds=expected,
             num_host_free_blocks=max(0, spec.kv_host_blocks - on_host),
             kv_swap_s_per_token=spec.kv_swap_s_per_token,
         )

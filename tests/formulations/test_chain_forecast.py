@@ -1,6 +1,5 @@
 """The chain forecast (formulations/chain_forecast.py): continuation learned per round index from
-chains that continued or ended, sizes from what later rounds added, the tail as the sum over
-later rounds weighted by the chance of reaching them."""
+chains that continued or ended, sizes from what later rounds added and generated."""
 
 import pytest
 
@@ -10,7 +9,7 @@ from formulations.chain_forecast import CONTINUE_PRIOR, PRIOR_WEIGHT, ChainForec
 def test_prior_until_chains_are_seen():
     forecast = ChainForecast()
     assert forecast.continue_probability("agent", 0) == CONTINUE_PRIOR
-    assert forecast.tail_tokens("agent", 0) == 0  # no later round seen: nothing to reserve
+    assert forecast.tokens_per_round("agent") == 0  # no later round seen: nothing to go on
 
 
 def test_continuation_is_learned_per_round_index():
@@ -35,21 +34,12 @@ def test_a_chain_counted_as_ended_whose_round_came_is_taken_back():
     assert forecast.continue_probability("agent", 0) > CONTINUE_PRIOR
 
 
-def test_tail_sums_later_rounds_weighted_by_reach():
+def test_tokens_per_round_add_new_prompt_tokens_and_output():
     forecast = ChainForecast()
-    for _ in range(1000):  # round 0 always continues, round 1 never
+    for _ in range(10):
         forecast.continued("agent", 0, 200)
-        forecast.ended("agent", 1)
         forecast.generated("agent", 50)
-    p0 = forecast.continue_probability("agent", 0)
-    p1 = forecast.continue_probability("agent", 1)
-    p2 = forecast.continue_probability("agent", 2)  # never seen: the prior
-    per_round = 250
-    assert forecast.tokens_per_round("agent") == per_round
-    assert forecast.tail_tokens("agent", 0, num_rounds=1) == round(p0 * per_round)
-    assert forecast.tail_tokens("agent", 0, num_rounds=3) == round(
-        per_round * (p0 + p0 * p1 + p0 * p1 * p2)
-    )
+    assert forecast.tokens_per_round("agent") == 250
 
 
 def test_sizes_are_bounded_running_means():

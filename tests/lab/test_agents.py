@@ -322,10 +322,10 @@ def test_slos_dp_resumes_work_when_every_admitted_round_lost_its_kv():
 
 
 def test_planning_the_chain_keeps_room_for_its_later_rounds():
-    """slos_dp reserves each admitted chain's expected next round (chain_forecast.py, learned,
-    never read from the trace): with memory tight, no later round of an admitted chain misses
-    and nothing is preempted, where planning only the round at hand (the plan_chains=False
-    ablation) admits more first rounds whose later rounds then miss."""
+    """slos_dp plans each paused chain's expected next round (chain_forecast.py, pauses.py:
+    learned, never read from the trace): with memory tight, far fewer later rounds of admitted
+    chains miss or are preempted than when only the round at hand is planned (the
+    plan_chains=False ablation admits more first rounds whose later rounds then miss)."""
     workload = tool_agent(100, 1.0)
     results = {}
     for plan_chains in (False, True):
@@ -339,8 +339,10 @@ def test_planning_the_chain_keeps_room_for_its_later_rounds():
         k: sum(not r.attainment.ok for r in later_rounds(result)) for k, result in results.items()
     }
     preempted = {k: sum(r.num_preemptions for r in result.records) for k, result in results.items()}
-    assert missed[False] > 0 and preempted[False] > 0
-    assert missed[True] == 0 and preempted[True] == 0
+    assert missed[False] >= 10 and preempted[False] >= 10
+    # Planned in expectation (each paused chain's next round at its likely pauses, weighted by
+    # the chance that it comes), not guaranteed: a few still miss (4 of 14 here).
+    assert missed[True] * 3 <= missed[False] and preempted[True] * 3 <= preempted[False]
     assert later_rounds(results[True])
 
 

@@ -72,10 +72,15 @@ class Service:
 
     def wait_for_engines(self, count: int, timeout_s: float = 5.0) -> None:
         deadline = time.monotonic() + timeout_s
-        while len(self.daemon.engines) < count:
+        # The daemon's loop lists an engine a moment before its core has the replica.
+        while len(self.daemon.engines) < count or not self._core_has(count):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(self.daemon.engines)} of {count} engines connected")
             time.sleep(0.01)
+
+    def _core_has(self, count: int) -> bool:
+        core = self.daemon.core
+        return count == 0 or (core is not None and len(core.replica_ids) >= count)
 
     def close(self) -> None:
         # The planner first: engines that stop while it runs say GOODBYE, and it would end their
