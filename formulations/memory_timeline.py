@@ -188,7 +188,7 @@ def peak_blocks(footprints: Iterable[Footprint], now_s: float, block_size: int) 
     release = np.array(
         [np.inf if f.release_s is None else f.release_s for f in prints], dtype=np.float64
     )
-    start_s = np.array([f.start_s for f in prints], dtype=np.float64)
+    starts_s = [f.start_s for f in prints]
     times_s = np.unique(release)
     if not np.isinf(times_s[-1]):
         times_s = np.append(times_s, np.inf)
@@ -197,7 +197,9 @@ def peak_blocks(footprints: Iterable[Footprint], now_s: float, block_size: int) 
         grown = np.floor(elapsed * rate[:, None] + 1e-9)
     grown = np.where(np.isfinite(grown), grown, _NO_BOUND).astype(np.int64)
     tokens = np.minimum(peak[:, None], start[:, None] + grown + extra[:, None])
-    alive = (release[:, None] >= times_s[None, :]) & (start_s[:, None] <= times_s[None, :])
+    alive = release[:, None] >= times_s[None, :]
+    if any(s > -math.inf for s in starts_s):  # rounds expected later (tool chains) hold nothing yet
+        alive &= np.array(starts_s, dtype=np.float64)[:, None] <= times_s[None, :]
     blocks = np.where(alive, -(-tokens // block_size), 0)
     if np.all(weight == 1.0):
         return int(blocks.sum(axis=0).max())

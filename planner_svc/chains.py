@@ -148,10 +148,8 @@ class ChainBook:
         state.num_computed_tokens = 0
         state.num_blocks = 0
         rep = replicas.get(replica_id)
-        if rep is not None:
-            rep.num_free_blocks += entry.num_blocks
-            out.kv_releases.append(OnReplica(entry.chain_id, replica_id))
-            self.stats.num_releases += 1
+        if rep is not None:  # the claim took the entry's blocks from the free ones: give them back
+            self._released(rep, entry.chain_id, entry.num_blocks, out)
 
     def attach(self, request_id: str) -> int:
         """An admitted round: the tokens its engine attaches from the kept KV (0: none)."""
@@ -215,10 +213,14 @@ class ChainBook:
             del rep.kept[entry.chain_id]
             num_pinned -= entry.num_blocks
             num_released += entry.num_blocks
-            rep.num_free_blocks += entry.num_blocks
-            out.kv_releases.append(OnReplica(entry.chain_id, rep.replica_id))
-            self.stats.num_releases += 1
+            self._released(rep, entry.chain_id, entry.num_blocks, out)
         return num_released
+
+    def _released(self, rep: ReplicaState, chain_id: str, num_freed: int, out: CoreOutput) -> None:
+        """A kept entry the core gave up: `num_freed` blocks become free, its engine is told."""
+        rep.num_free_blocks += num_freed
+        out.kv_releases.append(OnReplica(chain_id, rep.replica_id))
+        self.stats.num_releases += 1
 
     def _keep_s(self, slo_class: str) -> float:
         """How long kept KV waits for its next round: the time-to-live, or KEEP_PAUSES times the
@@ -304,10 +306,8 @@ class ChainBook:
             ]
             for chain_id in due:
                 entry = rep.kept.pop(chain_id)
-                if entry.pinned:  # a host entry holds no GPU blocks
-                    rep.num_free_blocks += entry.num_blocks
-                out.kv_releases.append(OnReplica(chain_id, replica_id))
-                self.stats.num_releases += 1
+                # a host entry holds no GPU blocks
+                self._released(rep, chain_id, entry.num_blocks if entry.pinned else 0, out)
                 changed.add(replica_id)
         for pause in self.paused.values():
             if not pause.counted_ended and pause.since_s + self.kv_ttl_s <= now_s:
